@@ -1,0 +1,297 @@
+//! GPT disk assembly on a plain file: protective MBR, primary header and
+//! entries, partitions aligned to 1 MiB, backup entries and header at the
+//! end. Identities (disk and partition GUIDs) are given, so output is
+//! reproducible.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+pub const SECTOR: u64 = 512;
+pub const ALIGN: u64 = 1 << 20;
+const ENTRIES: u64 = 128;
+const ENTRY_LEN: u64 = 128;
+const ENTRY_SECTORS: u64 = ENTRIES * ENTRY_LEN / SECTOR;
+
+/// A GUID in its textual form, e.g. `c12a7328-f81f-11d2-ba4b-00a0c93ec93b`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Guid([u8; 16]);
+
+impl Guid {
+    pub fn parse(s: &str) -> Option<Self> {
+        let hex: String = s.chars().filter(|c| *c != '-').collect();
+        let raw = hex::decode(&hex).ok()?;
+        let raw: [u8; 16] = raw.try_into().ok()?;
+        Some(Self(raw))
+    }
+
+    /// A stable, RFC 4122 version-4-shaped GUID derived from a seed.
+    pub fn derive(seed: &str) -> Self {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(seed.as_bytes());
+        let mut raw = [0u8; 16];
+        raw.copy_from_slice(&d[..16]);
+        raw[6] = (raw[6] & 0x0f) | 0x40;
+        raw[8] = (raw[8] & 0x3f) | 0x80;
+        Self(raw)
+    }
+
+    pub fn bytes(&self) -> [u8; 16] {
+        self.0
+    }
+
+    /// The mixed-endian layout GPT stores on disk.
+    fn on_disk(&self) -> [u8; 16] {
+        let r = self.0;
+        [
+            r[3], r[2], r[1], r[0], r[5], r[4], r[7], r[6], r[8], r[9], r[10], r[11], r[12], r[13],
+            r[14], r[15],
+        ]
+    }
+}
+
+impl std::fmt::Display for Guid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = hex::encode(self.0);
+        write!(f, "{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    }
+}
+
+/// A partition to place: its content comes from a file (or is empty).
+#[derive(Debug, Clone)]
+pub struct Partition<'a> {
+    pub label: &'a str,
+    pub type_guid: Guid,
+    pub guid: Guid,
+    pub size: u64,
+    pub content: Option<&'a Path>,
+}
+
+/// Where a partition landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub label: String,
+    pub first_lba: u64,
+    pub last_lba: u64,
+}
+
+impl Placed {
+    pub fn offset(&self) -> u64 {
+        self.first_lba * SECTOR
+    }
+    pub fn size(&self) -> u64 {
+        (self.last_lba - self.first_lba + 1) * SECTOR
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GptError {
+    #[error("the partitions need {needed} bytes ({needed_gib} GiB when rounded up) but the disk is {disk} bytes; set image.disk_size_gib to at least {needed_gib}")]
+    TooSmall { needed: u64, needed_gib: u64, disk: u64 },
+    #[error("partition {label}: content is {len} bytes, larger than its {size}-byte slot")]
+    ContentTooLarge { label: String, len: u64, size: u64 },
+    #[error("writing disk {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Lays out partitions from 1 MiB, each aligned to 1 MiB.
+pub fn layout(parts: &[Partition<'_>], disk_size: u64) -> Result<Vec<Placed>, GptError> {
+    let mut next = ALIGN;
+    let mut placed = Vec::new();
+    for p in parts {
+        let size = p.size.next_multiple_of(ALIGN);
+        placed.push(Placed {
+            label: p.label.to_owned(),
+            first_lba: next / SECTOR,
+            last_lba: (next + size) / SECTOR - 1,
+        });
+        next += size;
+    }
+    // Room for the backup entries and header after the last partition.
+    let needed = next + (ENTRY_SECTORS + 1) * SECTOR;
+    if needed > disk_size {
+        return Err(GptError::TooSmall {
+            needed,
+            needed_gib: needed.div_ceil(1 << 30),
+            disk: disk_size,
+        });
+    }
+    Ok(placed)
+}
+
+fn utf16_name(label: &str) -> [u8; 72] {
+    let mut out = [0u8; 72];
+    for (i, unit) in label.encode_utf16().take(36).enumerate() {
+        out[i * 2..i * 2 + 2].copy_from_slice(&unit.to_le_bytes());
+    }
+    out
+}
+
+fn header(disk_guid: Guid, my_lba: u64, alt_lba: u64, entries_lba: u64, last_usable: u64, entries_crc: u32) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    h[0..8].copy_from_slice(b"EFI PART");
+    h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+    h[12..16].copy_from_slice(&92u32.to_le_bytes());
+    h[24..32].copy_from_slice(&my_lba.to_le_bytes());
+    h[32..40].copy_from_slice(&alt_lba.to_le_bytes());
+    h[40..48].copy_from_slice(&(2 + ENTRY_SECTORS).to_le_bytes());
+    h[48..56].copy_from_slice(&last_usable.to_le_bytes());
+    h[56..72].copy_from_slice(&disk_guid.on_disk());
+    h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
+    h[80..84].copy_from_slice(&(ENTRIES as u32).to_le_bytes());
+    h[84..88].copy_from_slice(&(ENTRY_LEN as u32).to_le_bytes());
+    h[88..92].copy_from_slice(&entries_crc.to_le_bytes());
+    let crc = crc32fast::hash(&h[..92]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// Writes the whole disk to `path` as a sparse file of `disk_size` bytes.
+pub fn write(path: &Path, disk_guid: Guid, parts: &[Partition<'_>], disk_size: u64) -> Result<Vec<Placed>, GptError> {
+    let io_err = |source| GptError::Io { path: path.display().to_string(), source };
+    let placed = layout(parts, disk_size)?;
+    let total_lba = disk_size / SECTOR;
+    let last_lba = total_lba - 1;
+    let backup_entries = last_lba - ENTRY_SECTORS;
+    let last_usable = backup_entries - 1;
+
+    let mut entries = vec![0u8; (ENTRIES * ENTRY_LEN) as usize];
+    for (i, (p, at)) in parts.iter().zip(&placed).enumerate() {
+        let e = &mut entries[i * ENTRY_LEN as usize..(i + 1) * ENTRY_LEN as usize];
+        e[0..16].copy_from_slice(&p.type_guid.on_disk());
+        e[16..32].copy_from_slice(&p.guid.on_disk());
+        e[32..40].copy_from_slice(&at.first_lba.to_le_bytes());
+        e[40..48].copy_from_slice(&at.last_lba.to_le_bytes());
+        e[56..128].copy_from_slice(&utf16_name(p.label));
+    }
+    let entries_crc = crc32fast::hash(&entries);
+
+    let mut mbr = [0u8; 512];
+    mbr[446 + 1..446 + 4].copy_from_slice(&[0x00, 0x02, 0x00]);
+    mbr[446 + 4] = 0xee;
+    mbr[446 + 5..446 + 8].copy_from_slice(&[0xff, 0xff, 0xff]);
+    mbr[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+    let mbr_len = u32::try_from(total_lba - 1).unwrap_or(u32::MAX);
+    mbr[446 + 12..446 + 16].copy_from_slice(&mbr_len.to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xaa;
+
+    let _ = std::fs::remove_file(path);
+    let mut f = File::create(path).map_err(io_err)?;
+    f.set_len(disk_size).map_err(io_err)?;
+    let mut put = |lba: u64, bytes: &[u8]| -> io::Result<()> {
+        f.seek(SeekFrom::Start(lba * SECTOR))?;
+        f.write_all(bytes)
+    };
+    put(0, &mbr).map_err(io_err)?;
+    put(1, &header(disk_guid, 1, last_lba, 2, last_usable, entries_crc)).map_err(io_err)?;
+    put(2, &entries).map_err(io_err)?;
+    put(backup_entries, &entries).map_err(io_err)?;
+    put(last_lba, &header(disk_guid, last_lba, 1, backup_entries, last_usable, entries_crc)).map_err(io_err)?;
+    drop(put);
+
+    for (p, at) in parts.iter().zip(&placed) {
+        let Some(src) = p.content else { continue };
+        let mut input = File::open(src).map_err(io_err)?;
+        let len = input.metadata().map_err(io_err)?.len();
+        if len > at.size() {
+            return Err(GptError::ContentTooLarge { label: p.label.to_owned(), len, size: at.size() });
+        }
+        f.seek(SeekFrom::Start(at.offset())).map_err(io_err)?;
+        copy_sparse(&mut input, &mut f).map_err(io_err)?;
+    }
+    f.sync_all().map_err(io_err)?;
+    Ok(placed)
+}
+
+/// Copies `from` into `to` at its current position, seeking over all-zero
+/// blocks so the disk stays sparse.
+fn copy_sparse(from: &mut File, to: &mut File) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = from.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            return Ok(());
+        }
+        for chunk in buf[..filled].chunks(4096) {
+            if chunk.iter().all(|&b| b == 0) {
+                to.seek(SeekFrom::Current(chunk.len() as i64))?;
+            } else {
+                to.write_all(chunk)?;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guids_print_and_parse() {
+        let g = Guid::parse("c12a7328-f81f-11d2-ba4b-00a0c93ec93b").unwrap();
+        assert_eq!(g.to_string(), "c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
+        assert_eq!(&g.on_disk()[..4], &[0x28, 0x73, 0x2a, 0xc1]);
+        assert_eq!(Guid::derive("a"), Guid::derive("a"));
+        assert_ne!(Guid::derive("a"), Guid::derive("b"));
+        assert_eq!(Guid::derive("a").to_string().as_bytes()[14], b'4');
+    }
+
+    #[test]
+    fn a_disk_too_small_says_how_big_it_must_be() {
+        let parts = [Partition {
+            label: "big",
+            type_guid: Guid::derive("t"),
+            guid: Guid::derive("p"),
+            size: 3 << 30,
+            content: None,
+        }];
+        let err = layout(&parts, 2 << 30).unwrap_err().to_string();
+        assert!(err.contains("at least 4"), "{err}");
+    }
+
+    #[test]
+    fn headers_and_entries_are_consistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = dir.path().join("c");
+        std::fs::write(&content, vec![0xabu8; 10000]).unwrap();
+        let parts = [
+            Partition { label: "esp", type_guid: Guid::derive("t1"), guid: Guid::derive("g1"), size: 1 << 20, content: Some(&content) },
+            Partition { label: "data", type_guid: Guid::derive("t2"), guid: Guid::derive("g2"), size: 3 << 20, content: None },
+        ];
+        let disk = dir.path().join("disk");
+        let size = 8 << 20;
+        let placed = write(&disk, Guid::derive("disk"), &parts, size).unwrap();
+        assert_eq!(placed[0].first_lba, 2048);
+        assert_eq!(placed[1].first_lba, 4096);
+        let bytes = std::fs::read(&disk).unwrap();
+        assert_eq!(bytes.len() as u64, size);
+        let primary = &bytes[512..1024];
+        let backup = &bytes[bytes.len() - 512..];
+        assert_eq!(&primary[..8], b"EFI PART");
+        assert_eq!(&backup[..8], b"EFI PART");
+        // Header CRCs verify.
+        for h in [primary, backup] {
+            let mut copy = h[..92].to_vec();
+            copy[16..20].fill(0);
+            assert_eq!(crc32fast::hash(&copy).to_le_bytes(), h[16..20]);
+        }
+        // The entries' CRC matches the table.
+        let entries = &bytes[1024..1024 + 128 * 128];
+        assert_eq!(crc32fast::hash(entries).to_le_bytes(), primary[88..92]);
+        // Content landed at the partition's offset.
+        assert_eq!(bytes[(1 << 20) as usize], 0xab);
+        assert_eq!(bytes[(1 << 20) + 10000], 0);
+    }
+}

@@ -1,0 +1,279 @@
+//! The root tree: Debian packages from the lock installed by mmdebstrap
+//! (unshare mode, offline, from a local repository of exactly the locked
+//! packages), normalised for reproducibility, then the workspace's overlay
+//! (binaries, units, manifests) laid over a hard-linked copy of it.
+
+use crate::lock::{self, Lock};
+use crate::spec::Spec;
+use crate::tools::{self, ToolError};
+use filetime::FileTime;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("overlay binary {path} does not exist; build it first (cargo build --release) or pass --bin-dir")]
+    MissingBinary { path: PathBuf },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RootfsError + 'a {
+    move |source| RootfsError::Io { what, path: path.to_owned(), source }
+}
+
+/// Paths removed from the installed tree: host leftovers, caches, logs, and
+/// anything that would make two builds differ or two instances share an identity.
+const REMOVE: &[&str] = &[
+    "etc/hostname",
+    "etc/resolv.conf",
+    "var/lib/dbus/machine-id",
+    "var/cache/ldconfig/aux-cache",
+    "var/lib/dpkg/status-old",
+    "var/lib/dpkg/available-old",
+    "var/cache/debconf/config.dat-old",
+    "var/cache/debconf/templates.dat-old",
+];
+/// Directories emptied (kept, as packages own them).
+const EMPTY: &[&str] = &["var/log", "var/cache/apt", "var/lib/apt/lists", "tmp", "var/tmp", "boot"];
+
+/// Installs the locked packages from `repo` into `dest` (which must not exist).
+pub fn install(spec: &Spec, lock: &Lock, repo: &Path, dest: &Path) -> Result<(), RootfsError> {
+    let names: Vec<&str> = lock.packages.iter().map(|p| p.name.as_str()).collect();
+    let mut cmd = lock::mmdebstrap(spec)?;
+    cmd.arg("--variant=custom").arg(format!("--include={}", names.join(",")));
+    for pattern in &spec.debian.exclude {
+        cmd.arg(format!("--dpkgopt=path-exclude={pattern}"));
+    }
+    // The image's initramfs is ours; never let the kernel package build one.
+    cmd.arg("--dpkgopt=path-exclude=/etc/kernel/postinst.d/initramfs-tools")
+        .arg(&spec.debian.suite)
+        .arg(dest)
+        .arg(format!("deb [trusted=yes] copy://{} ./", repo.display()));
+    tools::run(&mut cmd)?;
+    Ok(())
+}
+
+fn remove_children(dir: &Path) -> io::Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    for e in entries.flatten() {
+        let p = e.path();
+        if e.file_type()?.is_dir() {
+            fs::remove_dir_all(&p)?;
+        } else {
+            fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the installed tree reproducible and identity-free.
+pub fn normalise(root: &Path, epoch: u64) -> Result<(), RootfsError> {
+    for rel in REMOVE {
+        let p = root.join(rel);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err("removing", &p)(e)),
+            _ => {}
+        }
+    }
+    for rel in EMPTY {
+        let p = root.join(rel);
+        remove_children(&p).map_err(io_err("emptying", &p))?;
+    }
+    let machine_id = root.join("etc/machine-id");
+    fs::write(&machine_id, b"").map_err(io_err("writing", &machine_id))?;
+    clamp_mtimes(root, epoch)
+}
+
+/// Sets every mtime and atime under `root` to `epoch`, links included.
+pub fn clamp_mtimes(root: &Path, epoch: u64) -> Result<(), RootfsError> {
+    let t = FileTime::from_unix_time(epoch as i64, 0);
+    for entry in walkdir::WalkDir::new(root).contents_first(true) {
+        let entry = entry.map_err(|e| io_err("walking", root)(e.into()))?;
+        filetime::set_symlink_file_times(entry.path(), t, t).map_err(io_err("setting times on", entry.path()))?;
+    }
+    Ok(())
+}
+
+/// A hard-linked copy of `base` at `dest`: cheap, and the overlay replaces
+/// files (new inodes) rather than writing through the links.
+pub fn link_copy(base: &Path, dest: &Path) -> Result<(), RootfsError> {
+    let _ = fs::remove_dir_all(dest);
+    let mut cmd = Command::new("cp");
+    cmd.arg("-a").arg("--link").arg(base).arg(dest);
+    tools::run(&mut cmd)?;
+    Ok(())
+}
+
+/// Writes `data` at `path` as a new inode (never through a hard link).
+fn replace_file(path: &Path, data: &[u8], mode: u32) -> Result<(), RootfsError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    }
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err("replacing", path)(e)),
+        _ => {}
+    }
+    fs::write(path, data).map_err(io_err("writing", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))
+}
+
+/// What the overlay puts into the image, resolved to host files.
+#[derive(Debug)]
+pub struct Overlay {
+    /// (destination relative to the root, source file, mode)
+    pub files: Vec<(PathBuf, PathBuf, u32)>,
+    /// (link relative to the root, target)
+    pub links: Vec<(PathBuf, String)>,
+    pub dirs: Vec<(PathBuf, u32)>,
+}
+
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>, RootfsError> {
+    let mut out = Vec::new();
+    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let e = e.map_err(|e| io_err("reading", dir)(e.into()))?;
+        if e.file_type().is_file() {
+            out.push(e.path().to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// `WantedBy=` targets of a unit file.
+fn wanted_by(unit: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.trim().strip_prefix("WantedBy="))
+        .flat_map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .collect()
+}
+
+impl Overlay {
+    /// Gathers the overlay from the spec's directories and `bin_dir`.
+    pub fn gather(spec: &Spec, spec_dir: &Path, bin_dir: &Path) -> Result<Self, RootfsError> {
+        let mut files = Vec::new();
+        let mut links = Vec::new();
+        for name in &spec.overlay.binaries {
+            let src = bin_dir.join(name);
+            if !src.is_file() {
+                return Err(RootfsError::MissingBinary { path: src });
+            }
+            files.push((PathBuf::from("usr/bin").join(name), src, 0o755));
+        }
+        let units = spec_dir.join(&spec.overlay.units);
+        for src in files_under(&units)? {
+            let rel = src.strip_prefix(&units).unwrap_or(&src).to_owned();
+            let text = fs::read_to_string(&src).map_err(io_err("reading", &src))?;
+            let unit_dir = PathBuf::from("usr/lib/systemd/system");
+            if let Some(name) = rel.file_name().map(|n| n.to_string_lossy().into_owned()) {
+                for target in wanted_by(&text) {
+                    links.push((unit_dir.join(format!("{target}.wants")).join(&name), format!("../{name}")));
+                }
+            }
+            files.push((unit_dir.join(rel), src, 0o644));
+        }
+        let manifests = spec_dir.join(&spec.overlay.manifests);
+        for src in files_under(&manifests)? {
+            let rel = src.strip_prefix(&manifests).unwrap_or(&src).to_owned();
+            files.push((PathBuf::from("usr/share/slipway/manifests").join(rel), src, 0o644));
+        }
+        Ok(Self { files, links, dirs: vec![(PathBuf::from("srv/kubernetes"), 0o700)] })
+    }
+
+    /// Feeds every overlay input into a cache key.
+    pub fn key(&self, k: &mut crate::cache::Key) -> Result<(), RootfsError> {
+        for (dest, src, mode) in &self.files {
+            let data = fs::read(src).map_err(io_err("reading", src))?;
+            k.str(&dest.to_string_lossy()).str(&mode.to_string()).bytes(&data);
+        }
+        for (link, target) in &self.links {
+            k.str(&link.to_string_lossy()).str(target);
+        }
+        for (dir, mode) in &self.dirs {
+            k.str(&dir.to_string_lossy()).str(&mode.to_string());
+        }
+        Ok(())
+    }
+
+    /// Lays the overlay over `root`.
+    pub fn apply(&self, root: &Path, release: &str) -> Result<(), RootfsError> {
+        for (dest, src, mode) in &self.files {
+            let data = fs::read(src).map_err(io_err("reading", src))?;
+            replace_file(&root.join(dest), &data, *mode)?;
+        }
+        for (link, target) in &self.links {
+            let p = root.join(link);
+            if let Some(dir) = p.parent() {
+                fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+            }
+            let _ = fs::remove_file(&p);
+            symlink(target, &p).map_err(io_err("linking", &p))?;
+        }
+        for (dir, mode) in &self.dirs {
+            let p = root.join(dir);
+            fs::create_dir_all(&p).map_err(io_err("creating", &p))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).map_err(io_err("chmod", &p))?;
+        }
+        replace_file(&root.join("usr/lib/slipway/release"), release.as_bytes(), 0o644)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalise_removes_identity_and_clamps_times() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        for d in ["etc", "var/log/apt", "var/lib/apt/lists", "tmp", "var/tmp", "boot", "var/cache/apt"] {
+            fs::create_dir_all(r.join(d)).unwrap();
+        }
+        fs::write(r.join("etc/hostname"), "buildhost\n").unwrap();
+        fs::write(r.join("etc/machine-id"), "0123\n").unwrap();
+        fs::write(r.join("var/log/apt/history.log"), "x").unwrap();
+        fs::write(r.join("etc/keep"), "x").unwrap();
+        normalise(r, 1000).unwrap();
+        assert!(!r.join("etc/hostname").exists());
+        assert_eq!(fs::read(r.join("etc/machine-id")).unwrap(), b"");
+        assert!(r.join("var/log").exists() && !r.join("var/log/apt").exists());
+        let m = fs::metadata(r.join("etc/keep")).unwrap();
+        assert_eq!(FileTime::from_last_modification_time(&m).unix_seconds(), 1000);
+    }
+
+    #[test]
+    fn overlay_replaces_instead_of_writing_through_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base");
+        fs::create_dir_all(base.join("usr/bin")).unwrap();
+        fs::write(base.join("usr/bin/tool"), "old").unwrap();
+        let work = dir.path().join("work");
+        link_copy(&base, &work).unwrap();
+        let src = dir.path().join("tool");
+        fs::write(&src, "new").unwrap();
+        let overlay = Overlay {
+            files: vec![(PathBuf::from("usr/bin/tool"), src, 0o755)],
+            links: vec![(PathBuf::from("etc/x.wants/u.service"), "../u.service".into())],
+            dirs: vec![(PathBuf::from("srv/kubernetes"), 0o700)],
+        };
+        overlay.apply(&work, "v1").unwrap();
+        assert_eq!(fs::read_to_string(work.join("usr/bin/tool")).unwrap(), "new");
+        assert_eq!(fs::read_to_string(base.join("usr/bin/tool")).unwrap(), "old");
+        let mode = fs::metadata(work.join("srv/kubernetes")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn wanted_by_lists_targets() {
+        assert_eq!(wanted_by("[Install]\nWantedBy=multi-user.target local-fs.target\n"), ["multi-user.target", "local-fs.target"]);
+    }
+}

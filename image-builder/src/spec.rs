@@ -1,0 +1,216 @@
+//! The appliance spec (`image.toml`): what goes into the image and how the
+//! disk is laid out. Parsing is strict: an unknown key or a bad value is an
+//! error that names the key.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("reading spec {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spec {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("spec {path}: `{key}` {problem}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub image: Image,
+    pub debian: Debian,
+    pub kernel: Kernel,
+    pub overlay: Overlay,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Image {
+    /// Image name; also the prefix of partition and filesystem identities.
+    pub name: String,
+    /// Image version, paired one-to-one with a template version.
+    pub version: String,
+    /// Timestamp every file and filesystem in the image carries.
+    pub source_date_epoch: u64,
+    /// Whole disk size in GiB (EBS volumes come in whole GiB).
+    pub disk_size_gib: u64,
+    #[serde(default = "default_esp_mib")]
+    pub esp_size_mib: u64,
+    #[serde(default = "default_var_mib")]
+    pub var_size_mib: u64,
+}
+
+fn default_esp_mib() -> u64 {
+    64
+}
+fn default_var_mib() -> u64 {
+    512
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Debian {
+    pub suite: String,
+    /// mmdebstrap variant used to resolve the package set.
+    #[serde(default = "default_variant")]
+    pub variant: String,
+    pub packages: Vec<String>,
+    /// dpkg path-exclude patterns: files never unpacked into the image.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Debian mirror; when unset, the one this machine's apt uses.
+    #[serde(default)]
+    pub mirror: Option<String>,
+}
+
+fn default_variant() -> String {
+    "minbase".to_owned()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kernel {
+    /// Command line baked into the UKI; the verity root hash is appended.
+    pub cmdline: String,
+    /// Modules (by name) the initramfs loads, with their dependencies.
+    pub initrd_modules: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overlay {
+    /// Directory of systemd units, relative to the spec.
+    pub units: PathBuf,
+    /// Directory of manifests, relative to the spec.
+    pub manifests: PathBuf,
+    /// Binaries from the workspace's build output installed to /usr/bin.
+    pub binaries: Vec<String>,
+}
+
+const MAX_DISK_GIB: u64 = 16 * 1024;
+
+impl Spec {
+    pub fn load(path: &Path) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, SpecError> {
+        let spec: Spec = toml::from_str(text).map_err(|e| SpecError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        spec.validate(path)?;
+        Ok(spec)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), SpecError> {
+        let invalid = |key, problem: &str| SpecError::Invalid {
+            path: path.to_owned(),
+            key,
+            problem: problem.to_owned(),
+        };
+        let ident = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
+        };
+        if !ident(&self.image.name) {
+            return Err(invalid("image.name", "must be 1-64 characters of [A-Za-z0-9-_.+]"));
+        }
+        if !ident(&self.image.version) {
+            return Err(invalid("image.version", "must be 1-64 characters of [A-Za-z0-9-_.+]"));
+        }
+        if self.image.disk_size_gib == 0 || self.image.disk_size_gib > MAX_DISK_GIB {
+            return Err(invalid("image.disk_size_gib", "must be between 1 and 16384"));
+        }
+        if self.image.esp_size_mib < 32 {
+            return Err(invalid("image.esp_size_mib", "must be at least 32"));
+        }
+        if self.image.var_size_mib < 64 {
+            return Err(invalid("image.var_size_mib", "must be at least 64"));
+        }
+        if !ident(&self.debian.suite) {
+            return Err(invalid("debian.suite", "must name a Debian suite, e.g. \"trixie\""));
+        }
+        if self.debian.packages.is_empty() {
+            return Err(invalid("debian.packages", "must list at least one package"));
+        }
+        if let Some(bad) = self.debian.packages.iter().find(|p| !ident(p)) {
+            return Err(invalid("debian.packages", &format!("has an invalid package name {bad:?}")));
+        }
+        if self.kernel.cmdline.contains("roothash=") {
+            return Err(invalid("kernel.cmdline", "must not set roothash=: the build appends it"));
+        }
+        if self.overlay.binaries.iter().any(|b| b.contains('/') || b.is_empty()) {
+            return Err(invalid("overlay.binaries", "takes bare binary names"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[image]
+name = "slipway"
+version = "0.1.0"
+source_date_epoch = 1767225600
+disk_size_gib = 2
+
+[debian]
+suite = "trixie"
+packages = ["systemd", "linux-image-cloud-amd64"]
+
+[kernel]
+cmdline = "console=ttyS0"
+initrd_modules = ["dm-verity"]
+
+[overlay]
+units = "units"
+manifests = "manifests"
+binaries = ["slipway-init"]
+"#;
+
+    fn parse(text: &str) -> Result<Spec, SpecError> {
+        Spec::parse(text, Path::new("image.toml"))
+    }
+
+    #[test]
+    fn the_example_parses_with_defaults() {
+        let spec = parse(GOOD).unwrap();
+        assert_eq!(spec.debian.variant, "minbase");
+        assert_eq!(spec.image.var_size_mib, 512);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (GOOD.replace("disk_size_gib = 2", "disk_size_gib = 0"), "image.disk_size_gib"),
+            (GOOD.replace("disk_size_gib = 2", "disk_size_gib = \"big\""), "disk_size_gib"),
+            (GOOD.replace("suite = \"trixie\"", "suite = \"\""), "debian.suite"),
+            (GOOD.replace("[kernel]", "[kernel]\nflavour = 1"), "flavour"),
+            (GOOD.replace("console=ttyS0", "roothash=00"), "kernel.cmdline"),
+            (GOOD.replace("\"systemd\",", "\"sys temd\","), "debian.packages"),
+            (GOOD.replace("name = \"slipway\"\n", ""), "name"),
+        ];
+        for (text, key) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{err:?} should name {key}");
+        }
+    }
+}
