@@ -18,7 +18,9 @@ impl Cache {
     pub fn locate(explicit: Option<PathBuf>) -> Self {
         let root = explicit
             .or_else(|| std::env::var_os("SLIPWAY_CACHE_DIR").map(PathBuf::from))
-            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("slipway")))
+            .or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("slipway"))
+            })
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slipway")))
             .unwrap_or_else(|| PathBuf::from("/var/cache/slipway"));
         Self { root }
@@ -39,7 +41,10 @@ impl Cache {
 
     /// A fresh temporary path next to `dest`, for an atomic rename into it.
     pub fn temp_for(dest: &Path) -> PathBuf {
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
     }
 }

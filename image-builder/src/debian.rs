@@ -36,7 +36,11 @@ pub enum DebianError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DebianError + 'a {
-    move |source| DebianError::Io { what, path: path.to_owned(), source }
+    move |source| DebianError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// The first Debian archive URI in apt's configuration under `etc_apt`
@@ -57,13 +61,18 @@ pub fn host_mirror(etc_apt: &Path) -> Option<String> {
             && uri.trim_end_matches('/').ends_with("/debian")
     };
     for file in files {
-        let Ok(text) = fs::read_to_string(&file) else { continue };
+        let Ok(text) = fs::read_to_string(&file) else {
+            continue;
+        };
         let deb822 = file.extension().is_some_and(|e| e == "sources");
         for line in text.lines().map(str::trim) {
             let candidate = if deb822 {
-                line.strip_prefix("URIs:").map(|v| v.split_whitespace().next().unwrap_or(""))
+                line.strip_prefix("URIs:")
+                    .map(|v| v.split_whitespace().next().unwrap_or(""))
             } else if line.starts_with("deb ") {
-                line.split_whitespace().skip(1).find(|w| !w.starts_with('['))
+                line.split_whitespace()
+                    .skip(1)
+                    .find(|w| !w.starts_with('['))
             } else {
                 None
             };
@@ -78,7 +87,11 @@ pub fn host_mirror(etc_apt: &Path) -> Option<String> {
 /// Picks the mirror: explicit setting, environment, spec, then the host's apt.
 pub fn resolve_mirror(cli: Option<&str>, spec: Option<&str>) -> Result<String, DebianError> {
     cli.map(str::to_owned)
-        .or_else(|| std::env::var("SLIPWAY_DEBIAN_MIRROR").ok().filter(|s| !s.is_empty()))
+        .or_else(|| {
+            std::env::var("SLIPWAY_DEBIAN_MIRROR")
+                .ok()
+                .filter(|s| !s.is_empty())
+        })
         .or_else(|| spec.map(str::to_owned))
         .or_else(|| host_mirror(Path::new("/etc/apt")))
         .map(|m| m.trim_end_matches('/').to_owned())
@@ -115,13 +128,29 @@ pub fn adopt(cache: &Cache, pkg: &LockedPackage, src: &Path) -> Result<PathBuf, 
 
 /// Downloads every locked package missing from the cache, checking each
 /// sha256 before it is admitted. Returns how many were fetched.
-pub fn fetch_missing(cache: &Cache, lock: &Lock, mirror: &str, progress: impl Fn(&str)) -> Result<usize, DebianError> {
-    let missing: Vec<&LockedPackage> =
-        lock.packages.iter().filter(|p| !cached_deb(cache, p).exists()).collect();
-    let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(300)).build();
+pub fn fetch_missing(
+    cache: &Cache,
+    lock: &Lock,
+    mirror: &str,
+    progress: impl Fn(&str),
+) -> Result<usize, DebianError> {
+    let missing: Vec<&LockedPackage> = lock
+        .packages
+        .iter()
+        .filter(|p| !cached_deb(cache, p).exists())
+        .collect();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(300))
+        .build();
     for (i, pkg) in missing.iter().enumerate() {
         let url = format!("{mirror}/{}", pkg.path);
-        progress(&format!("fetching {}/{} {} {}", i + 1, missing.len(), pkg.name, pkg.version));
+        progress(&format!(
+            "fetching {}/{} {} {}",
+            i + 1,
+            missing.len(),
+            pkg.name,
+            pkg.version
+        ));
         let dest = cached_deb(cache, pkg);
         let dir = dest.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
@@ -143,7 +172,13 @@ pub fn fetch_missing(cache: &Cache, lock: &Lock, mirror: &str, progress: impl Fn
         let result = adopt(cache, pkg, &tmp);
         let _ = fs::remove_file(&tmp);
         result.map_err(|e| match e {
-            DebianError::Digest { package, version, expected, actual, .. } => DebianError::Digest {
+            DebianError::Digest {
+                package,
+                version,
+                expected,
+                actual,
+                ..
+            } => DebianError::Digest {
                 package,
                 version,
                 expected,
@@ -201,7 +236,10 @@ mod tests {
             "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: x\n\nTypes: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm\n",
         )
         .unwrap();
-        assert_eq!(host_mirror(etc.path()).as_deref(), Some("http://mirror.example/debian"));
+        assert_eq!(
+            host_mirror(etc.path()).as_deref(),
+            Some("http://mirror.example/debian")
+        );
     }
 
     #[test]
@@ -212,7 +250,10 @@ mod tests {
             "# comment\ndeb [arch=amd64] http://m.example/debian bookworm main\n",
         )
         .unwrap();
-        assert_eq!(host_mirror(etc.path()).as_deref(), Some("http://m.example/debian"));
+        assert_eq!(
+            host_mirror(etc.path()).as_deref(),
+            Some("http://m.example/debian")
+        );
     }
 
     #[test]
@@ -236,7 +277,10 @@ mod tests {
             size: 20,
         };
         let err = adopt(&cache, &pkg, &deb).unwrap_err().to_string();
-        assert!(err.contains("expected sha256 0000") && err.contains("x 1"), "{err}");
+        assert!(
+            err.contains("expected sha256 0000") && err.contains("x 1"),
+            "{err}"
+        );
         assert!(!cached_deb(&cache, &pkg).exists());
     }
 }

@@ -18,7 +18,10 @@ fn main() -> ExitCode {
             let mut msg = format!("error: {e}");
             let mut source = std::error::Error::source(&e);
             while let Some(s) = source {
-                msg.push_str(&format!("\n  caused by: {s}"));
+                let text = s.to_string();
+                if !msg.contains(&text) {
+                    msg.push_str(&format!("\n  caused by: {text}"));
+                }
                 source = s.source();
             }
             eprintln!("{msg}");

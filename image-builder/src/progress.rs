@@ -35,16 +35,25 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn cached(note: impl Into<String>) -> Self {
-        Self { cached: true, note: note.into() }
+        Self {
+            cached: true,
+            note: note.into(),
+        }
     }
     pub fn built(note: impl Into<String>) -> Self {
-        Self { cached: false, note: note.into() }
+        Self {
+            cached: false,
+            note: note.into(),
+        }
     }
 }
 
 impl Progress {
     pub fn new() -> Self {
-        Self { start: Instant::now(), stages: RefCell::new(Vec::new()) }
+        Self {
+            start: Instant::now(),
+            stages: RefCell::new(Vec::new()),
+        }
     }
 
     /// Runs one stage, printing its start, end, duration and note.
@@ -65,7 +74,11 @@ impl Progress {
             outcome.note
         );
         let _ = std::io::stderr().flush();
-        self.stages.borrow_mut().push(StageTiming { stage: name.to_owned(), seconds, cached: outcome.cached });
+        self.stages.borrow_mut().push(StageTiming {
+            stage: name.to_owned(),
+            seconds,
+            cached: outcome.cached,
+        });
         Ok(value)
     }
 
@@ -113,10 +126,15 @@ mod tests {
     #[test]
     fn stages_are_recorded_in_order() {
         let p = Progress::new();
-        p.stage("a", || Ok::<_, ()>(((), Outcome::built("")))).unwrap();
-        p.stage("b", || Ok::<_, ()>(((), Outcome::cached("x")))).unwrap();
+        p.stage("a", || Ok::<_, ()>(((), Outcome::built(""))))
+            .unwrap();
+        p.stage("b", || Ok::<_, ()>(((), Outcome::cached("x"))))
+            .unwrap();
         let timings = p.timings();
-        let names: Vec<_> = timings.iter().map(|t| (t.stage.as_str(), t.cached)).collect();
+        let names: Vec<_> = timings
+            .iter()
+            .map(|t| (t.stage.as_str(), t.cached))
+            .collect();
         assert_eq!(names, [("a", false), ("b", true)]);
     }
 }

@@ -125,16 +125,26 @@ impl Spec {
         let ident = |s: &str| {
             !s.is_empty()
                 && s.len() <= 64
-                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.+".contains(&b))
         };
         if !ident(&self.image.name) {
-            return Err(invalid("image.name", "must be 1-64 characters of [A-Za-z0-9-_.+]"));
+            return Err(invalid(
+                "image.name",
+                "must be 1-64 characters of [A-Za-z0-9-_.+]",
+            ));
         }
         if !ident(&self.image.version) {
-            return Err(invalid("image.version", "must be 1-64 characters of [A-Za-z0-9-_.+]"));
+            return Err(invalid(
+                "image.version",
+                "must be 1-64 characters of [A-Za-z0-9-_.+]",
+            ));
         }
         if self.image.disk_size_gib == 0 || self.image.disk_size_gib > MAX_DISK_GIB {
-            return Err(invalid("image.disk_size_gib", "must be between 1 and 16384"));
+            return Err(invalid(
+                "image.disk_size_gib",
+                "must be between 1 and 16384",
+            ));
         }
         if self.image.esp_size_mib < 32 {
             return Err(invalid("image.esp_size_mib", "must be at least 32"));
@@ -143,18 +153,32 @@ impl Spec {
             return Err(invalid("image.var_size_mib", "must be at least 64"));
         }
         if !ident(&self.debian.suite) {
-            return Err(invalid("debian.suite", "must name a Debian suite, e.g. \"trixie\""));
+            return Err(invalid(
+                "debian.suite",
+                "must name a Debian suite, e.g. \"trixie\"",
+            ));
         }
         if self.debian.packages.is_empty() {
             return Err(invalid("debian.packages", "must list at least one package"));
         }
         if let Some(bad) = self.debian.packages.iter().find(|p| !ident(p)) {
-            return Err(invalid("debian.packages", &format!("has an invalid package name {bad:?}")));
+            return Err(invalid(
+                "debian.packages",
+                &format!("has an invalid package name {bad:?}"),
+            ));
         }
         if self.kernel.cmdline.contains("roothash=") {
-            return Err(invalid("kernel.cmdline", "must not set roothash=: the build appends it"));
+            return Err(invalid(
+                "kernel.cmdline",
+                "must not set roothash=: the build appends it",
+            ));
         }
-        if self.overlay.binaries.iter().any(|b| b.contains('/') || b.is_empty()) {
+        if self
+            .overlay
+            .binaries
+            .iter()
+            .any(|b| b.contains('/') || b.is_empty())
+        {
             return Err(invalid("overlay.binaries", "takes bare binary names"));
         }
         Ok(())
@@ -200,12 +224,27 @@ binaries = ["slipway-init"]
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            (GOOD.replace("disk_size_gib = 2", "disk_size_gib = 0"), "image.disk_size_gib"),
-            (GOOD.replace("disk_size_gib = 2", "disk_size_gib = \"big\""), "disk_size_gib"),
-            (GOOD.replace("suite = \"trixie\"", "suite = \"\""), "debian.suite"),
+            (
+                GOOD.replace("disk_size_gib = 2", "disk_size_gib = 0"),
+                "image.disk_size_gib",
+            ),
+            (
+                GOOD.replace("disk_size_gib = 2", "disk_size_gib = \"big\""),
+                "disk_size_gib",
+            ),
+            (
+                GOOD.replace("suite = \"trixie\"", "suite = \"\""),
+                "debian.suite",
+            ),
             (GOOD.replace("[kernel]", "[kernel]\nflavour = 1"), "flavour"),
-            (GOOD.replace("console=ttyS0", "roothash=00"), "kernel.cmdline"),
-            (GOOD.replace("\"systemd\",", "\"sys temd\","), "debian.packages"),
+            (
+                GOOD.replace("console=ttyS0", "roothash=00"),
+                "kernel.cmdline",
+            ),
+            (
+                GOOD.replace("\"systemd\",", "\"sys temd\","),
+                "debian.packages",
+            ),
             (GOOD.replace("name = \"slipway\"\n", ""), "name"),
         ];
         for (text, key) in cases {

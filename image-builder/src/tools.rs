@@ -32,16 +32,36 @@ pub struct Tool {
     pub package: &'static str,
 }
 
-pub const MMDEBSTRAP: Tool = Tool { program: "mmdebstrap", package: "mmdebstrap" };
-pub const NEWUIDMAP: Tool = Tool { program: "newuidmap", package: "uidmap" };
-pub const MKFS_EROFS: Tool = Tool { program: "mkfs.erofs", package: "erofs-utils" };
-pub const MKFS_EXT4: Tool = Tool { program: "mkfs.ext4", package: "e2fsprogs" };
-pub const QEMU_IMG: Tool = Tool { program: "qemu-img", package: "qemu-utils" };
-pub const DPKG_DEB: Tool = Tool { program: "dpkg-deb", package: "dpkg" };
+pub const MMDEBSTRAP: Tool = Tool {
+    program: "mmdebstrap",
+    package: "mmdebstrap",
+};
+pub const NEWUIDMAP: Tool = Tool {
+    program: "newuidmap",
+    package: "uidmap",
+};
+pub const MKFS_EROFS: Tool = Tool {
+    program: "mkfs.erofs",
+    package: "erofs-utils",
+};
+pub const MKFS_EXT4: Tool = Tool {
+    program: "mkfs.ext4",
+    package: "e2fsprogs",
+};
+pub const QEMU_IMG: Tool = Tool {
+    program: "qemu-img",
+    package: "qemu-utils",
+};
+pub const DPKG_DEB: Tool = Tool {
+    program: "dpkg-deb",
+    package: "dpkg",
+};
 
 /// Every tool `build` needs, checked up front so a build fails in its first
 /// second rather than after the slow stages.
-pub const BUILD_TOOLS: &[Tool] = &[MMDEBSTRAP, NEWUIDMAP, MKFS_EROFS, MKFS_EXT4, QEMU_IMG, DPKG_DEB];
+pub const BUILD_TOOLS: &[Tool] = &[
+    MMDEBSTRAP, NEWUIDMAP, MKFS_EROFS, MKFS_EXT4, QEMU_IMG, DPKG_DEB,
+];
 
 fn on_path(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -114,7 +134,10 @@ mod tests {
 
     #[test]
     fn a_missing_tool_names_its_package() {
-        let t = Tool { program: "slipway-no-such-program", package: "slipway-pkg" };
+        let t = Tool {
+            program: "slipway-no-such-program",
+            package: "slipway-pkg",
+        };
         let err = require(&[t]).unwrap_err().to_string();
         assert!(err.contains("apt-get install slipway-pkg"), "{err}");
     }
@@ -124,6 +147,9 @@ mod tests {
         let err = run(Command::new("sh").args(["-c", "echo boom >&2; exit 3"]))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("boom") && err.contains("exit status: 3"), "{err}");
+        assert!(
+            err.contains("boom") && err.contains("exit status: 3"),
+            "{err}"
+        );
     }
 }

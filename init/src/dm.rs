@@ -61,7 +61,13 @@ fn header(name: &str, uuid: &str, flags: u32, payload_len: usize) -> Result<Vec<
     Ok(buf)
 }
 
-fn ioctl(control: &std::fs::File, op: &'static str, request: u64, buf: &mut [u8], name: &str) -> Result<(), DmError> {
+fn ioctl(
+    control: &std::fs::File,
+    op: &'static str,
+    request: u64,
+    buf: &mut [u8],
+    name: &str,
+) -> Result<(), DmError> {
     // SAFETY: `buf` is a live, correctly sized dm_ioctl buffer whose
     // data_size field matches its length; the kernel writes within it.
     let rc = unsafe { libc::ioctl(control.as_raw_fd(), request as _, buf.as_mut_ptr()) };
@@ -77,7 +83,12 @@ fn ioctl(control: &std::fs::File, op: &'static str, request: u64, buf: &mut [u8]
 
 /// Creates `name`, loads a read-only table with `target` and resumes it.
 /// Returns the new device's (major, minor).
-pub fn create_readonly(control: &Path, name: &str, uuid: &str, target: &Target<'_>) -> Result<(u32, u32), DmError> {
+pub fn create_readonly(
+    control: &Path,
+    name: &str,
+    uuid: &str,
+    target: &Target<'_>,
+) -> Result<(u32, u32), DmError> {
     let control_file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -132,16 +132,30 @@ fn cstr(s: &str) -> CString {
     CString::new(s).unwrap_or_default()
 }
 
-fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), InitrdError> {
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), InitrdError> {
     let (c_src, c_target, c_type, c_data) = (cstr(src), cstr(target), cstr(fstype), cstr(data));
     // SAFETY: all pointers are valid NUL-terminated strings for the call.
     let rc = unsafe {
         libc::mount(
             c_src.as_ptr(),
             c_target.as_ptr(),
-            if fstype.is_empty() { std::ptr::null() } else { c_type.as_ptr() },
+            if fstype.is_empty() {
+                std::ptr::null()
+            } else {
+                c_type.as_ptr()
+            },
             flags,
-            if data.is_empty() { std::ptr::null() } else { c_data.as_ptr().cast() },
+            if data.is_empty() {
+                std::ptr::null()
+            } else {
+                c_data.as_ptr().cast()
+            },
         )
     };
     if rc != 0 {
@@ -243,8 +257,14 @@ fn assemble(params: &BootParams) -> Result<(), InitrdError> {
         sb.data_blocks
     ));
     mount(&root_dev, "/sysroot", "erofs", libc::MS_RDONLY, "")?;
-    mount(&var.to_string_lossy(), "/sysroot/var", "ext4", libc::MS_NOSUID | libc::MS_NODEV, "")?;
-    mount("tmpfs", "/sysroot/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755")?;
+    prepare_var(&var)?;
+    mount(
+        "tmpfs",
+        "/sysroot/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=0755",
+    )?;
     let overlay = Path::new("/sysroot").join(layout::ETC_OVERLAY_DIR.trim_start_matches('/'));
     for sub in ["upper", "work"] {
         let dir = overlay.join(sub);
@@ -258,8 +278,68 @@ fn assemble(params: &BootParams) -> Result<(), InitrdError> {
         0,
         &format!("lowerdir=/sysroot/etc,upperdir={o}/upper,workdir={o}/work"),
     )?;
-    say(&format!("root, /var and /etc ready in {} ms", t0.elapsed().as_millis()));
+    say(&format!(
+        "root, /var and /etc ready in {} ms",
+        t0.elapsed().as_millis()
+    ));
     Ok(())
+}
+
+/// Mounts the writable `/var` partition. On first boot it is empty: it gets
+/// a copy of the image's own `/var` before it is mounted over it.
+fn prepare_var(device: &Path) -> Result<(), InitrdError> {
+    let staging = Path::new("/var.new");
+    fs::create_dir_all(staging).map_err(io_err("creating", staging))?;
+    mount(
+        &device.to_string_lossy(),
+        "/var.new",
+        "ext4",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "",
+    )?;
+    let marker = staging.join(".slipway-populated");
+    if !marker.exists() {
+        let n = copy_tree(Path::new("/sysroot/var"), staging)?;
+        fs::write(&marker, b"").map_err(io_err("writing", &marker))?;
+        say(&format!(
+            "first boot: /var populated from the image ({n} entries)"
+        ));
+    }
+    mount("/var.new", "/sysroot/var", "", libc::MS_MOVE, "")
+}
+
+/// Copies a tree with owners, modes and links; returns the number of entries.
+pub fn copy_tree(from: &Path, to: &Path) -> Result<usize, InitrdError> {
+    use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
+    let mut count = 0;
+    let entries = fs::read_dir(from).map_err(io_err("reading", from))?;
+    for entry in entries {
+        let entry = entry.map_err(io_err("reading", from))?;
+        let src = entry.path();
+        let dest = to.join(entry.file_name());
+        let meta = fs::symlink_metadata(&src).map_err(io_err("inspecting", &src))?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            if !dest.exists() {
+                fs::create_dir(&dest).map_err(io_err("creating", &dest))?;
+            }
+            count += copy_tree(&src, &dest)?;
+        } else if kind.is_symlink() {
+            let target = fs::read_link(&src).map_err(io_err("reading link", &src))?;
+            std::os::unix::fs::symlink(&target, &dest).map_err(io_err("linking", &dest))?;
+        } else if kind.is_file() {
+            fs::copy(&src, &dest).map_err(io_err("copying to", &dest))?;
+        } else {
+            continue; // sockets, fifos and devices have no place in an image's /var
+        }
+        lchown(&dest, Some(meta.uid()), Some(meta.gid())).map_err(io_err("chown", &dest))?;
+        if !kind.is_symlink() {
+            fs::set_permissions(&dest, fs::Permissions::from_mode(meta.mode() & 0o7777))
+                .map_err(io_err("chmod", &dest))?;
+        }
+        count += 1;
+    }
+    Ok(count)
 }
 
 fn switch_root(init: &str) -> Result<std::convert::Infallible, InitrdError> {
@@ -271,14 +351,18 @@ fn switch_root(init: &str) -> Result<std::convert::Infallible, InitrdError> {
     let dot = cstr(".");
     // SAFETY: valid path string.
     if unsafe { libc::chroot(dot.as_ptr()) } != 0 {
-        return Err(io_err("chroot to", Path::new("/sysroot"))(io::Error::last_os_error()));
+        return Err(io_err("chroot to", Path::new("/sysroot"))(
+            io::Error::last_os_error(),
+        ));
     }
     std::env::set_current_dir("/").map_err(io_err("entering", Path::new("/")))?;
     let c_init = cstr(init);
     let argv = [c_init.as_ptr(), std::ptr::null()];
     // SAFETY: argv is a NULL-terminated array of valid strings.
     unsafe { libc::execv(c_init.as_ptr(), argv.as_ptr()) };
-    Err(io_err("executing", Path::new(init))(io::Error::last_os_error()))
+    Err(io_err("executing", Path::new(init))(
+        io::Error::last_os_error(),
+    ))
 }
 
 fn mount_api_filesystems() -> Result<(), InitrdError> {
@@ -301,8 +385,8 @@ pub fn run() -> InitrdError {
 
 fn try_run() -> Result<std::convert::Infallible, InitrdError> {
     mount_api_filesystems()?;
-    let cmdline =
-        fs::read_to_string("/proc/cmdline").map_err(io_err("reading", Path::new("/proc/cmdline")))?;
+    let cmdline = fs::read_to_string("/proc/cmdline")
+        .map_err(io_err("reading", Path::new("/proc/cmdline")))?;
     let params = BootParams::from_cmdline(&cmdline)?;
     assemble(&params)?;
     say(&format!("switching to {}", params.init));
@@ -315,8 +399,11 @@ pub fn refuse(err: &InitrdError) -> ! {
     let mut chain = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(s) = source {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
+        let text = s.to_string();
+        if !chain.contains(&text) {
+            chain.push_str(": ");
+            chain.push_str(&text);
+        }
         source = s.source();
     }
     say(&format!("FATAL: {chain}"));
@@ -355,6 +442,36 @@ mod tests {
     }
 
     #[test]
+    fn copy_tree_keeps_links_and_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let from = tempfile::tempdir().unwrap();
+        let to = tempfile::tempdir().unwrap();
+        fs::create_dir_all(from.path().join("lib/x")).unwrap();
+        fs::write(from.path().join("lib/x/f"), "data").unwrap();
+        fs::set_permissions(
+            from.path().join("lib/x/f"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("x/f", from.path().join("lib/l")).unwrap();
+        let n = copy_tree(from.path(), to.path()).unwrap();
+        assert_eq!(n, 4);
+        assert_eq!(
+            fs::read_to_string(to.path().join("lib/x/f")).unwrap(),
+            "data"
+        );
+        assert_eq!(
+            fs::read_link(to.path().join("lib/l")).unwrap(),
+            Path::new("x/f")
+        );
+        let mode = fs::metadata(to.path().join("lib/x/f"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
     fn partitions_are_found_by_label() {
         let sys = tempfile::tempdir().unwrap();
         for (dev, label) in [("nvme0n1p2", "slipway-root"), ("nvme0n1p3", "other")] {
@@ -367,7 +484,10 @@ mod tests {
             .unwrap();
         }
         fs::create_dir(sys.path().join("nvme0n1")).unwrap();
-        assert_eq!(find_partition(sys.path(), "slipway-root").as_deref(), Some("nvme0n1p2"));
+        assert_eq!(
+            find_partition(sys.path(), "slipway-root").as_deref(),
+            Some("nvme0n1p2")
+        );
         assert_eq!(find_partition(sys.path(), "missing"), None);
     }
 }

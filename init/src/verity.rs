@@ -188,9 +188,8 @@ pub fn build(mut data: impl Read, salt: &[u8], uuid: [u8; 16]) -> Result<HashTre
     let root_hash = salted_hash(salt, &current);
     levels.push(current);
 
-    let mut device = Vec::with_capacity(
-        BLOCK_SIZE as usize + levels.iter().map(Vec::len).sum::<usize>(),
-    );
+    let mut device =
+        Vec::with_capacity(BLOCK_SIZE as usize + levels.iter().map(Vec::len).sum::<usize>());
     device.extend_from_slice(&sb);
     device.resize(BLOCK_SIZE as usize, 0);
     for level in levels.iter().rev() {

@@ -1,1 +1,263 @@
-//! placeholder
+//! The QEMU harness for Slipway's boot tests: q35 + OVMF with a per-VM copy
+//! of the variables store, the image on NVMe, the serial console captured to
+//! a file and matched for markers, hard deadlines, and a VM that is always
+//! killed when its handle drops, also when a test fails.
+//!
+//! TCG by default (these machines have no usable KVM); `SLIPWAY_VM_ACCEL=kvm`
+//! opts in to KVM. Guests get no network device unless a test gives them one.
+
+use anyhow::{bail, Context, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where OVMF's code and variable templates live (Debian's `ovmf` package).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// The built image a test boots: `out/` of the workspace unless
+/// `SLIPWAY_IMAGE_DIR` says otherwise.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub dir: PathBuf,
+    pub manifest: serde_json::Value,
+}
+
+impl Image {
+    pub fn locate() -> Result<Self> {
+        let dir = std::env::var_os("SLIPWAY_IMAGE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../out"));
+        let manifest_path = dir.join("build-manifest.json");
+        let text = fs::read_to_string(&manifest_path).with_context(|| {
+            format!(
+                "no image at {} (run `just build` first, or set SLIPWAY_IMAGE_DIR)",
+                manifest_path.display()
+            )
+        })?;
+        let manifest = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", manifest_path.display()))?;
+        Ok(Self { dir, manifest })
+    }
+
+    pub fn qcow2(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+
+    pub fn raw(&self) -> PathBuf {
+        self.dir.join("disk.raw")
+    }
+
+    /// (offset, size) of the partition labelled `label`.
+    pub fn partition(&self, label: &str) -> Result<(u64, u64)> {
+        let parts = self.manifest["partitions"]
+            .as_array()
+            .context("manifest has no partitions")?;
+        let p = parts
+            .iter()
+            .find(|p| p["label"] == label)
+            .with_context(|| format!("manifest has no partition {label}"))?;
+        Ok((
+            p["offset"].as_u64().context("partition offset")?,
+            p["size"].as_u64().context("partition size")?,
+        ))
+    }
+}
+
+/// How to start a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub name: String,
+    pub disk: PathBuf,
+    pub disk_format: &'static str,
+    /// Discard writes to the disk (the image stays pristine).
+    pub snapshot: bool,
+    pub memory_mib: u32,
+    pub cpus: u32,
+}
+
+impl VmConfig {
+    pub fn new(name: &str, disk: PathBuf, disk_format: &'static str) -> Self {
+        Self {
+            name: name.to_owned(),
+            disk,
+            disk_format,
+            snapshot: true,
+            memory_mib: 1024,
+            cpus: 1,
+        }
+    }
+}
+
+/// A running VM. Dropping it kills QEMU.
+#[derive(Debug)]
+pub struct Vm {
+    pub name: String,
+    child: Child,
+    serial: PathBuf,
+    workdir: tempfile::TempDir,
+    started: Instant,
+}
+
+fn accel() -> String {
+    match std::env::var("SLIPWAY_VM_ACCEL").as_deref() {
+        Ok("kvm") => "kvm".to_owned(),
+        _ => "tcg,thread=multi".to_owned(),
+    }
+}
+
+impl Vm {
+    pub fn boot(cfg: &VmConfig) -> Result<Self> {
+        for f in [OVMF_CODE, OVMF_VARS] {
+            if !Path::new(f).exists() {
+                bail!("{f} is missing: install the Debian package `ovmf`");
+            }
+        }
+        let workdir = tempfile::Builder::new()
+            .prefix(&format!("slipway-vm-{}-", cfg.name))
+            .tempdir()?;
+        let vars = workdir.path().join("OVMF_VARS.fd");
+        fs::copy(OVMF_VARS, &vars).context("copying the OVMF variables store")?;
+        let serial = workdir.path().join("serial.log");
+        let snapshot = if cfg.snapshot { ",snapshot=on" } else { "" };
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-machine", "q35", "-accel", &accel()])
+            .args([
+                "-m",
+                &cfg.memory_mib.to_string(),
+                "-smp",
+                &cfg.cpus.to_string(),
+            ])
+            .args([
+                "-nodefaults",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-nic",
+                "none",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "if=pflash,format=raw,unit=1,file={}",
+                vars.display()
+            ))
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=none,id=root,format={}{snapshot}",
+                cfg.disk.display(),
+                cfg.disk_format
+            ))
+            .args(["-device", "nvme,serial=slipwayroot,drive=root"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = cmd
+            .spawn()
+            .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+        Ok(Self {
+            name: cfg.name.clone(),
+            child,
+            serial,
+            workdir,
+            started: Instant::now(),
+        })
+    }
+
+    /// Everything the guest printed on its serial console so far.
+    pub fn console(&self) -> String {
+        fs::read(&self.serial)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Whether QEMU has exited (the guest powered off).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits until the console shows one of `markers` and returns the line
+    /// it is on. Fails at the deadline or when QEMU exits first.
+    pub fn wait_for(&mut self, markers: &[&str], deadline: Duration) -> Result<String> {
+        loop {
+            let console = self.console();
+            for line in console.lines() {
+                if markers.iter().any(|m| line.contains(m)) {
+                    return Ok(line.trim().to_owned());
+                }
+            }
+            if self.exited() {
+                bail!(
+                    "{} powered off before printing any of {markers:?}\n{}",
+                    self.name,
+                    self.tail(40)
+                );
+            }
+            if self.started.elapsed() > deadline {
+                bail!(
+                    "{} printed none of {markers:?} within {deadline:?}\n{}",
+                    self.name,
+                    self.tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Waits for QEMU to exit (the guest powered off) within `deadline`.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Result<()> {
+        while !self.exited() {
+            if self.started.elapsed() > deadline {
+                bail!(
+                    "{} still running after {deadline:?}\n{}",
+                    self.name,
+                    self.tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(())
+    }
+
+    /// The last `n` console lines, for failure messages.
+    pub fn tail(&self, n: usize) -> String {
+        let console = self.console();
+        let lines: Vec<&str> = console.lines().collect();
+        format!(
+            "--- last console lines of {} ---\n{}",
+            self.name,
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        )
+    }
+
+    /// Keeps the console log under `target/vm-logs` for a person to read.
+    pub fn keep_log(&self) -> Option<PathBuf> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/vm-logs");
+        fs::create_dir_all(&dir).ok()?;
+        let dest = dir.join(format!("{}.log", self.name));
+        fs::copy(&self.serial, &dest).ok()?;
+        Some(dest)
+    }
+
+    pub fn workdir(&self) -> &Path {
+        self.workdir.path()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.keep_log();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -14,7 +14,11 @@ const S_IFCHR: u32 = 0o020000;
 
 impl Cpio {
     pub fn new(mtime: u64) -> Self {
-        Self { out: Vec::new(), ino: 0, mtime: u32::try_from(mtime).unwrap_or(u32::MAX) }
+        Self {
+            out: Vec::new(),
+            ino: 0,
+            mtime: u32::try_from(mtime).unwrap_or(u32::MAX),
+        }
     }
 
     fn entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {

@@ -15,12 +15,17 @@ pub enum EspError {
 /// A FAT image of `size` bytes with `uki` at `EFI/BOOT/BOOTX64.EFI`.
 pub fn build(size: u64, volume_id: u32, uki: &[u8]) -> Result<Vec<u8>, EspError> {
     if uki.len() as u64 + (4 << 20) > size {
-        return Err(EspError::TooLarge { uki: uki.len() as u64, esp: size });
+        return Err(EspError::TooLarge {
+            uki: uki.len() as u64,
+            esp: size,
+        });
     }
     let mut disk = Cursor::new(vec![0u8; size as usize]);
     fatfs::format_volume(
         &mut disk,
-        fatfs::FormatVolumeOptions::new().volume_id(volume_id).volume_label(*b"ESP        "),
+        fatfs::FormatVolumeOptions::new()
+            .volume_id(volume_id)
+            .volume_label(*b"ESP        "),
     )?;
     {
         let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new())?;
@@ -46,12 +51,19 @@ mod tests {
         let mut cur = Cursor::new(a);
         let fs = fatfs::FileSystem::new(&mut cur, fatfs::FsOptions::new()).unwrap();
         let mut back = Vec::new();
-        fs.root_dir().open_file("EFI/BOOT/BOOTX64.EFI").unwrap().read_to_end(&mut back).unwrap();
+        fs.root_dir()
+            .open_file("EFI/BOOT/BOOTX64.EFI")
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
         assert_eq!(back, uki);
     }
 
     #[test]
     fn an_oversized_uki_is_refused() {
-        assert!(matches!(build(4 << 20, 1, &[0; 10]), Err(EspError::TooLarge { .. })));
+        assert!(matches!(
+            build(4 << 20, 1, &[0; 10]),
+            Err(EspError::TooLarge { .. })
+        ));
     }
 }

@@ -53,7 +53,15 @@ impl Guid {
 impl std::fmt::Display for Guid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let h = hex::encode(self.0);
-        write!(f, "{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+        write!(
+            f,
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
     }
 }
 
@@ -87,7 +95,11 @@ impl Placed {
 #[derive(Debug, thiserror::Error)]
 pub enum GptError {
     #[error("the partitions need {needed} bytes ({needed_gib} GiB when rounded up) but the disk is {disk} bytes; set image.disk_size_gib to at least {needed_gib}")]
-    TooSmall { needed: u64, needed_gib: u64, disk: u64 },
+    TooSmall {
+        needed: u64,
+        needed_gib: u64,
+        disk: u64,
+    },
     #[error("partition {label}: content is {len} bytes, larger than its {size}-byte slot")]
     ContentTooLarge { label: String, len: u64, size: u64 },
     #[error("writing disk {path}: {source}")]
@@ -131,7 +143,14 @@ fn utf16_name(label: &str) -> [u8; 72] {
     out
 }
 
-fn header(disk_guid: Guid, my_lba: u64, alt_lba: u64, entries_lba: u64, last_usable: u64, entries_crc: u32) -> [u8; 512] {
+fn header(
+    disk_guid: Guid,
+    my_lba: u64,
+    alt_lba: u64,
+    entries_lba: u64,
+    last_usable: u64,
+    entries_crc: u32,
+) -> [u8; 512] {
     let mut h = [0u8; 512];
     h[0..8].copy_from_slice(b"EFI PART");
     h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
@@ -151,8 +170,16 @@ fn header(disk_guid: Guid, my_lba: u64, alt_lba: u64, entries_lba: u64, last_usa
 }
 
 /// Writes the whole disk to `path` as a sparse file of `disk_size` bytes.
-pub fn write(path: &Path, disk_guid: Guid, parts: &[Partition<'_>], disk_size: u64) -> Result<Vec<Placed>, GptError> {
-    let io_err = |source| GptError::Io { path: path.display().to_string(), source };
+pub fn write(
+    path: &Path,
+    disk_guid: Guid,
+    parts: &[Partition<'_>],
+    disk_size: u64,
+) -> Result<Vec<Placed>, GptError> {
+    let io_err = |source| GptError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let placed = layout(parts, disk_size)?;
     let total_lba = disk_size / SECTOR;
     let last_lba = total_lba - 1;
@@ -188,10 +215,25 @@ pub fn write(path: &Path, disk_guid: Guid, parts: &[Partition<'_>], disk_size: u
         f.write_all(bytes)
     };
     put(0, &mbr).map_err(io_err)?;
-    put(1, &header(disk_guid, 1, last_lba, 2, last_usable, entries_crc)).map_err(io_err)?;
+    put(
+        1,
+        &header(disk_guid, 1, last_lba, 2, last_usable, entries_crc),
+    )
+    .map_err(io_err)?;
     put(2, &entries).map_err(io_err)?;
     put(backup_entries, &entries).map_err(io_err)?;
-    put(last_lba, &header(disk_guid, last_lba, 1, backup_entries, last_usable, entries_crc)).map_err(io_err)?;
+    put(
+        last_lba,
+        &header(
+            disk_guid,
+            last_lba,
+            1,
+            backup_entries,
+            last_usable,
+            entries_crc,
+        ),
+    )
+    .map_err(io_err)?;
     drop(put);
 
     for (p, at) in parts.iter().zip(&placed) {
@@ -199,7 +241,11 @@ pub fn write(path: &Path, disk_guid: Guid, parts: &[Partition<'_>], disk_size: u
         let mut input = File::open(src).map_err(io_err)?;
         let len = input.metadata().map_err(io_err)?.len();
         if len > at.size() {
-            return Err(GptError::ContentTooLarge { label: p.label.to_owned(), len, size: at.size() });
+            return Err(GptError::ContentTooLarge {
+                label: p.label.to_owned(),
+                len,
+                size: at.size(),
+            });
         }
         f.seek(SeekFrom::Start(at.offset())).map_err(io_err)?;
         copy_sparse(&mut input, &mut f).map_err(io_err)?;
@@ -267,8 +313,20 @@ mod tests {
         let content = dir.path().join("c");
         std::fs::write(&content, vec![0xabu8; 10000]).unwrap();
         let parts = [
-            Partition { label: "esp", type_guid: Guid::derive("t1"), guid: Guid::derive("g1"), size: 1 << 20, content: Some(&content) },
-            Partition { label: "data", type_guid: Guid::derive("t2"), guid: Guid::derive("g2"), size: 3 << 20, content: None },
+            Partition {
+                label: "esp",
+                type_guid: Guid::derive("t1"),
+                guid: Guid::derive("g1"),
+                size: 1 << 20,
+                content: Some(&content),
+            },
+            Partition {
+                label: "data",
+                type_guid: Guid::derive("t2"),
+                guid: Guid::derive("g2"),
+                size: 3 << 20,
+                content: None,
+            },
         ];
         let disk = dir.path().join("disk");
         let size = 8 << 20;

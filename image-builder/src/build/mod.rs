@@ -67,7 +67,11 @@ pub enum BuildError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BuildError + 'a {
-    move |source| BuildError::Io { what, path: path.to_owned(), source }
+    move |source| BuildError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Arguments of `image-builder build`.
@@ -157,12 +161,20 @@ pub fn default_bin_dir() -> PathBuf {
 }
 
 /// Loads the lock, resolving (and writing) it on the first build.
-fn ensure_lock(spec: &Spec, args: &Args, cache: &Cache, progress: &Progress) -> Result<Lock, BuildError> {
+fn ensure_lock(
+    spec: &Spec,
+    args: &Args,
+    cache: &Cache,
+    progress: &Progress,
+) -> Result<Lock, BuildError> {
     let path = lock::lock_path(&args.spec, args.lock.as_deref());
     if path.exists() {
         let lock = Lock::load(&path)?;
         if !lock.is_current_for(spec) {
-            return Err(BuildError::StaleLock { lock: path, spec: args.spec.clone() });
+            return Err(BuildError::StaleLock {
+                lock: path,
+                spec: args.spec.clone(),
+            });
         }
         return Ok(lock);
     }
@@ -221,7 +233,8 @@ fn cached_dir(
 }
 
 fn verity_salt(spec: &Spec) -> Vec<u8> {
-    Sha256::digest(format!("{}:{}:verity-salt", spec.image.name, spec.image.version).as_bytes()).to_vec()
+    Sha256::digest(format!("{}:{}:verity-salt", spec.image.name, spec.image.version).as_bytes())
+        .to_vec()
 }
 
 /// Hashes the disk and every partition in one pass.
@@ -247,12 +260,20 @@ fn hash_disk(disk: &Path, parts: &[(u64, u64)]) -> Result<(String, Vec<String>),
         }
         pos += n as u64;
     }
-    Ok((hex::encode(whole.finalize()), each.into_iter().map(|h| hex::encode(h.finalize())).collect()))
+    Ok((
+        hex::encode(whole.finalize()),
+        each.into_iter()
+            .map(|h| hex::encode(h.finalize()))
+            .collect(),
+    ))
 }
 
 fn file_digest(path: &Path) -> Result<FileDigest, BuildError> {
     Ok(FileDigest {
-        file: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        file: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         size: sized(path)?,
         sha256: cache::sha256_file(path).map_err(io_err("hashing", path))?,
     })
@@ -262,7 +283,8 @@ fn file_digest(path: &Path) -> Result<FileDigest, BuildError> {
 fn up_to_date(out: &Path, inputs: &str) -> Option<Manifest> {
     let text = fs::read_to_string(out.join("build-manifest.json")).ok()?;
     let m: Manifest = serde_json::from_str(&text).ok()?;
-    let same_size = |f: &FileDigest| fs::metadata(out.join(&f.file)).is_ok_and(|md| md.len() == f.size);
+    let same_size =
+        |f: &FileDigest| fs::metadata(out.join(&f.file)).is_ok_and(|md| md.len() == f.size);
     (m.inputs == inputs && same_size(&m.disk) && same_size(&m.qcow2)).then_some(m)
 }
 
@@ -270,32 +292,48 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     let progress = Progress::new();
     let spec = Spec::load(&args.spec)?;
     let spec_text = fs::read_to_string(&args.spec).map_err(io_err("reading", &args.spec))?;
-    let spec_dir = args.spec.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let spec_dir = args
+        .spec
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     tools::require(tools::BUILD_TOOLS)?;
     let cache = Cache::locate(args.cache_dir.clone());
     let lock = ensure_lock(&spec, args, &cache, &progress)?;
     let bin_dir = args.bin_dir.clone().unwrap_or_else(default_bin_dir);
     let overlay = Overlay::gather(&spec, spec_dir, &bin_dir)?;
     let initrd_bin = bin_dir.join("slipway-initrd");
-    let initrd_bytes = fs::read(&initrd_bin).map_err(|_| RootfsError::MissingBinary { path: initrd_bin.clone() })?;
+    let initrd_bytes = fs::read(&initrd_bin).map_err(|_| RootfsError::MissingBinary {
+        path: initrd_bin.clone(),
+    })?;
 
     // Input keys, cheapest first: these decide what can be reused.
     let rootfs_key = {
         let mut k = Key::new(BUILDER_EPOCH);
-        k.str("rootfs").str(&lock.digest()).str(&spec.debian.suite).str(&spec.image.source_date_epoch.to_string());
+        k.str("rootfs")
+            .str(&lock.digest())
+            .str(&spec.debian.suite)
+            .str(&spec.image.source_date_epoch.to_string());
         for e in &spec.debian.exclude {
             k.str(e);
         }
         k.finish()
     };
-    let release = format!("IMAGE_NAME={}\nIMAGE_VERSION={}\n", spec.image.name, spec.image.version);
+    let release = format!(
+        "IMAGE_NAME={}\nIMAGE_VERSION={}\n",
+        spec.image.name, spec.image.version
+    );
     let root_key = {
         let mut k = Key::new(BUILDER_EPOCH);
         k.str("root").str(&rootfs_key).str(&release);
         overlay.key(&mut k)?;
         k.finish()
     };
-    let inputs = Key::new(BUILDER_EPOCH).str(&root_key).str(&spec_text).bytes(&initrd_bytes).finish();
+    let inputs = Key::new(BUILDER_EPOCH)
+        .str(&root_key)
+        .str(&spec_text)
+        .bytes(&initrd_bytes)
+        .finish();
     if let Some(m) = up_to_date(&args.out, &inputs) {
         eprintln!(
             "{} is up to date ({} {}, disk sha256 {}) in {:.2}s",
@@ -309,80 +347,142 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     }
 
     progress.stage("packages", || {
-        let missing = lock.packages.iter().filter(|p| !debian::cached_deb(&cache, p).exists()).count();
+        let missing = lock
+            .packages
+            .iter()
+            .filter(|p| !debian::cached_deb(&cache, p).exists())
+            .count();
         if missing == 0 {
-            return Ok(((), Outcome::cached(format!("{} packages", lock.packages.len()))));
+            return Ok((
+                (),
+                Outcome::cached(format!("{} packages", lock.packages.len())),
+            ));
         }
         let mirror = debian::resolve_mirror(args.mirror.as_deref(), spec.debian.mirror.as_deref())?;
         let n = debian::fetch_missing(&cache, &lock, &mirror, |m| progress.note(m))?;
-        Ok::<_, BuildError>(((), Outcome::built(format!("fetched {n} of {}", lock.packages.len()))))
+        Ok::<_, BuildError>((
+            (),
+            Outcome::built(format!("fetched {n} of {}", lock.packages.len())),
+        ))
     })?;
 
     let rootfs_dir = cache.entry("rootfs", &rootfs_key);
-    cached_dir(&progress, "rootfs", &rootfs_dir, |d| progress::bytes(dir_size(d)), |tmp| {
-        let repo = debian::local_repo(&cache, &lock)?;
-        rootfs::install(&spec, &lock, &repo, tmp)?;
-        rootfs::normalise(tmp, spec.image.source_date_epoch)?;
-        Ok(())
-    })?;
+    cached_dir(
+        &progress,
+        "rootfs",
+        &rootfs_dir,
+        |d| progress::bytes(dir_size(d)),
+        |tmp| {
+            let repo = debian::local_repo(&cache, &lock)?;
+            rootfs::install(&spec, &lock, &repo, tmp)?;
+            rootfs::normalise(tmp, spec.image.source_date_epoch)?;
+            Ok(())
+        },
+    )?;
 
     // Root filesystem and its verity tree.
     let root_dir = cache.entry("root", &root_key);
     let salt = verity_salt(&spec);
-    let fs_uuid = Guid::derive(&format!("{}:{}:root-fs", spec.image.name, spec.image.version));
+    let fs_uuid = Guid::derive(&format!(
+        "{}:{}:root-fs",
+        spec.image.name, spec.image.version
+    ));
     let mut root_tree_bytes = 0;
-    cached_dir(&progress, "root filesystem", &root_dir, |d| {
-        format!("{} EROFS", progress::bytes(fs::metadata(d.join("root.erofs")).map(|m| m.len()).unwrap_or(0)))
-    }, |tmp| {
-        fs::create_dir_all(tmp).map_err(io_err("creating", tmp))?;
-        let tree = tmp.join("tree");
-        rootfs::link_copy(&rootfs_dir, &tree)?;
-        overlay.apply(&tree, &release)?;
-        rootfs::clamp_mtimes(&tree, spec.image.source_date_epoch)?;
-        root_tree_bytes = dir_size(&tree);
-        let image = tmp.join("root.erofs");
-        let mut cmd = tools::command(tools::MKFS_EROFS)?;
-        cmd.arg("--quiet")
-            .arg("-zlz4hc")
-            .arg(format!("-T{}", spec.image.source_date_epoch))
-            .arg(format!("-U{fs_uuid}"))
-            .arg("--exclude-regex=^boot/.+")
-            .arg(&image)
-            .arg(&tree);
-        tools::run(&mut cmd)?;
-        let result = fs::remove_dir_all(&tree);
-        result.map_err(io_err("removing", &tree))?;
-        // EROFS images are block-aligned already; verity needs whole blocks.
-        let len = sized(&image)?;
-        let f = fs::OpenOptions::new().write(true).open(&image).map_err(io_err("opening", &image))?;
-        f.set_len(len.next_multiple_of(u64::from(verity::BLOCK_SIZE))).map_err(io_err("padding", &image))?;
-        let input = fs::File::open(&image).map_err(io_err("reading", &image))?;
-        let tree = verity::build(io::BufReader::new(input), &salt, fs_uuid.bytes())
-            .map_err(|source| BuildError::Verity { path: image.clone(), source })?;
-        let hash_path = tmp.join("root.verity");
-        fs::write(&hash_path, &tree.device).map_err(io_err("writing", &hash_path))?;
-        let root_hash_path = tmp.join("roothash");
-        fs::write(&root_hash_path, hex::encode(tree.root_hash)).map_err(io_err("writing", &root_hash_path))?;
-        fs::write(tmp.join("tree-bytes"), root_tree_bytes.to_string()).map_err(io_err("writing", tmp))?;
-        Ok(())
-    })?;
+    cached_dir(
+        &progress,
+        "root filesystem",
+        &root_dir,
+        |d| {
+            format!(
+                "{} EROFS",
+                progress::bytes(
+                    fs::metadata(d.join("root.erofs"))
+                        .map(|m| m.len())
+                        .unwrap_or(0)
+                )
+            )
+        },
+        |tmp| {
+            fs::create_dir_all(tmp).map_err(io_err("creating", tmp))?;
+            let tree = tmp.join("tree");
+            rootfs::link_copy(&rootfs_dir, &tree)?;
+            overlay.apply(&tree, &release)?;
+            rootfs::clamp_mtimes(&tree, spec.image.source_date_epoch)?;
+            root_tree_bytes = dir_size(&tree);
+            let image = tmp.join("root.erofs");
+            let mut cmd = tools::command(tools::MKFS_EROFS)?;
+            cmd.arg("--quiet")
+                .arg("-zlz4hc")
+                .arg(format!("-T{}", spec.image.source_date_epoch))
+                .arg(format!("-U{fs_uuid}"))
+                .arg("--exclude-regex=^boot/.+")
+                .arg(&image)
+                .arg(&tree);
+            tools::run(&mut cmd)?;
+            let result = fs::remove_dir_all(&tree);
+            result.map_err(io_err("removing", &tree))?;
+            // EROFS images are block-aligned already; verity needs whole blocks.
+            let len = sized(&image)?;
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .map_err(io_err("opening", &image))?;
+            f.set_len(len.next_multiple_of(u64::from(verity::BLOCK_SIZE)))
+                .map_err(io_err("padding", &image))?;
+            let input = fs::File::open(&image).map_err(io_err("reading", &image))?;
+            let tree = verity::build(io::BufReader::new(input), &salt, fs_uuid.bytes()).map_err(
+                |source| BuildError::Verity {
+                    path: image.clone(),
+                    source,
+                },
+            )?;
+            let hash_path = tmp.join("root.verity");
+            fs::write(&hash_path, &tree.device).map_err(io_err("writing", &hash_path))?;
+            let root_hash_path = tmp.join("roothash");
+            fs::write(&root_hash_path, hex::encode(tree.root_hash))
+                .map_err(io_err("writing", &root_hash_path))?;
+            fs::write(tmp.join("tree-bytes"), root_tree_bytes.to_string())
+                .map_err(io_err("writing", tmp))?;
+            Ok(())
+        },
+    )?;
     let root_image = root_dir.join("root.erofs");
     let verity_image = root_dir.join("root.verity");
-    let root_hash = fs::read_to_string(root_dir.join("roothash")).map_err(io_err("reading", &root_dir))?;
+    let root_hash =
+        fs::read_to_string(root_dir.join("roothash")).map_err(io_err("reading", &root_dir))?;
     if root_tree_bytes == 0 {
-        root_tree_bytes = fs::read_to_string(root_dir.join("tree-bytes")).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+        root_tree_bytes = fs::read_to_string(root_dir.join("tree-bytes"))
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
     }
     let data_blocks = sized(&root_image)? / u64::from(verity::BLOCK_SIZE);
 
     // An empty /var; the initramfs fills it from the image on first boot.
     let var_mib = spec.image.var_size_mib;
-    let var_uuid = Guid::derive(&format!("{}:{}:var-fs", spec.image.name, spec.image.version));
-    let var_key = Key::new(BUILDER_EPOCH).str("var").str(&var_mib.to_string()).str(&var_uuid.to_string()).str(&spec.image.source_date_epoch.to_string()).finish();
+    let var_uuid = Guid::derive(&format!(
+        "{}:{}:var-fs",
+        spec.image.name, spec.image.version
+    ));
+    let var_key = Key::new(BUILDER_EPOCH)
+        .str("var")
+        .str(&var_mib.to_string())
+        .str(&var_uuid.to_string())
+        .str(&spec.image.source_date_epoch.to_string())
+        .finish();
     let var_dir = cache.entry("var", &var_key);
-    cached_dir(&progress, "var filesystem", &var_dir, |_| format!("{var_mib} MiB ext4"), |tmp| {
-        fs::create_dir_all(tmp).map_err(io_err("creating", tmp))?;
-        let mut cmd = tools::command(tools::MKFS_EXT4)?;
-        cmd.env("E2FSPROGS_FAKE_TIME", spec.image.source_date_epoch.to_string())
+    cached_dir(
+        &progress,
+        "var filesystem",
+        &var_dir,
+        |_| format!("{var_mib} MiB ext4"),
+        |tmp| {
+            fs::create_dir_all(tmp).map_err(io_err("creating", tmp))?;
+            let mut cmd = tools::command(tools::MKFS_EXT4)?;
+            cmd.env(
+                "E2FSPROGS_FAKE_TIME",
+                spec.image.source_date_epoch.to_string(),
+            )
             .arg("-q")
             .arg("-F")
             .arg("-L")
@@ -393,55 +493,95 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
             .arg(format!("hash_seed={var_uuid},lazy_itable_init=0,nodiscard"))
             .arg(tmp.join("var.ext4"))
             .arg(format!("{var_mib}M"));
-        tools::run(&mut cmd)?;
-        Ok(())
-    })?;
+            tools::run(&mut cmd)?;
+            Ok(())
+        },
+    )?;
     let var_image = var_dir.join("var.ext4");
 
     // Initramfs, UKI and ESP.
     let kver = uki::kernel_version(&rootfs_dir)?;
-    let cmdline = format!("{} roothash={}", spec.kernel.cmdline.trim(), root_hash.trim());
+    let cmdline = format!(
+        "{} roothash={}",
+        spec.kernel.cmdline.trim(),
+        root_hash.trim()
+    );
     let esp_size = spec.image.esp_size_mib << 20;
     let esp_key = {
         let mut k = Key::new(BUILDER_EPOCH);
-        k.str("esp").str(&rootfs_key).str(&cmdline).str(&release).bytes(&initrd_bytes).str(&esp_size.to_string());
+        k.str("esp")
+            .str(&rootfs_key)
+            .str(&cmdline)
+            .str(&release)
+            .bytes(&initrd_bytes)
+            .str(&esp_size.to_string());
         for m in &spec.kernel.initrd_modules {
             k.str(m);
         }
         k.finish()
     };
     let esp_dir = cache.entry("esp", &esp_key);
-    let volume_id = u32::from_le_bytes(Guid::derive(&format!("{}:esp", spec.image.name)).bytes()[..4].try_into().unwrap_or([0; 4]));
-    cached_dir(&progress, "esp", &esp_dir, |d| {
-        format!("UKI {}", progress::bytes(fs::metadata(d.join("uki.efi")).map(|m| m.len()).unwrap_or(0)))
-    }, |tmp| {
-        fs::create_dir_all(tmp).map_err(io_err("creating", tmp))?;
-        let initramfs = uki::initramfs(&rootfs_dir, &kver, &initrd_bin, &spec.kernel.initrd_modules, spec.image.source_date_epoch)?;
-        let stub_path = rootfs_dir.join(STUB);
-        let stub = fs::read(&stub_path).map_err(io_err("reading the EFI stub (is systemd-boot-efi in debian.packages?)", &stub_path))?;
-        let kernel_path = rootfs_dir.join("boot").join(format!("vmlinuz-{kver}"));
-        let kernel = fs::read(&kernel_path).map_err(io_err("reading", &kernel_path))?;
-        let os_release_path = rootfs_dir.join("usr/lib/os-release");
-        let mut os_release = fs::read_to_string(&os_release_path).map_err(io_err("reading", &os_release_path))?;
-        os_release.push_str(&format!("IMAGE_ID={}\nIMAGE_VERSION={}\n", spec.image.name, spec.image.version));
-        let image = uki::add_sections(
-            &stub,
-            &[
-                (".osrel", os_release.as_bytes()),
-                (".cmdline", cmdline.as_bytes()),
-                (".uname", kver.as_bytes()),
-                (".initrd", &initramfs),
-                (".linux", &kernel),
-            ],
-            &stub_path,
-        )?;
-        let uki_path = tmp.join("uki.efi");
-        fs::write(&uki_path, &image).map_err(io_err("writing", &uki_path))?;
-        let esp_img = esp::build(esp_size, volume_id, &image)?;
-        let esp_path = tmp.join("esp.img");
-        fs::write(&esp_path, esp_img).map_err(io_err("writing", &esp_path))?;
-        Ok(())
-    })?;
+    let volume_id = u32::from_le_bytes(
+        Guid::derive(&format!("{}:esp", spec.image.name)).bytes()[..4]
+            .try_into()
+            .unwrap_or([0; 4]),
+    );
+    cached_dir(
+        &progress,
+        "esp",
+        &esp_dir,
+        |d| {
+            format!(
+                "UKI {}",
+                progress::bytes(
+                    fs::metadata(d.join("uki.efi"))
+                        .map(|m| m.len())
+                        .unwrap_or(0)
+                )
+            )
+        },
+        |tmp| {
+            fs::create_dir_all(tmp).map_err(io_err("creating", tmp))?;
+            let initramfs = uki::initramfs(
+                &rootfs_dir,
+                &kver,
+                &initrd_bin,
+                &spec.kernel.initrd_modules,
+                spec.image.source_date_epoch,
+            )?;
+            let stub_path = rootfs_dir.join(STUB);
+            let stub = fs::read(&stub_path).map_err(io_err(
+                "reading the EFI stub (is systemd-boot-efi in debian.packages?)",
+                &stub_path,
+            ))?;
+            let kernel_path = rootfs_dir.join("boot").join(format!("vmlinuz-{kver}"));
+            let kernel = fs::read(&kernel_path).map_err(io_err("reading", &kernel_path))?;
+            let os_release_path = rootfs_dir.join("usr/lib/os-release");
+            let mut os_release = fs::read_to_string(&os_release_path)
+                .map_err(io_err("reading", &os_release_path))?;
+            os_release.push_str(&format!(
+                "IMAGE_ID={}\nIMAGE_VERSION={}\n",
+                spec.image.name, spec.image.version
+            ));
+            let image = uki::add_sections(
+                &stub,
+                &[
+                    (".osrel", os_release.as_bytes()),
+                    (".cmdline", cmdline.as_bytes()),
+                    (".uname", kver.as_bytes()),
+                    (".initrd", &initramfs),
+                    (".linux", &kernel),
+                ],
+                &stub_path,
+            )?;
+            let uki_path = tmp.join("uki.efi");
+            fs::write(&uki_path, &image).map_err(io_err("writing", &uki_path))?;
+            let esp_img = esp::build(esp_size, volume_id, &image)?;
+            let esp_path = tmp.join("esp.img");
+            fs::write(&esp_path, esp_img).map_err(io_err("writing", &esp_path))?;
+            Ok(())
+        },
+    )?;
     let esp_image = esp_dir.join("esp.img");
     let uki_size = sized(&esp_dir.join("uki.efi"))?;
 
@@ -450,13 +590,38 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     let disk_path = args.out.join("disk.raw");
     let qcow2_path = args.out.join("disk.qcow2");
     let disk_size = spec.image.disk_size_gib << 30;
-    let id = |what: &str| Guid::derive(&format!("{}:{}:{what}", spec.image.name, spec.image.version));
+    let id = |what: &str| {
+        Guid::derive(&format!(
+            "{}:{}:{what}",
+            spec.image.name, spec.image.version
+        ))
+    };
     let guid = |s: &str| Guid::parse(s).unwrap_or(Guid::derive(s));
     let contents = [
-        (layout::ESP_LABEL, layout::ESP_TYPE, esp_image.as_path(), esp_size),
-        (layout::ROOT_LABEL, layout::ROOT_X86_64_TYPE, root_image.as_path(), sized(&root_image)?),
-        (layout::VERITY_LABEL, layout::ROOT_X86_64_VERITY_TYPE, verity_image.as_path(), sized(&verity_image)?),
-        (layout::VAR_LABEL, layout::VAR_TYPE, var_image.as_path(), var_mib << 20),
+        (
+            layout::ESP_LABEL,
+            layout::ESP_TYPE,
+            esp_image.as_path(),
+            esp_size,
+        ),
+        (
+            layout::ROOT_LABEL,
+            layout::ROOT_X86_64_TYPE,
+            root_image.as_path(),
+            sized(&root_image)?,
+        ),
+        (
+            layout::VERITY_LABEL,
+            layout::ROOT_X86_64_VERITY_TYPE,
+            verity_image.as_path(),
+            sized(&verity_image)?,
+        ),
+        (
+            layout::VAR_LABEL,
+            layout::VAR_TYPE,
+            var_image.as_path(),
+            var_mib << 20,
+        ),
     ];
     let parts: Vec<gpt::Partition<'_>> = contents
         .iter()
@@ -473,13 +638,19 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
         let placed = gpt::write(&disk_path, disk_guid, &parts, disk_size)?;
         let regions: Vec<(u64, u64)> = placed.iter().map(|p| (p.offset(), p.size())).collect();
         let (disk_sha, part_shas) = hash_disk(&disk_path, &regions)?;
-        let note = format!("{} GiB, sha256 {}", spec.image.disk_size_gib, &disk_sha[..16]);
+        let note = format!(
+            "{} GiB, sha256 {}",
+            spec.image.disk_size_gib,
+            &disk_sha[..16]
+        );
         Ok::<_, BuildError>(((placed, disk_sha, part_shas), Outcome::built(note)))
     })?;
     progress.stage("qcow2", || {
         let _ = fs::remove_file(&qcow2_path);
         let mut cmd = tools::command(tools::QEMU_IMG)?;
-        cmd.args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&disk_path).arg(&qcow2_path);
+        cmd.args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&disk_path)
+            .arg(&qcow2_path);
         tools::run(&mut cmd)?;
         Ok::<_, BuildError>(((), Outcome::built(progress::bytes(sized(&qcow2_path)?))))
     })?;
@@ -488,21 +659,27 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
         .iter()
         .zip(&contents)
         .zip(part_shas)
-        .map(|((p, (label, ty, _, content_size)), sha256)| PartitionInfo {
-            label: (*label).to_owned(),
-            type_guid: (*ty).to_owned(),
-            guid: id(label).to_string(),
-            offset: p.offset(),
-            size: p.size(),
-            content_size: *content_size,
-            sha256,
-        })
+        .map(
+            |((p, (label, ty, _, content_size)), sha256)| PartitionInfo {
+                label: (*label).to_owned(),
+                type_guid: (*ty).to_owned(),
+                guid: id(label).to_string(),
+                offset: p.offset(),
+                size: p.size(),
+                content_size: *content_size,
+                sha256,
+            },
+        )
         .collect();
     let manifest = Manifest {
         name: spec.image.name.clone(),
         version: spec.image.version.clone(),
         inputs,
-        disk: FileDigest { file: "disk.raw".into(), size: disk_size, sha256: disk_sha },
+        disk: FileDigest {
+            file: "disk.raw".into(),
+            size: disk_size,
+            sha256: disk_sha,
+        },
         qcow2: file_digest(&qcow2_path)?,
         disk_guid: disk_guid.to_string(),
         partitions,
@@ -519,7 +696,11 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
         packages: lock
             .packages
             .iter()
-            .map(|p| PackageInfo { name: p.name.clone(), version: p.version.clone(), sha256: p.sha256.clone() })
+            .map(|p| PackageInfo {
+                name: p.name.clone(),
+                version: p.version.clone(),
+                sha256: p.sha256.clone(),
+            })
             .collect(),
         stages: progress.timings(),
         total_seconds: progress.elapsed(),

@@ -29,7 +29,11 @@ pub enum RootfsError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RootfsError + 'a {
-    move |source| RootfsError::Io { what, path: path.to_owned(), source }
+    move |source| RootfsError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Paths removed from the installed tree: host leftovers, caches, logs, and
@@ -45,13 +49,20 @@ const REMOVE: &[&str] = &[
     "var/cache/debconf/templates.dat-old",
 ];
 /// Directories emptied (kept, as packages own them).
-const EMPTY: &[&str] = &["var/log", "var/cache/apt", "var/lib/apt/lists", "tmp", "var/tmp", "boot"];
+const EMPTY: &[&str] = &[
+    "var/log",
+    "var/cache/apt",
+    "var/lib/apt/lists",
+    "tmp",
+    "var/tmp",
+];
 
 /// Installs the locked packages from `repo` into `dest` (which must not exist).
 pub fn install(spec: &Spec, lock: &Lock, repo: &Path, dest: &Path) -> Result<(), RootfsError> {
     let names: Vec<&str> = lock.packages.iter().map(|p| p.name.as_str()).collect();
     let mut cmd = lock::mmdebstrap(spec)?;
-    cmd.arg("--variant=custom").arg(format!("--include={}", names.join(",")));
+    cmd.arg("--variant=custom")
+        .arg(format!("--include={}", names.join(",")));
     for pattern in &spec.debian.exclude {
         cmd.arg(format!("--dpkgopt=path-exclude={pattern}"));
     }
@@ -65,7 +76,9 @@ pub fn install(spec: &Spec, lock: &Lock, repo: &Path, dest: &Path) -> Result<(),
 }
 
 fn remove_children(dir: &Path) -> io::Result<()> {
-    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
     for e in entries.flatten() {
         let p = e.path();
         if e.file_type()?.is_dir() {
@@ -100,7 +113,8 @@ pub fn clamp_mtimes(root: &Path, epoch: u64) -> Result<(), RootfsError> {
     let t = FileTime::from_unix_time(epoch as i64, 0);
     for entry in walkdir::WalkDir::new(root).contents_first(true) {
         let entry = entry.map_err(|e| io_err("walking", root)(e.into()))?;
-        filetime::set_symlink_file_times(entry.path(), t, t).map_err(io_err("setting times on", entry.path()))?;
+        filetime::set_symlink_file_times(entry.path(), t, t)
+            .map_err(io_err("setting times on", entry.path()))?;
     }
     Ok(())
 }
@@ -176,7 +190,10 @@ impl Overlay {
             let unit_dir = PathBuf::from("usr/lib/systemd/system");
             if let Some(name) = rel.file_name().map(|n| n.to_string_lossy().into_owned()) {
                 for target in wanted_by(&text) {
-                    links.push((unit_dir.join(format!("{target}.wants")).join(&name), format!("../{name}")));
+                    links.push((
+                        unit_dir.join(format!("{target}.wants")).join(&name),
+                        format!("../{name}"),
+                    ));
                 }
             }
             files.push((unit_dir.join(rel), src, 0o644));
@@ -184,16 +201,26 @@ impl Overlay {
         let manifests = spec_dir.join(&spec.overlay.manifests);
         for src in files_under(&manifests)? {
             let rel = src.strip_prefix(&manifests).unwrap_or(&src).to_owned();
-            files.push((PathBuf::from("usr/share/slipway/manifests").join(rel), src, 0o644));
+            files.push((
+                PathBuf::from("usr/share/slipway/manifests").join(rel),
+                src,
+                0o644,
+            ));
         }
-        Ok(Self { files, links, dirs: vec![(PathBuf::from("srv/kubernetes"), 0o700)] })
+        Ok(Self {
+            files,
+            links,
+            dirs: vec![(PathBuf::from("srv/kubernetes"), 0o700)],
+        })
     }
 
     /// Feeds every overlay input into a cache key.
     pub fn key(&self, k: &mut crate::cache::Key) -> Result<(), RootfsError> {
         for (dest, src, mode) in &self.files {
             let data = fs::read(src).map_err(io_err("reading", src))?;
-            k.str(&dest.to_string_lossy()).str(&mode.to_string()).bytes(&data);
+            k.str(&dest.to_string_lossy())
+                .str(&mode.to_string())
+                .bytes(&data);
         }
         for (link, target) in &self.links {
             k.str(&link.to_string_lossy()).str(target);
@@ -221,9 +248,14 @@ impl Overlay {
         for (dir, mode) in &self.dirs {
             let p = root.join(dir);
             fs::create_dir_all(&p).map_err(io_err("creating", &p))?;
-            fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).map_err(io_err("chmod", &p))?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(*mode))
+                .map_err(io_err("chmod", &p))?;
         }
-        replace_file(&root.join("usr/lib/slipway/release"), release.as_bytes(), 0o644)
+        replace_file(
+            &root.join("usr/lib/slipway/release"),
+            release.as_bytes(),
+            0o644,
+        )
     }
 }
 
@@ -235,7 +267,14 @@ mod tests {
     fn normalise_removes_identity_and_clamps_times() {
         let root = tempfile::tempdir().unwrap();
         let r = root.path();
-        for d in ["etc", "var/log/apt", "var/lib/apt/lists", "tmp", "var/tmp", "boot", "var/cache/apt"] {
+        for d in [
+            "etc",
+            "var/log/apt",
+            "var/lib/apt/lists",
+            "tmp",
+            "var/tmp",
+            "var/cache/apt",
+        ] {
             fs::create_dir_all(r.join(d)).unwrap();
         }
         fs::write(r.join("etc/hostname"), "buildhost\n").unwrap();
@@ -247,7 +286,10 @@ mod tests {
         assert_eq!(fs::read(r.join("etc/machine-id")).unwrap(), b"");
         assert!(r.join("var/log").exists() && !r.join("var/log/apt").exists());
         let m = fs::metadata(r.join("etc/keep")).unwrap();
-        assert_eq!(FileTime::from_last_modification_time(&m).unix_seconds(), 1000);
+        assert_eq!(
+            FileTime::from_last_modification_time(&m).unix_seconds(),
+            1000
+        );
     }
 
     #[test]
@@ -262,18 +304,33 @@ mod tests {
         fs::write(&src, "new").unwrap();
         let overlay = Overlay {
             files: vec![(PathBuf::from("usr/bin/tool"), src, 0o755)],
-            links: vec![(PathBuf::from("etc/x.wants/u.service"), "../u.service".into())],
+            links: vec![(
+                PathBuf::from("etc/x.wants/u.service"),
+                "../u.service".into(),
+            )],
             dirs: vec![(PathBuf::from("srv/kubernetes"), 0o700)],
         };
         overlay.apply(&work, "v1").unwrap();
-        assert_eq!(fs::read_to_string(work.join("usr/bin/tool")).unwrap(), "new");
-        assert_eq!(fs::read_to_string(base.join("usr/bin/tool")).unwrap(), "old");
-        let mode = fs::metadata(work.join("srv/kubernetes")).unwrap().permissions().mode();
+        assert_eq!(
+            fs::read_to_string(work.join("usr/bin/tool")).unwrap(),
+            "new"
+        );
+        assert_eq!(
+            fs::read_to_string(base.join("usr/bin/tool")).unwrap(),
+            "old"
+        );
+        let mode = fs::metadata(work.join("srv/kubernetes"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
     }
 
     #[test]
     fn wanted_by_lists_targets() {
-        assert_eq!(wanted_by("[Install]\nWantedBy=multi-user.target local-fs.target\n"), ["multi-user.target", "local-fs.target"]);
+        assert_eq!(
+            wanted_by("[Install]\nWantedBy=multi-user.target local-fs.target\n"),
+            ["multi-user.target", "local-fs.target"]
+        );
     }
 }

@@ -27,7 +27,11 @@ pub enum UkiError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> UkiError + 'a {
-    move |source| UkiError::Io { what, path: path.to_owned(), source }
+    move |source| UkiError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// The single kernel version installed in `root`.
@@ -54,10 +58,16 @@ fn module_name(path: &str) -> String {
 /// Module files (relative to the kernel's module directory) for `wanted`
 /// and everything they depend on, dependencies first. Built-in modules
 /// need nothing.
-pub fn resolve_modules(modules_dep: &str, builtin: &str, wanted: &[String]) -> Result<Vec<String>, UkiError> {
+pub fn resolve_modules(
+    modules_dep: &str,
+    builtin: &str,
+    wanted: &[String],
+) -> Result<Vec<String>, UkiError> {
     let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
     for line in modules_dep.lines() {
-        let Some((file, rest)) = line.split_once(':') else { continue };
+        let Some((file, rest)) = line.split_once(':') else {
+            continue;
+        };
         let requires = rest.split_whitespace().map(str::to_owned).collect();
         deps.insert(module_name(file), (file.to_owned(), requires));
     }
@@ -95,7 +105,13 @@ pub fn resolve_modules(modules_dep: &str, builtin: &str, wanted: &[String]) -> R
 
 /// Builds the initramfs: `/init`, the device nodes it needs before devtmpfs,
 /// and the modules in load order.
-pub fn initramfs(root: &Path, kver: &str, init_bin: &Path, modules: &[String], mtime: u64) -> Result<Vec<u8>, UkiError> {
+pub fn initramfs(
+    root: &Path,
+    kver: &str,
+    init_bin: &Path,
+    modules: &[String],
+    mtime: u64,
+) -> Result<Vec<u8>, UkiError> {
     let moddir = root.join("usr/lib/modules").join(kver);
     let read = |p: &Path| fs::read(p).map_err(io_err("reading", p));
     let dep_path = moddir.join("modules.dep");
@@ -113,12 +129,20 @@ pub fn initramfs(root: &Path, kver: &str, init_bin: &Path, modules: &[String], m
     let mut order = String::new();
     for f in &files {
         let name = f.rsplit('/').next().unwrap_or(f);
-        c.file(&format!("lib/modules/{name}"), 0o644, &read(&moddir.join(f))?);
+        c.file(
+            &format!("lib/modules/{name}"),
+            0o644,
+            &read(&moddir.join(f))?,
+        );
         order.push_str(name);
         order.push('\n');
     }
     let dir = layout::INITRD_MODULE_DIR.trim_start_matches('/');
-    c.file(&format!("{dir}/{}", layout::INITRD_LOAD_ORDER), 0o644, order.as_bytes());
+    c.file(
+        &format!("{dir}/{}", layout::INITRD_LOAD_ORDER),
+        0o644,
+        order.as_bytes(),
+    );
     Ok(c.finish())
 }
 
@@ -133,8 +157,15 @@ fn put_u32(b: &mut [u8], o: usize, v: u32) {
 }
 
 /// Appends `sections` (name, contents) to the PE image `stub`.
-pub fn add_sections(stub: &[u8], sections: &[(&str, &[u8])], stub_path: &Path) -> Result<Vec<u8>, UkiError> {
-    let bad = |problem: &str| UkiError::Stub { path: stub_path.to_owned(), problem: problem.to_owned() };
+pub fn add_sections(
+    stub: &[u8],
+    sections: &[(&str, &[u8])],
+    stub_path: &Path,
+) -> Result<Vec<u8>, UkiError> {
+    let bad = |problem: &str| UkiError::Stub {
+        path: stub_path.to_owned(),
+        problem: problem.to_owned(),
+    };
     if stub.len() < 0x40 || &stub[..2] != b"MZ" {
         return Err(bad("not a PE image (no MZ header)"));
     }
@@ -193,8 +224,16 @@ pub fn add_sections(stub: &[u8], sections: &[(&str, &[u8])], stub_path: &Path) -
     }
     let total = nsections + sections.len();
     out[coff + 2..coff + 4].copy_from_slice(&(total as u16).to_le_bytes());
-    put_u32(&mut out, opt + 8, u32::try_from(init_data).map_err(|_| bad("image too large"))?);
-    put_u32(&mut out, opt + 56, u32::try_from(next_va).map_err(|_| bad("image too large"))?);
+    put_u32(
+        &mut out,
+        opt + 8,
+        u32::try_from(init_data).map_err(|_| bad("image too large"))?,
+    );
+    put_u32(
+        &mut out,
+        opt + 56,
+        u32::try_from(next_va).map_err(|_| bad("image too large"))?,
+    );
     put_u32(&mut out, opt + 64, 0); // checksum: unused by UEFI
     Ok(out)
 }
@@ -207,7 +246,12 @@ mod tests {
 
     #[test]
     fn modules_come_with_dependencies_first() {
-        let got = resolve_modules(DEP, "kernel/fs/ext4/ext4.ko\n", &["dm-verity".into(), "erofs".into(), "ext4".into()]).unwrap();
+        let got = resolve_modules(
+            DEP,
+            "kernel/fs/ext4/ext4.ko\n",
+            &["dm-verity".into(), "erofs".into(), "ext4".into()],
+        )
+        .unwrap();
         assert_eq!(
             got,
             [
@@ -248,7 +292,12 @@ mod tests {
     #[test]
     fn sections_are_appended_aligned() {
         let pe = tiny_pe();
-        let out = add_sections(&pe, &[(".cmdline", b"ro quiet"), (".linux", &[7u8; 5000])], Path::new("stub")).unwrap();
+        let out = add_sections(
+            &pe,
+            &[(".cmdline", b"ro quiet"), (".linux", &[7u8; 5000])],
+            Path::new("stub"),
+        )
+        .unwrap();
         let coff = 0x84;
         assert_eq!(u16_at(&out, coff + 2), 3);
         let table = coff + 20 + 0xf0;

@@ -34,7 +34,11 @@ pub enum LockError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LockError + 'a {
-    move |source| LockError::Io { what, path: path.to_owned(), source }
+    move |source| LockError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,7 +113,11 @@ pub fn inputs_digest(spec: &Spec) -> String {
 
 /// The `pool/` path of a package, as Debian's archive lays it out.
 pub fn pool_path(name: &str, source: &str, version: &str, arch: &str) -> String {
-    let prefix = if source.starts_with("lib") && source.len() > 3 { &source[..4] } else { &source[..1] };
+    let prefix = if source.starts_with("lib") && source.len() > 3 {
+        &source[..4]
+    } else {
+        &source[..1]
+    };
     let upstream = version.split_once(':').map_or(version, |(_, v)| v);
     format!("pool/main/{prefix}/{source}/{name}_{upstream}_{arch}.deb")
 }
@@ -133,7 +141,9 @@ pub fn parse_status(text: &str) -> Vec<Installed> {
     text.split("\n\n")
         .filter_map(|stanza| {
             let field = |key: &str| {
-                stanza.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(": ")))
+                stanza
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(": ")))
             };
             if !field("Status")?.ends_with(" installed") {
                 return None;
@@ -159,24 +169,42 @@ pub fn mmdebstrap(spec: &Spec) -> Result<Command, ToolError> {
     cmd.arg("--mode=unshare")
         .arg("--format=directory")
         .arg("--quiet")
-        .env("SOURCE_DATE_EPOCH", spec.image.source_date_epoch.to_string());
+        .env(
+            "SOURCE_DATE_EPOCH",
+            spec.image.source_date_epoch.to_string(),
+        );
     Ok(cmd)
 }
 
 /// Resolves the package set against `mirror` and fills the deb cache.
-pub fn resolve(spec: &Spec, mirror: &str, cache: &Cache, progress: &Progress) -> Result<Lock, LockError> {
+pub fn resolve(
+    spec: &Spec,
+    mirror: &str,
+    cache: &Cache,
+    progress: &Progress,
+) -> Result<Lock, LockError> {
     let work = cache.entry("tmp", &format!("lock-{}", std::process::id()));
     let debs = work.join("debs");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&debs).map_err(io_err("creating", &debs))?;
-    progress.note(&format!("resolving {} packages of {} from {mirror}", spec.debian.packages.len(), spec.debian.suite));
+    progress.note(&format!(
+        "resolving {} packages of {} from {mirror}",
+        spec.debian.packages.len(),
+        spec.debian.suite
+    ));
     let result = (|| {
         let mut cmd = mmdebstrap(spec)?;
         cmd.arg(format!("--variant={}", spec.debian.variant))
             .arg(format!("--include={}", spec.debian.packages.join(",")))
             .arg("--skip=cleanup/apt/cache,essential/unlink")
-            .arg(format!("--customize-hook=sync-out /var/cache/apt/archives {}", debs.display()))
-            .arg(format!("--customize-hook=copy-out /var/lib/dpkg/status {}", work.display()))
+            .arg(format!(
+                "--customize-hook=sync-out /var/cache/apt/archives {}",
+                debs.display()
+            ))
+            .arg(format!(
+                "--customize-hook=copy-out /var/lib/dpkg/status {}",
+                work.display()
+            ))
             .arg(&spec.debian.suite)
             .arg(work.join("root"))
             .arg(mirror);
@@ -187,7 +215,10 @@ pub fn resolve(spec: &Spec, mirror: &str, cache: &Cache, progress: &Progress) ->
         for p in parse_status(&status) {
             let file = debs.join(archive_name(&p.name, &p.version, &p.arch));
             let meta = fs::metadata(&file).map_err(|_| {
-                LockError::Resolve(format!("{} {} is installed but its .deb was not kept", p.name, p.version))
+                LockError::Resolve(format!(
+                    "{} {} is installed but its .deb was not kept",
+                    p.name, p.version
+                ))
             })?;
             let locked = LockedPackage {
                 path: pool_path(&p.name, &p.source, &p.version, &p.arch),
@@ -201,7 +232,11 @@ pub fn resolve(spec: &Spec, mirror: &str, cache: &Cache, progress: &Progress) ->
             packages.push(locked);
         }
         packages.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Lock { inputs: inputs_digest(spec), suite: spec.debian.suite.clone(), packages })
+        Ok(Lock {
+            inputs: inputs_digest(spec),
+            suite: spec.debian.suite.clone(),
+            packages,
+        })
     })();
     let _ = fs::remove_dir_all(&work);
     result
@@ -225,7 +260,9 @@ pub struct Args {
 }
 
 pub fn lock_path(spec: &Path, explicit: Option<&Path>) -> PathBuf {
-    explicit.map(Path::to_path_buf).unwrap_or_else(|| spec.with_file_name("image.lock"))
+    explicit
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| spec.with_file_name("image.lock"))
 }
 
 pub fn run(args: &Args) -> Result<(), LockError> {
@@ -241,7 +278,11 @@ pub fn run(args: &Args) -> Result<(), LockError> {
     })?;
     let path = lock_path(&args.spec, args.lock.as_deref());
     lock.save(&path)?;
-    eprintln!("wrote {} ({} packages)", path.display(), lock.packages.len());
+    eprintln!(
+        "wrote {} ({} packages)",
+        path.display(),
+        lock.packages.len()
+    );
     Ok(())
 }
 
@@ -251,7 +292,10 @@ mod tests {
 
     #[test]
     fn pool_paths_follow_the_archive_layout() {
-        assert_eq!(pool_path("apt", "apt", "3.0.4", "amd64"), "pool/main/a/apt/apt_3.0.4_amd64.deb");
+        assert_eq!(
+            pool_path("apt", "apt", "3.0.4", "amd64"),
+            "pool/main/a/apt/apt_3.0.4_amd64.deb"
+        );
         assert_eq!(
             pool_path("libc6", "glibc", "2.41-12", "amd64"),
             "pool/main/g/glibc/libc6_2.41-12_amd64.deb"
@@ -264,7 +308,10 @@ mod tests {
             pool_path("conntrack", "conntrack-tools", "1:1.4.8-2", "amd64"),
             "pool/main/c/conntrack-tools/conntrack_1.4.8-2_amd64.deb"
         );
-        assert_eq!(pool_path("libxz", "libxz", "1", "all"), "pool/main/libx/libxz/libxz_1_all.deb");
+        assert_eq!(
+            pool_path("libxz", "libxz", "1", "all"),
+            "pool/main/libx/libxz/libxz_1_all.deb"
+        );
     }
 
     #[test]
@@ -296,6 +343,9 @@ mod tests {
         lock.save(&p).unwrap();
         assert_eq!(Lock::load(&p).unwrap(), lock);
         fs::write(&p, "garbage = [").unwrap();
-        assert!(Lock::load(&p).unwrap_err().to_string().contains("image.lock"));
+        assert!(Lock::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("image.lock"));
     }
 }

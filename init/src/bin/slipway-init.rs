@@ -9,6 +9,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws=warn,hyper=warn")),
         )
         .without_time()
+        .with_ansi(false)
         .with_target(false)
         .with_writer(std::io::stderr)
         .init();

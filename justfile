@@ -1,0 +1,85 @@
+# Every task a person or CI runs. `just --list` explains them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+cache := env_var_or_default("SLIPWAY_CACHE_DIR", env_var("HOME") + "/.cache/slipway")
+export SLIPWAY_CACHE_DIR := cache
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", cache + "/target")
+# Binaries that go into the image: static, so the initramfs needs no libraries.
+image_target := "x86_64-unknown-linux-gnu"
+image_bins := CARGO_TARGET_DIR / image_target / "release"
+builder := CARGO_TARGET_DIR / "release/image-builder"
+out := "out"
+
+# Host packages the build and the tests use (Debian names).
+host_packages := "mmdebstrap uidmap erofs-utils e2fsprogs qemu-utils qemu-system-x86 ovmf jq"
+
+default: build
+
+# Install the host packages the build and tests need (skips what is installed).
+deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=$(for p in {{host_packages}}; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'ok installed' || echo "$p"; done)
+    if [ -n "$missing" ]; then
+        echo "installing: $missing" >&2
+        sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+        $sudo apt-get update -q
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends $missing
+    fi
+
+# Compile the image builder and the binaries baked into the image.
+compile:
+    cargo build --release -p image-builder
+    RUSTFLAGS="-C target-feature=+crt-static --remap-path-prefix={{justfile_directory()}}=/slipway" \
+        cargo build --release -p slipway-init --target {{image_target}}
+
+# Build the default image into out/ (disk.raw, disk.qcow2, build-manifest.json).
+build: deps compile
+    {{builder}} build --spec image.toml --out {{out}} --bin-dir {{image_bins}}
+
+# Re-resolve the Debian package set and rewrite image.lock.
+lock: compile
+    {{builder}} lock --spec image.toml
+
+# Unit tests, then the QEMU boot and tamper tests against the built image.
+test: build
+    cargo test --workspace --exclude vm-tests
+    just vm-test
+
+# QEMU boot tests only (TCG; SLIPWAY_VM_ACCEL=kvm opts in to KVM).
+vm-test:
+    SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} cargo test -p vm-tests -- --nocapture --test-threads=2
+
+# Two builds from the same lock, separate caches and output directories, same disk sha256.
+repro: deps compile
+    #!/usr/bin/env bash
+    set -euo pipefail
+    work=$(mktemp -d "{{cache}}/repro.XXXXXX")
+    trap 'rm -rf "$work"' EXIT
+    mkdir -p "$work/a" "$work/b"
+    # Share only the downloaded packages; every stage is rebuilt from scratch.
+    for side in a b; do
+        mkdir -p "$work/$side/cache"
+        ln -s "{{cache}}/debs" "$work/$side/cache/debs"
+        {{builder}} build --spec image.toml --out "$work/$side/out" --bin-dir {{image_bins}} --cache-dir "$work/$side/cache"
+        sleep 2
+    done
+    a=$(jq -r .disk.sha256 "$work/a/out/build-manifest.json")
+    b=$(jq -r .disk.sha256 "$work/b/out/build-manifest.json")
+    echo "build a: $a"; echo "build b: $b"
+    [ "$a" = "$b" ] || { echo "NOT reproducible"; exit 1; }
+    echo "reproducible: both builds give disk sha256 $a"
+
+# Build timings (cold, overlay-only, no-op) stage by stage, and sizes.
+bench: deps compile
+    cargo run --release -q -p image-builder --example bench -- --builder {{builder}} --bin-dir {{image_bins}}
+
+# rustfmt and clippy, warnings as errors.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Remove build outputs (not the cache).
+clean:
+    rm -rf {{out}}
