@@ -234,7 +234,6 @@ pub fn write(
         ),
     )
     .map_err(io_err)?;
-    drop(put);
 
     for (p, at) in parts.iter().zip(&placed) {
         let Some(src) = p.content else { continue };
