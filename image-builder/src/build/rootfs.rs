@@ -103,6 +103,15 @@ pub fn normalise(root: &Path, epoch: u64) -> Result<(), RootfsError> {
         let p = root.join(rel);
         remove_children(&p).map_err(io_err("emptying", &p))?;
     }
+    // mmdebstrap leaves the build's own (local, temporary) repository here.
+    let sources = root.join("etc/apt/sources.list");
+    if sources.exists() {
+        fs::write(
+            &sources,
+            "# This image is immutable: its packages come from its build, not from apt.\n",
+        )
+        .map_err(io_err("writing", &sources))?;
+    }
     let machine_id = root.join("etc/machine-id");
     fs::write(&machine_id, b"").map_err(io_err("writing", &machine_id))?;
     clamp_mtimes(root, epoch)

@@ -1,0 +1,132 @@
+//! `just bench`: times a cold build (empty stage cache, package cache
+//! filled), an overlay-only rebuild (one unit file changed) and a no-op
+//! rebuild, stage by stage, and reports the sizes of root, ESP and disk.
+//! Runs the real `image-builder` binary against a scratch copy of the spec.
+
+use image_builder::build::Manifest;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()))?;
+        } else {
+            fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+fn build(
+    builder: &Path,
+    spec: &Path,
+    out: &Path,
+    bin_dir: &Path,
+    cache: &Path,
+) -> Result<(f64, Manifest), String> {
+    let t0 = Instant::now();
+    let status = Command::new(builder)
+        .arg("build")
+        .arg("--spec")
+        .arg(spec)
+        .arg("--out")
+        .arg(out)
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .arg("--cache-dir")
+        .arg(cache)
+        .status()
+        .map_err(|e| format!("running {}: {e}", builder.display()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(format!("build failed: {status}"));
+    }
+    let text = fs::read_to_string(out.join("build-manifest.json")).map_err(|e| e.to_string())?;
+    let m = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    Ok((secs, m))
+}
+
+fn main() -> Result<(), String> {
+    let builder = PathBuf::from(arg("--builder").ok_or("--builder PATH is required")?);
+    let bin_dir = PathBuf::from(arg("--bin-dir").ok_or("--bin-dir DIR is required")?);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let user_cache = image_builder::cache::Cache::locate(None);
+
+    let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let s = scratch.path();
+    for f in ["image.toml", "image.lock"] {
+        fs::copy(repo.join(f), s.join(f)).map_err(|e| format!("{f}: {e}"))?;
+    }
+    for d in ["units", "manifests"] {
+        copy_dir(&repo.join(d), &s.join(d)).map_err(|e| format!("{d}: {e}"))?;
+    }
+    // A fresh stage cache that shares only the downloaded packages.
+    let cache = s.join("cache");
+    fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
+    std::os::unix::fs::symlink(user_cache.root().join("debs"), cache.join("debs"))
+        .map_err(|e| e.to_string())?;
+    let spec = s.join("image.toml");
+    let out = s.join("out");
+
+    eprintln!("== cold build (package cache filled, no stage cached)");
+    let (cold, m_cold) = build(&builder, &spec, &out, &bin_dir, &cache)?;
+    let unit = s.join("units/slipway-init.service");
+    let mut text = fs::read_to_string(&unit).map_err(|e| e.to_string())?;
+    text.push_str("# bench: overlay change\n");
+    fs::write(&unit, text).map_err(|e| e.to_string())?;
+    eprintln!("== overlay-only rebuild (one unit changed)");
+    let (overlay, m_overlay) = build(&builder, &spec, &out, &bin_dir, &cache)?;
+    eprintln!("== no-op rebuild");
+    let (noop, _) = build(&builder, &spec, &out, &bin_dir, &cache)?;
+
+    println!("\n{:<18} {:>10} {:>14}", "stage", "cold (s)", "overlay (s)");
+    for t in &m_cold.stages {
+        let o = m_overlay.stages.iter().find(|x| x.stage == t.stage);
+        let o = o.map_or("-".to_owned(), |o| {
+            format!("{:.2}{}", o.seconds, if o.cached { " c" } else { "" })
+        });
+        println!("{:<18} {:>10.2} {:>14}", t.stage, t.seconds, o);
+    }
+    println!("{:<18} {:>10.2} {:>14.2}", "total (wall)", cold, overlay);
+    println!("no-op rebuild (wall): {noop:.2} s");
+    let part = |label: &str| {
+        m_cold
+            .partitions
+            .iter()
+            .find(|p| p.label == label)
+            .map_or(0, |p| p.content_size)
+    };
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "\nroot tree (files): {:.1} MiB",
+        mib(m_cold.root_tree_bytes)
+    );
+    println!("root EROFS:        {:.1} MiB", mib(part("slipway-root")));
+    println!(
+        "verity tree:       {:.1} MiB",
+        mib(part("slipway-root-verity"))
+    );
+    println!(
+        "UKI:               {:.1} MiB (ESP {:.0} MiB)",
+        mib(m_cold.uki_size),
+        mib(part("esp"))
+    );
+    println!(
+        "disk:              {:.0} MiB raw, {:.1} MiB qcow2",
+        mib(m_cold.disk.size),
+        mib(m_cold.qcow2.size)
+    );
+    Ok(())
+}
