@@ -249,7 +249,6 @@ pub fn write(
         f.seek(SeekFrom::Start(at.offset())).map_err(io_err)?;
         copy_sparse(&mut input, &mut f).map_err(io_err)?;
     }
-    f.sync_all().map_err(io_err)?;
     Ok(placed)
 }
 
