@@ -4,6 +4,7 @@
 //! packages, so a build never sees a version the lock does not name.
 
 use crate::cache::{self, Cache};
+use crate::fsio;
 use crate::lock::{Lock, LockedPackage};
 use crate::tools::{self, ToolError};
 use std::fs;
@@ -24,23 +25,10 @@ pub enum DebianError {
         actual: String,
         source_desc: String,
     },
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::fsio::PathError),
     #[error(transparent)]
     Tool(#[from] ToolError),
-}
-
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DebianError + 'a {
-    move |source| DebianError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// The first Debian archive URI in apt's configuration under `etc_apt`
@@ -105,7 +93,7 @@ pub fn cached_deb(cache: &Cache, pkg: &LockedPackage) -> PathBuf {
 
 /// Puts `src` into the cache after checking its digest against the lock.
 pub fn adopt(cache: &Cache, pkg: &LockedPackage, src: &Path) -> Result<PathBuf, DebianError> {
-    let actual = cache::sha256_file(src).map_err(io_err("hashing", src))?;
+    let actual = cache::sha256_file(src).map_err(fsio::at("hashing", src))?;
     if actual != pkg.sha256 {
         return Err(DebianError::Digest {
             package: pkg.name.clone(),
@@ -117,11 +105,11 @@ pub fn adopt(cache: &Cache, pkg: &LockedPackage, src: &Path) -> Result<PathBuf, 
     }
     let dest = cached_deb(cache, pkg);
     let dir = dest.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
     if fs::hard_link(src, &dest).is_err() && !dest.exists() {
         let tmp = Cache::temp_for(&dest);
-        fs::copy(src, &tmp).map_err(io_err("copying into the cache", &tmp))?;
-        fs::rename(&tmp, &dest).map_err(io_err("renaming", &dest))?;
+        fs::copy(src, &tmp).map_err(fsio::at("copying into the cache", &tmp))?;
+        fs::rename(&tmp, &dest).map_err(fsio::at("renaming", &dest))?;
     }
     Ok(dest)
 }
@@ -153,21 +141,21 @@ pub fn fetch_missing(
         ));
         let dest = cached_deb(cache, pkg);
         let dir = dest.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+        fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
         let tmp = Cache::temp_for(&dest);
         if let Some(local) = url.strip_prefix("file://") {
-            fs::copy(local, &tmp).map_err(io_err("copying", Path::new(local)))?;
+            fs::copy(local, &tmp).map_err(fsio::at("copying", Path::new(local)))?;
         } else {
             let resp = agent.get(&url).call().map_err(|e| DebianError::Download {
                 url: url.clone(),
                 message: e.to_string(),
             })?;
-            let mut out = fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
+            let mut out = fs::File::create(&tmp).map_err(fsio::at("creating", &tmp))?;
             io::copy(&mut resp.into_reader(), &mut out).map_err(|e| DebianError::Download {
                 url: url.clone(),
                 message: e.to_string(),
             })?;
-            out.flush().map_err(io_err("writing", &tmp))?;
+            out.flush().map_err(fsio::at("writing", &tmp))?;
         }
         let result = adopt(cache, pkg, &tmp);
         let _ = fs::remove_file(&tmp);
@@ -200,7 +188,7 @@ pub fn local_repo(cache: &Cache, lock: &Lock) -> Result<PathBuf, DebianError> {
     }
     let tmp = Cache::temp_for(&dir);
     let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp).map_err(io_err("creating", &tmp))?;
+    fs::create_dir_all(&tmp).map_err(fsio::at("creating", &tmp))?;
     let mut index = String::new();
     for pkg in &lock.packages {
         let file = pkg.path.rsplit('/').next().unwrap_or(&pkg.path).to_owned();
@@ -208,7 +196,7 @@ pub fn local_repo(cache: &Cache, lock: &Lock) -> Result<PathBuf, DebianError> {
         let dest = tmp.join(&file);
         fs::hard_link(&src, &dest)
             .or_else(|_| fs::copy(&src, &dest).map(drop))
-            .map_err(io_err("linking", &src))?;
+            .map_err(fsio::at("linking", &src))?;
         let control = tools::run(tools::command(tools::DPKG_DEB)?.arg("--field").arg(&src))?;
         index.push_str(control.trim_end());
         index.push_str(&format!(
@@ -217,9 +205,9 @@ pub fn local_repo(cache: &Cache, lock: &Lock) -> Result<PathBuf, DebianError> {
         ));
     }
     let packages = tmp.join("Packages");
-    fs::write(&packages, index).map_err(io_err("writing", &packages))?;
+    fs::write(&packages, index).map_err(fsio::at("writing", &packages))?;
     let _ = fs::remove_dir_all(&dir);
-    fs::rename(&tmp, &dir).map_err(io_err("renaming", &dir))?;
+    fs::rename(&tmp, &dir).map_err(fsio::at("renaming", &dir))?;
     Ok(dir)
 }
 

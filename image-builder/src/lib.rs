@@ -4,6 +4,7 @@
 pub mod build;
 pub mod cache;
 pub mod debian;
+pub mod fsio;
 pub mod lock;
 pub mod progress;
 pub mod spec;

@@ -14,6 +14,7 @@ pub mod uki;
 
 use crate::cache::{self, Cache, Key};
 use crate::debian::{self, DebianError};
+use crate::fsio;
 use crate::lock::{self, Lock, LockError};
 use crate::progress::{self, Outcome, Progress, StageTiming};
 use crate::spec::{Spec, SpecError};
@@ -55,23 +56,10 @@ pub enum BuildError {
         #[source]
         source: verity::VerityError,
     },
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::fsio::PathError),
     #[error("{lock} does not match {spec} (its package list or suite changed); run `image-builder lock` to re-resolve")]
     StaleLock { lock: PathBuf, spec: PathBuf },
-}
-
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BuildError + 'a {
-    move |source| BuildError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// Arguments of `image-builder build`.
@@ -202,7 +190,7 @@ fn dir_size(root: &Path) -> u64 {
 }
 
 fn sized(path: &Path) -> Result<u64, BuildError> {
-    Ok(fs::metadata(path).map_err(io_err("reading", path))?.len())
+    Ok(fs::metadata(path).map_err(fsio::at("reading", path))?.len())
 }
 
 /// Runs a stage whose output is a cache directory: `make` fills a temporary
@@ -219,7 +207,7 @@ fn cached_dir(
             return Ok(((), Outcome::cached(note(dir))));
         }
         let parent = dir.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
+        fs::create_dir_all(parent).map_err(fsio::at("creating", parent))?;
         let tmp = Cache::temp_for(dir);
         let _ = fs::remove_dir_all(&tmp);
         let result = make(&tmp);
@@ -227,7 +215,7 @@ fn cached_dir(
             let _ = fs::remove_dir_all(&tmp);
         }
         result?;
-        fs::rename(&tmp, dir).map_err(io_err("renaming", dir))?;
+        fs::rename(&tmp, dir).map_err(fsio::at("renaming", dir))?;
         Ok(((), Outcome::built(note(dir))))
     })
 }
@@ -239,13 +227,13 @@ fn verity_salt(spec: &Spec) -> Vec<u8> {
 
 /// Hashes the disk and every partition in one pass.
 fn hash_disk(disk: &Path, parts: &[(u64, u64)]) -> Result<(String, Vec<String>), BuildError> {
-    let mut f = fs::File::open(disk).map_err(io_err("reading", disk))?;
+    let mut f = fs::File::open(disk).map_err(fsio::at("reading", disk))?;
     let mut whole = Sha256::new();
     let mut each: Vec<Sha256> = parts.iter().map(|_| Sha256::new()).collect();
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(io_err("reading", disk))?;
+        let n = f.read(&mut buf).map_err(fsio::at("reading", disk))?;
         if n == 0 {
             break;
         }
@@ -275,7 +263,7 @@ fn file_digest(path: &Path) -> Result<FileDigest, BuildError> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         size: sized(path)?,
-        sha256: cache::sha256_file(path).map_err(io_err("hashing", path))?,
+        sha256: cache::sha256_file(path).map_err(fsio::at("hashing", path))?,
     })
 }
 
@@ -283,15 +271,21 @@ fn file_digest(path: &Path) -> Result<FileDigest, BuildError> {
 fn up_to_date(out: &Path, inputs: &str) -> Option<Manifest> {
     let text = fs::read_to_string(out.join("build-manifest.json")).ok()?;
     let m: Manifest = serde_json::from_str(&text).ok()?;
-    let same_size =
-        |f: &FileDigest| fs::metadata(out.join(&f.file)).is_ok_and(|md| md.len() == f.size);
-    (m.inputs == inputs && same_size(&m.disk) && same_size(&m.qcow2)).then_some(m)
+    // The manifest is written last: an output changed after it is suspect.
+    let written = fs::metadata(out.join("build-manifest.json"))
+        .and_then(|md| md.modified())
+        .ok()?;
+    let intact = |f: &FileDigest| {
+        fs::metadata(out.join(&f.file))
+            .is_ok_and(|md| md.len() == f.size && md.modified().is_ok_and(|t| t <= written))
+    };
+    (m.inputs == inputs && intact(&m.disk) && intact(&m.qcow2)).then_some(m)
 }
 
 pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     let progress = Progress::new();
     let spec = Spec::load(&args.spec)?;
-    let spec_text = fs::read_to_string(&args.spec).map_err(io_err("reading", &args.spec))?;
+    let spec_text = fs::read_to_string(&args.spec).map_err(fsio::at("reading", &args.spec))?;
     let spec_dir = args
         .spec
         .parent()
@@ -403,7 +397,7 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
             )
         },
         |tmp| {
-            fs::create_dir_all(tmp).map_err(io_err("creating", tmp))?;
+            fs::create_dir_all(tmp).map_err(fsio::at("creating", tmp))?;
             let tree = tmp.join("tree");
             rootfs::link_copy(&rootfs_dir, &tree)?;
             overlay.apply(&tree, &release)?;
@@ -420,16 +414,16 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
                 .arg(&tree);
             tools::run(&mut cmd)?;
             let result = fs::remove_dir_all(&tree);
-            result.map_err(io_err("removing", &tree))?;
+            result.map_err(fsio::at("removing", &tree))?;
             // EROFS images are block-aligned already; verity needs whole blocks.
             let len = sized(&image)?;
             let f = fs::OpenOptions::new()
                 .write(true)
                 .open(&image)
-                .map_err(io_err("opening", &image))?;
+                .map_err(fsio::at("opening", &image))?;
             f.set_len(len.next_multiple_of(u64::from(verity::BLOCK_SIZE)))
-                .map_err(io_err("padding", &image))?;
-            let input = fs::File::open(&image).map_err(io_err("reading", &image))?;
+                .map_err(fsio::at("padding", &image))?;
+            let input = fs::File::open(&image).map_err(fsio::at("reading", &image))?;
             let tree = verity::build(io::BufReader::new(input), &salt, fs_uuid.bytes()).map_err(
                 |source| BuildError::Verity {
                     path: image.clone(),
@@ -437,19 +431,19 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
                 },
             )?;
             let hash_path = tmp.join("root.verity");
-            fs::write(&hash_path, &tree.device).map_err(io_err("writing", &hash_path))?;
+            fs::write(&hash_path, &tree.device).map_err(fsio::at("writing", &hash_path))?;
             let root_hash_path = tmp.join("roothash");
             fs::write(&root_hash_path, hex::encode(tree.root_hash))
-                .map_err(io_err("writing", &root_hash_path))?;
+                .map_err(fsio::at("writing", &root_hash_path))?;
             fs::write(tmp.join("tree-bytes"), root_tree_bytes.to_string())
-                .map_err(io_err("writing", tmp))?;
+                .map_err(fsio::at("writing", tmp))?;
             Ok(())
         },
     )?;
     let root_image = root_dir.join("root.erofs");
     let verity_image = root_dir.join("root.verity");
     let root_hash =
-        fs::read_to_string(root_dir.join("roothash")).map_err(io_err("reading", &root_dir))?;
+        fs::read_to_string(root_dir.join("roothash")).map_err(fsio::at("reading", &root_dir))?;
     if root_tree_bytes == 0 {
         root_tree_bytes = fs::read_to_string(root_dir.join("tree-bytes"))
             .ok()
@@ -477,7 +471,7 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
         &var_dir,
         |_| format!("{var_mib} MiB ext4"),
         |tmp| {
-            fs::create_dir_all(tmp).map_err(io_err("creating", tmp))?;
+            fs::create_dir_all(tmp).map_err(fsio::at("creating", tmp))?;
             let mut cmd = tools::command(tools::MKFS_EXT4)?;
             cmd.env(
                 "E2FSPROGS_FAKE_TIME",
@@ -541,7 +535,7 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
             )
         },
         |tmp| {
-            fs::create_dir_all(tmp).map_err(io_err("creating", tmp))?;
+            fs::create_dir_all(tmp).map_err(fsio::at("creating", tmp))?;
             let initramfs = uki::initramfs(
                 &rootfs_dir,
                 &kver,
@@ -550,15 +544,15 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
                 spec.image.source_date_epoch,
             )?;
             let stub_path = rootfs_dir.join(STUB);
-            let stub = fs::read(&stub_path).map_err(io_err(
+            let stub = fs::read(&stub_path).map_err(fsio::at(
                 "reading the EFI stub (is systemd-boot-efi in debian.packages?)",
                 &stub_path,
             ))?;
             let kernel_path = rootfs_dir.join("boot").join(format!("vmlinuz-{kver}"));
-            let kernel = fs::read(&kernel_path).map_err(io_err("reading", &kernel_path))?;
+            let kernel = fs::read(&kernel_path).map_err(fsio::at("reading", &kernel_path))?;
             let os_release_path = rootfs_dir.join("usr/lib/os-release");
             let mut os_release = fs::read_to_string(&os_release_path)
-                .map_err(io_err("reading", &os_release_path))?;
+                .map_err(fsio::at("reading", &os_release_path))?;
             os_release.push_str(&format!(
                 "IMAGE_ID={}\nIMAGE_VERSION={}\n",
                 spec.image.name, spec.image.version
@@ -575,10 +569,10 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
                 &stub_path,
             )?;
             let uki_path = tmp.join("uki.efi");
-            fs::write(&uki_path, &image).map_err(io_err("writing", &uki_path))?;
+            fs::write(&uki_path, &image).map_err(fsio::at("writing", &uki_path))?;
             let esp_img = esp::build(esp_size, volume_id, &image)?;
             let esp_path = tmp.join("esp.img");
-            fs::write(&esp_path, esp_img).map_err(io_err("writing", &esp_path))?;
+            fs::write(&esp_path, esp_img).map_err(fsio::at("writing", &esp_path))?;
             Ok(())
         },
     )?;
@@ -586,7 +580,7 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     let uki_size = sized(&esp_dir.join("uki.efi"))?;
 
     // The disk.
-    fs::create_dir_all(&args.out).map_err(io_err("creating", &args.out))?;
+    fs::create_dir_all(&args.out).map_err(fsio::at("creating", &args.out))?;
     let disk_path = args.out.join("disk.raw");
     let qcow2_path = args.out.join("disk.qcow2");
     let disk_size = spec.image.disk_size_gib << 30;
@@ -707,7 +701,7 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     };
     let manifest_path = args.out.join("build-manifest.json");
     let json = serde_json::to_string_pretty(&manifest).unwrap_or_default();
-    fs::write(&manifest_path, json + "\n").map_err(io_err("writing", &manifest_path))?;
+    fs::write(&manifest_path, json + "\n").map_err(fsio::at("writing", &manifest_path))?;
     eprintln!(
         "built {} {} in {:.1}s: {} (sha256 {}), root {} + verity {}, ESP {}",
         manifest.name,

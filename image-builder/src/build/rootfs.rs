@@ -3,6 +3,7 @@
 //! packages), normalised for reproducibility, then the workspace's overlay
 //! (binaries, units, manifests) laid over a hard-linked copy of it.
 
+use crate::fsio;
 use crate::lock::{self, Lock};
 use crate::spec::Spec;
 use crate::tools::{self, ToolError};
@@ -17,23 +18,10 @@ use std::process::Command;
 pub enum RootfsError {
     #[error(transparent)]
     Tool(#[from] ToolError),
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::fsio::PathError),
     #[error("overlay binary {path} does not exist; build it first (cargo build --release) or pass --bin-dir")]
     MissingBinary { path: PathBuf },
-}
-
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RootfsError + 'a {
-    move |source| RootfsError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// Paths removed from the installed tree: host leftovers, caches, logs, and
@@ -95,13 +83,15 @@ pub fn normalise(root: &Path, epoch: u64) -> Result<(), RootfsError> {
     for rel in REMOVE {
         let p = root.join(rel);
         match fs::remove_file(&p) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err("removing", &p)(e)),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(fsio::at("removing", &p)(e).into())
+            }
             _ => {}
         }
     }
     for rel in EMPTY {
         let p = root.join(rel);
-        remove_children(&p).map_err(io_err("emptying", &p))?;
+        remove_children(&p).map_err(fsio::at("emptying", &p))?;
     }
     // mmdebstrap leaves the build's own (local, temporary) repository here.
     let sources = root.join("etc/apt/sources.list");
@@ -110,10 +100,10 @@ pub fn normalise(root: &Path, epoch: u64) -> Result<(), RootfsError> {
             &sources,
             "# This image is immutable: its packages come from its build, not from apt.\n",
         )
-        .map_err(io_err("writing", &sources))?;
+        .map_err(fsio::at("writing", &sources))?;
     }
     let machine_id = root.join("etc/machine-id");
-    fs::write(&machine_id, b"").map_err(io_err("writing", &machine_id))?;
+    fs::write(&machine_id, b"").map_err(fsio::at("writing", &machine_id))?;
     clamp_mtimes(root, epoch)
 }
 
@@ -121,9 +111,9 @@ pub fn normalise(root: &Path, epoch: u64) -> Result<(), RootfsError> {
 pub fn clamp_mtimes(root: &Path, epoch: u64) -> Result<(), RootfsError> {
     let t = FileTime::from_unix_time(epoch as i64, 0);
     for entry in walkdir::WalkDir::new(root).contents_first(true) {
-        let entry = entry.map_err(|e| io_err("walking", root)(e.into()))?;
+        let entry = entry.map_err(|e| fsio::at("walking", root)(e.into()))?;
         filetime::set_symlink_file_times(entry.path(), t, t)
-            .map_err(io_err("setting times on", entry.path()))?;
+            .map_err(fsio::at("setting times on", entry.path()))?;
     }
     Ok(())
 }
@@ -141,14 +131,17 @@ pub fn link_copy(base: &Path, dest: &Path) -> Result<(), RootfsError> {
 /// Writes `data` at `path` as a new inode (never through a hard link).
 fn replace_file(path: &Path, data: &[u8], mode: u32) -> Result<(), RootfsError> {
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+        fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
     }
     match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err("replacing", path)(e)),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(fsio::at("replacing", path)(e).into())
+        }
         _ => {}
     }
-    fs::write(path, data).map_err(io_err("writing", path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", path))
+    fs::write(path, data).map_err(fsio::at("writing", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(fsio::at("chmod", path))?;
+    Ok(())
 }
 
 /// What the overlay puts into the image, resolved to host files.
@@ -164,7 +157,7 @@ pub struct Overlay {
 fn files_under(dir: &Path) -> Result<Vec<PathBuf>, RootfsError> {
     let mut out = Vec::new();
     for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
-        let e = e.map_err(|e| io_err("reading", dir)(e.into()))?;
+        let e = e.map_err(|e| fsio::at("reading", dir)(e.into()))?;
         if e.file_type().is_file() {
             out.push(e.path().to_owned());
         }
@@ -195,7 +188,7 @@ impl Overlay {
         let units = spec_dir.join(&spec.overlay.units);
         for src in files_under(&units)? {
             let rel = src.strip_prefix(&units).unwrap_or(&src).to_owned();
-            let text = fs::read_to_string(&src).map_err(io_err("reading", &src))?;
+            let text = fs::read_to_string(&src).map_err(fsio::at("reading", &src))?;
             let unit_dir = PathBuf::from("usr/lib/systemd/system");
             if let Some(name) = rel.file_name().map(|n| n.to_string_lossy().into_owned()) {
                 for target in wanted_by(&text) {
@@ -226,7 +219,7 @@ impl Overlay {
     /// Feeds every overlay input into a cache key.
     pub fn key(&self, k: &mut crate::cache::Key) -> Result<(), RootfsError> {
         for (dest, src, mode) in &self.files {
-            let data = fs::read(src).map_err(io_err("reading", src))?;
+            let data = fs::read(src).map_err(fsio::at("reading", src))?;
             k.str(&dest.to_string_lossy())
                 .str(&mode.to_string())
                 .bytes(&data);
@@ -243,22 +236,22 @@ impl Overlay {
     /// Lays the overlay over `root`.
     pub fn apply(&self, root: &Path, release: &str) -> Result<(), RootfsError> {
         for (dest, src, mode) in &self.files {
-            let data = fs::read(src).map_err(io_err("reading", src))?;
+            let data = fs::read(src).map_err(fsio::at("reading", src))?;
             replace_file(&root.join(dest), &data, *mode)?;
         }
         for (link, target) in &self.links {
             let p = root.join(link);
             if let Some(dir) = p.parent() {
-                fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+                fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
             }
             let _ = fs::remove_file(&p);
-            symlink(target, &p).map_err(io_err("linking", &p))?;
+            symlink(target, &p).map_err(fsio::at("linking", &p))?;
         }
         for (dir, mode) in &self.dirs {
             let p = root.join(dir);
-            fs::create_dir_all(&p).map_err(io_err("creating", &p))?;
+            fs::create_dir_all(&p).map_err(fsio::at("creating", &p))?;
             fs::set_permissions(&p, fs::Permissions::from_mode(*mode))
-                .map_err(io_err("chmod", &p))?;
+                .map_err(fsio::at("chmod", &p))?;
         }
         replace_file(
             &root.join("usr/lib/slipway/release"),

@@ -4,6 +4,7 @@
 //! as PE sections. Written in Rust so the bytes are ours and reproducible.
 
 use super::cpio::Cpio;
+use crate::fsio;
 use slipway_init::layout;
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -11,13 +12,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UkiError {
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::fsio::PathError),
     #[error("the root tree has {0} kernels under usr/lib/modules; expected exactly one")]
     Kernels(usize),
     #[error("kernel module {0:?} is neither in modules.dep nor built in")]
@@ -26,19 +22,11 @@ pub enum UkiError {
     Stub { path: PathBuf, problem: String },
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> UkiError + 'a {
-    move |source| UkiError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    }
-}
-
 /// The single kernel version installed in `root`.
 pub fn kernel_version(root: &Path) -> Result<String, UkiError> {
     let dir = root.join("usr/lib/modules");
     let versions: Vec<String> = fs::read_dir(&dir)
-        .map_err(io_err("listing", &dir))?
+        .map_err(fsio::at("listing", &dir))?
         .flatten()
         .filter(|e| e.path().join("modules.dep").exists())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -113,9 +101,9 @@ pub fn initramfs(
     mtime: u64,
 ) -> Result<Vec<u8>, UkiError> {
     let moddir = root.join("usr/lib/modules").join(kver);
-    let read = |p: &Path| fs::read(p).map_err(io_err("reading", p));
+    let read = |p: &Path| fs::read(p).map_err(fsio::at("reading", p));
     let dep_path = moddir.join("modules.dep");
-    let dep = fs::read_to_string(&dep_path).map_err(io_err("reading", &dep_path))?;
+    let dep = fs::read_to_string(&dep_path).map_err(fsio::at("reading", &dep_path))?;
     let builtin = fs::read_to_string(moddir.join("modules.builtin")).unwrap_or_default();
     let files = resolve_modules(&dep, &builtin, modules)?;
 
