@@ -54,6 +54,8 @@ pub fn install(spec: &Spec, lock: &Lock, repo: &Path, dest: &Path) -> Result<(),
     for pattern in &spec.debian.exclude {
         cmd.arg(format!("--dpkgopt=path-exclude={pattern}"));
     }
+    // The tree is thrown away if the build fails: no need for dpkg's fsyncs.
+    cmd.arg("--dpkgopt=force-unsafe-io");
     // The image's initramfs is ours; never let the kernel package build one.
     cmd.arg("--dpkgopt=path-exclude=/etc/kernel/postinst.d/initramfs-tools")
         .arg(&spec.debian.suite)
