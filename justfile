@@ -5,9 +5,11 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 cache := env_var_or_default("SLIPWAY_CACHE_DIR", env_var("HOME") + "/.cache/slipway")
 export SLIPWAY_CACHE_DIR := cache
 export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", cache + "/target")
-# Binaries that go into the image: static, so the initramfs needs no libraries.
+# Binaries that go into the image, built for an explicit target so their
+# RUSTFLAGS never invalidate the host build; paths inside them are neutral.
 image_target := "x86_64-unknown-linux-gnu"
-image_bins := CARGO_TARGET_DIR / image_target / "release"
+image_bins := CARGO_TARGET_DIR / "image-bins"
+remap := "--remap-path-prefix=" + justfile_directory() + "=/slipway"
 builder := CARGO_TARGET_DIR / "release/image-builder"
 out := "out"
 
@@ -27,12 +29,25 @@ deps:
         $sudo apt-get update -q
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends $missing
     fi
+    # moto, pinned, in a venv of its own (the local AWS the tests run against).
+    venv="{{cache}}/venv"
+    if ! cmp -s vm-tests/requirements.txt "$venv/.installed" 2>/dev/null; then
+        echo "installing $(cat vm-tests/requirements.txt) into $venv" >&2
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q -r vm-tests/requirements.txt
+        cp vm-tests/requirements.txt "$venv/.installed"
+    fi
 
 # Compile the image builder and the binaries baked into the image.
 compile:
     cargo build --release -p image-builder
-    RUSTFLAGS="-C target-feature=+crt-static --remap-path-prefix={{justfile_directory()}}=/slipway" \
-        cargo build --release -p slipway-init --target {{image_target}}
+    RUSTFLAGS="{{remap}}" cargo build --release -p slipway-init --bin slipway-init --target {{image_target}}
+    # The initramfs: static, and without the node features (no AWS, TLS or async).
+    RUSTFLAGS="-C target-feature=+crt-static {{remap}}" CARGO_TARGET_DIR={{CARGO_TARGET_DIR}}/initrd \
+        cargo build --release -p slipway-init --bin slipway-initrd --no-default-features --target {{image_target}}
+    mkdir -p {{image_bins}}
+    install -m 0755 {{CARGO_TARGET_DIR}}/{{image_target}}/release/slipway-init \
+        {{CARGO_TARGET_DIR}}/initrd/{{image_target}}/release/slipway-initrd {{image_bins}}/
 
 # Build the default image into out/ (disk.raw, disk.qcow2, build-manifest.json).
 build: deps compile
@@ -42,7 +57,7 @@ build: deps compile
 lock: compile
     {{builder}} lock --spec image.toml
 
-# Unit tests, then the QEMU boot and tamper tests against the built image.
+# Unit tests and integration tests against moto, then the QEMU boot and tamper tests.
 test: build
     cargo test --workspace --exclude vm-tests
     just vm-test

@@ -2,10 +2,20 @@
 //! root, and `slipway-init`, which runs on every boot and turns the generic
 //! image into a master or a node.
 
+#[cfg(feature = "node")]
+pub mod aws;
 pub mod bootcheck;
+#[cfg(feature = "node")]
+pub mod config;
 pub mod dm;
 pub mod initrd;
 pub mod layout;
+#[cfg(feature = "node")]
+pub mod pki;
+#[cfg(feature = "node")]
+pub mod retry;
+#[cfg(feature = "node")]
+pub mod steps;
 pub mod verity;
 
 use std::path::Path;

@@ -1,0 +1,526 @@
+//! The stack config: what the CloudFormation stack tells an instance about
+//! its cluster, as TOML in the launch template's user data (or a file).
+//! Parsing is strict and total: unknown keys, missing keys, wrong types,
+//! bad CIDRs or IDs and non-UTF-8 input are errors that name the problem,
+//! never panics.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+/// User data is at most 16 KiB on EC2; anything much larger is not ours.
+pub const MAX_CONFIG_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("stack config is {0} bytes; the limit is {MAX_CONFIG_BYTES}")]
+    TooLarge(usize),
+    #[error("stack config is empty")]
+    Empty,
+    #[error("stack config is not UTF-8 text (invalid byte at offset {0})")]
+    NotText(usize),
+    #[error("stack config: {0}")]
+    Syntax(String),
+    #[error("stack config: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+    #[error("stack config: `{key}` is required for a {role}")]
+    Missing { key: &'static str, role: Role },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Master,
+    Node,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Master => "master",
+            Role::Node => "node",
+        })
+    }
+}
+
+/// An IPv4 network in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// The `n`th address of the network (`n` = 1 is the first host).
+    pub fn nth(&self, n: u32) -> Option<Ipv4Addr> {
+        let size = 1u64 << (32 - u32::from(self.prefix));
+        (u64::from(n) < size).then(|| Ipv4Addr::from(u32::from(self.addr) + n))
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0)
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr)
+    }
+
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ip, prefix) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/n)"))?;
+        let addr: Ipv4Addr = ip
+            .parse()
+            .map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+        let prefix: u8 = prefix
+            .parse()
+            .map_err(|_| format!("{prefix:?} is not a prefix length"))?;
+        if prefix > 32 {
+            return Err(format!("prefix /{prefix} is longer than 32"));
+        }
+        let cidr = Cidr { addr, prefix };
+        if u32::from(addr) & cidr.mask() != u32::from(addr) {
+            return Err(format!("{s} has host bits set"));
+        }
+        Ok(cidr)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// The raw shape of the TOML, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    role: Role,
+    cluster_name: String,
+    secrets_bucket: String,
+    master_ip: String,
+    pod_cidr: String,
+    service_cidr: String,
+    master_eip_allocation: Option<String>,
+    master_volume: Option<String>,
+    region: Option<String>,
+    aws_endpoint: Option<String>,
+    signal_stack: Option<String>,
+    signal_resource: Option<String>,
+}
+
+/// Master-only settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterConfig {
+    pub eip_allocation: String,
+    pub volume_id: String,
+}
+
+/// Where to send CloudFormation's SignalResource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signal {
+    pub stack: String,
+    pub resource: String,
+}
+
+/// A validated stack config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackConfig {
+    pub role: Role,
+    pub cluster_name: String,
+    pub secrets_bucket: String,
+    /// The master's stable private IP: the API endpoint for kubelets.
+    pub master_ip: Ipv4Addr,
+    pub pod_cidr: Cidr,
+    pub service_cidr: Cidr,
+    pub master: Option<MasterConfig>,
+    pub region: Option<String>,
+    pub aws_endpoint: Option<String>,
+    pub signal: Option<Signal>,
+}
+
+fn check_id(key: &'static str, value: &str, prefix: &str) -> Result<(), ConfigError> {
+    let rest = value.strip_prefix(prefix).unwrap_or("");
+    let ok = (8..=17).contains(&rest.len())
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{value:?} is not an ID of the form {prefix}<8-17 lowercase hex digits>"),
+        ))
+    }
+}
+
+fn check_dns_label(key: &'static str, value: &str, max: usize) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= max
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("{value:?} must be 1-{max} lowercase letters, digits or '-', not starting or ending with '-'")))
+    }
+}
+
+fn check_bucket(value: &str) -> Result<(), ConfigError> {
+    let ok = (3..=63).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && value.as_bytes()[0].is_ascii_alphanumeric()
+        && value.as_bytes()[value.len() - 1].is_ascii_alphanumeric()
+        && !value.contains("..")
+        && value.parse::<Ipv4Addr>().is_err();
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "secrets_bucket",
+            format!("{value:?} is not a valid S3 bucket name"),
+        ))
+    }
+}
+
+/// A TOML error as one line: where, the offending line, and what is wrong.
+fn describe(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_owned();
+    };
+    let line_no = text[..span.start.min(text.len())].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+    let line: String = line.chars().take(80).collect();
+    format!("line {line_no} (`{line}`): {}", e.message())
+}
+
+impl StackConfig {
+    /// Parses and validates raw user data.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        if bytes.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge(bytes.len()));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::NotText(e.valid_up_to()))?;
+        if text.trim().is_empty() {
+            return Err(ConfigError::Empty);
+        }
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Syntax(describe(text, &e)))?;
+        Self::validate(raw)
+    }
+
+    fn validate(raw: Raw) -> Result<Self, ConfigError> {
+        check_dns_label("cluster_name", &raw.cluster_name, 40)?;
+        check_bucket(&raw.secrets_bucket)?;
+        let master_ip: Ipv4Addr = raw.master_ip.parse().map_err(|_| {
+            invalid(
+                "master_ip",
+                format!("{:?} is not an IPv4 address", raw.master_ip),
+            )
+        })?;
+        let pod_cidr: Cidr = raw.pod_cidr.parse().map_err(|e| invalid("pod_cidr", e))?;
+        let service_cidr: Cidr = raw
+            .service_cidr
+            .parse()
+            .map_err(|e| invalid("service_cidr", e))?;
+        if pod_cidr.prefix > 24 {
+            return Err(invalid(
+                "pod_cidr",
+                format!("/{} leaves no room for a /24 per node", pod_cidr.prefix),
+            ));
+        }
+        if service_cidr.prefix > 28 || service_cidr.prefix < 12 {
+            return Err(invalid(
+                "service_cidr",
+                format!("/{} must be between /12 and /28", service_cidr.prefix),
+            ));
+        }
+        if pod_cidr.overlaps(&service_cidr) {
+            return Err(invalid(
+                "service_cidr",
+                format!("{service_cidr} overlaps pod_cidr {pod_cidr}"),
+            ));
+        }
+        if pod_cidr.contains(master_ip) || service_cidr.contains(master_ip) {
+            return Err(invalid(
+                "master_ip",
+                format!("{master_ip} lies inside the pod or service network"),
+            ));
+        }
+        let master = match raw.role {
+            Role::Master => {
+                let eip = raw.master_eip_allocation.ok_or(ConfigError::Missing {
+                    key: "master_eip_allocation",
+                    role: Role::Master,
+                })?;
+                let volume = raw.master_volume.ok_or(ConfigError::Missing {
+                    key: "master_volume",
+                    role: Role::Master,
+                })?;
+                check_id("master_eip_allocation", &eip, "eipalloc-")?;
+                check_id("master_volume", &volume, "vol-")?;
+                Some(MasterConfig {
+                    eip_allocation: eip,
+                    volume_id: volume,
+                })
+            }
+            Role::Node => {
+                if raw.master_eip_allocation.is_some() || raw.master_volume.is_some() {
+                    return Err(invalid(
+                        "master_volume",
+                        "is only for a master; a node must not name the master's volume or address",
+                    ));
+                }
+                None
+            }
+        };
+        if let Some(region) = &raw.region {
+            let ok = region.split('-').count() >= 3
+                && region
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                return Err(invalid(
+                    "region",
+                    format!("{region:?} is not an AWS region name"),
+                ));
+            }
+        }
+        if let Some(endpoint) = &raw.aws_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+                || endpoint.len() > 200
+            {
+                return Err(invalid(
+                    "aws_endpoint",
+                    format!("{endpoint:?} is not an http(s) URL"),
+                ));
+            }
+        }
+        let signal = match (raw.signal_stack, raw.signal_resource) {
+            (Some(stack), Some(resource)) => {
+                if stack.is_empty() || resource.is_empty() {
+                    return Err(invalid(
+                        "signal_stack",
+                        "and signal_resource must not be empty",
+                    ));
+                }
+                Some(Signal { stack, resource })
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid("signal_resource", "is required with signal_stack"))
+            }
+            (None, Some(_)) => {
+                return Err(invalid("signal_stack", "is required with signal_resource"))
+            }
+        };
+        Ok(Self {
+            role: raw.role,
+            cluster_name: raw.cluster_name,
+            secrets_bucket: raw.secrets_bucket,
+            master_ip,
+            pod_cidr,
+            service_cidr,
+            master,
+            region: raw.region,
+            aws_endpoint: raw.aws_endpoint,
+            signal,
+        })
+    }
+
+    /// The first service IP: the `kubernetes` Service's ClusterIP.
+    pub fn api_service_ip(&self) -> Ipv4Addr {
+        self.service_cidr.nth(1).unwrap_or(self.service_cidr.addr)
+    }
+
+    /// The cluster DNS Service's ClusterIP (the tenth service address).
+    pub fn dns_service_ip(&self) -> Ipv4Addr {
+        self.service_cidr.nth(10).unwrap_or(self.service_cidr.addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const MASTER: &str = r#"
+role = "master"
+cluster_name = "demo"
+secrets_bucket = "demo-secrets-0123"
+master_ip = "10.0.1.10"
+pod_cidr = "10.244.0.0/16"
+service_cidr = "10.96.0.0/12"
+master_eip_allocation = "eipalloc-0123456789abcdef0"
+master_volume = "vol-0123456789abcdef0"
+"#;
+
+    fn node() -> String {
+        MASTER
+            .replace("role = \"master\"", "role = \"node\"")
+            .lines()
+            .filter(|l| !l.starts_with("master_eip") && !l.starts_with("master_volume"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn a_master_config_parses() {
+        let c = StackConfig::parse(MASTER.as_bytes()).unwrap();
+        assert_eq!(c.role, Role::Master);
+        assert_eq!(
+            c.master.as_ref().unwrap().volume_id,
+            "vol-0123456789abcdef0"
+        );
+        assert_eq!(c.api_service_ip(), Ipv4Addr::new(10, 96, 0, 1));
+        assert_eq!(c.dns_service_ip(), Ipv4Addr::new(10, 96, 0, 10));
+    }
+
+    #[test]
+    fn a_node_config_parses() {
+        let c = StackConfig::parse(node().as_bytes()).unwrap();
+        assert_eq!(c.role, Role::Node);
+        assert!(c.master.is_none());
+    }
+
+    /// Each malformed config, and a word its error must contain.
+    fn malformed() -> Vec<(Vec<u8>, &'static str)> {
+        let m = |from: &str, to: &str| MASTER.replace(from, to).into_bytes();
+        let drop = |key: &str| {
+            MASTER
+                .lines()
+                .filter(|l| !l.starts_with(key))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .into_bytes()
+        };
+        let mut huge = MASTER.as_bytes().to_vec();
+        huge.extend(std::iter::repeat_n(b'#', MAX_CONFIG_BYTES));
+        vec![
+            (Vec::new(), "empty"),
+            (b"   \n\n".to_vec(), "empty"),
+            (vec![0xff, 0xfe, 0x00, 0x81, 0x92], "UTF-8"),
+            (b"\x00\x01\x02garbage\x7f".to_vec(), "stack config"),
+            (huge, "limit"),
+            (b"role = ".to_vec(), "stack config"),
+            (drop("role"), "role"),
+            (drop("cluster_name"), "cluster_name"),
+            (drop("secrets_bucket"), "secrets_bucket"),
+            (drop("master_ip"), "master_ip"),
+            (drop("master_volume"), "master_volume"),
+            (drop("master_eip_allocation"), "master_eip_allocation"),
+            (m("role = \"master\"", "role = \"worker\""), "worker"),
+            (m("role = \"master\"", "role = 7"), "role"),
+            (
+                m("cluster_name = \"demo\"", "cluster_name = \"Demo_Cluster\""),
+                "cluster_name",
+            ),
+            (
+                m("cluster_name = \"demo\"", "cluster_name = 42"),
+                "cluster_name",
+            ),
+            (m("demo-secrets-0123", "Demo..Secrets"), "secrets_bucket"),
+            (m("10.0.1.10", "10.0.1.300"), "master_ip"),
+            (m("10.244.0.0/16", "10.244.0.0"), "pod_cidr"),
+            (m("10.244.0.0/16", "10.244.0.0/33"), "pod_cidr"),
+            (m("10.244.0.0/16", "10.244.1.0/16"), "host bits"),
+            (m("10.244.0.0/16", "10.96.0.0/16"), "overlaps"),
+            (m("10.96.0.0/12", "10.96.0.0/30"), "service_cidr"),
+            (m("10.0.1.10", "10.96.0.5"), "master_ip"),
+            (
+                m("eipalloc-0123456789abcdef0", "eip-123"),
+                "master_eip_allocation",
+            ),
+            (m("vol-0123456789abcdef0", "vol-XYZ"), "master_volume"),
+            (
+                m("role = \"master\"", "role = \"master\"\nextra = true"),
+                "extra",
+            ),
+            (
+                m("role = \"master\"", "role = \"master\"\nregion = \"mars\""),
+                "region",
+            ),
+            (
+                m(
+                    "role = \"master\"",
+                    "role = \"master\"\naws_endpoint = \"ftp://x\"",
+                ),
+                "aws_endpoint",
+            ),
+            (
+                m(
+                    "role = \"master\"",
+                    "role = \"master\"\nsignal_stack = \"s\"",
+                ),
+                "signal_resource",
+            ),
+            (
+                node()
+                    .replace(
+                        "role = \"node\"",
+                        "role = \"node\"\nmaster_volume = \"vol-0123456789abcdef0\"",
+                    )
+                    .into_bytes(),
+                "only for a master",
+            ),
+        ]
+    }
+
+    #[test]
+    fn malformed_configs_give_clear_errors() {
+        let cases = malformed();
+        assert!(cases.len() >= 20);
+        for (input, word) in cases {
+            let err = StackConfig::parse(&input)
+                .expect_err(&String::from_utf8_lossy(&input[..input.len().min(200)]));
+            let msg = err.to_string();
+            assert!(msg.contains(word), "error {msg:?} should mention {word:?}");
+        }
+    }
+
+    #[test]
+    fn cidr_arithmetic() {
+        let c: Cidr = "10.96.0.0/12".parse().unwrap();
+        assert!(c.contains(Ipv4Addr::new(10, 111, 255, 255)));
+        assert!(!c.contains(Ipv4Addr::new(10, 112, 0, 0)));
+        assert_eq!(c.nth(10), Some(Ipv4Addr::new(10, 96, 0, 10)));
+        assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().prefix, 0);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_parser_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
+            let _ = StackConfig::parse(&bytes);
+        }
+
+        #[test]
+        fn mutated_valid_configs_never_panic(pos in 0usize..400, byte in proptest::num::u8::ANY) {
+            let mut input = MASTER.as_bytes().to_vec();
+            let at = pos % input.len();
+            input[at] = byte;
+            let _ = StackConfig::parse(&input);
+        }
+    }
+}

@@ -1,0 +1,593 @@
+//! The cluster's PKI in kubeadm's layout and set: the three CAs, the API
+//! server's serving and client certificates, etcd's, the front proxy's, the
+//! service-account key pair, the component kubeconfigs and a bootstrap
+//! token. Generated once (on the first master boot), held in memory as a
+//! [`Bundle`] and written only below the tmpfs.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use time::{Duration, OffsetDateTime};
+
+const CA_DAYS: i64 = 3650;
+const LEAF_DAYS: i64 = 365;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("generating {what}: {source}")]
+    Generate {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the PKI bundle lacks {0}")]
+    Incomplete(String),
+    #[error("random source: {0}")]
+    Random(std::io::Error),
+}
+
+/// Every file of the cluster's PKI, by its path relative to the PKI root
+/// (`ca.crt`, `etcd/server.key`, `admin.conf`, …).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Bundle {
+    pub files: BTreeMap<String, String>,
+}
+
+/// What the certificates must name.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub cluster_name: String,
+    pub master_ip: Ipv4Addr,
+    pub public_ip: Option<Ipv4Addr>,
+    pub api_service_ip: Ipv4Addr,
+}
+
+/// Files a node needs to join; the rest stays with the masters.
+pub const NODE_FILES: &[&str] = &["ca.crt", "bootstrap-kubelet.conf"];
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+fn gen_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> PkiError {
+    move |source| PkiError::Generate { what, source }
+}
+
+fn params(cn: &str, orgs: &[&str], days: i64) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    for o in orgs {
+        dn.push(DnType::OrganizationName, *o);
+    }
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - Duration::hours(1);
+    p.not_after = now + Duration::days(days);
+    p
+}
+
+fn new_ca(cn: &str, what: &'static str) -> Result<Ca, PkiError> {
+    let key = KeyPair::generate().map_err(gen_err(what))?;
+    let mut p = params(cn, &[], CA_DAYS);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = p.self_signed(&key).map_err(gen_err(what))?;
+    Ok(Ca { cert, key })
+}
+
+#[derive(Clone, Copy)]
+enum Usage {
+    Server,
+    Client,
+    Both,
+}
+
+fn leaf(
+    ca: &Ca,
+    cn: &str,
+    orgs: &[&str],
+    usage: Usage,
+    sans: Vec<SanType>,
+    what: &'static str,
+) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(gen_err(what))?;
+    let mut p = params(cn, orgs, LEAF_DAYS);
+    p.subject_alt_names = sans;
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = match usage {
+        Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Usage::Both => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    };
+    let cert = p
+        .signed_by(&key, &ca.cert, &ca.key)
+        .map_err(gen_err(what))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn dns(name: &str) -> Result<SanType, PkiError> {
+    Ok(SanType::DnsName(
+        name.try_into().map_err(gen_err("a DNS name"))?,
+    ))
+}
+
+fn b64(data: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = data.as_bytes();
+    let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
+    for chunk in b.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A kubeconfig with embedded credentials.
+pub fn kubeconfig(
+    cluster: &str,
+    server: &str,
+    ca_pem: &str,
+    user: &str,
+    auth: &KubeAuth<'_>,
+) -> String {
+    let creds = match auth {
+        KubeAuth::Cert { cert, key } => format!(
+            "    client-certificate-data: {}\n    client-key-data: {}\n",
+            b64(cert),
+            b64(key)
+        ),
+        KubeAuth::Token(t) => format!("    token: {t}\n"),
+    };
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: {cluster}\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\ncontexts:\n- name: {user}@{cluster}\n  context:\n    cluster: {cluster}\n    user: {user}\ncurrent-context: {user}@{cluster}\nusers:\n- name: {user}\n  user:\n{creds}",
+        b64(ca_pem)
+    )
+}
+
+#[derive(Debug)]
+pub enum KubeAuth<'a> {
+    Cert { cert: &'a str, key: &'a str },
+    Token(&'a str),
+}
+
+fn random_token_part(len: usize) -> Result<String, PkiError> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = vec![0u8; len * 2];
+    getrandom(&mut bytes)?;
+    // Rejection sampling keeps the alphabet uniform.
+    let mut out = String::new();
+    let mut i = 0;
+    while out.len() < len {
+        if i == bytes.len() {
+            getrandom(&mut bytes)?;
+            i = 0;
+        }
+        let b = bytes[i];
+        i += 1;
+        if usize::from(b) < 252 {
+            out.push(ALPHABET[usize::from(b) % 36] as char);
+        }
+    }
+    Ok(out)
+}
+
+fn getrandom(buf: &mut [u8]) -> Result<(), PkiError> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .map_err(PkiError::Random)
+}
+
+/// A kubeadm-style bootstrap token: `[a-z0-9]{6}.[a-z0-9]{16}`.
+pub fn bootstrap_token() -> Result<String, PkiError> {
+    Ok(format!(
+        "{}.{}",
+        random_token_part(6)?,
+        random_token_part(16)?
+    ))
+}
+
+impl Bundle {
+    /// Generates the full set for a new cluster.
+    pub fn generate(id: &Identity) -> Result<Self, PkiError> {
+        let mut files = BTreeMap::new();
+        let mut put = |path: &str, content: String| {
+            files.insert(path.to_owned(), content);
+        };
+        let ca = new_ca("kubernetes", "the cluster CA")?;
+        let etcd_ca = new_ca("etcd-ca", "the etcd CA")?;
+        let fp_ca = new_ca("front-proxy-ca", "the front-proxy CA")?;
+        let ca_pem = ca.cert.pem();
+        put("ca.crt", ca_pem.clone());
+        put("ca.key", ca.key.serialize_pem());
+        put("etcd/ca.crt", etcd_ca.cert.pem());
+        put("etcd/ca.key", etcd_ca.key.serialize_pem());
+        put("front-proxy-ca.crt", fp_ca.cert.pem());
+        put("front-proxy-ca.key", fp_ca.key.serialize_pem());
+
+        let mut api_sans = vec![
+            dns("kubernetes")?,
+            dns("kubernetes.default")?,
+            dns("kubernetes.default.svc")?,
+            dns("kubernetes.default.svc.cluster.local")?,
+            dns("localhost")?,
+            SanType::IpAddress(IpAddr::V4(id.api_service_ip)),
+            SanType::IpAddress(IpAddr::V4(id.master_ip)),
+            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        ];
+        if let Some(ip) = id.public_ip {
+            api_sans.push(SanType::IpAddress(IpAddr::V4(ip)));
+        }
+        let etcd_sans = vec![
+            dns("localhost")?,
+            SanType::IpAddress(IpAddr::V4(id.master_ip)),
+            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        ];
+        // (file, issuer, common name, organisations, usage, SANs)
+        type LeafSpec<'a> = (&'a str, &'a Ca, &'a str, &'a [&'a str], Usage, Vec<SanType>);
+        let certs: Vec<LeafSpec<'_>> = vec![
+            (
+                "apiserver",
+                &ca,
+                "kube-apiserver",
+                &[],
+                Usage::Server,
+                api_sans,
+            ),
+            (
+                "apiserver-kubelet-client",
+                &ca,
+                "kube-apiserver-kubelet-client",
+                &["kubeadm:cluster-admins"],
+                Usage::Client,
+                vec![],
+            ),
+            (
+                "front-proxy-client",
+                &fp_ca,
+                "front-proxy-client",
+                &[],
+                Usage::Client,
+                vec![],
+            ),
+            (
+                "etcd/server",
+                &etcd_ca,
+                "etcd-server",
+                &[],
+                Usage::Both,
+                etcd_sans.clone(),
+            ),
+            (
+                "etcd/peer",
+                &etcd_ca,
+                "etcd-peer",
+                &[],
+                Usage::Both,
+                etcd_sans,
+            ),
+            (
+                "etcd/healthcheck-client",
+                &etcd_ca,
+                "kube-etcd-healthcheck-client",
+                &[],
+                Usage::Client,
+                vec![],
+            ),
+            (
+                "apiserver-etcd-client",
+                &etcd_ca,
+                "kube-apiserver-etcd-client",
+                &[],
+                Usage::Client,
+                vec![],
+            ),
+        ];
+        for (name, issuer, cn, orgs, usage, sans) in certs {
+            let (cert, key) = leaf(issuer, cn, orgs, usage, sans, "a leaf certificate")?;
+            put(&format!("{name}.crt"), cert);
+            put(&format!("{name}.key"), key);
+        }
+
+        let sa = KeyPair::generate().map_err(gen_err("the service-account key"))?;
+        put("sa.key", sa.serialize_pem());
+        put("sa.pub", sa.public_key_pem());
+
+        let local = "https://127.0.0.1:6443";
+        let public = format!("https://{}:6443", id.master_ip);
+        let kubeconfigs: [(&str, &str, &[&str], &str, &str); 4] = [
+            (
+                "admin.conf",
+                "kubernetes-admin",
+                &["kubeadm:cluster-admins"],
+                "kubernetes-admin",
+                &public,
+            ),
+            (
+                "super-admin.conf",
+                "kubernetes-super-admin",
+                &["system:masters"],
+                "kubernetes-super-admin",
+                local,
+            ),
+            (
+                "controller-manager.conf",
+                "system:kube-controller-manager",
+                &[],
+                "system:kube-controller-manager",
+                local,
+            ),
+            (
+                "scheduler.conf",
+                "system:kube-scheduler",
+                &[],
+                "system:kube-scheduler",
+                local,
+            ),
+        ];
+        for (file, cn, orgs, user, server) in kubeconfigs {
+            let (cert, key) = leaf(
+                &ca,
+                cn,
+                orgs,
+                Usage::Client,
+                vec![],
+                "a kubeconfig certificate",
+            )?;
+            put(
+                file,
+                kubeconfig(
+                    &id.cluster_name,
+                    server,
+                    &ca_pem,
+                    user,
+                    &KubeAuth::Cert {
+                        cert: &cert,
+                        key: &key,
+                    },
+                ),
+            );
+        }
+        let token = bootstrap_token()?;
+        put(
+            "bootstrap-kubelet.conf",
+            kubeconfig(
+                &id.cluster_name,
+                &public,
+                &ca_pem,
+                "kubelet-bootstrap",
+                &KubeAuth::Token(&token),
+            ),
+        );
+        put("bootstrap-token", token);
+        Ok(Self { files })
+    }
+
+    pub fn get(&self, path: &str) -> Result<&str, PkiError> {
+        self.files
+            .get(path)
+            .map(String::as_str)
+            .ok_or_else(|| PkiError::Incomplete(path.to_owned()))
+    }
+
+    /// The subset a node needs.
+    pub fn node_bundle(&self) -> Result<Bundle, PkiError> {
+        let mut files = BTreeMap::new();
+        for f in NODE_FILES {
+            files.insert((*f).to_owned(), self.get(f)?.to_owned());
+        }
+        Ok(Bundle { files })
+    }
+
+    /// Writes every file below `dir` (which must be on tmpfs): keys and
+    /// kubeconfigs 0600, certificates 0644, directories 0700.
+    pub fn write(&self, dir: &Path) -> Result<(), PkiError> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let werr = |p: &Path| {
+            let path = p.display().to_string();
+            move |source| PkiError::Write { path, source }
+        };
+        for (rel, content) in &self.files {
+            if rel.contains("..") || rel.starts_with('/') {
+                return Err(PkiError::Incomplete(format!("a safe path (got {rel:?})")));
+            }
+            let path = dir.join(rel);
+            if let Some(parent) = path.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+                    .map_err(werr(parent))?;
+            }
+            let public = rel.ends_with(".crt") || rel.ends_with(".pub");
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(if public { 0o644 } else { 0o600 })
+                .open(&tmp)
+                .map_err(werr(&tmp))?;
+            std::io::Write::write_all(&mut f, content.as_bytes()).map_err(werr(&tmp))?;
+            std::fs::rename(&tmp, &path).map_err(werr(&path))?;
+        }
+        Ok(())
+    }
+
+    /// SHA-256 of the cluster CA certificate's DER: the fingerprint that
+    /// must never change over the cluster's life.
+    pub fn ca_fingerprint(&self) -> Result<String, PkiError> {
+        use sha2::Digest;
+        let pem = self.get("ca.crt")?;
+        let der = pem_body(pem).ok_or_else(|| PkiError::Incomplete("a PEM ca.crt".to_owned()))?;
+        Ok(hex::encode(sha2::Sha256::digest(der)))
+    }
+}
+
+fn pem_body(pem: &str) -> Option<Vec<u8>> {
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    b64_decode(&body)
+}
+
+fn b64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= u32::from(val(c)?) << (18 - 6 * i);
+        }
+        for i in 0..chunk.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            cluster_name: "demo".into(),
+            master_ip: Ipv4Addr::new(10, 0, 1, 10),
+            public_ip: Some(Ipv4Addr::new(203, 0, 113, 7)),
+            api_service_ip: Ipv4Addr::new(10, 96, 0, 1),
+        }
+    }
+
+    #[test]
+    fn the_full_kubeadm_set_is_generated() {
+        let b = Bundle::generate(&identity()).unwrap();
+        for f in [
+            "ca.crt",
+            "ca.key",
+            "apiserver.crt",
+            "apiserver.key",
+            "apiserver-kubelet-client.crt",
+            "front-proxy-ca.crt",
+            "front-proxy-client.key",
+            "etcd/ca.crt",
+            "etcd/server.crt",
+            "etcd/peer.key",
+            "etcd/healthcheck-client.crt",
+            "apiserver-etcd-client.key",
+            "sa.key",
+            "sa.pub",
+            "admin.conf",
+            "controller-manager.conf",
+            "scheduler.conf",
+            "bootstrap-kubelet.conf",
+            "bootstrap-token",
+        ] {
+            assert!(b.files.contains_key(f), "missing {f}");
+        }
+        let token = b.get("bootstrap-token").unwrap();
+        assert_eq!(token.len(), 23);
+        assert!(token
+            .chars()
+            .all(|c| c == '.' || c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert_eq!(b.ca_fingerprint().unwrap().len(), 64);
+    }
+
+    #[test]
+    fn the_apiserver_certificate_names_every_address() {
+        let b = Bundle::generate(&identity()).unwrap();
+        let der = pem_body(b.get("apiserver.crt").unwrap()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        use x509_parser::extensions::GeneralName;
+        let names = &san.value.general_names;
+        assert!(names.iter().any(|n| matches!(
+            n,
+            GeneralName::DNSName("kubernetes.default.svc.cluster.local")
+        )));
+        for ip in [[10, 96, 0, 1], [10, 0, 1, 10], [203, 0, 113, 7]] {
+            assert!(
+                names
+                    .iter()
+                    .any(|n| matches!(n, GeneralName::IPAddress(b) if *b == ip)),
+                "{ip:?} not in {names:?}"
+            );
+        }
+        // Signed by the cluster CA.
+        let ca_der = pem_body(b.get("ca.crt").unwrap()).unwrap();
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+        assert_eq!(cert.issuer(), ca.subject());
+        assert!(cert.verify_signature(Some(ca.public_key())).is_ok());
+    }
+
+    #[test]
+    fn two_generations_have_different_cas() {
+        let a = Bundle::generate(&identity()).unwrap();
+        let b = Bundle::generate(&identity()).unwrap();
+        assert_ne!(a.ca_fingerprint().unwrap(), b.ca_fingerprint().unwrap());
+    }
+
+    #[test]
+    fn keys_are_written_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let b = Bundle::generate(&identity()).unwrap();
+        b.write(dir.path()).unwrap();
+        let mode = |p: &str| {
+            std::fs::metadata(dir.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("ca.key"), 0o600);
+        assert_eq!(mode("etcd/server.key"), 0o600);
+        assert_eq!(mode("admin.conf"), 0o600);
+        assert_eq!(mode("ca.crt"), 0o644);
+        assert_eq!(mode("etcd"), 0o700);
+    }
+
+    #[test]
+    fn base64_round_trips() {
+        for s in ["", "a", "ab", "abc", "abcd", "hello world!"] {
+            assert_eq!(b64_decode(&b64(s)).unwrap(), s.as_bytes());
+        }
+        assert_eq!(b64("hi"), "aGk=");
+    }
+}

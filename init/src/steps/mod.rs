@@ -1,0 +1,98 @@
+//! The boot steps, one module each. Every step is idempotent: it looks
+//! before it acts, reports what it did or found already done in one line,
+//! and can run again after a crash, a reboot or an instance replacement.
+
+pub mod eip;
+pub mod secrets;
+pub mod srcdest;
+
+use crate::aws::Clients;
+use crate::config::StackConfig;
+use std::path::PathBuf;
+
+/// The instance this boot runs on.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: String,
+    pub availability_zone: String,
+}
+
+/// Where a step may write; tests point these at temporary directories.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The tmpfs that holds every key, token and certificate.
+    pub secrets: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Self {
+            secrets: PathBuf::from("/srv/kubernetes"),
+        }
+    }
+}
+
+/// Everything a step needs.
+#[derive(Debug)]
+pub struct Context {
+    pub config: StackConfig,
+    pub instance: Instance,
+    pub aws: Clients,
+    pub paths: Paths,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("{action}: {message}")]
+    Aws { action: String, message: String },
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    #[error("{0}")]
+    Wait(String),
+    #[error("{what}: {message}")]
+    Invalid { what: String, message: String },
+}
+
+/// What a step did, for its journal line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub step: &'static str,
+    pub changed: bool,
+    pub detail: String,
+}
+
+impl Report {
+    pub fn changed(step: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            step,
+            changed: true,
+            detail: detail.into(),
+        }
+    }
+    pub fn already(step: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            step,
+            changed: false,
+            detail: detail.into(),
+        }
+    }
+    pub fn log(&self) {
+        let how = if self.changed { "done" } else { "already done" };
+        tracing::info!(step = self.step, "{how}: {}", self.detail);
+    }
+}
+
+/// Wraps an SDK error with the action that failed.
+pub(crate) fn aws_err<E, R>(
+    action: impl Into<String>,
+) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E, R>) -> StepError
+where
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    let action = action.into();
+    move |e| StepError::Aws {
+        message: crate::aws::describe(&e),
+        action,
+    }
+}

@@ -1,0 +1,80 @@
+//! A real moto server (pinned in `vm-tests/requirements.txt`, installed into
+//! the cache's venv by `just deps`) on a free loopback port, one per test so
+//! tests never share AWS state. Killed when the handle drops.
+
+use anyhow::{bail, Context, Result};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+fn moto_server() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLIPWAY_MOTO_SERVER") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("SLIPWAY_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slipway")))
+        .unwrap_or_default();
+    cache.join("venv/bin/moto_server")
+}
+
+/// Credentials moto accepts; set once for the SDK's default chain.
+pub fn fake_credentials() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+        std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    });
+}
+
+impl Moto {
+    pub fn start() -> Result<Self> {
+        fake_credentials();
+        let bin = moto_server();
+        if !bin.exists() {
+            bail!(
+                "{} is missing: run `just deps` (it installs moto into the cache's venv)",
+                bin.display()
+            );
+        }
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut moto = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let start = Instant::now();
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            if let Ok(Some(status)) = moto.child.try_wait() {
+                bail!("moto exited at start: {status}");
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("moto did not listen on {addr} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(moto)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
