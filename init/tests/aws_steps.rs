@@ -7,7 +7,7 @@
 
 use slipway_init::aws::Clients;
 use slipway_init::config::StackConfig;
-use slipway_init::steps::{self, secrets, Context, Instance, Paths};
+use slipway_init::steps::{self, secrets, Context, Instance, Paths, Runner, StepError, System};
 use std::time::Duration;
 use vm_tests::moto::Moto;
 
@@ -19,6 +19,7 @@ struct World {
     alloc: String,
     instances: Vec<Instance>,
     bucket: String,
+    volume: String,
 }
 
 async fn world(instances: usize) -> World {
@@ -76,14 +77,15 @@ async fn world(instances: usize) -> World {
         alloc,
         instances,
         bucket,
+        volume: "vol-0123456789abcdef0".into(),
     }
 }
 
 fn config(w: &World, role: &str) -> StackConfig {
     let master = if role == "master" {
         format!(
-            "master_eip_allocation = \"{}\"\nmaster_volume = \"vol-0123456789abcdef0\"\n",
-            w.alloc
+            "master_eip_allocation = \"{}\"\nmaster_volume = \"{}\"\n",
+            w.alloc, w.volume
         )
     } else {
         String::new()
@@ -102,7 +104,9 @@ fn context(w: &World, role: &str, instance: usize, secrets: &std::path::Path) ->
         aws: w.aws.clone(),
         paths: Paths {
             secrets: secrets.to_owned(),
+            ..Paths::default()
         },
+        runner: Box::new(System),
     }
 }
 
@@ -319,4 +323,149 @@ fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// Runs mkfs for real (on a file standing in for the device) and records mounts.
+#[derive(Debug, Default)]
+struct FileDevices {
+    mounts: std::sync::Mutex<Vec<String>>,
+}
+
+impl Runner for FileDevices {
+    fn run(&self, program: &str, args: &[&str]) -> Result<String, StepError> {
+        if program == "mount" {
+            self.mounts.lock().unwrap().push(args.join(" "));
+            return Ok(String::new());
+        }
+        System.run(program, args)
+    }
+}
+
+fn ext4_uuid(device: &std::path::Path) -> Vec<u8> {
+    std::fs::read(device).unwrap()[1024 + 104..1024 + 120].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
+    let mut w = world(2).await;
+    let az = w.instances[0].availability_zone.clone();
+    let created = w
+        .aws
+        .ec2
+        .create_volume()
+        .availability_zone(&az)
+        .size(1)
+        .send()
+        .await
+        .unwrap();
+    w.volume = created.volume_id().unwrap().to_owned();
+    let sys = tempfile::tempdir().unwrap();
+    let (nvme, dev, proc) = (
+        sys.path().join("nvme"),
+        sys.path().join("dev"),
+        sys.path().join("proc"),
+    );
+    for d in [&nvme, &dev, &proc] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let device = dev.join("nvme1n1");
+    std::fs::File::create(&device)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mount_point = sys.path().join("var/lib/etcd");
+    let make = |instance: usize| {
+        let mut ctx = context(&w, "master", instance, &sys.path().join("secrets"));
+        ctx.paths.nvme_class = nvme.clone();
+        ctx.paths.dev = dev.clone();
+        ctx.paths.proc = proc.clone();
+        ctx.runner = Box::new(FileDevices::default());
+        ctx
+    };
+
+    // The device appears only once EC2 has attached the volume.
+    let (ec2, volume, serial_dir) = (w.aws.ec2.clone(), w.volume.clone(), nvme.join("nvme1"));
+    let appear = tokio::spawn(async move {
+        loop {
+            let v = ec2
+                .describe_volumes()
+                .volume_ids(&volume)
+                .send()
+                .await
+                .unwrap();
+            if !v.volumes()[0].attachments().is_empty() {
+                std::fs::create_dir_all(&serial_dir).unwrap();
+                std::fs::write(serial_dir.join("serial"), volume.replace('-', "")).unwrap();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let first = make(0);
+    let report = steps::volume::run(&first, &mount_point).await.unwrap();
+    appear.await.unwrap();
+    assert!(
+        report.detail.contains("attached") && report.detail.contains("formatted"),
+        "{report:?}"
+    );
+    let attached = w
+        .aws
+        .ec2
+        .describe_volumes()
+        .volume_ids(&w.volume)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        attached.volumes()[0].attachments()[0].instance_id(),
+        Some(w.instances[0].id.as_str())
+    );
+    assert_eq!(
+        steps::volume::probe(&std::fs::read(&device).unwrap()),
+        steps::volume::Contents::Ext4
+    );
+    let uuid = ext4_uuid(&device);
+
+    // A reboot: nothing to attach, nothing to format.
+    let report = steps::volume::run(&make(0), &mount_point).await.unwrap();
+    assert!(!report.detail.contains("formatted"), "{report:?}");
+    assert_eq!(ext4_uuid(&device), uuid);
+
+    // A second master may not take the volume from a running one…
+    let err = steps::volume::run(&make(1), &mount_point)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("still running"), "{err}");
+    // …but takes it over once the old master is gone, keeping its data.
+    // (A stopped instance keeps its volumes attached; a terminated one
+    // releases them, which is the easy case.)
+    w.aws
+        .ec2
+        .stop_instances()
+        .instance_ids(&w.instances[0].id)
+        .send()
+        .await
+        .unwrap();
+    let report = steps::volume::run(&make(1), &mount_point).await.unwrap();
+    assert!(
+        report
+            .detail
+            .contains(&format!("taken over from {}", w.instances[0].id)),
+        "{report:?}"
+    );
+    assert!(!report.detail.contains("formatted"), "{report:?}");
+    assert_eq!(ext4_uuid(&device), uuid);
+    let attached = w
+        .aws
+        .ec2
+        .describe_volumes()
+        .volume_ids(&w.volume)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        attached.volumes()[0].attachments()[0].instance_id(),
+        Some(w.instances[1].id.as_str())
+    );
 }

@@ -5,6 +5,7 @@
 pub mod eip;
 pub mod secrets;
 pub mod srcdest;
+pub mod volume;
 
 use crate::aws::Clients;
 use crate::config::StackConfig;
@@ -17,18 +18,61 @@ pub struct Instance {
     pub availability_zone: String,
 }
 
-/// Where a step may write; tests point these at temporary directories.
+/// Where a step reads and writes; tests point these at temporary directories.
 #[derive(Debug, Clone)]
 pub struct Paths {
     /// The tmpfs that holds every key, token and certificate.
     pub secrets: PathBuf,
+    /// `/sys/class/nvme`: one directory per controller, with its serial.
+    pub nvme_class: PathBuf,
+    /// `/dev`.
+    pub dev: PathBuf,
+    /// `/proc`.
+    pub proc: PathBuf,
 }
 
 impl Default for Paths {
     fn default() -> Self {
         Self {
             secrets: PathBuf::from("/srv/kubernetes"),
+            nvme_class: PathBuf::from("/sys/class/nvme"),
+            dev: PathBuf::from("/dev"),
+            proc: PathBuf::from("/proc"),
         }
+    }
+}
+
+/// Runs host programs (mkfs, mount); tests substitute their own.
+pub trait Runner: std::fmt::Debug + Send + Sync {
+    fn run(&self, program: &str, args: &[&str]) -> Result<String, StepError>;
+}
+
+/// The real thing.
+#[derive(Debug, Default)]
+pub struct System;
+
+impl Runner for System {
+    fn run(&self, program: &str, args: &[&str]) -> Result<String, StepError> {
+        let line = format!("{program} {}", args.join(" "));
+        let out = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| StepError::Invalid {
+                what: format!("running {line}"),
+                message: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(StepError::Invalid {
+                what: format!("running {line}"),
+                message: format!(
+                    "{}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 
@@ -39,6 +83,7 @@ pub struct Context {
     pub instance: Instance,
     pub aws: Clients,
     pub paths: Paths,
+    pub runner: Box<dyn Runner>,
 }
 
 #[derive(Debug, thiserror::Error)]
