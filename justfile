@@ -14,7 +14,7 @@ builder := CARGO_TARGET_DIR / "release/image-builder"
 out := "out"
 
 # Host packages the build and the tests use (Debian names).
-host_packages := "mmdebstrap uidmap erofs-utils e2fsprogs qemu-utils qemu-system-x86 ovmf jq"
+host_packages := "mmdebstrap uidmap erofs-utils e2fsprogs qemu-utils qemu-system-x86 ovmf jq time"
 
 default: build
 
@@ -98,3 +98,7 @@ lint:
 # Remove build outputs (not the cache).
 clean:
     rm -rf {{out}}
+
+# Peak RSS and time of a master's first boot (slipway-init's steps) against moto.
+measure-init: deps compile
+    {{cache}}/venv/bin/python vm-tests/measure_init.py {{image_bins}}/slipway-init

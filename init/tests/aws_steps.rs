@@ -188,7 +188,7 @@ async fn elastic_ip_and_source_dest_check_are_set_and_idempotent() {
     let new = context(&w, "master", 1, dir.path());
 
     let (r, ip) = steps::eip::run(&old).await.unwrap();
-    assert!(r.changed);
+    assert!(r.changed && !r.detail.contains("taken over"), "{r:?}");
     let addr = w
         .aws
         .ec2
@@ -325,19 +325,23 @@ fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// Runs mkfs for real (on a file standing in for the device) and records mounts.
-#[derive(Debug, Default)]
+/// Runs mkfs for real (on a file standing in for the device); records
+/// what would change the host (mount, ip) instead of running it.
+#[derive(Debug, Default, Clone)]
 struct FileDevices {
-    mounts: std::sync::Mutex<Vec<String>>,
+    commands: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Runner for FileDevices {
     fn run(&self, program: &str, args: &[&str]) -> Result<String, StepError> {
-        if program == "mount" {
-            self.mounts.lock().unwrap().push(args.join(" "));
-            return Ok(String::new());
+        if program == "mkfs.ext4" {
+            return System.run(program, args);
         }
-        System.run(program, args)
+        self.commands
+            .lock()
+            .unwrap()
+            .push(format!("{program} {}", args.join(" ")));
+        Ok(String::new())
     }
 }
 
@@ -468,4 +472,108 @@ async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
         attached.volumes()[0].attachments()[0].instance_id(),
         Some(w.instances[1].id.as_str())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_masters_first_boot_runs_every_step_and_a_reboot_changes_nothing() {
+    let mut w = world(1).await;
+    let az = w.instances[0].availability_zone.clone();
+    let created = w
+        .aws
+        .ec2
+        .create_volume()
+        .availability_zone(&az)
+        .size(1)
+        .send()
+        .await
+        .unwrap();
+    w.volume = created.volume_id().unwrap().to_owned();
+    // The stable private IP must lie in the instance's subnet.
+    let described = w
+        .aws
+        .ec2
+        .describe_instances()
+        .instance_ids(&w.instances[0].id)
+        .send()
+        .await
+        .unwrap();
+    let private = described.reservations()[0].instances()[0]
+        .private_ip_address()
+        .unwrap()
+        .to_owned();
+    let mut octets: Vec<&str> = private.split('.').collect();
+    octets[3] = "200";
+    let stable = octets.join(".");
+
+    let root = tempfile::tempdir().unwrap();
+    let paths = Paths::under(root.path());
+    let serial = paths.nvme_class.join("nvme1");
+    std::fs::create_dir_all(&serial).unwrap();
+    std::fs::write(serial.join("serial"), w.volume.replace('-', "")).unwrap();
+    std::fs::create_dir_all(&paths.dev).unwrap();
+    std::fs::File::create(paths.dev.join("nvme1n1"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    std::fs::create_dir_all(paths.proc.join("net")).unwrap();
+    std::fs::write(
+        paths.proc.join("net/route"),
+        "Iface\tDestination\tGateway\nens5\t00000000\t0101000A\n",
+    )
+    .unwrap();
+
+    let runner = FileDevices::default();
+    let mut ctx = context(&w, "master", 0, &paths.secrets);
+    ctx.config.master_ip = stable.parse().unwrap();
+    ctx.paths = paths.clone();
+    ctx.runner = Box::new(runner.clone());
+    let reports = steps::bootstrap(&ctx).await.unwrap();
+    let names: Vec<&str> = reports.iter().map(|r| r.step).collect();
+    assert_eq!(
+        names,
+        [
+            "source-dest-check",
+            "data-volume",
+            "elastic-ip",
+            "private-ip",
+            "secrets"
+        ]
+    );
+    assert!(reports.iter().all(|r| r.changed), "{reports:?}");
+
+    let eni = w
+        .aws
+        .ec2
+        .describe_instances()
+        .instance_ids(&w.instances[0].id)
+        .send()
+        .await
+        .unwrap();
+    let ips: Vec<String> = eni.reservations()[0].instances()[0].network_interfaces()[0]
+        .private_ip_addresses()
+        .iter()
+        .filter_map(|a| a.private_ip_address().map(str::to_owned))
+        .collect();
+    assert!(ips.contains(&stable), "{stable} not in {ips:?}");
+    let commands = runner.commands.lock().unwrap().clone();
+    assert!(
+        commands
+            .iter()
+            .any(|c| c == &format!("ip addr add {stable}/32 dev ens5")),
+        "{commands:?}"
+    );
+
+    // A reboot: every step finds its work done (the mount and the host
+    // address live in memory and are redone; the AWS side is untouched).
+    let mut again = context(&w, "master", 0, &paths.secrets);
+    again.config.master_ip = stable.parse().unwrap();
+    again.paths = paths;
+    again.runner = Box::new(FileDevices::default());
+    let reports = steps::bootstrap(&again).await.unwrap();
+    for r in &reports {
+        if r.step != "data-volume" && r.step != "private-ip" {
+            assert!(!r.changed, "{r:?}");
+        }
+    }
+    assert!(!reports[1].detail.contains("formatted"), "{:?}", reports[1]);
 }

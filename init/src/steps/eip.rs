@@ -39,13 +39,15 @@ pub async fn run(ctx: &Context) -> Result<(Report, Ipv4Addr), StepError> {
             what: STEP.into(),
             message: format!("Elastic IP {alloc} has no IPv4 address"),
         })?;
-    if address.instance_id() == Some(id.as_str()) {
+    // Some APIs report an unassociated address with an empty instance ID.
+    let holder = address.instance_id().filter(|i| !i.is_empty());
+    if holder == Some(id.as_str()) {
         return Ok((
             Report::already(STEP, format!("{public_ip} ({alloc}) is on {id}")),
             public_ip,
         ));
     }
-    let previous = address.instance_id().map(str::to_owned);
+    let previous = holder.map(str::to_owned);
     ctx.aws
         .ec2
         .associate_address()

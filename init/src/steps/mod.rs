@@ -3,13 +3,19 @@
 //! and can run again after a crash, a reboot or an instance replacement.
 
 pub mod eip;
+pub mod private_ip;
 pub mod secrets;
+pub mod signal;
 pub mod srcdest;
 pub mod volume;
 
 use crate::aws::Clients;
-use crate::config::StackConfig;
-use std::path::PathBuf;
+use crate::config::{Role, StackConfig};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long a node waits for the first master to publish its bundle.
+pub const NODE_BUNDLE_DEADLINE: Duration = Duration::from_secs(20 * 60);
 
 /// The instance this boot runs on.
 #[derive(Debug, Clone)]
@@ -29,6 +35,8 @@ pub struct Paths {
     pub dev: PathBuf,
     /// `/proc`.
     pub proc: PathBuf,
+    /// Where the data volume is mounted: etcd's data directory.
+    pub etcd_data: PathBuf,
 }
 
 impl Default for Paths {
@@ -38,6 +46,7 @@ impl Default for Paths {
             nvme_class: PathBuf::from("/sys/class/nvme"),
             dev: PathBuf::from("/dev"),
             proc: PathBuf::from("/proc"),
+            etcd_data: PathBuf::from("/var/lib/etcd"),
         }
     }
 }
@@ -140,4 +149,41 @@ where
         message: crate::aws::describe(&e),
         action,
     }
+}
+
+impl Paths {
+    /// Every path below `root` (tests and dry runs use a scratch directory).
+    pub fn under(root: &Path) -> Self {
+        let d = Self::default();
+        let re = |p: PathBuf| root.join(p.strip_prefix("/").unwrap_or(&p));
+        Self {
+            secrets: re(d.secrets),
+            nvme_class: re(d.nvme_class),
+            dev: re(d.dev),
+            proc: re(d.proc),
+            etcd_data: re(d.etcd_data),
+        }
+    }
+}
+
+/// Runs this boot's AWS and secrets steps for the configured role, in
+/// order, logging one line per step; stops at the first failure.
+pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, StepError> {
+    let mut reports = Vec::new();
+    let mut record = |r: Report| {
+        r.log();
+        reports.push(r);
+    };
+    record(srcdest::run(ctx).await?);
+    match ctx.config.role {
+        Role::Master => {
+            record(volume::run(ctx, &ctx.paths.etcd_data).await?);
+            let (r, public_ip) = eip::run(ctx).await?;
+            record(r);
+            record(private_ip::run(ctx).await?);
+            record(secrets::master(ctx, Some(public_ip)).await?.0);
+        }
+        Role::Node => record(secrets::node(ctx, NODE_BUNDLE_DEADLINE).await?.0),
+    }
+    Ok(reports)
 }

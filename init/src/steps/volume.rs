@@ -87,7 +87,7 @@ async fn attach(ctx: &Context, volume_id: &str) -> Result<Option<String>, StepEr
     let holder = volume
         .attachments()
         .iter()
-        .find_map(|a| a.instance_id().map(str::to_owned));
+        .find_map(|a| a.instance_id().filter(|i| !i.is_empty()).map(str::to_owned));
     if holder.as_deref() == Some(id.as_str()) {
         return Ok(None);
     }
