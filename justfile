@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", cache + "/targ
 # RUSTFLAGS never invalidate the host build; paths inside them are neutral.
 image_target := "x86_64-unknown-linux-gnu"
 image_bins := CARGO_TARGET_DIR / "image-bins"
-remap := "--remap-path-prefix=" + justfile_directory() + "=/slipway"
+image_env := "RUSTC_WORKSPACE_WRAPPER=" + justfile_directory() + "/.cargo/remap-rustc SLIPWAY_SRC=" + justfile_directory()
 builder := CARGO_TARGET_DIR / "release/image-builder"
 out := "out"
 
@@ -41,9 +41,9 @@ deps:
 # Compile the image builder and the binaries baked into the image.
 compile:
     cargo build --release -p image-builder
-    RUSTFLAGS="{{remap}}" cargo build --release -p slipway-init --bin slipway-init --target {{image_target}}
+    {{image_env}} cargo build --release -p slipway-init --bin slipway-init --target {{image_target}}
     # The initramfs: static, and without the node features (no AWS, TLS or async).
-    RUSTFLAGS="-C target-feature=+crt-static {{remap}}" CARGO_TARGET_DIR={{CARGO_TARGET_DIR}}/initrd \
+    {{image_env}} RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR={{CARGO_TARGET_DIR}}/initrd \
         cargo build --release -p slipway-init --bin slipway-initrd --no-default-features --target {{image_target}}
     mkdir -p {{image_bins}}
     install -m 0755 {{CARGO_TARGET_DIR}}/{{image_target}}/release/slipway-init \

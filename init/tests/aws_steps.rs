@@ -345,6 +345,21 @@ impl Runner for FileDevices {
     }
 }
 
+/// A fresh volume in the first instance's availability zone.
+async fn data_volume(w: &World) -> String {
+    let az = &w.instances[0].availability_zone;
+    let created = w
+        .aws
+        .ec2
+        .create_volume()
+        .availability_zone(az)
+        .size(1)
+        .send()
+        .await
+        .unwrap();
+    created.volume_id().unwrap().to_owned()
+}
+
 fn ext4_uuid(device: &std::path::Path) -> Vec<u8> {
     std::fs::read(device).unwrap()[1024 + 104..1024 + 120].to_vec()
 }
@@ -352,17 +367,7 @@ fn ext4_uuid(device: &std::path::Path) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
     let mut w = world(2).await;
-    let az = w.instances[0].availability_zone.clone();
-    let created = w
-        .aws
-        .ec2
-        .create_volume()
-        .availability_zone(&az)
-        .size(1)
-        .send()
-        .await
-        .unwrap();
-    w.volume = created.volume_id().unwrap().to_owned();
+    w.volume = data_volume(&w).await;
     let sys = tempfile::tempdir().unwrap();
     let (nvme, dev, proc) = (
         sys.path().join("nvme"),
@@ -477,17 +482,7 @@ async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_masters_first_boot_runs_every_step_and_a_reboot_changes_nothing() {
     let mut w = world(1).await;
-    let az = w.instances[0].availability_zone.clone();
-    let created = w
-        .aws
-        .ec2
-        .create_volume()
-        .availability_zone(&az)
-        .size(1)
-        .send()
-        .await
-        .unwrap();
-    w.volume = created.volume_id().unwrap().to_owned();
+    w.volume = data_volume(&w).await;
     // The stable private IP must lie in the instance's subnet.
     let described = w
         .aws
