@@ -15,16 +15,10 @@ fn main() -> ExitCode {
     match image_builder::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = format!("error: {e}");
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                let text = s.to_string();
-                if !msg.contains(&text) {
-                    msg.push_str(&format!("\n  caused by: {text}"));
-                }
-                source = s.source();
-            }
-            eprintln!("{msg}");
+            eprintln!(
+                "error: {}",
+                slipway_init::error_chain(&e, "\n  caused by: ")
+            );
             ExitCode::FAILURE
         }
     }

@@ -396,17 +396,7 @@ fn try_run() -> Result<std::convert::Infallible, InitrdError> {
 /// Refuses to boot: reports the error on the console and powers off, so that
 /// a tampered or broken image never runs.
 pub fn refuse(err: &InitrdError) -> ! {
-    let mut chain = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !chain.contains(&text) {
-            chain.push_str(": ");
-            chain.push_str(&text);
-        }
-        source = s.source();
-    }
-    say(&format!("FATAL: {chain}"));
+    say(&format!("FATAL: {}", crate::error_chain(err, ": ")));
     say("refusing to boot this root; powering off");
     // SAFETY: plain syscalls with no pointers.
     unsafe {

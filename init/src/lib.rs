@@ -20,6 +20,22 @@ pub mod verity;
 
 use std::path::Path;
 
+/// An error and its causes joined by `sep`, skipping a cause whose text the
+/// message already carries (many errors print their source themselves).
+pub fn error_chain(err: &dyn std::error::Error, sep: &str) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(sep);
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}
+
 /// What `slipway-init` does on this boot.
 #[derive(Debug)]
 pub struct Context<'a> {
@@ -69,4 +85,28 @@ pub fn run(ctx: &Context<'_>) -> Result<bootcheck::BootCheck, InitError> {
         })?;
     tracing::info!(step = "done", "marked {}", done.display());
     Ok(check)
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Repeats(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Silent(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_adds_only_causes_not_already_said() {
+        let io = || std::io::Error::other("disk on fire");
+        assert_eq!(
+            super::error_chain(&Repeats(io()), ": "),
+            "outer: disk on fire"
+        );
+        assert_eq!(
+            super::error_chain(&Silent(io()), " / "),
+            "outer / disk on fire"
+        );
+    }
 }

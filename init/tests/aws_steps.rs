@@ -189,38 +189,17 @@ async fn elastic_ip_and_source_dest_check_are_set_and_idempotent() {
 
     let (r, ip) = steps::eip::run(&old).await.unwrap();
     assert!(r.changed && !r.detail.contains("taken over"), "{r:?}");
-    let addr = w
-        .aws
-        .ec2
-        .describe_addresses()
-        .allocation_ids(&w.alloc)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        addr.addresses()[0].instance_id(),
-        Some(old.instance.id.as_str())
-    );
-    assert_eq!(
-        addr.addresses()[0].public_ip(),
-        Some(ip.to_string().as_str())
-    );
+    let (holder, public_ip) = eip_holder(&w).await;
+    assert_eq!(holder.as_deref(), Some(old.instance.id.as_str()));
+    assert_eq!(public_ip, ip.to_string());
     let (r, _) = steps::eip::run(&old).await.unwrap();
     assert!(!r.changed, "{r:?}");
 
     // A replacement master takes the address over.
     let (r, _) = steps::eip::run(&new).await.unwrap();
     assert!(r.changed && r.detail.contains(&old.instance.id), "{r:?}");
-    let addr = w
-        .aws
-        .ec2
-        .describe_addresses()
-        .allocation_ids(&w.alloc)
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        addr.addresses()[0].instance_id(),
+        eip_holder(&w).await.0.as_deref(),
         Some(new.instance.id.as_str())
     );
 
@@ -345,6 +324,40 @@ impl Runner for FileDevices {
     }
 }
 
+/// Which instance holds the Elastic IP, and its public address, as EC2 says.
+async fn eip_holder(w: &World) -> (Option<String>, String) {
+    let out = w
+        .aws
+        .ec2
+        .describe_addresses()
+        .allocation_ids(&w.alloc)
+        .send()
+        .await
+        .unwrap();
+    let a = &out.addresses()[0];
+    (
+        a.instance_id().map(str::to_owned),
+        a.public_ip().unwrap_or("").to_owned(),
+    )
+}
+
+/// Which instance the data volume is attached to, as EC2 says.
+async fn volume_holder(w: &World) -> Option<String> {
+    let out = w
+        .aws
+        .ec2
+        .describe_volumes()
+        .volume_ids(&w.volume)
+        .send()
+        .await
+        .unwrap();
+    out.volumes()[0]
+        .attachments()
+        .first()
+        .and_then(|a| a.instance_id())
+        .map(str::to_owned)
+}
+
 /// A fresh volume in the first instance's availability zone.
 async fn data_volume(w: &World) -> String {
     let az = &w.instances[0].availability_zone;
@@ -417,16 +430,8 @@ async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
         report.detail.contains("attached") && report.detail.contains("formatted"),
         "{report:?}"
     );
-    let attached = w
-        .aws
-        .ec2
-        .describe_volumes()
-        .volume_ids(&w.volume)
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        attached.volumes()[0].attachments()[0].instance_id(),
+        volume_holder(&w).await.as_deref(),
         Some(w.instances[0].id.as_str())
     );
     assert_eq!(
@@ -465,16 +470,8 @@ async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
     );
     assert!(!report.detail.contains("formatted"), "{report:?}");
     assert_eq!(ext4_uuid(&device), uuid);
-    let attached = w
-        .aws
-        .ec2
-        .describe_volumes()
-        .volume_ids(&w.volume)
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        attached.volumes()[0].attachments()[0].instance_id(),
+        volume_holder(&w).await.as_deref(),
         Some(w.instances[1].id.as_str())
     );
 }

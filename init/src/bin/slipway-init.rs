@@ -31,16 +31,7 @@ struct Args {
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(&format!(": {text}"));
-        }
-        src = s.source();
-    }
-    msg
+    slipway_init::error_chain(e, ": ")
 }
 
 fn fail(msg: &str) -> ExitCode {
