@@ -49,7 +49,7 @@ aws_endpoint = "{endpoint}"
         os.symlink("/bin/true", f"{fake}/{tool}")
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
     t0 = time.time()
-    run = subprocess.run(["/usr/bin/time", "-v", binary, "--config", config, "--root", root, "--no-boot-check",
+    run = subprocess.run(["/usr/bin/time", "-v", binary, "--config", config, "--root", root, "--manifests", "manifests", "--no-boot-check",
                           "--instance-id", inst["InstanceId"], "--availability-zone", az],
                          env=env, capture_output=True, text=True)
     wall = time.time() - t0

@@ -8,10 +8,14 @@ pub mod bootcheck;
 #[cfg(feature = "node")]
 pub mod config;
 pub mod dm;
+#[cfg(feature = "node")]
+pub mod imds;
 pub mod initrd;
 pub mod layout;
 #[cfg(feature = "node")]
 pub mod pki;
+#[cfg(feature = "node")]
+pub mod render;
 #[cfg(feature = "node")]
 pub mod retry;
 #[cfg(feature = "node")]

@@ -444,6 +444,50 @@ impl Bundle {
         Ok(())
     }
 
+    /// The cluster CA, loaded back from the bundle to sign with.
+    fn ca(&self) -> Result<Ca, PkiError> {
+        let key = KeyPair::from_pem(self.get("ca.key")?).map_err(gen_err("loading the CA key"))?;
+        let params = CertificateParams::from_ca_cert_pem(self.get("ca.crt")?)
+            .map_err(gen_err("loading the CA certificate"))?;
+        // Re-signing the same subject with the same key yields an issuer
+        // whose signatures verify against the original CA certificate.
+        let cert = params
+            .self_signed(&key)
+            .map_err(gen_err("loading the CA"))?;
+        Ok(Ca { cert, key })
+    }
+
+    /// A kubeconfig for a master's own kubelet (`system:node:<name>`),
+    /// signed here because that kubelet must run the API server before
+    /// it could ask the API server for a certificate.
+    pub fn kubelet_kubeconfig(
+        &self,
+        node_name: &str,
+        server: &str,
+        cluster: &str,
+    ) -> Result<String, PkiError> {
+        let ca = self.ca()?;
+        let user = format!("system:node:{node_name}");
+        let (cert, key) = leaf(
+            &ca,
+            &user,
+            &["system:nodes"],
+            Usage::Client,
+            vec![],
+            "the kubelet's client certificate",
+        )?;
+        Ok(kubeconfig(
+            cluster,
+            server,
+            self.get("ca.crt")?,
+            &user,
+            &KubeAuth::Cert {
+                cert: &cert,
+                key: &key,
+            },
+        ))
+    }
+
     /// SHA-256 of the cluster CA certificate's DER: the fingerprint that
     /// must never change over the cluster's life.
     pub fn ca_fingerprint(&self) -> Result<String, PkiError> {
@@ -554,6 +598,34 @@ mod tests {
         let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
         assert_eq!(cert.issuer(), ca.subject());
         assert!(cert.verify_signature(Some(ca.public_key())).is_ok());
+    }
+
+    #[test]
+    fn a_masters_kubelet_certificate_is_signed_by_the_loaded_ca() {
+        let b = Bundle::generate(&identity()).unwrap();
+        let conf = b
+            .kubelet_kubeconfig("ip-10-0-1-10", "https://10.0.1.10:6443", "demo")
+            .unwrap();
+        let data = conf
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("client-certificate-data: "))
+            .unwrap();
+        let pem = String::from_utf8(b64_decode(data).unwrap()).unwrap();
+        let der = pem_body(&pem).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(
+            cert.subject().to_string(),
+            "O=system:nodes, CN=system:node:ip-10-0-1-10"
+        );
+        let ca_der = pem_body(b.get("ca.crt").unwrap()).unwrap();
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+        assert_eq!(cert.issuer(), ca.subject());
+        assert!(cert.verify_signature(Some(ca.public_key())).is_ok());
+        // A different CA's key must not verify it.
+        let other = Bundle::generate(&identity()).unwrap();
+        let other_der = pem_body(other.get("ca.crt").unwrap()).unwrap();
+        let (_, other) = x509_parser::parse_x509_certificate(&other_der).unwrap();
+        assert!(cert.verify_signature(Some(other.public_key())).is_err());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use vm_tests::moto::Moto;
 const REGION: &str = "us-east-1";
 
 struct World {
-    _moto: Moto,
+    moto: Moto,
     aws: Clients,
     alloc: String,
     instances: Vec<Instance>,
@@ -72,7 +72,7 @@ async fn world(instances: usize) -> World {
         .await
         .expect("bucket");
     World {
-        _moto: moto,
+        moto,
         aws,
         alloc,
         instances,
@@ -82,6 +82,10 @@ async fn world(instances: usize) -> World {
 }
 
 fn config(w: &World, role: &str) -> StackConfig {
+    StackConfig::parse(config_text(w, role).as_bytes()).expect("config")
+}
+
+fn config_text(w: &World, role: &str) -> String {
     let master = if role == "master" {
         format!(
             "master_eip_allocation = \"{}\"\nmaster_volume = \"{}\"\n",
@@ -90,11 +94,15 @@ fn config(w: &World, role: &str) -> StackConfig {
     } else {
         String::new()
     };
-    let text = format!(
-        "role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"{}\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\n{master}",
-        w.bucket
-    );
-    StackConfig::parse(text.as_bytes()).expect("config")
+    format!(
+        "role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"{}\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\nregion = \"{REGION}\"\naws_endpoint = \"{}\"\n{master}",
+        w.bucket, w.moto.endpoint
+    )
+}
+
+/// The templates in the source tree (the image carries the same files).
+fn manifests_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
 }
 
 fn context(w: &World, role: &str, instance: usize, secrets: &std::path::Path) -> Context {
@@ -269,13 +277,28 @@ async fn the_master_path_writes_secrets_only_below_the_tmpfs() {
     std::fs::create_dir_all(root.path().join("etc")).unwrap();
     std::fs::create_dir_all(root.path().join("var/lib")).unwrap();
     let secrets_dir = root.path().join("srv/kubernetes");
-    let ctx = context(&w, "master", 0, &secrets_dir);
+    let mut ctx = context(&w, "master", 0, &secrets_dir);
+    ctx.paths = Paths {
+        manifests: manifests_dir(),
+        ..Paths::under(root.path())
+    };
     let (_, bundle) = secrets::master(&ctx, None).await.unwrap();
+    // Rendering puts the token into the add-ons and a key into the
+    // kubelet's kubeconfig: both must stay on the tmpfs too.
+    steps::configure::run(&ctx, &bundle).unwrap();
+    assert!(root
+        .path()
+        .join("etc/kubernetes/manifests/etcd.yaml")
+        .exists());
     let token = bundle.get("bootstrap-token").unwrap().to_owned();
+    let token_secret = token.split_once('.').unwrap().1.to_owned();
     let mut secret_files = 0;
     for entry in walkdir(root.path()) {
         let text = String::from_utf8_lossy(&std::fs::read(&entry).unwrap()).into_owned();
-        if text.contains("PRIVATE KEY") || text.contains(&token) {
+        if text.contains("PRIVATE KEY")
+            || text.contains("client-key-data")
+            || text.contains(&token_secret)
+        {
             assert!(
                 entry.starts_with(&secrets_dir),
                 "secret outside the tmpfs: {}",
@@ -498,7 +521,10 @@ async fn a_masters_first_boot_runs_every_step_and_a_reboot_changes_nothing() {
     let stable = octets.join(".");
 
     let root = tempfile::tempdir().unwrap();
-    let paths = Paths::under(root.path());
+    let paths = Paths {
+        manifests: manifests_dir(),
+        ..Paths::under(root.path())
+    };
     let serial = paths.nvme_class.join("nvme1");
     std::fs::create_dir_all(&serial).unwrap();
     std::fs::write(serial.join("serial"), w.volume.replace('-', "")).unwrap();
@@ -528,7 +554,8 @@ async fn a_masters_first_boot_runs_every_step_and_a_reboot_changes_nothing() {
             "data-volume",
             "elastic-ip",
             "private-ip",
-            "secrets"
+            "secrets",
+            "configure"
         ]
     );
     assert!(reports.iter().all(|r| r.changed), "{reports:?}");
@@ -568,4 +595,90 @@ async fn a_masters_first_boot_runs_every_step_and_a_reboot_changes_nothing() {
         }
     }
     assert!(!reports[1].detail.contains("formatted"), "{:?}", reports[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reads_config_and_identity_from_the_metadata_service() {
+    let w = world(1).await;
+    // A master has published the node bundle.
+    let pki = slipway_init::pki::Bundle::generate(&slipway_init::pki::Identity {
+        cluster_name: "demo".into(),
+        master_ip: "10.0.1.10".parse().unwrap(),
+        public_ip: None,
+        api_service_ip: "10.96.0.1".parse().unwrap(),
+    })
+    .unwrap();
+    w.aws
+        .s3
+        .put_object()
+        .bucket(&w.bucket)
+        .key(secrets::node_key("demo"))
+        .body(
+            serde_json::to_vec(&pki.node_bundle().unwrap())
+                .unwrap()
+                .into(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let me = &w.instances[0];
+    let imds =
+        vm_tests::imds::Imds::instance(&me.id, &me.availability_zone, &config_text(&w, "node"))
+            .unwrap();
+    imds.unavailable_for(2);
+    let root = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"))
+        .args([
+            "--no-boot-check",
+            "--imds-endpoint",
+            &imds.endpoint,
+            "--root",
+        ])
+        .arg(root.path())
+        .arg("--manifests")
+        .arg(manifests_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("SLIPWAY-INIT-DONE"), "{stdout}");
+    assert!(
+        stderr.contains("waiting for the instance metadata service"),
+        "{stderr}"
+    );
+    // The identity came from the metadata service: the kubelet is named after it.
+    let env = std::fs::read_to_string(root.path().join("etc/kubernetes/kubelet.env")).unwrap();
+    assert!(
+        env.contains(&format!("--hostname-override={}", me.id)),
+        "{env}"
+    );
+    assert!(root
+        .path()
+        .join("srv/kubernetes/pki/bootstrap-kubelet.conf")
+        .exists());
+    assert!(!root.path().join("srv/kubernetes/pki/ca.key").exists());
+    assert!(!root.path().join("etc/kubernetes/manifests").exists());
+}
+
+#[test]
+fn the_binary_rejects_a_bad_config_by_name_and_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stack.toml");
+    std::fs::write(
+        &path,
+        "role = \"node\"\ncluster_name = \"demo\"\nsecrets_bucket = \"b-1\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/33\"\nservice_cidr = \"10.96.0.0/12\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"))
+        .args(["--no-boot-check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("SLIPWAY-INIT-FAILED stack config: `pod_cidr`"),
+        "{stdout}"
+    );
 }

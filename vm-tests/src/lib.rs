@@ -6,6 +6,7 @@
 //! TCG by default (these machines have no usable KVM); `SLIPWAY_VM_ACCEL=kvm`
 //! opts in to KVM. Guests get no network device unless a test gives them one.
 
+pub mod imds;
 pub mod moto;
 
 use anyhow::{bail, Context, Result};

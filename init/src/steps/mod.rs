@@ -2,6 +2,8 @@
 //! before it acts, reports what it did or found already done in one line,
 //! and can run again after a crash, a reboot or an instance replacement.
 
+pub mod addons;
+pub mod configure;
 pub mod eip;
 pub mod private_ip;
 pub mod secrets;
@@ -37,6 +39,10 @@ pub struct Paths {
     pub proc: PathBuf,
     /// Where the data volume is mounted: etcd's data directory.
     pub etcd_data: PathBuf,
+    /// `/etc`: rendered host configuration and static pods.
+    pub etc: PathBuf,
+    /// The templates the image carries (see [`crate::render`]).
+    pub manifests: PathBuf,
 }
 
 impl Default for Paths {
@@ -47,6 +53,8 @@ impl Default for Paths {
             dev: PathBuf::from("/dev"),
             proc: PathBuf::from("/proc"),
             etcd_data: PathBuf::from("/var/lib/etcd"),
+            etc: PathBuf::from("/etc"),
+            manifests: PathBuf::from("/usr/share/slipway/manifests"),
         }
     }
 }
@@ -101,6 +109,8 @@ pub enum StepError {
     Aws { action: String, message: String },
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
+    #[error(transparent)]
+    Render(#[from] crate::render::RenderError),
     #[error("{0}")]
     Wait(String),
     #[error("{what}: {message}")]
@@ -162,6 +172,8 @@ impl Paths {
             dev: re(d.dev),
             proc: re(d.proc),
             etcd_data: re(d.etcd_data),
+            etc: re(d.etc),
+            manifests: re(d.manifests),
         }
     }
 }
@@ -181,9 +193,15 @@ pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, StepError> {
             let (r, public_ip) = eip::run(ctx).await?;
             record(r);
             record(private_ip::run(ctx).await?);
-            record(secrets::master(ctx, Some(public_ip)).await?.0);
+            let (r, bundle) = secrets::master(ctx, Some(public_ip)).await?;
+            record(r);
+            record(configure::run(ctx, &bundle)?);
         }
-        Role::Node => record(secrets::node(ctx, NODE_BUNDLE_DEADLINE).await?.0),
+        Role::Node => {
+            let (r, bundle) = secrets::node(ctx, NODE_BUNDLE_DEADLINE).await?;
+            record(r);
+            record(configure::run(ctx, &bundle)?);
+        }
     }
     Ok(reports)
 }

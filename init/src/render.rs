@@ -1,0 +1,203 @@
+//! Host configuration and Kubernetes manifests, rendered with tera from the
+//! templates the image carries (`manifests/` in the source tree,
+//! `/usr/share/slipway/manifests` in the image):
+//!
+//! | template            | rendered to                          | for     |
+//! |---------------------|--------------------------------------|---------|
+//! | `host/kubelet.yaml` | `/etc/kubernetes/kubelet.yaml`       | all     |
+//! | `host/kubelet.env`  | `/etc/kubernetes/kubelet.env`        | all     |
+//! | `host/containerd.toml` | `/etc/containerd/config.toml`     | all     |
+//! | `static/*.yaml`     | `/etc/kubernetes/manifests/`         | masters |
+//! | `addons/*.yaml`     | `<secrets>/addons/` (tmpfs: holds the bootstrap token) | masters |
+//!
+//! `images.toml` names the container images the templates use.
+
+use crate::config::{Role, StackConfig};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Images { path: String, message: String },
+    #[error("template {name}: {message}")]
+    Template { name: String, message: String },
+    #[error("the bootstrap token {0:?} is not of the form <6>.<16>")]
+    Token(String),
+}
+
+/// Where a rendered file goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Below `/etc` (the writable overlay on /run, rebuilt every boot).
+    Etc,
+    /// Below the secrets tmpfs.
+    Secrets,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub target: Target,
+    /// Relative to the target's root (`kubernetes/manifests/etcd.yaml`).
+    pub path: PathBuf,
+    pub content: String,
+}
+
+/// The templates and the image list, loaded once.
+#[derive(Debug)]
+pub struct Templates {
+    tera: tera::Tera,
+    /// `(template name, target, path below the target)`, in render order.
+    outputs: Vec<(String, Target, PathBuf, Option<Role>)>,
+    pub images: BTreeMap<String, String>,
+}
+
+/// What differs between instances.
+#[derive(Debug, Clone)]
+pub struct Inputs<'a> {
+    pub config: &'a StackConfig,
+    pub node_name: String,
+    /// The address the kubelet registers (the master's stable private IP).
+    pub node_ip: Option<Ipv4Addr>,
+    /// Where the PKI sits on the tmpfs, as the pods see it.
+    pub pki: PathBuf,
+    /// `<id>.<secret>`; masters only (the add-ons create its Secret).
+    pub bootstrap_token: Option<&'a str>,
+}
+
+/// The master's node name: derived from its stable private IP, so that a
+/// replacement master registers as the same node.
+pub fn master_node_name(ip: Ipv4Addr) -> String {
+    let [a, b, c, d] = ip.octets();
+    format!("ip-{a}-{b}-{c}-{d}")
+}
+
+fn read(path: &Path) -> Result<String, RenderError> {
+    std::fs::read_to_string(path).map_err(|source| RenderError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn sorted_files(dir: &Path) -> Result<Vec<PathBuf>, RenderError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| RenderError::Read {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+impl Templates {
+    pub fn load(dir: &Path) -> Result<Self, RenderError> {
+        let images_path = dir.join("images.toml");
+        let images: BTreeMap<String, String> =
+            toml::from_str(&read(&images_path)?).map_err(|e| RenderError::Images {
+                path: images_path.display().to_string(),
+                message: e.message().to_owned(),
+            })?;
+        let mut outputs = vec![
+            (
+                "host/kubelet.yaml".to_owned(),
+                Target::Etc,
+                PathBuf::from("kubernetes/kubelet.yaml"),
+                None,
+            ),
+            (
+                "host/kubelet.env".to_owned(),
+                Target::Etc,
+                PathBuf::from("kubernetes/kubelet.env"),
+                None,
+            ),
+            (
+                "host/containerd.toml".to_owned(),
+                Target::Etc,
+                PathBuf::from("containerd/config.toml"),
+                None,
+            ),
+        ];
+        for (sub, target, below) in [
+            ("static", Target::Etc, "kubernetes/manifests"),
+            ("addons", Target::Secrets, "addons"),
+        ] {
+            for file in sorted_files(&dir.join(sub))? {
+                let name = file.file_name().unwrap_or_default().to_owned();
+                outputs.push((
+                    format!("{sub}/{}", name.to_string_lossy()),
+                    target,
+                    Path::new(below).join(name),
+                    Some(Role::Master),
+                ));
+            }
+        }
+        let mut tera = tera::Tera::default();
+        for (name, ..) in &outputs {
+            let text = read(&dir.join(name))?;
+            tera.add_raw_template(name, &text)
+                .map_err(|e| RenderError::Template {
+                    name: name.clone(),
+                    message: crate::error_chain(&e, ": "),
+                })?;
+        }
+        Ok(Self {
+            tera,
+            outputs,
+            images,
+        })
+    }
+
+    /// Renders every file the role needs.
+    pub fn render(&self, inputs: &Inputs<'_>) -> Result<Vec<Rendered>, RenderError> {
+        let config = inputs.config;
+        let mut ctx = tera::Context::new();
+        ctx.insert("role", &config.role.to_string());
+        ctx.insert("cluster_name", &config.cluster_name);
+        ctx.insert("node_name", &inputs.node_name);
+        ctx.insert("node_ip", &inputs.node_ip.map(|ip| ip.to_string()));
+        ctx.insert("master_ip", &config.master_ip.to_string());
+        ctx.insert("pod_cidr", &config.pod_cidr.to_string());
+        ctx.insert("service_cidr", &config.service_cidr.to_string());
+        ctx.insert("dns_service_ip", &config.dns_service_ip().to_string());
+        ctx.insert("pki", &inputs.pki.display().to_string());
+        ctx.insert("images", &self.images);
+        if let Some(token) = inputs.bootstrap_token {
+            let (id, secret) = token
+                .split_once('.')
+                .filter(|(i, s)| i.len() == 6 && s.len() == 16)
+                .ok_or_else(|| RenderError::Token(token.to_owned()))?;
+            ctx.insert("token_id", id);
+            ctx.insert("token_secret", secret);
+        }
+        let mut out = Vec::new();
+        for (name, target, path, only_for) in &self.outputs {
+            if only_for.is_some_and(|r| r != config.role) {
+                continue;
+            }
+            let content = self
+                .tera
+                .render(name, &ctx)
+                .map_err(|e| RenderError::Template {
+                    name: name.clone(),
+                    message: crate::error_chain(&e, ": "),
+                })?;
+            out.push(Rendered {
+                target: *target,
+                path: path.clone(),
+                content,
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,86 @@
+//! Renders this boot's host configuration (kubelet, containerd) and, on a
+//! master, the control plane's static pods, the add-ons and the master
+//! kubelet's own kubeconfig. Everything is rewritten at every boot from the
+//! templates; files whose content is unchanged are left alone.
+
+use super::{Context, Report, StepError};
+use crate::config::Role;
+use crate::pki::{Bundle, PkiError};
+use crate::render::{self, Inputs, Target, Templates};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+pub const STEP: &str = "configure";
+
+/// Writes `content` to `path` unless it already holds it; `true` if written.
+fn write_if_changed(path: &Path, content: &str, mode: u32) -> Result<bool, PkiError> {
+    if std::fs::read(path).is_ok_and(|old| old == content.as_bytes()) {
+        return Ok(false);
+    }
+    let werr = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| PkiError::Write { path, source }
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(werr(parent))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(werr(&tmp))?;
+    std::io::Write::write_all(&mut f, content.as_bytes()).map_err(werr(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(werr(path))?;
+    Ok(true)
+}
+
+pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
+    let config = &ctx.config;
+    let templates = Templates::load(&ctx.paths.manifests)?;
+    let pki = ctx.paths.secrets.join("pki");
+    let master = config.role == Role::Master;
+    let node_name = if master {
+        render::master_node_name(config.master_ip)
+    } else {
+        ctx.instance.id.clone()
+    };
+    let token = if master {
+        Some(bundle.get("bootstrap-token")?)
+    } else {
+        None
+    };
+    let files = templates.render(&Inputs {
+        config,
+        node_name: node_name.clone(),
+        node_ip: master.then_some(config.master_ip),
+        pki: pki.clone(),
+        bootstrap_token: token,
+    })?;
+    let mut written = 0;
+    for f in &files {
+        let (root, mode) = match f.target {
+            Target::Etc => (&ctx.paths.etc, 0o644),
+            Target::Secrets => (&ctx.paths.secrets, 0o600),
+        };
+        written += usize::from(write_if_changed(&root.join(&f.path), &f.content, mode)?);
+    }
+    if master {
+        // A fresh certificate each boot is fine; within a boot, keep it.
+        let path = ctx.paths.secrets.join("kubelet.conf");
+        if !path.exists() {
+            let server = format!("https://{}:6443", config.master_ip);
+            let kubeconfig =
+                bundle.kubelet_kubeconfig(&node_name, &server, &config.cluster_name)?;
+            written += usize::from(write_if_changed(&path, &kubeconfig, 0o600)?);
+        }
+    }
+    let detail = format!("{} files for {node_name} ({written} written)", files.len());
+    Ok(if written > 0 {
+        Report::changed(STEP, detail)
+    } else {
+        Report::already(STEP, detail)
+    })
+}

@@ -1,0 +1,288 @@
+//! The real templates in `manifests/`, rendered for a master and a node and
+//! read back as YAML/TOML: every document is a Kubernetes object, every
+//! image comes from images.toml, and the settings that matter for safety
+//! (etcd's TLS, the service and pod networks) carry the stack's values.
+
+#![allow(clippy::unwrap_used)] // helpers shared by tests
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+use slipway_init::config::StackConfig;
+use slipway_init::render::{master_node_name, Inputs, RenderError, Rendered, Target, Templates};
+use std::path::{Path, PathBuf};
+
+const TOKEN: &str = "abcdef.0123456789abcdef";
+
+fn manifests() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
+}
+
+fn config(role: &str) -> StackConfig {
+    let master = if role == "master" {
+        "master_eip_allocation = \"eipalloc-0123456789abcdef0\"\nmaster_volume = \"vol-0123456789abcdef0\"\n"
+    } else {
+        ""
+    };
+    let text = format!(
+        "role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"demo-secrets\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\n{master}"
+    );
+    StackConfig::parse(text.as_bytes()).unwrap()
+}
+
+fn render(role: &str) -> Vec<Rendered> {
+    let config = config(role);
+    let templates = Templates::load(&manifests()).unwrap();
+    let master = role == "master";
+    templates
+        .render(&Inputs {
+            config: &config,
+            node_name: if master {
+                master_node_name(config.master_ip)
+            } else {
+                "i-0123456789abcdef0".into()
+            },
+            node_ip: master.then_some(config.master_ip),
+            pki: PathBuf::from("/srv/kubernetes/pki"),
+            bootstrap_token: master.then_some(TOKEN),
+        })
+        .unwrap()
+}
+
+fn file<'a>(files: &'a [Rendered], path: &str) -> &'a Rendered {
+    files
+        .iter()
+        .find(|f| f.path == Path::new(path))
+        .unwrap_or_else(|| panic!("{path} not rendered"))
+}
+
+fn docs(f: &Rendered) -> Vec<Value> {
+    serde_yaml_ng::Deserializer::from_str(&f.content)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect::<Vec<Value>>()
+}
+
+fn command(pod: &Value) -> Vec<String> {
+    pod["spec"]["containers"][0]["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn images_in(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Mapping(m) => {
+            for (k, v) in m {
+                if k.as_str() == Some("image") {
+                    out.push(v.as_str().unwrap().to_owned());
+                } else {
+                    images_in(v, out);
+                }
+            }
+        }
+        Value::Sequence(s) => s.iter().for_each(|v| images_in(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn a_master_gets_host_config_static_pods_and_addons() {
+    let files = render("master");
+    let mut paths: Vec<String> = files.iter().map(|f| f.path.display().to_string()).collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "addons/10-bootstrap.yaml",
+            "addons/20-kube-proxy.yaml",
+            "addons/30-flannel.yaml",
+            "addons/40-coredns.yaml",
+            "containerd/config.toml",
+            "kubernetes/kubelet.env",
+            "kubernetes/kubelet.yaml",
+            "kubernetes/manifests/etcd.yaml",
+            "kubernetes/manifests/kube-apiserver.yaml",
+            "kubernetes/manifests/kube-controller-manager.yaml",
+            "kubernetes/manifests/kube-scheduler.yaml",
+        ]
+    );
+    // Only the add-ons (which hold the token) go to the secrets tmpfs.
+    for f in &files {
+        assert_eq!(
+            f.target == Target::Secrets,
+            f.path.starts_with("addons"),
+            "{}",
+            f.path.display()
+        );
+        assert!(
+            !f.content.contains("{{") && !f.content.contains("{%"),
+            "{}",
+            f.path.display()
+        );
+    }
+}
+
+#[test]
+fn every_document_is_an_object_and_every_image_is_pinned_in_images_toml() {
+    let templates = Templates::load(&manifests()).unwrap();
+    let known: Vec<&String> = templates.images.values().collect();
+    let mut seen = Vec::new();
+    for f in render("master")
+        .iter()
+        .filter(|f| f.path.extension().is_some_and(|e| e == "yaml"))
+    {
+        for doc in docs(f) {
+            assert!(
+                doc["apiVersion"].is_string(),
+                "{}: {doc:?}",
+                f.path.display()
+            );
+            assert!(doc["kind"].is_string(), "{}: {doc:?}", f.path.display());
+            images_in(&doc, &mut seen);
+        }
+    }
+    assert!(seen.len() >= 8, "{seen:?}");
+    for image in &seen {
+        assert!(known.contains(&image), "{image} is not in images.toml");
+    }
+}
+
+#[test]
+fn etcd_speaks_only_tls_with_client_certificates() {
+    let files = render("master");
+    let pod = &docs(file(&files, "kubernetes/manifests/etcd.yaml"))[0];
+    let cmd = command(pod);
+    assert!(
+        cmd.contains(&"--client-cert-auth=true".to_owned()),
+        "{cmd:?}"
+    );
+    assert!(
+        cmd.contains(&"--peer-client-cert-auth=true".to_owned()),
+        "{cmd:?}"
+    );
+    for flag in [
+        "--listen-client-urls=",
+        "--listen-peer-urls=",
+        "--advertise-client-urls=",
+    ] {
+        let urls = cmd.iter().find_map(|c| c.strip_prefix(flag)).unwrap();
+        assert!(
+            urls.split(',').all(|u| u.starts_with("https://")),
+            "{flag}{urls}"
+        );
+    }
+    assert!(cmd.contains(&"--data-dir=/var/lib/etcd/data".to_owned()));
+    assert!(cmd.contains(&"--name=ip-10-0-1-10".to_owned()), "{cmd:?}");
+}
+
+#[test]
+fn the_control_plane_carries_the_stacks_networks() {
+    let files = render("master");
+    let api = command(&docs(file(&files, "kubernetes/manifests/kube-apiserver.yaml"))[0]);
+    assert!(api.contains(&"--service-cluster-ip-range=10.96.0.0/12".to_owned()));
+    assert!(api.contains(&"--advertise-address=10.0.1.10".to_owned()));
+    assert!(api.contains(&"--etcd-servers=https://127.0.0.1:2379".to_owned()));
+    let kcm = command(
+        &docs(file(
+            &files,
+            "kubernetes/manifests/kube-controller-manager.yaml",
+        ))[0],
+    );
+    assert!(kcm.contains(&"--cluster-cidr=10.244.0.0/16".to_owned()));
+    let dns = docs(file(&files, "addons/40-coredns.yaml"));
+    let svc = dns.iter().find(|d| d["kind"] == "Service").unwrap();
+    assert_eq!(svc["spec"]["clusterIP"], "10.96.0.10");
+    let kubelet = &docs(file(&files, "kubernetes/kubelet.yaml"))[0];
+    assert_eq!(kubelet["clusterDNS"][0], "10.96.0.10");
+    assert_eq!(kubelet["cgroupDriver"], "systemd");
+    let flannel = docs(file(&files, "addons/30-flannel.yaml"));
+    let cm = flannel.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let net: serde_json::Value =
+        serde_json::from_str(cm["data"]["net-conf.json"].as_str().unwrap()).unwrap();
+    assert_eq!(net["Network"], "10.244.0.0/16");
+    let boot = docs(file(&files, "addons/10-bootstrap.yaml"));
+    assert_eq!(boot[0]["metadata"]["name"], "bootstrap-token-abcdef");
+    assert_eq!(boot[0]["stringData"]["token-secret"], "0123456789abcdef");
+}
+
+#[test]
+fn containerd_pins_the_sandbox_image_and_uses_systemd_cgroups() {
+    let files = render("node");
+    let templates = Templates::load(&manifests()).unwrap();
+    let conf: toml::Value =
+        toml::from_str(&file(&files, "containerd/config.toml").content).unwrap();
+    let images = &conf["plugins"]["io.containerd.cri.v1.images"];
+    assert_eq!(
+        images["pinned_images"]["sandbox"].as_str(),
+        Some(templates.images["pause"].as_str())
+    );
+    let runc = &conf["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["runc"];
+    assert_eq!(runc["options"]["SystemdCgroup"].as_bool(), Some(true));
+}
+
+#[test]
+fn a_node_gets_only_host_config_under_its_instance_id() {
+    let files = render("node");
+    assert_eq!(files.len(), 3, "{files:?}");
+    let env = &file(&files, "kubernetes/kubelet.env").content;
+    assert!(
+        env.contains("--hostname-override=i-0123456789abcdef0"),
+        "{env}"
+    );
+    assert!(!env.contains("control-plane"), "{env}");
+    let master = render("master");
+    let env = &file(&master, "kubernetes/kubelet.env").content;
+    assert!(env.contains("--node-ip=10.0.1.10"), "{env}");
+    assert!(
+        env.contains("node-role.kubernetes.io/control-plane:NoSchedule"),
+        "{env}"
+    );
+}
+
+#[test]
+fn a_broken_template_is_named_in_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = |rel: &str| {
+        let to = dir.path().join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(manifests().join(rel), &to).unwrap();
+    };
+    for rel in [
+        "images.toml",
+        "host/kubelet.yaml",
+        "host/kubelet.env",
+        "host/containerd.toml",
+    ] {
+        copy(rel);
+    }
+    std::fs::create_dir_all(dir.path().join("addons")).unwrap();
+    std::fs::create_dir_all(dir.path().join("static")).unwrap();
+    std::fs::write(
+        dir.path().join("static/broken.yaml"),
+        "image: {{ images.etcd ",
+    )
+    .unwrap();
+    let err = Templates::load(dir.path()).unwrap_err();
+    assert!(matches!(err, RenderError::Template { .. }), "{err}");
+    assert!(err.to_string().contains("static/broken.yaml"), "{err}");
+
+    // An image the templates use but images.toml lacks.
+    std::fs::write(
+        dir.path().join("static/broken.yaml"),
+        "image: {{ images.nope }}\n",
+    )
+    .unwrap();
+    let config = config("master");
+    let err = Templates::load(dir.path())
+        .unwrap()
+        .render(&Inputs {
+            config: &config,
+            node_name: "n".into(),
+            node_ip: None,
+            pki: PathBuf::from("/pki"),
+            bootstrap_token: Some(TOKEN),
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("static/broken.yaml"), "{err}");
+}

@@ -1,0 +1,149 @@
+//! An instance metadata service emulator: IMDSv2 only (a session token from
+//! `PUT /latest/api/token` is required on every read), serving whatever
+//! paths the test gives it. It plays the EC2 instance a test pretends to
+//! be; slipway-init's own client talks to it exactly as to the real one.
+//!
+//! Plain HTTP/1.1 over std threads, one request per connection: enough for
+//! a metadata client, small enough to read in one sitting.
+
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+const TOKEN: &str = "slipway-test-imds-token";
+
+#[derive(Debug, Default)]
+struct State {
+    paths: Mutex<BTreeMap<String, String>>,
+    /// Requests to refuse (503) before answering, to exercise retries.
+    unavailable_for: AtomicUsize,
+    requests: AtomicUsize,
+    stop: AtomicBool,
+}
+
+/// A running emulator on a loopback port; stops when dropped.
+#[derive(Debug)]
+pub struct Imds {
+    state: Arc<State>,
+    pub endpoint: String,
+    addr: std::net::SocketAddr,
+}
+
+impl Imds {
+    /// Serves `paths` (e.g. `/latest/user-data`) on a free loopback port.
+    pub fn start(paths: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            paths: Mutex::new(paths.into_iter().collect()),
+            ..State::default()
+        });
+        let served = Arc::clone(&state);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if served.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if let Ok(s) = stream {
+                    let st = Arc::clone(&served);
+                    std::thread::spawn(move || {
+                        // A client that hangs up mid-request is its own problem.
+                        let _ = serve(&st, s);
+                    });
+                }
+            }
+        });
+        Ok(Self {
+            state,
+            endpoint: format!("http://{addr}"),
+            addr,
+        })
+    }
+
+    /// The usual instance: identity, placement and user data.
+    pub fn instance(instance_id: &str, az: &str, user_data: &str) -> Result<Self> {
+        Self::start([
+            ("/latest/meta-data/instance-id".into(), instance_id.into()),
+            (
+                "/latest/meta-data/placement/availability-zone".into(),
+                az.into(),
+            ),
+            ("/latest/user-data".into(), user_data.into()),
+        ])
+    }
+
+    /// Answers the next `n` requests with 503, as a service still starting.
+    pub fn unavailable_for(&self, n: usize) {
+        self.state.unavailable_for.store(n, Ordering::SeqCst);
+    }
+
+    pub fn set(&self, path: &str, body: &str) {
+        if let Ok(mut p) = self.state.paths.lock() {
+            p.insert(path.to_owned(), body.to_owned());
+        }
+    }
+
+    /// Requests seen so far (including refused ones).
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Imds {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve(state: &State, stream: TcpStream) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+    }
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let refuse = state
+        .unavailable_for
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
+    let (status, body) = if refuse {
+        ("503 Service Unavailable", String::new())
+    } else if method == "PUT" && path == "/latest/api/token" {
+        if headers.contains_key("x-aws-ec2-metadata-token-ttl-seconds") {
+            ("200 OK", TOKEN.to_owned())
+        } else {
+            ("400 Bad Request", String::new())
+        }
+    } else if headers.get("x-aws-ec2-metadata-token").map(String::as_str) != Some(TOKEN) {
+        ("401 Unauthorized", String::new())
+    } else if method != "GET" {
+        ("405 Method Not Allowed", String::new())
+    } else {
+        match state.paths.lock().ok().and_then(|p| p.get(path).cloned()) {
+            Some(b) => ("200 OK", b),
+            None => ("404 Not Found", String::new()),
+        }
+    };
+    let mut out = stream;
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    out.flush()
+}
