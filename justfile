@@ -53,13 +53,17 @@ compile:
 build: deps compile
     {{builder}} build --spec image.toml --out {{out}} --bin-dir {{image_bins}}
 
+# Publish out/ as a release: snapshot, AMI in `region` (copied to `copy_to`), template.
+publish region copy_to="": compile
+    {{builder}} publish --out {{out}} --region {{region}} {{ if copy_to != "" { "--copy-to " + copy_to } else { "" } }}
+
 # Re-resolve the Debian package set and rewrite image.lock.
 lock: compile
     {{builder}} lock --spec image.toml
 
 # Unit tests and integration tests against moto, then the QEMU boot and tamper tests.
 test: build
-    cargo test --workspace --exclude vm-tests
+    SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} cargo test --workspace --exclude vm-tests
     just vm-test
 
 # QEMU boot tests only (TCG; SLIPWAY_VM_ACCEL=kvm opts in to KVM).

@@ -7,6 +7,7 @@ pub mod debian;
 pub mod fsio;
 pub mod lock;
 pub mod progress;
+pub mod publish;
 pub mod spec;
 pub mod tools;
 
@@ -21,7 +22,11 @@ pub mod tools;
         out/disk.qcow2 and out/build-manifest.json: a GPT disk with a UEFI boot partition \
         (one Unified Kernel Image), a read-only EROFS root protected by dm-verity, and a \
         writable /var. No builder VM, no loop devices, no mounting; rebuilds reuse every \
-        stage whose inputs did not change."
+        stage whose inputs did not change.\n\n\
+        With --region (or `image-builder publish` for an image already built) the disk is \
+        uploaded as an EBS snapshot, registered as an AMI there and copied to the --copy-to \
+        regions, and out/template.json (the CloudFormation template naming exactly those \
+        AMIs) and out/release.json are written: one image version, one template version."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -34,6 +39,10 @@ pub enum Command {
     Build(build::Args),
     /// Resolve the Debian package set and pin it in image.lock.
     Lock(lock::Args),
+    /// Upload a built image as an EBS snapshot, register it as an AMI in
+    /// --region (copying it to --copy-to), and render the release's
+    /// CloudFormation template and release.json.
+    Publish(publish::Args),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,12 +51,24 @@ pub enum Error {
     Build(#[from] build::BuildError),
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    #[error(transparent)]
+    Publish(#[from] publish::PublishError),
 }
 
 pub fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Command::Build(args) => build::run(&args).map(drop)?,
+        Command::Build(args) => {
+            build::run(&args)?;
+            if args.publish.region.is_some() {
+                let template = args.publish.template.clone().unwrap_or_else(|| {
+                    let dir = args.spec.parent().unwrap_or(std::path::Path::new("."));
+                    dir.join("cfn/template.yaml")
+                });
+                publish::publish(&args.out, &args.publish, &template)?;
+            }
+        }
         Command::Lock(args) => lock::run(&args)?,
+        Command::Publish(args) => publish::run(&args).map(drop)?,
     }
     Ok(())
 }

@@ -15,14 +15,20 @@ pub struct Moto {
 }
 
 fn moto_server() -> PathBuf {
-    if let Some(p) = std::env::var_os("SLIPWAY_MOTO_SERVER") {
-        return PathBuf::from(p);
+    match std::env::var_os("SLIPWAY_MOTO_SERVER") {
+        Some(p) => PathBuf::from(p),
+        None => venv_bin("moto_server"),
     }
+}
+
+/// A program from the test venv that `just deps` installs into the cache
+/// (moto, cfn-lint: the versions pinned in `vm-tests/requirements.txt`).
+pub fn venv_bin(name: &str) -> PathBuf {
     let cache = std::env::var_os("SLIPWAY_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slipway")))
         .unwrap_or_default();
-    cache.join("venv/bin/moto_server")
+    cache.join("venv/bin").join(name)
 }
 
 /// Credentials moto accepts; set once for the SDK's default chain.

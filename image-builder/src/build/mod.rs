@@ -84,6 +84,9 @@ pub struct Args {
     /// Cache directory (default: $SLIPWAY_CACHE_DIR or ~/.cache/slipway).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Publish the image once built (see `image-builder publish`).
+    #[command(flatten)]
+    pub publish: crate::publish::Target,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,0 +1,459 @@
+//! `image-builder publish`: a built image becomes a release. The disk goes
+//! up as an EBS snapshot (EBS direct APIs), is registered as an AMI in the
+//! home region and copied to the others, and the CloudFormation template is
+//! rendered with exactly those AMIs. `release.json` ties the image version,
+//! the disk's sha256, the AMIs and the template's sha256 together.
+//!
+//! Publishing is idempotent: the AMI's name is derived from the image
+//! version and its tags carry the disk's sha256, so running again reuses
+//! what exists, and a different disk under the same version is refused
+//! before anything is created. When a run fails, what it created
+//! (snapshots, images) is deleted and listed.
+
+pub mod ami;
+pub mod rules;
+pub mod snapshot;
+pub mod template;
+
+use crate::build::{FileDigest, Manifest};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Where and how to publish; shared by `publish` and `build --region`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Target {
+    /// Region to upload the snapshot to and register the AMI in (publishing
+    /// happens only when this is given).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Further regions to copy the AMI to (comma-separated, or repeated).
+    #[arg(long, value_delimiter = ',')]
+    pub copy_to: Vec<String>,
+    /// CloudFormation template source (default: cfn/template.yaml next to the spec).
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// Also write SSM parameters `<prefix>/<version>/image-id` and
+    /// `<prefix>/latest/image-id` in every region.
+    #[arg(long)]
+    pub ssm_prefix: Option<String>,
+    /// Snapshot blocks uploaded at once.
+    #[arg(long, default_value_t = 16)]
+    pub upload_concurrency: usize,
+    /// AWS endpoint to use instead of AWS's own (a local AWS, for tests).
+    #[arg(long, env = "SLIPWAY_AWS_ENDPOINT")]
+    pub endpoint_url: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Directory holding the build (disk.raw, build-manifest.json); the
+    /// template and release.json are written there too.
+    #[arg(long, short, default_value = "out")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{action}: {message}")]
+    Aws { action: String, message: String },
+    #[error(
+        "AMI {name} already exists in {region} ({image_id}) with disk sha256 {theirs}, \
+         but this image's disk is {ours}: give the image a new version (image.version in the spec)"
+    )]
+    VersionClash {
+        name: String,
+        region: String,
+        image_id: String,
+        theirs: String,
+        ours: String,
+    },
+    #[error("the template breaks the security rules: {0}")]
+    Rules(String),
+    #[error("{path} has sha256 {actual}, but the build manifest says {expected}: rebuild before publishing")]
+    DiskChanged {
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("publishing needs --region")]
+    NoRegion,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{error}\n  cleaned up: {cleaned}")]
+    CleanedUp {
+        #[source]
+        error: Box<PublishError>,
+        cleaned: String,
+    },
+}
+
+impl PublishError {
+    pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            action,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// Wraps any AWS SDK error with the action that failed.
+pub(crate) fn sdk_err<E, R>(
+    action: impl Into<String>,
+) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E, R>) -> PublishError
+where
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + 'static,
+{
+    use aws_sdk_ec2::error::ProvideErrorMetadata;
+    let action = action.into();
+    move |e| PublishError::Aws {
+        message: match e.code() {
+            Some(code) => format!("{code}: {}", e.message().unwrap_or("")),
+            None => slipway_init::error_chain(&e, ": "),
+        },
+        action,
+    }
+}
+
+/// `release.json`: one image version, one template version, their digests.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Release {
+    pub name: String,
+    pub image_version: String,
+    pub template_version: String,
+    pub disk_sha256: String,
+    /// Region → AMI ID; the template's RegionMap holds exactly these.
+    pub amis: BTreeMap<String, String>,
+    pub template: FileDigest,
+    /// Present when this run uploaded the disk.
+    pub upload: Option<UploadStats>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UploadStats {
+    pub snapshot_id: String,
+    pub blocks_sent: usize,
+    pub bytes_sent: u64,
+    pub disk_bytes: u64,
+    pub seconds: f64,
+}
+
+/// AWS clients for one region.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    pub region: String,
+    pub ec2: aws_sdk_ec2::Client,
+    pub ebs: aws_sdk_ebs::Client,
+    pub ssm: aws_sdk_ssm::Client,
+}
+
+impl Clients {
+    pub async fn new(region: &str, endpoint: Option<&str>) -> Self {
+        use aws_config::retry::RetryConfig;
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(region.to_owned()))
+            // Block uploads meet throttling on big disks: back off and retry.
+            .retry_config(RetryConfig::standard().with_max_attempts(8));
+        if let Some(e) = endpoint {
+            loader = loader.endpoint_url(e);
+        }
+        let conf = loader.load().await;
+        Self {
+            region: region.to_owned(),
+            ec2: aws_sdk_ec2::Client::new(&conf),
+            ebs: aws_sdk_ebs::Client::new(&conf),
+            ssm: aws_sdk_ssm::Client::new(&conf),
+        }
+    }
+}
+
+/// What this run created, so a failure can undo it.
+#[derive(Debug, Default)]
+struct Created {
+    snapshots: Vec<(Clients, String)>,
+    images: Vec<(Clients, String)>,
+}
+
+impl Created {
+    /// Deletes everything recorded; returns a line saying what went.
+    async fn undo(self) -> String {
+        let mut gone = Vec::new();
+        for (c, id) in self.images.iter().rev() {
+            match c.ec2.deregister_image().image_id(id).send().await {
+                Ok(_) => gone.push(format!("image {id} in {}", c.region)),
+                Err(e) => gone.push(format!("image {id} in {} NOT deleted ({e})", c.region)),
+            }
+        }
+        for (c, id) in self.snapshots.iter().rev() {
+            match c.ec2.delete_snapshot().snapshot_id(id).send().await {
+                Ok(_) => gone.push(format!("snapshot {id} in {}", c.region)),
+                Err(e) => gone.push(format!("snapshot {id} in {} NOT deleted ({e})", c.region)),
+            }
+        }
+        if gone.is_empty() {
+            "nothing had been created".into()
+        } else {
+            gone.join(", ")
+        }
+    }
+}
+
+fn sha256_file(path: &Path) -> Result<String, PublishError> {
+    crate::cache::sha256_file(path).map_err(|e| PublishError::io("hashing", path, e))
+}
+
+/// Publishes the build in `out` (see the module docs).
+pub fn run(args: &Args) -> Result<Release, PublishError> {
+    let template = args
+        .target
+        .template
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("cfn/template.yaml"));
+    publish(&args.out, &args.target, &template)
+}
+
+/// The same, with the template source resolved (`build` passes its own).
+pub fn publish(out: &Path, target: &Target, template: &Path) -> Result<Release, PublishError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PublishError::Invalid(format!("starting the async runtime: {e}")))?;
+    runtime.block_on(publish_async(out, target, template))
+}
+
+async fn publish_async(
+    out: &Path,
+    target: &Target,
+    template_source: &Path,
+) -> Result<Release, PublishError> {
+    let home = target.region.clone().ok_or(PublishError::NoRegion)?;
+    let manifest_path = out.join("build-manifest.json");
+    let manifest: Manifest = serde_json::from_slice(
+        &std::fs::read(&manifest_path)
+            .map_err(|e| PublishError::io("reading", &manifest_path, e))?,
+    )
+    .map_err(|e| PublishError::Invalid(format!("{}: {e}", manifest_path.display())))?;
+    let disk = out.join(&manifest.disk.file);
+    eprintln!("checking {} against the build manifest", disk.display());
+    let actual = sha256_file(&disk)?;
+    if actual != manifest.disk.sha256 {
+        return Err(PublishError::DiskChanged {
+            path: disk.display().to_string(),
+            expected: manifest.disk.sha256.clone(),
+            actual,
+        });
+    }
+    // The template must render and pass its rules before anything is uploaded.
+    let placeholder = BTreeMap::from([(home.clone(), "ami-00000000000000000".to_owned())]);
+    template::render(
+        template_source,
+        &manifest.version,
+        &manifest.disk.sha256,
+        &placeholder,
+    )?;
+    let id = ami::Identity {
+        name: format!("{}-{}", manifest.name, manifest.version),
+        version: manifest.version.clone(),
+        disk_sha256: manifest.disk.sha256.clone(),
+        architecture: ami::Architecture::X86_64,
+    };
+    let mut regions = vec![home.clone()];
+    for r in &target.copy_to {
+        if !regions.contains(r) {
+            regions.push(r.clone());
+        }
+    }
+    let endpoint = target.endpoint_url.as_deref();
+    let mut clients = Vec::new();
+    for r in &regions {
+        clients.push(Clients::new(r, endpoint).await);
+    }
+
+    // Look before creating anything: a clash anywhere stops the run here.
+    let mut amis = BTreeMap::new();
+    for c in &clients {
+        if let Some(existing) = ami::find(&c.ec2, &id.name).await? {
+            let image = ami::reuse(&existing, &id, &c.region)?;
+            eprintln!("{}: reusing {image} ({})", c.region, id.name);
+            amis.insert(c.region.clone(), image);
+        }
+    }
+
+    let mut created = Created::default();
+    let result = async {
+        let upload = create_missing(&clients, &id, &disk, target, &mut amis, &mut created).await?;
+        if let Some(prefix) = &target.ssm_prefix {
+            for c in &clients {
+                write_parameters(c, prefix, &id.version, &amis[&c.region]).await?;
+            }
+        }
+        Ok(upload)
+    }
+    .await;
+    let upload = match result {
+        Ok(u) => u,
+        Err(error) => {
+            let cleaned = created.undo().await;
+            return Err(PublishError::CleanedUp {
+                error: Box::new(error),
+                cleaned,
+            });
+        }
+    };
+
+    let rendered = template::render(template_source, &id.version, &id.disk_sha256, &amis)?;
+    let template_path = out.join("template.json");
+    std::fs::write(&template_path, &rendered)
+        .map_err(|e| PublishError::io("writing", &template_path, e))?;
+    let release = Release {
+        name: manifest.name.clone(),
+        image_version: id.version.clone(),
+        template_version: id.version.clone(),
+        disk_sha256: id.disk_sha256.clone(),
+        amis,
+        template: FileDigest {
+            file: "template.json".into(),
+            size: rendered.len() as u64,
+            sha256: crate::cache::sha256_bytes(rendered.as_bytes()),
+        },
+        upload,
+    };
+    let release_path = out.join("release.json");
+    let mut text =
+        serde_json::to_string_pretty(&release).map_err(|e| PublishError::Invalid(e.to_string()))?;
+    text.push('\n');
+    std::fs::write(&release_path, text)
+        .map_err(|e| PublishError::io("writing", &release_path, e))?;
+    for (region, image) in &release.amis {
+        eprintln!("{region}: {image}");
+    }
+    eprintln!(
+        "release {} {}: {} and {}",
+        release.name,
+        release.image_version,
+        template_path.display(),
+        release_path.display()
+    );
+    Ok(release)
+}
+
+/// Uploads and registers in the home region, then copies to the regions
+/// that lack the AMI, recording what it creates.
+async fn create_missing(
+    clients: &[Clients],
+    id: &ami::Identity,
+    disk: &Path,
+    target: &Target,
+    amis: &mut BTreeMap<String, String>,
+    created: &mut Created,
+) -> Result<Option<UploadStats>, PublishError> {
+    let home = &clients[0];
+    let mut upload = None;
+    if !amis.contains_key(&home.region) {
+        let mut snapshot_id = None;
+        let uploaded = snapshot::upload(
+            &home.ebs,
+            &home.ec2,
+            disk,
+            &format!("{} disk (sha256 {})", id.name, id.disk_sha256),
+            &id.tags(),
+            target.upload_concurrency,
+            &mut |s| snapshot_id = Some(s.to_owned()),
+        )
+        .await;
+        if let Some(s) = snapshot_id {
+            created.snapshots.push((home.clone(), s));
+        }
+        let uploaded = uploaded?;
+        let image = ami::register(&home.ec2, id, &uploaded.snapshot_id).await?;
+        created.images.push((home.clone(), image.clone()));
+        ami::wait_available(&home.ec2, &image).await?;
+        eprintln!("{}: registered {image} ({})", home.region, id.name);
+        upload = Some(UploadStats {
+            snapshot_id: uploaded.snapshot_id.clone(),
+            blocks_sent: uploaded.blocks_sent.len(),
+            bytes_sent: uploaded.bytes_sent,
+            disk_bytes: uploaded.disk_bytes,
+            seconds: uploaded.seconds,
+        });
+        amis.insert(home.region.clone(), image);
+    }
+    let source = amis[&home.region].clone();
+    let mut copies = tokio::task::JoinSet::new();
+    for c in clients.iter().skip(1) {
+        if amis.contains_key(&c.region) {
+            continue;
+        }
+        let (c, id, source, from) = (c.clone(), id.clone(), source.clone(), home.region.clone());
+        copies.spawn(async move {
+            match ami::copy(&c.ec2, &id, &from, &source).await {
+                Ok(image) => {
+                    let ready = ami::wait_available(&c.ec2, &image).await;
+                    (c, Some(image), ready)
+                }
+                Err(e) => (c, None, Err(e)),
+            }
+        });
+    }
+    let mut first_error = None;
+    while let Some(joined) = copies.join_next().await {
+        let (c, image, ready) =
+            joined.map_err(|e| PublishError::Invalid(format!("a copy task failed: {e}")))?;
+        if let Some(image) = &image {
+            created.images.push((c.clone(), image.clone()));
+        }
+        match (image, ready) {
+            (Some(image), Ok(())) => {
+                eprintln!("{}: copied {image}", c.region);
+                amis.insert(c.region.clone(), image);
+            }
+            (_, Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            (None, Ok(())) => {}
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(upload),
+    }
+}
+
+async fn write_parameters(
+    c: &Clients,
+    prefix: &str,
+    version: &str,
+    image: &str,
+) -> Result<(), PublishError> {
+    let prefix = prefix.trim_end_matches('/');
+    for name in [
+        format!("{prefix}/{version}/image-id"),
+        format!("{prefix}/latest/image-id"),
+    ] {
+        c.ssm
+            .put_parameter()
+            .name(&name)
+            .value(image)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .data_type("aws:ec2:image")
+            .overwrite(true)
+            .send()
+            .await
+            .map_err(sdk_err(format!(
+                "writing SSM parameter {name} in {}",
+                c.region
+            )))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,250 @@
+//! Security rules every rendered template must pass, checked over the
+//! parsed template (no external engine): `image-builder publish` refuses to
+//! write a template that breaks one, and the tests prove each rule fires.
+//!
+//! - `open-ingress`: no ingress from 0.0.0.0/0 or ::/0, unless the CIDR is
+//!   a parameter (the operator's choice) whose default is not the world;
+//! - `imdsv2`: every launch template requires IMDSv2 session tokens;
+//! - `bucket-public`: every bucket blocks public access on all four
+//!   switches, has default encryption, and no bucket policy allows `*`;
+//! - `volume-unencrypted`: every EBS volume (and launch-template disk) is encrypted;
+//! - `iam-wildcard`: no policy allows every action, or a service's every
+//!   action on every resource.
+
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub rule: &'static str,
+    pub resource: String,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.resource, self.rule, self.detail)
+    }
+}
+
+const WORLD: [&str; 2] = ["0.0.0.0/0", "::/0"];
+
+fn as_list(v: &Value) -> Vec<&Value> {
+    match v {
+        Value::Array(a) => a.iter().collect(),
+        Value::Null => vec![],
+        other => vec![other],
+    }
+}
+
+/// Runs every rule; an empty result means the template passes.
+pub fn check(template: &Value) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let empty = serde_json::Map::new();
+    let resources = template["Resources"].as_object().unwrap_or(&empty);
+    let params = &template["Parameters"];
+    for (name, r) in resources {
+        let props = &r["Properties"];
+        let mut flag = |rule, detail: String| {
+            out.push(Violation {
+                rule,
+                resource: name.clone(),
+                detail,
+            })
+        };
+        match r["Type"].as_str().unwrap_or("") {
+            "AWS::EC2::SecurityGroupIngress" => {
+                if let Some(d) = open_ingress(props, params) {
+                    flag("open-ingress", d);
+                }
+            }
+            "AWS::EC2::SecurityGroup" => {
+                for rule in as_list(&props["SecurityGroupIngress"]) {
+                    if let Some(d) = open_ingress(rule, params) {
+                        flag("open-ingress", d);
+                    }
+                }
+            }
+            "AWS::EC2::LaunchTemplate" => {
+                let data = &props["LaunchTemplateData"];
+                if data["MetadataOptions"]["HttpTokens"] != "required" {
+                    flag(
+                        "imdsv2",
+                        "MetadataOptions.HttpTokens is not \"required\"".into(),
+                    );
+                }
+                for bdm in as_list(&data["BlockDeviceMappings"]) {
+                    if bdm["Ebs"].is_object() && bdm["Ebs"]["Encrypted"] != true {
+                        flag(
+                            "volume-unencrypted",
+                            "a launch-template disk is not encrypted".into(),
+                        );
+                    }
+                }
+            }
+            "AWS::EC2::Instance" => {
+                flag(
+                    "imdsv2",
+                    "a bare instance cannot require IMDSv2; use a launch template".into(),
+                );
+            }
+            "AWS::EC2::Volume" if props["Encrypted"] != true => {
+                flag("volume-unencrypted", "Encrypted is not true".into());
+            }
+            "AWS::S3::Bucket" => {
+                let pab = &props["PublicAccessBlockConfiguration"];
+                for switch in [
+                    "BlockPublicAcls",
+                    "BlockPublicPolicy",
+                    "IgnorePublicAcls",
+                    "RestrictPublicBuckets",
+                ] {
+                    if pab[switch] != true {
+                        flag("bucket-public", format!("{switch} is not true"));
+                    }
+                }
+                if props["BucketEncryption"].is_null() {
+                    flag("bucket-public", "no default encryption".into());
+                }
+                if let Some(acl) = props["AccessControl"].as_str() {
+                    if acl.starts_with("Public") {
+                        flag("bucket-public", format!("AccessControl is {acl}"));
+                    }
+                }
+            }
+            "AWS::S3::BucketPolicy" => {
+                for st in as_list(&props["PolicyDocument"]["Statement"]) {
+                    let everyone = st["Principal"] == "*" || st["Principal"]["AWS"] == "*";
+                    if st["Effect"] == "Allow" && everyone {
+                        flag(
+                            "bucket-public",
+                            "a bucket policy allows Principal \"*\"".into(),
+                        );
+                    }
+                }
+            }
+            "AWS::IAM::Role" | "AWS::IAM::Policy" | "AWS::IAM::ManagedPolicy" => {
+                let mut docs: Vec<&Value> = as_list(&props["Policies"])
+                    .into_iter()
+                    .map(|p| &p["PolicyDocument"])
+                    .collect();
+                docs.push(&props["PolicyDocument"]);
+                for doc in docs {
+                    for st in as_list(&doc["Statement"]) {
+                        if let Some(d) = iam_wildcard(st) {
+                            flag("iam-wildcard", d);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn open_ingress(rule: &Value, params: &Value) -> Option<String> {
+    for key in ["CidrIp", "CidrIpv6"] {
+        let cidr = &rule[key];
+        if let Some(s) = cidr.as_str() {
+            if WORLD.contains(&s) {
+                return Some(format!("{key} {s} admits the whole internet"));
+            }
+        }
+        if let Some(p) = cidr["Ref"].as_str() {
+            if let Some(default) = params[p]["Default"].as_str() {
+                if WORLD.contains(&default) {
+                    return Some(format!("parameter {p} defaults to {default}"));
+                }
+            }
+        }
+    }
+    None
+}
+
+fn iam_wildcard(st: &Value) -> Option<String> {
+    if st["Effect"] != "Allow" {
+        return None;
+    }
+    let actions: Vec<&str> = as_list(&st["Action"])
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let any_resource = as_list(&st["Resource"]).iter().any(|r| *r == "*");
+    if actions.contains(&"*") {
+        return Some("allows every action".into());
+    }
+    if !st["NotAction"].is_null() {
+        return Some("uses NotAction".into());
+    }
+    let service_wide = actions.iter().find(|a| a.ends_with(":*"));
+    match service_wide {
+        Some(a) if any_resource => Some(format!("allows {a} on every resource")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn template() -> Value {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../cfn/template.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        serde_yaml_ng::from_str(&text).unwrap()
+    }
+
+    fn rules_fired(t: &Value) -> Vec<&'static str> {
+        let mut r: Vec<&'static str> = check(t).iter().map(|v| v.rule).collect();
+        r.dedup();
+        r
+    }
+
+    #[test]
+    fn the_shipped_template_passes() {
+        assert_eq!(check(&template()), vec![]);
+    }
+
+    #[test]
+    fn each_rule_catches_its_violation() {
+        type Mutation = fn(&mut Value);
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("open-ingress", |t| {
+                t["Resources"]["ApiFromAdmins"]["Properties"]["CidrIp"] = "0.0.0.0/0".into()
+            }),
+            ("open-ingress", |t| {
+                t["Parameters"]["AdminCidr"]["Default"] = "0.0.0.0/0".into()
+            }),
+            ("open-ingress", |t| {
+                t["Resources"]["NodeSecurityGroup"]["Properties"]["SecurityGroupIngress"] = serde_json::json!([{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "CidrIpv6": "::/0"}])
+            }),
+            ("imdsv2", |t| {
+                t["Resources"]["NodeLaunchTemplate"]["Properties"]["LaunchTemplateData"]
+                    ["MetadataOptions"]["HttpTokens"] = "optional".into()
+            }),
+            ("bucket-public", |t| {
+                t["Resources"]["SecretsBucket"]["Properties"]["PublicAccessBlockConfiguration"]
+                    ["RestrictPublicBuckets"] = false.into()
+            }),
+            ("bucket-public", |t| {
+                t["Resources"]["SecretsBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+                    [0]["Effect"] = "Allow".into()
+            }),
+            ("volume-unencrypted", |t| {
+                t["Resources"]["MasterVolume"]["Properties"]["Encrypted"] = false.into()
+            }),
+            ("iam-wildcard", |t| {
+                t["Resources"]["NodeRole"]["Properties"]["Policies"][0]["PolicyDocument"]
+                    ["Statement"][0]["Action"] = "ec2:*".into()
+            }),
+            ("iam-wildcard", |t| {
+                t["Resources"]["MasterRole"]["Properties"]["Policies"][0]["PolicyDocument"]
+                    ["Statement"][1]["Action"] = "*".into()
+            }),
+        ];
+        for (rule, mutate) in cases {
+            let mut t = template();
+            mutate(&mut t);
+            assert_eq!(rules_fired(&t), vec![rule], "{:?}", check(&t));
+        }
+    }
+}

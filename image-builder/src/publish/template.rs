@@ -1,0 +1,56 @@
+//! The release's CloudFormation template: the source in `cfn/` with its
+//! `Mappings.RegionMap` filled in with exactly the AMIs this release
+//! registered, written as JSON (keys sorted, so the same release renders
+//! the same bytes) after passing the security rules.
+
+use super::rules;
+use super::PublishError;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Renders the template for `amis` (region → AMI ID).
+pub fn render(
+    source: &Path,
+    version: &str,
+    disk_sha256: &str,
+    amis: &BTreeMap<String, String>,
+) -> Result<String, PublishError> {
+    let text =
+        std::fs::read_to_string(source).map_err(|e| PublishError::io("reading", source, e))?;
+    let mut t: Value = serde_yaml_ng::from_str(&text).map_err(|e| {
+        PublishError::Invalid(format!("{} is not valid YAML: {e}", source.display()))
+    })?;
+    if !t["Resources"].is_object() {
+        return Err(PublishError::Invalid(format!(
+            "{} has no Resources",
+            source.display()
+        )));
+    }
+    if amis.is_empty() {
+        return Err(PublishError::Invalid(
+            "no AMIs to put in the template".into(),
+        ));
+    }
+    let map: serde_json::Map<String, Value> = amis
+        .iter()
+        .map(|(region, ami)| (region.clone(), json!({ "AMI": ami })))
+        .collect();
+    t["Mappings"]["RegionMap"] = Value::Object(map);
+    t["Metadata"]["Slipway::Release"] = json!({
+        "ImageVersion": version,
+        "DiskSha256": disk_sha256,
+    });
+    if let Some(d) = t["Description"].as_str() {
+        t["Description"] = Value::String(format!("{d} Release {version}."));
+    }
+    let violations = rules::check(&t);
+    if !violations.is_empty() {
+        let list: Vec<String> = violations.iter().map(ToString::to_string).collect();
+        return Err(PublishError::Rules(list.join("; ")));
+    }
+    let mut out = serde_json::to_string_pretty(&t)
+        .map_err(|e| PublishError::Invalid(format!("serialising the template: {e}")))?;
+    out.push('\n');
+    Ok(out)
+}

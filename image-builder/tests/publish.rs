@@ -1,0 +1,384 @@
+//! Publishing against a local AWS (moto, started per test): the built image
+//! goes up through the EBS direct APIs and comes back bit for bit; AMIs
+//! appear in three regions and a second run creates nothing; a different
+//! disk under the same version is refused; the rendered template passes
+//! cfn-lint and creates a stack whose groups boot the mapped AMI.
+
+#![allow(clippy::unwrap_used)] // test glue: a failed setup should stop the test
+
+use aws_sdk_ebs::primitives::ByteStream;
+use image_builder::publish::{self, snapshot, Release, Target};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use vm_tests::moto::Moto;
+
+const HOME: &str = "us-east-1";
+const COPIES: [&str; 2] = ["eu-west-1", "ap-southeast-2"];
+
+/// The image `just build` made (`SLIPWAY_IMAGE_DIR`, else `out/`).
+fn built_image() -> PathBuf {
+    let dir = std::env::var_os("SLIPWAY_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../out"));
+    assert!(
+        dir.join("disk.raw").exists() && dir.join("build-manifest.json").exists(),
+        "no built image in {}: run `just build` first",
+        dir.display()
+    );
+    dir
+}
+
+/// A scratch output directory pointing at the built disk (never written to).
+fn scratch_out(image: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(
+        image.join("disk.raw").canonicalize().unwrap(),
+        dir.path().join("disk.raw"),
+    )
+    .unwrap();
+    std::fs::copy(
+        image.join("build-manifest.json"),
+        dir.path().join("build-manifest.json"),
+    )
+    .unwrap();
+    dir
+}
+
+fn target(moto: &Moto, copies: &[&str]) -> Target {
+    Target {
+        region: Some(HOME.into()),
+        copy_to: copies.iter().map(|s| s.to_string()).collect(),
+        template: None,
+        ssm_prefix: Some("/slipway".into()),
+        upload_concurrency: 8,
+        endpoint_url: Some(moto.endpoint.clone()),
+    }
+}
+
+fn template_source() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../cfn/template.yaml")
+}
+
+/// Runs publish on its own thread (it owns a runtime of its own).
+fn publish(out: &Path, target: &Target) -> Result<Release, publish::PublishError> {
+    let (out, target) = (out.to_owned(), target.clone());
+    std::thread::spawn(move || publish::publish(&out, &target, &template_source()))
+        .join()
+        .unwrap()
+}
+
+async fn count(moto: &Moto, region: &str) -> (usize, usize) {
+    let c = publish::Clients::new(region, Some(&moto.endpoint)).await;
+    let images = c.ec2.describe_images().owners("self").send().await.unwrap();
+    let snaps = c
+        .ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .send()
+        .await
+        .unwrap();
+    (images.images().len(), snaps.snapshots().len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uploaded_snapshot_reads_back_as_the_disk() {
+    let image = built_image();
+    let out = scratch_out(&image);
+    let moto = Moto::start().unwrap();
+    let release = publish(out.path(), &target(&moto, &[])).unwrap();
+    let upload = release.upload.clone().unwrap();
+    eprintln!(
+        "uploaded {} blocks, {:.1} MiB of a {:.0} MiB disk in {:.2}s ({:.1} MiB/s)",
+        upload.blocks_sent,
+        upload.bytes_sent as f64 / 1048576.0,
+        upload.disk_bytes as f64 / 1048576.0,
+        upload.seconds,
+        upload.bytes_sent as f64 / 1048576.0 / upload.seconds
+    );
+
+    // Read every block back and rebuild the disk: same sha256.
+    let c = publish::Clients::new(HOME, Some(&moto.endpoint)).await;
+    let listed = c
+        .ebs
+        .list_snapshot_blocks()
+        .snapshot_id(&upload.snapshot_id)
+        .send()
+        .await
+        .unwrap();
+    let indices: BTreeSet<u64> = listed
+        .blocks()
+        .iter()
+        .map(|b| b.block_index().unwrap() as u64)
+        .collect();
+    let expected: BTreeSet<u64> = snapshot::nonzero_blocks(&image.join("disk.raw"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        indices, expected,
+        "the blocks sent are not the disk's non-zero blocks"
+    );
+    assert_eq!(upload.blocks_sent, expected.len());
+    assert_eq!(
+        upload.bytes_sent,
+        expected.len() as u64 * snapshot::BLOCK_SIZE
+    );
+
+    let mut hash = Sha256::new();
+    let zero = vec![0u8; snapshot::BLOCK_SIZE as usize];
+    for index in 0..upload.disk_bytes / snapshot::BLOCK_SIZE {
+        if indices.contains(&index) {
+            let block = c
+                .ebs
+                .get_snapshot_block()
+                .snapshot_id(&upload.snapshot_id)
+                .block_index(index as i32)
+                .block_token("-")
+                .send()
+                .await
+                .unwrap();
+            let data: ByteStream = block.block_data;
+            let bytes = data.collect().await.unwrap().into_bytes();
+            assert_eq!(bytes.len(), zero.len(), "block {index}");
+            hash.update(&bytes);
+        } else {
+            hash.update(&zero);
+        }
+    }
+    assert_eq!(hex::encode(hash.finalize()), release.disk_sha256);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amis_in_three_regions_then_nothing_new_then_a_clash_is_refused() {
+    let image = built_image();
+    let out = scratch_out(&image);
+    let moto = Moto::start().unwrap();
+    let first = publish(out.path(), &target(&moto, &COPIES)).unwrap();
+    let regions: Vec<&str> = first.amis.keys().map(String::as_str).collect();
+    assert_eq!(regions, ["ap-southeast-2", "eu-west-1", "us-east-1"]);
+    for (region, ami) in &first.amis {
+        let c = publish::Clients::new(region, Some(&moto.endpoint)).await;
+        let found = publish::ami::find(&c.ec2, "slipway-0.1.0")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&found.image_id, ami);
+        assert_eq!(
+            found.disk_sha256.as_deref(),
+            Some(first.disk_sha256.as_str())
+        );
+        let param = c
+            .ssm
+            .get_parameter()
+            .name("/slipway/latest/image-id")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(param.parameter().unwrap().value(), Some(ami.as_str()));
+    }
+    // The template names exactly these AMIs.
+    let template: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("template.json")).unwrap()).unwrap();
+    for (region, ami) in &first.amis {
+        assert_eq!(
+            template["Mappings"]["RegionMap"][region]["AMI"],
+            ami.as_str()
+        );
+    }
+    assert_eq!(
+        template["Mappings"]["RegionMap"].as_object().unwrap().len(),
+        3
+    );
+    let on_disk: Release =
+        serde_json::from_slice(&std::fs::read(out.path().join("release.json")).unwrap()).unwrap();
+    assert_eq!(on_disk, first);
+
+    // Again: the same AMIs, and nothing new anywhere.
+    let mut before = Vec::new();
+    for r in first.amis.keys() {
+        before.push(count(&moto, r).await);
+    }
+    let second = publish(out.path(), &target(&moto, &COPIES)).unwrap();
+    assert_eq!(second.amis, first.amis);
+    assert!(second.upload.is_none(), "the second run uploaded again");
+    let mut after = Vec::new();
+    for r in first.amis.keys() {
+        after.push(count(&moto, r).await);
+    }
+    assert_eq!(before, after);
+
+    // Another disk under the same version: refused before creating anything.
+    let other = tempfile::tempdir().unwrap();
+    let disk = other.path().join("disk.raw");
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(1 << 30).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"a different disk", 4096).unwrap();
+    drop(f);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image.join("build-manifest.json")).unwrap()).unwrap();
+    manifest["disk"]["sha256"] = image_builder::cache::sha256_file(&disk).unwrap().into();
+    manifest["disk"]["size"] = (1u64 << 30).into();
+    std::fs::write(
+        other.path().join("build-manifest.json"),
+        manifest.to_string(),
+    )
+    .unwrap();
+    let err = publish(other.path(), &target(&moto, &COPIES)).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, publish::PublishError::VersionClash { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("slipway-0.1.0") && msg.contains("new version"),
+        "{msg}"
+    );
+    let mut after_clash = Vec::new();
+    for r in first.amis.keys() {
+        after_clash.push(count(&moto, r).await);
+    }
+    assert_eq!(before, after_clash);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_publish_deletes_what_it_created() {
+    let image = built_image();
+    let out = scratch_out(&image);
+    let moto = Moto::start().unwrap();
+    // SSM refuses parameter names under /aws: that happens after the
+    // snapshot and the image were created, and both must go.
+    let mut t = target(&moto, &[]);
+    t.ssm_prefix = Some("/aws/slipway".into());
+    let err = publish(out.path(), &t).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("writing SSM parameter /aws/slipway/0.1.0/image-id"),
+        "{msg}"
+    );
+    assert!(msg.contains("cleaned up: image ami-"), "{msg}");
+    assert!(msg.contains("snapshot snap-"), "{msg}");
+    let c = publish::Clients::new(HOME, Some(&moto.endpoint)).await;
+    assert!(publish::ami::find(&c.ec2, "slipway-0.1.0")
+        .await
+        .unwrap()
+        .is_none());
+    // (moto's RegisterImage makes a snapshot of its own, which AWS does
+    // not; so look for ours by ID rather than count them.)
+    let ours = msg
+        .split("snapshot ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
+    let left = c.ec2.describe_snapshots().snapshot_ids(ours).send().await;
+    assert!(
+        left.map_or(true, |d| d.snapshots().is_empty()),
+        "{ours} still exists"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_template_lints_clean_and_creates_a_stack_on_the_mapped_ami() {
+    let image = built_image();
+    let out = scratch_out(&image);
+    let moto = Moto::start().unwrap();
+    let release = publish(out.path(), &target(&moto, &[])).unwrap();
+    let template_path = out.path().join("template.json");
+
+    // cfn-lint, pinned in vm-tests/requirements.txt: no errors, no warnings.
+    let lint = std::process::Command::new(vm_tests::moto::venv_bin("cfn-lint"))
+        .arg(&template_path)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&lint.stdout);
+    assert!(
+        lint.status.success() && report.trim().is_empty(),
+        "cfn-lint:\n{report}"
+    );
+
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(HOME))
+        .endpoint_url(&moto.endpoint)
+        .load()
+        .await;
+    let cfn = aws_sdk_cloudformation::Client::new(&conf);
+    let body = std::fs::read_to_string(&template_path).unwrap();
+    cfn.create_stack()
+        .stack_name("demo")
+        .template_body(body)
+        .parameters(
+            aws_sdk_cloudformation::types::Parameter::builder()
+                .parameter_key("AdminCidr")
+                .parameter_value("203.0.113.0/24")
+                .build(),
+        )
+        .capabilities(aws_sdk_cloudformation::types::Capability::CapabilityIam)
+        .send()
+        .await
+        .unwrap();
+    let mut status = String::new();
+    for _ in 0..120 {
+        let d = cfn
+            .describe_stacks()
+            .stack_name("demo")
+            .send()
+            .await
+            .unwrap();
+        status = d.stacks()[0].stack_status().unwrap().as_str().to_owned();
+        if !status.ends_with("IN_PROGRESS") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let stack = cfn
+        .describe_stacks()
+        .stack_name("demo")
+        .send()
+        .await
+        .unwrap();
+    let stack = &stack.stacks()[0];
+    assert_eq!(
+        status,
+        "CREATE_COMPLETE",
+        "{:?}",
+        stack.stack_status_reason()
+    );
+
+    // Both groups launched their instances from the mapped AMI.
+    let asg = aws_sdk_autoscaling::Client::new(&conf);
+    let groups = asg.describe_auto_scaling_groups().send().await.unwrap();
+    let ec2 = aws_sdk_ec2::Client::new(&conf);
+    let mut launched = 0;
+    for g in groups.auto_scaling_groups() {
+        for i in g.instances() {
+            let d = ec2
+                .describe_instances()
+                .instance_ids(i.instance_id().unwrap())
+                .send()
+                .await
+                .unwrap();
+            let inst = &d.reservations()[0].instances()[0];
+            assert_eq!(inst.image_id(), Some(release.amis[HOME].as_str()));
+            launched += 1;
+        }
+    }
+    assert_eq!(launched, 3, "one master and two nodes");
+
+    let outputs: std::collections::BTreeMap<&str, &str> = stack
+        .outputs()
+        .iter()
+        .map(|o| (o.output_key().unwrap(), o.output_value().unwrap()))
+        .collect();
+    assert!(
+        outputs["ApiEndpoint"].starts_with("https://"),
+        "{outputs:?}"
+    );
+    assert!(outputs["ApiEndpoint"].ends_with(":6443"), "{outputs:?}");
+    let bucket = outputs["SecretsBucketName"];
+    assert_eq!(
+        outputs["AdminKubeconfig"],
+        format!("s3://{bucket}/slipway/admin.conf")
+    );
+}
