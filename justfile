@@ -11,10 +11,12 @@ image_target := "x86_64-unknown-linux-gnu"
 image_bins := CARGO_TARGET_DIR / "image-bins"
 image_env := "RUSTC_WORKSPACE_WRAPPER=" + justfile_directory() + "/.cargo/remap-rustc SLIPWAY_SRC=" + justfile_directory()
 builder := CARGO_TARGET_DIR / "release/image-builder"
+# The payload built from source, its registry storage and its pins.
+fixtures_dir := cache / "fixtures"
 out := "out"
 
 # Host packages the build and the tests use (Debian names).
-host_packages := "mmdebstrap uidmap erofs-utils e2fsprogs qemu-utils qemu-system-x86 ovmf jq time"
+host_packages := "mmdebstrap uidmap erofs-utils e2fsprogs qemu-utils qemu-system-x86 ovmf jq time docker-registry"
 
 default: build
 
@@ -28,6 +30,9 @@ deps:
         sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
         $sudo apt-get update -q
         DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends $missing
+        # The tests start their own registries on loopback; Debian's package
+        # would otherwise serve one on every interface.
+        if [ -d /run/systemd/system ]; then $sudo systemctl disable --now docker-registry.service || true; fi
     fi
     # moto, pinned, in a venv of its own (the local AWS the tests run against).
     venv="{{cache}}/venv"
@@ -56,6 +61,11 @@ build: deps compile
 # Publish out/ as a release: snapshot, AMI in `region` (copied to `copy_to`), template.
 publish region copy_to="": compile
     {{builder}} publish --out {{out}} --region {{region}} {{ if copy_to != "" { "--copy-to " + copy_to } else { "" } }}
+
+# Build the Kubernetes payload from source with Go, make and push its images, pin them.
+fixtures: deps
+    vm-tests/fixtures/build-go.sh {{fixtures_dir}}/out
+    cargo run -q -p vm-tests --bin slipway-fixtures -- make {{fixtures_dir}}/out/bin image.toml {{fixtures_dir}}
 
 # Re-resolve the Debian package set and rewrite image.lock.
 lock: compile

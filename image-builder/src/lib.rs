@@ -4,8 +4,11 @@
 pub mod build;
 pub mod cache;
 pub mod debian;
+pub mod fetch;
 pub mod fsio;
 pub mod lock;
+pub mod oci;
+pub mod payload;
 pub mod progress;
 pub mod publish;
 pub mod spec;

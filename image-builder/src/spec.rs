@@ -30,6 +30,21 @@ pub struct Spec {
     pub debian: Debian,
     pub kernel: Kernel,
     pub overlay: Overlay,
+    #[serde(default)]
+    pub payload: Payload,
+}
+
+/// The Kubernetes payload (see `crate::payload`); pinned in `payload.lock`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Payload {
+    /// The container image list (name → reference), relative to the spec;
+    /// every image in it is pulled at build time.
+    #[serde(default)]
+    pub images: Option<PathBuf>,
+    /// Host binaries.
+    #[serde(default, rename = "artifact")]
+    pub artifacts: Vec<crate::payload::Artifact>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +195,32 @@ impl Spec {
             .any(|b| b.contains('/') || b.is_empty())
         {
             return Err(invalid("overlay.binaries", "takes bare binary names"));
+        }
+        for a in &self.payload.artifacts {
+            if !ident(&a.name) || !ident(&a.version) {
+                return Err(invalid(
+                    "payload.artifact",
+                    &format!(
+                        "{:?} {:?}: name and version must be 1-64 characters of [A-Za-z0-9-_.+]",
+                        a.name, a.version
+                    ),
+                ));
+            }
+            if !a.install.is_absolute() || a.install.components().any(|c| c.as_os_str() == "..") {
+                return Err(invalid(
+                    "payload.artifact",
+                    &format!("{}: install must be an absolute path without `..`", a.name),
+                ));
+            }
+            if !(a.url.starts_with("https://")
+                || a.url.starts_with("http://")
+                || a.url.starts_with("file://"))
+            {
+                return Err(invalid(
+                    "payload.artifact",
+                    &format!("{}: url must be http(s):// or file://", a.name),
+                ));
+            }
         }
         Ok(())
     }

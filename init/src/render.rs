@@ -6,11 +6,11 @@
 //! |---------------------|--------------------------------------|---------|
 //! | `host/kubelet.yaml` | `/etc/kubernetes/kubelet.yaml`       | all     |
 //! | `host/kubelet.env`  | `/etc/kubernetes/kubelet.env`        | all     |
-//! | `host/containerd.toml` | `/etc/containerd/config.toml`     | all     |
 //! | `static/*.yaml`     | `/etc/kubernetes/manifests/`         | masters |
 //! | `addons/*.yaml`     | `<secrets>/addons/` (tmpfs: holds the bootstrap token) | masters |
 //!
-//! `images.toml` names the container images the templates use.
+//! `images.toml` names the container images the templates use;
+//! `host/containerd.toml` is not a template (containerd reads it in place).
 
 use crate::config::{Role, StackConfig};
 use std::collections::BTreeMap;
@@ -119,12 +119,6 @@ impl Templates {
                 "host/kubelet.env".to_owned(),
                 Target::Etc,
                 PathBuf::from("kubernetes/kubelet.env"),
-                None,
-            ),
-            (
-                "host/containerd.toml".to_owned(),
-                Target::Etc,
-                PathBuf::from("containerd/config.toml"),
                 None,
             ),
         ];

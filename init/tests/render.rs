@@ -98,7 +98,6 @@ fn a_master_gets_host_config_static_pods_and_addons() {
             "addons/20-kube-proxy.yaml",
             "addons/30-flannel.yaml",
             "addons/40-coredns.yaml",
-            "containerd/config.toml",
             "kubernetes/kubelet.env",
             "kubernetes/kubelet.yaml",
             "kubernetes/manifests/etcd.yaml",
@@ -207,11 +206,10 @@ fn the_control_plane_carries_the_stacks_networks() {
 }
 
 #[test]
-fn containerd_pins_the_sandbox_image_and_uses_systemd_cgroups() {
-    let files = render("node");
+fn containerd_pins_the_sandbox_image_of_images_toml_and_uses_systemd_cgroups() {
     let templates = Templates::load(&manifests()).unwrap();
-    let conf: toml::Value =
-        toml::from_str(&file(&files, "containerd/config.toml").content).unwrap();
+    let text = std::fs::read_to_string(manifests().join("host/containerd.toml")).unwrap();
+    let conf: toml::Value = toml::from_str(&text).unwrap();
     let images = &conf["plugins"]["io.containerd.cri.v1.images"];
     assert_eq!(
         images["pinned_images"]["sandbox"].as_str(),
@@ -224,7 +222,7 @@ fn containerd_pins_the_sandbox_image_and_uses_systemd_cgroups() {
 #[test]
 fn a_node_gets_only_host_config_under_its_instance_id() {
     let files = render("node");
-    assert_eq!(files.len(), 3, "{files:?}");
+    assert_eq!(files.len(), 2, "{files:?}");
     let env = &file(&files, "kubernetes/kubelet.env").content;
     assert!(
         env.contains("--hostname-override=i-0123456789abcdef0"),
@@ -248,12 +246,7 @@ fn a_broken_template_is_named_in_the_error() {
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
         std::fs::copy(manifests().join(rel), &to).unwrap();
     };
-    for rel in [
-        "images.toml",
-        "host/kubelet.yaml",
-        "host/kubelet.env",
-        "host/containerd.toml",
-    ] {
+    for rel in ["images.toml", "host/kubelet.yaml", "host/kubelet.env"] {
         copy(rel);
     }
     std::fs::create_dir_all(dir.path().join("addons")).unwrap();

@@ -8,6 +8,7 @@
 
 pub mod imds;
 pub mod moto;
+pub mod registry;
 
 use anyhow::{bail, Context, Result};
 use std::fs;

@@ -60,6 +60,8 @@ pub enum BuildError {
     Io(#[from] crate::fsio::PathError),
     #[error("{lock} does not match {spec} (its package list or suite changed); run `image-builder lock` to re-resolve")]
     StaleLock { lock: PathBuf, spec: PathBuf },
+    #[error(transparent)]
+    Payload(#[from] crate::payload::PayloadError),
 }
 
 /// Arguments of `image-builder build`.
@@ -84,6 +86,17 @@ pub struct Args {
     /// Cache directory (default: $SLIPWAY_CACHE_DIR or ~/.cache/slipway).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// The payload's pins (default: payload.lock next to the spec).
+    #[arg(long, env = "SLIPWAY_PAYLOAD_LOCK")]
+    pub payload_lock: Option<PathBuf>,
+    /// Fetch payload artifacts from here instead of their upstream hosts
+    /// (`file:///dir` or `http://host/prefix`; the upstream path is kept).
+    #[arg(long, env = "SLIPWAY_ARTIFACT_MIRROR")]
+    pub artifact_mirror: Option<String>,
+    /// Pull every container image from this registry instead of its own
+    /// (`http://127.0.0.1:5000`); images keep their names and pins.
+    #[arg(long, env = "SLIPWAY_REGISTRY_MIRROR")]
+    pub registry_mirror: Option<String>,
     /// Publish the image once built (see `image-builder publish`).
     #[command(flatten)]
     pub publish: crate::publish::Target,
@@ -139,6 +152,9 @@ pub struct Manifest {
     pub uki_size: u64,
     pub root_tree_bytes: u64,
     pub packages: Vec<PackageInfo>,
+    /// Every payload artifact and image, with its digest.
+    #[serde(default)]
+    pub payload: crate::payload::Recorded,
     pub stages: Vec<StageTiming>,
     pub total_seconds: f64,
 }
@@ -285,6 +301,57 @@ fn up_to_date(out: &Path, inputs: &str) -> Option<Manifest> {
     (m.inputs == inputs && intact(&m.disk) && intact(&m.qcow2)).then_some(m)
 }
 
+/// Fetches the payload (cache first) and adds it to the overlay.
+fn resolve_payload(
+    spec: &Spec,
+    spec_dir: &Path,
+    args: &Args,
+    cache: &Cache,
+    progress: &Progress,
+    overlay: &mut Overlay,
+) -> Result<crate::payload::Recorded, BuildError> {
+    use crate::payload;
+    let images = match &spec.payload.images {
+        Some(p) => payload::load_images(&spec_dir.join(p))?,
+        None => Default::default(),
+    };
+    if spec.payload.artifacts.is_empty() && images.is_empty() {
+        return Ok(payload::Recorded::default());
+    }
+    let lock_path = args
+        .payload_lock
+        .clone()
+        .unwrap_or_else(|| spec_dir.join("payload.lock"));
+    let lock = payload::Lock::load(&lock_path)?;
+    let mirrors = payload::Mirrors {
+        artifacts: args.artifact_mirror.clone(),
+        registry: args.registry_mirror.clone(),
+    };
+    progress.stage("payload", || {
+        let (files, record) = payload::resolve(
+            cache,
+            &spec.payload.artifacts,
+            &images,
+            &lock,
+            &lock_path,
+            &mirrors,
+            &|m| progress.note(m),
+        )?;
+        let bytes: u64 = files
+            .iter()
+            .map(|f| fs::metadata(&f.src).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        let note = format!(
+            "{} artifacts, {} images, {}",
+            record.artifacts.len(),
+            record.images.len(),
+            progress::bytes(bytes)
+        );
+        overlay.payload = files;
+        Ok::<_, BuildError>((record, Outcome::built(note)))
+    })
+}
+
 pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     let progress = Progress::new();
     let spec = Spec::load(&args.spec)?;
@@ -298,7 +365,8 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     let cache = Cache::locate(args.cache_dir.clone());
     let lock = ensure_lock(&spec, args, &cache, &progress)?;
     let bin_dir = args.bin_dir.clone().unwrap_or_else(default_bin_dir);
-    let overlay = Overlay::gather(&spec, spec_dir, &bin_dir)?;
+    let mut overlay = Overlay::gather(&spec, spec_dir, &bin_dir)?;
+    let payload_record = resolve_payload(&spec, spec_dir, args, &cache, &progress, &mut overlay)?;
     let initrd_bin = bin_dir.join("slipway-initrd");
     let initrd_bytes = fs::read(&initrd_bin).map_err(|_| RootfsError::MissingBinary {
         path: initrd_bin.clone(),
@@ -699,6 +767,7 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
                 sha256: p.sha256.clone(),
             })
             .collect(),
+        payload: payload_record,
         stages: progress.timings(),
         total_seconds: progress.elapsed(),
     };

@@ -154,6 +154,8 @@ pub struct Overlay {
     /// (link relative to the root, target)
     pub links: Vec<(PathBuf, String)>,
     pub dirs: Vec<(PathBuf, u32)>,
+    /// Payload files from the cache, keyed by their digests (never re-read).
+    pub payload: Vec<crate::payload::PayloadFile>,
 }
 
 fn files_under(dir: &Path) -> Result<Vec<PathBuf>, RootfsError> {
@@ -215,6 +217,7 @@ impl Overlay {
             files,
             links,
             dirs: vec![(PathBuf::from("srv/kubernetes"), 0o700)],
+            payload: Vec::new(),
         })
     }
 
@@ -232,6 +235,11 @@ impl Overlay {
         for (dir, mode) in &self.dirs {
             k.str(&dir.to_string_lossy()).str(&mode.to_string());
         }
+        for p in &self.payload {
+            k.str(&p.dest.to_string_lossy())
+                .str(&p.mode.to_string())
+                .str(&p.key);
+        }
         Ok(())
     }
 
@@ -240,6 +248,16 @@ impl Overlay {
         for (dest, src, mode) in &self.files {
             let data = fs::read(src).map_err(fsio::at("reading", src))?;
             replace_file(&root.join(dest), &data, *mode)?;
+        }
+        for p in &self.payload {
+            let dest = root.join(&p.dest);
+            if let Some(dir) = dest.parent() {
+                fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
+            }
+            let _ = fs::remove_file(&dest);
+            fs::copy(&p.src, &dest).map_err(fsio::at("copying", &p.src))?;
+            fs::set_permissions(&dest, fs::Permissions::from_mode(p.mode))
+                .map_err(fsio::at("chmod", &dest))?;
         }
         for (link, target) in &self.links {
             let p = root.join(link);
@@ -313,6 +331,7 @@ mod tests {
                 "../u.service".into(),
             )],
             dirs: vec![(PathBuf::from("srv/kubernetes"), 0o700)],
+            payload: vec![],
         };
         overlay.apply(&work, "v1").unwrap();
         assert_eq!(

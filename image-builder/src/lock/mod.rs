@@ -27,6 +27,8 @@ pub enum LockError {
     Parse { path: PathBuf, message: String },
     #[error("resolving packages: {0}")]
     Resolve(String),
+    #[error(transparent)]
+    Payload(#[from] crate::payload::PayloadError),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +248,67 @@ pub struct Args {
     /// Cache directory (default: $SLIPWAY_CACHE_DIR or ~/.cache/slipway).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// Only pin the payload (payload.lock), not the Debian packages.
+    #[arg(long)]
+    pub payload_only: bool,
+    /// The payload's pins to refresh (default: payload.lock next to the spec).
+    #[arg(long, env = "SLIPWAY_PAYLOAD_LOCK")]
+    pub payload_lock: Option<PathBuf>,
+    /// Resolve payload artifacts from here (see `image-builder build --help`).
+    #[arg(long, env = "SLIPWAY_ARTIFACT_MIRROR")]
+    pub artifact_mirror: Option<String>,
+    /// Resolve container images from this registry.
+    #[arg(long, env = "SLIPWAY_REGISTRY_MIRROR")]
+    pub registry_mirror: Option<String>,
+}
+
+/// Pins whatever payload entries `payload.lock` lacks, keeping the rest.
+fn lock_payload(
+    args: &Args,
+    spec: &Spec,
+    cache: &Cache,
+    progress: &Progress,
+) -> Result<(), LockError> {
+    use crate::payload;
+    let spec_dir = args
+        .spec
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let images = match &spec.payload.images {
+        Some(p) => payload::load_images(&spec_dir.join(p))?,
+        None => Default::default(),
+    };
+    let path = args
+        .payload_lock
+        .clone()
+        .unwrap_or_else(|| spec_dir.join("payload.lock"));
+    let old = if path.exists() {
+        payload::Lock::load(&path)?
+    } else {
+        payload::Lock::default()
+    };
+    let mirrors = payload::Mirrors {
+        artifacts: args.artifact_mirror.clone(),
+        registry: args.registry_mirror.clone(),
+    };
+    let lock = progress.stage("resolve payload", || {
+        payload::refresh(
+            cache,
+            &spec.payload.artifacts,
+            &images,
+            &old,
+            &mirrors,
+            &|m| progress.note(m),
+        )
+        .map(|l| {
+            let n = format!("{} artifacts, {} images", l.artifacts.len(), l.images.len());
+            (l, Outcome::built(n))
+        })
+    })?;
+    fs::write(&path, lock.to_toml()).map_err(fsio::at("writing", &path))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
 }
 
 pub fn lock_path(spec: &Path, explicit: Option<&Path>) -> PathBuf {
@@ -257,6 +320,9 @@ pub fn lock_path(spec: &Path, explicit: Option<&Path>) -> PathBuf {
 pub fn run(args: &Args) -> Result<(), LockError> {
     let spec = Spec::load(&args.spec)?;
     let cache = Cache::locate(args.cache_dir.clone());
+    if args.payload_only {
+        return lock_payload(args, &spec, &cache, &Progress::new());
+    }
     let mirror = debian::resolve_mirror(args.mirror.as_deref(), spec.debian.mirror.as_deref())?;
     let progress = Progress::new();
     let lock = progress.stage("resolve packages", || {
@@ -272,7 +338,7 @@ pub fn run(args: &Args) -> Result<(), LockError> {
         path.display(),
         lock.packages.len()
     );
-    Ok(())
+    lock_payload(args, &spec, &cache, &progress)
 }
 
 #[cfg(test)]

@@ -63,6 +63,13 @@ struct Args {
 enum Command {
     /// Run this boot's steps (the default).
     Boot,
+    /// Import the image's pre-pulled container images into containerd and
+    /// pin them (needs no stack config).
+    Images {
+        /// The list the image build wrote.
+        #[arg(long, default_value = steps::images::LIST)]
+        list: PathBuf,
+    },
     /// Master only: wait for the API server, apply the add-ons, signal the stack.
     Addons {
         /// How long to wait for the API server, in seconds.
@@ -181,6 +188,12 @@ fn main() -> ExitCode {
                 }
             }
             runtime.block_on(boot(&args))
+        }
+        Some(Command::Images { list }) => {
+            let root = args.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+            steps::images::import(&steps::System, list, &root)
+                .map(|r| r.log())
+                .map_err(|e| chain(&e))
         }
         Some(Command::Addons { api_deadline }) => {
             runtime.block_on(addons(&args, Duration::from_secs(*api_deadline)))

@@ -5,6 +5,7 @@
 pub mod addons;
 pub mod configure;
 pub mod eip;
+pub mod images;
 pub mod private_ip;
 pub mod secrets;
 pub mod signal;

@@ -1,0 +1,476 @@
+//! The Kubernetes payload: host binaries (the spec's `[[payload.artifact]]`,
+//! pinned by sha256) and container images (`manifests/images.toml`, pinned
+//! by digest), both pinned in `payload.lock`. They are fetched and pulled
+//! at build time into the content-addressed cache, so the image starts a
+//! cluster without reaching any registry. Mirrors redirect the downloads
+//! (air-gapped sites, and the tests' fixtures); the pins do not change with
+//! the source, so a mirror can never slip different bytes in.
+
+use crate::cache::Cache;
+use crate::fetch::{self, FetchError};
+use crate::oci::{self, OciError, Reference};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Where the images' archives go in the image.
+pub const IMAGES_DIR: &str = "usr/share/slipway/images";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Oci(#[from] OciError),
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error(
+        "{what} has no pin in {lock}: run `image-builder lock` where the network reaches it, \
+         or build against the fixtures (`just fixtures`)"
+    )]
+    Unpinned { what: String, lock: String },
+}
+
+/// One host binary, as the spec lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    pub name: String,
+    pub version: String,
+    /// Upstream URL (linux/amd64).
+    pub url: String,
+    /// Where it goes in the image (absolute).
+    pub install: PathBuf,
+    /// For a `.tar.gz` download: the member to install (`bin/containerd`).
+    #[serde(default)]
+    pub extract: Option<String>,
+    #[serde(default = "default_mode")]
+    pub mode: u32,
+}
+
+fn default_mode() -> u32 {
+    0o755
+}
+
+/// `payload.lock`: what every artifact and image must hash to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lock {
+    #[serde(default, rename = "artifact")]
+    pub artifacts: Vec<LockedArtifact>,
+    #[serde(default, rename = "image")]
+    pub images: Vec<LockedImage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockedArtifact {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockedImage {
+    pub reference: String,
+    /// The linux/amd64 image manifest's digest.
+    pub digest: String,
+}
+
+impl Lock {
+    pub fn load(path: &Path) -> Result<Self, PayloadError> {
+        let text = std::fs::read_to_string(path).map_err(|e| PayloadError::File {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| PayloadError::File {
+            path: path.display().to_string(),
+            message: e.message().to_owned(),
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        let body = toml::to_string(self).unwrap_or_default();
+        format!("# The payload's pins: every host binary by sha256, every container image by\n# the digest of its linux/amd64 manifest. Written by the fixtures or by\n# `image-builder lock`; a build refuses bytes that do not match.\n\n{body}")
+    }
+}
+
+/// The image list the manifests use (`manifests/images.toml`: name → reference).
+pub fn load_images(path: &Path) -> Result<BTreeMap<String, String>, PayloadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PayloadError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| PayloadError::File {
+        path: path.display().to_string(),
+        message: e.message().to_owned(),
+    })
+}
+
+/// Where to fetch from instead of upstream.
+#[derive(Debug, Clone, Default)]
+pub struct Mirrors {
+    /// Prefix replacing an artifact URL's scheme and host (`file:///srv/mirror`).
+    pub artifacts: Option<String>,
+    /// Every registry redirected here (`http://127.0.0.1:5000`).
+    pub registry: Option<String>,
+}
+
+impl Mirrors {
+    pub fn artifact_url(&self, url: &str) -> String {
+        match &self.artifacts {
+            None => url.to_owned(),
+            Some(m) => {
+                let path = url
+                    .split_once("://")
+                    .and_then(|(_, rest)| rest.split_once('/'))
+                    .map_or("", |(_, p)| p);
+                format!("{}/{path}", m.trim_end_matches('/'))
+            }
+        }
+    }
+}
+
+/// A file the payload puts into the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayloadFile {
+    /// Relative to the image root.
+    pub dest: PathBuf,
+    /// In the cache.
+    pub src: PathBuf,
+    pub mode: u32,
+    /// What identifies the content (a sha256, or an archive's and a member's).
+    pub key: String,
+}
+
+/// What the build manifest records about the payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recorded {
+    pub artifacts: Vec<RecordedArtifact>,
+    pub images: Vec<RecordedImage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedArtifact {
+    pub name: String,
+    pub version: String,
+    /// Of the download (the archive, for extracted members).
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedImage {
+    pub reference: String,
+    pub digest: String,
+    pub archive: String,
+    pub archive_sha256: String,
+}
+
+/// A file name for an image's archive: its reference made path-safe.
+pub fn archive_name(reference: &str) -> String {
+    let safe: String = reference
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{safe}.tar")
+}
+
+/// Fetches every artifact and image (from the cache when there), checks
+/// each against its pin, and returns the files to install and the record.
+pub fn resolve(
+    cache: &Cache,
+    artifacts: &[Artifact],
+    images: &BTreeMap<String, String>,
+    lock: &Lock,
+    lock_path: &Path,
+    mirrors: &Mirrors,
+    note: &dyn Fn(&str),
+) -> Result<(Vec<PayloadFile>, Recorded), PayloadError> {
+    let unpinned = |what: String| PayloadError::Unpinned {
+        what,
+        lock: lock_path.display().to_string(),
+    };
+    let agent = fetch::agent();
+    let mut files = Vec::new();
+    let mut record = Recorded::default();
+    for a in artifacts {
+        let pin = lock
+            .artifacts
+            .iter()
+            .find(|p| p.name == a.name && p.version == a.version)
+            .ok_or_else(|| unpinned(format!("artifact {} {}", a.name, a.version)))?;
+        let what = format!("{} {}", a.name, a.version);
+        let url = mirrors.artifact_url(&a.url);
+        if !fetch::blob_path(cache, &pin.sha256).exists() {
+            note(&format!("fetching {what} from {url}"));
+        }
+        let mut src = fetch::fetch(cache, &agent, &what, &url, &pin.sha256)?;
+        let mut key = pin.sha256.clone();
+        if let Some(member) = &a.extract {
+            src = extract(cache, &src, &pin.sha256, member, &what)?;
+            key = format!("{}:{member}", pin.sha256);
+        }
+        let dest = a.install.strip_prefix("/").unwrap_or(&a.install).to_owned();
+        record.artifacts.push(RecordedArtifact {
+            name: a.name.clone(),
+            version: a.version.clone(),
+            sha256: pin.sha256.clone(),
+            member: a.extract.clone(),
+            path: a.install.display().to_string(),
+        });
+        files.push(PayloadFile {
+            dest,
+            src,
+            mode: a.mode,
+            key,
+        });
+    }
+    let client = oci::Client::new(mirrors.registry.clone().map(|base| oci::Mirror { base }));
+    let mut refs: Vec<&String> = images.values().collect();
+    refs.sort();
+    refs.dedup();
+    for reference in refs {
+        let pin = lock
+            .images
+            .iter()
+            .find(|p| &p.reference == reference)
+            .ok_or_else(|| unpinned(format!("image {reference}")))?;
+        let archive = cache.entry(
+            "images",
+            &format!("{}.tar", pin.digest.trim_start_matches("sha256:")),
+        );
+        if !archive.exists() {
+            note(&format!("pulling {reference}@{}", pin.digest));
+            let mut r: Reference = reference.parse()?;
+            r.digest = Some(pin.digest.clone());
+            let mut pulled = client.pull(cache, &r, "amd64")?;
+            // The image keeps its tag name; the digest is the pin.
+            pulled.reference = reference.clone();
+            if let Some(dir) = archive.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| PayloadError::File {
+                    path: dir.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            }
+            oci::write_archive(cache, &pulled, &archive)?;
+        }
+        let sha = crate::cache::sha256_file(&archive).map_err(|e| PayloadError::File {
+            path: archive.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let name = archive_name(reference);
+        record.images.push(RecordedImage {
+            reference: reference.clone(),
+            digest: pin.digest.clone(),
+            archive: format!("/{IMAGES_DIR}/{name}"),
+            archive_sha256: sha.clone(),
+        });
+        files.push(PayloadFile {
+            dest: Path::new(IMAGES_DIR).join(name),
+            src: archive,
+            mode: 0o644,
+            key: sha,
+        });
+    }
+    if !record.images.is_empty() {
+        // The list slipway-init imports at boot: archive and name.
+        let list: Vec<serde_json::Value> = record
+            .images
+            .iter()
+            .map(|i| serde_json::json!({"archive": i.archive, "reference": i.reference, "digest": i.digest}))
+            .collect();
+        let text = serde_json::to_string_pretty(&list).unwrap_or_default() + "\n";
+        let sha = crate::cache::sha256_bytes(text.as_bytes());
+        let path = cache.entry("images", &format!("list-{sha}.json"));
+        if !path.exists() {
+            std::fs::write(&path, &text).map_err(|e| PayloadError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        }
+        files.push(PayloadFile {
+            dest: Path::new(IMAGES_DIR).join("images.json"),
+            src: path,
+            mode: 0o644,
+            key: sha,
+        });
+    }
+    Ok((files, record))
+}
+
+/// The pins for the spec's payload: existing ones are kept (a pin changes
+/// only when its entry's version or reference does), missing ones are
+/// resolved from the source: an artifact's sha256 by downloading it (and,
+/// when upstream publishes `<url>.sha256`, checking it against that), an
+/// image's digest by resolving its tag to the linux/amd64 manifest.
+pub fn refresh(
+    cache: &Cache,
+    artifacts: &[Artifact],
+    images: &BTreeMap<String, String>,
+    old: &Lock,
+    mirrors: &Mirrors,
+    note: &dyn Fn(&str),
+) -> Result<Lock, PayloadError> {
+    let agent = fetch::agent();
+    let mut lock = Lock::default();
+    let mut by_url: BTreeMap<String, String> = BTreeMap::new();
+    for a in artifacts {
+        if let Some(p) = old
+            .artifacts
+            .iter()
+            .find(|p| p.name == a.name && p.version == a.version)
+        {
+            lock.artifacts.push(p.clone());
+            continue;
+        }
+        if let Some(sha256) = by_url.get(&a.url) {
+            // Another member of a download already resolved.
+            lock.artifacts.push(LockedArtifact {
+                name: a.name.clone(),
+                version: a.version.clone(),
+                sha256: sha256.clone(),
+            });
+            continue;
+        }
+        let what = format!("{} {}", a.name, a.version);
+        let url = mirrors.artifact_url(&a.url);
+        note(&format!("resolving {what} from {url}"));
+        let mut reader = fetch::open(&agent, &what, &url)?;
+        let mut hash = sha2::Sha256::new();
+        std::io::copy(&mut reader, &mut HashWriter(&mut hash)).map_err(|e| FetchError::Source {
+            what: what.clone(),
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
+        let sha256 = hex::encode(sha2::Digest::finalize(hash));
+        if let Ok(mut published) = fetch::open(&agent, &what, &format!("{url}.sha256")) {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut published, &mut text);
+            let upstream = text.split_whitespace().next().unwrap_or("");
+            if fetch::is_sha256(upstream) && upstream != sha256 {
+                return Err(FetchError::Digest {
+                    what,
+                    url,
+                    expected: upstream.to_owned(),
+                    actual: sha256,
+                }
+                .into());
+            }
+        }
+        by_url.insert(a.url.clone(), sha256.clone());
+        lock.artifacts.push(LockedArtifact {
+            name: a.name.clone(),
+            version: a.version.clone(),
+            sha256,
+        });
+    }
+    let client = oci::Client::new(mirrors.registry.clone().map(|base| oci::Mirror { base }));
+    let mut refs: Vec<&String> = images.values().collect();
+    refs.sort();
+    refs.dedup();
+    for reference in refs {
+        if let Some(p) = old.images.iter().find(|p| &p.reference == reference) {
+            lock.images.push(p.clone());
+            continue;
+        }
+        note(&format!("resolving {reference}"));
+        let pulled = client.pull(cache, &reference.parse()?, "amd64")?;
+        lock.images.push(LockedImage {
+            reference: reference.clone(),
+            digest: pulled.manifest.digest,
+        });
+    }
+    Ok(lock)
+}
+
+struct HashWriter<'a>(&'a mut sha2::Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        sha2::Digest::update(self.0, buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One member of a `.tar.gz` in the cache, extracted once into the cache.
+fn extract(
+    cache: &Cache,
+    archive: &Path,
+    sha256: &str,
+    member: &str,
+    what: &str,
+) -> Result<PathBuf, PayloadError> {
+    let dest = cache.entry("extracted", &format!("{sha256}/{member}"));
+    if dest.exists() {
+        return Ok(dest);
+    }
+    let fail = |message: String| PayloadError::File {
+        path: archive.display().to_string(),
+        message: format!("{what}: {message}"),
+    };
+    let file = std::fs::File::open(archive).map_err(|e| fail(e.to_string()))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let wanted = member.trim_start_matches("./");
+    for entry in tar.entries().map_err(|e| fail(e.to_string()))? {
+        let mut entry = entry.map_err(|e| fail(e.to_string()))?;
+        let path = entry
+            .path()
+            .map_err(|e| fail(e.to_string()))?
+            .to_string_lossy()
+            .into_owned();
+        if path.trim_start_matches("./") != wanted {
+            continue;
+        }
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        let tmp = dest.with_extension("tmp");
+        let mut out = std::fs::File::create(&tmp).map_err(|e| fail(e.to_string()))?;
+        std::io::copy(&mut entry, &mut out).map_err(|e| fail(e.to_string()))?;
+        std::fs::rename(&tmp, &dest).map_err(|e| fail(e.to_string()))?;
+        return Ok(dest);
+    }
+    Err(fail(format!("the archive has no member {member}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_artifact_mirror_keeps_the_upstream_path() {
+        let m = Mirrors {
+            artifacts: Some("file:///srv/mirror/".into()),
+            registry: None,
+        };
+        assert_eq!(
+            m.artifact_url("https://dl.k8s.io/release/v1.37.2/bin/linux/amd64/kubelet"),
+            "file:///srv/mirror/release/v1.37.2/bin/linux/amd64/kubelet"
+        );
+        assert_eq!(
+            Mirrors::default().artifact_url("https://x.example/a"),
+            "https://x.example/a"
+        );
+    }
+
+    #[test]
+    fn archive_names_are_path_safe() {
+        assert_eq!(
+            archive_name("registry.k8s.io/coredns/coredns:v1.15.0"),
+            "registry.k8s.io_coredns_coredns_v1.15.0.tar"
+        );
+    }
+}

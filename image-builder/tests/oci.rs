@@ -1,0 +1,203 @@
+//! The OCI client against a real registry (Debian's docker-registry on
+//! loopback, one per test): push, then pull by tag through a multi-arch
+//! index and by digest, with every blob checked; a tampered blob, an
+//! unreachable registry and a mirror.
+
+#![allow(clippy::unwrap_used)] // test glue: a failed setup should stop the test
+
+use image_builder::cache::Cache;
+use image_builder::fetch;
+use image_builder::oci::{self, Client, Descriptor, Mirror, OciError, Pulled, Reference};
+use vm_tests::registry::Registry;
+
+fn push_multiarch(
+    reg: &Registry,
+    cache: &Cache,
+    repo: &str,
+    tag: &str,
+) -> (Pulled, Pulled, String) {
+    let client = Client::new(None);
+    let mut children = Vec::new();
+    for (arch, content) in [
+        ("amd64", &b"etcd for amd64"[..]),
+        ("arm64", &b"etcd for arm64"[..]),
+    ] {
+        let name = format!("{}/{repo}:{tag}-{arch}", reg.host);
+        let img = oci::image_from_files(
+            cache,
+            &name,
+            arch,
+            &[("/usr/local/bin/etcd", content, 0o755)],
+            &["etcd"],
+        )
+        .unwrap();
+        client.push(cache, &name.parse().unwrap(), &img).unwrap();
+        children.push((arch, img));
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": oci::OCI_INDEX,
+        "manifests": children.iter().map(|(arch, img)| serde_json::json!({
+            "mediaType": oci::OCI_MANIFEST,
+            "digest": img.manifest.digest,
+            "size": img.manifest.size,
+            "platform": {"os": "linux", "architecture": arch},
+        })).collect::<Vec<_>>(),
+    });
+    let bytes = serde_json::to_vec(&index).unwrap();
+    let digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes))
+    );
+    let name = format!("{}/{repo}:{tag}", reg.host);
+    oci::store(cache, &bytes, &digest, &name).unwrap();
+    let index_image = Pulled {
+        reference: name.clone(),
+        manifest: Descriptor {
+            media_type: oci::OCI_INDEX.into(),
+            digest: digest.clone(),
+            size: bytes.len() as u64,
+            annotations: None,
+        },
+        index_digest: None,
+        blobs: vec![],
+    };
+    client
+        .push(cache, &name.parse().unwrap(), &index_image)
+        .unwrap();
+    let mut it = children.into_iter().map(|(_, i)| i);
+    (it.next().unwrap(), it.next().unwrap(), digest)
+}
+
+fn cached(cache: &Cache, d: &Descriptor) -> bool {
+    let path = fetch::blob_path(cache, d.digest.trim_start_matches("sha256:"));
+    path.exists()
+        && format!(
+            "sha256:{}",
+            image_builder::cache::sha256_file(&path).unwrap()
+        ) == d.digest
+}
+
+#[test]
+fn a_multiarch_tag_resolves_to_the_platform_and_a_digest_pull_matches() {
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (amd64, _arm64, index) =
+        push_multiarch(&reg, &Cache::at(dir.path().join("push")), "etcd", "v3.6.16");
+
+    let cache = Cache::at(dir.path().join("pull"));
+    let client = Client::new(None);
+    let by_tag = client
+        .pull(
+            &cache,
+            &format!("{}/etcd:v3.6.16", reg.host).parse().unwrap(),
+            "amd64",
+        )
+        .unwrap();
+    assert_eq!(by_tag.manifest.digest, amd64.manifest.digest);
+    assert_eq!(by_tag.index_digest.as_deref(), Some(index.as_str()));
+    assert_eq!(by_tag.blobs, amd64.blobs);
+    assert!(by_tag.blobs.iter().all(|b| cached(&cache, b)));
+
+    let pinned: Reference = format!("{}/etcd:v3.6.16@{}", reg.host, amd64.manifest.digest)
+        .parse()
+        .unwrap();
+    let by_digest = client
+        .pull(&Cache::at(dir.path().join("pull2")), &pinned, "amd64")
+        .unwrap();
+    assert_eq!(by_digest.manifest, by_tag.manifest);
+
+    // No such platform.
+    let err = client
+        .pull(
+            &cache,
+            &format!("{}/etcd:v3.6.16", reg.host).parse().unwrap(),
+            "riscv64",
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("no linux/riscv64 image"), "{err}");
+}
+
+#[test]
+fn a_tampered_blob_is_refused_and_not_cached() {
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (amd64, _, _) = push_multiarch(
+        &reg,
+        &Cache::at(dir.path().join("push")),
+        "kube-apiserver",
+        "v1.37.2",
+    );
+    let layer = &amd64.blobs[1];
+    let file = reg.blob_file(&layer.digest);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 600;
+    bytes[last] ^= 0xff;
+    std::fs::write(&file, &bytes).unwrap();
+
+    let cache = Cache::at(dir.path().join("pull"));
+    let reference: Reference = format!("{}/kube-apiserver:v1.37.2", reg.host)
+        .parse()
+        .unwrap();
+    let err = Client::new(None)
+        .pull(&cache, &reference, "amd64")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, OciError::Blob(fetch::FetchError::Digest { .. }, _)),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&reference.to_string()) && msg.contains(&layer.digest),
+        "{msg}"
+    );
+    assert!(!cached(&cache, layer));
+}
+
+#[test]
+fn an_unreachable_registry_is_named() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let reference: Reference = format!("127.0.0.1:{port}/etcd:v1").parse().unwrap();
+    let err = Client::new(None)
+        .pull(&Cache::at(dir.path().to_owned()), &reference, "amd64")
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with(&format!("registry http://127.0.0.1:{port}:")),
+        "{msg}"
+    );
+    assert!(msg.to_lowercase().contains("connect"), "{msg}");
+}
+
+#[test]
+fn a_mirror_serves_images_under_their_upstream_names() {
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (amd64, _, _) = push_multiarch(
+        &reg,
+        &Cache::at(dir.path().join("push")),
+        "coredns/coredns",
+        "v1.15.0",
+    );
+    let client = Client::new(Some(Mirror {
+        base: format!("http://{}", reg.host),
+    }));
+    let cache = Cache::at(dir.path().join("pull"));
+    let pulled = client
+        .pull(
+            &cache,
+            &"registry.k8s.io/coredns/coredns:v1.15.0".parse().unwrap(),
+            "amd64",
+        )
+        .unwrap();
+    assert_eq!(pulled.reference, "registry.k8s.io/coredns/coredns:v1.15.0");
+    assert_eq!(pulled.manifest.digest, amd64.manifest.digest);
+    let archive = dir.path().join("coredns.tar");
+    oci::write_archive(&cache, &pulled, &archive).unwrap();
+    assert!(std::fs::metadata(&archive).unwrap().len() > 0);
+}
