@@ -13,10 +13,12 @@ image_env := "RUSTC_WORKSPACE_WRAPPER=" + justfile_directory() + "/.cargo/remap-
 builder := CARGO_TARGET_DIR / "release/image-builder"
 # The payload built from source, its registry storage and its pins.
 fixtures_dir := cache / "fixtures"
+# Runs a command with the fixtures' registry up and the mirrors pointing at them.
+with_fixtures := "cargo run -q -p vm-tests --bin slipway-fixtures -- with-mirrors " + fixtures_dir + " --"
 out := "out"
 
 # Host packages the build and the tests use (Debian names).
-host_packages := "mmdebstrap uidmap erofs-utils e2fsprogs qemu-utils qemu-system-x86 ovmf jq time docker-registry"
+host_packages := "mmdebstrap uidmap erofs-utils e2fsprogs qemu-utils qemu-system-x86 ovmf jq time docker-registry gcc libc6-dev"
 
 default: build
 
@@ -55,8 +57,8 @@ compile:
         {{CARGO_TARGET_DIR}}/initrd/{{image_target}}/release/slipway-initrd {{image_bins}}/
 
 # Build the default image into out/ (disk.raw, disk.qcow2, build-manifest.json).
-build: deps compile
-    {{builder}} build --spec image.toml --out {{out}} --bin-dir {{image_bins}}
+build: deps compile fixtures
+    {{with_fixtures}} {{builder}} build --spec image.toml --out {{out}} --bin-dir {{image_bins}}
 
 # Publish out/ as a release: snapshot, AMI in `region` (copied to `copy_to`), template.
 publish region copy_to="": compile
@@ -69,7 +71,7 @@ fixtures: deps
 
 # Re-resolve the Debian package set and rewrite image.lock.
 lock: compile
-    {{builder}} lock --spec image.toml
+    {{builder}} lock --spec image.toml --payload-lock {{justfile_directory()}}/payload.lock
 
 # Unit tests and integration tests against moto, then the QEMU boot and tamper tests.
 test: build
@@ -81,7 +83,7 @@ vm-test:
     SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} cargo test -p vm-tests -- --nocapture --test-threads=2
 
 # Two builds from the same lock, separate caches and output directories, same disk sha256.
-repro: deps compile
+repro: deps compile fixtures
     #!/usr/bin/env bash
     set -euo pipefail
     work=$(mktemp -d "{{cache}}/repro.XXXXXX")
@@ -91,7 +93,8 @@ repro: deps compile
     for side in a b; do
         mkdir -p "$work/$side/cache"
         ln -s "{{cache}}/debs" "$work/$side/cache/debs"
-        {{builder}} build --spec image.toml --out "$work/$side/out" --bin-dir {{image_bins}} --cache-dir "$work/$side/cache"
+        ln -s "{{cache}}/blobs" "$work/$side/cache/blobs"
+        {{with_fixtures}} {{builder}} build --spec image.toml --out "$work/$side/out" --bin-dir {{image_bins}} --cache-dir "$work/$side/cache"
         sleep 2
     done
     a=$(jq -r .disk.sha256 "$work/a/out/build-manifest.json")
@@ -101,8 +104,8 @@ repro: deps compile
     echo "reproducible: both builds give disk sha256 $a"
 
 # Build timings (cold, overlay-only, no-op) stage by stage, and sizes.
-bench: deps compile
-    cargo run --release -q -p image-builder --example bench -- --builder {{builder}} --bin-dir {{image_bins}}
+bench: deps compile fixtures
+    {{with_fixtures}} cargo run --release -q -p image-builder --example bench -- --builder {{builder}} --bin-dir {{image_bins}}
 
 # rustfmt and clippy, warnings as errors.
 lint:

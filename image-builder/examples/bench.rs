@@ -72,10 +72,12 @@ fn main() -> Result<(), String> {
     for d in ["units", "manifests"] {
         copy_dir(&repo.join(d), &s.join(d)).map_err(|e| format!("{d}: {e}"))?;
     }
-    // A fresh stage cache that shares only the downloaded packages.
+    // A fresh stage cache that shares only the downloads (packages, payload blobs).
     let cache = s.join("cache");
     fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
     std::os::unix::fs::symlink(user_cache.root().join("debs"), cache.join("debs"))
+        .map_err(|e| e.to_string())?;
+    std::os::unix::fs::symlink(user_cache.root().join("blobs"), cache.join("blobs"))
         .map_err(|e| e.to_string())?;
     let spec = s.join("image.toml");
     let out = s.join("out");

@@ -160,6 +160,8 @@ pub struct RecordedArtifact {
     pub sha256: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub member: Option<String>,
+    /// Of the file installed (differs from `sha256` for an extracted member).
+    pub file_sha256: String,
     pub path: String,
 }
 
@@ -217,8 +219,9 @@ pub fn resolve(
         }
         let mut src = fetch::fetch(cache, &agent, &what, &url, &pin.sha256)?;
         let mut key = pin.sha256.clone();
+        let mut file_sha256 = pin.sha256.clone();
         if let Some(member) = &a.extract {
-            src = extract(cache, &src, &pin.sha256, member, &what)?;
+            (src, file_sha256) = extract(cache, &src, &pin.sha256, member, &what)?;
             key = format!("{}:{member}", pin.sha256);
         }
         let dest = a.install.strip_prefix("/").unwrap_or(&a.install).to_owned();
@@ -227,6 +230,7 @@ pub fn resolve(
             version: a.version.clone(),
             sha256: pin.sha256.clone(),
             member: a.extract.clone(),
+            file_sha256,
             path: a.install.display().to_string(),
         });
         files.push(PayloadFile {
@@ -406,17 +410,19 @@ impl std::io::Write for HashWriter<'_> {
     }
 }
 
-/// One member of a `.tar.gz` in the cache, extracted once into the cache.
+/// One member of a `.tar.gz` in the cache, extracted once into the cache;
+/// returns it and its sha256 (kept next to it).
 fn extract(
     cache: &Cache,
     archive: &Path,
     sha256: &str,
     member: &str,
     what: &str,
-) -> Result<PathBuf, PayloadError> {
+) -> Result<(PathBuf, String), PayloadError> {
     let dest = cache.entry("extracted", &format!("{sha256}/{member}"));
-    if dest.exists() {
-        return Ok(dest);
+    let sidecar = dest.with_extension("sha256");
+    if let (true, Ok(sha)) = (dest.exists(), std::fs::read_to_string(&sidecar)) {
+        return Ok((dest, sha.trim().to_owned()));
     }
     let fail = |message: String| PayloadError::File {
         path: archive.display().to_string(),
@@ -440,8 +446,10 @@ fn extract(
         let tmp = dest.with_extension("tmp");
         let mut out = std::fs::File::create(&tmp).map_err(|e| fail(e.to_string()))?;
         std::io::copy(&mut entry, &mut out).map_err(|e| fail(e.to_string()))?;
+        let sha = crate::cache::sha256_file(&tmp).map_err(|e| fail(e.to_string()))?;
+        std::fs::write(&sidecar, &sha).map_err(|e| fail(e.to_string()))?;
         std::fs::rename(&tmp, &dest).map_err(|e| fail(e.to_string()))?;
-        return Ok(dest);
+        return Ok((dest, sha));
     }
     Err(fail(format!("the archive has no member {member}")))
 }

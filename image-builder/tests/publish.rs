@@ -45,6 +45,25 @@ fn scratch_out(image: &Path) -> tempfile::TempDir {
     dir
 }
 
+/// A 1 GiB build with a few blocks of data, under the built image's name and
+/// version (for the tests that need a release, not that particular disk).
+fn small_build(image: &Path, marker: &[u8]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(1 << 30).unwrap();
+    for offset in [4096, 300 << 20, (1 << 30) - 8192] {
+        std::os::unix::fs::FileExt::write_all_at(&f, marker, offset).unwrap();
+    }
+    drop(f);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image.join("build-manifest.json")).unwrap()).unwrap();
+    manifest["disk"]["sha256"] = image_builder::cache::sha256_file(&disk).unwrap().into();
+    manifest["disk"]["size"] = (1u64 << 30).into();
+    std::fs::write(dir.path().join("build-manifest.json"), manifest.to_string()).unwrap();
+    dir
+}
+
 fn target(moto: &Moto, copies: &[&str]) -> Target {
     Target {
         region: Some(HOME.into()),
@@ -243,8 +262,7 @@ async fn amis_in_three_regions_then_nothing_new_then_a_clash_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_publish_deletes_what_it_created() {
-    let image = built_image();
-    let out = scratch_out(&image);
+    let out = small_build(&built_image(), b"a disk that fails to publish");
     let moto = Moto::start().unwrap();
     // SSM refuses parameter names under /aws: that happens after the
     // snapshot and the image were created, and both must go.
@@ -281,8 +299,7 @@ async fn a_failed_publish_deletes_what_it_created() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_template_lints_clean_and_creates_a_stack_on_the_mapped_ami() {
-    let image = built_image();
-    let out = scratch_out(&image);
+    let out = small_build(&built_image(), b"a disk for the stack");
     let moto = Moto::start().unwrap();
     let release = publish(out.path(), &target(&moto, &[])).unwrap();
     let template_path = out.path().join("template.json");

@@ -79,6 +79,10 @@ pub struct VmConfig {
     pub snapshot: bool,
     pub memory_mib: u32,
     pub cpus: u32,
+    /// systemd credentials passed in through SMBIOS (type 11 OEM strings):
+    /// `systemd.extra-unit.<name>` adds a unit for the test without touching
+    /// the image, `systemd.unit-dropin.<unit>` a drop-in.
+    pub credentials: Vec<(String, Vec<u8>)>,
 }
 
 impl VmConfig {
@@ -90,8 +94,27 @@ impl VmConfig {
             snapshot: true,
             memory_mib: 1024,
             cpus: 1,
+            credentials: Vec::new(),
         }
     }
+
+    /// Adds a unit that runs in the guest (and is started by multi-user.target).
+    pub fn with_test_unit(mut self, name: &str, unit: &str) -> Self {
+        self.credentials.push((
+            format!("systemd.extra-unit.{name}"),
+            unit.as_bytes().to_vec(),
+        ));
+        self.credentials.push((
+            "systemd.unit-dropin.multi-user.target".to_owned(),
+            format!("[Unit]\nWants={name}\n").into_bytes(),
+        ));
+        self
+    }
+}
+
+fn base64(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 /// A running VM. Dropping it kills QEMU.
@@ -156,8 +179,14 @@ impl Vm {
                 cfg.disk.display(),
                 cfg.disk_format
             ))
-            .args(["-device", "nvme,serial=slipwayroot,drive=root"])
-            .arg("-serial")
+            .args(["-device", "nvme,serial=slipwayroot,drive=root"]);
+        for (name, value) in &cfg.credentials {
+            cmd.arg("-smbios").arg(format!(
+                "type=11,value=io.systemd.credential.binary:{name}={}",
+                base64(value)
+            ));
+        }
+        cmd.arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -322,7 +322,12 @@ fn resolve_payload(
         .payload_lock
         .clone()
         .unwrap_or_else(|| spec_dir.join("payload.lock"));
-    let lock = payload::Lock::load(&lock_path)?;
+    // No lock at all pins nothing: each entry then fails with what to do.
+    let lock = if lock_path.exists() {
+        payload::Lock::load(&lock_path)?
+    } else {
+        payload::Lock::default()
+    };
     let mirrors = payload::Mirrors {
         artifacts: args.artifact_mirror.clone(),
         registry: args.registry_mirror.clone(),

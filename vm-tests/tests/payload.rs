@@ -1,0 +1,107 @@
+//! The pre-pulled payload under QEMU, with no network at all (so no
+//! registry): containerd lists every image the build manifest names, and a
+//! container from one of them runs. The check itself is a unit handed to
+//! the guest as a systemd credential, so the image is the one we ship.
+
+use anyhow::{ensure, Context, Result};
+use std::time::Duration;
+use vm_tests::{Image, Vm, VmConfig};
+
+/// Boot, import (hundreds of MiB under TCG) and a container start.
+const DEADLINE: Duration = Duration::from_secs(900);
+
+#[test]
+fn prepulled_images_are_imported_and_run_without_a_registry() -> Result<()> {
+    let image = Image::locate()?;
+    let images: Vec<String> = image.manifest["payload"]["images"]
+        .as_array()
+        .context("the build manifest has no payload.images")?
+        .iter()
+        .filter_map(|i| i["reference"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        !images.is_empty(),
+        "the image carries no container images: build it with the payload (`just build`)"
+    );
+    let etcd = images
+        .iter()
+        .find(|r| r.contains("/etcd:"))
+        .context("no etcd image in the payload")?
+        .clone();
+    // Host binaries: the installed file's sha256, as the manifest records it.
+    let artifacts: Vec<(String, String)> = image.manifest["payload"]["artifacts"]
+        .as_array()
+        .context("the build manifest has no payload.artifacts")?
+        .iter()
+        .filter_map(|a| {
+            Some((
+                a["path"].as_str()?.to_owned(),
+                a["file_sha256"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    ensure!(!artifacts.is_empty(), "the image carries no host binaries");
+    let paths: Vec<&str> = artifacts.iter().map(|(p, _)| p.as_str()).collect();
+    let check = format!(
+        "[Unit]\nDescription=payload check (test only)\nRequires=slipway-images.service\nAfter=slipway-images.service\n\n\
+         [Service]\nType=oneshot\nStandardOutput=journal+console\nStandardError=journal+console\n\
+         ExecStart=/bin/sh -c 'sha256sum {paths} | sed \"s/^/SLIPWAY-TEST-SHA /\"; ctr -n k8s.io images ls -q | sed \"s/^/SLIPWAY-TEST-IMAGE /\"; \
+         ctr -n k8s.io images ls | grep -c io.cri-containerd.pinned=pinned | sed \"s/^/SLIPWAY-TEST-PINNED /\"; \
+         ctr -n k8s.io run --rm {etcd} payload-check /usr/local/bin/etcd --version 2>&1 | sed \"s/^/SLIPWAY-TEST-RUN /\"; \
+         echo SLIPWAY-TEST-DONE'\n",
+        paths = paths.join(" ")
+    );
+    let mut cfg = VmConfig::new("payload", image.qcow2(), "qcow2")
+        .with_test_unit("slipway-payload-check.service", &check);
+    cfg.memory_mib = 2048;
+    let mut vm = Vm::boot(&cfg)?;
+    vm.wait_for(&["SLIPWAY-TEST-DONE"], DEADLINE)?;
+    let console = vm.console();
+    let listed: Vec<&str> = console
+        .lines()
+        .filter_map(|l| l.split("SLIPWAY-TEST-IMAGE ").nth(1))
+        .map(str::trim)
+        .collect();
+    for r in &images {
+        ensure!(
+            listed.contains(&r.as_str()),
+            "{r} is not in containerd: {listed:?}\n{}",
+            vm.tail(60)
+        );
+    }
+    for (path, sha) in &artifacts {
+        let line = format!("SLIPWAY-TEST-SHA {sha}  {path}");
+        ensure!(
+            console.contains(&line),
+            "{path} in the image does not have sha256 {sha}\n{}",
+            vm.tail(60)
+        );
+    }
+    let pinned: usize = console
+        .lines()
+        .find_map(|l| l.split("SLIPWAY-TEST-PINNED ").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    ensure!(
+        pinned >= images.len(),
+        "only {pinned} of {} images are pinned",
+        images.len()
+    );
+    let version = console
+        .lines()
+        .find_map(|l| l.split("SLIPWAY-TEST-RUN ").nth(1))
+        .unwrap_or("");
+    ensure!(
+        version.contains("etcd Version: 3.6"),
+        "the etcd container did not run: {version:?}\n{}",
+        vm.tail(60)
+    );
+    if let Some(line) = console.lines().find(|l| l.contains("imported and pinned")) {
+        eprintln!("{}", line.trim());
+    }
+    eprintln!(
+        "payload checked {:.1}s after QEMU started",
+        vm.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
