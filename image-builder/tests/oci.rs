@@ -201,3 +201,186 @@ fn a_mirror_serves_images_under_their_upstream_names() {
     oci::write_archive(&cache, &pulled, &archive).unwrap();
     assert!(std::fs::metadata(&archive).unwrap().len() > 0);
 }
+
+#[test]
+fn the_lock_refresh_pins_artifacts_and_images_from_their_sources() {
+    use image_builder::payload::{self, Artifact, Lock, Mirrors};
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (amd64, _, _) = push_multiarch(
+        &reg,
+        &Cache::at(dir.path().join("push")),
+        "etcd",
+        "3.6.16-0",
+    );
+    // An artifact mirror with upstream's layout, and its published checksum.
+    let mirror = dir.path().join("mirror");
+    let bin = mirror.join("release/v1.37.2/bin/linux/amd64/kubelet");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::write(&bin, b"a kubelet").unwrap();
+    let sha = image_builder::cache::sha256_bytes(b"a kubelet");
+    std::fs::write(bin.with_extension("sha256"), format!("{sha}\n")).unwrap();
+    let artifacts = vec![Artifact {
+        name: "kubelet".into(),
+        version: "v1.37.2".into(),
+        url: "https://dl.k8s.io/release/v1.37.2/bin/linux/amd64/kubelet".into(),
+        install: "/usr/bin/kubelet".into(),
+        extract: None,
+        mode: 0o755,
+    }];
+    let images = std::collections::BTreeMap::from([(
+        "etcd".to_owned(),
+        "registry.k8s.io/etcd:3.6.16-0".to_owned(),
+    )]);
+    let mirrors = Mirrors {
+        artifacts: Some(format!("file://{}", mirror.display())),
+        registry: Some(format!("http://{}", reg.host)),
+    };
+    let cache = Cache::at(dir.path().join("cache"));
+    let lock = payload::refresh(
+        &cache,
+        &artifacts,
+        &images,
+        &Lock::default(),
+        &mirrors,
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!(lock.artifacts[0].sha256, sha);
+    assert_eq!(lock.images[0].digest, amd64.manifest.digest);
+
+    // Existing pins are kept as they are.
+    let again = payload::refresh(
+        &cache,
+        &artifacts,
+        &images,
+        &lock,
+        &Mirrors::default(),
+        &|_| {},
+    )
+    .unwrap();
+    assert_eq!(again, lock);
+
+    // A download that disagrees with upstream's published checksum is refused.
+    std::fs::write(
+        bin.with_extension("sha256"),
+        format!("{}\n", "0".repeat(64)),
+    )
+    .unwrap();
+    let err = payload::refresh(
+        &cache,
+        &artifacts,
+        &images,
+        &Lock::default(),
+        &mirrors,
+        &|_| {},
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("kubelet v1.37.2") && err.to_string().contains(&"0".repeat(64)),
+        "{err}"
+    );
+}
+
+/// A stand-in for a registry's token service, in front of the real
+/// registry: anything without the bearer token gets a 401 challenge that
+/// names this server's /token realm; with it, requests are passed through.
+/// (Debian's registry needs signing certificates for real token auth; the
+/// client's side of the exchange is what is tested here.)
+fn token_front(upstream: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let tokens = std::sync::Arc::new(AtomicUsize::new(0));
+    let (front, issued) = (host.clone(), tokens.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            reader.read_line(&mut request).unwrap();
+            let (mut auth, mut accept) = (String::new(), String::new());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap() == 0 || line.trim().is_empty() {
+                    break;
+                }
+                let (k, v) = line.split_once(':').unwrap_or(("", ""));
+                match k.to_ascii_lowercase().as_str() {
+                    "authorization" => auth = v.trim().to_owned(),
+                    "accept" => accept = v.trim().to_owned(),
+                    _ => {}
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            let (status, ctype, body, extra) = if path.starts_with("/token") {
+                issued.fetch_add(1, Ordering::SeqCst);
+                (
+                    "200 OK".to_owned(),
+                    "application/json".to_owned(),
+                    br#"{"token":"t0k"}"#.to_vec(),
+                    String::new(),
+                )
+            } else if auth != "Bearer t0k" {
+                let challenge = format!(
+                    "WWW-Authenticate: Bearer realm=\"http://{front}/token\",service=\"stand-in\",scope=\"repository:etcd:pull\"\r\n"
+                );
+                (
+                    "401 Unauthorized".to_owned(),
+                    "application/json".to_owned(),
+                    b"{}".to_vec(),
+                    challenge,
+                )
+            } else {
+                let mut req = ureq::get(&format!("http://{upstream}{path}"));
+                if !accept.is_empty() {
+                    req = req.set("Accept", &accept);
+                }
+                match req.call() {
+                    Ok(resp) => {
+                        let ctype = resp.content_type().to_owned();
+                        let mut body = Vec::new();
+                        resp.into_reader().read_to_end(&mut body).unwrap();
+                        ("200 OK".to_owned(), ctype, body, String::new())
+                    }
+                    Err(_) => (
+                        "404 Not Found".to_owned(),
+                        "text/plain".to_owned(),
+                        Vec::new(),
+                        String::new(),
+                    ),
+                }
+            };
+            let mut out = stream;
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = out.write_all(head.as_bytes());
+            let _ = out.write_all(&body);
+        }
+    });
+    (host, tokens)
+}
+
+#[test]
+fn bearer_token_auth_through_a_stand_in_token_service() {
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (amd64, _, _) =
+        push_multiarch(&reg, &Cache::at(dir.path().join("push")), "etcd", "v3.6.16");
+    let (front, tokens) = token_front(reg.host.clone());
+    let client = Client::new(Some(Mirror {
+        base: format!("http://{front}"),
+    }));
+    let pulled = client
+        .pull(
+            &Cache::at(dir.path().join("pull")),
+            &"registry.k8s.io/etcd:v3.6.16".parse().unwrap(),
+            "amd64",
+        )
+        .unwrap();
+    assert_eq!(pulled.manifest.digest, amd64.manifest.digest);
+    // One token, reused for the index, the manifest and both blobs.
+    assert_eq!(tokens.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
