@@ -79,16 +79,19 @@ pub struct LockedImage {
     pub digest: String,
 }
 
+/// A TOML file, with errors that name it.
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, PayloadError> {
+    let fail = |message: String| PayloadError::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| fail(e.message().to_owned()))
+}
+
 impl Lock {
     pub fn load(path: &Path) -> Result<Self, PayloadError> {
-        let text = std::fs::read_to_string(path).map_err(|e| PayloadError::File {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        toml::from_str(&text).map_err(|e| PayloadError::File {
-            path: path.display().to_string(),
-            message: e.message().to_owned(),
-        })
+        read_toml(path)
     }
 
     pub fn to_toml(&self) -> String {
@@ -99,14 +102,7 @@ impl Lock {
 
 /// The image list the manifests use (`manifests/images.toml`: name → reference).
 pub fn load_images(path: &Path) -> Result<BTreeMap<String, String>, PayloadError> {
-    let text = std::fs::read_to_string(path).map_err(|e| PayloadError::File {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    toml::from_str(&text).map_err(|e| PayloadError::File {
-        path: path.display().to_string(),
-        message: e.message().to_owned(),
-    })
+    read_toml(path)
 }
 
 /// Where to fetch from instead of upstream.
@@ -131,6 +127,57 @@ impl Mirrors {
             }
         }
     }
+}
+
+impl Mirrors {
+    /// An OCI client that pulls through the registry mirror, if any.
+    pub fn client(&self) -> oci::Client {
+        oci::Client::new(self.registry.clone().map(|base| oci::Mirror { base }))
+    }
+}
+
+/// What a build and a lock refresh start from: the spec's image list, the
+/// pins (none when the lock file does not exist yet) and the mirrors.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub images: BTreeMap<String, String>,
+    pub lock_path: PathBuf,
+    pub lock: Lock,
+    pub mirrors: Mirrors,
+}
+
+impl Inputs {
+    pub fn load(
+        spec: &crate::spec::Spec,
+        spec_dir: &Path,
+        lock_path: Option<&Path>,
+        mirrors: Mirrors,
+    ) -> Result<Self, PayloadError> {
+        let images = match &spec.payload.images {
+            Some(p) => load_images(&spec_dir.join(p))?,
+            None => BTreeMap::new(),
+        };
+        let lock_path = lock_path.map_or_else(|| spec_dir.join("payload.lock"), Path::to_path_buf);
+        let lock = if lock_path.exists() {
+            Lock::load(&lock_path)?
+        } else {
+            Lock::default()
+        };
+        Ok(Self {
+            images,
+            lock_path,
+            lock,
+            mirrors,
+        })
+    }
+}
+
+/// Each image reference once, in order.
+fn unique_references(images: &BTreeMap<String, String>) -> Vec<&String> {
+    let mut refs: Vec<&String> = images.values().collect();
+    refs.sort();
+    refs.dedup();
+    refs
 }
 
 /// A file the payload puts into the image.
@@ -240,11 +287,8 @@ pub fn resolve(
             key,
         });
     }
-    let client = oci::Client::new(mirrors.registry.clone().map(|base| oci::Mirror { base }));
-    let mut refs: Vec<&String> = images.values().collect();
-    refs.sort();
-    refs.dedup();
-    for reference in refs {
+    let client = mirrors.client();
+    for reference in unique_references(images) {
         let pin = lock
             .images
             .iter()
@@ -379,11 +423,8 @@ pub fn refresh(
             sha256,
         });
     }
-    let client = oci::Client::new(mirrors.registry.clone().map(|base| oci::Mirror { base }));
-    let mut refs: Vec<&String> = images.values().collect();
-    refs.sort();
-    refs.dedup();
-    for reference in refs {
+    let client = mirrors.client();
+    for reference in unique_references(images) {
         if let Some(p) = old.images.iter().find(|p| &p.reference == reference) {
             lock.images.push(p.clone());
             continue;

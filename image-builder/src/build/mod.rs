@@ -311,27 +311,19 @@ fn resolve_payload(
     overlay: &mut Overlay,
 ) -> Result<crate::payload::Recorded, BuildError> {
     use crate::payload;
-    let images = match &spec.payload.images {
-        Some(p) => payload::load_images(&spec_dir.join(p))?,
-        None => Default::default(),
-    };
-    if spec.payload.artifacts.is_empty() && images.is_empty() {
-        return Ok(payload::Recorded::default());
-    }
-    let lock_path = args
-        .payload_lock
-        .clone()
-        .unwrap_or_else(|| spec_dir.join("payload.lock"));
-    // No lock at all pins nothing: each entry then fails with what to do.
-    let lock = if lock_path.exists() {
-        payload::Lock::load(&lock_path)?
-    } else {
-        payload::Lock::default()
-    };
     let mirrors = payload::Mirrors {
         artifacts: args.artifact_mirror.clone(),
         registry: args.registry_mirror.clone(),
     };
+    let payload::Inputs {
+        images,
+        lock_path,
+        lock,
+        mirrors,
+    } = payload::Inputs::load(spec, spec_dir, args.payload_lock.as_deref(), mirrors)?;
+    if spec.payload.artifacts.is_empty() && images.is_empty() {
+        return Ok(payload::Recorded::default());
+    }
     progress.stage("payload", || {
         let (files, record) = payload::resolve(
             cache,

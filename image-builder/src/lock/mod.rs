@@ -275,23 +275,16 @@ fn lock_payload(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let images = match &spec.payload.images {
-        Some(p) => payload::load_images(&spec_dir.join(p))?,
-        None => Default::default(),
-    };
-    let path = args
-        .payload_lock
-        .clone()
-        .unwrap_or_else(|| spec_dir.join("payload.lock"));
-    let old = if path.exists() {
-        payload::Lock::load(&path)?
-    } else {
-        payload::Lock::default()
-    };
     let mirrors = payload::Mirrors {
         artifacts: args.artifact_mirror.clone(),
         registry: args.registry_mirror.clone(),
     };
+    let payload::Inputs {
+        images,
+        lock_path: path,
+        lock: old,
+        mirrors,
+    } = payload::Inputs::load(spec, spec_dir, args.payload_lock.as_deref(), mirrors)?;
     let lock = progress.stage("resolve payload", || {
         payload::refresh(
             cache,
