@@ -1,7 +1,7 @@
-//! `slipway-init`: runs on every boot, before the container runtime and
-//! kubelet. Checks the boot's shape, reads the stack config (user data from
-//! the instance metadata service, or a file), runs the bootstrap steps for
-//! the instance's role and renders the host's configuration. On a master,
+//! `slipway-init`: runs on every boot, before kubelet. Checks the boot's
+//! shape, reads the stack config (user data from the instance metadata
+//! service, or a file), runs the bootstrap steps for the instance's role and
+//! renders the host's configuration. On a master,
 //! `slipway-init addons` then waits for the API server, applies the add-ons
 //! and signals the stack.
 
