@@ -127,9 +127,7 @@ pub fn fetch_missing(
         .iter()
         .filter(|p| !cached_deb(cache, p).exists())
         .collect();
-    let agent = ureq::AgentBuilder::new()
-        .timeout(std::time::Duration::from_secs(300))
-        .build();
+    let agent = crate::fetch::agent();
     for (i, pkg) in missing.iter().enumerate() {
         let url = format!("{mirror}/{}", pkg.path);
         progress(&format!(
@@ -143,20 +141,16 @@ pub fn fetch_missing(
         let dir = dest.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
         let tmp = Cache::temp_for(&dest);
-        if let Some(local) = url.strip_prefix("file://") {
-            fs::copy(local, &tmp).map_err(fsio::at("copying", Path::new(local)))?;
-        } else {
-            let resp = agent.get(&url).call().map_err(|e| DebianError::Download {
-                url: url.clone(),
-                message: e.to_string(),
-            })?;
-            let mut out = fs::File::create(&tmp).map_err(fsio::at("creating", &tmp))?;
-            io::copy(&mut resp.into_reader(), &mut out).map_err(|e| DebianError::Download {
-                url: url.clone(),
-                message: e.to_string(),
-            })?;
-            out.flush().map_err(fsio::at("writing", &tmp))?;
-        }
+        let download = |message: String| DebianError::Download {
+            url: url.clone(),
+            message,
+        };
+        let what = format!("{} {}", pkg.name, pkg.version);
+        let mut reader =
+            crate::fetch::open(&agent, &what, &url).map_err(|e| download(e.to_string()))?;
+        let mut out = fs::File::create(&tmp).map_err(fsio::at("creating", &tmp))?;
+        io::copy(&mut reader, &mut out).map_err(|e| download(e.to_string()))?;
+        out.flush().map_err(fsio::at("writing", &tmp))?;
         let result = adopt(cache, pkg, &tmp);
         let _ = fs::remove_file(&tmp);
         result.map_err(|e| match e {

@@ -5,9 +5,10 @@
 //! anything that looks valid, and a cached blob is never fetched twice.
 
 use crate::cache::Cache;
+use crate::fsio::{self, PathError};
 use sha2::{Digest, Sha256};
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -28,22 +29,8 @@ pub enum FetchError {
     },
     #[error("{what}: {expected:?} is not a sha256 (64 lowercase hex digits)")]
     BadDigest { what: String, expected: String },
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FetchError {
-    let path = path.display().to_string();
-    move |source| FetchError::Io {
-        action,
-        path,
-        source,
-    }
+    #[error(transparent)]
+    Io(#[from] PathError),
 }
 
 pub fn is_sha256(s: &str) -> bool {
@@ -104,10 +91,10 @@ pub fn admit(
 ) -> Result<PathBuf, FetchError> {
     let dest = blob_path(cache, expected);
     let dir = dest.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
     let tmp = unique_temp(&dest);
     let result = (|| {
-        let mut out = fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
+        let mut out = fs::File::create(&tmp).map_err(fsio::at("creating", &tmp))?;
         let mut hash = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         loop {
@@ -120,9 +107,10 @@ pub fn admit(
                 break;
             }
             hash.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(io_err("writing", &tmp))?;
+            out.write_all(&buf[..n])
+                .map_err(fsio::at("writing", &tmp))?;
         }
-        out.sync_all().map_err(io_err("syncing", &tmp))?;
+        out.sync_all().map_err(fsio::at("syncing", &tmp))?;
         let actual = hex::encode(hash.finalize());
         if actual != expected {
             return Err(FetchError::Digest {
@@ -132,7 +120,8 @@ pub fn admit(
                 actual,
             });
         }
-        fs::rename(&tmp, &dest).map_err(io_err("renaming", &dest))
+        fs::rename(&tmp, &dest).map_err(fsio::at("renaming", &dest))?;
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -75,3 +75,32 @@ pub fn run(cli: Cli) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[test]
+    fn the_debian_lock_and_the_payload_lock_are_separate_flags() {
+        let cli = super::Cli::try_parse_from([
+            "image-builder",
+            "build",
+            "--lock",
+            "image.lock",
+            "--payload-lock",
+            "pins.lock",
+        ])
+        .unwrap();
+        let super::Command::Build(args) = cli.command else {
+            panic!("not a build");
+        };
+        assert_eq!(
+            args.lock.as_deref(),
+            Some(std::path::Path::new("image.lock"))
+        );
+        assert_eq!(
+            args.payload.payload_lock.as_deref(),
+            Some(std::path::Path::new("pins.lock"))
+        );
+    }
+}

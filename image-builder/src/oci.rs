@@ -7,6 +7,7 @@
 
 use crate::cache::Cache;
 use crate::fetch::{self, FetchError};
+use crate::fsio::{self, PathError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -36,22 +37,8 @@ pub enum OciError {
     Image { image: String, message: String },
     #[error("{image}: {0}", image = .1)]
     Blob(#[source] FetchError, String),
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> OciError {
-    let path = path.display().to_string();
-    move |source| OciError::Io {
-        action,
-        path,
-        source,
-    }
+    #[error(transparent)]
+    Io(#[from] PathError),
 }
 
 /// `registry/repository[:tag][@sha256:…]`; the registry must be named.
@@ -439,7 +426,7 @@ impl Client {
             };
             let sep = if location.contains('?') { '&' } else { '?' };
             let path = fetch::blob_path(cache, hex);
-            let data = std::fs::read(&path).map_err(io_err("reading", &path))?;
+            let data = std::fs::read(&path).map_err(fsio::at("reading", &path))?;
             self.agent
                 .put(&format!("{location}{sep}digest={}", d.digest))
                 .set("Content-Type", "application/octet-stream")
@@ -454,7 +441,7 @@ impl Client {
         }
         let hex = image.manifest.digest.strip_prefix("sha256:").unwrap_or("");
         let path = fetch::blob_path(cache, hex);
-        let manifest = std::fs::read(&path).map_err(io_err("reading", &path))?;
+        let manifest = std::fs::read(&path).map_err(fsio::at("reading", &path))?;
         let tag = target.tag.as_deref().unwrap_or(&image.manifest.digest);
         self.agent
             .put(&format!("{base}/v2/{repo}/manifests/{tag}"))
@@ -605,7 +592,7 @@ pub fn write_archive(cache: &Cache, image: &Pulled, out: &Path) -> Result<(), Oc
         message: e.to_string(),
     })?;
     let tmp = out.with_extension("tmp");
-    let file = std::fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
+    let file = std::fs::File::create(&tmp).map_err(fsio::at("creating", &tmp))?;
     let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
     let add = |tar: &mut tar::Builder<_>, name: &str, data: &mut dyn Read, size: u64| {
         let mut h = tar::Header::new_ustar();
@@ -613,7 +600,7 @@ pub fn write_archive(cache: &Cache, image: &Pulled, out: &Path) -> Result<(), Oc
         h.set_size(size);
         h.set_mtime(0);
         tar.append_data(&mut h, name, data)
-            .map_err(io_err("writing", &tmp))
+            .map_err(fsio::at("writing", &tmp))
     };
     let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
     add(
@@ -628,20 +615,17 @@ pub fn write_archive(cache: &Cache, image: &Pulled, out: &Path) -> Result<(), Oc
     for d in all {
         let hex = d.digest.strip_prefix("sha256:").unwrap_or("");
         let path = fetch::blob_path(cache, hex);
-        let mut f = std::fs::File::open(&path).map_err(io_err("opening", &path))?;
+        let mut f = std::fs::File::open(&path).map_err(fsio::at("opening", &path))?;
         add(&mut tar, &format!("blobs/sha256/{hex}"), &mut f, d.size)?;
     }
     tar.into_inner()
-        .map_err(io_err("writing", &tmp))?
+        .map_err(fsio::at("writing", &tmp))?
         .into_inner()
-        .map_err(|e| OciError::Io {
-            action: "writing",
-            path: tmp.display().to_string(),
-            source: e.into_error(),
-        })?
+        .map_err(|e| fsio::at("writing", &tmp)(e.into_error()))?
         .sync_all()
-        .map_err(io_err("syncing", &tmp))?;
-    std::fs::rename(&tmp, out).map_err(io_err("renaming", out))
+        .map_err(fsio::at("syncing", &tmp))?;
+    std::fs::rename(&tmp, out).map_err(fsio::at("renaming", out))?;
+    Ok(())
 }
 
 #[cfg(test)]

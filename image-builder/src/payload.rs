@@ -8,6 +8,7 @@
 
 use crate::cache::Cache;
 use crate::fetch::{self, FetchError};
+use crate::fsio::{self, PathError};
 use crate::oci::{self, OciError, Reference};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -25,6 +26,8 @@ pub enum PayloadError {
     Oci(#[from] OciError),
     #[error("{path}: {message}")]
     File { path: String, message: String },
+    #[error(transparent)]
+    Io(#[from] PathError),
     #[error(
         "{what} has no pin in {lock}: run `image-builder lock` where the network reaches it, \
          or build against the fixtures (`just fixtures`)"
@@ -85,7 +88,7 @@ fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, PayloadEr
         path: path.display().to_string(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(fsio::at("reading", path))?;
     toml::from_str(&text).map_err(|e| fail(e.message().to_owned()))
 }
 
@@ -136,6 +139,22 @@ impl Mirrors {
     }
 }
 
+/// Where the payload's pins and bytes come from (`build` and `lock` flags).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Sources {
+    /// The payload's pins (default: payload.lock next to the spec).
+    #[arg(long, env = "SLIPWAY_PAYLOAD_LOCK")]
+    pub payload_lock: Option<PathBuf>,
+    /// Fetch payload artifacts from here instead of their upstream hosts
+    /// (`file:///dir` or `http://host/prefix`; the upstream path is kept).
+    #[arg(long, env = "SLIPWAY_ARTIFACT_MIRROR")]
+    pub artifact_mirror: Option<String>,
+    /// Pull every container image from this registry instead of its own
+    /// (`http://127.0.0.1:5000`); images keep their names and pins.
+    #[arg(long, env = "SLIPWAY_REGISTRY_MIRROR")]
+    pub registry_mirror: Option<String>,
+}
+
 /// What a build and a lock refresh start from: the spec's image list, the
 /// pins (none when the lock file does not exist yet) and the mirrors.
 #[derive(Debug, Clone)]
@@ -150,9 +169,13 @@ impl Inputs {
     pub fn load(
         spec: &crate::spec::Spec,
         spec_dir: &Path,
-        lock_path: Option<&Path>,
-        mirrors: Mirrors,
+        sources: &Sources,
     ) -> Result<Self, PayloadError> {
+        let mirrors = Mirrors {
+            artifacts: sources.artifact_mirror.clone(),
+            registry: sources.registry_mirror.clone(),
+        };
+        let lock_path = sources.payload_lock.as_deref();
         let images = match &spec.payload.images {
             Some(p) => load_images(&spec_dir.join(p))?,
             None => BTreeMap::new(),
@@ -306,17 +329,12 @@ pub fn resolve(
             // The image keeps its tag name; the digest is the pin.
             pulled.reference = reference.clone();
             if let Some(dir) = archive.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| PayloadError::File {
-                    path: dir.display().to_string(),
-                    message: e.to_string(),
-                })?;
+                std::fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
             }
             oci::write_archive(cache, &pulled, &archive)?;
         }
-        let sha = crate::cache::sha256_file(&archive).map_err(|e| PayloadError::File {
-            path: archive.display().to_string(),
-            message: e.to_string(),
-        })?;
+        // Hashed once, when the archive is made: builds run this every time.
+        let sha = sha256_once(&archive)?;
         let name = archive_name(reference);
         record.images.push(RecordedImage {
             reference: reference.clone(),
@@ -340,12 +358,9 @@ pub fn resolve(
             .collect();
         let text = serde_json::to_string_pretty(&list).unwrap_or_default() + "\n";
         let sha = crate::cache::sha256_bytes(text.as_bytes());
-        let path = cache.entry("images", &format!("list-{sha}.json"));
+        let path = fetch::blob_path(cache, &sha);
         if !path.exists() {
-            std::fs::write(&path, &text).map_err(|e| PayloadError::File {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
+            fetch::admit(cache, text.as_bytes(), &sha, "the image list", "(memory)")?;
         }
         files.push(PayloadFile {
             dest: Path::new(IMAGES_DIR).join("images.json"),
@@ -451,8 +466,24 @@ impl std::io::Write for HashWriter<'_> {
     }
 }
 
+/// The sha256 of a file in the cache, computed on first use and kept next
+/// to it (`<file>.sha256`), so unchanged builds never re-read the payload.
+fn sha256_once(path: &Path) -> Result<String, PayloadError> {
+    let sidecar = path.with_extension("sha256");
+    if let Ok(sha) = std::fs::read_to_string(&sidecar) {
+        if fetch::is_sha256(sha.trim()) {
+            return Ok(sha.trim().to_owned());
+        }
+    }
+    let sha = crate::cache::sha256_file(path).map_err(fsio::at("hashing", path))?;
+    let tmp = sidecar.with_extension("sha256.tmp");
+    std::fs::write(&tmp, &sha).map_err(fsio::at("writing", &tmp))?;
+    std::fs::rename(&tmp, &sidecar).map_err(fsio::at("renaming", &sidecar))?;
+    Ok(sha)
+}
+
 /// One member of a `.tar.gz` in the cache, extracted once into the cache;
-/// returns it and its sha256 (kept next to it).
+/// returns it and its sha256.
 fn extract(
     cache: &Cache,
     archive: &Path,
@@ -461,15 +492,15 @@ fn extract(
     what: &str,
 ) -> Result<(PathBuf, String), PayloadError> {
     let dest = cache.entry("extracted", &format!("{sha256}/{member}"));
-    let sidecar = dest.with_extension("sha256");
-    if let (true, Ok(sha)) = (dest.exists(), std::fs::read_to_string(&sidecar)) {
-        return Ok((dest, sha.trim().to_owned()));
+    if dest.exists() {
+        let sha = sha256_once(&dest)?;
+        return Ok((dest, sha));
     }
     let fail = |message: String| PayloadError::File {
         path: archive.display().to_string(),
         message: format!("{what}: {message}"),
     };
-    let file = std::fs::File::open(archive).map_err(|e| fail(e.to_string()))?;
+    let file = std::fs::File::open(archive).map_err(fsio::at("opening", archive))?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
     let wanted = member.trim_start_matches("./");
     for entry in tar.entries().map_err(|e| fail(e.to_string()))? {
@@ -483,13 +514,12 @@ fn extract(
             continue;
         }
         let dir = dest.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+        std::fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
         let tmp = dest.with_extension("tmp");
-        let mut out = std::fs::File::create(&tmp).map_err(|e| fail(e.to_string()))?;
+        let mut out = std::fs::File::create(&tmp).map_err(fsio::at("creating", &tmp))?;
         std::io::copy(&mut entry, &mut out).map_err(|e| fail(e.to_string()))?;
-        let sha = crate::cache::sha256_file(&tmp).map_err(|e| fail(e.to_string()))?;
-        std::fs::write(&sidecar, &sha).map_err(|e| fail(e.to_string()))?;
-        std::fs::rename(&tmp, &dest).map_err(|e| fail(e.to_string()))?;
+        std::fs::rename(&tmp, &dest).map_err(fsio::at("renaming", &dest))?;
+        let sha = sha256_once(&dest)?;
         return Ok((dest, sha));
     }
     Err(fail(format!("the archive has no member {member}")))
@@ -513,6 +543,51 @@ mod tests {
             Mirrors::default().artifact_url("https://x.example/a"),
             "https://x.example/a"
         );
+    }
+
+    #[test]
+    fn an_unpinned_entry_stops_the_build_and_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let artifacts = [Artifact {
+            name: "kubelet".into(),
+            version: "v1.37.2".into(),
+            url: "https://dl.k8s.io/release/v1.37.2/bin/linux/amd64/kubelet".into(),
+            install: "/usr/bin/kubelet".into(),
+            extract: None,
+            mode: 0o755,
+        }];
+        let err = resolve(
+            &Cache::at(dir.path().to_owned()),
+            &artifacts,
+            &BTreeMap::new(),
+            &Lock::default(),
+            Path::new("payload.lock"),
+            &Mirrors::default(),
+            &|_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("artifact kubelet v1.37.2 has no pin in payload.lock"),
+            "{err}"
+        );
+        assert!(err.contains("image-builder lock"), "{err}");
+    }
+
+    #[test]
+    fn a_files_sha256_is_computed_once_and_kept_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("image.tar");
+        std::fs::write(&file, b"archive").unwrap();
+        let sha = sha256_once(&file).unwrap();
+        assert_eq!(sha, crate::cache::sha256_bytes(b"archive"));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("image.sha256")).unwrap(),
+            sha
+        );
+        // Later calls read the kept value, not the file.
+        std::fs::write(&file, b"changed behind the cache's back").unwrap();
+        assert_eq!(sha256_once(&file).unwrap(), sha);
     }
 
     #[test]

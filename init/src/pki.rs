@@ -412,34 +412,13 @@ impl Bundle {
     /// Writes every file below `dir` (which must be on tmpfs): keys and
     /// kubeconfigs 0600, certificates 0644, directories 0700.
     pub fn write(&self, dir: &Path) -> Result<(), PkiError> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let werr = |p: &Path| {
-            let path = p.display().to_string();
-            move |source| PkiError::Write { path, source }
-        };
         for (rel, content) in &self.files {
             if rel.contains("..") || rel.starts_with('/') {
                 return Err(PkiError::Incomplete(format!("a safe path (got {rel:?})")));
             }
-            let path = dir.join(rel);
-            if let Some(parent) = path.parent() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(parent)
-                    .map_err(werr(parent))?;
-            }
             let public = rel.ends_with(".crt") || rel.ends_with(".pub");
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(if public { 0o644 } else { 0o600 })
-                .open(&tmp)
-                .map_err(werr(&tmp))?;
-            std::io::Write::write_all(&mut f, content.as_bytes()).map_err(werr(&tmp))?;
-            std::fs::rename(&tmp, &path).map_err(werr(&path))?;
+            let mode = if public { 0o644 } else { 0o600 };
+            write_file(&dir.join(rel), content.as_bytes(), mode, 0o700)?;
         }
         Ok(())
     }
@@ -496,6 +475,33 @@ impl Bundle {
         let der = pem_body(pem).ok_or_else(|| PkiError::Incomplete("a PEM ca.crt".to_owned()))?;
         Ok(hex::encode(sha2::Sha256::digest(der)))
     }
+}
+
+/// Writes `content` to `path` atomically (a temporary file, then a rename)
+/// with `mode`, creating missing parents with `dir_mode`.
+pub fn write_file(path: &Path, content: &[u8], mode: u32, dir_mode: u32) -> Result<(), PkiError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let werr = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| PkiError::Write { path, source }
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(dir_mode)
+            .create(parent)
+            .map_err(werr(parent))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(werr(&tmp))?;
+    std::io::Write::write_all(&mut f, content).map_err(werr(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(werr(path))
 }
 
 fn pem_body(pem: &str) -> Option<Vec<u8>> {

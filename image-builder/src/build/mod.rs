@@ -86,17 +86,8 @@ pub struct Args {
     /// Cache directory (default: $SLIPWAY_CACHE_DIR or ~/.cache/slipway).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
-    /// The payload's pins (default: payload.lock next to the spec).
-    #[arg(long, env = "SLIPWAY_PAYLOAD_LOCK")]
-    pub payload_lock: Option<PathBuf>,
-    /// Fetch payload artifacts from here instead of their upstream hosts
-    /// (`file:///dir` or `http://host/prefix`; the upstream path is kept).
-    #[arg(long, env = "SLIPWAY_ARTIFACT_MIRROR")]
-    pub artifact_mirror: Option<String>,
-    /// Pull every container image from this registry instead of its own
-    /// (`http://127.0.0.1:5000`); images keep their names and pins.
-    #[arg(long, env = "SLIPWAY_REGISTRY_MIRROR")]
-    pub registry_mirror: Option<String>,
+    #[command(flatten)]
+    pub payload: crate::payload::Sources,
     /// Publish the image once built (see `image-builder publish`).
     #[command(flatten)]
     pub publish: crate::publish::Target,
@@ -311,16 +302,12 @@ fn resolve_payload(
     overlay: &mut Overlay,
 ) -> Result<crate::payload::Recorded, BuildError> {
     use crate::payload;
-    let mirrors = payload::Mirrors {
-        artifacts: args.artifact_mirror.clone(),
-        registry: args.registry_mirror.clone(),
-    };
     let payload::Inputs {
         images,
         lock_path,
         lock,
         mirrors,
-    } = payload::Inputs::load(spec, spec_dir, args.payload_lock.as_deref(), mirrors)?;
+    } = payload::Inputs::load(spec, spec_dir, &args.payload)?;
     if spec.payload.artifacts.is_empty() && images.is_empty() {
         return Ok(payload::Recorded::default());
     }

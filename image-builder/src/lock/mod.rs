@@ -251,15 +251,8 @@ pub struct Args {
     /// Only pin the payload (payload.lock), not the Debian packages.
     #[arg(long)]
     pub payload_only: bool,
-    /// The payload's pins to refresh (default: payload.lock next to the spec).
-    #[arg(long, env = "SLIPWAY_PAYLOAD_LOCK")]
-    pub payload_lock: Option<PathBuf>,
-    /// Resolve payload artifacts from here (see `image-builder build --help`).
-    #[arg(long, env = "SLIPWAY_ARTIFACT_MIRROR")]
-    pub artifact_mirror: Option<String>,
-    /// Resolve container images from this registry.
-    #[arg(long, env = "SLIPWAY_REGISTRY_MIRROR")]
-    pub registry_mirror: Option<String>,
+    #[command(flatten)]
+    pub payload: crate::payload::Sources,
 }
 
 /// Pins whatever payload entries `payload.lock` lacks, keeping the rest.
@@ -275,16 +268,12 @@ fn lock_payload(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mirrors = payload::Mirrors {
-        artifacts: args.artifact_mirror.clone(),
-        registry: args.registry_mirror.clone(),
-    };
     let payload::Inputs {
         images,
         lock_path: path,
         lock: old,
         mirrors,
-    } = payload::Inputs::load(spec, spec_dir, args.payload_lock.as_deref(), mirrors)?;
+    } = payload::Inputs::load(spec, spec_dir, &args.payload)?;
     let lock = progress.stage("resolve payload", || {
         payload::refresh(
             cache,

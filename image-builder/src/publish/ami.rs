@@ -8,7 +8,7 @@ use aws_sdk_ec2::types::{
     ArchitectureValues, BlockDeviceMapping, BootModeValues, EbsBlockDevice, Filter,
     ImdsSupportValues, ResourceType, Tag, TagSpecification, VolumeType,
 };
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const TAG_VERSION: &str = "slipway:version";
 pub const TAG_DISK: &str = "slipway:disk-sha256";
@@ -202,33 +202,28 @@ pub async fn copy(
 
 /// Waits until the AMI is available (copies take minutes on AWS).
 pub async fn wait_available(ec2: &aws_sdk_ec2::Client, image_id: &str) -> Result<(), PublishError> {
-    let deadline = Instant::now() + Duration::from_secs(60 * 60);
-    loop {
-        let out = ec2
-            .describe_images()
-            .image_ids(image_id)
-            .send()
-            .await
-            .map_err(sdk_err(format!("describing {image_id}")))?;
-        let state = out
-            .images()
-            .first()
-            .and_then(|i| i.state())
-            .map(|s| s.as_str().to_owned())
-            .unwrap_or_default();
-        match state.as_str() {
-            "available" => return Ok(()),
-            "failed" | "error" | "deregistered" => {
-                return Err(PublishError::Invalid(format!("{image_id} is {state}")))
-            }
-            _ if Instant::now() > deadline => {
-                return Err(PublishError::Invalid(format!(
-                    "{image_id} still {state:?} after an hour"
-                )))
-            }
-            _ => tokio::time::sleep(Duration::from_secs(5)).await,
-        }
-    }
+    let failed = ["failed", "error", "deregistered"];
+    super::wait_for_state(
+        image_id,
+        Duration::from_secs(5),
+        "available",
+        &failed,
+        || async {
+            let out = ec2
+                .describe_images()
+                .image_ids(image_id)
+                .send()
+                .await
+                .map_err(sdk_err(format!("describing {image_id}")))?;
+            Ok(out
+                .images()
+                .first()
+                .and_then(|i| i.state())
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default())
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -57,13 +57,8 @@ pub struct Args {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("{action} {path}: {source}")]
-    Io {
-        action: &'static str,
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::fsio::PathError),
     #[error("{action}: {message}")]
     Aws { action: String, message: String },
     #[error(
@@ -97,16 +92,6 @@ pub enum PublishError {
     },
 }
 
-impl PublishError {
-    pub fn io(action: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            action,
-            path: path.display().to_string(),
-            source,
-        }
-    }
-}
-
 /// Wraps any AWS SDK error with the action that failed.
 pub(crate) fn sdk_err<E, R>(
     action: impl Into<String>,
@@ -123,6 +108,37 @@ where
             None => slipway_init::error_chain(&e, ": "),
         },
         action,
+    }
+}
+
+/// Polls `state` every `every` until it reports `done`; a state in
+/// `failed`, or an hour without `done`, is an error naming `what`.
+pub(crate) async fn wait_for_state<F, Fut>(
+    what: &str,
+    every: std::time::Duration,
+    done: &str,
+    failed: &[&str],
+    mut state: F,
+) -> Result<(), PublishError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<String, PublishError>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60 * 60);
+    loop {
+        let now = state().await?;
+        if now == done {
+            return Ok(());
+        }
+        if failed.contains(&now.as_str()) {
+            return Err(PublishError::Invalid(format!("{what} is {now}")));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(PublishError::Invalid(format!(
+                "{what} still {now:?} after an hour"
+            )));
+        }
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -210,7 +226,7 @@ impl Created {
 }
 
 fn sha256_file(path: &Path) -> Result<String, PublishError> {
-    crate::cache::sha256_file(path).map_err(|e| PublishError::io("hashing", path, e))
+    Ok(crate::cache::sha256_file(path).map_err(crate::fsio::at("hashing", path))?)
 }
 
 /// Publishes the build in `out` (see the module docs).
@@ -240,8 +256,7 @@ async fn publish_async(
     let home = target.region.clone().ok_or(PublishError::NoRegion)?;
     let manifest_path = out.join("build-manifest.json");
     let manifest: Manifest = serde_json::from_slice(
-        &std::fs::read(&manifest_path)
-            .map_err(|e| PublishError::io("reading", &manifest_path, e))?,
+        &std::fs::read(&manifest_path).map_err(crate::fsio::at("reading", &manifest_path))?,
     )
     .map_err(|e| PublishError::Invalid(format!("{}: {e}", manifest_path.display())))?;
     let disk = out.join(&manifest.disk.file);
@@ -315,7 +330,7 @@ async fn publish_async(
     let rendered = template::render(template_source, &id.version, &id.disk_sha256, &amis)?;
     let template_path = out.join("template.json");
     std::fs::write(&template_path, &rendered)
-        .map_err(|e| PublishError::io("writing", &template_path, e))?;
+        .map_err(crate::fsio::at("writing", &template_path))?;
     let release = Release {
         name: manifest.name.clone(),
         image_version: id.version.clone(),
@@ -333,8 +348,7 @@ async fn publish_async(
     let mut text =
         serde_json::to_string_pretty(&release).map_err(|e| PublishError::Invalid(e.to_string()))?;
     text.push('\n');
-    std::fs::write(&release_path, text)
-        .map_err(|e| PublishError::io("writing", &release_path, e))?;
+    std::fs::write(&release_path, text).map_err(crate::fsio::at("writing", &release_path))?;
     for (region, image) in &release.amis {
         eprintln!("{region}: {image}");
     }

@@ -39,16 +39,16 @@ impl Uploaded {
 
 /// The indices of the disk's blocks that hold anything but zeros.
 pub fn nonzero_blocks(disk: &Path) -> Result<Vec<u64>, PublishError> {
-    let file = std::fs::File::open(disk).map_err(|e| PublishError::io("opening", disk, e))?;
+    let file = std::fs::File::open(disk).map_err(crate::fsio::at("opening", disk))?;
     let size = file
         .metadata()
-        .map_err(|e| PublishError::io("reading the size of", disk, e))?
+        .map_err(crate::fsio::at("reading the size of", disk))?
         .len();
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
     let mut out = Vec::new();
     for index in 0..size.div_ceil(BLOCK_SIZE) {
-        let n = read_block(&file, index, size, &mut buf)
-            .map_err(|e| PublishError::io("reading", disk, e))?;
+        let n =
+            read_block(&file, index, size, &mut buf).map_err(crate::fsio::at("reading", disk))?;
         if buf[..n].iter().any(|&b| b != 0) {
             out.push(index);
         }
@@ -87,10 +87,10 @@ pub async fn upload(
     on_snapshot: &mut dyn FnMut(&str),
 ) -> Result<Uploaded, PublishError> {
     let start = Instant::now();
-    let file = std::fs::File::open(disk).map_err(|e| PublishError::io("opening", disk, e))?;
+    let file = std::fs::File::open(disk).map_err(crate::fsio::at("opening", disk))?;
     let size = file
         .metadata()
-        .map_err(|e| PublishError::io("reading the size of", disk, e))?
+        .map_err(crate::fsio::at("reading the size of", disk))?
         .len();
     if size == 0 || size % GIB != 0 {
         return Err(PublishError::Invalid(format!(
@@ -268,29 +268,26 @@ async fn report_progress(
 /// Waits until EC2 lists the snapshot as completed (EBS finishes it
 /// asynchronously after CompleteSnapshot).
 async fn wait_completed(ec2: &aws_sdk_ec2::Client, id: &str) -> Result<(), PublishError> {
-    let deadline = Instant::now() + Duration::from_secs(60 * 60);
-    loop {
-        let out = ec2
-            .describe_snapshots()
-            .snapshot_ids(id)
-            .send()
-            .await
-            .map_err(sdk_err(format!("describing {id}")))?;
-        let state = out
-            .snapshots()
-            .first()
-            .and_then(|s| s.state())
-            .map(|s| s.as_str().to_owned())
-            .unwrap_or_default();
-        match state.as_str() {
-            "completed" => return Ok(()),
-            "error" => return Err(PublishError::Invalid(format!("snapshot {id} failed"))),
-            _ if Instant::now() > deadline => {
-                return Err(PublishError::Invalid(format!(
-                    "snapshot {id} still {state:?} after an hour"
-                )))
-            }
-            _ => tokio::time::sleep(Duration::from_secs(2)).await,
-        }
-    }
+    let what = format!("snapshot {id}");
+    super::wait_for_state(
+        &what,
+        Duration::from_secs(2),
+        "completed",
+        &["error"],
+        || async {
+            let out = ec2
+                .describe_snapshots()
+                .snapshot_ids(id)
+                .send()
+                .await
+                .map_err(sdk_err(format!("describing {id}")))?;
+            Ok(out
+                .snapshots()
+                .first()
+                .and_then(|s| s.state())
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default())
+        },
+    )
+    .await
 }

@@ -16,8 +16,7 @@ pub fn render(
     disk_sha256: &str,
     amis: &BTreeMap<String, String>,
 ) -> Result<String, PublishError> {
-    let text =
-        std::fs::read_to_string(source).map_err(|e| PublishError::io("reading", source, e))?;
+    let text = std::fs::read_to_string(source).map_err(crate::fsio::at("reading", source))?;
     let mut t: Value = serde_yaml_ng::from_str(&text).map_err(|e| {
         PublishError::Invalid(format!("{} is not valid YAML: {e}", source.display()))
     })?;

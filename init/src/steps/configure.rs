@@ -5,9 +5,8 @@
 
 use super::{Context, Report, StepError};
 use crate::config::Role;
-use crate::pki::{Bundle, PkiError};
+use crate::pki::{self, Bundle, PkiError};
 use crate::render::{self, Inputs, Target, Templates};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 pub const STEP: &str = "configure";
@@ -17,23 +16,9 @@ fn write_if_changed(path: &Path, content: &str, mode: u32) -> Result<bool, PkiEr
     if std::fs::read(path).is_ok_and(|old| old == content.as_bytes()) {
         return Ok(false);
     }
-    let werr = |p: &Path| {
-        let path = p.display().to_string();
-        move |source| PkiError::Write { path, source }
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(werr(parent))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(werr(&tmp))?;
-    std::io::Write::write_all(&mut f, content.as_bytes()).map_err(werr(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(werr(path))?;
+    // Secrets' directories stay as closed as the tmpfs they are on.
+    let dir_mode = if mode & 0o077 == 0 { 0o700 } else { 0o755 };
+    pki::write_file(path, content.as_bytes(), mode, dir_mode)?;
     Ok(true)
 }
 
