@@ -109,6 +109,10 @@ pub struct Overlay {
     pub manifests: PathBuf,
     /// Binaries from the workspace's build output installed to /usr/bin.
     pub binaries: Vec<String>,
+    /// A tree laid over the image root as it is: host configuration
+    /// (network, sysctl, modules) and the symlinks that enable units.
+    #[serde(default)]
+    pub root: Option<PathBuf>,
 }
 
 const MAX_DISK_GIB: u64 = 16 * 1024;

@@ -236,6 +236,8 @@ fn a_node_gets_only_host_config_under_its_instance_id() {
         env.contains("node-role.kubernetes.io/control-plane:NoSchedule"),
         "{env}"
     );
+    // kubelet refuses to start when it is asked to set a node-role label.
+    assert!(!env.contains("--node-labels=node-role"), "{env}");
 }
 
 #[test]

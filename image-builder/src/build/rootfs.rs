@@ -204,6 +204,27 @@ impl Overlay {
             }
             files.push((unit_dir.join(rel), src, 0o644));
         }
+        if let Some(tree) = &spec.overlay.root {
+            let tree = spec_dir.join(tree);
+            for e in walkdir::WalkDir::new(&tree).sort_by_file_name() {
+                let e = e.map_err(|e| fsio::at("reading", &tree)(e.into()))?;
+                let rel = e.path().strip_prefix(&tree).unwrap_or(e.path()).to_owned();
+                if e.path_is_symlink() {
+                    let target = fs::read_link(e.path()).map_err(fsio::at("reading", e.path()))?;
+                    links.push((rel, target.to_string_lossy().into_owned()));
+                } else if e.file_type().is_file() {
+                    let mode = if e
+                        .metadata()
+                        .is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+                    {
+                        0o755
+                    } else {
+                        0o644
+                    };
+                    files.push((rel, e.path().to_owned(), mode));
+                }
+            }
+        }
         let manifests = spec_dir.join(&spec.overlay.manifests);
         for src in files_under(&manifests)? {
             let rel = src.strip_prefix(&manifests).unwrap_or(&src).to_owned();

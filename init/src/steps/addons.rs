@@ -14,6 +14,8 @@ pub const STEP: &str = "addons";
 /// but etcd and the API server start cold).
 pub const API_DEADLINE: Duration = Duration::from_secs(15 * 60);
 
+const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane=";
+
 pub async fn run(ctx: &Context, deadline: Duration) -> Result<Report, StepError> {
     if ctx.config.role != Role::Master {
         return Ok(Report::already(STEP, "nothing to apply on a node"));
@@ -43,9 +45,28 @@ pub async fn run(ctx: &Context, deadline: Duration) -> Result<Report, StepError>
         &dir,
     ])?;
     let objects = out.lines().filter(|l| !l.trim().is_empty()).count();
+    // The master's role label (a kubelet may not set node-role labels on
+    // itself), once its kubelet has registered the node.
+    let node = format!(
+        "node/{}",
+        crate::render::master_node_name(ctx.config.master_ip)
+    );
+    retry::until(
+        &format!("waiting for {node} to register"),
+        Backoff::new(deadline),
+        || async {
+            Ok::<_, StepError>(
+                kubectl(&["label", "--overwrite", &node, CONTROL_PLANE_LABEL])
+                    .ok()
+                    .map(|_| ()),
+            )
+        },
+    )
+    .await
+    .map_err(|e| StepError::Wait(e.to_string()))?;
     Ok(Report::changed(
         STEP,
-        format!("applied {objects} objects from {dir}"),
+        format!("applied {objects} objects from {dir}; labelled {node}"),
     ))
 }
 
@@ -107,14 +128,18 @@ mod tests {
         let report = run(&ctx, Duration::from_secs(30)).await.unwrap();
         assert_eq!(
             report.detail,
-            "applied 2 objects from /nonexistent/srv/kubernetes/addons"
+            "applied 2 objects from /nonexistent/srv/kubernetes/addons; labelled node/ip-10-0-1-10"
         );
         let calls = kubectl.calls.lock().unwrap().clone();
-        assert_eq!(calls.len(), 4, "{calls:?}");
+        assert_eq!(calls.len(), 5, "{calls:?}");
         assert!(calls[..3].iter().all(|c| c.ends_with("get --raw=/readyz")));
         assert_eq!(
             calls[3],
             "kubectl --kubeconfig /nonexistent/srv/kubernetes/pki/super-admin.conf apply --server-side --force-conflicts --field-manager=slipway -f /nonexistent/srv/kubernetes/addons"
+        );
+        assert_eq!(
+            calls[4],
+            "kubectl --kubeconfig /nonexistent/srv/kubernetes/pki/super-admin.conf label --overwrite node/ip-10-0-1-10 node-role.kubernetes.io/control-plane="
         );
     }
 

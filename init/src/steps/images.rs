@@ -3,6 +3,11 @@
 //! carries; each is labelled pinned so kubelet's image garbage collection
 //! never removes it. Importing again is harmless (containerd keeps content
 //! by digest), so this runs at every boot.
+//!
+//! Only the content is imported; containerd unpacks an image into its
+//! snapshotter the first time a container uses it. A node never unpacks
+//! the control plane's images, and a master unpacks its images while its
+//! pods start instead of before kubelet may run.
 
 use super::{Report, Runner, StepError};
 use std::path::Path;
@@ -37,7 +42,14 @@ pub fn import(runner: &dyn Runner, list: &Path, root: &Path) -> Result<Report, S
         let archive = archive.to_string_lossy();
         runner.run(
             "ctr",
-            &["--namespace", NAMESPACE, "images", "import", &archive],
+            &[
+                "--namespace",
+                NAMESPACE,
+                "images",
+                "import",
+                "--no-unpack",
+                &archive,
+            ],
         )?;
         runner.run(
             "ctr",
@@ -100,9 +112,9 @@ mod tests {
         assert_eq!(
             calls,
             [
-                "ctr --namespace k8s.io images import /usr/share/slipway/images/a.tar",
+                "ctr --namespace k8s.io images import --no-unpack /usr/share/slipway/images/a.tar",
                 "ctr --namespace k8s.io images label registry.k8s.io/pause:3.10.1 io.cri-containerd.pinned=pinned",
-                "ctr --namespace k8s.io images import /usr/share/slipway/images/b.tar",
+                "ctr --namespace k8s.io images import --no-unpack /usr/share/slipway/images/b.tar",
                 "ctr --namespace k8s.io images label registry.k8s.io/etcd:3.6.16-0 io.cri-containerd.pinned=pinned",
             ]
         );
