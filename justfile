@@ -18,7 +18,7 @@ with_fixtures := "cargo run -q -p vm-tests --bin slipway-fixtures -- with-mirror
 out := "out"
 
 # Host packages the build and the tests use (Debian names).
-host_packages := "mmdebstrap uidmap erofs-utils e2fsprogs qemu-utils qemu-system-x86 ovmf jq time docker-registry gcc libc6-dev"
+host_packages := "mmdebstrap uidmap erofs-utils e2fsprogs qemu-utils qemu-system-x86 ovmf jq time docker-registry gcc libc6-dev iptables busybox-static dnsmasq-base iproute2 libseccomp-dev pkg-config"
 
 default: build
 
@@ -119,3 +119,49 @@ clean:
 # Peak RSS and time of a master's first boot (slipway-init's steps) against moto.
 measure-init: deps compile
     {{cache}}/venv/bin/python vm-tests/measure_init.py {{image_bins}}/slipway-init
+
+# A local cluster from the built image (master + node VMs against moto, as the
+# cluster test runs it); leaves a kubeconfig and prints how to tear it down.
+demo: build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    dir="{{cache}}/demo"
+    if [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+        echo "a demo cluster is already running (pid $(cat "$dir/pid")); tear it down with: just demo-down" >&2
+        exit 1
+    fi
+    mkdir -p "$dir"
+    cargo build -q -p vm-tests --bin slipway-cluster
+    SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} setsid "$CARGO_TARGET_DIR/debug/slipway-cluster" "$dir" \
+        > "$dir/cluster.log" 2>&1 < /dev/null &
+    echo $! > "$dir/pid"
+    echo "starting the cluster (log: $dir/cluster.log); under TCG this takes 10-20 minutes" >&2
+    while [ ! -f "$dir/ready" ]; do
+        if ! kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+            tail -n 30 "$dir/cluster.log" >&2
+            echo "the cluster did not come up (log: $dir/cluster.log)" >&2
+            exit 1
+        fi
+        sleep 5
+    done
+    echo
+    echo "The cluster is up. Use it with:"
+    echo "    export KUBECONFIG=$(cat "$dir/ready")"
+    echo "    {{fixtures_dir}}/out/bin/kubectl get nodes"
+    echo "Tear it down (VMs, moto, the network namespace) with:"
+    echo "    just demo-down"
+
+# Stop the cluster `just demo` started.
+demo-down:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    pidfile="{{cache}}/demo/pid"
+    if [ ! -f "$pidfile" ]; then echo "no demo cluster is running" >&2; exit 0; fi
+    pid=$(cat "$pidfile")
+    if kill -TERM "$pid" 2>/dev/null; then
+        for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+        # Anything left of its process group (QEMU, moto, dnsmasq).
+        kill -KILL -- "-$pid" 2>/dev/null || true
+    fi
+    rm -f "$pidfile"
+    echo "demo cluster stopped (disks and consoles stay in {{cache}}/demo)"

@@ -524,7 +524,7 @@ pub fn image_from_files(
     let config = serde_json::json!({
         "architecture": arch,
         "os": "linux",
-        "config": {"Entrypoint": entrypoint, "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"]},
+        "config": {"Entrypoint": entrypoint, "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     });
     let config = serde_json::to_vec(&config).map_err(|e| OciError::Image {

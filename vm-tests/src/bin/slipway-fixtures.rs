@@ -59,6 +59,87 @@ fn recipe(name: &str) -> Option<(Vec<(&'static str, &'static str)>, &'static str
     })
 }
 
+/// Images whose programs shell out to iptables (kube-proxy, flanneld) or
+/// whose manifests run `cp` (flannel's init containers). Upstream builds
+/// them on a distribution base; the fixtures carry the host's iptables
+/// (nf_tables backend, with its extensions and libraries) and a static
+/// busybox instead.
+fn needs_userland(name: &str) -> bool {
+    matches!(name, "kube-proxy" | "flannel" | "flannel-cni-plugin")
+}
+
+const XTABLES: &str = "/usr/sbin/xtables-nft-multi";
+const XTABLES_EXTENSIONS: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+const BUSYBOX: &str = "/bin/busybox";
+
+/// The shared libraries `binary` loads, as absolute paths (from `ldd`).
+fn libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+    let out = std::process::Command::new("ldd")
+        .arg(binary)
+        .output()
+        .context("running ldd")?;
+    if !out.status.success() {
+        bail!(
+            "ldd {}: {}",
+            binary.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let path = match l.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// The userland files (path in the image, content) for [`needs_userland`].
+fn userland() -> Result<Vec<(String, Vec<u8>)>> {
+    for (path, package) in [(XTABLES, "iptables"), (BUSYBOX, "busybox-static")] {
+        if !Path::new(path).exists() {
+            bail!("{path} is missing: install the Debian package `{package}` (`just deps`)");
+        }
+    }
+    let mut files = BTreeMap::new();
+    let xtables = read(Path::new(XTABLES))?;
+    for name in [
+        "xtables-nft-multi",
+        "iptables",
+        "iptables-save",
+        "iptables-restore",
+        "ip6tables",
+        "ip6tables-save",
+        "ip6tables-restore",
+    ] {
+        files.insert(format!("/usr/sbin/{name}"), xtables.clone());
+    }
+    let mut objects = vec![PathBuf::from(XTABLES)];
+    for e in std::fs::read_dir(XTABLES_EXTENSIONS)? {
+        let path = e?.path();
+        files.insert(path.to_string_lossy().into_owned(), read(&path)?);
+        objects.push(path);
+    }
+    for object in &objects {
+        for lib in libraries(object)? {
+            if let std::collections::btree_map::Entry::Vacant(e) =
+                files.entry(lib.to_string_lossy().into_owned())
+            {
+                // Follow the soname link: the image gets the library itself.
+                e.insert(read(&std::fs::canonicalize(&lib)?)?);
+            }
+        }
+    }
+    let busybox = read(Path::new(BUSYBOX))?;
+    for name in ["busybox", "sh", "cp", "cat", "ls", "mkdir"] {
+        files.insert(format!("/bin/{name}"), busybox.clone());
+    }
+    Ok(files.into_iter().collect())
+}
+
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
@@ -139,10 +220,15 @@ fn make(bins: &Path, spec_path: &Path, out: &Path) -> Result<()> {
             recipe(name).with_context(|| format!("no fixture recipe for image {name}"))?;
         let mut contents = Vec::new();
         for (dest, bin) in &files {
-            contents.push((*dest, read(&bins.join(bin))?));
+            contents.push((dest.to_string(), read(&bins.join(bin))?));
         }
-        let layer: Vec<(&str, &[u8], u32)> =
-            contents.iter().map(|(d, b)| (*d, &b[..], 0o755)).collect();
+        if needs_userland(name) {
+            contents.extend(userland()?);
+        }
+        let layer: Vec<(&str, &[u8], u32)> = contents
+            .iter()
+            .map(|(d, b)| (d.as_str(), &b[..], 0o755))
+            .collect();
         let image = oci::image_from_files(&cache, reference, "amd64", &layer, &[entry])?;
         let target: Reference = reference.parse()?;
         client.push(&cache, &target, &image)?;
