@@ -9,7 +9,7 @@
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +18,9 @@ const TOKEN: &str = "slipway-test-imds-token";
 #[derive(Debug, Default)]
 struct State {
     paths: Mutex<BTreeMap<String, String>>,
+    /// Paths answered only to one client address: on a shared network each
+    /// VM sees the instance it plays.
+    by_client: Mutex<BTreeMap<IpAddr, BTreeMap<String, String>>>,
     /// Requests to refuse (503) before answering, to exercise retries.
     unavailable_for: AtomicUsize,
     requests: AtomicUsize,
@@ -35,7 +38,15 @@ pub struct Imds {
 impl Imds {
     /// Serves `paths` (e.g. `/latest/user-data`) on a free loopback port.
     pub fn start(paths: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        Self::serve(TcpListener::bind("127.0.0.1:0")?, paths)
+    }
+
+    /// Serves `paths` on a listener the caller bound (inside a test network,
+    /// on 169.254.169.254:80).
+    pub fn serve(
+        listener: TcpListener,
+        paths: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self> {
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             paths: Mutex::new(paths.into_iter().collect()),
@@ -86,6 +97,15 @@ impl Imds {
         }
     }
 
+    /// Answers `path` with `body` to requests from `client` only.
+    pub fn set_for(&self, client: IpAddr, path: &str, body: &str) {
+        if let Ok(mut c) = self.state.by_client.lock() {
+            c.entry(client)
+                .or_default()
+                .insert(path.to_owned(), body.to_owned());
+        }
+    }
+
     /// Requests seen so far (including refused ones).
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::SeqCst)
@@ -121,6 +141,11 @@ fn serve(state: &State, stream: TcpStream) -> std::io::Result<()> {
         .unavailable_for
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok();
+    // The token's lifetime comes back in a header, as AWS's SDKs expect.
+    let ttl = headers
+        .get("x-aws-ec2-metadata-token-ttl-seconds")
+        .cloned()
+        .filter(|_| method == "PUT");
     let (status, body) = if refuse {
         ("503 Service Unavailable", String::new())
     } else if method == "PUT" && path == "/latest/api/token" {
@@ -134,7 +159,12 @@ fn serve(state: &State, stream: TcpStream) -> std::io::Result<()> {
     } else if method != "GET" {
         ("405 Method Not Allowed", String::new())
     } else {
-        match state.paths.lock().ok().and_then(|p| p.get(path).cloned()) {
+        let client = stream.peer_addr().map(|a| a.ip()).ok();
+        let own = client.and_then(|c| {
+            let by_client = state.by_client.lock().ok()?;
+            by_client.get(&c)?.get(path).cloned()
+        });
+        match own.or_else(|| state.paths.lock().ok().and_then(|p| p.get(path).cloned())) {
             Some(b) => ("200 OK", b),
             None => ("404 Not Found", String::new()),
         }
@@ -142,8 +172,10 @@ fn serve(state: &State, stream: TcpStream) -> std::io::Result<()> {
     let mut out = stream;
     write!(
         out,
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n{}Connection: close\r\n\r\n{body}",
+        body.len(),
+        ttl.map(|t| format!("X-Aws-Ec2-Metadata-Token-Ttl-Seconds: {t}\r\n"))
+            .unwrap_or_default()
     )?;
     out.flush()
 }

@@ -4,10 +4,14 @@
 //! killed when its handle drops, also when a test fails.
 //!
 //! TCG by default (these machines have no usable KVM); `SLIPWAY_VM_ACCEL=kvm`
-//! opts in to KVM. Guests get no network device unless a test gives them one.
+//! opts in to KVM. A guest gets a network card on QEMU's user-mode network
+//! with `restrict=on` (DHCP answers, nothing leaves) unless the test puts it
+//! on a private network of its own ([`net::Lan`]).
 
+pub mod cluster;
 pub mod imds;
 pub mod moto;
+pub mod net;
 pub mod registry;
 
 use anyhow::{bail, Context, Result};
@@ -83,6 +87,29 @@ pub struct VmConfig {
     /// `systemd.extra-unit.<name>` adds a unit for the test without touching
     /// the image, `systemd.unit-dropin.<unit>` a drop-in.
     pub credentials: Vec<(String, Vec<u8>)>,
+    pub nic: Nic,
+    /// A root shell on a virtio console behind this unix socket (a test-only
+    /// unit passed as a credential), for a person debugging a run.
+    pub shell_socket: Option<PathBuf>,
+    /// More NVMe disks (an EBS volume: serial = volume ID without the hyphen).
+    pub disks: Vec<Disk>,
+}
+
+/// The VM's network card.
+#[derive(Debug, Clone)]
+pub enum Nic {
+    /// QEMU's user-mode network, isolated: DHCP and nothing else.
+    Isolated,
+    /// A tap on a test network, QEMU started inside its namespace.
+    Tap { netns: String, port: net::Port },
+}
+
+/// An extra NVMe disk.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub file: PathBuf,
+    pub format: &'static str,
+    pub serial: String,
 }
 
 impl VmConfig {
@@ -95,7 +122,23 @@ impl VmConfig {
             memory_mib: 1024,
             cpus: 1,
             credentials: Vec::new(),
+            nic: Nic::Isolated,
+            shell_socket: None,
+            disks: Vec::new(),
         }
+    }
+
+    /// Adds a root shell on `/dev/hvc0` (systemd's getty there, logged in
+    /// as root by a test-only drop-in), reachable on the host through
+    /// `socket` (`socat - UNIX-CONNECT:SOCKET`).
+    pub fn with_shell(mut self, socket: PathBuf) -> Self {
+        self.shell_socket = Some(socket);
+        self.credentials.push((
+            "systemd.unit-dropin.serial-getty@hvc0.service".to_owned(),
+            b"[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200 - $TERM\n"
+                .to_vec(),
+        ));
+        self
     }
 
     /// Adds a unit that runs in the guest (and is started by multi-user.target).
@@ -112,6 +155,21 @@ impl VmConfig {
     }
 }
 
+/// Makes a child the kernel kills when the thread that started it exits,
+/// so a test that is itself killed leaves no VM or service behind.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 fn base64(data: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(data)
@@ -125,6 +183,38 @@ pub struct Vm {
     serial: PathBuf,
     workdir: tempfile::TempDir,
     started: Instant,
+    /// Every console line with when it first appeared (a watcher thread).
+    timeline: std::sync::Arc<std::sync::Mutex<Vec<(Duration, String)>>>,
+    watching: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Follows the console file, stamping each line with when it appeared.
+fn watch_console(
+    serial: PathBuf,
+    started: Instant,
+    timeline: std::sync::Arc<std::sync::Mutex<Vec<(Duration, String)>>>,
+    watching: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    std::thread::spawn(move || {
+        let mut seen = 0usize;
+        let mut partial = String::new();
+        while watching.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Ok(bytes) = fs::read(&serial) {
+                if bytes.len() > seen {
+                    partial.push_str(&String::from_utf8_lossy(&bytes[seen..]));
+                    seen = bytes.len();
+                    let now = started.elapsed();
+                    while let Some(end) = partial.find('\n') {
+                        let line: String = partial.drain(..=end).collect();
+                        if let Ok(mut t) = timeline.lock() {
+                            t.push((now, line.trim().to_owned()));
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
 }
 
 fn accel() -> String {
@@ -148,7 +238,14 @@ impl Vm {
         fs::copy(OVMF_VARS, &vars).context("copying the OVMF variables store")?;
         let serial = workdir.path().join("serial.log");
         let snapshot = if cfg.snapshot { ",snapshot=on" } else { "" };
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = match &cfg.nic {
+            Nic::Isolated => Command::new("qemu-system-x86_64"),
+            Nic::Tap { netns, .. } => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns, "qemu-system-x86_64"]);
+                c
+            }
+        };
         cmd.args(["-machine", "q35", "-accel", &accel()])
             .args([
                 "-m",
@@ -156,14 +253,7 @@ impl Vm {
                 "-smp",
                 &cfg.cpus.to_string(),
             ])
-            .args([
-                "-nodefaults",
-                "-display",
-                "none",
-                "-no-reboot",
-                "-nic",
-                "none",
-            ])
+            .args(["-nodefaults", "-display", "none", "-no-reboot"])
             .arg("-drive")
             .arg(format!(
                 "if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}"
@@ -180,6 +270,40 @@ impl Vm {
                 cfg.disk_format
             ))
             .args(["-device", "nvme,serial=slipwayroot,drive=root"]);
+        for (i, d) in cfg.disks.iter().enumerate() {
+            cmd.arg("-drive")
+                .arg(format!(
+                    "file={},if=none,id=disk{i},format={}",
+                    d.file.display(),
+                    d.format
+                ))
+                .arg("-device")
+                .arg(format!("nvme,serial={},drive=disk{i}", d.serial));
+        }
+        if let Some(socket) = &cfg.shell_socket {
+            cmd.arg("-chardev")
+                .arg(format!(
+                    "socket,id=shell,path={},server=on,wait=off",
+                    socket.display()
+                ))
+                .args([
+                    "-device",
+                    "virtio-serial-pci",
+                    "-device",
+                    "virtconsole,chardev=shell",
+                ]);
+        }
+        match &cfg.nic {
+            Nic::Isolated => cmd.args(["-nic", "user,restrict=on,model=virtio-net-pci"]),
+            Nic::Tap { port, .. } => cmd
+                .arg("-netdev")
+                .arg(format!(
+                    "tap,id=net0,ifname={},script=no,downscript=no",
+                    port.tap
+                ))
+                .arg("-device")
+                .arg(format!("virtio-net-pci,netdev=net0,mac={}", port.mac)),
+        };
         for (name, value) in &cfg.credentials {
             cmd.arg("-smbios").arg(format!(
                 "type=11,value=io.systemd.credential.binary:{name}={}",
@@ -191,15 +315,26 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let child = cmd
+        let child = die_with_parent(&mut cmd)
             .spawn()
             .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+        let started = Instant::now();
+        let timeline = std::sync::Arc::default();
+        let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        watch_console(
+            serial.clone(),
+            started,
+            std::sync::Arc::clone(&timeline),
+            std::sync::Arc::clone(&watching),
+        );
         Ok(Self {
             name: cfg.name.clone(),
             child,
             serial,
             workdir,
-            started: Instant::now(),
+            started,
+            timeline,
+            watching,
         })
     }
 
@@ -282,6 +417,13 @@ impl Vm {
         Some(dest)
     }
 
+    /// When (after QEMU started) a console line containing `marker` first
+    /// appeared, to within the watcher's 200 ms.
+    pub fn seen(&self, marker: &str) -> Option<Duration> {
+        let t = self.timeline.lock().ok()?;
+        t.iter().find(|(_, l)| l.contains(marker)).map(|(d, _)| *d)
+    }
+
     pub fn workdir(&self) -> &Path {
         self.workdir.path()
     }
@@ -289,6 +431,8 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        self.watching
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         self.keep_log();
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -52,7 +52,7 @@ impl Moto {
             );
         }
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Command::new(&bin)
+        let child = crate::die_with_parent(&mut Command::new(&bin))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

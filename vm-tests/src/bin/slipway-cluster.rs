@@ -1,0 +1,103 @@
+//! `slipway-cluster DIR`: brings up a local cluster from the built image
+//! (published to moto, master and node as QEMU VMs on a private network; see
+//! `vm_tests::cluster`), writes `DIR/kubeconfig` once both members are
+//! Ready, prints how to use it, and keeps the cluster running until it is
+//! sent SIGTERM or SIGINT (`just demo-down`), then stops every VM and
+//! service it started.
+
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use vm_tests::cluster::{Cluster, Options, Role};
+use vm_tests::Image;
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn kubectl() -> PathBuf {
+    let cache = std::env::var_os("SLIPWAY_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slipway")))
+        .unwrap_or_default();
+    cache.join("fixtures/out/bin/kubectl")
+}
+
+fn ready_nodes(kubeconfig: &std::path::Path) -> usize {
+    let out = std::process::Command::new(kubectl())
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--request-timeout=10s", "get", "nodes", "--no-headers"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("Ready"))
+            .count(),
+        _ => 0,
+    }
+}
+
+fn main() -> Result<()> {
+    let dir = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .context("usage: slipway-cluster DIR")?;
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+    let image = Image::locate()?;
+    let _ = std::fs::remove_file(dir.join("kubeconfig"));
+    let mut cluster = Cluster::create(
+        &image,
+        Options {
+            nodes: 1,
+            master_memory_mib: 3072,
+            node_memory_mib: 2048,
+            cpus: 2,
+            dir: dir.clone(),
+        },
+    )?;
+    for i in cluster.instances()? {
+        if i.role == Role::Master || cluster.vms.len() < 2 {
+            cluster.launch(&i)?;
+        }
+    }
+    eprintln!("[cluster] booting; under TCG this takes 10-20 minutes (consoles in target/vm-logs once stopped)");
+    let start = Instant::now();
+    let kubeconfig = loop {
+        if STOP.load(Ordering::SeqCst) {
+            bail!("stopped before the cluster came up");
+        }
+        if start.elapsed() > Duration::from_secs(45 * 60) {
+            bail!("the cluster did not come up within 45 minutes");
+        }
+        let cluster_name = cluster.config_value("cluster_name")?;
+        if cluster
+            .get_object(&format!("{cluster_name}/admin.conf"))
+            .is_ok()
+        {
+            let k = cluster.kubeconfig()?;
+            if ready_nodes(&k) >= 2 {
+                break k;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    };
+    std::fs::write(dir.join("ready"), kubeconfig.to_string_lossy().as_bytes())?;
+    eprintln!(
+        "[cluster] up in {:.0}s: master and node Ready",
+        start.elapsed().as_secs_f64()
+    );
+    while !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!("[cluster] stopping");
+    let _ = std::fs::remove_file(dir.join("ready"));
+    drop(cluster);
+    Ok(())
+}

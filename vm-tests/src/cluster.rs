@@ -1,0 +1,674 @@
+//! A whole Slipway cluster on this machine: the built image published to
+//! moto, read back from its snapshot, the rendered template created as a
+//! stack, and one QEMU VM per instance moto launched, on a private network
+//! ([`crate::net::Lan`]) where 169.254.169.254 is the metadata emulator
+//! playing that instance and the AWS endpoint is moto.
+//!
+//! What the test supplies beyond EC2 itself, and says so:
+//! - the metadata service adds `aws_endpoint` to the user data the launch
+//!   template holds (moto, reached through the network's router), and
+//!   serves role credentials moto accepts;
+//! - the master's data volume is a disk file presented as NVMe with the
+//!   volume ID as serial from the start (EBS attaches it when asked;
+//!   slipway-init still calls AttachVolume before it looks for the device);
+//! - instances are "launched" by booting a VM with a fresh root disk made
+//!   from the snapshot, and "terminated" by killing it.
+
+use crate::moto::Moto;
+use crate::net::{Forward, Lan, IMDS_ADDR};
+use crate::{imds::Imds, Disk, Image, Nic, Vm, VmConfig};
+use anyhow::{bail, ensure, Context, Result};
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const REGION: &str = "us-east-1";
+pub const STACK: &str = "slipway";
+/// Port moto answers on inside the network (on the first subnet's router).
+const AWS_PORT: u16 = 5000;
+/// The role credentials the metadata emulator hands out (moto accepts any).
+const ROLE: &str = "slipway-instance";
+
+/// A test-only unit (handed in as a credential, not in the image) that
+/// prints the containers and kubelet's latest complaints to the console
+/// every minute, so a failed run's kept console says where a member was.
+const STATUS_UNIT: &str = "[Unit]\nDescription=cluster test status (test only)\nAfter=kubelet.service\n\n\
+[Service]\nStandardOutput=journal+console\n\
+ExecStart=/bin/sh -c 'while sleep 60; do \
+crictl --runtime-endpoint unix:///run/containerd/containerd.sock ps -a 2>/dev/null | tail -n +2 | sed \"s/^/SLIPWAY-TEST-STATUS crictl: /\"; \
+systemctl --no-pager --failed --plain --no-legend 2>&1 | sed \"s/^/SLIPWAY-TEST-STATUS failed: /\"; \
+journalctl -q -u kubelet -n 300 --no-pager 2>&1 | grep -E \" E[0-9]{4} |rror|ailed\" | grep -v -e \"mirror pod\" -e \"config path\" | tail -n 4 | sed \"s/.*err=//\" | cut -c1-600 | sed \"s/^/SLIPWAY-TEST-STATUS kubelet: /\"; \
+done'\n";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Master,
+    Node,
+}
+
+/// An EC2 instance of the stack, as moto has it.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: String,
+    pub role: Role,
+    pub ip: Ipv4Addr,
+    pub az: String,
+}
+
+/// Options for bringing a cluster up.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub nodes: usize,
+    pub master_memory_mib: u32,
+    pub node_memory_mib: u32,
+    pub cpus: u32,
+    /// Where disks, logs and the kubeconfig go (kept after the run).
+    pub dir: PathBuf,
+}
+
+/// A running cluster. Dropping it kills every VM and service it started.
+pub struct Cluster {
+    // Dropped first: the VMs, then what they talk to.
+    pub vms: BTreeMap<String, Vm>,
+    pub opts: Options,
+    rt: tokio::runtime::Runtime,
+    conf: aws_config::SdkConfig,
+    pub outputs: BTreeMap<String, String>,
+    /// The disk read back from the published snapshot.
+    pub ami_disk: PathBuf,
+    pub lan: Lan,
+    imds: Imds,
+    aws_in_lan: String,
+    user_data: BTreeMap<&'static str, String>,
+    forwards: Vec<Forward>,
+    api: Option<Forward>,
+    // Last: moto outlives the forwarders that reach it.
+    _forward_aws: Forward,
+    moto: Moto,
+    pub timings: Vec<(String, Duration)>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("dir", &self.opts.dir)
+            .field("vms", &self.vms.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn say(what: &str) {
+    eprintln!("[cluster] {what}");
+}
+
+impl Cluster {
+    /// Publishes `image` to a fresh moto, reads the snapshot back, creates
+    /// the stack and the network. No VM runs yet (see [`Cluster::launch`]).
+    pub fn create(image: &Image, opts: Options) -> Result<Self> {
+        let started = Instant::now();
+        std::fs::create_dir_all(&opts.dir)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let moto = Moto::start()?;
+        let conf = rt.block_on(
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new(REGION))
+                .endpoint_url(&moto.endpoint)
+                .load(),
+        );
+
+        say("publishing the image to the local AWS");
+        let out = opts.dir.join("release");
+        std::fs::create_dir_all(&out)?;
+        let disk_link = out.join("disk.raw");
+        let _ = std::fs::remove_file(&disk_link);
+        std::os::unix::fs::symlink(image.raw().canonicalize()?, &disk_link)?;
+        std::fs::copy(
+            image.dir.join("build-manifest.json"),
+            out.join("build-manifest.json"),
+        )?;
+        let target = image_builder::publish::Target {
+            region: Some(REGION.into()),
+            copy_to: Vec::new(),
+            template: None,
+            ssm_prefix: None,
+            upload_concurrency: 8,
+            endpoint_url: Some(moto.endpoint.clone()),
+        };
+        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cfn/template.yaml");
+        let release = {
+            let (out, template) = (out.clone(), template.clone());
+            std::thread::spawn(move || image_builder::publish::publish(&out, &target, &template))
+                .join()
+                .map_err(|_| anyhow::anyhow!("publish panicked"))??
+        };
+        let snapshot = release
+            .upload
+            .as_ref()
+            .context("publish uploaded nothing")?
+            .snapshot_id
+            .clone();
+
+        say(&format!(
+            "reading {snapshot} back through the EBS direct APIs"
+        ));
+        let ami_disk = opts.dir.join("ami.raw");
+        let sha = rt.block_on(read_snapshot(&moto.endpoint, &snapshot, &ami_disk))?;
+        ensure!(
+            sha == release.disk_sha256,
+            "the snapshot reads back as sha256 {sha}, the published disk is {}",
+            release.disk_sha256
+        );
+
+        say("creating the stack from the rendered template");
+        let template_body = std::fs::read_to_string(out.join("template.json"))?;
+        let outputs = rt.block_on(create_stack(&conf, &template_body, opts.nodes))?;
+
+        let ec2 = aws_sdk_ec2::Client::new(&conf);
+        let subnets = rt.block_on(async {
+            let d = ec2.describe_subnets().send().await?;
+            let mut nets = Vec::new();
+            for s in d.subnets() {
+                let cidr = s.cidr_block().unwrap_or_default();
+                if let Some((net, prefix)) = cidr.split_once('/') {
+                    nets.push((net.parse::<Ipv4Addr>()?, prefix.parse::<u8>()?));
+                }
+            }
+            anyhow::Ok(nets)
+        })?;
+        ensure!(!subnets.is_empty(), "the stack created no subnets");
+        let lan = Lan::create(&subnets, &opts.dir)?;
+        let router = lan.routers[0].0;
+        let moto_addr: SocketAddr = moto.endpoint.trim_start_matches("http://").parse()?;
+        let forward_aws = lan.forward_in(SocketAddr::from((router, AWS_PORT)), moto_addr)?;
+        let imds = Imds::serve(lan.listen(SocketAddr::from((IMDS_ADDR, 80)))?, [])?;
+
+        let mut cluster = Self {
+            aws_in_lan: format!("http://{router}:{AWS_PORT}"),
+            opts,
+            rt,
+            conf,
+            outputs,
+            ami_disk,
+            lan,
+            imds,
+            user_data: BTreeMap::new(),
+            vms: BTreeMap::new(),
+            forwards: Vec::new(),
+            api: None,
+            _forward_aws: forward_aws,
+            moto,
+            timings: Vec::new(),
+        };
+        cluster.load_user_data()?;
+        cluster.timing("publish, read back, stack", started.elapsed());
+        Ok(cluster)
+    }
+
+    pub fn timing(&mut self, what: &str, took: Duration) {
+        say(&format!("{what}: {:.1}s", took.as_secs_f64()));
+        self.timings.push((what.to_owned(), took));
+    }
+
+    fn ec2(&self) -> aws_sdk_ec2::Client {
+        aws_sdk_ec2::Client::new(&self.conf)
+    }
+
+    /// The launch templates' user data, by role.
+    fn load_user_data(&mut self) -> Result<()> {
+        let cfn = aws_sdk_cloudformation::Client::new(&self.conf);
+        let ec2 = self.ec2();
+        let data = self.rt.block_on(async {
+            let mut data = BTreeMap::new();
+            for (role, logical) in [
+                ("master", "MasterLaunchTemplate"),
+                ("node", "NodeLaunchTemplate"),
+            ] {
+                let r = cfn
+                    .describe_stack_resource()
+                    .stack_name(STACK)
+                    .logical_resource_id(logical)
+                    .send()
+                    .await?;
+                let id = r
+                    .stack_resource_detail()
+                    .and_then(|d| d.physical_resource_id())
+                    .context("launch template id")?
+                    .to_owned();
+                let v = ec2
+                    .describe_launch_template_versions()
+                    .launch_template_id(&id)
+                    .versions("$Latest")
+                    .send()
+                    .await?;
+                let b64 = v
+                    .launch_template_versions()
+                    .first()
+                    .and_then(|v| v.launch_template_data())
+                    .and_then(|d| d.user_data())
+                    .context("launch template without user data")?
+                    .to_owned();
+                let text = String::from_utf8(
+                    base64::engine::general_purpose::STANDARD.decode(b64.trim())?,
+                )?;
+                data.insert(role, text);
+            }
+            anyhow::Ok(data)
+        })?;
+        self.user_data = data;
+        Ok(())
+    }
+
+    /// The stack's running instances, masters first.
+    pub fn instances(&self) -> Result<Vec<Instance>> {
+        let ec2 = self.ec2();
+        let mut all = self.rt.block_on(async {
+            let d = ec2
+                .describe_instances()
+                .filters(
+                    aws_sdk_ec2::types::Filter::builder()
+                        .name("instance-state-name")
+                        .values("running")
+                        .values("pending")
+                        .build(),
+                )
+                .send()
+                .await?;
+            let mut out = Vec::new();
+            for i in d.reservations().iter().flat_map(|r| r.instances()) {
+                let tag = |k: &str| {
+                    i.tags()
+                        .iter()
+                        .find(|t| t.key() == Some(k))
+                        .and_then(|t| t.value())
+                        .map(str::to_owned)
+                };
+                let role = match tag("slipway:role").as_deref() {
+                    Some("master") => Role::Master,
+                    Some("node") => Role::Node,
+                    _ => continue,
+                };
+                out.push(Instance {
+                    id: i.instance_id().unwrap_or_default().to_owned(),
+                    role,
+                    ip: i.private_ip_address().unwrap_or_default().parse()?,
+                    az: i
+                        .placement()
+                        .and_then(|p| p.availability_zone())
+                        .unwrap_or_default()
+                        .to_owned(),
+                });
+            }
+            anyhow::Ok(out)
+        })?;
+        all.sort_by_key(|i| (i.role == Role::Node, i.id.clone()));
+        Ok(all)
+    }
+
+    /// Teaches the metadata emulator the instance and boots its VM.
+    pub fn launch(&mut self, instance: &Instance) -> Result<()> {
+        let role = match instance.role {
+            Role::Master => "master",
+            Role::Node => "node",
+        };
+        let user_data = format!(
+            "{}\n# Added by the test's metadata service: the local AWS.\naws_endpoint = \"{}\"\n",
+            self.user_data[role].trim_end(),
+            self.aws_in_lan
+        );
+        let ip = std::net::IpAddr::V4(instance.ip);
+        let expires = "2099-01-01T00:00:00Z";
+        for (path, body) in [
+            ("/latest/meta-data/instance-id", instance.id.clone()),
+            (
+                "/latest/meta-data/placement/availability-zone",
+                instance.az.clone(),
+            ),
+            ("/latest/meta-data/placement/region", REGION.to_owned()),
+            ("/latest/meta-data/local-ipv4", instance.ip.to_string()),
+            ("/latest/user-data", user_data),
+            (
+                "/latest/meta-data/iam/security-credentials/",
+                ROLE.to_owned(),
+            ),
+            (
+                &format!("/latest/meta-data/iam/security-credentials/{ROLE}"),
+                serde_json::json!({
+                    "Code": "Success",
+                    "LastUpdated": "2026-01-01T00:00:00Z",
+                    "Type": "AWS-HMAC",
+                    "AccessKeyId": "testing",
+                    "SecretAccessKey": "testing",
+                    "Token": "testing",
+                    "Expiration": expires,
+                })
+                .to_string(),
+            ),
+        ] {
+            self.imds.set_for(ip, path, &body);
+        }
+
+        // A fresh root volume from the AMI's snapshot, as EC2 gives every instance.
+        let root = self.opts.dir.join(format!("{}-root.qcow2", instance.id));
+        let status = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&self.ami_disk)
+            .arg(&root)
+            .status()
+            .context("qemu-img")?;
+        ensure!(status.success(), "qemu-img create {}", root.display());
+
+        let mut cfg = VmConfig::new(&instance.id, root, "qcow2")
+            .with_test_unit("slipway-test-status.service", STATUS_UNIT)
+            .with_shell(self.opts.dir.join(format!("{}.shell", instance.id)));
+        cfg.snapshot = false;
+        cfg.cpus = self.opts.cpus;
+        cfg.memory_mib = match instance.role {
+            Role::Master => self.opts.master_memory_mib,
+            Role::Node => self.opts.node_memory_mib,
+        };
+        if instance.role == Role::Master {
+            let volume = self.master_volume()?;
+            cfg.disks.push(Disk {
+                file: self.volume_file(&volume.0, volume.1)?,
+                format: "raw",
+                serial: volume.0.replace('-', ""),
+            });
+        }
+        cfg.nic = Nic::Tap {
+            netns: self.lan.ns.name.clone(),
+            port: self.lan.port(instance.ip)?,
+        };
+        say(&format!(
+            "booting {} ({:?}, {})",
+            instance.id, instance.role, instance.ip
+        ));
+        let vm = Vm::boot(&cfg)?;
+        self.vms.insert(instance.id.clone(), vm);
+        Ok(())
+    }
+
+    /// The master volume's ID and size in GiB.
+    fn master_volume(&self) -> Result<(String, i32)> {
+        let cfn = aws_sdk_cloudformation::Client::new(&self.conf);
+        let ec2 = self.ec2();
+        self.rt.block_on(async {
+            let r = cfn
+                .describe_stack_resource()
+                .stack_name(STACK)
+                .logical_resource_id("MasterVolume")
+                .send()
+                .await?;
+            let id = r
+                .stack_resource_detail()
+                .and_then(|d| d.physical_resource_id())
+                .context("master volume id")?
+                .to_owned();
+            let v = ec2.describe_volumes().volume_ids(&id).send().await?;
+            let size = v.volumes().first().and_then(|v| v.size()).unwrap_or(8);
+            Ok((id, size))
+        })
+    }
+
+    /// The file behind an EBS volume: created blank once, kept across instances.
+    fn volume_file(&self, id: &str, gib: i32) -> Result<PathBuf> {
+        let path = self.opts.dir.join(format!("{id}.raw"));
+        if !path.exists() {
+            let f = std::fs::File::create(&path)?;
+            f.set_len(u64::try_from(gib)? << 30)?;
+        }
+        Ok(path)
+    }
+
+    /// The data volume's file (for scanning it at rest).
+    pub fn master_volume_file(&self) -> Result<PathBuf> {
+        let (id, gib) = self.master_volume()?;
+        self.volume_file(&id, gib)
+    }
+
+    /// Kills an instance's VM and terminates it in EC2 without lowering the
+    /// group's capacity, so its Auto Scaling group launches a replacement.
+    pub fn terminate(&mut self, id: &str) -> Result<()> {
+        if let Some(vm) = self.vms.remove(id) {
+            drop(vm);
+        }
+        let asg = aws_sdk_autoscaling::Client::new(&self.conf);
+        let ec2 = self.ec2();
+        self.rt.block_on(async {
+            asg.terminate_instance_in_auto_scaling_group()
+                .instance_id(id)
+                .should_decrement_desired_capacity(false)
+                .send()
+                .await?;
+            // moto may only mark it; make sure EC2 sees it gone.
+            let _ = ec2.terminate_instances().instance_ids(id).send().await;
+            anyhow::Ok(())
+        })?;
+        say(&format!("terminated {id}"));
+        Ok(())
+    }
+
+    /// Waits for the Auto Scaling group to put a new instance of `role` in
+    /// service (one not in `known`).
+    pub fn replacement(
+        &self,
+        role: Role,
+        known: &[String],
+        deadline: Duration,
+    ) -> Result<Instance> {
+        let start = Instant::now();
+        loop {
+            if let Some(i) = self
+                .instances()?
+                .into_iter()
+                .find(|i| i.role == role && !known.contains(&i.id))
+            {
+                return Ok(i);
+            }
+            if start.elapsed() > deadline {
+                bail!("no replacement {role:?} instance within {deadline:?}");
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// The administrator's kubeconfig from the secrets bucket, pointed at a
+    /// loopback forwarder to the master's stable IP; written to the run
+    /// directory, and its path returned.
+    pub fn kubeconfig(&mut self) -> Result<PathBuf> {
+        let master_ip: Ipv4Addr = self.config_value("master_ip")?.parse()?;
+        if self.api.is_none() {
+            self.api = Some(self.lan.forward_out(SocketAddr::from((master_ip, 6443)))?);
+        }
+        let local = self
+            .api
+            .as_ref()
+            .map(|f| f.local)
+            .context("api forwarder")?;
+        let key = format!("{}/admin.conf", self.config_value("cluster_name")?);
+        let text = String::from_utf8(self.get_object(&key)?)?;
+        let rewritten: String = text
+            .lines()
+            .map(|l| match l.trim_start().strip_prefix("server: ") {
+                Some(_) => format!("    server: https://{local}"),
+                None => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let path = self.opts.dir.join("kubeconfig");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode_private()
+            .open(&path)?;
+        f.write_all(rewritten.as_bytes())?;
+        Ok(path)
+    }
+
+    /// An object from the secrets bucket.
+    pub fn get_object(&self, key: &str) -> Result<Vec<u8>> {
+        let bucket = self
+            .outputs
+            .get("SecretsBucketName")
+            .context("stack output SecretsBucketName")?
+            .clone();
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&self.conf)
+                .force_path_style(true)
+                .build(),
+        );
+        self.rt.block_on(async {
+            let o = s3
+                .get_object()
+                .bucket(&bucket)
+                .key(key)
+                .send()
+                .await
+                .with_context(|| format!("s3://{bucket}/{key}"))?;
+            Ok(o.body.collect().await?.into_bytes().to_vec())
+        })
+    }
+
+    /// A value from the master's stack config (the user data).
+    pub fn config_value(&self, key: &str) -> Result<String> {
+        let text = &self.user_data["master"];
+        let table: toml::Table = text.parse()?;
+        table
+            .get(key)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+            .with_context(|| format!("`{key}` is not in the master's user data"))
+    }
+
+    /// A loopback port forwarded to `port` on the master's stable IP.
+    pub fn forward_to_master(&mut self, port: u16) -> Result<SocketAddr> {
+        let ip: Ipv4Addr = self.config_value("master_ip")?.parse()?;
+        let f = self.lan.forward_out(SocketAddr::from((ip, port)))?;
+        let local = f.local;
+        self.forwards.push(f);
+        Ok(local)
+    }
+
+    /// Moto's endpoint on the test's side.
+    pub fn aws_endpoint(&self) -> &str {
+        &self.moto.endpoint
+    }
+}
+
+trait OpenPrivate {
+    fn mode_private(&mut self) -> &mut Self;
+}
+
+impl OpenPrivate for std::fs::OpenOptions {
+    fn mode_private(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
+    }
+}
+
+/// Reads every block of `snapshot` into `dest` (sparse where the snapshot
+/// has no block) and returns the sha256 of the whole disk.
+async fn read_snapshot(endpoint: &str, snapshot: &str, dest: &Path) -> Result<String> {
+    use image_builder::publish::snapshot::BLOCK_SIZE;
+    let c = image_builder::publish::Clients::new(REGION, Some(endpoint)).await;
+    let mut blocks = BTreeMap::new();
+    let mut next: Option<String> = None;
+    let volume_size_gib;
+    loop {
+        let page = c
+            .ebs
+            .list_snapshot_blocks()
+            .snapshot_id(snapshot)
+            .set_next_token(next.clone())
+            .send()
+            .await?;
+        for b in page.blocks() {
+            blocks.insert(
+                u64::try_from(b.block_index().unwrap_or_default())?,
+                b.block_token().unwrap_or_default().to_owned(),
+            );
+        }
+        next = page.next_token().map(str::to_owned);
+        if next.is_none() {
+            volume_size_gib = page.volume_size().unwrap_or_default();
+            break;
+        }
+    }
+    let size = u64::try_from(volume_size_gib)? << 30;
+    ensure!(size > 0, "{snapshot} has no volume size");
+    let file = std::fs::File::create(dest)?;
+    file.set_len(size)?;
+    let mut hash = Sha256::new();
+    let zero = vec![0u8; usize::try_from(BLOCK_SIZE)?];
+    for index in 0..size / BLOCK_SIZE {
+        match blocks.get(&index) {
+            Some(token) => {
+                let block = c
+                    .ebs
+                    .get_snapshot_block()
+                    .snapshot_id(snapshot)
+                    .block_index(i32::try_from(index)?)
+                    .block_token(token)
+                    .send()
+                    .await?;
+                let data = block.block_data.collect().await?.into_bytes();
+                ensure!(
+                    data.len() == zero.len(),
+                    "block {index} is {} bytes",
+                    data.len()
+                );
+                std::os::unix::fs::FileExt::write_all_at(&file, &data, index * BLOCK_SIZE)?;
+                hash.update(&data);
+            }
+            None => hash.update(&zero),
+        }
+    }
+    Ok(hex::encode(hash.finalize()))
+}
+
+async fn create_stack(
+    conf: &aws_config::SdkConfig,
+    body: &str,
+    nodes: usize,
+) -> Result<BTreeMap<String, String>> {
+    use aws_sdk_cloudformation::types::{Capability, Parameter};
+    let cfn = aws_sdk_cloudformation::Client::new(conf);
+    let param = |k: &str, v: &str| {
+        Parameter::builder()
+            .parameter_key(k)
+            .parameter_value(v)
+            .build()
+    };
+    cfn.create_stack()
+        .stack_name(STACK)
+        .template_body(body)
+        .parameters(param("AdminCidr", "127.0.0.1/32"))
+        .parameters(param("NodeCount", &nodes.to_string()))
+        .capabilities(Capability::CapabilityIam)
+        .send()
+        .await?;
+    let start = Instant::now();
+    loop {
+        let d = cfn.describe_stacks().stack_name(STACK).send().await?;
+        let stack = d.stacks().first().context("no stack")?;
+        let status = stack.stack_status().map(|s| s.as_str()).unwrap_or("");
+        if status == "CREATE_COMPLETE" {
+            return Ok(stack
+                .outputs()
+                .iter()
+                .filter_map(|o| Some((o.output_key()?.to_owned(), o.output_value()?.to_owned())))
+                .collect());
+        }
+        if !status.ends_with("IN_PROGRESS") || start.elapsed() > Duration::from_secs(120) {
+            bail!("stack {STACK}: {status} {:?}", stack.stack_status_reason());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,577 @@
+//! The whole product end to end, with no AWS account: the built image is
+//! published to moto, read back from its snapshot, the rendered template
+//! becomes a stack, and every instance moto launches boots as a QEMU VM on
+//! a private network (see `vm_tests::cluster`). Then, in order:
+//!
+//! 1. the master and a node come up: both Ready, a pod runs on the node, a
+//!    Service name resolves through CoreDNS from another pod, etcd answers
+//!    only over TLS with a client certificate;
+//! 2. the master is terminated; its replacement re-attaches the volume and
+//!    the address, keeps the PKI, and every object is still there; the node
+//!    returns to Ready untouched;
+//! 3. the node is terminated; its replacement joins under a new name;
+//! 4. every persistent disk the dead instances leave behind is scanned for
+//!    the cluster's private keys and bootstrap token: none outside etcd's
+//!    own data.
+//!
+//! Two VMs at most run at once, under TCG. Consoles are kept in
+//! `target/vm-logs`, disks and the kubeconfig in the run directory.
+
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use vm_tests::cluster::{Cluster, Instance, Options, Role};
+use vm_tests::Image;
+
+/// From launch to both members Ready (image import and a cold control
+/// plane under TCG).
+const UP_DEADLINE: Duration = Duration::from_secs(30 * 60);
+/// A replacement member back in service.
+const REPLACE_DEADLINE: Duration = Duration::from_secs(25 * 60);
+const OBJECTS: usize = 20;
+
+fn fixtures_bin(name: &str) -> PathBuf {
+    let cache = std::env::var_os("SLIPWAY_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slipway")))
+        .unwrap_or_default();
+    cache.join("fixtures/out/bin").join(name)
+}
+
+struct Kubectl {
+    kubeconfig: PathBuf,
+}
+
+impl Kubectl {
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(fixtures_bin("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--request-timeout=60s")
+            .args(args)
+            .output()
+            .context("running kubectl (built by `just fixtures`)")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Applies `yaml`, retrying while an API server under TCG is too busy
+    /// to answer in time.
+    fn apply(&self, cluster: &Cluster, yaml: &str) -> Result<()> {
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), yaml)?;
+        let path = file.path().to_string_lossy().into_owned();
+        wait(cluster, "kubectl apply", Duration::from_secs(300), || {
+            self.run(&["apply", "-f", &path]).map(|_| Some(()))
+        })
+    }
+
+    /// `run` until it answers (the API server may be restarting or busy).
+    fn get(&self, cluster: &Cluster, args: &[&str]) -> Result<String> {
+        wait(
+            cluster,
+            &format!("kubectl {}", args.join(" ")),
+            Duration::from_secs(300),
+            || self.run(args).map(Some),
+        )
+    }
+
+    /// Node name → Ready.
+    fn nodes(&self) -> Result<BTreeMap<String, bool>> {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.run(&["get", "nodes", "-o", "json"])?)?;
+        Ok(v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| {
+                let ready = n["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                (
+                    n["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                    ready,
+                )
+            })
+            .collect())
+    }
+}
+
+/// Polls `check` every few seconds until it yields, failing at the deadline
+/// with the last error and the consoles' tails.
+fn wait<T>(
+    cluster: &Cluster,
+    what: &str,
+    deadline: Duration,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        match check() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if start.elapsed() > deadline {
+            let tails: Vec<String> = cluster.vms.values().map(|vm| vm.tail(60)).collect();
+            bail!(
+                "{what}: not within {deadline:?} (last: {last})\n{}",
+                tails.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
+fn launch_all(cluster: &mut Cluster, instances: &[Instance]) -> Result<()> {
+    for i in instances {
+        cluster.launch(i)?;
+    }
+    Ok(())
+}
+
+/// Where a member's boot spent its time, from its console.
+fn report_boot(cluster: &mut Cluster, id: &str, label: &str) {
+    let Some(vm) = cluster.vms.get(id) else {
+        return;
+    };
+    let marks = [
+        ("firmware (to the kernel)", "Linux version"),
+        ("slipway-init starts", "SLIPWAY-BOOT-CHECK"),
+        ("slipway-init done", "step=\"configure\""),
+        ("images imported", "imported and pinned"),
+        ("API server ready, add-ons applied", "step=\"addons\""),
+    ];
+    let mut found = Vec::new();
+    for (what, marker) in marks {
+        if let Some(t) = vm.seen(marker) {
+            found.push((format!("{label}: {what}"), t));
+        }
+    }
+    for (what, t) in found {
+        cluster.timing(&format!("{what} (after QEMU start)"), t);
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// The strings that must never be on a disk: every private key of the
+/// cluster (as PEM and as the base64 kubeconfigs carry) and the bootstrap
+/// token's secret.
+fn secret_needles(pki: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
+    use base64::Engine;
+    let mut needles = Vec::new();
+    for (name, content) in pki["files"].as_object().into_iter().flatten() {
+        let Some(text) = content.as_str() else {
+            continue;
+        };
+        if name.ends_with(".key") {
+            if let Some(line) = text.lines().nth(1) {
+                needles.push((format!("{name} (PEM)"), line.as_bytes().to_vec()));
+            }
+            let b64 = base64::engine::general_purpose::STANDARD.encode(text);
+            needles.push((
+                format!("{name} (base64)"),
+                b64.as_bytes()[8..72.min(b64.len())].to_vec(),
+            ));
+        }
+        if name == "bootstrap-token" {
+            if let Some((_, secret)) = text.trim().split_once('.') {
+                needles.push((name.clone(), secret.as_bytes().to_vec()));
+            }
+        }
+    }
+    needles
+}
+
+/// Which needles occur in `file` (read in overlapping chunks).
+fn scan_file(file: &Path, needles: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+    use std::io::Read;
+    let longest = needles.iter().map(|(_, n)| n.len()).max().unwrap_or(0);
+    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut buf = vec![0u8; 8 << 20];
+    let mut carry: Vec<u8> = Vec::new();
+    let mut hits = Vec::new();
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let mut window = std::mem::take(&mut carry);
+        window.extend_from_slice(&buf[..n]);
+        for (name, needle) in needles {
+            if !hits.contains(name) && window.windows(needle.len()).any(|w| w == &needle[..]) {
+                hits.push(name.clone());
+            }
+        }
+        carry = window[window.len().saturating_sub(longest)..].to_vec();
+    }
+    Ok(hits)
+}
+
+/// Scans the files of an ext4 volume (mounted read-only on a loop device),
+/// except etcd's data directory, where the cluster's Secrets belong.
+fn scan_volume(volume: &Path, needles: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+    let mnt = tempfile::tempdir()?;
+    let status = Command::new("mount")
+        .args(["-o", "ro,noload,loop"])
+        .arg(volume)
+        .arg(mnt.path())
+        .status()?;
+    ensure!(status.success(), "mounting {}", volume.display());
+    let result = (|| {
+        let mut hits = Vec::new();
+        let mut files = 0;
+        for e in walk(mnt.path())? {
+            if e.strip_prefix(mnt.path())
+                .is_ok_and(|r| r.starts_with("data"))
+            {
+                continue;
+            }
+            files += 1;
+            for h in scan_file(&e, needles)? {
+                hits.push(format!("{h} in {}", e.display()));
+            }
+        }
+        eprintln!("[cluster] data volume: {files} files outside etcd's data scanned");
+        anyhow::Ok(hits)
+    })();
+    let _ = Command::new("umount").arg(mnt.path()).status();
+    result
+}
+
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        if t.is_dir() {
+            out.extend(walk(&e.path())?);
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+    Ok(out)
+}
+
+/// A member's root disk: the qcow2 written over the AMI (holds the /var
+/// partition's writes and anything else the instance wrote).
+fn root_disk(cluster: &Cluster, id: &str) -> PathBuf {
+    cluster.opts.dir.join(format!("{id}-root.qcow2"))
+}
+
+fn etcdctl(endpoint: &str, tls: &[(&str, &Path)]) -> (bool, String) {
+    let mut cmd = Command::new(fixtures_bin("etcdctl"));
+    cmd.arg(format!("--endpoints={endpoint}"))
+        .args(["--dial-timeout=5s", "--command-timeout=10s"]);
+    for (flag, path) in tls {
+        cmd.arg(format!("--{flag}={}", path.display()));
+    }
+    cmd.args(["endpoint", "health"]);
+    match cmd.output() {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+#[test]
+fn a_cluster_survives_losing_its_master_and_a_node() -> Result<()> {
+    let image = Image::locate()?;
+    let dir = std::env::var_os("SLIPWAY_CLUSTER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cluster-test"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cluster = Cluster::create(
+        &image,
+        Options {
+            nodes: 1,
+            master_memory_mib: 3072,
+            node_memory_mib: 2048,
+            cpus: 2,
+            dir: dir.clone(),
+        },
+    )?;
+
+    // 1. Master and node boot.
+    let scenario = Instant::now();
+    let first = cluster.instances()?;
+    let master = first
+        .iter()
+        .find(|i| i.role == Role::Master)
+        .context("no master instance")?
+        .clone();
+    let node = first
+        .iter()
+        .find(|i| i.role == Role::Node)
+        .context("no node instance")?
+        .clone();
+    launch_all(&mut cluster, &[master.clone(), node.clone()])?;
+    let kubectl = Kubectl {
+        kubeconfig: wait(
+            &cluster,
+            "the admin kubeconfig in the bucket",
+            UP_DEADLINE,
+            || {
+                Ok(cluster
+                    .get_object(&format!(
+                        "{}/admin.conf",
+                        cluster.config_value("cluster_name")?
+                    ))
+                    .ok()
+                    .map(|_| ()))
+            },
+        )
+        .and_then(|()| cluster.kubeconfig())?,
+    };
+    let ready = wait(&cluster, "master and node Ready", UP_DEADLINE, || {
+        let nodes = kubectl.nodes()?;
+        Ok((nodes.len() == 2 && nodes.values().all(|r| *r)).then_some(nodes))
+    })?;
+    ensure!(
+        ready.contains_key(&node.id),
+        "the node registers as its instance ID: {ready:?}"
+    );
+    report_boot(&mut cluster, &master.id, "master");
+    report_boot(&mut cluster, &node.id, "node");
+
+    // A pod on the node, a Service in front of it, and a name lookup from
+    // another pod through CoreDNS.
+    let busybox = image.manifest["payload"]["images"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["reference"].as_str())
+        .find(|r| r.contains("/kube-proxy:"))
+        .context("no kube-proxy image in the payload")?
+        .to_owned();
+    kubectl.apply(&cluster, &format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: web, labels: {{app: web}}}}
+spec:
+  nodeName: {node}
+  containers:
+  - name: web
+    image: {busybox}
+    command: [/bin/busybox, sleep, "86400"]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  selector: {{app: web}}
+  ports: [{{port: 80, targetPort: 8080}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: lookup}}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: lookup
+    image: {busybox}
+    command: [/bin/sh, -c, "for i in $(seq 1 60); do /bin/busybox nslookup web.default.svc.cluster.local && exit 0; sleep 5; done; exit 1"]
+"#,
+        node = node.id
+    ))?;
+    wait(&cluster, "the pod on the node running", UP_DEADLINE, || {
+        let phase = kubectl.run(&["get", "pod", "web", "-o", "jsonpath={.status.phase}"])?;
+        Ok((phase == "Running").then_some(()))
+    })?;
+    let phase = wait(&cluster, "the lookup pod finishing", UP_DEADLINE, || {
+        let phase = kubectl.run(&["get", "pod", "lookup", "-o", "jsonpath={.status.phase}"])?;
+        Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase))
+    })?;
+    let logs = kubectl.get(&cluster, &["logs", "lookup"])?;
+    let service_ip = kubectl.get(
+        &cluster,
+        &["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    )?;
+    ensure!(
+        phase == "Succeeded" && logs.contains(&service_ip),
+        "web.default.svc.cluster.local did not resolve to {service_ip} ({phase}):\n{logs}"
+    );
+
+    // etcd: TLS with a client certificate only.
+    let pki: serde_json::Value = serde_json::from_slice(&cluster.get_object(&format!(
+        "{}/pki.json",
+        cluster.config_value("cluster_name")?
+    ))?)?;
+    let pem_dir = tempfile::tempdir()?;
+    for f in [
+        "etcd/ca.crt",
+        "etcd/healthcheck-client.crt",
+        "etcd/healthcheck-client.key",
+    ] {
+        let text = pki["files"][f]
+            .as_str()
+            .with_context(|| format!("{f} is not in the bundle"))?;
+        std::fs::write(pem_dir.path().join(f.replace('/', "-")), text)?;
+    }
+    let p = |f: &str| pem_dir.path().join(f);
+    let etcd = cluster.forward_to_master(2379)?;
+    let (plain_ok, plain) = etcdctl(&format!("http://{etcd}"), &[]);
+    let (anon_ok, anon) = etcdctl(&format!("https://{etcd}"), &[("cacert", &p("etcd-ca.crt"))]);
+    let (client_ok, client) = etcdctl(
+        &format!("https://{etcd}"),
+        &[
+            ("cacert", &p("etcd-ca.crt")),
+            ("cert", &p("etcd-healthcheck-client.crt")),
+            ("key", &p("etcd-healthcheck-client.key")),
+        ],
+    );
+    ensure!(!plain_ok, "etcd answered plaintext: {plain}");
+    ensure!(
+        !anon_ok,
+        "etcd answered a client without a certificate: {anon}"
+    );
+    ensure!(
+        client_ok && client.contains("is healthy"),
+        "etcd refused its own client certificate: {client}"
+    );
+    cluster.timing(
+        "scenario 1: master and node up, pod, DNS, etcd TLS",
+        scenario.elapsed(),
+    );
+
+    // 2. Master replacement.
+    let scenario = Instant::now();
+    let ca_before = sha256_hex(pki["files"]["ca.crt"].as_str().unwrap_or("").as_bytes());
+    let mut list = String::from("apiVersion: v1\nkind: List\nitems:\n");
+    for n in 0..OBJECTS {
+        list.push_str(&format!(
+            "- apiVersion: v1\n  kind: ConfigMap\n  metadata: {{name: survivor-{n}, labels: {{slipway-test: survivor}}}}\n  data: {{n: \"{n}\"}}\n"
+        ));
+    }
+    kubectl.apply(&cluster, &list)?;
+    let needles = secret_needles(&pki);
+    ensure!(
+        needles.len() >= 10,
+        "too few secrets to look for: {}",
+        needles.len()
+    );
+    let volume = cluster.master_volume_file()?;
+    cluster.terminate(&master.id)?;
+
+    // 4 (master's disks). Scanned while nothing has them open.
+    let mut leaks = Vec::new();
+    for h in scan_file(&root_disk(&cluster, &master.id), &needles)? {
+        leaks.push(format!("{h} on the master's root disk"));
+    }
+    for h in scan_volume(&volume, &needles)? {
+        leaks.push(format!("{h} on the data volume"));
+    }
+
+    let known: Vec<String> = first.iter().map(|i| i.id.clone()).collect();
+    let new_master = cluster.replacement(Role::Master, &known, Duration::from_secs(120))?;
+    cluster.launch(&new_master)?;
+    let count = wait(
+        &cluster,
+        "the replacement master serving the objects",
+        REPLACE_DEADLINE,
+        || {
+            let out = kubectl.run(&[
+                "get",
+                "configmaps",
+                "-l",
+                "slipway-test=survivor",
+                "-o",
+                "name",
+            ])?;
+            let n = out.lines().filter(|l| !l.trim().is_empty()).count();
+            Ok(Some(n))
+        },
+    )?;
+    ensure!(
+        count == OBJECTS,
+        "{count} of {OBJECTS} ConfigMaps survived the master's replacement"
+    );
+    let pki_after: serde_json::Value = serde_json::from_slice(&cluster.get_object(&format!(
+        "{}/pki.json",
+        cluster.config_value("cluster_name")?
+    ))?)?;
+    let ca_after = sha256_hex(
+        pki_after["files"]["ca.crt"]
+            .as_str()
+            .unwrap_or("")
+            .as_bytes(),
+    );
+    ensure!(
+        ca_before == ca_after,
+        "the CA changed: {ca_before} → {ca_after}"
+    );
+    wait(
+        &cluster,
+        "master and the untouched node Ready again",
+        REPLACE_DEADLINE,
+        || {
+            let nodes = kubectl.nodes()?;
+            Ok(
+                (nodes.get(&node.id) == Some(&true) && nodes.values().filter(|r| **r).count() == 2)
+                    .then_some(()),
+            )
+        },
+    )?;
+    report_boot(&mut cluster, &new_master.id, "replacement master");
+    cluster.timing(
+        "scenario 2: master replaced, objects and node back",
+        scenario.elapsed(),
+    );
+
+    // 3. Node replacement.
+    let scenario = Instant::now();
+    cluster.terminate(&node.id)?;
+    for h in scan_file(&root_disk(&cluster, &node.id), &needles)? {
+        leaks.push(format!("{h} on the node's root disk"));
+    }
+    let mut known = known;
+    known.push(new_master.id.clone());
+    let new_node = cluster.replacement(Role::Node, &known, Duration::from_secs(120))?;
+    cluster.launch(&new_node)?;
+    wait(
+        &cluster,
+        "the replacement node Ready",
+        REPLACE_DEADLINE,
+        || Ok((kubectl.nodes()?.get(&new_node.id) == Some(&true)).then_some(())),
+    )?;
+    report_boot(&mut cluster, &new_node.id, "replacement node");
+    cluster.timing("scenario 3: node replaced and Ready", scenario.elapsed());
+
+    // 4. Secrets at rest.
+    ensure!(
+        leaks.is_empty(),
+        "secrets at rest outside etcd:\n{}",
+        leaks.join("\n")
+    );
+    eprintln!(
+        "[cluster] no secret on any persistent disk ({} needles)",
+        needles.len()
+    );
+
+    eprintln!("[cluster] timings:");
+    for (what, t) in &cluster.timings {
+        eprintln!("  {:>7.1}s  {what}", t.as_secs_f64());
+    }
+    Ok(())
+}
