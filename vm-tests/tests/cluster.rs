@@ -214,7 +214,7 @@ fn scan_file(file: &Path, needles: &[(String, Vec<u8>)]) -> Result<Vec<String>> 
         let mut window = std::mem::take(&mut carry);
         window.extend_from_slice(&buf[..n]);
         for (name, needle) in needles {
-            if !hits.contains(name) && window.windows(needle.len()).any(|w| w == &needle[..]) {
+            if !hits.contains(name) && memchr::memmem::find(&window, needle).is_some() {
                 hits.push(name.clone());
             }
         }
