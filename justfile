@@ -82,6 +82,11 @@ test: build
 vm-test:
     SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} cargo test -p vm-tests -- --nocapture --test-threads=2
 
+# The cluster in QEMU against moto: bring-up, master and node replacement,
+# secrets at rest (TCG: 40 minutes or more; needs root for its network namespace).
+cluster-test:
+    SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} cargo test -p vm-tests --test cluster -- --nocapture --ignored
+
 # Two builds from the same lock, separate caches and output directories, same disk sha256.
 repro: deps compile fixtures
     #!/usr/bin/env bash

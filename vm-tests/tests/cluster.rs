@@ -296,6 +296,7 @@ fn etcdctl(endpoint: &str, tls: &[(&str, &Path)]) -> (bool, String) {
 }
 
 #[test]
+#[ignore = "not yet seen passing end to end (~40 min under TCG); run with `just cluster-test`"]
 fn a_cluster_survives_losing_its_master_and_a_node() -> Result<()> {
     let image = Image::locate()?;
     let dir = std::env::var_os("SLIPWAY_CLUSTER_DIR")
