@@ -281,3 +281,31 @@ fn a_broken_template_is_named_in_the_error() {
         .unwrap_err();
     assert!(err.to_string().contains("static/broken.yaml"), "{err}");
 }
+
+#[test]
+fn static_pods_give_a_slow_start_room_before_liveness_kills_it() {
+    // Probes with the default 1 s timeout and no startup probe restart a
+    // control plane that starts slowly (a loaded or small instance) forever.
+    let files = render("master");
+    for f in files
+        .iter()
+        .filter(|f| f.path.starts_with("kubernetes/manifests"))
+    {
+        let pod = &docs(f)[0];
+        let container = &pod["spec"]["containers"][0];
+        let name = f.path.display();
+        let startup = &container["startupProbe"];
+        assert!(
+            startup["failureThreshold"].as_u64().unwrap_or(0)
+                * startup["periodSeconds"].as_u64().unwrap_or(0)
+                >= 240,
+            "{name}: the startup probe allows less than 4 minutes"
+        );
+        for probe in ["livenessProbe", "startupProbe"] {
+            assert!(
+                container[probe]["timeoutSeconds"].as_u64().unwrap_or(1) >= 15,
+                "{name}: {probe} times out in under 15 s"
+            );
+        }
+    }
+}
