@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -507,7 +508,7 @@ impl Cluster {
             .create(true)
             .write(true)
             .truncate(true)
-            .mode_private()
+            .mode(0o600)
             .open(&path)?;
         f.write_all(rewritten.as_bytes())?;
         Ok(path)
@@ -560,16 +561,6 @@ impl Cluster {
     /// Moto's endpoint on the test's side.
     pub fn aws_endpoint(&self) -> &str {
         &self.moto.endpoint
-    }
-}
-
-trait OpenPrivate {
-    fn mode_private(&mut self) -> &mut Self;
-}
-
-impl OpenPrivate for std::fs::OpenOptions {
-    fn mode_private(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
     }
 }
 
