@@ -72,6 +72,33 @@ pub struct Options {
     pub dir: PathBuf,
 }
 
+impl Options {
+    /// One master and one node, sized to run both under TCG on two cores.
+    pub fn master_and_node(dir: PathBuf) -> Self {
+        Self {
+            nodes: 1,
+            master_memory_mib: 3072,
+            node_memory_mib: 2048,
+            cpus: 2,
+            dir,
+        }
+    }
+}
+
+/// The physical ID of a resource of the stack.
+async fn physical_id(cfn: &aws_sdk_cloudformation::Client, logical: &str) -> Result<String> {
+    let r = cfn
+        .describe_stack_resource()
+        .stack_name(STACK)
+        .logical_resource_id(logical)
+        .send()
+        .await?;
+    r.stack_resource_detail()
+        .and_then(|d| d.physical_resource_id())
+        .map(str::to_owned)
+        .with_context(|| format!("stack resource {logical} has no physical ID"))
+}
+
 /// A running cluster. Dropping it kills every VM and service it started.
 pub struct Cluster {
     // Dropped first: the VMs, then what they talk to.
@@ -232,17 +259,7 @@ impl Cluster {
                 ("master", "MasterLaunchTemplate"),
                 ("node", "NodeLaunchTemplate"),
             ] {
-                let r = cfn
-                    .describe_stack_resource()
-                    .stack_name(STACK)
-                    .logical_resource_id(logical)
-                    .send()
-                    .await?;
-                let id = r
-                    .stack_resource_detail()
-                    .and_then(|d| d.physical_resource_id())
-                    .context("launch template id")?
-                    .to_owned();
+                let id = physical_id(&cfn, logical).await?;
                 let v = ec2
                     .describe_launch_template_versions()
                     .launch_template_id(&id)
@@ -401,17 +418,7 @@ impl Cluster {
         let cfn = aws_sdk_cloudformation::Client::new(&self.conf);
         let ec2 = self.ec2();
         self.rt.block_on(async {
-            let r = cfn
-                .describe_stack_resource()
-                .stack_name(STACK)
-                .logical_resource_id("MasterVolume")
-                .send()
-                .await?;
-            let id = r
-                .stack_resource_detail()
-                .and_then(|d| d.physical_resource_id())
-                .context("master volume id")?
-                .to_owned();
+            let id = physical_id(&cfn, "MasterVolume").await?;
             let v = ec2.describe_volumes().volume_ids(&id).send().await?;
             let size = v.volumes().first().and_then(|v| v.size()).unwrap_or(8);
             Ok((id, size))

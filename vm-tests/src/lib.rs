@@ -20,6 +20,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The cache `just` fills (`SLIPWAY_CACHE_DIR`, else `~/.cache/slipway`).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("SLIPWAY_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slipway")))
+        .unwrap_or_default()
+}
+
+/// A program `just fixtures` built from source (kubectl, etcdctl, …).
+pub fn fixtures_bin(name: &str) -> PathBuf {
+    cache_dir().join("fixtures/out/bin").join(name)
+}
+
 /// Where OVMF's code and variable templates live (Debian's `ovmf` package).
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";

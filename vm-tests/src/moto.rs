@@ -24,11 +24,7 @@ fn moto_server() -> PathBuf {
 /// A program from the test venv that `just deps` installs into the cache
 /// (moto, cfn-lint: the versions pinned in `vm-tests/requirements.txt`).
 pub fn venv_bin(name: &str) -> PathBuf {
-    let cache = std::env::var_os("SLIPWAY_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slipway")))
-        .unwrap_or_default();
-    cache.join("venv/bin").join(name)
+    crate::cache_dir().join("venv/bin").join(name)
 }
 
 /// Credentials moto accepts; set once for the SDK's default chain.

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vm_tests::cluster::{Cluster, Instance, Options, Role};
-use vm_tests::Image;
+use vm_tests::{fixtures_bin, Image};
 
 /// From launch to both members Ready (image import and a cold control
 /// plane under TCG).
@@ -31,14 +31,6 @@ const UP_DEADLINE: Duration = Duration::from_secs(30 * 60);
 /// A replacement member back in service.
 const REPLACE_DEADLINE: Duration = Duration::from_secs(25 * 60);
 const OBJECTS: usize = 20;
-
-fn fixtures_bin(name: &str) -> PathBuf {
-    let cache = std::env::var_os("SLIPWAY_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slipway")))
-        .unwrap_or_default();
-    cache.join("fixtures/out/bin").join(name)
-}
 
 struct Kubectl {
     kubeconfig: PathBuf,
@@ -303,16 +295,7 @@ fn a_cluster_survives_losing_its_master_and_a_node() -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/cluster-test"));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut cluster = Cluster::create(
-        &image,
-        Options {
-            nodes: 1,
-            master_memory_mib: 3072,
-            node_memory_mib: 2048,
-            cpus: 2,
-            dir: dir.clone(),
-        },
-    )?;
+    let mut cluster = Cluster::create(&image, Options::master_and_node(dir.clone()))?;
 
     // 1. Master and node boot.
     let scenario = Instant::now();

@@ -18,16 +18,8 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-fn kubectl() -> PathBuf {
-    let cache = std::env::var_os("SLIPWAY_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/slipway")))
-        .unwrap_or_default();
-    cache.join("fixtures/out/bin/kubectl")
-}
-
 fn ready_nodes(kubeconfig: &std::path::Path) -> usize {
-    let out = std::process::Command::new(kubectl())
+    let out = std::process::Command::new(vm_tests::fixtures_bin("kubectl"))
         .arg("--kubeconfig")
         .arg(kubeconfig)
         .args(["--request-timeout=10s", "get", "nodes", "--no-headers"])
@@ -52,16 +44,7 @@ fn main() -> Result<()> {
     }
     let image = Image::locate()?;
     let _ = std::fs::remove_file(dir.join("kubeconfig"));
-    let mut cluster = Cluster::create(
-        &image,
-        Options {
-            nodes: 1,
-            master_memory_mib: 3072,
-            node_memory_mib: 2048,
-            cpus: 2,
-            dir: dir.clone(),
-        },
-    )?;
+    let mut cluster = Cluster::create(&image, Options::master_and_node(dir.clone()))?;
     for i in cluster.instances()? {
         if i.role == Role::Master || cluster.vms.len() < 2 {
             cluster.launch(&i)?;
