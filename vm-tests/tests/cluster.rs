@@ -143,7 +143,7 @@ fn report_boot(cluster: &mut Cluster, id: &str, label: &str) {
         ("slipway-init starts", "SLIPWAY-BOOT-CHECK"),
         ("slipway-init done", "step=\"configure\""),
         ("images imported", "imported and pinned"),
-        ("API server ready, add-ons applied", "step=\"addons\""),
+        ("API server ready, add-ons applied", "done: applied"),
     ];
     let mut found = Vec::new();
     for (what, marker) in marks {
