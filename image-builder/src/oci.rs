@@ -573,9 +573,73 @@ pub fn image_from_files(
     })
 }
 
+/// Which blobs an OCI archive carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layers {
+    /// Everything: the archive stands alone.
+    Included,
+    /// Manifest and config only; the layers travel as separate files
+    /// (the image keeps them once, where containerd can refer to them).
+    Outside,
+}
+
+impl Pulled {
+    /// The layers, in manifest order (the config is `blobs[0]`).
+    pub fn layers(&self) -> &[Descriptor] {
+        self.blobs.get(1..).unwrap_or_default()
+    }
+
+    /// The image as an earlier pull left it in the cache, read from its
+    /// manifest there without touching a registry; `None` when the
+    /// manifest or any blob is missing.
+    pub fn cached(cache: &Cache, reference: &str, digest: &str) -> Result<Option<Self>, OciError> {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        let path = fetch::blob_path(cache, hex);
+        let Ok(body) = std::fs::read(&path) else {
+            return Ok(None);
+        };
+        #[derive(Deserialize)]
+        struct Manifest {
+            #[serde(rename = "mediaType", default)]
+            media_type: Option<String>,
+            config: Descriptor,
+            layers: Vec<Descriptor>,
+        }
+        let m: Manifest = serde_json::from_slice(&body).map_err(|e| OciError::Image {
+            image: reference.to_owned(),
+            message: format!("cached manifest {digest}: {e}"),
+        })?;
+        let mut blobs = vec![m.config];
+        blobs.extend(m.layers);
+        let present = |d: &Descriptor| {
+            let hex = d.digest.strip_prefix("sha256:").unwrap_or("");
+            fetch::blob_path(cache, hex).exists()
+        };
+        if !blobs.iter().all(present) {
+            return Ok(None);
+        }
+        Ok(Some(Pulled {
+            reference: reference.to_owned(),
+            manifest: Descriptor {
+                media_type: m.media_type.unwrap_or_else(|| OCI_MANIFEST.to_owned()),
+                digest: digest.to_owned(),
+                size: body.len() as u64,
+                annotations: None,
+            },
+            index_digest: None,
+            blobs,
+        }))
+    }
+}
+
 /// Writes `image` as an OCI archive (a tar of an OCI image layout) whose
 /// index names it for containerd. Same image, same bytes.
-pub fn write_archive(cache: &Cache, image: &Pulled, out: &Path) -> Result<(), OciError> {
+pub fn write_archive(
+    cache: &Cache,
+    image: &Pulled,
+    out: &Path,
+    layers: Layers,
+) -> Result<(), OciError> {
     let reference: Reference = image.reference.parse()?;
     let mut annotations = BTreeMap::new();
     annotations.insert(CONTAINERD_NAME.to_owned(), reference.name());
@@ -611,7 +675,10 @@ pub fn write_archive(cache: &Cache, image: &Pulled, out: &Path) -> Result<(), Oc
     )?;
     add(&mut tar, "index.json", &mut &index[..], index.len() as u64)?;
     let mut all: Vec<&Descriptor> = vec![&image.manifest];
-    all.extend(&image.blobs);
+    match layers {
+        Layers::Included => all.extend(&image.blobs),
+        Layers::Outside => all.extend(image.blobs.first()),
+    }
     for d in all {
         let hex = d.digest.strip_prefix("sha256:").unwrap_or("");
         let path = fetch::blob_path(cache, hex);
@@ -684,7 +751,7 @@ mod tests {
         )
         .unwrap();
         let (a, b) = (dir.path().join("a.tar"), dir.path().join("b.tar"));
-        write_archive(&cache, &img, &a).unwrap();
+        write_archive(&cache, &img, &a, Layers::Included).unwrap();
         let again = image_from_files(
             &cache,
             "registry.k8s.io/pause:3.10.1",
@@ -693,7 +760,7 @@ mod tests {
             &["/pause"],
         )
         .unwrap();
-        write_archive(&cache, &again, &b).unwrap();
+        write_archive(&cache, &again, &b, Layers::Included).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
         let mut ar = tar::Archive::new(std::fs::File::open(&a).unwrap());
         let mut names = Vec::new();
@@ -717,5 +784,42 @@ mod tests {
             index["manifests"][0]["digest"],
             img.manifest.digest.as_str()
         );
+
+        // Without its layers: manifest and config only, same index.
+        let c = dir.path().join("c.tar");
+        write_archive(&cache, &img, &c, Layers::Outside).unwrap();
+        let mut ar = tar::Archive::new(std::fs::File::open(&c).unwrap());
+        let names: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        let hex = |d: &Descriptor| format!("blobs/sha256/{}", &d.digest[7..]);
+        assert_eq!(
+            names,
+            [
+                "oci-layout".to_owned(),
+                "index.json".to_owned(),
+                hex(&img.manifest),
+                hex(&img.blobs[0])
+            ]
+        );
+        assert!(!img.layers().is_empty());
+
+        // What a later build finds in the cache is the same image.
+        let cached = Pulled::cached(&cache, &img.reference, &img.manifest.digest)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (&cached.manifest.digest, &cached.blobs),
+            (&img.manifest.digest, &img.blobs)
+        );
+        assert!(Pulled::cached(
+            &cache,
+            &img.reference,
+            &format!("sha256:{}", "0".repeat(64))
+        )
+        .unwrap()
+        .is_none());
     }
 }

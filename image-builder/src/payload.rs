@@ -15,7 +15,9 @@ use sha2::Digest;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Where the images' archives go in the image.
+/// Where the images go in the image: per image an archive of its manifest
+/// and config, and every layer once under `blobs/sha256/`, which
+/// containerd's content store refers to at boot instead of copying.
 pub const IMAGES_DIR: &str = "usr/share/slipway/images";
 
 #[derive(Debug, thiserror::Error)]
@@ -239,8 +241,17 @@ pub struct RecordedArtifact {
 pub struct RecordedImage {
     pub reference: String,
     pub digest: String,
+    /// Manifest and config, as an OCI archive.
     pub archive: String,
     pub archive_sha256: String,
+    /// The layers, each at `blobs/sha256/<hex>` next to the archives.
+    pub layers: Vec<RecordedLayer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedLayer {
+    pub digest: String,
+    pub size: u64,
 }
 
 /// A file name for an image's archive: its reference made path-safe.
@@ -317,30 +328,57 @@ pub fn resolve(
             .iter()
             .find(|p| &p.reference == reference)
             .ok_or_else(|| unpinned(format!("image {reference}")))?;
+        let pulled = match oci::Pulled::cached(cache, reference, &pin.digest)? {
+            Some(p) => p,
+            None => {
+                note(&format!("pulling {reference}@{}", pin.digest));
+                let mut r: Reference = reference.parse()?;
+                r.digest = Some(pin.digest.clone());
+                client.pull(cache, &r, "amd64")?
+            }
+        };
         let archive = cache.entry(
             "images",
-            &format!("{}.tar", pin.digest.trim_start_matches("sha256:")),
+            &format!("{}.config.tar", pin.digest.trim_start_matches("sha256:")),
         );
         if !archive.exists() {
-            note(&format!("pulling {reference}@{}", pin.digest));
-            let mut r: Reference = reference.parse()?;
-            r.digest = Some(pin.digest.clone());
-            let mut pulled = client.pull(cache, &r, "amd64")?;
-            // The image keeps its tag name; the digest is the pin.
-            pulled.reference = reference.clone();
             if let Some(dir) = archive.parent() {
                 std::fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
             }
-            oci::write_archive(cache, &pulled, &archive)?;
+            // The image keeps its tag name; the digest is the pin.
+            let named = oci::Pulled {
+                reference: reference.clone(),
+                ..pulled.clone()
+            };
+            oci::write_archive(cache, &named, &archive, oci::Layers::Outside)?;
         }
         // Hashed once, when the archive is made: builds run this every time.
         let sha = sha256_once(&archive)?;
         let name = archive_name(reference);
+        let mut layers = Vec::new();
+        for layer in pulled.layers() {
+            let hex = layer.digest.trim_start_matches("sha256:");
+            let dest = Path::new(IMAGES_DIR).join("blobs/sha256").join(hex);
+            // Images share layers; the image carries each once.
+            if !files.iter().any(|f: &PayloadFile| f.dest == dest) {
+                files.push(PayloadFile {
+                    dest,
+                    src: fetch::blob_path(cache, hex),
+                    mode: 0o644,
+                    key: hex.to_owned(),
+                });
+            }
+            layers.push(RecordedLayer {
+                digest: layer.digest.clone(),
+                size: layer.size,
+            });
+        }
         record.images.push(RecordedImage {
             reference: reference.clone(),
             digest: pin.digest.clone(),
             archive: format!("/{IMAGES_DIR}/{name}"),
             archive_sha256: sha.clone(),
+            layers,
         });
         files.push(PayloadFile {
             dest: Path::new(IMAGES_DIR).join(name),
@@ -350,11 +388,18 @@ pub fn resolve(
         });
     }
     if !record.images.is_empty() {
-        // The list slipway-init imports at boot: archive and name.
+        // The list slipway-init imports at boot: archive, name and layers.
         let list: Vec<serde_json::Value> = record
             .images
             .iter()
-            .map(|i| serde_json::json!({"archive": i.archive, "reference": i.reference, "digest": i.digest}))
+            .map(|i| {
+                serde_json::json!({
+                    "archive": i.archive,
+                    "reference": i.reference,
+                    "digest": i.digest,
+                    "layers": i.layers,
+                })
+            })
             .collect();
         let text = serde_json::to_string_pretty(&list).unwrap_or_default() + "\n";
         let sha = crate::cache::sha256_bytes(text.as_bytes());

@@ -198,7 +198,7 @@ fn a_mirror_serves_images_under_their_upstream_names() {
     assert_eq!(pulled.reference, "registry.k8s.io/coredns/coredns:v1.15.0");
     assert_eq!(pulled.manifest.digest, amd64.manifest.digest);
     let archive = dir.path().join("coredns.tar");
-    oci::write_archive(&cache, &pulled, &archive).unwrap();
+    oci::write_archive(&cache, &pulled, &archive, oci::Layers::Included).unwrap();
     assert!(std::fs::metadata(&archive).unwrap().len() > 0);
 }
 

@@ -335,9 +335,14 @@ struct FileDevices {
 }
 
 impl Runner for FileDevices {
-    fn run(&self, program: &str, args: &[&str]) -> Result<String, StepError> {
+    fn run_with_input(
+        &self,
+        program: &str,
+        args: &[&str],
+        input: Option<&std::path::Path>,
+    ) -> Result<String, StepError> {
         if program == "mkfs.ext4" {
-            return System.run(program, args);
+            return System.run_with_input(program, args, input);
         }
         self.commands
             .lock()

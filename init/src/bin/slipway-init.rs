@@ -191,7 +191,8 @@ fn main() -> ExitCode {
         }
         Some(Command::Images { list }) => {
             let root = args.root.clone().unwrap_or_else(|| PathBuf::from("/"));
-            steps::images::import(&steps::System, list, &root)
+            let content = root.join(steps::images::CONTENT_STORE.trim_start_matches('/'));
+            steps::images::import(&steps::System, list, &root, &content)
                 .map(|r| r.log())
                 .map_err(|e| chain(&e))
         }

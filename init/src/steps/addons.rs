@@ -75,6 +75,7 @@ mod tests {
     use super::*;
     use crate::config::StackConfig;
     use crate::steps::{Instance, Paths, Runner};
+    use std::path::Path;
     use std::sync::{Arc, Mutex};
 
     /// kubectl as the API server would answer it: not ready `n` times.
@@ -85,7 +86,12 @@ mod tests {
     }
 
     impl Runner for Kubectl {
-        fn run(&self, program: &str, args: &[&str]) -> Result<String, StepError> {
+        fn run_with_input(
+            &self,
+            program: &str,
+            args: &[&str],
+            _: Option<&Path>,
+        ) -> Result<String, StepError> {
             let line = format!("{program} {}", args.join(" "));
             self.calls.lock().unwrap().push(line.clone());
             let mut left = self.not_ready.lock().unwrap();

@@ -62,7 +62,18 @@ impl Default for Paths {
 
 /// Runs host programs (mkfs, mount); tests substitute their own.
 pub trait Runner: std::fmt::Debug + Send + Sync {
-    fn run(&self, program: &str, args: &[&str]) -> Result<String, StepError>;
+    /// Runs `program`, its standard input read from `input` (empty when
+    /// `None`), and returns its standard output.
+    fn run_with_input(
+        &self,
+        program: &str,
+        args: &[&str],
+        input: Option<&std::path::Path>,
+    ) -> Result<String, StepError>;
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<String, StepError> {
+        self.run_with_input(program, args, None)
+    }
 }
 
 /// The real thing.
@@ -70,11 +81,25 @@ pub trait Runner: std::fmt::Debug + Send + Sync {
 pub struct System;
 
 impl Runner for System {
-    fn run(&self, program: &str, args: &[&str]) -> Result<String, StepError> {
+    fn run_with_input(
+        &self,
+        program: &str,
+        args: &[&str],
+        input: Option<&std::path::Path>,
+    ) -> Result<String, StepError> {
         let line = format!("{program} {}", args.join(" "));
+        let stdin = match input {
+            None => std::process::Stdio::null(),
+            Some(path) => std::fs::File::open(path)
+                .map_err(|e| StepError::Invalid {
+                    what: format!("running {line}: opening {}", path.display()),
+                    message: e.to_string(),
+                })?
+                .into(),
+        };
         let out = std::process::Command::new(program)
             .args(args)
-            .stdin(std::process::Stdio::null())
+            .stdin(stdin)
             .output()
             .map_err(|e| StepError::Invalid {
                 what: format!("running {line}"),
