@@ -170,7 +170,7 @@ impl Cluster {
             upload_concurrency: 8,
             endpoint_url: Some(moto.endpoint.clone()),
         };
-        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cfn/template.yaml");
+        let template = crate::workspace_dir().join("cfn/template.yaml");
         let release = {
             let (out, template) = (out.clone(), template.clone());
             std::thread::spawn(move || image_builder::publish::publish(&out, &target, &template))

@@ -28,6 +28,20 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// The workspace this crate sits in. Read at run time first (cargo sets
+/// `CARGO_MANIFEST_DIR` for the tests and binaries it runs), because a
+/// target directory shared by several clones keeps the library compiled
+/// for whichever clone built it first.
+pub fn workspace_dir() -> PathBuf {
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    crate_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or(crate_dir)
+}
+
 /// A program `just fixtures` built from source (kubectl, etcdctl, …).
 pub fn fixtures_bin(name: &str) -> PathBuf {
     cache_dir().join("fixtures/out/bin").join(name)
@@ -49,7 +63,7 @@ impl Image {
     pub fn locate() -> Result<Self> {
         let dir = std::env::var_os("SLIPWAY_IMAGE_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../out"));
+            .unwrap_or_else(|| workspace_dir().join("out"));
         let manifest_path = dir.join("build-manifest.json");
         let text = fs::read_to_string(&manifest_path).with_context(|| {
             format!(
@@ -423,7 +437,7 @@ impl Vm {
 
     /// Keeps the console log under `target/vm-logs` for a person to read.
     pub fn keep_log(&self) -> Option<PathBuf> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/vm-logs");
+        let dir = workspace_dir().join("target/vm-logs");
         fs::create_dir_all(&dir).ok()?;
         let dest = dir.join(format!("{}.log", self.name));
         fs::copy(&self.serial, &dest).ok()?;
