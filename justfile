@@ -142,11 +142,11 @@ demo: build
     SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} setsid "$CARGO_TARGET_DIR/debug/slipway-cluster" "$dir" \
         > "$dir/cluster.log" 2>&1 < /dev/null &
     echo $! > "$dir/pid"
-    echo "starting the cluster (log: $dir/cluster.log); under TCG this takes 10-20 minutes" >&2
+    echo "starting the cluster (log: $dir/cluster.log); under TCG this takes 5-15 minutes" >&2
     while [ ! -f "$dir/ready" ]; do
         if ! kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
             tail -n 30 "$dir/cluster.log" >&2
-            echo "the cluster did not come up (log: $dir/cluster.log)" >&2
+            echo "the cluster stopped before it came up (log: $dir/cluster.log)" >&2
             exit 1
         fi
         sleep 5

@@ -343,6 +343,7 @@ fn a_cluster_survives_losing_its_master_and_a_node() -> Result<()> {
         ready.contains_key(&node.id),
         "the node registers as its instance ID: {ready:?}"
     );
+    cluster.timing("scenario 1: both Ready", scenario.elapsed());
     report_boot(&mut cluster, &master.id, "master");
     report_boot(&mut cluster, &node.id, "node");
 
@@ -390,6 +391,10 @@ spec:
         let phase = kubectl.run(&["get", "pod", "web", "-o", "jsonpath={.status.phase}"])?;
         Ok((phase == "Running").then_some(()))
     })?;
+    cluster.timing(
+        "scenario 1: the pod on the node running",
+        scenario.elapsed(),
+    );
     let phase = wait(&cluster, "the lookup pod finishing", UP_DEADLINE, || {
         let phase = kubectl.run(&["get", "pod", "lookup", "-o", "jsonpath={.status.phase}"])?;
         Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase))
@@ -403,6 +408,7 @@ spec:
         phase == "Succeeded" && logs.contains(&service_ip),
         "web.default.svc.cluster.local did not resolve to {service_ip} ({phase}):\n{logs}"
     );
+    cluster.timing("scenario 1: the Service name resolved", scenario.elapsed());
 
     // etcd: TLS with a client certificate only.
     let pki: serde_json::Value = serde_json::from_slice(&cluster.get_object(&format!(
@@ -499,6 +505,10 @@ spec:
     ensure!(
         count == OBJECTS,
         "{count} of {OBJECTS} ConfigMaps survived the master's replacement"
+    );
+    cluster.timing(
+        "scenario 2: the replacement API server serves every object",
+        scenario.elapsed(),
     );
     let pki_after: serde_json::Value = serde_json::from_slice(&cluster.get_object(&format!(
         "{}/pki.json",

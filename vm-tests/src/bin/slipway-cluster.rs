@@ -50,7 +50,7 @@ fn main() -> Result<()> {
             cluster.launch(&i)?;
         }
     }
-    eprintln!("[cluster] booting; under TCG this takes 10-20 minutes (consoles in target/vm-logs once stopped)");
+    eprintln!("[cluster] booting; under TCG this takes 5-15 minutes (consoles in target/vm-logs once stopped)");
     let start = Instant::now();
     let kubeconfig = loop {
         if STOP.load(Ordering::SeqCst) {
