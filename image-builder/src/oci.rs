@@ -361,17 +361,7 @@ impl Client {
         }
         let digest = sha256_of(&body);
         store(cache, &body, &digest, &image)?;
-        #[derive(Deserialize)]
-        struct Manifest {
-            config: Descriptor,
-            layers: Vec<Descriptor>,
-        }
-        let m: Manifest = serde_json::from_slice(&body).map_err(|e| OciError::Image {
-            image: image.clone(),
-            message: format!("image manifest: {e}"),
-        })?;
-        let mut blobs = vec![m.config];
-        blobs.extend(m.layers);
+        let (_, blobs) = manifest_blobs(&body, &image, "image manifest")?;
         for b in &blobs {
             let hex = b.digest.strip_prefix("sha256:").unwrap_or("");
             if fetch::blob_path(cache, hex).exists() {
@@ -573,6 +563,29 @@ pub fn image_from_files(
     })
 }
 
+/// What an image manifest names: its media type (when it states one), then
+/// config and layers in manifest order.
+fn manifest_blobs(
+    body: &[u8],
+    image: &str,
+    what: &str,
+) -> Result<(Option<String>, Vec<Descriptor>), OciError> {
+    #[derive(Deserialize)]
+    struct Manifest {
+        #[serde(rename = "mediaType", default)]
+        media_type: Option<String>,
+        config: Descriptor,
+        layers: Vec<Descriptor>,
+    }
+    let m: Manifest = serde_json::from_slice(body).map_err(|e| OciError::Image {
+        image: image.to_owned(),
+        message: format!("{what}: {e}"),
+    })?;
+    let mut blobs = vec![m.config];
+    blobs.extend(m.layers);
+    Ok((m.media_type, blobs))
+}
+
 /// Which blobs an OCI archive carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layers {
@@ -598,19 +611,8 @@ impl Pulled {
         let Ok(body) = std::fs::read(&path) else {
             return Ok(None);
         };
-        #[derive(Deserialize)]
-        struct Manifest {
-            #[serde(rename = "mediaType", default)]
-            media_type: Option<String>,
-            config: Descriptor,
-            layers: Vec<Descriptor>,
-        }
-        let m: Manifest = serde_json::from_slice(&body).map_err(|e| OciError::Image {
-            image: reference.to_owned(),
-            message: format!("cached manifest {digest}: {e}"),
-        })?;
-        let mut blobs = vec![m.config];
-        blobs.extend(m.layers);
+        let (media_type, blobs) =
+            manifest_blobs(&body, reference, &format!("cached manifest {digest}"))?;
         let present = |d: &Descriptor| {
             let hex = d.digest.strip_prefix("sha256:").unwrap_or("");
             fetch::blob_path(cache, hex).exists()
@@ -621,7 +623,7 @@ impl Pulled {
         Ok(Some(Pulled {
             reference: reference.to_owned(),
             manifest: Descriptor {
-                media_type: m.media_type.unwrap_or_else(|| OCI_MANIFEST.to_owned()),
+                media_type: media_type.unwrap_or_else(|| OCI_MANIFEST.to_owned()),
                 digest: digest.to_owned(),
                 size: body.len() as u64,
                 annotations: None,
