@@ -121,6 +121,7 @@ struct Raw {
     service_cidr: String,
     master_eip_allocation: Option<String>,
     master_volume: Option<String>,
+    master_restore: Option<bool>,
     region: Option<String>,
     aws_endpoint: Option<String>,
     signal_stack: Option<String>,
@@ -132,6 +133,9 @@ struct Raw {
 pub struct MasterConfig {
     pub eip_allocation: String,
     pub volume_id: String,
+    /// This boot may start a fresh etcd on a blank volume although the
+    /// cluster's PKI exists (a deliberate restore); off by default.
+    pub restore: bool,
 }
 
 /// Where to send CloudFormation's SignalResource.
@@ -285,10 +289,14 @@ impl StackConfig {
                 Some(MasterConfig {
                     eip_allocation: eip,
                     volume_id: volume,
+                    restore: raw.master_restore.unwrap_or(false),
                 })
             }
             Role::Node => {
-                if raw.master_eip_allocation.is_some() || raw.master_volume.is_some() {
+                if raw.master_eip_allocation.is_some()
+                    || raw.master_volume.is_some()
+                    || raw.master_restore.is_some()
+                {
                     return Err(invalid(
                         "master_volume",
                         "is only for a master; a node must not name the master's volume or address",
@@ -396,6 +404,10 @@ master_volume = "vol-0123456789abcdef0"
         );
         assert_eq!(c.api_service_ip(), Ipv4Addr::new(10, 96, 0, 1));
         assert_eq!(c.dns_service_ip(), Ipv4Addr::new(10, 96, 0, 10));
+        assert!(!c.master.as_ref().unwrap().restore);
+        let restore = format!("{MASTER}master_restore = true\n");
+        let c = StackConfig::parse(restore.as_bytes()).unwrap();
+        assert!(c.master.unwrap().restore);
     }
 
     #[test]
@@ -484,6 +496,16 @@ master_volume = "vol-0123456789abcdef0"
                     )
                     .into_bytes(),
                 "only for a master",
+            ),
+            (
+                node()
+                    .replace("role = \"node\"", "role = \"node\"\nmaster_restore = true")
+                    .into_bytes(),
+                "only for a master",
+            ),
+            (
+                m("role = \"master\"", "role = \"master\"\nmaster_restore = 1"),
+                "master_restore",
             ),
         ]
     }

@@ -1,9 +1,12 @@
 //! The one wait loop for what the SDK does not wait for itself (a volume's
-//! device, a bucket's contents): poll with exponential backoff until the
-//! check answers, fails, or the deadline passes.
+//! device or state, an instance's state, a bucket's contents): poll with
+//! exponential backoff until the check answers, fails, or the deadline
+//! passes. Time is read from tokio's clock, the one it sleeps on, so a
+//! test with a paused clock moves through the wait without spinning.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WaitError<E: std::error::Error + 'static> {
@@ -107,6 +110,23 @@ mod tests {
         assert!(err
             .to_string()
             .contains("the bucket to fill: still not ready after 30s"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_clock_reaches_the_deadline_in_few_checks() {
+        let mut checks = 0;
+        let started = Instant::now();
+        let err = until("x", Backoff::new(Duration::from_secs(3600)), || {
+            checks += 1;
+            async { Ok::<Option<()>, Boom>(None) }
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(err, WaitError::Deadline { .. }));
+        // Backoff doubles to 10 s: an hour takes a few hundred checks, and
+        // the (paused) clock says exactly the deadline passed.
+        assert!(checks < 400, "{checks} checks");
+        assert_eq!(started.elapsed(), Duration::from_secs(3600));
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,131 +5,11 @@
 
 #![allow(clippy::unwrap_used)] // test glue: a failed setup should stop the test
 
-use slipway_init::aws::Clients;
-use slipway_init::config::StackConfig;
-use slipway_init::steps::{self, secrets, Context, Instance, Paths, Runner, StepError, System};
+mod common;
+
+use common::*;
+use slipway_init::steps::{self, secrets, Paths};
 use std::time::Duration;
-use vm_tests::moto::Moto;
-
-const REGION: &str = "us-east-1";
-
-struct World {
-    moto: Moto,
-    aws: Clients,
-    alloc: String,
-    instances: Vec<Instance>,
-    bucket: String,
-    volume: String,
-}
-
-async fn world(instances: usize) -> World {
-    let moto = Moto::start().expect("moto");
-    let aws = Clients::new(Some(REGION), Some(&moto.endpoint)).await;
-    let image = aws
-        .ec2
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .expect("images");
-    let ami = image.images()[0].image_id().expect("ami").to_owned();
-    let run = aws
-        .ec2
-        .run_instances()
-        .image_id(ami)
-        .min_count(instances as i32)
-        .max_count(instances as i32)
-        .send()
-        .await
-        .expect("run instances");
-    let instances = run
-        .instances()
-        .iter()
-        .map(|i| Instance {
-            id: i.instance_id().expect("id").to_owned(),
-            availability_zone: i
-                .placement()
-                .and_then(|p| p.availability_zone())
-                .unwrap_or("")
-                .to_owned(),
-        })
-        .collect();
-    let alloc = aws
-        .ec2
-        .allocate_address()
-        .domain(aws_sdk_ec2::types::DomainType::Vpc)
-        .send()
-        .await
-        .expect("eip")
-        .allocation_id()
-        .expect("allocation")
-        .to_owned();
-    let bucket = "slipway-test-secrets".to_owned();
-    aws.s3
-        .create_bucket()
-        .bucket(&bucket)
-        .send()
-        .await
-        .expect("bucket");
-    World {
-        moto,
-        aws,
-        alloc,
-        instances,
-        bucket,
-        volume: "vol-0123456789abcdef0".into(),
-    }
-}
-
-fn config(w: &World, role: &str) -> StackConfig {
-    StackConfig::parse(config_text(w, role).as_bytes()).expect("config")
-}
-
-fn config_text(w: &World, role: &str) -> String {
-    let master = if role == "master" {
-        format!(
-            "master_eip_allocation = \"{}\"\nmaster_volume = \"{}\"\n",
-            w.alloc, w.volume
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"{}\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\nregion = \"{REGION}\"\naws_endpoint = \"{}\"\n{master}",
-        w.bucket, w.moto.endpoint
-    )
-}
-
-/// The templates in the source tree (the image carries the same files).
-fn manifests_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
-}
-
-fn context(w: &World, role: &str, instance: usize, secrets: &std::path::Path) -> Context {
-    Context {
-        config: config(w, role),
-        instance: w.instances[instance].clone(),
-        aws: w.aws.clone(),
-        paths: Paths {
-            secrets: secrets.to_owned(),
-            ..Paths::default()
-        },
-        runner: Box::new(System),
-    }
-}
-
-async fn object(w: &World, key: &str) -> Option<Vec<u8>> {
-    let out = w
-        .aws
-        .s3
-        .get_object()
-        .bucket(&w.bucket)
-        .key(key)
-        .send()
-        .await
-        .ok()?;
-    Some(out.body.collect().await.ok()?.into_bytes().to_vec())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_master_generates_and_a_second_boot_downloads_the_same_ca() {
@@ -314,97 +194,6 @@ async fn the_master_path_writes_secrets_only_below_the_tmpfs() {
     );
 }
 
-fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walkdir(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
-/// Runs mkfs for real (on a file standing in for the device); records
-/// what would change the host (mount, ip) instead of running it.
-#[derive(Debug, Default, Clone)]
-struct FileDevices {
-    commands: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Runner for FileDevices {
-    fn run_with_input(
-        &self,
-        program: &str,
-        args: &[&str],
-        input: Option<&std::path::Path>,
-    ) -> Result<String, StepError> {
-        if program == "mkfs.ext4" {
-            return System.run_with_input(program, args, input);
-        }
-        self.commands
-            .lock()
-            .unwrap()
-            .push(format!("{program} {}", args.join(" ")));
-        Ok(String::new())
-    }
-}
-
-/// Which instance holds the Elastic IP, and its public address, as EC2 says.
-async fn eip_holder(w: &World) -> (Option<String>, String) {
-    let out = w
-        .aws
-        .ec2
-        .describe_addresses()
-        .allocation_ids(&w.alloc)
-        .send()
-        .await
-        .unwrap();
-    let a = &out.addresses()[0];
-    (
-        a.instance_id().map(str::to_owned),
-        a.public_ip().unwrap_or("").to_owned(),
-    )
-}
-
-/// Which instance the data volume is attached to, as EC2 says.
-async fn volume_holder(w: &World) -> Option<String> {
-    let out = w
-        .aws
-        .ec2
-        .describe_volumes()
-        .volume_ids(&w.volume)
-        .send()
-        .await
-        .unwrap();
-    out.volumes()[0]
-        .attachments()
-        .first()
-        .and_then(|a| a.instance_id())
-        .map(str::to_owned)
-}
-
-/// A fresh volume in the first instance's availability zone.
-async fn data_volume(w: &World) -> String {
-    let az = &w.instances[0].availability_zone;
-    let created = w
-        .aws
-        .ec2
-        .create_volume()
-        .availability_zone(az)
-        .size(1)
-        .send()
-        .await
-        .unwrap();
-    created.volume_id().unwrap().to_owned()
-}
-
-fn ext4_uuid(device: &std::path::Path) -> Vec<u8> {
-    std::fs::read(device).unwrap()[1024 + 104..1024 + 120].to_vec()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
     let mut w = world(2).await;
@@ -430,6 +219,7 @@ async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
         ctx.paths.dev = dev.clone();
         ctx.paths.proc = proc.clone();
         ctx.runner = Box::new(FileDevices::default());
+        ctx.deadlines.set("holder-stops=2").unwrap();
         ctx
     };
 
@@ -473,12 +263,13 @@ async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
     assert!(!report.detail.contains("formatted"), "{report:?}");
     assert_eq!(ext4_uuid(&device), uuid);
 
-    // A second master may not take the volume from a running one…
+    // A second master may not take the volume from a running one: it
+    // waits for it to stop, and refuses at the deadline…
     let err = steps::volume::run(&make(1), &mount_point)
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("still running"), "{err}");
+    assert!(err.contains("still running after 2s"), "{err}");
     // …but takes it over once the old master is gone, keeping its data.
     // (A stopped instance keeps its volumes attached; a terminated one
     // releases them, which is the easy case.)
@@ -508,42 +299,9 @@ async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
 async fn a_masters_first_boot_runs_every_step_and_a_reboot_changes_nothing() {
     let mut w = world(1).await;
     w.volume = data_volume(&w).await;
-    // The stable private IP must lie in the instance's subnet.
-    let described = w
-        .aws
-        .ec2
-        .describe_instances()
-        .instance_ids(&w.instances[0].id)
-        .send()
-        .await
-        .unwrap();
-    let private = described.reservations()[0].instances()[0]
-        .private_ip_address()
-        .unwrap()
-        .to_owned();
-    let mut octets: Vec<&str> = private.split('.').collect();
-    octets[3] = "200";
-    let stable = octets.join(".");
-
+    let stable = stable_ip(&w, 0).await;
     let root = tempfile::tempdir().unwrap();
-    let paths = Paths {
-        manifests: manifests_dir(),
-        ..Paths::under(root.path())
-    };
-    let serial = paths.nvme_class.join("nvme1");
-    std::fs::create_dir_all(&serial).unwrap();
-    std::fs::write(serial.join("serial"), w.volume.replace('-', "")).unwrap();
-    std::fs::create_dir_all(&paths.dev).unwrap();
-    std::fs::File::create(paths.dev.join("nvme1n1"))
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    std::fs::create_dir_all(paths.proc.join("net")).unwrap();
-    std::fs::write(
-        paths.proc.join("net/route"),
-        "Iface\tDestination\tGateway\nens5\t00000000\t0101000A\n",
-    )
-    .unwrap();
+    let paths = master_root(&w, root.path());
 
     let runner = FileDevices::default();
     let mut ctx = context(&w, "master", 0, &paths.secrets);
@@ -678,10 +436,13 @@ fn the_binary_rejects_a_bad_config_by_name_and_exit_code() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"))
         .args(["--no-boot-check", "--config"])
         .arg(&path)
+        .arg("--root")
+        .arg(dir.path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    // A bad config is final: no attempt can change it, so systemd must not retry.
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
     assert!(
         stdout.contains("SLIPWAY-INIT-FAILED stack config: `pod_cidr`"),
         "{stdout}"

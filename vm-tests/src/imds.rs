@@ -6,12 +6,14 @@
 //! Plain HTTP/1.1 over std threads, one request per connection: enough for
 //! a metadata client, small enough to read in one sitting.
 
+use crate::faults::SplitMix64;
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 const TOKEN: &str = "slipway-test-imds-token";
 
@@ -23,6 +25,10 @@ struct State {
     by_client: Mutex<BTreeMap<IpAddr, BTreeMap<String, String>>>,
     /// Requests to refuse (503) before answering, to exercise retries.
     unavailable_for: AtomicUsize,
+    /// Refuse (503) everything until then, as a service that comes up late.
+    unavailable_until: Mutex<Option<Instant>>,
+    /// Answer this share of requests with 500, picked by the generator.
+    server_errors: Mutex<Option<(f64, SplitMix64)>>,
     requests: AtomicUsize,
     stop: AtomicBool,
 }
@@ -91,6 +97,22 @@ impl Imds {
         self.state.unavailable_for.store(n, Ordering::SeqCst);
     }
 
+    /// Answers every request with 503 until `deadline`, as a metadata
+    /// service that comes up late.
+    pub fn unavailable_until(&self, deadline: Instant) {
+        if let Ok(mut u) = self.state.unavailable_until.lock() {
+            *u = Some(deadline);
+        }
+    }
+
+    /// Answers a `rate` share (0.0 to 1.0) of requests with 500, picked by
+    /// a generator seeded with `seed`, as a flaky service.
+    pub fn server_errors(&self, rate: f64, seed: u64) {
+        if let Ok(mut e) = self.state.server_errors.lock() {
+            *e = Some((rate, SplitMix64::new(seed)));
+        }
+    }
+
     pub fn set(&self, path: &str, body: &str) {
         if let Ok(mut p) = self.state.paths.lock() {
             p.insert(path.to_owned(), body.to_owned());
@@ -140,7 +162,21 @@ fn serve(state: &State, stream: TcpStream) -> std::io::Result<()> {
     let refuse = state
         .unavailable_for
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .is_ok();
+        .is_ok()
+        || state
+            .unavailable_until
+            .lock()
+            .ok()
+            .and_then(|u| *u)
+            .is_some_and(|t| Instant::now() < t);
+    let flaky = || {
+        state
+            .server_errors
+            .lock()
+            .ok()
+            .and_then(|mut e| e.as_mut().map(|(rate, rng)| rng.chance(*rate)))
+            .unwrap_or(false)
+    };
     // The token's lifetime comes back in a header, as AWS's SDKs expect.
     let ttl = headers
         .get("x-aws-ec2-metadata-token-ttl-seconds")
@@ -148,6 +184,8 @@ fn serve(state: &State, stream: TcpStream) -> std::io::Result<()> {
         .filter(|_| method == "PUT");
     let (status, body) = if refuse {
         ("503 Service Unavailable", String::new())
+    } else if flaky() {
+        ("500 Internal Server Error", String::new())
     } else if method == "PUT" && path == "/latest/api/token" {
         if headers.contains_key("x-aws-ec2-metadata-token-ttl-seconds") {
             ("200 OK", TOKEN.to_owned())

@@ -9,6 +9,7 @@
 //! on a private network of its own ([`net::Lan`]).
 
 pub mod cluster;
+pub mod faults;
 pub mod imds;
 pub mod moto;
 pub mod net;

@@ -5,12 +5,13 @@
 //! `slipway-init addons` then waits for the API server, applies the add-ons
 //! and signals the stack.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use slipway_init::aws::CallPolicy;
 use slipway_init::imds::Imds;
-use slipway_init::steps::{self, Context, Instance, Paths};
+use slipway_init::steps::attempts::{self, Attempts, Next, FINAL_EXIT};
+use slipway_init::steps::{self, Context, Deadlines, Instance, Paths};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,6 +24,9 @@ use std::time::Duration;
         stable private IP, fetches or creates the cluster's PKI in the secrets bucket, and \
         renders kubelet's, containerd's and the control plane's configuration. Every step \
         can run again without harm.\n\n\
+        A failed attempt exits 1 and systemd runs it again; the last of --attempts, or a \
+        refusal no attempt can change, exits 2 (the last one after marking the instance \
+        unhealthy, so its Auto Scaling group replaces it).\n\n\
         Prints SLIPWAY-INIT-DONE or SLIPWAY-INIT-FAILED <reason> on its last line."
 )]
 struct Args {
@@ -39,9 +43,18 @@ struct Args {
         default_value = slipway_init::imds::DEFAULT_ENDPOINT
     )]
     imds_endpoint: String,
-    /// How long to wait for the metadata service to answer, in seconds.
-    #[arg(long, global = true, default_value_t = 300)]
-    imds_deadline: u64,
+    /// Override one deadline, e.g. `--deadline node-bundle=600` (repeatable;
+    /// the table is at the end of `--help`).
+    #[arg(long, global = true, value_name = "NAME=SECONDS")]
+    deadline: Vec<String>,
+    /// Attempts this boot makes at the command (counted across systemd's
+    /// restarts in /run/slipway) before giving up.
+    #[arg(long, global = true, default_value_t = 5)]
+    attempts: u32,
+    /// Attempts per AWS call (throttling, 5xx, resets and timeouts are
+    /// retried with jittered exponential backoff).
+    #[arg(long, global = true, env = "AWS_MAX_ATTEMPTS", default_value_t = CallPolicy::default().max_attempts)]
+    aws_max_attempts: u32,
     /// This instance's ID (default: from the metadata service).
     #[arg(long, global = true, requires = "availability_zone")]
     instance_id: Option<String>,
@@ -59,7 +72,7 @@ struct Args {
     no_boot_check: bool,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Command {
     /// Run this boot's steps (the default).
     Boot,
@@ -71,40 +84,93 @@ enum Command {
         list: PathBuf,
     },
     /// Master only: wait for the API server, apply the add-ons, signal the stack.
-    Addons {
-        /// How long to wait for the API server, in seconds.
-        #[arg(long, default_value_t = steps::addons::API_DEADLINE.as_secs())]
-        api_deadline: u64,
-    },
+    Addons,
+}
+
+/// The deadlines table for `--help`.
+fn deadlines_help() -> String {
+    let mut text = String::from("Deadlines (override with --deadline NAME=SECONDS):\n");
+    for row in Deadlines::default().rows() {
+        text.push_str(&format!(
+            "  {:<17} {:>5}s  {}\n",
+            row.name,
+            row.value.as_secs(),
+            row.bounds
+        ));
+    }
+    text
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
     slipway_init::error_chain(e, ": ")
 }
 
-fn fail(msg: &str) -> ExitCode {
-    println!("SLIPWAY-INIT-FAILED {msg}");
-    tracing::error!("{msg}");
-    ExitCode::FAILURE
+/// How a command ended when it did not succeed: its last line and exit status.
+#[derive(Debug)]
+struct Ending {
+    line: String,
+    status: u8,
+}
+
+impl Ending {
+    fn retry(line: String) -> Self {
+        Self { line, status: 1 }
+    }
+    fn last(line: String) -> Self {
+        Self {
+            line,
+            status: FINAL_EXIT,
+        }
+    }
+}
+
+fn fail(ending: &Ending) -> ExitCode {
+    println!("SLIPWAY-INIT-FAILED {}", ending.line);
+    tracing::error!("{}", ending.line);
+    ExitCode::from(ending.status)
+}
+
+/// Why the context could not be made: the config (no attempt can fix
+/// it), or something that may answer next time (the metadata service).
+enum ContextError {
+    Config(String),
+    Transient(String),
+}
+
+fn paths(args: &Args) -> Paths {
+    let mut paths = args
+        .root
+        .as_deref()
+        .map_or_else(Paths::default, Paths::under);
+    if let Some(m) = &args.manifests {
+        paths.manifests = m.clone();
+    }
+    paths
 }
 
 /// The stack config and this instance's identity, from the flags or IMDS.
-async fn context(args: &Args) -> Result<Context, String> {
-    let imds = Imds::new(&args.imds_endpoint, Duration::from_secs(args.imds_deadline))
-        .map_err(|e| chain(&e))?;
+async fn context(args: &Args, deadlines: Deadlines) -> Result<Context, ContextError> {
+    let imds = Imds::new(&args.imds_endpoint, deadlines.metadata)
+        .map_err(|e| ContextError::Transient(chain(&e)))?;
     let bytes = match &args.config {
-        Some(path) => {
-            std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?
-        }
-        None => imds.user_data().await.map_err(|e| chain(&e))?,
+        Some(path) => std::fs::read(path)
+            .map_err(|e| ContextError::Config(format!("reading {}: {e}", path.display())))?,
+        None => imds
+            .user_data()
+            .await
+            .map_err(|e| ContextError::Transient(chain(&e)))?,
     };
-    let config = slipway_init::config::StackConfig::parse(&bytes).map_err(|e| e.to_string())?;
+    let config = slipway_init::config::StackConfig::parse(&bytes)
+        .map_err(|e| ContextError::Config(e.to_string()))?;
     let instance = match (&args.instance_id, &args.availability_zone) {
         (Some(id), Some(az)) => Instance {
             id: id.clone(),
             availability_zone: az.clone(),
         },
-        _ => imds.instance().await.map_err(|e| chain(&e))?,
+        _ => imds
+            .instance()
+            .await
+            .map_err(|e| ContextError::Transient(chain(&e)))?,
     };
     tracing::info!(
         step = "config",
@@ -114,22 +180,23 @@ async fn context(args: &Args) -> Result<Context, String> {
         instance.id,
         instance.availability_zone
     );
-    let aws =
-        slipway_init::aws::Clients::new(config.region.as_deref(), config.aws_endpoint.as_deref())
-            .await;
-    let mut paths = args
-        .root
-        .as_deref()
-        .map_or_else(Paths::default, Paths::under);
-    if let Some(m) = &args.manifests {
-        paths.manifests = m.clone();
-    }
+    let policy = CallPolicy {
+        max_attempts: args.aws_max_attempts.max(1),
+        ..CallPolicy::default()
+    };
+    let aws = slipway_init::aws::Clients::with_policy(
+        config.region.as_deref(),
+        config.aws_endpoint.as_deref(),
+        policy,
+    )
+    .await;
     Ok(Context {
         config,
         instance,
         aws,
-        paths,
+        paths: paths(args),
         runner: Box::new(steps::System),
+        deadlines,
     })
 }
 
@@ -142,21 +209,63 @@ async fn signal(ctx: &Context, success: bool) {
     }
 }
 
-async fn boot(args: &Args) -> Result<(), String> {
-    let ctx = context(args).await?;
-    if let Err(e) = steps::bootstrap(&ctx).await {
-        // The stack learns at once, instead of when its timeout runs out.
-        signal(&ctx, false).await;
-        return Err(chain(&e));
-    }
-    Ok(())
-}
-
-async fn addons(args: &Args, deadline: Duration) -> Result<(), String> {
-    let ctx = context(args).await?;
-    let result = steps::addons::run(&ctx, deadline).await;
-    signal(&ctx, result.is_ok()).await;
-    result.map(|r| r.log()).map_err(|e| chain(&e))
+/// One attempt at `boot` or `addons`, counted; on failure, says which step
+/// failed and what happens next, and on the last attempt gives up loudly.
+async fn attempt(args: &Args, deadlines: Deadlines, addons: bool) -> Result<(), Ending> {
+    let name = if addons { "addons" } else { "boot" };
+    let attempts = Attempts::new(&paths(args).run, name, args.attempts);
+    let n = attempts.begin().map_err(|e| Ending::retry(chain(&e)))?;
+    let ctx = match context(args, deadlines).await {
+        Ok(ctx) => ctx,
+        Err(ContextError::Config(line)) => return Err(Ending::last(line)),
+        Err(ContextError::Transient(line)) if n < attempts.limit => {
+            return Err(Ending::retry(format!(
+                "{line} (attempt {n} of {}); systemd runs the {name} again",
+                attempts.limit
+            )))
+        }
+        Err(ContextError::Transient(line)) => {
+            return Err(Ending::last(format!(
+                "{line} (attempt {n}, the last); giving up (without the instance's \
+                 identity it cannot report itself unhealthy)"
+            )))
+        }
+    };
+    let result = if addons {
+        steps::bounded(&ctx, steps::addons::STEP, steps::addons::run(&ctx))
+            .await
+            .map(|r| r.log())
+    } else {
+        steps::bootstrap(&ctx).await.map(|_| ())
+    };
+    let failed = match result {
+        Ok(()) => {
+            attempts.succeeded();
+            if addons {
+                signal(&ctx, true).await;
+            }
+            return Ok(());
+        }
+        Err(failed) => failed,
+    };
+    let next = attempts.next(n, &failed.source);
+    let line = attempts::describe(&failed, next);
+    tracing::error!(step = failed.step, "{line}");
+    Err(match next {
+        Next::Retry { .. } => Ending::retry(line),
+        Next::GiveUp { .. } => {
+            match attempts::report_unhealthy(&ctx).await {
+                Ok(r) => r.log(),
+                Err(e) => tracing::error!(step = attempts::STEP, "{}", chain(&e)),
+            }
+            Ending::last(line)
+        }
+        Next::Stop => {
+            // The stack learns at once, instead of when its timeout runs out.
+            signal(&ctx, false).await;
+            Ending::last(line)
+        }
+    })
 }
 
 fn main() -> ExitCode {
@@ -170,38 +279,47 @@ fn main() -> ExitCode {
         .with_target(false)
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let matches = Args::command()
+        .after_long_help(deadlines_help())
+        .get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
     tracing::info!("slipway-init {} starting", env!("CARGO_PKG_VERSION"));
+    let deadlines = match Deadlines::with_overrides(&args.deadline) {
+        Ok(d) => d,
+        Err(e) => return fail(&Ending::last(e.to_string())),
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => return fail(&format!("starting the async runtime: {e}")),
+        Err(e) => return fail(&Ending::retry(format!("starting the async runtime: {e}"))),
     };
     let result = match &args.command {
         None | Some(Command::Boot) => {
             if !args.no_boot_check {
                 match slipway_init::run(&slipway_init::Context::default()) {
                     Ok(check) => println!("SLIPWAY-BOOT-CHECK {check}"),
-                    Err(e) => return fail(&chain(&e)),
+                    // The image itself is wrong: no attempt can change that.
+                    Err(e) => return fail(&Ending::last(chain(&e))),
                 }
             }
-            runtime.block_on(boot(&args))
+            runtime.block_on(attempt(&args, deadlines, false))
         }
         Some(Command::Images { list }) => {
             let root = args.root.clone().unwrap_or_else(|| PathBuf::from("/"));
             let content = root.join(steps::images::CONTENT_STORE.trim_start_matches('/'));
             steps::images::import(&steps::System, list, &root, &content)
                 .map(|r| r.log())
-                .map_err(|e| chain(&e))
+                .map_err(|e| Ending::retry(chain(&e)))
         }
-        Some(Command::Addons { api_deadline }) => {
-            runtime.block_on(addons(&args, Duration::from_secs(*api_deadline)))
-        }
+        Some(Command::Addons) => runtime.block_on(attempt(&args, deadlines, true)),
     };
-    if let Err(msg) = result {
-        return fail(&msg);
+    if let Err(ending) = result {
+        return fail(&ending);
     }
     if let Err(e) = steps::signal::notify(std::env::var("NOTIFY_SOCKET").ok().as_deref(), "READY=1")
     {

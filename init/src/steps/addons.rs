@@ -6,17 +6,19 @@
 use super::{Context, Report, StepError};
 use crate::config::Role;
 use crate::retry::{self, Backoff};
-use std::time::Duration;
 
 pub const STEP: &str = "addons";
 
-/// How long a master waits for its API server (first boots pull nothing,
-/// but etcd and the API server start cold).
-pub const API_DEADLINE: Duration = Duration::from_secs(15 * 60);
+/// Every kubectl call's own bound: a busy API server answers slowly, a
+/// stuck one must not hold the step past its deadlines.
+pub const REQUEST_TIMEOUT: &str = "--request-timeout=60s";
 
 const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane=";
 
-pub async fn run(ctx: &Context, deadline: Duration) -> Result<Report, StepError> {
+/// Waits for the API server (up to `api-server`), applies the add-ons, and
+/// labels the master's Node once its kubelet registered it (up to
+/// `node-registers`).
+pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     if ctx.config.role != Role::Master {
         return Ok(Report::already(STEP, "nothing to apply on a node"));
     }
@@ -25,13 +27,13 @@ pub async fn run(ctx: &Context, deadline: Duration) -> Result<Report, StepError>
     let dir = ctx.paths.secrets.join("addons");
     let dir = dir.to_string_lossy();
     let kubectl = |args: &[&str]| {
-        let mut all = vec!["--kubeconfig", &kubeconfig];
+        let mut all = vec!["--kubeconfig", &kubeconfig, REQUEST_TIMEOUT];
         all.extend_from_slice(args);
         ctx.runner.run("kubectl", &all)
     };
     retry::until(
         "waiting for the API server to be ready",
-        Backoff::new(deadline),
+        Backoff::new(ctx.deadlines.api_server),
         || async { Ok::<_, StepError>(kubectl(&["get", "--raw=/readyz"]).ok()) },
     )
     .await
@@ -53,7 +55,7 @@ pub async fn run(ctx: &Context, deadline: Duration) -> Result<Report, StepError>
     );
     retry::until(
         &format!("waiting for {node} to register"),
-        Backoff::new(deadline),
+        Backoff::new(ctx.deadlines.node_registers),
         || async {
             Ok::<_, StepError>(
                 kubectl(&["label", "--overwrite", &node, CONTROL_PLANE_LABEL])
@@ -123,6 +125,7 @@ mod tests {
             aws: crate::aws::Clients::new(Some("us-east-1"), Some("http://127.0.0.1:9")).await,
             paths: Paths::under(std::path::Path::new("/nonexistent")),
             runner: Box::new(runner),
+            deadlines: crate::steps::Deadlines::default(),
         }
     }
 
@@ -131,7 +134,7 @@ mod tests {
         let kubectl = Kubectl::default();
         *kubectl.not_ready.lock().unwrap() = 2;
         let ctx = context("master", kubectl.clone()).await;
-        let report = run(&ctx, Duration::from_secs(30)).await.unwrap();
+        let report = run(&ctx).await.unwrap();
         assert_eq!(
             report.detail,
             "applied 2 objects from /nonexistent/srv/kubernetes/addons; labelled node/ip-10-0-1-10"
@@ -141,11 +144,11 @@ mod tests {
         assert!(calls[..3].iter().all(|c| c.ends_with("get --raw=/readyz")));
         assert_eq!(
             calls[3],
-            "kubectl --kubeconfig /nonexistent/srv/kubernetes/pki/super-admin.conf apply --server-side --force-conflicts --field-manager=slipway -f /nonexistent/srv/kubernetes/addons"
+            "kubectl --kubeconfig /nonexistent/srv/kubernetes/pki/super-admin.conf --request-timeout=60s apply --server-side --force-conflicts --field-manager=slipway -f /nonexistent/srv/kubernetes/addons"
         );
         assert_eq!(
             calls[4],
-            "kubectl --kubeconfig /nonexistent/srv/kubernetes/pki/super-admin.conf label --overwrite node/ip-10-0-1-10 node-role.kubernetes.io/control-plane="
+            "kubectl --kubeconfig /nonexistent/srv/kubernetes/pki/super-admin.conf --request-timeout=60s label --overwrite node/ip-10-0-1-10 node-role.kubernetes.io/control-plane="
         );
     }
 
@@ -153,8 +156,9 @@ mod tests {
     async fn an_api_that_never_answers_fails_at_the_deadline() {
         let kubectl = Kubectl::default();
         *kubectl.not_ready.lock().unwrap() = usize::MAX;
-        let ctx = context("master", kubectl.clone()).await;
-        let err = run(&ctx, Duration::from_millis(700)).await.unwrap_err();
+        let mut ctx = context("master", kubectl.clone()).await;
+        ctx.deadlines.set("api-server=1").unwrap();
+        let err = run(&ctx).await.unwrap_err();
         assert!(
             err.to_string()
                 .contains("waiting for the API server to be ready: still not ready"),
@@ -172,7 +176,7 @@ mod tests {
     async fn a_node_applies_nothing() {
         let kubectl = Kubectl::default();
         let ctx = context("node", kubectl.clone()).await;
-        assert!(!run(&ctx, Duration::from_secs(1)).await.unwrap().changed);
+        assert!(!run(&ctx).await.unwrap().changed);
         assert!(kubectl.calls.lock().unwrap().is_empty());
     }
 }

@@ -23,7 +23,10 @@ pub async fn run(ctx: &Context) -> Result<(Report, Ipv4Addr), StepError> {
         .allocation_ids(alloc)
         .send()
         .await
-        .map_err(aws_err(format!("looking up Elastic IP {alloc}")))?;
+        .map_err(aws_err(
+            "ec2:DescribeAddresses",
+            format!("looking up Elastic IP {alloc}"),
+        ))?;
     let address = found
         .addresses()
         .first()
@@ -56,7 +59,10 @@ pub async fn run(ctx: &Context) -> Result<(Report, Ipv4Addr), StepError> {
         .allow_reassociation(true)
         .send()
         .await
-        .map_err(aws_err(format!("associating Elastic IP {alloc} with {id}")))?;
+        .map_err(aws_err(
+            "ec2:AssociateAddress",
+            format!("associating Elastic IP {alloc} with {id}"),
+        ))?;
     let from = previous
         .map(|p| format!(" (taken over from {p})"))
         .unwrap_or_default();

@@ -3,7 +3,9 @@
 //! and can run again after a crash, a reboot or an instance replacement.
 
 pub mod addons;
+pub mod attempts;
 pub mod configure;
+pub mod deadlines;
 pub mod eip;
 pub mod images;
 pub mod private_ip;
@@ -14,11 +16,9 @@ pub mod volume;
 
 use crate::aws::Clients;
 use crate::config::{Role, StackConfig};
+pub use deadlines::Deadlines;
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-/// How long a node waits for the first master to publish its bundle.
-pub const NODE_BUNDLE_DEADLINE: Duration = Duration::from_secs(20 * 60);
 
 /// The instance this boot runs on.
 #[derive(Debug, Clone)]
@@ -44,6 +44,8 @@ pub struct Paths {
     pub etc: PathBuf,
     /// The templates the image carries (see [`crate::render`]).
     pub manifests: PathBuf,
+    /// `/run/slipway`: what one boot remembers between attempts.
+    pub run: PathBuf,
 }
 
 impl Default for Paths {
@@ -56,6 +58,7 @@ impl Default for Paths {
             etcd_data: PathBuf::from("/var/lib/etcd"),
             etc: PathBuf::from("/etc"),
             manifests: PathBuf::from("/usr/share/slipway/manifests"),
+            run: PathBuf::from("/run/slipway"),
         }
     }
 }
@@ -127,12 +130,19 @@ pub struct Context {
     pub aws: Clients,
     pub paths: Paths,
     pub runner: Box<dyn Runner>,
+    pub deadlines: Deadlines,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
-    #[error("{action}: {message}")]
-    Aws { action: String, message: String },
+    /// An AWS call that failed after the retries of [`crate::aws::CallPolicy`].
+    #[error("{action} ({api}): {message}")]
+    Aws {
+        action: String,
+        /// The API action, as IAM names it (`ec2:AttachVolume`).
+        api: &'static str,
+        message: String,
+    },
     #[error(transparent)]
     Pki(#[from] crate::pki::PkiError),
     #[error(transparent)]
@@ -141,6 +151,26 @@ pub enum StepError {
     Wait(String),
     #[error("{what}: {message}")]
     Invalid { what: String, message: String },
+    /// A deliberate refusal that another attempt cannot change (data that
+    /// is not ours on the volume, a volume in another zone).
+    #[error("{what}: {message}")]
+    Refused { what: String, message: String },
+}
+
+impl StepError {
+    /// Whether running the step again could not help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Refused { .. } | Self::Render(_) | Self::Pki(_))
+    }
+}
+
+/// A step that failed, by name.
+#[derive(Debug, thiserror::Error)]
+#[error("step {step}: {source}")]
+pub struct Failed {
+    pub step: &'static str,
+    #[source]
+    pub source: StepError,
 }
 
 /// What a step did, for its journal line.
@@ -172,8 +202,10 @@ impl Report {
     }
 }
 
-/// Wraps an SDK error with the action that failed.
+/// Wraps an SDK error with the API action (`ec2:AttachVolume`) and what
+/// the step was doing with it.
 pub(crate) fn aws_err<E, R>(
+    api: &'static str,
     action: impl Into<String>,
 ) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E, R>) -> StepError
 where
@@ -183,6 +215,7 @@ where
     let action = action.into();
     move |e| StepError::Aws {
         message: crate::aws::describe(&e),
+        api,
         action,
     }
 }
@@ -200,33 +233,61 @@ impl Paths {
             etcd_data: re(d.etcd_data),
             etc: re(d.etc),
             manifests: re(d.manifests),
+            run: re(d.run),
         }
     }
 }
 
+/// Runs one step within the `step` deadline, naming it if it fails.
+pub async fn bounded<T>(
+    ctx: &Context,
+    step: &'static str,
+    work: impl Future<Output = Result<T, StepError>>,
+) -> Result<T, Failed> {
+    let limit = ctx.deadlines.step;
+    match tokio::time::timeout(limit, work).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(Failed { step, source }),
+        Err(_) => Err(Failed {
+            step,
+            source: StepError::Wait(format!(
+                "not done within {}s (the `step` deadline)",
+                limit.as_secs()
+            )),
+        }),
+    }
+}
+
 /// Runs this boot's AWS and secrets steps for the configured role, in
-/// order, logging one line per step; stops at the first failure.
-pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, StepError> {
+/// order, logging one line per step; stops at the first failure. Every
+/// step is idempotent, so running it all again continues where a failed
+/// attempt stopped.
+pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, Failed> {
     let mut reports = Vec::new();
     let mut record = |r: Report| {
         r.log();
         reports.push(r);
     };
-    record(srcdest::run(ctx).await?);
+    record(bounded(ctx, srcdest::STEP, srcdest::run(ctx)).await?);
     match ctx.config.role {
         Role::Master => {
-            record(volume::run(ctx, &ctx.paths.etcd_data).await?);
-            let (r, public_ip) = eip::run(ctx).await?;
+            let volume = volume::run(ctx, &ctx.paths.etcd_data);
+            record(bounded(ctx, volume::STEP, volume).await?);
+            let (r, public_ip) = bounded(ctx, eip::STEP, eip::run(ctx)).await?;
             record(r);
-            record(private_ip::run(ctx).await?);
-            let (r, bundle) = secrets::master(ctx, Some(public_ip)).await?;
+            record(bounded(ctx, private_ip::STEP, private_ip::run(ctx)).await?);
+            let pki = secrets::master(ctx, Some(public_ip));
+            let (r, bundle) = bounded(ctx, secrets::STEP, pki).await?;
             record(r);
-            record(configure::run(ctx, &bundle)?);
+            let render = async { configure::run(ctx, &bundle) };
+            record(bounded(ctx, configure::STEP, render).await?);
         }
         Role::Node => {
-            let (r, bundle) = secrets::node(ctx, NODE_BUNDLE_DEADLINE).await?;
+            let fetch = secrets::node(ctx, ctx.deadlines.node_bundle);
+            let (r, bundle) = bounded(ctx, secrets::STEP, fetch).await?;
             record(r);
-            record(configure::run(ctx, &bundle)?);
+            let render = async { configure::run(ctx, &bundle) };
+            record(bounded(ctx, configure::STEP, render).await?);
         }
     }
     Ok(reports)

@@ -24,7 +24,7 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
         .instance_ids(id)
         .send()
         .await
-        .map_err(aws_err(format!("looking up {id}")))?;
+        .map_err(aws_err("ec2:DescribeInstances", format!("looking up {id}")))?;
     let eni = described
         .reservations()
         .iter()
@@ -50,7 +50,10 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
             .allow_reassignment(true)
             .send()
             .await
-            .map_err(aws_err(format!("assigning {ip} to {eni_id} of {id}")))?;
+            .map_err(aws_err(
+                "ec2:AssignPrivateIpAddresses",
+                format!("assigning {ip} to {eni_id} of {id}"),
+            ))?;
         did.push(format!("assigned {ip} to {eni_id}"));
     }
     let routes = std::fs::read_to_string(ctx.paths.proc.join("net/route")).unwrap_or_default();

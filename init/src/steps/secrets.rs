@@ -32,12 +32,38 @@ async fn get(ctx: &Context, key: &str) -> Result<Option<Vec<u8>>, StepError> {
         Ok(out) => {
             let body = out.body.collect().await.map_err(|e| StepError::Aws {
                 action: format!("reading s3://{bucket}/{key}"),
+                api: "s3:GetObject",
                 message: e.to_string(),
             })?;
             Ok(Some(body.into_bytes().to_vec()))
         }
         Err(e) if e.code() == Some("NoSuchKey") => Ok(None),
-        Err(e) => Err(aws_err(format!("downloading s3://{bucket}/{key}"))(e)),
+        Err(e) => Err(aws_err(
+            "s3:GetObject",
+            format!("downloading s3://{bucket}/{key}"),
+        )(e)),
+    }
+}
+
+/// Whether `key` exists. Only "not found" means no; any other answer
+/// (a refusal included) is an error, never taken for absence.
+pub async fn exists(ctx: &Context, key: &str) -> Result<bool, StepError> {
+    let bucket = &ctx.config.secrets_bucket;
+    match ctx
+        .aws
+        .s3
+        .head_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
+        Err(e) => Err(aws_err(
+            "s3:GetObject",
+            format!("looking for s3://{bucket}/{key}"),
+        )(e)),
     }
 }
 
@@ -63,7 +89,10 @@ async fn put(
     match req.send().await {
         Ok(_) => Ok(true),
         Err(e) if only_if_absent && e.code() == Some("PreconditionFailed") => Ok(false),
-        Err(e) => Err(aws_err(format!("uploading s3://{bucket}/{key}"))(e)),
+        Err(e) => Err(aws_err(
+            "s3:PutObject",
+            format!("uploading s3://{bucket}/{key}"),
+        )(e)),
     }
 }
 

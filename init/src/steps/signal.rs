@@ -56,10 +56,10 @@ pub async fn cloudformation(ctx: &Context, success: bool) -> Result<Option<Repor
         .status(status.clone())
         .send()
         .await
-        .map_err(aws_err(format!(
-            "signalling {} of stack {}",
-            signal.resource, signal.stack
-        )))?;
+        .map_err(aws_err(
+            "cloudformation:SignalResource",
+            format!("signalling {} of stack {}", signal.resource, signal.stack),
+        ))?;
     Ok(Some(Report::changed(
         STEP,
         format!(

@@ -16,9 +16,10 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
         .attribute(InstanceAttributeName::SourceDestCheck)
         .send()
         .await
-        .map_err(aws_err(format!(
-            "reading the source/destination check of {id}"
-        )))?;
+        .map_err(aws_err(
+            "ec2:DescribeInstanceAttribute",
+            format!("reading the source/destination check of {id}"),
+        ))?;
     if attr.source_dest_check().and_then(|v| v.value()) == Some(false) {
         return Ok(Report::already(
             STEP,
@@ -32,9 +33,10 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
         .source_dest_check(AttributeBooleanValue::builder().value(false).build())
         .send()
         .await
-        .map_err(aws_err(format!(
-            "turning off the source/destination check of {id}"
-        )))?;
+        .map_err(aws_err(
+            "ec2:ModifyInstanceAttribute",
+            format!("turning off the source/destination check of {id}"),
+        ))?;
     Ok(Report::changed(
         STEP,
         format!("turned off the source/destination check of {id}"),

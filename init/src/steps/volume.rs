@@ -8,7 +8,6 @@ use crate::retry::{self, Backoff};
 use aws_sdk_ec2::types::{InstanceStateName, VolumeState};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 pub const STEP: &str = "data-volume";
 const DEVICE_NAME: &str = "/dev/xvdf";
@@ -58,102 +57,167 @@ pub fn find_device(nvme_class: &Path, dev: &Path, volume_id: &str) -> Option<Pat
     None
 }
 
-async fn attach(ctx: &Context, volume_id: &str) -> Result<Option<String>, StepError> {
-    let id = &ctx.instance.id;
-    let ec2 = &ctx.aws.ec2;
-    let described = ec2
+/// The data volume as EC2 describes it.
+struct Described {
+    zone: Option<String>,
+    state: Option<VolumeState>,
+    /// The instance it is attached to (or being attached to or detached from).
+    holder: Option<String>,
+}
+
+async fn describe_volume(ctx: &Context, volume_id: &str) -> Result<Described, StepError> {
+    let described = ctx
+        .aws
+        .ec2
         .describe_volumes()
         .volume_ids(volume_id)
         .send()
         .await
-        .map_err(aws_err(format!("looking up volume {volume_id}")))?;
+        .map_err(aws_err(
+            "ec2:DescribeVolumes",
+            format!("looking up volume {volume_id}"),
+        ))?;
     let volume = described
         .volumes()
         .first()
-        .ok_or_else(|| StepError::Invalid {
+        .ok_or_else(|| StepError::Refused {
             what: STEP.into(),
             message: format!("volume {volume_id} does not exist"),
         })?;
-    if volume.availability_zone() != Some(ctx.instance.availability_zone.as_str()) {
-        return Err(StepError::Invalid {
+    Ok(Described {
+        zone: volume.availability_zone().map(str::to_owned),
+        state: volume.state().cloned(),
+        holder: volume
+            .attachments()
+            .iter()
+            .find_map(|a| a.instance_id().filter(|i| !i.is_empty()).map(str::to_owned)),
+    })
+}
+
+async fn instance_state(ctx: &Context, id: &str) -> Result<Option<InstanceStateName>, StepError> {
+    Ok(ctx
+        .aws
+        .ec2
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .map_err(aws_err(
+            "ec2:DescribeInstances",
+            format!("looking up {id}, which holds the data volume"),
+        ))?
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .find_map(|i| i.state().and_then(|s| s.name()).cloned()))
+}
+
+/// Takes the volume from its previous holder without force: a running,
+/// pending or stopping holder is waited for (up to `holder-stops`); a
+/// stopped one is asked to let go (a plain detach, which waits for the
+/// holder's writes); a terminating one lets go by itself. Returns once the
+/// volume is `available` (up to `volume-available`).
+async fn release(ctx: &Context, volume_id: &str, old: &str) -> Result<(), StepError> {
+    let deadlines = &ctx.deadlines;
+    let state = retry::until(
+        &format!("{old}, which holds {volume_id}, to stop"),
+        Backoff::new(deadlines.holder_stops),
+        || async {
+            let state = instance_state(ctx, old).await?;
+            let alive = matches!(
+                state,
+                Some(
+                    InstanceStateName::Running
+                        | InstanceStateName::Pending
+                        | InstanceStateName::Stopping
+                )
+            );
+            if alive {
+                tracing::info!(
+                    step = STEP,
+                    "{volume_id} is held by {old}, which is {}: waiting for it to stop",
+                    state.as_ref().map_or("?", |s| s.as_str())
+                );
+            }
+            Ok::<_, StepError>((!alive).then_some(state))
+        },
+    )
+    .await
+    .map_err(|e| match e {
+        retry::WaitError::Deadline { waited, .. } => StepError::Wait(format!(
+            "volume {volume_id} is attached to {old}, which is still running after {}s; \
+             two masters must never share etcd's data, so this one will not take it",
+            waited.as_secs()
+        )),
+        retry::WaitError::Failed { source, .. } => source,
+    })?;
+    if state == Some(InstanceStateName::Stopped) {
+        ctx.aws
+            .ec2
+            .detach_volume()
+            .volume_id(volume_id)
+            .instance_id(old)
+            .send()
+            .await
+            .map_err(aws_err(
+                "ec2:DetachVolume",
+                format!("detaching {volume_id} from {old}"),
+            ))?;
+    }
+    retry::until(
+        &format!("{volume_id} to become available after leaving {old}"),
+        Backoff::new(deadlines.volume_available),
+        || async {
+            let v = describe_volume(ctx, volume_id).await?;
+            match (&v.state, &v.holder) {
+                (Some(VolumeState::Available), _) => Ok(Some(())),
+                (_, Some(h)) if h != old => Err(StepError::Refused {
+                    what: STEP.into(),
+                    message: format!("{h} took {volume_id} while this master waited for it"),
+                }),
+                _ => Ok(None),
+            }
+        },
+    )
+    .await
+    .map_err(|e| StepError::Wait(e.to_string()))
+}
+
+async fn attach(ctx: &Context, volume_id: &str) -> Result<Option<String>, StepError> {
+    let id = &ctx.instance.id;
+    let volume = describe_volume(ctx, volume_id).await?;
+    if volume.zone.as_deref() != Some(ctx.instance.availability_zone.as_str()) {
+        return Err(StepError::Refused {
             what: STEP.into(),
             message: format!(
                 "volume {volume_id} is in {}, this instance in {}",
-                volume.availability_zone().unwrap_or("?"),
+                volume.zone.as_deref().unwrap_or("?"),
                 ctx.instance.availability_zone
             ),
         });
     }
-    let holder = volume
-        .attachments()
-        .iter()
-        .find_map(|a| a.instance_id().filter(|i| !i.is_empty()).map(str::to_owned));
-    if holder.as_deref() == Some(id.as_str()) {
+    if volume.holder.as_deref() == Some(id.as_str()) {
         return Ok(None);
     }
-    if let Some(old) = &holder {
-        // Only a dead master may lose its volume: two live masters on one
-        // etcd data directory would be worse than no master at all.
-        let state = ec2
-            .describe_instances()
-            .instance_ids(old)
-            .send()
-            .await
-            .map_err(aws_err(format!(
-                "looking up {old}, which holds {volume_id}"
-            )))?
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .find_map(|i| i.state().and_then(|s| s.name()).cloned());
-        if matches!(
-            state,
-            Some(InstanceStateName::Running) | Some(InstanceStateName::Pending)
-        ) {
-            return Err(StepError::Invalid {
-                what: STEP.into(),
-                message: format!("volume {volume_id} is attached to {old}, which is still running"),
-            });
-        }
-        ec2.detach_volume()
-            .volume_id(volume_id)
-            .instance_id(old)
-            .force(true)
-            .send()
-            .await
-            .map_err(aws_err(format!("detaching {volume_id} from {old}")))?;
-        retry::until(
-            &format!("{volume_id} to detach from {old}"),
-            Backoff::new(Duration::from_secs(300)),
-            || async {
-                let v = ec2
-                    .describe_volumes()
-                    .volume_ids(volume_id)
-                    .send()
-                    .await
-                    .map_err(aws_err(format!("looking up volume {volume_id}")))?;
-                Ok::<_, StepError>(
-                    v.volumes()
-                        .first()
-                        .filter(|v| v.state() == Some(&VolumeState::Available))
-                        .map(|_| ()),
-                )
-            },
-        )
-        .await
-        .map_err(|e| StepError::Wait(e.to_string()))?;
+    if let Some(old) = &volume.holder {
+        release(ctx, volume_id, old).await?;
     }
-    ec2.attach_volume()
+    ctx.aws
+        .ec2
+        .attach_volume()
         .volume_id(volume_id)
         .instance_id(id)
         .device(DEVICE_NAME)
         .send()
         .await
-        .map_err(aws_err(format!(
-            "attaching {volume_id} to {id} in {}",
-            ctx.instance.availability_zone
-        )))?;
-    Ok(Some(holder.map_or_else(
+        .map_err(aws_err(
+            "ec2:AttachVolume",
+            format!(
+                "attaching {volume_id} to {id} in {}",
+                ctx.instance.availability_zone
+            ),
+        ))?;
+    Ok(Some(volume.holder.map_or_else(
         || format!("attached {volume_id}"),
         |old| format!("attached {volume_id} (taken over from {old})"),
     )))
@@ -182,10 +246,36 @@ fn read_head(device: &Path) -> Result<Vec<u8>, StepError> {
     Ok(head)
 }
 
+/// A blank volume is a new cluster's. If the bucket already holds the
+/// cluster's PKI, the volume that held its etcd data is lost or the wrong
+/// one: formatting it would start an empty etcd under the old CA, so the
+/// boot stops unless the stack config says this boot is a restore.
+async fn refuse_blank_if_the_cluster_exists(
+    ctx: &Context,
+    master: &crate::config::MasterConfig,
+    device: &Path,
+) -> Result<(), StepError> {
+    let key = super::secrets::pki_key(&ctx.config.cluster_name);
+    if master.restore || !super::secrets::exists(ctx, &key).await? {
+        return Ok(());
+    }
+    Err(StepError::Refused {
+        what: STEP.into(),
+        message: format!(
+            "{} ({}) is blank but s3://{}/{key} exists: this cluster's etcd data is \
+             on another volume; refusing to start an empty etcd under the cluster's CA \
+             (set master_restore = true in the stack config to start afresh on purpose)",
+            device.display(),
+            master.volume_id,
+            ctx.config.secrets_bucket
+        ),
+    })
+}
+
 /// Attaches, formats if blank, and mounts the volume at `mount_point`.
 pub async fn run(ctx: &Context, mount_point: &Path) -> Result<Report, StepError> {
     let Some(master) = &ctx.config.master else {
-        return Err(StepError::Invalid {
+        return Err(StepError::Refused {
             what: STEP.into(),
             message: "only a master has a data volume".into(),
         });
@@ -196,7 +286,7 @@ pub async fn run(ctx: &Context, mount_point: &Path) -> Result<Report, StepError>
     let (class, dev) = (&ctx.paths.nvme_class, &ctx.paths.dev);
     let device = retry::until(
         &format!("the NVMe device of {volume_id}"),
-        Backoff::new(Duration::from_secs(120)),
+        Backoff::new(ctx.deadlines.volume_device),
         || async { Ok::<_, StepError>(find_device(class, dev, volume_id)) },
     )
     .await
@@ -220,12 +310,13 @@ pub async fn run(ctx: &Context, mount_point: &Path) -> Result<Report, StepError>
     match probe(&read_head(&device)?) {
         Contents::Ext4 => {}
         Contents::Blank => {
+            refuse_blank_if_the_cluster_exists(ctx, master, &device).await?;
             ctx.runner
                 .run("mkfs.ext4", &["-q", "-L", LABEL, &device.to_string_lossy()])?;
             did.push(format!("formatted {} (it was blank)", device.display()));
         }
         Contents::Other(what) => {
-            return Err(StepError::Invalid {
+            return Err(StepError::Refused {
                 what: STEP.into(),
                 message: format!(
                     "{} holds {what}; refusing to format or mount it",

@@ -1,0 +1,265 @@
+//! What the moto-level tests share: a moto with instances, an Elastic IP
+//! and a bucket; stack configs and step contexts for them; a runner that
+//! makes filesystems on plain files and records what would touch the host.
+
+#![allow(dead_code, clippy::unwrap_used)] // test glue, each test binary uses a part
+
+use slipway_init::aws::Clients;
+use slipway_init::config::StackConfig;
+use slipway_init::steps::{Context, Deadlines, Instance, Paths, Runner, StepError, System};
+use vm_tests::moto::Moto;
+
+pub const REGION: &str = "us-east-1";
+
+pub struct World {
+    pub moto: Moto,
+    pub aws: Clients,
+    pub alloc: String,
+    pub instances: Vec<Instance>,
+    pub bucket: String,
+    pub volume: String,
+}
+
+pub async fn world(instances: usize) -> World {
+    let moto = Moto::start().expect("moto");
+    let aws = Clients::new(Some(REGION), Some(&moto.endpoint)).await;
+    let image = aws
+        .ec2
+        .describe_images()
+        .owners("amazon")
+        .send()
+        .await
+        .expect("images");
+    let ami = image.images()[0].image_id().expect("ami").to_owned();
+    let run = aws
+        .ec2
+        .run_instances()
+        .image_id(ami)
+        .min_count(instances as i32)
+        .max_count(instances as i32)
+        .send()
+        .await
+        .expect("run instances");
+    let instances = run
+        .instances()
+        .iter()
+        .map(|i| Instance {
+            id: i.instance_id().expect("id").to_owned(),
+            availability_zone: i
+                .placement()
+                .and_then(|p| p.availability_zone())
+                .unwrap_or("")
+                .to_owned(),
+        })
+        .collect();
+    let alloc = aws
+        .ec2
+        .allocate_address()
+        .domain(aws_sdk_ec2::types::DomainType::Vpc)
+        .send()
+        .await
+        .expect("eip")
+        .allocation_id()
+        .expect("allocation")
+        .to_owned();
+    let bucket = "slipway-test-secrets".to_owned();
+    aws.s3
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("bucket");
+    World {
+        moto,
+        aws,
+        alloc,
+        instances,
+        bucket,
+        volume: "vol-0123456789abcdef0".into(),
+    }
+}
+
+pub fn config(w: &World, role: &str) -> StackConfig {
+    StackConfig::parse(config_text(w, role).as_bytes()).expect("config")
+}
+
+pub fn config_text(w: &World, role: &str) -> String {
+    let master = if role == "master" {
+        format!(
+            "master_eip_allocation = \"{}\"\nmaster_volume = \"{}\"\n",
+            w.alloc, w.volume
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"{}\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\nregion = \"{REGION}\"\naws_endpoint = \"{}\"\n{master}",
+        w.bucket, w.moto.endpoint
+    )
+}
+
+/// The templates in the source tree (the image carries the same files).
+pub fn manifests_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
+}
+
+pub fn context(w: &World, role: &str, instance: usize, secrets: &std::path::Path) -> Context {
+    Context {
+        config: config(w, role),
+        instance: w.instances[instance].clone(),
+        aws: w.aws.clone(),
+        paths: Paths {
+            secrets: secrets.to_owned(),
+            ..Paths::default()
+        },
+        runner: Box::new(System),
+        deadlines: Deadlines::default(),
+    }
+}
+
+pub async fn object(w: &World, key: &str) -> Option<Vec<u8>> {
+    let out = w
+        .aws
+        .s3
+        .get_object()
+        .bucket(&w.bucket)
+        .key(key)
+        .send()
+        .await
+        .ok()?;
+    Some(out.body.collect().await.ok()?.into_bytes().to_vec())
+}
+pub fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Runs mkfs for real (on a file standing in for the device); records
+/// what would change the host (mount, ip) instead of running it.
+#[derive(Debug, Default, Clone)]
+pub struct FileDevices {
+    pub commands: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Runner for FileDevices {
+    fn run_with_input(
+        &self,
+        program: &str,
+        args: &[&str],
+        input: Option<&std::path::Path>,
+    ) -> Result<String, StepError> {
+        if program == "mkfs.ext4" {
+            return System.run_with_input(program, args, input);
+        }
+        self.commands
+            .lock()
+            .unwrap()
+            .push(format!("{program} {}", args.join(" ")));
+        Ok(String::new())
+    }
+}
+
+/// Which instance holds the Elastic IP, and its public address, as EC2 says.
+pub async fn eip_holder(w: &World) -> (Option<String>, String) {
+    let out = w
+        .aws
+        .ec2
+        .describe_addresses()
+        .allocation_ids(&w.alloc)
+        .send()
+        .await
+        .unwrap();
+    let a = &out.addresses()[0];
+    (
+        a.instance_id().map(str::to_owned),
+        a.public_ip().unwrap_or("").to_owned(),
+    )
+}
+
+/// Which instance the data volume is attached to, as EC2 says.
+pub async fn volume_holder(w: &World) -> Option<String> {
+    let out = w
+        .aws
+        .ec2
+        .describe_volumes()
+        .volume_ids(&w.volume)
+        .send()
+        .await
+        .unwrap();
+    out.volumes()[0]
+        .attachments()
+        .first()
+        .and_then(|a| a.instance_id())
+        .map(str::to_owned)
+}
+
+/// A fresh volume in the first instance's availability zone.
+pub async fn data_volume(w: &World) -> String {
+    let az = &w.instances[0].availability_zone;
+    let created = w
+        .aws
+        .ec2
+        .create_volume()
+        .availability_zone(az)
+        .size(1)
+        .send()
+        .await
+        .unwrap();
+    created.volume_id().unwrap().to_owned()
+}
+
+pub fn ext4_uuid(device: &std::path::Path) -> Vec<u8> {
+    std::fs::read(device).unwrap()[1024 + 104..1024 + 120].to_vec()
+}
+
+/// An address in the instance's own subnet, for the master's stable IP.
+pub async fn stable_ip(w: &World, instance: usize) -> String {
+    let described = w
+        .aws
+        .ec2
+        .describe_instances()
+        .instance_ids(&w.instances[instance].id)
+        .send()
+        .await
+        .unwrap();
+    let private = described.reservations()[0].instances()[0]
+        .private_ip_address()
+        .unwrap()
+        .to_owned();
+    let mut octets: Vec<&str> = private.split('.').collect();
+    octets[3] = "200";
+    octets.join(".")
+}
+
+/// Paths below `root` for a master: the data volume's device is a blank
+/// file there from the start (its controller's serial is the volume ID),
+/// and the default route is on `ens5`.
+pub fn master_root(w: &World, root: &std::path::Path) -> Paths {
+    let paths = Paths {
+        manifests: manifests_dir(),
+        ..Paths::under(root)
+    };
+    let serial = paths.nvme_class.join("nvme1");
+    std::fs::create_dir_all(&serial).unwrap();
+    std::fs::write(serial.join("serial"), w.volume.replace('-', "")).unwrap();
+    std::fs::create_dir_all(&paths.dev).unwrap();
+    std::fs::File::create(paths.dev.join("nvme1n1"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    std::fs::create_dir_all(paths.proc.join("net")).unwrap();
+    std::fs::write(
+        paths.proc.join("net/route"),
+        "Iface\tDestination\tGateway\nens5\t00000000\t0101000A\n",
+    )
+    .unwrap();
+    paths
+}
