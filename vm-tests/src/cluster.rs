@@ -14,6 +14,7 @@
 //! - instances are "launched" by booting a VM with a fresh root disk made
 //!   from the snapshot, and "terminated" by killing it.
 
+use crate::faults::{FaultProxy, Kind, Plan};
 use crate::moto::Moto;
 use crate::net::{Forward, Lan, IMDS_ADDR};
 use crate::{imds::Imds, Disk, Image, Nic, Vm, VmConfig};
@@ -32,6 +33,8 @@ pub const REGION: &str = "us-east-1";
 pub const STACK: &str = "slipway";
 /// Port moto answers on inside the network (on the first subnet's router).
 const AWS_PORT: u16 = 5000;
+/// Seeds the fault proxy's choices, so a run's faults can be told apart.
+const FAULT_SEED: u64 = 20;
 /// The role credentials the metadata emulator hands out (moto accepts any).
 const ROLE: &str = "slipway-instance";
 
@@ -70,6 +73,9 @@ pub struct Options {
     pub cpus: u32,
     /// Where disks, logs and the kubeconfig go (kept after the run).
     pub dir: PathBuf,
+    /// The share of the members' AWS calls the fault proxy fails
+    /// (throttling, 500s, resets; see [`crate::faults`]).
+    pub fault_rate: f64,
 }
 
 impl Options {
@@ -81,6 +87,7 @@ impl Options {
             node_memory_mib: 2048,
             cpus: 2,
             dir,
+            fault_rate: 0.0,
         }
     }
 }
@@ -115,8 +122,9 @@ pub struct Cluster {
     user_data: BTreeMap<&'static str, String>,
     forwards: Vec<Forward>,
     api: Option<Forward>,
-    // Last: moto outlives the forwarders that reach it.
+    // Last: moto outlives the forwarders and the fault proxy that reach it.
     _forward_aws: Forward,
+    faults: FaultProxy,
     moto: Moto,
     pub timings: Vec<(String, Duration)>,
 }
@@ -214,8 +222,20 @@ impl Cluster {
         ensure!(!subnets.is_empty(), "the stack created no subnets");
         let lan = Lan::create(&subnets, &opts.dir)?;
         let router = lan.routers[0].0;
-        let moto_addr: SocketAddr = moto.endpoint.trim_start_matches("http://").parse()?;
-        let forward_aws = lan.forward_in(SocketAddr::from((router, AWS_PORT)), moto_addr)?;
+        // The members reach moto through the fault proxy; the test's own
+        // calls go to moto directly.
+        let mut plan = Plan::random(
+            opts.fault_rate,
+            FAULT_SEED,
+            [Kind::Throttle, Kind::ServerError, Kind::Reset],
+        );
+        if opts.fault_rate > 0.0 {
+            // Every action the members make meets at least one fault.
+            plan = plan.and_first_of_each();
+        }
+        let faults = FaultProxy::start(&moto.endpoint, plan)?;
+        let proxy_addr: SocketAddr = faults.endpoint.trim_start_matches("http://").parse()?;
+        let forward_aws = lan.forward_in(SocketAddr::from((router, AWS_PORT)), proxy_addr)?;
         let imds = Imds::serve(lan.listen(SocketAddr::from((IMDS_ADDR, 80)))?, [])?;
 
         let mut cluster = Self {
@@ -232,12 +252,18 @@ impl Cluster {
             forwards: Vec::new(),
             api: None,
             _forward_aws: forward_aws,
+            faults,
             moto,
             timings: Vec::new(),
         };
         cluster.load_user_data()?;
         cluster.timing("publish, read back, stack", started.elapsed());
         Ok(cluster)
+    }
+
+    /// What the fault proxy saw and injected, per (service, action).
+    pub fn faults(&self) -> &FaultProxy {
+        &self.faults
     }
 
     pub fn timing(&mut self, what: &str, took: Duration) {

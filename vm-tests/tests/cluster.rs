@@ -320,7 +320,13 @@ fn a_cluster_survives_losing_its_master_and_a_node() -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| vm_tests::workspace_dir().join("target/cluster-test"));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut cluster = Cluster::create(&image, Options::master_and_node(dir.clone()))?;
+    // Every member's AWS calls go through the fault proxy: a tenth of
+    // them, and the first of every action, fail as AWS fails under load.
+    let opts = Options {
+        fault_rate: 0.1,
+        ..Options::master_and_node(dir.clone())
+    };
+    let mut cluster = Cluster::create(&image, opts)?;
 
     // 1. Master and node boot.
     let scenario = Instant::now();
@@ -600,6 +606,26 @@ spec:
     eprintln!("[cluster] timings:");
     for (what, t) in &cluster.timings {
         eprintln!("  {:>7.1}s  {what}", t.as_secs_f64());
+    }
+    // Four boots came through the faults: every action failed at least once.
+    let faults = cluster.faults();
+    eprintln!("[cluster] AWS calls by the members:\n{}", faults.summary());
+    for ((service, action), c) in faults.counts() {
+        ensure!(
+            c.failed() >= 1 && c.forwarded >= 1,
+            "{service} {action} did not meet a fault and get through: {c}"
+        );
+    }
+    for action in [
+        "AttachVolume",
+        "AssociateAddress",
+        "ModifyInstanceAttribute",
+    ] {
+        ensure!(
+            faults.count("ec2", action).forwarded >= 1,
+            "no member called ec2 {action}:\n{}",
+            faults.summary()
+        );
     }
     Ok(())
 }
