@@ -363,27 +363,7 @@ async fn a_masters_first_boot_runs_every_step_and_a_reboot_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_reads_config_and_identity_from_the_metadata_service() {
     let w = world(1).await;
-    // A master has published the node bundle.
-    let pki = slipway_init::pki::Bundle::generate(&slipway_init::pki::Identity {
-        cluster_name: "demo".into(),
-        master_ip: "10.0.1.10".parse().unwrap(),
-        public_ip: None,
-        api_service_ip: "10.96.0.1".parse().unwrap(),
-    })
-    .unwrap();
-    w.aws
-        .s3
-        .put_object()
-        .bucket(&w.bucket)
-        .key(secrets::node_key("demo"))
-        .body(
-            serde_json::to_vec(&pki.node_bundle().unwrap())
-                .unwrap()
-                .into(),
-        )
-        .send()
-        .await
-        .unwrap();
+    publish_node_bundle(&w).await;
     let me = &w.instances[0];
     let imds =
         vm_tests::imds::Imds::instance(&me.id, &me.availability_zone, &config_text(&w, "node"))

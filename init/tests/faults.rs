@@ -96,26 +96,7 @@ async fn a_master_and_a_node_boot_with_30_percent_of_calls_failing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_boots_while_the_metadata_service_is_down_for_its_first_minute() {
     let w = world(1).await;
-    let pki = slipway_init::pki::Bundle::generate(&slipway_init::pki::Identity {
-        cluster_name: "demo".into(),
-        master_ip: "10.0.1.10".parse().unwrap(),
-        public_ip: None,
-        api_service_ip: "10.96.0.1".parse().unwrap(),
-    })
-    .unwrap();
-    w.aws
-        .s3
-        .put_object()
-        .bucket(&w.bucket)
-        .key(secrets::node_key("demo"))
-        .body(
-            serde_json::to_vec(&pki.node_bundle().unwrap())
-                .unwrap()
-                .into(),
-        )
-        .send()
-        .await
-        .unwrap();
+    publish_node_bundle(&w).await;
     let proxy = FaultProxy::start(
         &w.moto.endpoint,
         Plan::random(0.3, 11, FAULTS).and_first_of_each(),
@@ -195,13 +176,7 @@ async fn group_of_one(w: &World) -> (String, String) {
         .send()
         .await
         .unwrap();
-    let asg = aws_sdk_autoscaling::Client::new(
-        &aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(REGION))
-            .endpoint_url(&w.moto.endpoint)
-            .load()
-            .await,
-    );
+    let asg = autoscaling(w).await;
     asg.create_auto_scaling_group()
         .auto_scaling_group_name("demo-node")
         .launch_template(
@@ -224,15 +199,21 @@ async fn group_of_one(w: &World) -> (String, String) {
     )
 }
 
-async fn health(w: &World, id: &str) -> String {
-    let asg = aws_sdk_autoscaling::Client::new(
+/// Auto Scaling in moto, for the test's own setup and checks.
+async fn autoscaling(w: &World) -> aws_sdk_autoscaling::Client {
+    aws_sdk_autoscaling::Client::new(
         &aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(REGION))
             .endpoint_url(&w.moto.endpoint)
             .load()
             .await,
-    );
-    let out = asg
+    )
+}
+
+/// The instance's health as its Auto Scaling group records it.
+async fn health(w: &World, id: &str) -> String {
+    let out = autoscaling(w)
+        .await
         .describe_auto_scaling_instances()
         .instance_ids(id)
         .send()

@@ -263,3 +263,24 @@ pub fn master_root(w: &World, root: &std::path::Path) -> Paths {
     .unwrap();
     paths
 }
+
+/// What a first master leaves for nodes: `<cluster>/node.json` from a fresh PKI.
+pub async fn publish_node_bundle(w: &World) {
+    let pki = slipway_init::pki::Bundle::generate(&slipway_init::pki::Identity {
+        cluster_name: "demo".into(),
+        master_ip: "10.0.1.10".parse().unwrap(),
+        public_ip: None,
+        api_service_ip: "10.96.0.1".parse().unwrap(),
+    })
+    .unwrap();
+    let body = serde_json::to_vec(&pki.node_bundle().unwrap()).unwrap();
+    w.aws
+        .s3
+        .put_object()
+        .bucket(&w.bucket)
+        .key(slipway_init::steps::secrets::node_key("demo"))
+        .body(body.into())
+        .send()
+        .await
+        .unwrap();
+}
