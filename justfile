@@ -5,8 +5,9 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 cache := env_var_or_default("SLIPWAY_CACHE_DIR", env_var("HOME") + "/.cache/slipway")
 export SLIPWAY_CACHE_DIR := cache
 export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", cache + "/target")
-# Binaries that go into the image, built for an explicit target so their
-# RUSTFLAGS never invalidate the host build; paths inside them are neutral.
+# The static initramfs binary is built for an explicit target, in a target
+# dir of its own, so its RUSTFLAGS never invalidate the host build. Paths
+# inside the image's binaries are neutral (the workspace wrapper remaps them).
 image_target := "x86_64-unknown-linux-gnu"
 image_bins := CARGO_TARGET_DIR / "image-bins"
 image_env := "RUSTC_WORKSPACE_WRAPPER=" + justfile_directory() + "/.cargo/remap-rustc SLIPWAY_SRC=" + justfile_directory()
@@ -47,13 +48,14 @@ deps:
 
 # Compile the image builder and the binaries baked into the image.
 compile:
-    cargo build --release -p image-builder
-    {{image_env}} cargo build --release -p slipway-init --bin slipway-init --target {{image_target}}
+    # The builder and the node binary in one build: every dependency (the AWS
+    # SDK above all) is compiled once for both.
+    {{image_env}} cargo build --release -p image-builder -p slipway-init --bin image-builder --bin slipway-init
     # The initramfs: static, and without the node features (no AWS, TLS or async).
     {{image_env}} RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR={{CARGO_TARGET_DIR}}/initrd \
         cargo build --release -p slipway-init --bin slipway-initrd --no-default-features --target {{image_target}}
     mkdir -p {{image_bins}}
-    install -m 0755 {{CARGO_TARGET_DIR}}/{{image_target}}/release/slipway-init \
+    install -m 0755 {{CARGO_TARGET_DIR}}/release/slipway-init \
         {{CARGO_TARGET_DIR}}/initrd/{{image_target}}/release/slipway-initrd {{image_bins}}/
 
 # Build the default image into out/ (disk.raw, disk.qcow2, build-manifest.json).

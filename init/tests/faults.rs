@@ -4,9 +4,10 @@
 //! succeeds (the instance gives up and reports itself unhealthy), and the
 //! data volume handed over from a predecessor without force.
 //!
-//! moto has no `stopping` state (it stops an instance at once), so the
-//! hand-over is shown with a predecessor that runs for a while and is then
-//! stopped: the same wait, the same plain detach.
+//! moto has no `stopping` state (it stops an instance at once): where a
+//! test needs a predecessor that stays `stopping`, the proxy reports that
+//! state for it in DescribeInstances while moto already has it stopped
+//! (`report_instance_state`, a stand-in named in the test).
 
 #![allow(clippy::unwrap_used)] // test glue: a failed setup should stop the test
 
@@ -372,4 +373,64 @@ async fn a_blank_volume_is_refused_while_the_clusters_pki_exists() {
     ctx.config.master.as_mut().unwrap().restore = true;
     let report = volume::run(&ctx, &paths.etcd_data).await.unwrap();
     assert!(report.detail.contains("formatted"), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_predecessor_left_stopping_for_40s_is_waited_for_stand_in_state_from_the_proxy() {
+    let mut w = world(2).await;
+    w.volume = data_volume(&w).await;
+    let root = tempfile::tempdir().unwrap();
+    let paths = master_root(&w, root.path());
+    let proxy = FaultProxy::start(&w.moto.endpoint, Plan::passthrough()).unwrap();
+    let make = |instance: usize, aws: Clients| {
+        let mut ctx = context(&w, "master", instance, &paths.secrets);
+        ctx.paths = paths.clone();
+        ctx.runner = Box::new(FileDevices::default());
+        ctx.aws = aws;
+        ctx
+    };
+    let old = make(0, w.aws.clone());
+    volume::run(&old, &paths.etcd_data).await.unwrap();
+    // moto stops it at once; EC2 would show `stopping` for a while, with
+    // the volume still attached.
+    w.aws
+        .ec2
+        .stop_instances()
+        .instance_ids(&old.instance.id)
+        .send()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    proxy.report_instance_state(
+        &old.instance.id,
+        "stopping",
+        64,
+        started + Duration::from_secs(40),
+    );
+    let new = make(1, through(&proxy).await);
+    let report = volume::run(&new, &paths.etcd_data).await.unwrap();
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(40), "{waited:?}");
+    assert!(waited < Duration::from_secs(90), "{waited:?}");
+    assert!(
+        report
+            .detail
+            .contains(&format!("taken over from {}", old.instance.id)),
+        "{report:?}"
+    );
+    assert_eq!(
+        volume_holder(&w).await.as_deref(),
+        Some(new.instance.id.as_str())
+    );
+    // No detach while it was stopping; then one, plain.
+    let detaches: Vec<_> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.action == "DetachVolume")
+        .collect();
+    assert_eq!(detaches.len(), 1, "{detaches:?}");
+    assert_ne!(
+        detaches[0].params.get("Force").map(String::as_str),
+        Some("true")
+    );
 }

@@ -16,7 +16,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest request head accepted (request line and headers).
 const MAX_HEAD: usize = 1 << 20;
@@ -185,6 +185,9 @@ struct Shared {
     plan: Mutex<(Plan, SplitMix64)>,
     counts: Mutex<BTreeMap<(String, String), Counts>>,
     seen: Mutex<Vec<Seen>>,
+    /// Instance states reported in place of moto's (see
+    /// [`FaultProxy::report_instance_state`]).
+    states: Mutex<Vec<HeldState>>,
     /// The actions whose first request got its fault (`first_of_each`).
     firsts: Mutex<std::collections::BTreeSet<(String, String)>>,
     /// Numbers the request IDs of injected errors.
@@ -273,6 +276,7 @@ impl FaultProxy {
             counts: Mutex::default(),
             seen: Mutex::default(),
             firsts: Mutex::default(),
+            states: Mutex::default(),
             next_id: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
@@ -303,6 +307,18 @@ impl FaultProxy {
     pub fn set_plan(&self, plan: Plan) {
         let rng = SplitMix64::new(plan.seed);
         *lock(&self.shared.plan) = (plan, rng);
+    }
+
+    /// Until `until`, EC2's DescribeInstances reports `instance` in state
+    /// `name` (with its `code`), whatever moto says: a stand-in for the
+    /// states moto skips (it stops and terminates instances at once).
+    pub fn report_instance_state(&self, instance: &str, name: &str, code: u16, until: Instant) {
+        lock(&self.shared.states).push(HeldState {
+            instance: instance.to_owned(),
+            name: name.to_owned(),
+            code,
+            until,
+        });
     }
 
     /// What happened so far, per (service, action).
@@ -402,6 +418,52 @@ fn handle(shared: &Shared, client: TcpStream) -> io::Result<()> {
     }
 }
 
+/// An instance state reported in place of moto's, until a time.
+#[derive(Debug, Clone)]
+struct HeldState {
+    instance: String,
+    name: String,
+    code: u16,
+    until: Instant,
+}
+
+/// The states to report in an answer to `service`'s `action`.
+fn held_states(shared: &Shared, service: &str, action: &str) -> Vec<HeldState> {
+    if service != "ec2" || action != "DescribeInstances" {
+        return Vec::new();
+    }
+    let now = Instant::now();
+    lock(&shared.states)
+        .iter()
+        .filter(|h| h.until > now)
+        .cloned()
+        .collect()
+}
+
+/// `body` (a DescribeInstances answer) with `held`'s instance in its state:
+/// the first `<instanceState>` after the instance's `<instanceId>`.
+fn rewrite_state(body: &str, held: &HeldState) -> String {
+    let id = format!("<instanceId>{}</instanceId>", held.instance);
+    let Some(at) = body.find(&id) else {
+        return body.to_owned();
+    };
+    let after = at + id.len();
+    let (Some(open), Some(close)) = (
+        body[after..].find("<instanceState>"),
+        body[after..].find("</instanceState>"),
+    ) else {
+        return body.to_owned();
+    };
+    let (start, end) = (after + open, after + close + "</instanceState>".len());
+    format!(
+        "{}<instanceState><code>{}</code><name>{}</name></instanceState>{}",
+        &body[..start],
+        held.code,
+        held.name,
+        &body[end..]
+    )
+}
+
 /// Closes `stream` with SO_LINGER 0, so the peer gets a reset, not a FIN.
 fn reset(stream: TcpStream) {
     use std::os::fd::AsRawFd;
@@ -467,9 +529,34 @@ fn forward(
             head.extend_from_slice(&line);
         }
     }
-    head.extend_from_slice(b"Connection: close\r\n\r\n");
-    client.write_all(&head)?;
-    io::copy(&mut reader, &mut client)?;
+    let held = held_states(shared, service, action);
+    if held.is_empty() {
+        head.extend_from_slice(b"Connection: close\r\n\r\n");
+        client.write_all(&head)?;
+        io::copy(&mut reader, &mut client)?;
+        return client.flush();
+    }
+    // Rewritten: the whole body is read (moto closes after it), changed,
+    // and sent with its new length.
+    let mut body = String::new();
+    reader.read_to_string(&mut body)?;
+    for h in &held {
+        body = rewrite_state(&body, h);
+    }
+    let head = String::from_utf8_lossy(&head)
+        .lines()
+        .filter(|l| {
+            let name = l.split(':').next().unwrap_or_default();
+            !name.eq_ignore_ascii_case("content-length")
+                && !name.eq_ignore_ascii_case("transfer-encoding")
+        })
+        .map(|l| format!("{l}\r\n"))
+        .collect::<String>();
+    write!(
+        client,
+        "{head}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
     client.flush()
 }
 
@@ -949,6 +1036,29 @@ mod tests {
         );
         let (_, action, _) = parse("GET / HTTP/1.1\r\n\r\n").identify();
         assert_eq!(action, "Unknown");
+    }
+
+    #[test]
+    fn a_held_state_replaces_only_its_instances_state() {
+        let body = "<item><instanceId>i-1</instanceId><instanceState><code>16</code><name>running</name></instanceState></item>\
+                    <item><instanceId>i-2</instanceId><instanceState><code>80</code><name>stopped</name></instanceState></item>";
+        let held = HeldState {
+            instance: "i-2".into(),
+            name: "stopping".into(),
+            code: 64,
+            until: Instant::now(),
+        };
+        let out = rewrite_state(body, &held);
+        assert!(out.contains(
+            "<instanceId>i-1</instanceId><instanceState><code>16</code><name>running</name>"
+        ));
+        assert!(out.contains("<instanceId>i-2</instanceId><instanceState><code>64</code><name>stopping</name></instanceState></item>"));
+        assert!(!out.contains("stopped"));
+        let other = HeldState {
+            instance: "i-3".into(),
+            ..held
+        };
+        assert_eq!(rewrite_state(body, &other), body);
     }
 
     #[test]
