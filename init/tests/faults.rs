@@ -15,7 +15,7 @@ mod common;
 
 use common::*;
 use slipway_init::aws::{CallPolicy, Clients};
-use slipway_init::steps::{self, secrets, volume, Paths, StepError};
+use slipway_init::steps::{self, secrets, volume, Context, Paths, Report, StepError};
 use std::time::{Duration, Instant};
 use vm_tests::faults::{FaultProxy, Kind, Plan};
 
@@ -284,8 +284,9 @@ async fn an_action_that_always_fails_ends_with_the_instance_marked_unhealthy() {
     assert_eq!(proxy.count("ec2", "ModifyInstanceAttribute").seen, 6);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_master_waits_for_a_running_predecessor_to_stop_and_takes_the_volume_without_force() {
+/// Two masters on one scratch root: `old` (straight to moto) has attached
+/// and formatted the data volume; `new` reaches moto through the proxy.
+async fn hand_over() -> (World, tempfile::TempDir, FaultProxy, Context, Context) {
     let mut w = world(2).await;
     w.volume = data_volume(&w).await;
     let root = tempfile::tempdir().unwrap();
@@ -301,8 +302,45 @@ async fn a_master_waits_for_a_running_predecessor_to_stop_and_takes_the_volume_w
     let old = make(0, w.aws.clone());
     let first = volume::run(&old, &paths.etcd_data).await.unwrap();
     assert!(first.detail.contains("formatted"), "{first:?}");
-
     let new = make(1, through(&proxy).await);
+    (w, root, proxy, old, new)
+}
+
+/// `new` holds the volume, taken from `old` with exactly one plain detach.
+async fn taken_over_without_force(
+    w: &World,
+    proxy: &FaultProxy,
+    old: &Context,
+    new: &Context,
+    report: &Report,
+) {
+    assert!(
+        report
+            .detail
+            .contains(&format!("taken over from {}", old.instance.id)),
+        "{report:?}"
+    );
+    assert!(!report.detail.contains("formatted"), "{report:?}");
+    assert_eq!(
+        volume_holder(w).await.as_deref(),
+        Some(new.instance.id.as_str())
+    );
+    let detaches: Vec<_> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.action == "DetachVolume")
+        .collect();
+    assert_eq!(detaches.len(), 1, "{detaches:?}");
+    assert_ne!(
+        detaches[0].params.get("Force").map(String::as_str),
+        Some("true")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_waits_for_a_running_predecessor_to_stop_and_takes_the_volume_without_force() {
+    let (w, _root, proxy, old, new) = hand_over().await;
+    let paths = old.paths.clone();
     let (ec2, old_id) = (w.aws.ec2.clone(), old.instance.id.clone());
     let stopper = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -316,27 +354,7 @@ async fn a_master_waits_for_a_running_predecessor_to_stop_and_takes_the_volume_w
     let report = volume::run(&new, &paths.etcd_data).await.unwrap();
     stopper.await.unwrap();
     assert!(started.elapsed() >= Duration::from_secs(10));
-    assert!(
-        report
-            .detail
-            .contains(&format!("taken over from {}", old.instance.id)),
-        "{report:?}"
-    );
-    assert!(!report.detail.contains("formatted"), "{report:?}");
-    assert_eq!(
-        volume_holder(&w).await.as_deref(),
-        Some(new.instance.id.as_str())
-    );
-    let detaches: Vec<_> = proxy
-        .requests()
-        .into_iter()
-        .filter(|r| r.action == "DetachVolume")
-        .collect();
-    assert_eq!(detaches.len(), 1, "{detaches:?}");
-    assert_ne!(
-        detaches[0].params.get("Force").map(String::as_str),
-        Some("true")
-    );
+    taken_over_without_force(&w, &proxy, &old, &new, &report).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,20 +395,8 @@ async fn a_blank_volume_is_refused_while_the_clusters_pki_exists() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_predecessor_left_stopping_for_40s_is_waited_for_stand_in_state_from_the_proxy() {
-    let mut w = world(2).await;
-    w.volume = data_volume(&w).await;
-    let root = tempfile::tempdir().unwrap();
-    let paths = master_root(&w, root.path());
-    let proxy = FaultProxy::start(&w.moto.endpoint, Plan::passthrough()).unwrap();
-    let make = |instance: usize, aws: Clients| {
-        let mut ctx = context(&w, "master", instance, &paths.secrets);
-        ctx.paths = paths.clone();
-        ctx.runner = Box::new(FileDevices::default());
-        ctx.aws = aws;
-        ctx
-    };
-    let old = make(0, w.aws.clone());
-    volume::run(&old, &paths.etcd_data).await.unwrap();
+    let (w, _root, proxy, old, new) = hand_over().await;
+    let paths = old.paths.clone();
     // moto stops it at once; EC2 would show `stopping` for a while, with
     // the volume still attached.
     w.aws
@@ -407,30 +413,10 @@ async fn a_predecessor_left_stopping_for_40s_is_waited_for_stand_in_state_from_t
         64,
         started + Duration::from_secs(40),
     );
-    let new = make(1, through(&proxy).await);
     let report = volume::run(&new, &paths.etcd_data).await.unwrap();
     let waited = started.elapsed();
     assert!(waited >= Duration::from_secs(40), "{waited:?}");
     assert!(waited < Duration::from_secs(90), "{waited:?}");
-    assert!(
-        report
-            .detail
-            .contains(&format!("taken over from {}", old.instance.id)),
-        "{report:?}"
-    );
-    assert_eq!(
-        volume_holder(&w).await.as_deref(),
-        Some(new.instance.id.as_str())
-    );
     // No detach while it was stopping; then one, plain.
-    let detaches: Vec<_> = proxy
-        .requests()
-        .into_iter()
-        .filter(|r| r.action == "DetachVolume")
-        .collect();
-    assert_eq!(detaches.len(), 1, "{detaches:?}");
-    assert_ne!(
-        detaches[0].params.get("Force").map(String::as_str),
-        Some("true")
-    );
+    taken_over_without_force(&w, &proxy, &old, &new, &report).await;
 }
