@@ -10,6 +10,8 @@ use super::{Context, Failed, Report, StepError};
 use std::path::{Path, PathBuf};
 
 pub const STEP: &str = "attempts";
+/// The AWS actions giving up calls.
+pub const CALLS: &[&str] = &["autoscaling:SetInstanceHealth"];
 
 /// The exit status after which systemd does not restart the unit
 /// (`RestartPreventExitStatus=`): given up, or refused for good.

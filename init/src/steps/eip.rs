@@ -5,6 +5,8 @@ use super::{aws_err, Context, Report, StepError};
 use std::net::Ipv4Addr;
 
 pub const STEP: &str = "elastic-ip";
+/// The AWS actions this step calls (checked against the template's grants).
+pub const CALLS: &[&str] = &["ec2:DescribeAddresses", "ec2:AssociateAddress"];
 
 /// Returns the report and the address's public IP.
 pub async fn run(ctx: &Context) -> Result<(Report, Ipv4Addr), StepError> {

@@ -238,6 +238,30 @@ impl Paths {
     }
 }
 
+/// Every AWS action a member of `role` calls, each step's list in boot
+/// order: what its instance role must grant (a test reads the template).
+pub fn calls(role: Role) -> Vec<&'static str> {
+    let lists: &[&[&str]] = match role {
+        Role::Master => &[
+            srcdest::CALLS,
+            volume::CALLS,
+            eip::CALLS,
+            private_ip::CALLS,
+            secrets::MASTER_CALLS,
+            signal::CALLS,
+            attempts::CALLS,
+        ],
+        Role::Node => &[srcdest::CALLS, secrets::NODE_CALLS, attempts::CALLS],
+    };
+    let mut all: Vec<&str> = Vec::new();
+    for call in lists.iter().flat_map(|l| l.iter()) {
+        if !all.contains(call) {
+            all.push(call);
+        }
+    }
+    all
+}
+
 /// Runs one step within the `step` deadline, naming it if it fails.
 pub async fn bounded<T>(
     ctx: &Context,
@@ -291,4 +315,76 @@ pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, Failed> {
         }
     }
     Ok(reports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The API actions a module's code names where it calls AWS: the first
+    /// argument of each `aws_err(` and each `api:` field (tests left out).
+    fn api_names(source: &str) -> Vec<String> {
+        let code = source.split("#[cfg(test)]").next().unwrap_or(source);
+        let mut names = Vec::new();
+        for marker in ["aws_err(", "api: "] {
+            for (at, _) in code.match_indices(marker) {
+                let rest = code[at + marker.len()..].trim_start();
+                if let Some(lit) = rest.strip_prefix('"').and_then(|r| r.split('"').next()) {
+                    names.push(lit.to_owned());
+                }
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn every_aws_call_in_a_step_is_in_its_list() {
+        let modules: &[(&str, &str, &[&str])] = &[
+            ("srcdest", include_str!("srcdest.rs"), srcdest::CALLS),
+            ("volume", include_str!("volume.rs"), volume::CALLS),
+            ("eip", include_str!("eip.rs"), eip::CALLS),
+            (
+                "private_ip",
+                include_str!("private_ip.rs"),
+                private_ip::CALLS,
+            ),
+            ("secrets", include_str!("secrets.rs"), secrets::MASTER_CALLS),
+            ("signal", include_str!("signal.rs"), signal::CALLS),
+            ("attempts", include_str!("attempts.rs"), attempts::CALLS),
+        ];
+        for (name, source, listed) in modules {
+            let used = api_names(source);
+            for api in &used {
+                assert!(
+                    listed.contains(&api.as_str()),
+                    "{name} calls {api} but does not list it"
+                );
+            }
+            for api in *listed {
+                assert!(
+                    used.iter().any(|u| u == api),
+                    "{name} lists {api} but never calls it"
+                );
+            }
+        }
+        // Modules with no AWS call of their own.
+        for (name, source) in [
+            ("configure", include_str!("configure.rs")),
+            ("images", include_str!("images.rs")),
+            ("addons", include_str!("addons.rs")),
+        ] {
+            assert!(
+                api_names(source).is_empty(),
+                "{name} calls AWS: add it to calls()"
+            );
+        }
+    }
+
+    #[test]
+    fn a_node_calls_less_than_a_master() {
+        let (master, node) = (calls(Role::Master), calls(Role::Node));
+        assert!(node.iter().all(|c| master.contains(c)));
+        assert!(!node.contains(&"s3:PutObject"));
+        assert!(!node.contains(&"ec2:AttachVolume"));
+    }
 }

@@ -5,6 +5,8 @@
 use super::{aws_err, Context, Report, StepError};
 
 pub const STEP: &str = "private-ip";
+/// The AWS actions this step calls (checked against the template's grants).
+pub const CALLS: &[&str] = &["ec2:DescribeInstances", "ec2:AssignPrivateIpAddresses"];
 
 /// The interface carrying the default route, from `/proc/net/route`.
 pub fn default_interface(route_table: &str) -> Option<String> {

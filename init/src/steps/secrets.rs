@@ -14,6 +14,10 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 pub const STEP: &str = "secrets";
+/// The AWS actions a master's secrets step calls (a HEAD is `s3:GetObject`).
+pub const MASTER_CALLS: &[&str] = &["s3:GetObject", "s3:PutObject"];
+/// The AWS actions a node's secrets step calls.
+pub const NODE_CALLS: &[&str] = &["s3:GetObject"];
 
 /// Object keys in the secrets bucket.
 pub fn pki_key(cluster: &str) -> String {

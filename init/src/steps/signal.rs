@@ -8,6 +8,8 @@ use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 
 pub const STEP: &str = "signal";
+/// The AWS actions a master's signal calls.
+pub const CALLS: &[&str] = &["cloudformation:SignalResource"];
 
 /// Sends `state` (e.g. `READY=1`) to systemd's notification socket, if any.
 pub fn notify(socket: Option<&str>, state: &str) -> Result<bool, StepError> {

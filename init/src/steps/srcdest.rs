@@ -5,6 +5,11 @@ use super::{aws_err, Context, Report, StepError};
 use aws_sdk_ec2::types::{AttributeBooleanValue, InstanceAttributeName};
 
 pub const STEP: &str = "source-dest-check";
+/// The AWS actions this step calls (checked against the template's grants).
+pub const CALLS: &[&str] = &[
+    "ec2:DescribeInstanceAttribute",
+    "ec2:ModifyInstanceAttribute",
+];
 
 pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     let id = &ctx.instance.id;

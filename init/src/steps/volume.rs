@@ -10,6 +10,14 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub const STEP: &str = "data-volume";
+/// The AWS actions this step calls (checked against the template's grants);
+/// it also reads the bucket through [`super::secrets::exists`].
+pub const CALLS: &[&str] = &[
+    "ec2:DescribeVolumes",
+    "ec2:DescribeInstances",
+    "ec2:DetachVolume",
+    "ec2:AttachVolume",
+];
 const DEVICE_NAME: &str = "/dev/xvdf";
 const LABEL: &str = "slipway-data";
 /// How much of a device is read to decide whether it is blank.
