@@ -95,7 +95,7 @@ async fn a_master_and_a_node_boot_with_30_percent_of_calls_failing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_boots_while_the_metadata_service_is_down_for_its_first_minute() {
+async fn a_node_boots_while_the_metadata_service_is_down_for_a_minute_then_flaky() {
     let w = world(1).await;
     publish_node_bundle(&w).await;
     let proxy = FaultProxy::start(
@@ -108,6 +108,8 @@ async fn a_node_boots_while_the_metadata_service_is_down_for_its_first_minute() 
     let imds = vm_tests::imds::Imds::instance(&me.id, &me.availability_zone, &user_data).unwrap();
     let started = Instant::now();
     imds.unavailable_until(started + Duration::from_secs(60));
+    // And once up, it answers a third of requests with 500.
+    imds.server_errors(0.3, 5);
     let root = tempfile::tempdir().unwrap();
     let mut boot = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"));
     boot.args([
