@@ -9,12 +9,13 @@
 //! answer carries `Connection: close`), like [`crate::imds`]. S3 requests
 //! are recognised in path style only (`force_path_style(true)`).
 
+use crate::server::Acceptor;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -192,7 +193,6 @@ struct Shared {
     firsts: Mutex<std::collections::BTreeSet<(String, String)>>,
     /// Numbers the request IDs of injected errors.
     next_id: AtomicU64,
-    stop: AtomicBool,
 }
 
 /// A poisoned lock only means another connection's thread panicked; the
@@ -247,7 +247,7 @@ pub struct FaultProxy {
     shared: Arc<Shared>,
     /// `http://127.0.0.1:PORT`, for the SDK's `endpoint_url`.
     pub endpoint: String,
-    addr: SocketAddr,
+    _server: Acceptor,
 }
 
 impl FaultProxy {
@@ -268,7 +268,6 @@ impl FaultProxy {
 
     /// Proxies to `upstream` from a listener the caller bound.
     pub fn serve(listener: TcpListener, upstream: SocketAddr, plan: Plan) -> Result<Self> {
-        let addr = listener.local_addr()?;
         let rng = SplitMix64::new(plan.seed);
         let shared = Arc::new(Shared {
             upstream,
@@ -278,28 +277,14 @@ impl FaultProxy {
             firsts: Mutex::default(),
             states: Mutex::default(),
             next_id: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
         });
-        let served = Arc::clone(&shared);
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if served.stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                if let Ok(s) = stream {
-                    let sh = Arc::clone(&served);
-                    std::thread::spawn(move || {
-                        // A client that hangs up, or a moto that does, fails
-                        // this request only; the SDK retries or reports it.
-                        let _ = handle(&sh, s);
-                    });
-                }
-            }
-        });
+        // A client that hangs up, or a moto that does, fails this request
+        // only; the SDK retries or reports it.
+        let server = Acceptor::spawn(listener, Arc::clone(&shared), handle)?;
         Ok(Self {
             shared,
-            endpoint: format!("http://{addr}"),
-            addr,
+            endpoint: format!("http://{}", server.addr()),
+            _server: server,
         })
     }
 
@@ -354,14 +339,6 @@ impl FaultProxy {
             .iter()
             .map(|((s, a), c)| format!("{s} {a}: {c}\n"))
             .collect()
-    }
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(self.addr);
     }
 }
 

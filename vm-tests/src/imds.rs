@@ -7,11 +7,12 @@
 //! a metadata client, small enough to read in one sitting.
 
 use crate::faults::SplitMix64;
+use crate::server::Acceptor;
 use anyhow::Result;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -30,7 +31,6 @@ struct State {
     /// Answer this share of requests with 500, picked by the generator.
     server_errors: Mutex<Option<(f64, SplitMix64)>>,
     requests: AtomicUsize,
-    stop: AtomicBool,
 }
 
 /// A running emulator on a loopback port; stops when dropped.
@@ -38,7 +38,7 @@ struct State {
 pub struct Imds {
     state: Arc<State>,
     pub endpoint: String,
-    addr: std::net::SocketAddr,
+    _server: Acceptor,
 }
 
 impl Imds {
@@ -53,30 +53,16 @@ impl Imds {
         listener: TcpListener,
         paths: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self> {
-        let addr = listener.local_addr()?;
         let state = Arc::new(State {
             paths: Mutex::new(paths.into_iter().collect()),
             ..State::default()
         });
-        let served = Arc::clone(&state);
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if served.stop.load(Ordering::SeqCst) {
-                    break;
-                }
-                if let Ok(s) = stream {
-                    let st = Arc::clone(&served);
-                    std::thread::spawn(move || {
-                        // A client that hangs up mid-request is its own problem.
-                        let _ = serve(&st, s);
-                    });
-                }
-            }
-        });
+        // A client that hangs up mid-request is its own problem.
+        let server = Acceptor::spawn(listener, Arc::clone(&state), serve)?;
         Ok(Self {
             state,
-            endpoint: format!("http://{addr}"),
-            addr,
+            endpoint: format!("http://{}", server.addr()),
+            _server: server,
         })
     }
 
@@ -131,14 +117,6 @@ impl Imds {
     /// Requests seen so far (including refused ones).
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Imds {
-    fn drop(&mut self) {
-        self.state.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(self.addr);
     }
 }
 

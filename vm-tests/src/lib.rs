@@ -14,6 +14,7 @@ pub mod imds;
 pub mod moto;
 pub mod net;
 pub mod registry;
+pub mod server;
 
 use anyhow::{bail, Context, Result};
 use std::fs;
