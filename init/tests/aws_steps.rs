@@ -370,18 +370,7 @@ async fn the_binary_reads_config_and_identity_from_the_metadata_service() {
             .unwrap();
     imds.unavailable_for(2);
     let root = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"))
-        .args([
-            "--no-boot-check",
-            "--imds-endpoint",
-            &imds.endpoint,
-            "--root",
-        ])
-        .arg(root.path())
-        .arg("--manifests")
-        .arg(manifests_dir())
-        .output()
-        .unwrap();
+    let out = boot_command(&imds.endpoint, root.path()).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");

@@ -111,16 +111,7 @@ async fn a_node_boots_while_the_metadata_service_is_down_for_a_minute_then_flaky
     // And once up, it answers a third of requests with 500.
     imds.server_errors(0.3, 5);
     let root = tempfile::tempdir().unwrap();
-    let mut boot = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"));
-    boot.args([
-        "--no-boot-check",
-        "--imds-endpoint",
-        &imds.endpoint,
-        "--root",
-    ])
-    .arg(root.path())
-    .arg("--manifests")
-    .arg(manifests_dir());
+    let mut boot = boot_command(&imds.endpoint, root.path());
     let out = tokio::task::spawn_blocking(move || boot.output())
         .await
         .unwrap()

@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-const TOKEN: &str = "slipway-test-imds-token";
+/// The session token the emulator hands out and insists on.
+pub const TOKEN: &str = "slipway-test-imds-token";
 
 #[derive(Debug, Default)]
 struct State {

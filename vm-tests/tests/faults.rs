@@ -226,7 +226,8 @@ fn imds_status(imds: &Imds) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     write!(
         s,
-        "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: {addr}\r\nX-aws-ec2-metadata-token: slipway-test-imds-token\r\n\r\n"
+        "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: {addr}\r\nX-aws-ec2-metadata-token: {}\r\n\r\n",
+        vm_tests::imds::TOKEN
     )
     .unwrap();
     let mut answer = String::new();

@@ -72,7 +72,7 @@ struct Args {
     no_boot_check: bool,
 }
 
-#[derive(Debug, Clone, Subcommand)]
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Run this boot's steps (the default).
     Boot,
@@ -249,7 +249,7 @@ async fn attempt(args: &Args, deadlines: Deadlines, addons: bool) -> Result<(), 
         Err(failed) => failed,
     };
     let next = attempts.next(n, &failed.source);
-    let line = attempts::describe(&failed, next);
+    let line = attempts.describe(&failed, next);
     tracing::error!(step = failed.step, "{line}");
     Err(match next {
         Next::Retry { .. } => Ending::retry(line),

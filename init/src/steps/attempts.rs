@@ -20,6 +20,7 @@ pub const FINAL_EXIT: u8 = 2;
 /// This boot's attempts at one command (`boot`, `addons`).
 #[derive(Debug, Clone)]
 pub struct Attempts {
+    command: String,
     file: PathBuf,
     pub limit: u32,
 }
@@ -40,6 +41,7 @@ impl Attempts {
     /// Counts attempts at `command` in `run_dir`; `limit` is at least 1.
     pub fn new(run_dir: &Path, command: &str, limit: u32) -> Self {
         Self {
+            command: command.to_owned(),
             file: run_dir.join(format!("{command}.attempts")),
             limit: limit.max(1),
         }
@@ -81,24 +83,25 @@ impl Attempts {
             }
         }
     }
-}
 
-/// The journal's account of a failed attempt: which step, what failed (the
-/// API action among it), how many attempts, and what happens next.
-pub fn describe(failed: &Failed, next: Next) -> String {
-    let what = crate::error_chain(&failed.source, ": ");
-    let step = failed.step;
-    match next {
-        Next::Retry { attempt, limit } => format!(
-            "step {step} failed (attempt {attempt} of {limit}): {what}; systemd runs the boot again"
-        ),
-        Next::GiveUp { attempt } => format!(
-            "step {step} failed (attempt {attempt}, the last): {what}; giving up: \
-             this instance reports itself unhealthy so its Auto Scaling group replaces it"
-        ),
-        Next::Stop => format!(
-            "step {step} refused: {what}; not retrying (another attempt would end the same way)"
-        ),
+    /// The journal's account of a failed attempt: which step, what failed (the
+    /// API action among it), how many attempts, and what happens next.
+    pub fn describe(&self, failed: &Failed, next: Next) -> String {
+        let what = crate::error_chain(&failed.source, ": ");
+        let step = failed.step;
+        match next {
+            Next::Retry { attempt, limit } => format!(
+                "step {step} failed (attempt {attempt} of {limit}): {what}; systemd runs the {} again",
+                self.command
+            ),
+            Next::GiveUp { attempt } => format!(
+                "step {step} failed (attempt {attempt}, the last): {what}; giving up: \
+                 this instance reports itself unhealthy so its Auto Scaling group replaces it"
+            ),
+            Next::Stop => format!(
+                "step {step} refused: {what}; not retrying (another attempt would end the same way)"
+            ),
+        }
     }
 }
 
@@ -149,6 +152,14 @@ mod tests {
         assert_eq!(a.next(3, &wait()), Next::GiveUp { attempt: 3 });
         a.succeeded();
         assert_eq!(a.begin().unwrap(), 1);
+        // The journal names the command systemd will run again.
+        let addons = Attempts::new(&dir.path().join("run"), "addons", 3);
+        let failed = Failed {
+            step: "addons",
+            source: wait(),
+        };
+        let line = addons.describe(&failed, addons.next(1, &failed.source));
+        assert!(line.ends_with("systemd runs the addons again"), "{line}");
     }
 
     #[test]
@@ -163,7 +174,7 @@ mod tests {
             step: "data-volume",
             source: refused,
         };
-        let line = describe(&failed, Next::Stop);
+        let line = a.describe(&failed, Next::Stop);
         assert!(line.starts_with("step data-volume refused"), "{line}");
         assert!(line.contains("XFS"), "{line}");
     }
@@ -178,7 +189,8 @@ mod tests {
                 message: "RequestLimitExceeded: Request limit exceeded.".into(),
             },
         };
-        let line = describe(&failed, Next::GiveUp { attempt: 5 });
+        let line = Attempts::new(Path::new("/run"), "boot", 5)
+            .describe(&failed, Next::GiveUp { attempt: 5 });
         for part in [
             "step elastic-ip",
             "ec2:AssociateAddress",

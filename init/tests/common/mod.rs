@@ -284,3 +284,15 @@ pub async fn publish_node_bundle(w: &World) {
         .await
         .unwrap();
 }
+
+/// `slipway-init`'s boot outside the image: identity and config from the
+/// metadata service at `imds`, every path below `root`, the source tree's
+/// templates.
+pub fn boot_command(imds: &str, root: &std::path::Path) -> std::process::Command {
+    let mut boot = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"));
+    boot.args(["--no-boot-check", "--imds-endpoint", imds, "--root"])
+        .arg(root)
+        .arg("--manifests")
+        .arg(manifests_dir());
+    boot
+}
