@@ -122,6 +122,7 @@ struct Raw {
     master_eip_allocation: Option<String>,
     master_volume: Option<String>,
     master_restore: Option<bool>,
+    master_renew_before_days: Option<u32>,
     region: Option<String>,
     aws_endpoint: Option<String>,
     signal_stack: Option<String>,
@@ -136,7 +137,13 @@ pub struct MasterConfig {
     /// This boot may start a fresh etcd on a blank volume although the
     /// cluster's PKI exists (a deliberate restore); off by default.
     pub restore: bool,
+    /// Leaf certificates ending within this many days are renewed.
+    pub renew_before_days: u32,
 }
+
+/// The renewal window when the config names none (kubeadm's leaves last a
+/// year; a quarter of it leaves room for a master that is down a while).
+pub const RENEW_BEFORE_DAYS: u32 = 90;
 
 /// Where to send CloudFormation's SignalResource.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +166,21 @@ pub struct StackConfig {
     pub region: Option<String>,
     pub aws_endpoint: Option<String>,
     pub signal: Option<Signal>,
+}
+
+fn renew_before_days(days: Option<u32>) -> Result<u32, ConfigError> {
+    let days = days.unwrap_or(RENEW_BEFORE_DAYS);
+    let most = u32::try_from(crate::pki::LEAF_DAYS - 30).unwrap_or(u32::MAX);
+    if !(1..=most).contains(&days) {
+        return Err(invalid(
+            "master_renew_before_days",
+            format!(
+                "{days} must be between 1 and {most} (leaf certificates last {} days)",
+                crate::pki::LEAF_DAYS
+            ),
+        ));
+    }
+    Ok(days)
 }
 
 fn check_id(key: &'static str, value: &str, prefix: &str) -> Result<(), ConfigError> {
@@ -290,12 +312,14 @@ impl StackConfig {
                     eip_allocation: eip,
                     volume_id: volume,
                     restore: raw.master_restore.unwrap_or(false),
+                    renew_before_days: renew_before_days(raw.master_renew_before_days)?,
                 })
             }
             Role::Node => {
                 if raw.master_eip_allocation.is_some()
                     || raw.master_volume.is_some()
                     || raw.master_restore.is_some()
+                    || raw.master_renew_before_days.is_some()
                 {
                     return Err(invalid(
                         "master_volume",
@@ -408,6 +432,9 @@ master_volume = "vol-0123456789abcdef0"
         let restore = format!("{MASTER}master_restore = true\n");
         let c = StackConfig::parse(restore.as_bytes()).unwrap();
         assert!(c.master.unwrap().restore);
+        let window = format!("{MASTER}master_renew_before_days = 120\n");
+        let c = StackConfig::parse(window.as_bytes()).unwrap();
+        assert_eq!(c.master.unwrap().renew_before_days, 120);
     }
 
     #[test]
@@ -469,6 +496,20 @@ master_volume = "vol-0123456789abcdef0"
             (
                 m("role = \"master\"", "role = \"master\"\nextra = true"),
                 "extra",
+            ),
+            (
+                m(
+                    "role = \"master\"",
+                    "role = \"master\"\nmaster_renew_before_days = 0",
+                ),
+                "master_renew_before_days",
+            ),
+            (
+                m(
+                    "role = \"master\"",
+                    "role = \"master\"\nmaster_renew_before_days = 400",
+                ),
+                "between 1 and 335",
             ),
             (
                 m("role = \"master\"", "role = \"master\"\nregion = \"mars\""),

@@ -13,8 +13,15 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use time::{Duration, OffsetDateTime};
 
-const CA_DAYS: i64 = 3650;
-const LEAF_DAYS: i64 = 365;
+mod renew;
+pub use renew::{
+    day, kubeconfig_credentials, timestamp, Certificate, Due, Renewal, Why, CA_WARNING,
+};
+
+/// How long a CA lasts (kubeadm's ten years).
+pub const CA_DAYS: i64 = 3650;
+/// How long a leaf certificate lasts (kubeadm's one year).
+pub const LEAF_DAYS: i64 = 365;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -32,15 +39,21 @@ pub enum PkiError {
     },
     #[error("the PKI bundle lacks {0}")]
     Incomplete(String),
+    #[error("the PKI bundle's {file} is not a certificate this code can read: {message}")]
+    Unreadable { file: String, message: String },
     #[error("random source: {0}")]
     Random(std::io::Error),
 }
 
 /// Every file of the cluster's PKI, by its path relative to the PKI root
-/// (`ca.crt`, `etcd/server.key`, `admin.conf`, …).
+/// (`ca.crt`, `etcd/server.key`, `admin.conf`, …), and when its leaf
+/// certificates were last renewed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Bundle {
     pub files: BTreeMap<String, String>,
+    /// RFC 3339 time of the last renewal; absent until the first one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed: Option<String>,
 }
 
 /// What the certificates must name.
@@ -52,8 +65,36 @@ pub struct Identity {
     pub api_service_ip: Ipv4Addr,
 }
 
+/// When certificates are issued and how long they last: the clock is an
+/// input, so renewal can be tested at any point of a cluster's life.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    pub now: OffsetDateTime,
+    pub ca: Duration,
+    pub leaf: Duration,
+}
+
+impl Validity {
+    /// kubeadm's lifetimes, starting at `now`.
+    pub fn at(now: OffsetDateTime) -> Self {
+        Self {
+            now,
+            ca: Duration::days(CA_DAYS),
+            leaf: Duration::days(LEAF_DAYS),
+        }
+    }
+
+    /// kubeadm's lifetimes, starting now.
+    pub fn now() -> Self {
+        Self::at(OffsetDateTime::now_utc())
+    }
+}
+
 /// Files a node needs to join; the rest stays with the masters.
 pub const NODE_FILES: &[&str] = &["ca.crt", "bootstrap-kubelet.conf"];
+
+/// The three CAs, by the stem of their files (`<stem>.crt`, `<stem>.key`).
+pub const CAS: &[&str] = &["ca", "etcd/ca", "front-proxy-ca"];
 
 struct Ca {
     cert: rcgen::Certificate,
@@ -64,7 +105,21 @@ fn gen_err(what: &'static str) -> impl FnOnce(rcgen::Error) -> PkiError {
     move |source| PkiError::Generate { what, source }
 }
 
-fn params(cn: &str, orgs: &[&str], days: i64) -> CertificateParams {
+/// A random serial: 16 bytes, positive. (rcgen's default derives the
+/// serial from the public key, which a renewal keeps.)
+fn serial() -> Result<rcgen::SerialNumber, PkiError> {
+    let mut bytes = [0u8; 16];
+    getrandom(&mut bytes)?;
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    Ok(rcgen::SerialNumber::from_slice(&bytes))
+}
+
+fn params(
+    cn: &str,
+    orgs: &[&str],
+    now: OffsetDateTime,
+    lifetime: Duration,
+) -> Result<CertificateParams, PkiError> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     for o in orgs {
@@ -72,15 +127,15 @@ fn params(cn: &str, orgs: &[&str], days: i64) -> CertificateParams {
     }
     dn.push(DnType::CommonName, cn);
     p.distinguished_name = dn;
-    let now = OffsetDateTime::now_utc();
+    p.serial_number = Some(serial()?);
     p.not_before = now - Duration::hours(1);
-    p.not_after = now + Duration::days(days);
-    p
+    p.not_after = now + lifetime;
+    Ok(p)
 }
 
-fn new_ca(cn: &str, what: &'static str) -> Result<Ca, PkiError> {
+fn new_ca(cn: &str, validity: &Validity, what: &'static str) -> Result<Ca, PkiError> {
     let key = KeyPair::generate().map_err(gen_err(what))?;
-    let mut p = params(cn, &[], CA_DAYS);
+    let mut p = params(cn, &[], validity.now, validity.ca)?;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -98,17 +153,120 @@ enum Usage {
     Both,
 }
 
-fn leaf(
-    ca: &Ca,
-    cn: &str,
-    orgs: &[&str],
+/// One leaf certificate of the set: its file stem, the stem of the CA
+/// that issues it, its subject and what it is for.
+struct LeafSpec {
+    stem: &'static str,
+    issuer: &'static str,
+    cn: &'static str,
+    orgs: &'static [&'static str],
     usage: Usage,
-    sans: Vec<SanType>,
-    what: &'static str,
-) -> Result<(String, String), PkiError> {
-    let key = KeyPair::generate().map_err(gen_err(what))?;
-    let mut p = params(cn, orgs, LEAF_DAYS);
-    p.subject_alt_names = sans;
+}
+
+/// The leaf certificates kept as `<stem>.crt` and `<stem>.key`.
+const LEAVES: &[LeafSpec] = &[
+    LeafSpec {
+        stem: "apiserver",
+        issuer: "ca",
+        cn: "kube-apiserver",
+        orgs: &[],
+        usage: Usage::Server,
+    },
+    LeafSpec {
+        stem: "apiserver-kubelet-client",
+        issuer: "ca",
+        cn: "kube-apiserver-kubelet-client",
+        orgs: &["kubeadm:cluster-admins"],
+        usage: Usage::Client,
+    },
+    LeafSpec {
+        stem: "front-proxy-client",
+        issuer: "front-proxy-ca",
+        cn: "front-proxy-client",
+        orgs: &[],
+        usage: Usage::Client,
+    },
+    LeafSpec {
+        stem: "etcd/server",
+        issuer: "etcd/ca",
+        cn: "etcd-server",
+        orgs: &[],
+        usage: Usage::Both,
+    },
+    LeafSpec {
+        stem: "etcd/peer",
+        issuer: "etcd/ca",
+        cn: "etcd-peer",
+        orgs: &[],
+        usage: Usage::Both,
+    },
+    LeafSpec {
+        stem: "etcd/healthcheck-client",
+        issuer: "etcd/ca",
+        cn: "kube-etcd-healthcheck-client",
+        orgs: &[],
+        usage: Usage::Client,
+    },
+    LeafSpec {
+        stem: "apiserver-etcd-client",
+        issuer: "etcd/ca",
+        cn: "kube-apiserver-etcd-client",
+        orgs: &[],
+        usage: Usage::Client,
+    },
+];
+
+/// The kubeconfigs with a client certificate from the cluster CA:
+/// (file, common name and user, organisations, whether it reaches the API
+/// server through the master's address rather than loopback).
+const KUBECONFIGS: &[(&str, &str, &[&str], bool)] = &[
+    (
+        "admin.conf",
+        "kubernetes-admin",
+        &["kubeadm:cluster-admins"],
+        true,
+    ),
+    (
+        "super-admin.conf",
+        "kubernetes-super-admin",
+        &["system:masters"],
+        false,
+    ),
+    (
+        "controller-manager.conf",
+        "system:kube-controller-manager",
+        &[],
+        false,
+    ),
+    ("scheduler.conf", "system:kube-scheduler", &[], false),
+];
+
+/// The SANs `stem`'s certificate must carry for `id`; empty for clients.
+fn wanted_sans(stem: &str, id: &Identity) -> Result<Vec<SanType>, PkiError> {
+    let ip = |a: Ipv4Addr| SanType::IpAddress(IpAddr::V4(a));
+    Ok(match stem {
+        "apiserver" => {
+            let mut sans = vec![
+                dns("kubernetes")?,
+                dns("kubernetes.default")?,
+                dns("kubernetes.default.svc")?,
+                dns("kubernetes.default.svc.cluster.local")?,
+                dns("localhost")?,
+                ip(id.api_service_ip),
+                ip(id.master_ip),
+                ip(Ipv4Addr::LOCALHOST),
+            ];
+            sans.extend(id.public_ip.map(ip));
+            sans
+        }
+        "etcd/server" | "etcd/peer" => {
+            vec![dns("localhost")?, ip(id.master_ip), ip(Ipv4Addr::LOCALHOST)]
+        }
+        _ => Vec::new(),
+    })
+}
+
+fn usages(p: &mut CertificateParams, usage: Usage) {
     p.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
@@ -121,6 +279,22 @@ fn leaf(
             ExtendedKeyUsagePurpose::ClientAuth,
         ],
     };
+}
+
+/// A new key and a certificate for it, signed by `ca`: (cert PEM, key PEM).
+fn leaf(
+    ca: &Ca,
+    cn: &str,
+    orgs: &[&str],
+    usage: Usage,
+    sans: Vec<SanType>,
+    validity: &Validity,
+    what: &'static str,
+) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(gen_err(what))?;
+    let mut p = params(cn, orgs, validity.now, validity.leaf)?;
+    p.subject_alt_names = sans;
+    usages(&mut p, usage);
     let cert = p
         .signed_by(&key, &ca.cert, &ca.key)
         .map_err(gen_err(what))?;
@@ -218,169 +392,75 @@ pub fn bootstrap_token() -> Result<String, PkiError> {
 }
 
 impl Bundle {
-    /// Generates the full set for a new cluster.
+    /// Generates the full set for a new cluster, valid from now.
     pub fn generate(id: &Identity) -> Result<Self, PkiError> {
-        let mut files = BTreeMap::new();
-        let mut put = |path: &str, content: String| {
-            files.insert(path.to_owned(), content);
-        };
-        let ca = new_ca("kubernetes", "the cluster CA")?;
-        let etcd_ca = new_ca("etcd-ca", "the etcd CA")?;
-        let fp_ca = new_ca("front-proxy-ca", "the front-proxy CA")?;
-        let ca_pem = ca.cert.pem();
-        put("ca.crt", ca_pem.clone());
-        put("ca.key", ca.key.serialize_pem());
-        put("etcd/ca.crt", etcd_ca.cert.pem());
-        put("etcd/ca.key", etcd_ca.key.serialize_pem());
-        put("front-proxy-ca.crt", fp_ca.cert.pem());
-        put("front-proxy-ca.key", fp_ca.key.serialize_pem());
+        Self::generate_with(id, &Validity::now())
+    }
 
-        let mut api_sans = vec![
-            dns("kubernetes")?,
-            dns("kubernetes.default")?,
-            dns("kubernetes.default.svc")?,
-            dns("kubernetes.default.svc.cluster.local")?,
-            dns("localhost")?,
-            SanType::IpAddress(IpAddr::V4(id.api_service_ip)),
-            SanType::IpAddress(IpAddr::V4(id.master_ip)),
-            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        ];
-        if let Some(ip) = id.public_ip {
-            api_sans.push(SanType::IpAddress(IpAddr::V4(ip)));
+    /// Generates the full set for a new cluster with the given validity.
+    pub fn generate_with(id: &Identity, validity: &Validity) -> Result<Self, PkiError> {
+        let mut files = BTreeMap::new();
+        let ca = new_ca("kubernetes", validity, "the cluster CA")?;
+        let etcd_ca = new_ca("etcd-ca", validity, "the etcd CA")?;
+        let fp_ca = new_ca("front-proxy-ca", validity, "the front-proxy CA")?;
+        let ca_pem = ca.cert.pem();
+        for (stem, issuer) in [
+            ("ca", &ca),
+            ("etcd/ca", &etcd_ca),
+            ("front-proxy-ca", &fp_ca),
+        ] {
+            files.insert(format!("{stem}.crt"), issuer.cert.pem());
+            files.insert(format!("{stem}.key"), issuer.key.serialize_pem());
         }
-        let etcd_sans = vec![
-            dns("localhost")?,
-            SanType::IpAddress(IpAddr::V4(id.master_ip)),
-            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        ];
-        // (file, issuer, common name, organisations, usage, SANs)
-        type LeafSpec<'a> = (&'a str, &'a Ca, &'a str, &'a [&'a str], Usage, Vec<SanType>);
-        let certs: Vec<LeafSpec<'_>> = vec![
-            (
-                "apiserver",
-                &ca,
-                "kube-apiserver",
-                &[],
-                Usage::Server,
-                api_sans,
-            ),
-            (
-                "apiserver-kubelet-client",
-                &ca,
-                "kube-apiserver-kubelet-client",
-                &["kubeadm:cluster-admins"],
-                Usage::Client,
-                vec![],
-            ),
-            (
-                "front-proxy-client",
-                &fp_ca,
-                "front-proxy-client",
-                &[],
-                Usage::Client,
-                vec![],
-            ),
-            (
-                "etcd/server",
-                &etcd_ca,
-                "etcd-server",
-                &[],
-                Usage::Both,
-                etcd_sans.clone(),
-            ),
-            (
-                "etcd/peer",
-                &etcd_ca,
-                "etcd-peer",
-                &[],
-                Usage::Both,
-                etcd_sans,
-            ),
-            (
-                "etcd/healthcheck-client",
-                &etcd_ca,
-                "kube-etcd-healthcheck-client",
-                &[],
-                Usage::Client,
-                vec![],
-            ),
-            (
-                "apiserver-etcd-client",
-                &etcd_ca,
-                "kube-apiserver-etcd-client",
-                &[],
-                Usage::Client,
-                vec![],
-            ),
-        ];
-        for (name, issuer, cn, orgs, usage, sans) in certs {
-            let (cert, key) = leaf(issuer, cn, orgs, usage, sans, "a leaf certificate")?;
-            put(&format!("{name}.crt"), cert);
-            put(&format!("{name}.key"), key);
+        for spec in LEAVES {
+            let issuer = match spec.issuer {
+                "etcd/ca" => &etcd_ca,
+                "front-proxy-ca" => &fp_ca,
+                _ => &ca,
+            };
+            let sans = wanted_sans(spec.stem, id)?;
+            let (cert, key) = leaf(
+                issuer,
+                spec.cn,
+                spec.orgs,
+                spec.usage,
+                sans,
+                validity,
+                "a leaf certificate",
+            )?;
+            files.insert(format!("{}.crt", spec.stem), cert);
+            files.insert(format!("{}.key", spec.stem), key);
         }
 
         let sa = KeyPair::generate().map_err(gen_err("the service-account key"))?;
-        put("sa.key", sa.serialize_pem());
-        put("sa.pub", sa.public_key_pem());
+        files.insert("sa.key".into(), sa.serialize_pem());
+        files.insert("sa.pub".into(), sa.public_key_pem());
 
         let local = "https://127.0.0.1:6443";
         let public = format!("https://{}:6443", id.master_ip);
-        let kubeconfigs: [(&str, &str, &[&str], &str, &str); 4] = [
-            (
-                "admin.conf",
-                "kubernetes-admin",
-                &["kubeadm:cluster-admins"],
-                "kubernetes-admin",
-                &public,
-            ),
-            (
-                "super-admin.conf",
-                "kubernetes-super-admin",
-                &["system:masters"],
-                "kubernetes-super-admin",
-                local,
-            ),
-            (
-                "controller-manager.conf",
-                "system:kube-controller-manager",
-                &[],
-                "system:kube-controller-manager",
-                local,
-            ),
-            (
-                "scheduler.conf",
-                "system:kube-scheduler",
-                &[],
-                "system:kube-scheduler",
-                local,
-            ),
-        ];
-        for (file, cn, orgs, user, server) in kubeconfigs {
+        for &(file, user, orgs, remote) in KUBECONFIGS {
             let (cert, key) = leaf(
                 &ca,
-                cn,
+                user,
                 orgs,
                 Usage::Client,
                 vec![],
+                validity,
                 "a kubeconfig certificate",
             )?;
-            put(
-                file,
-                kubeconfig(
-                    &id.cluster_name,
-                    server,
-                    &ca_pem,
-                    user,
-                    &KubeAuth::Cert {
-                        cert: &cert,
-                        key: &key,
-                    },
-                ),
+            let server = if remote { public.as_str() } else { local };
+            let auth = KubeAuth::Cert {
+                cert: &cert,
+                key: &key,
+            };
+            files.insert(
+                file.into(),
+                kubeconfig(&id.cluster_name, server, &ca_pem, user, &auth),
             );
         }
         let token = bootstrap_token()?;
-        put(
-            "bootstrap-kubelet.conf",
+        files.insert(
+            "bootstrap-kubelet.conf".into(),
             kubeconfig(
                 &id.cluster_name,
                 &public,
@@ -389,8 +469,11 @@ impl Bundle {
                 &KubeAuth::Token(&token),
             ),
         );
-        put("bootstrap-token", token);
-        Ok(Self { files })
+        files.insert("bootstrap-token".into(), token);
+        Ok(Self {
+            files,
+            renewed: None,
+        })
     }
 
     pub fn get(&self, path: &str) -> Result<&str, PkiError> {
@@ -406,7 +489,10 @@ impl Bundle {
         for f in NODE_FILES {
             files.insert((*f).to_owned(), self.get(f)?.to_owned());
         }
-        Ok(Bundle { files })
+        Ok(Bundle {
+            files,
+            renewed: None,
+        })
     }
 
     /// Writes every file below `dir` (which must be on tmpfs): keys and
@@ -423,16 +509,15 @@ impl Bundle {
         Ok(())
     }
 
-    /// The cluster CA, loaded back from the bundle to sign with.
-    fn ca(&self) -> Result<Ca, PkiError> {
-        let key = KeyPair::from_pem(self.get("ca.key")?).map_err(gen_err("loading the CA key"))?;
-        let params = CertificateParams::from_ca_cert_pem(self.get("ca.crt")?)
-            .map_err(gen_err("loading the CA certificate"))?;
+    /// A CA loaded back from the bundle to sign with, by its stem.
+    fn load_ca(&self, stem: &str) -> Result<Ca, PkiError> {
+        let key = KeyPair::from_pem(self.get(&format!("{stem}.key"))?)
+            .map_err(gen_err("loading a CA key"))?;
+        let params = CertificateParams::from_ca_cert_pem(self.get(&format!("{stem}.crt"))?)
+            .map_err(gen_err("loading a CA certificate"))?;
         // Re-signing the same subject with the same key yields an issuer
         // whose signatures verify against the original CA certificate.
-        let cert = params
-            .self_signed(&key)
-            .map_err(gen_err("loading the CA"))?;
+        let cert = params.self_signed(&key).map_err(gen_err("loading a CA"))?;
         Ok(Ca { cert, key })
     }
 
@@ -445,7 +530,7 @@ impl Bundle {
         server: &str,
         cluster: &str,
     ) -> Result<String, PkiError> {
-        let ca = self.ca()?;
+        let ca = self.load_ca("ca")?;
         let user = format!("system:node:{node_name}");
         let (cert, key) = leaf(
             &ca,
@@ -453,6 +538,7 @@ impl Bundle {
             &["system:nodes"],
             Usage::Client,
             vec![],
+            &Validity::now(),
             "the kubelet's client certificate",
         )?;
         Ok(kubeconfig(

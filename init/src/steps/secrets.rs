@@ -1,11 +1,13 @@
 //! The cluster's secrets, shared through the secrets bucket. The first
 //! master to boot generates the PKI and stores it with a conditional put,
 //! so two masters racing still end up with one CA; every later master
-//! downloads it. Nodes wait for their (smaller) bundle. What arrives is
-//! written only below the tmpfs.
+//! downloads it, and renews its leaf certificates when they are due,
+//! writing the bundle back only over the version it read. Nodes wait for
+//! their (smaller) bundle. What arrives is written only below the tmpfs.
 
 use super::{aws_err, Context, Report, StepError};
-use crate::pki::{Bundle, Identity};
+use crate::config;
+use crate::pki::{Bundle, Due, Identity, Validity};
 use crate::retry::{self, Backoff};
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
@@ -30,16 +32,26 @@ pub fn admin_key(cluster: &str) -> String {
     format!("{cluster}/admin.conf")
 }
 
-async fn get(ctx: &Context, key: &str) -> Result<Option<Vec<u8>>, StepError> {
+/// An object's body and the ETag that names this version of it.
+struct Object {
+    body: Vec<u8>,
+    etag: Option<String>,
+}
+
+async fn get(ctx: &Context, key: &str) -> Result<Option<Object>, StepError> {
     let bucket = &ctx.config.secrets_bucket;
     match ctx.aws.s3.get_object().bucket(bucket).key(key).send().await {
         Ok(out) => {
+            let etag = out.e_tag().map(str::to_owned);
             let body = out.body.collect().await.map_err(|e| StepError::Aws {
                 action: format!("reading s3://{bucket}/{key}"),
                 api: "s3:GetObject",
                 message: e.to_string(),
             })?;
-            Ok(Some(body.into_bytes().to_vec()))
+            Ok(Some(Object {
+                body: body.into_bytes().to_vec(),
+                etag,
+            }))
         }
         Err(e) if e.code() == Some("NoSuchKey") => Ok(None),
         Err(e) => Err(aws_err(
@@ -71,12 +83,24 @@ pub async fn exists(ctx: &Context, key: &str) -> Result<bool, StepError> {
     }
 }
 
-/// Puts an object; with `only_if_absent`, returns `false` when it exists.
+/// When a put may replace what is there.
+enum Condition<'a> {
+    /// Always (objects derived from the bundle, the same whoever writes).
+    Always,
+    /// Only if the key is absent (the first master's new PKI).
+    Absent,
+    /// Only if the object is still the version with this ETag (a renewal
+    /// of the bundle read).
+    Unchanged(&'a str),
+}
+
+/// Puts an object under `condition`; `false` when the condition failed
+/// (another master wrote first).
 async fn put(
     ctx: &Context,
     key: &str,
     body: Vec<u8>,
-    only_if_absent: bool,
+    condition: Condition<'_>,
 ) -> Result<bool, StepError> {
     let bucket = &ctx.config.secrets_bucket;
     let mut req = ctx
@@ -87,12 +111,24 @@ async fn put(
         .key(key)
         .server_side_encryption(ServerSideEncryption::Aes256)
         .body(ByteStream::from(body));
-    if only_if_absent {
-        req = req.if_none_match("*");
-    }
+    req = match condition {
+        Condition::Always => req,
+        Condition::Absent => req.if_none_match("*"),
+        Condition::Unchanged(etag) => req.if_match(etag),
+    };
+    let conditional = !matches!(condition, Condition::Always);
     match req.send().await {
         Ok(_) => Ok(true),
-        Err(e) if only_if_absent && e.code() == Some("PreconditionFailed") => Ok(false),
+        // S3 answers 409 when a concurrent conditional write is in flight.
+        Err(e)
+            if conditional
+                && matches!(
+                    e.code(),
+                    Some("PreconditionFailed" | "ConditionalRequestConflict")
+                ) =>
+        {
+            Ok(false)
+        }
         Err(e) => Err(aws_err(
             "s3:PutObject",
             format!("uploading s3://{bucket}/{key}"),
@@ -111,70 +147,96 @@ fn encode(bundle: &Bundle) -> Vec<u8> {
     serde_json::to_vec(bundle).unwrap_or_default()
 }
 
+/// How often a renewal reads the bundle again after another master wrote
+/// it first, before this attempt gives up (the next one starts afresh).
+const RENEWAL_RACES: usize = 5;
+
+/// The bundle as the bucket holds it, and the ETag of that version.
+struct Shared {
+    bundle: Bundle,
+    etag: Option<String>,
+}
+
 /// Master: download the cluster's PKI, or generate and store it if this is
-/// the cluster's first master. Returns the bundle now on the tmpfs.
+/// the cluster's first master; renew its leaf certificates when they are
+/// due. Returns the bundle now on the tmpfs.
 pub async fn master(
     ctx: &Context,
     public_ip: Option<Ipv4Addr>,
 ) -> Result<(Report, Bundle), StepError> {
     let cluster = &ctx.config.cluster_name;
     let key = pki_key(cluster);
-    let (bundle, detail) = match get(ctx, &key).await? {
-        Some(bytes) => {
-            let b = parse(&key, &bytes)?;
+    let id = Identity {
+        cluster_name: cluster.clone(),
+        master_ip: ctx.config.master_ip,
+        public_ip,
+        api_service_ip: ctx.config.api_service_ip(),
+    };
+    let (shared, mut detail, generated) = match get(ctx, &key).await? {
+        Some(object) => {
+            let bundle = parse(&key, &object.body)?;
             let detail = format!(
                 "downloaded the cluster PKI (CA {})",
-                &b.ca_fingerprint()?[..16]
+                &bundle.ca_fingerprint()?[..16]
             );
-            (b, detail)
+            let shared = Shared {
+                bundle,
+                etag: object.etag,
+            };
+            (shared, detail, false)
         }
         None => {
-            let generated = Bundle::generate(&Identity {
-                cluster_name: cluster.clone(),
-                master_ip: ctx.config.master_ip,
-                public_ip,
-                api_service_ip: ctx.config.api_service_ip(),
-            })?;
-            if put(ctx, &key, encode(&generated), true).await? {
+            let generated = Bundle::generate(&id)?;
+            if put(ctx, &key, encode(&generated), Condition::Absent).await? {
                 let detail = format!(
                     "generated the cluster PKI (CA {})",
                     &generated.ca_fingerprint()?[..16]
                 );
-                (generated, detail)
+                (read(ctx, &key).await?, detail, true)
             } else {
                 // Another master won the race: use its PKI, drop ours.
-                let bytes = get(ctx, &key).await?.ok_or_else(|| StepError::Invalid {
-                    what: key.clone(),
-                    message: "the conditional put failed but the object is missing".into(),
-                })?;
-                let b = parse(&key, &bytes)?;
+                let shared = read(ctx, &key).await?;
                 let detail = format!(
                     "lost the race to create the PKI; using the winner's (CA {})",
-                    &b.ca_fingerprint()?[..16]
+                    &shared.bundle.ca_fingerprint()?[..16]
                 );
-                (b, detail)
+                (shared, detail, false)
             }
         }
     };
+    let (bundle, renewed) = renew(ctx, &key, &id, shared).await?;
+    if !renewed.is_empty() {
+        let list: Vec<String> = renewed
+            .iter()
+            .map(|d| format!("{} ({})", d.file, d.why))
+            .collect();
+        detail.push_str(&format!(
+            "; renewed {} certificates: {}",
+            renewed.len(),
+            list.join(", ")
+        ));
+    }
+    for warning in bundle.ca_warnings(time::OffsetDateTime::now_utc())? {
+        tracing::warn!(step = STEP, "{warning}");
+    }
     // Node bundle and admin kubeconfig derive from the one PKI; writing them
     // again is harmless and heals a crash between the puts.
     put(
         ctx,
         &node_key(cluster),
         encode(&bundle.node_bundle()?),
-        false,
+        Condition::Always,
     )
     .await?;
     put(
         ctx,
         &admin_key(cluster),
         bundle.get("admin.conf")?.as_bytes().to_vec(),
-        false,
+        Condition::Always,
     )
     .await?;
     bundle.write(&ctx.paths.secrets.join("pki"))?;
-    let changed = detail.starts_with("generated");
-    let report = if changed {
+    let report = if generated || !renewed.is_empty() {
         Report::changed(STEP, detail)
     } else {
         Report::already(STEP, detail)
@@ -182,14 +244,71 @@ pub async fn master(
     Ok((report, bundle))
 }
 
+/// The bundle as the bucket holds it now.
+async fn read(ctx: &Context, key: &str) -> Result<Shared, StepError> {
+    let object = get(ctx, key).await?.ok_or_else(|| StepError::Invalid {
+        what: key.to_owned(),
+        message: "written a moment ago but missing now".into(),
+    })?;
+    Ok(Shared {
+        bundle: parse(key, &object.body)?,
+        etag: object.etag,
+    })
+}
+
+/// Renews the shared bundle's due leaves (see [`Bundle::renew`]). The
+/// write is conditional on the version read, so two masters renewing at
+/// once leave one bundle: the one that loses reads the winner's, in which
+/// nothing is due any more, and uses it.
+async fn renew(
+    ctx: &Context,
+    key: &str,
+    id: &Identity,
+    mut shared: Shared,
+) -> Result<(Bundle, Vec<Due>), StepError> {
+    let days = ctx
+        .config
+        .master
+        .as_ref()
+        .map_or(config::RENEW_BEFORE_DAYS, |m| m.renew_before_days);
+    let window = time::Duration::days(i64::from(days));
+    for _ in 0..RENEWAL_RACES {
+        let Some(renewal) = shared.bundle.renew(id, &Validity::now(), window)? else {
+            return Ok((shared.bundle, Vec::new()));
+        };
+        let etag = shared.etag.as_deref().ok_or_else(|| StepError::Invalid {
+            what: key.to_owned(),
+            message: "the bucket gave no ETag to make the renewal conditional on".into(),
+        })?;
+        if put(
+            ctx,
+            key,
+            encode(&renewal.bundle),
+            Condition::Unchanged(etag),
+        )
+        .await?
+        {
+            return Ok((renewal.bundle, renewal.renewed));
+        }
+        tracing::info!(
+            step = STEP,
+            "another master wrote {key} first; reading its version"
+        );
+        shared = read(ctx, key).await?;
+    }
+    Err(StepError::Wait(format!(
+        "renewing {key}: other writers changed it {RENEWAL_RACES} times in a row"
+    )))
+}
+
 /// Node: wait until the bucket holds the node bundle, then fetch it.
 pub async fn node(ctx: &Context, deadline: Duration) -> Result<(Report, Bundle), StepError> {
     let key = node_key(&ctx.config.cluster_name);
     let what = format!("waiting for s3://{}/{key}", ctx.config.secrets_bucket);
-    let bytes = retry::until(&what, Backoff::new(deadline), || get(ctx, &key))
+    let object = retry::until(&what, Backoff::new(deadline), || get(ctx, &key))
         .await
         .map_err(|e| StepError::Wait(e.to_string()))?;
-    let bundle = parse(&key, &bytes)?;
+    let bundle = parse(&key, &object.body)?;
     bundle.write(&ctx.paths.secrets.join("pki"))?;
     let detail = format!(
         "fetched the node bundle (CA {})",
