@@ -19,7 +19,7 @@ with_fixtures := "cargo run -q -p vm-tests --bin slipway-fixtures -- with-mirror
 out := "out"
 
 # Host packages the build and the tests use (Debian names).
-host_packages := "mmdebstrap uidmap erofs-utils e2fsprogs qemu-utils qemu-system-x86 ovmf jq time docker-registry gcc libc6-dev iptables busybox-static dnsmasq-base iproute2 libseccomp-dev pkg-config"
+host_packages := "openssl mmdebstrap uidmap erofs-utils e2fsprogs qemu-utils qemu-system-x86 ovmf jq time docker-registry gcc libc6-dev iptables busybox-static dnsmasq-base iproute2 libseccomp-dev pkg-config"
 
 default: build
 

@@ -15,7 +15,7 @@ use time::{Duration, OffsetDateTime};
 
 mod renew;
 pub use renew::{
-    day, kubeconfig_credentials, timestamp, Certificate, Due, Renewal, Why, CA_WARNING,
+    certificate, day, kubeconfig_credentials, timestamp, Certificate, Due, Renewal, Why, CA_WARNING,
 };
 
 /// How long a CA lasts (kubeadm's ten years).

@@ -1,6 +1,9 @@
 //! Certificate renewal through the secrets bucket, against a real moto: a
 //! master that boots with a bundle near its end renews it and stores it
-//! over the version it read; two masters renewing at once leave one bundle.
+//! over the version it read; two masters renewing at once leave one bundle;
+//! the daily renewal restarts the control plane in order (against a
+//! stand-in for crictl, kubectl and systemctl that records the calls: the
+//! restarts themselves are exercised in the VMs).
 
 #![allow(clippy::unwrap_used)] // test glue: a failed setup should stop the test
 
@@ -8,7 +11,9 @@ mod common;
 
 use common::*;
 use slipway_init::pki::{Bundle, Identity, Validity};
-use slipway_init::steps::secrets;
+use slipway_init::steps::{renewal, secrets, Paths, Runner, StepError};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use time::{Duration, OffsetDateTime};
 
 fn identity() -> Identity {
@@ -22,8 +27,12 @@ fn identity() -> Identity {
 
 /// Stores a bundle issued `days_ago` (leaves last a year) as the cluster's PKI.
 async fn seed(w: &World, days_ago: i64) -> Bundle {
+    seed_for(w, &identity(), days_ago).await
+}
+
+async fn seed_for(w: &World, id: &Identity, days_ago: i64) -> Bundle {
     let issued = OffsetDateTime::now_utc() - Duration::days(days_ago);
-    let bundle = Bundle::generate_with(&identity(), &Validity::at(issued)).unwrap();
+    let bundle = Bundle::generate_with(id, &Validity::at(issued)).unwrap();
     w.aws
         .s3
         .put_object()
@@ -55,6 +64,11 @@ async fn a_master_renews_a_bundle_inside_the_window_and_stores_it() {
     let old = seed(&w, 335).await;
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&w, "master", 0, dir.path());
+    let status = renewal::status(&ctx, OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    assert_eq!(status.matches("due for renewal").count(), 11, "{status}");
+    assert!(status.contains("last renewal: never"), "{status}");
     let (report, bundle) = secrets::master(&ctx, None).await.unwrap();
     assert!(report.changed, "{report:?}");
     assert!(
@@ -131,4 +145,118 @@ async fn two_masters_renewing_at_once_leave_one_consistent_bundle() {
             now.get("etcd/server.crt").unwrap()
         );
     }
+}
+
+/// crictl, kubectl and systemctl as a running master answers them: each
+/// component runs one container, and a stopped one is replaced by kubelet
+/// with a new ID. Records every call.
+#[derive(Debug, Clone, Default)]
+struct ControlPlane {
+    containers: Arc<Mutex<BTreeMap<String, u32>>>,
+    calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl Runner for ControlPlane {
+    fn run_with_input(
+        &self,
+        program: &str,
+        args: &[&str],
+        _: Option<&std::path::Path>,
+    ) -> Result<String, StepError> {
+        let mut containers = self.containers.lock().unwrap();
+        let line = match (program, args) {
+            ("crictl", [_, "ps", .., name, "--quiet"]) => {
+                let name = name.trim_start_matches('^').trim_end_matches('$');
+                let n = containers.entry(name.to_owned()).or_insert(1);
+                return Ok(format!("{name}-{n}\n"));
+            }
+            ("crictl", [_, "stop", "--timeout", _, id]) => {
+                let (name, _) = id.rsplit_once('-').unwrap();
+                *containers.get_mut(name).unwrap() += 1;
+                format!("stop {id}")
+            }
+            ("kubectl", [.., "get", "--raw=/readyz"]) => "readyz".to_owned(),
+            ("systemctl", ["restart", unit]) => format!("restart {unit}"),
+            _ => panic!("unexpected call: {program} {args:?}"),
+        };
+        self.calls.lock().unwrap().push(line);
+        Ok(String::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_renewal_restarts_the_control_plane_in_order_stand_in_runtime() {
+    let w = world(1).await;
+    let (_, eip) = eip_holder(&w).await;
+    let mut id = identity();
+    id.public_ip = Some(eip.parse().unwrap());
+    let old = seed_for(&w, &id, 300).await;
+    let root = tempfile::tempdir().unwrap();
+    let plane = ControlPlane::default();
+    let mut ctx = context(&w, "master", 0, root.path());
+    ctx.paths = Paths {
+        manifests: manifests_dir(),
+        ..Paths::under(root.path())
+    };
+    ctx.runner = Box::new(plane.clone());
+
+    let report = renewal::run(&ctx).await.unwrap();
+    assert!(report.changed, "{report:?}");
+    assert_eq!(
+        *plane.calls.lock().unwrap(),
+        [
+            "stop etcd-1",
+            "stop kube-apiserver-1",
+            "readyz",
+            "stop kube-controller-manager-1",
+            "stop kube-scheduler-1",
+            "restart kubelet.service",
+        ]
+    );
+    let now = stored(&w).await;
+    assert_ne!(serials(&now), serials(&old));
+    // The renewed files are where the static pods read them.
+    let pki = ctx.paths.secrets.join("pki");
+    assert_eq!(
+        std::fs::read_to_string(pki.join("apiserver.crt")).unwrap(),
+        now.get("apiserver.crt").unwrap()
+    );
+    assert!(ctx
+        .paths
+        .etc
+        .join("kubernetes/manifests/etcd.yaml")
+        .exists());
+
+    let status = renewal::status(&ctx, OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    assert_eq!(status.matches("  ok\n").count(), 12, "{status}");
+    assert_eq!(status.matches("  CA\n").count(), 3, "{status}");
+    assert!(status.contains("kubelet.conf (this master)"), "{status}");
+    assert!(
+        status.contains(&format!(
+            "last renewal: {}",
+            now.renewed.as_deref().unwrap()
+        )),
+        "{status}"
+    );
+
+    // The next day nothing is due and nothing restarts.
+    plane.calls.lock().unwrap().clear();
+    let report = renewal::run(&ctx).await.unwrap();
+    assert!(!report.changed, "{report:?}");
+    assert!(plane.calls.lock().unwrap().is_empty());
+    assert_eq!(stored(&w).await, now);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_has_nothing_to_renew() {
+    let w = world(1).await;
+    let root = tempfile::tempdir().unwrap();
+    let plane = ControlPlane::default();
+    let mut ctx = context(&w, "node", 0, root.path());
+    ctx.runner = Box::new(plane.clone());
+    let report = renewal::run(&ctx).await.unwrap();
+    assert!(!report.changed);
+    assert!(plane.calls.lock().unwrap().is_empty());
 }

@@ -358,6 +358,12 @@ impl Cluster {
 
     /// Teaches the metadata emulator the instance and boots its VM.
     pub fn launch(&mut self, instance: &Instance) -> Result<()> {
+        self.launch_with(instance, &[])
+    }
+
+    /// [`Cluster::launch`], with test-only drop-ins for the image's units:
+    /// (unit name, drop-in text), passed as systemd credentials.
+    pub fn launch_with(&mut self, instance: &Instance, dropins: &[(&str, &str)]) -> Result<()> {
         let role = match instance.role {
             Role::Master => "master",
             Role::Node => "node",
@@ -412,6 +418,12 @@ impl Cluster {
         let mut cfg = VmConfig::new(&instance.id, root, "qcow2")
             .with_test_unit("slipway-test-status.service", STATUS_UNIT)
             .with_shell(self.opts.dir.join(format!("{}.shell", instance.id)));
+        for (unit, text) in dropins {
+            cfg.credentials.push((
+                format!("systemd.unit-dropin.{unit}"),
+                text.as_bytes().to_vec(),
+            ));
+        }
         cfg.snapshot = false;
         cfg.cpus = self.opts.cpus;
         cfg.memory_mib = match instance.role {
@@ -547,8 +559,8 @@ impl Cluster {
         Ok(path)
     }
 
-    /// An object from the secrets bucket.
-    pub fn get_object(&self, key: &str) -> Result<Vec<u8>> {
+    /// An S3 client and the stack's secrets bucket.
+    fn secrets_bucket(&self) -> Result<(aws_sdk_s3::Client, String)> {
         let bucket = self
             .outputs
             .get("SecretsBucketName")
@@ -559,6 +571,12 @@ impl Cluster {
                 .force_path_style(true)
                 .build(),
         );
+        Ok((s3, bucket))
+    }
+
+    /// An object from the secrets bucket.
+    pub fn get_object(&self, key: &str) -> Result<Vec<u8>> {
+        let (s3, bucket) = self.secrets_bucket()?;
         self.rt.block_on(async {
             let o = s3
                 .get_object()
@@ -569,6 +587,30 @@ impl Cluster {
                 .with_context(|| format!("s3://{bucket}/{key}"))?;
             Ok(o.body.collect().await?.into_bytes().to_vec())
         })
+    }
+
+    /// Replaces an object in the secrets bucket.
+    pub fn put_object(&self, key: &str, body: Vec<u8>) -> Result<()> {
+        let (s3, bucket) = self.secrets_bucket()?;
+        self.rt.block_on(async {
+            s3.put_object()
+                .bucket(&bucket)
+                .key(key)
+                .body(body.into())
+                .send()
+                .await
+                .with_context(|| format!("writing s3://{bucket}/{key}"))?;
+            Ok(())
+        })
+    }
+
+    /// The stack config a member of `role` reads (its user data, without
+    /// the test's endpoint).
+    pub fn user_data(&self, role: Role) -> &str {
+        match role {
+            Role::Master => &self.user_data["master"],
+            Role::Node => &self.user_data["node"],
+        }
     }
 
     /// A value from the master's stack config (the user data).

@@ -8,7 +8,12 @@
 //!    only over TLS with a client certificate;
 //! 2. the master is terminated; its replacement re-attaches the volume and
 //!    the address, keeps the PKI, and every object is still there; the node
-//!    returns to Ready untouched;
+//!    returns to Ready untouched. The bundle it finds was backdated (every
+//!    leaf re-issued with the clock set back 300 days): it renews the
+//!    leaves at boot and its API server serves the new certificate; then,
+//!    backdated again, the daily renewal (its timer shortened to minutes)
+//!    renews and restarts the control plane, and the API server serves the
+//!    newer one;
 //! 3. the node is terminated; its replacement joins under a new name;
 //! 4. every persistent disk the dead instances leave behind is scanned for
 //!    the cluster's private keys and bootstrap token: none outside etcd's
@@ -18,6 +23,7 @@
 //! `target/vm-logs`, disks and the kubeconfig in the run directory.
 
 use anyhow::{bail, ensure, Context, Result};
+use slipway_init::pki::{Bundle, Identity, Validity};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -292,6 +298,86 @@ fn root_disk(cluster: &Cluster, id: &str) -> PathBuf {
     cluster.opts.dir.join(format!("{id}-root.qcow2"))
 }
 
+/// The daily renewal's timer, every two minutes instead of daily (the one
+/// test-only change to the master's units).
+const RENEW_EVERY_TWO_MINUTES: &str = "[Timer]\nOnCalendar=\nOnBootSec=2min\nOnUnitActiveSec=2min\nRandomizedDelaySec=0\nAccuracySec=1s\n";
+
+fn pki_key(cluster: &Cluster) -> Result<String> {
+    Ok(format!(
+        "{}/pki.json",
+        cluster.config_value("cluster_name")?
+    ))
+}
+
+/// The cluster's bundle as the bucket holds it.
+fn bundle(cluster: &Cluster) -> Result<Bundle> {
+    Ok(serde_json::from_slice(
+        &cluster.get_object(&pki_key(cluster)?)?,
+    )?)
+}
+
+/// The serial of the bundle's `file` (hex, lower case).
+fn serial(bundle: &Bundle, file: &str) -> Result<String> {
+    let pem = bundle.get(file)?;
+    Ok(slipway_init::pki::certificate(file, pem)?.serial)
+}
+
+/// Re-issues every leaf of the cluster's bundle as if it had been issued
+/// 300 days ago (the product's renewal code with its clock set back), so
+/// that they end in 65 days, inside the renewal window. Returns the
+/// backdated API server certificate's serial.
+fn backdate(cluster: &Cluster) -> Result<String> {
+    let config =
+        slipway_init::config::StackConfig::parse(cluster.user_data(Role::Master).as_bytes())?;
+    let id = Identity {
+        cluster_name: config.cluster_name.clone(),
+        master_ip: config.master_ip,
+        public_ip: None,
+        api_service_ip: config.api_service_ip(),
+    };
+    let back = Validity::at(time::OffsetDateTime::now_utc() - time::Duration::days(300));
+    let every_leaf = time::Duration::days(100_000);
+    let old = bundle(cluster)?
+        .renew(&id, &back, every_leaf)?
+        .context("nothing to backdate")?
+        .bundle;
+    cluster.put_object(&pki_key(cluster)?, serde_json::to_vec(&old)?)?;
+    serial(&old, "apiserver.crt")
+}
+
+/// The serial of the certificate the API server at `api` presents, read
+/// from outside with openssl (hex, lower case).
+fn served_serial(api: std::net::SocketAddr) -> Result<String> {
+    let hello = Command::new("timeout")
+        .args(["30", "openssl", "s_client", "-connect"])
+        .arg(api.to_string())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running openssl s_client")?;
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-serial"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running openssl x509")?;
+    if let Some(mut stdin) = x509.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(&hello.stdout)?;
+    }
+    let out = x509.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .strip_prefix("serial=")
+        .map(str::to_ascii_lowercase)
+        .with_context(|| {
+            format!(
+                "no certificate from {api}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
 fn etcdctl(endpoint: &str, tls: &[(&str, &Path)]) -> (bool, String) {
     let mut cmd = Command::new(fixtures_bin("etcdctl"));
     cmd.arg(format!("--endpoints={endpoint}"))
@@ -506,9 +592,14 @@ spec:
     }
     let mut scan_time = scanning.elapsed();
 
+    // The replacement finds leaves 65 days from their end: it must renew.
+    let backdated = backdate(&cluster)?;
     let known: Vec<String> = first.iter().map(|i| i.id.clone()).collect();
     let new_master = cluster.replacement(Role::Master, &known, Duration::from_secs(120))?;
-    cluster.launch(&new_master)?;
+    cluster.launch_with(
+        &new_master,
+        &[("slipway-renew.timer", RENEW_EVERY_TWO_MINUTES)],
+    )?;
     let count = wait(
         &cluster,
         "the replacement master serving the objects",
@@ -548,6 +639,21 @@ spec:
         ca_before == ca_after,
         "the CA changed: {ca_before} → {ca_after}"
     );
+    // Renewed at boot: the bucket holds new leaves and the API server
+    // serves the new certificate.
+    let renewed = bundle(&cluster)?;
+    let boot_serial = serial(&renewed, "apiserver.crt")?;
+    ensure!(
+        boot_serial != backdated && renewed.renewed.is_some(),
+        "the replacement master did not renew the backdated bundle"
+    );
+    let api = cluster.forward_to_master(6443)?;
+    let served = served_serial(api)?;
+    ensure!(
+        served == boot_serial,
+        "the API server serves {served}, the bundle holds {boot_serial}"
+    );
+    eprintln!("[cluster] renewed at boot: apiserver.crt {backdated} → {boot_serial}, served");
     wait(
         &cluster,
         "master and the untouched node Ready again",
@@ -563,6 +669,51 @@ spec:
     cluster.timing(
         "scenario 2: master replaced, objects and node back",
         scenario.elapsed(),
+    );
+
+    // The admin.conf in the bucket now is the renewed one, and it works.
+    let admin = cluster.get_object(&format!(
+        "{}/admin.conf",
+        cluster.config_value("cluster_name")?
+    ))?;
+    ensure!(
+        admin == renewed.get("admin.conf")?.as_bytes(),
+        "the bucket's admin.conf is not the renewed bundle's"
+    );
+    // The test's kubeconfig, written again from the bucket's admin.conf.
+    ensure!(cluster.kubeconfig()? == kubectl.kubeconfig);
+    kubectl.get(&cluster, &["get", "nodes"])?;
+
+    // The daily renewal: backdated again while the master runs, the
+    // leaves are renewed by the timer and the restarted control plane
+    // serves them; the node stays Ready.
+    let daily = Instant::now();
+    let backdated = backdate(&cluster)?;
+    let daily_serial = wait(
+        &cluster,
+        "the timer's renewal served by the API server",
+        Duration::from_secs(15 * 60),
+        || {
+            let now = serial(&bundle(&cluster)?, "apiserver.crt")?;
+            if now == backdated {
+                return Ok(None);
+            }
+            Ok((served_serial(api).ok().as_deref() == Some(now.as_str())).then_some(now))
+        },
+    )?;
+    eprintln!("[cluster] renewed by the timer: apiserver.crt {backdated} → {daily_serial}, served");
+    wait(
+        &cluster,
+        "both Ready after the renewal",
+        REPLACE_DEADLINE,
+        || {
+            let nodes = kubectl.nodes()?;
+            Ok((nodes.get(&node.id) == Some(&true) && nodes.values().all(|r| *r)).then_some(()))
+        },
+    )?;
+    cluster.timing(
+        "scenario 2: renewed by the timer, control plane restarted",
+        daily.elapsed(),
     );
 
     // 3. Node replacement.

@@ -85,6 +85,14 @@ enum Command {
     },
     /// Master only: wait for the API server, apply the add-ons, signal the stack.
     Addons,
+    /// Master only (a daily timer runs it): renew every leaf certificate of
+    /// the cluster's bundle that ends within the renewal window
+    /// (`master_renew_before_days`, default 90) and restart the control
+    /// plane one component at a time to read them. The boot renews too.
+    Renew,
+    /// Master only: print every certificate's end, the bootstrap token and
+    /// the time of the last renewal.
+    Certs,
 }
 
 /// The deadlines table for `--help`.
@@ -268,6 +276,30 @@ async fn attempt(args: &Args, deadlines: Deadlines, addons: bool) -> Result<(), 
     })
 }
 
+/// `renew` or `certs`: one run, no attempt counting (the timer runs the
+/// renewal again the next day; the window leaves weeks of such days).
+async fn maintain(args: &Args, deadlines: Deadlines, renew: bool) -> Result<(), Ending> {
+    let ctx = match context(args, deadlines).await {
+        Ok(ctx) => ctx,
+        Err(ContextError::Config(line)) => return Err(Ending::last(line)),
+        Err(ContextError::Transient(line)) => return Err(Ending::retry(line)),
+    };
+    if renew {
+        let step = steps::renewal::STEP;
+        let report = steps::bounded(&ctx, step, steps::renewal::run(&ctx))
+            .await
+            .map_err(|failed| Ending::retry(chain(&failed)))?;
+        report.log();
+    } else {
+        let now = time::OffsetDateTime::now_utc();
+        let text = steps::renewal::status(&ctx, now)
+            .await
+            .map_err(|e| Ending::retry(chain(&e)))?;
+        print!("{text}");
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -317,6 +349,14 @@ fn main() -> ExitCode {
                 .map_err(|e| Ending::retry(chain(&e)))
         }
         Some(Command::Addons) => runtime.block_on(attempt(&args, deadlines, true)),
+        Some(Command::Renew) => runtime.block_on(maintain(&args, deadlines, true)),
+        Some(Command::Certs) => {
+            // A table on standard output, nothing else.
+            return match runtime.block_on(maintain(&args, deadlines, false)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(ending) => fail(&ending),
+            };
+        }
     };
     if let Err(ending) = result {
         return fail(&ending);

@@ -117,7 +117,8 @@ pub fn kubeconfig_credentials(file: &str, text: &str) -> Result<(String, String)
     ))
 }
 
-fn parse(file: &str, pem: &str) -> Result<Certificate, PkiError> {
+/// What a PEM certificate says of itself; `file` names it in errors.
+pub fn certificate(file: &str, pem: &str) -> Result<Certificate, PkiError> {
     let (_, pem) =
         x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| unreadable(file, e))?;
     let cert = pem.parse_x509().map_err(|e| unreadable(file, e))?;
@@ -169,15 +170,15 @@ impl Bundle {
         let mut all = Vec::new();
         for stem in CAS {
             let file = format!("{stem}.crt");
-            all.push(parse(&file, self.get(&file)?)?);
+            all.push(certificate(&file, self.get(&file)?)?);
         }
         for spec in LEAVES {
             let file = format!("{}.crt", spec.stem);
-            all.push(parse(&file, self.get(&file)?)?);
+            all.push(certificate(&file, self.get(&file)?)?);
         }
         for &(file, ..) in KUBECONFIGS {
             let (cert, _) = kubeconfig_credentials(file, self.get(file)?)?;
-            all.push(parse(file, &cert)?);
+            all.push(certificate(file, &cert)?);
         }
         Ok(all)
     }
@@ -278,7 +279,7 @@ impl Bundle {
 }
 
 fn why_due(leaf: &Leaf, now: OffsetDateTime, window: Duration) -> Result<Option<Why>, PkiError> {
-    let cert = parse(&leaf.file, &leaf.cert)?;
+    let cert = certificate(&leaf.file, &leaf.cert)?;
     if cert.not_after - now <= window {
         return Ok(Some(Why::Expires(cert.not_after)));
     }

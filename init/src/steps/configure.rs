@@ -4,10 +4,10 @@
 //! templates; files whose content is unchanged are left alone.
 
 use super::{Context, Report, StepError};
-use crate::config::Role;
+use crate::config::{Role, RENEW_BEFORE_DAYS};
 use crate::pki::{self, Bundle, PkiError};
 use crate::render::{self, Inputs, Target, Templates};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const STEP: &str = "configure";
 
@@ -20,6 +20,33 @@ fn write_if_changed(path: &Path, content: &str, mode: u32) -> Result<bool, PkiEr
     let dir_mode = if mode & 0o077 == 0 { 0o700 } else { 0o755 };
     pki::write_file(path, content.as_bytes(), mode, dir_mode)?;
     Ok(true)
+}
+
+/// The master kubelet's own kubeconfig, on the tmpfs.
+pub fn kubelet_conf(ctx: &Context) -> PathBuf {
+    ctx.paths.secrets.join("kubelet.conf")
+}
+
+/// How close to their end this master's certificates are renewed.
+pub fn renew_window(ctx: &Context) -> time::Duration {
+    let days = ctx
+        .config
+        .master
+        .as_ref()
+        .map_or(RENEW_BEFORE_DAYS, |m| m.renew_before_days);
+    time::Duration::days(i64::from(days))
+}
+
+/// Whether the kubeconfig at `path` is missing or its certificate ends
+/// within `window`.
+fn kubelet_conf_due(path: &Path, window: time::Duration) -> Result<bool, PkiError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(true);
+    };
+    let file = path.display().to_string();
+    let (cert, _) = pki::kubeconfig_credentials(&file, &text)?;
+    let cert = pki::certificate(&file, &cert)?;
+    Ok(cert.not_after - time::OffsetDateTime::now_utc() <= window)
 }
 
 pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
@@ -53,9 +80,10 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
         written += usize::from(write_if_changed(&root.join(&f.path), &f.content, mode)?);
     }
     if master {
-        // A fresh certificate each boot is fine; within a boot, keep it.
-        let path = ctx.paths.secrets.join("kubelet.conf");
-        if !path.exists() {
+        // Signed here at the first boot and again when it nears its end
+        // (the renewal restarts kubelet to read it).
+        let path = kubelet_conf(ctx);
+        if kubelet_conf_due(&path, renew_window(ctx))? {
             let server = format!("https://{}:6443", config.master_ip);
             let kubeconfig =
                 bundle.kubelet_kubeconfig(&node_name, &server, &config.cluster_name)?;

@@ -30,6 +30,8 @@ pub struct Deadlines {
     pub api_server: Duration,
     /// A master: its kubelet registers the master's Node object.
     pub node_registers: Duration,
+    /// A master: a control-plane container stopped after a renewal runs again.
+    pub restart: Duration,
     /// Any one boot step, its waits included.
     pub step: Duration,
 }
@@ -45,6 +47,7 @@ impl Default for Deadlines {
             node_bundle: min(20),
             api_server: min(15),
             node_registers: min(10),
+            restart: min(5),
             step: min(30),
         }
     }
@@ -61,7 +64,7 @@ pub enum DeadlineError {
 }
 
 impl Deadlines {
-    fn slots(&mut self) -> [(&'static str, &'static str, &mut Duration); 8] {
+    fn slots(&mut self) -> [(&'static str, &'static str, &mut Duration); 9] {
         [
             (
                 "metadata",
@@ -97,6 +100,11 @@ impl Deadlines {
                 "node-registers",
                 "a master: its kubelet registers the master's Node",
                 &mut self.node_registers,
+            ),
+            (
+                "restart",
+                "a master: a control-plane container restarted after a renewal runs",
+                &mut self.restart,
             ),
             (
                 "step",
@@ -164,7 +172,7 @@ mod tests {
         assert_eq!(d.node_bundle, Duration::from_secs(3));
         assert_eq!(d.metadata, Deadlines::default().metadata);
         let rows = d.rows();
-        assert_eq!(rows.len(), 8);
+        assert_eq!(rows.len(), 9);
         assert!(rows
             .iter()
             .any(|r| r.name == "holder-stops" && r.value == Duration::from_secs(7)));
@@ -203,5 +211,7 @@ mod tests {
         assert!(d.holder_stops + d.volume_available + d.volume_device < d.step);
         assert!(d.node_bundle < d.step);
         assert!(d.api_server + d.node_registers < d.step);
+        // A renewal restarts four components and waits for the API once more.
+        assert!(d.restart * 5 < d.step);
     }
 }

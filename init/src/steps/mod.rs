@@ -9,6 +9,7 @@ pub mod deadlines;
 pub mod eip;
 pub mod images;
 pub mod private_ip;
+pub mod renewal;
 pub mod secrets;
 pub mod signal;
 pub mod srcdest;
@@ -372,6 +373,7 @@ mod tests {
             ("configure", include_str!("configure.rs")),
             ("images", include_str!("images.rs")),
             ("addons", include_str!("addons.rs")),
+            ("renewal", include_str!("renewal.rs")),
         ] {
             assert!(
                 api_names(source).is_empty(),

@@ -6,7 +6,6 @@
 //! their (smaller) bundle. What arrives is written only below the tmpfs.
 
 use super::{aws_err, Context, Report, StepError};
-use crate::config;
 use crate::pki::{Bundle, Due, Identity, Validity};
 use crate::retry::{self, Backoff};
 use aws_sdk_s3::error::ProvideErrorMetadata;
@@ -244,6 +243,15 @@ pub async fn master(
     Ok((report, bundle))
 }
 
+/// The cluster's bundle as the bucket holds it, if it exists (masters only).
+pub async fn shared(ctx: &Context) -> Result<Option<Bundle>, StepError> {
+    let key = pki_key(&ctx.config.cluster_name);
+    match get(ctx, &key).await? {
+        Some(object) => Ok(Some(parse(&key, &object.body)?)),
+        None => Ok(None),
+    }
+}
+
 /// The bundle as the bucket holds it now.
 async fn read(ctx: &Context, key: &str) -> Result<Shared, StepError> {
     let object = get(ctx, key).await?.ok_or_else(|| StepError::Invalid {
@@ -266,12 +274,7 @@ async fn renew(
     id: &Identity,
     mut shared: Shared,
 ) -> Result<(Bundle, Vec<Due>), StepError> {
-    let days = ctx
-        .config
-        .master
-        .as_ref()
-        .map_or(config::RENEW_BEFORE_DAYS, |m| m.renew_before_days);
-    let window = time::Duration::days(i64::from(days));
+    let window = super::configure::renew_window(ctx);
     for _ in 0..RENEWAL_RACES {
         let Some(renewal) = shared.bundle.renew(id, &Validity::now(), window)? else {
             return Ok((shared.bundle, Vec::new()));

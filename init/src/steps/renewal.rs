@@ -1,0 +1,188 @@
+//! The daily renewal on a running master (`slipway-init renew`, from a
+//! timer): the boot's own PKI step, which renews the due leaves of the
+//! shared bundle, the files rendered again, and, when certificates
+//! changed, the control plane restarted one component at a time so that
+//! each reads its new files: etcd first (the API server's backend), then
+//! the API server (waited for until it is ready), then its clients, then
+//! kubelet if its own kubeconfig was renewed.
+//!
+//! Leaf keys survive a renewal, so the order is for a calm restart rather
+//! than for trust: old and new certificates verify alike throughout.
+
+use super::{configure, eip, secrets, Context, Report, StepError};
+use crate::config::Role;
+use crate::pki::{self, Certificate};
+use crate::retry::{self, Backoff};
+use time::OffsetDateTime;
+
+pub const STEP: &str = "renew";
+
+/// The static pods' containers, in the order a renewal restarts them.
+pub const ORDER: &[&str] = &[
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+];
+
+/// containerd's CRI socket, named so crictl does not probe for others.
+const RUNTIME: &str = "--runtime-endpoint=unix:///run/containerd/containerd.sock";
+
+pub async fn run(ctx: &Context) -> Result<Report, StepError> {
+    if ctx.config.role != Role::Master {
+        return Ok(Report::already(
+            STEP,
+            "a node holds no certificate of the cluster's bundle",
+        ));
+    }
+    // The Elastic IP's address is one of the API server certificate's names.
+    let (r, public_ip) = eip::run(ctx).await?;
+    r.log();
+    let kubelet_conf = configure::kubelet_conf(ctx);
+    let kubelet_before = std::fs::read(&kubelet_conf).ok();
+    let (pki, bundle) = secrets::master(ctx, Some(public_ip)).await?;
+    pki.log();
+    configure::run(ctx, &bundle)?.log();
+    let kubelet_renewed = std::fs::read(&kubelet_conf).ok() != kubelet_before;
+    if !pki.changed && !kubelet_renewed {
+        return Ok(Report::already(STEP, "no certificate is due"));
+    }
+    let mut restarted = Vec::new();
+    if pki.changed {
+        for name in ORDER {
+            restart(ctx, name).await?;
+            if *name == "kube-apiserver" {
+                api_ready(ctx).await?;
+            }
+            restarted.push(*name);
+        }
+    }
+    if kubelet_renewed {
+        ctx.runner
+            .run("systemctl", &["restart", "kubelet.service"])?;
+        restarted.push("kubelet");
+    }
+    Ok(Report::changed(
+        STEP,
+        format!("renewed; restarted {}", restarted.join(", ")),
+    ))
+}
+
+/// The IDs of `name`'s running containers.
+fn running(ctx: &Context, name: &str) -> Result<Vec<String>, StepError> {
+    let exact = format!("^{name}$");
+    let out = ctx.runner.run(
+        "crictl",
+        &[
+            RUNTIME, "ps", "--state", "running", "--name", &exact, "--quiet",
+        ],
+    )?;
+    Ok(out.split_whitespace().map(str::to_owned).collect())
+}
+
+/// Stops `name`'s running container and waits until kubelet runs a new
+/// one (up to `restart`). A component not running now is left to kubelet.
+async fn restart(ctx: &Context, name: &str) -> Result<(), StepError> {
+    let old = running(ctx, name)?;
+    if old.is_empty() {
+        tracing::warn!(step = STEP, "{name} is not running; kubelet starts it");
+        return Ok(());
+    }
+    for id in &old {
+        ctx.runner
+            .run("crictl", &[RUNTIME, "stop", "--timeout", "30", id])?;
+    }
+    retry::until(
+        &format!("waiting for kubelet to run {name} again"),
+        Backoff::new(ctx.deadlines.restart),
+        || async {
+            let now = running(ctx, name).unwrap_or_default();
+            Ok::<_, StepError>(now.iter().any(|id| !old.contains(id)).then_some(()))
+        },
+    )
+    .await
+    .map_err(|e| StepError::Wait(e.to_string()))?;
+    tracing::info!(step = STEP, "restarted {name}");
+    Ok(())
+}
+
+/// Waits for the restarted API server to be ready (up to `restart`).
+async fn api_ready(ctx: &Context) -> Result<(), StepError> {
+    let kubeconfig = ctx.paths.secrets.join("pki/super-admin.conf");
+    let kubeconfig = kubeconfig.to_string_lossy();
+    retry::until(
+        "waiting for the restarted API server to be ready",
+        Backoff::new(ctx.deadlines.restart),
+        || async {
+            let args = [
+                "--kubeconfig",
+                &*kubeconfig,
+                super::addons::REQUEST_TIMEOUT,
+                "get",
+                "--raw=/readyz",
+            ];
+            Ok::<_, StepError>(ctx.runner.run("kubectl", &args).ok().map(|_| ()))
+        },
+    )
+    .await
+    .map_err(|e| StepError::Wait(e.to_string()))
+}
+
+/// Every certificate of the cluster's bundle (and this master's kubelet
+/// client certificate, when it has one) with its end and the days left,
+/// the bootstrap token, and the time of the last renewal: what
+/// `slipway-init certs` prints.
+pub async fn status(ctx: &Context, now: OffsetDateTime) -> Result<String, StepError> {
+    let bundle = secrets::shared(ctx)
+        .await?
+        .ok_or_else(|| StepError::Invalid {
+            what: secrets::pki_key(&ctx.config.cluster_name),
+            message: "the cluster has no PKI yet (its first master creates it)".into(),
+        })?;
+    let mut certs = bundle.certificates()?;
+    let kubelet_conf = configure::kubelet_conf(ctx);
+    if let Ok(text) = std::fs::read_to_string(&kubelet_conf) {
+        let (cert, _) = pki::kubeconfig_credentials("kubelet.conf", &text)?;
+        certs.push(pki::certificate("kubelet.conf (this master)", &cert)?);
+    }
+    let window = configure::renew_window(ctx);
+    let mut out = format!(
+        "{:<28} {:<44} {:<10} {:>6}  {}\n",
+        "FILE", "SUBJECT", "EXPIRES", "LEFT", "STATE"
+    );
+    for c in &certs {
+        out.push_str(&row(c, now, window));
+    }
+    let token = bundle.get("bootstrap-token")?;
+    let token_id = token.split('.').next().unwrap_or_default();
+    out.push_str(&format!(
+        "bootstrap token {token_id}: no expiry set\nlast renewal: {}\n",
+        bundle.renewed.as_deref().unwrap_or("never")
+    ));
+    for warning in bundle.ca_warnings(now)? {
+        out.push_str(&format!("warning: {warning}\n"));
+    }
+    Ok(out)
+}
+
+fn row(c: &Certificate, now: OffsetDateTime, window: time::Duration) -> String {
+    let left = c.not_after - now;
+    let state = if left <= time::Duration::ZERO {
+        "EXPIRED"
+    } else if c.ca && left <= pki::CA_WARNING {
+        "CA ends within a year"
+    } else if c.ca {
+        "CA"
+    } else if left <= window {
+        "due for renewal"
+    } else {
+        "ok"
+    };
+    format!(
+        "{:<28} {:<44} {:<10} {:>5}d  {state}\n",
+        c.file,
+        c.subject,
+        pki::day(c.not_after),
+        left.whole_days()
+    )
+}
