@@ -307,7 +307,7 @@ fn dns(name: &str) -> Result<SanType, PkiError> {
     ))
 }
 
-fn b64(data: &str) -> String {
+pub(crate) fn b64(data: &str) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let b = data.as_bytes();
     let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
@@ -595,7 +595,7 @@ fn pem_body(pem: &str) -> Option<Vec<u8>> {
     b64_decode(&body)
 }
 
-fn b64_decode(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn b64_decode(s: &str) -> Option<Vec<u8>> {
     let val = |c: u8| match c {
         b'A'..=b'Z' => Some(c - b'A'),
         b'a'..=b'z' => Some(c - b'a' + 26),

@@ -3,9 +3,12 @@
 //! becomes a stack, and every instance moto launches boots as a QEMU VM on
 //! a private network (see `vm_tests::cluster`). Then, in order:
 //!
-//! 1. the master and a node come up: both Ready, a pod runs on the node, a
-//!    Service name resolves through CoreDNS from another pod, etcd answers
-//!    only over TLS with a client certificate;
+//! 1. the master and a node come up: both Ready (the node admitted by the
+//!    master's approver), a pod runs on the node, a Service name resolves
+//!    through CoreDNS from another pod, etcd answers only over TLS with a
+//!    client certificate; requests made with the bootstrap token for the
+//!    master's name, or for an instance that is not in the cluster, are
+//!    denied;
 //! 2. the master is terminated; its replacement re-attaches the volume and
 //!    the address, keeps the PKI, and every object is still there; the node
 //!    returns to Ready untouched. The bundle it finds was backdated (every
@@ -378,6 +381,92 @@ fn served_serial(api: std::net::SocketAddr) -> Result<String> {
         })
 }
 
+/// Asks, with the cluster's bootstrap token, for a kubelet client
+/// certificate for `node`, and returns the decision the API records
+/// ("Approved", "Denied") once there is one.
+fn ask_as_bootstrapper(
+    cluster: &Cluster,
+    kubectl: &Kubectl,
+    api: std::net::SocketAddr,
+    probe: &str,
+    node: &str,
+) -> Result<String> {
+    let bundle: Bundle = serde_json::from_slice(&cluster.get_object(&format!(
+        "{}/node.json",
+        cluster.config_value("cluster_name")?
+    ))?)?;
+    let conf = bundle.get("bootstrap-kubelet.conf")?;
+    let token = conf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .context("no token in bootstrap-kubelet.conf")?;
+    let ca = conf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("certificate-authority-data: "))
+        .context("no CA in bootstrap-kubelet.conf")?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("bootstrap.conf");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://{api}\n    certificate-authority-data: {ca}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\nusers:\n- name: u\n  user:\n    token: {token}\n"
+        ),
+    )?;
+    let req = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-keyout", "/dev/null", "-subj"])
+        .arg(format!("/O=system:nodes/CN=system:node:{node}"))
+        .output()
+        .context("openssl req")?;
+    ensure!(
+        req.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&req.stderr)
+    );
+    use base64::Engine;
+    let yaml = format!(
+        "apiVersion: certificates.k8s.io/v1\nkind: CertificateSigningRequest\nmetadata: {{name: {probe}}}\nspec:\n  request: {}\n  signerName: kubernetes.io/kube-apiserver-client-kubelet\n  usages: [digital signature, client auth]\n",
+        base64::engine::general_purpose::STANDARD.encode(&req.stdout)
+    );
+    // `create`, not `apply`: a bootstrapper may create a request, not patch one.
+    let file = dir.path().join(format!("{probe}.yaml"));
+    std::fs::write(&file, yaml)?;
+    let file = file.to_string_lossy().into_owned();
+    let bootstrapper = Kubectl { kubeconfig };
+    wait(
+        cluster,
+        &format!("creating {probe}"),
+        Duration::from_secs(300),
+        || match bootstrapper.run(&["create", "-f", &file]) {
+            Ok(_) => Ok(Some(())),
+            Err(e) if e.to_string().contains("AlreadyExists") => Ok(Some(())),
+            Err(e) => Err(e),
+        },
+    )?;
+    wait(
+        cluster,
+        &format!("a decision on {probe}"),
+        Duration::from_secs(300),
+        || {
+            let kind = kubectl.run(&[
+                "get",
+                "csr",
+                probe,
+                "-o",
+                "jsonpath={.status.conditions[0].type}",
+            ])?;
+            Ok((!kind.is_empty()).then_some(kind))
+        },
+    )
+}
+
 fn etcdctl(endpoint: &str, tls: &[(&str, &Path)]) -> (bool, String) {
     let mut cmd = Command::new(fixtures_bin("etcdctl"));
     cmd.arg(format!("--endpoints={endpoint}"))
@@ -557,8 +646,25 @@ spec:
         client_ok && client.contains("is healthy"),
         "etcd refused its own client certificate: {client}"
     );
+    // Node admission: the bootstrap token buys no certificate for the
+    // master's name, nor for an instance outside the cluster.
+    let api = cluster.forward_to_master(6443)?;
+    let master_name = format!(
+        "ip-{}",
+        cluster.config_value("master_ip")?.replace('.', "-")
+    );
+    for (probe, name) in [
+        ("probe-master", master_name.as_str()),
+        ("probe-stranger", "i-0123456789abcdef0"),
+    ] {
+        let decision = ask_as_bootstrapper(&cluster, &kubectl, api, probe, name)?;
+        ensure!(
+            decision == "Denied",
+            "a bootstrapper's request for {name} was {decision}"
+        );
+    }
     cluster.timing(
-        "scenario 1: master and node up, pod, DNS, etcd TLS",
+        "scenario 1: master and node up, pod, DNS, etcd TLS, admission",
         scenario.elapsed(),
     );
 
@@ -647,7 +753,6 @@ spec:
         boot_serial != backdated && renewed.renewed.is_some(),
         "the replacement master did not renew the backdated bundle"
     );
-    let api = cluster.forward_to_master(6443)?;
     let served = served_serial(api)?;
     ensure!(
         served == boot_serial,

@@ -93,6 +93,20 @@ enum Command {
     /// Master only: print every certificate's end, the bootstrap token and
     /// the time of the last renewal.
     Certs,
+    /// Master only (a service runs it): decide kubelets' certificate
+    /// requests by what EC2 says of this cluster's instances. A client
+    /// certificate goes only to a running instance of the node group
+    /// (never under the master's name); a serving certificate only to a
+    /// node asking for itself with its own addresses. Everything else for
+    /// those signers is denied, with the reason in the journal.
+    Approve {
+        /// Seconds between passes.
+        #[arg(long, default_value_t = 10)]
+        interval: u64,
+        /// One pass, then exit.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 /// The deadlines table for `--help`.
@@ -300,6 +314,35 @@ async fn maintain(args: &Args, deadlines: Deadlines, renew: bool) -> Result<(), 
     Ok(())
 }
 
+/// The approver's loop: a pass every `interval`; a failed pass (the API
+/// server restarting, EC2 throttled) is logged and the next one tries again.
+async fn approve(
+    args: &Args,
+    deadlines: Deadlines,
+    interval: u64,
+    once: bool,
+) -> Result<(), Ending> {
+    let ctx = match context(args, deadlines).await {
+        Ok(ctx) => ctx,
+        Err(ContextError::Config(line)) => return Err(Ending::last(line)),
+        Err(ContextError::Transient(line)) => return Err(Ending::retry(line)),
+    };
+    if ctx.config.role != slipway_init::config::Role::Master {
+        return Err(Ending::last(
+            "only a master approves certificate requests".into(),
+        ));
+    }
+    loop {
+        match steps::approver::once(&ctx).await {
+            Ok(_) if once => return Ok(()),
+            Ok(_) => {}
+            Err(e) if once => return Err(Ending::retry(chain(&e))),
+            Err(e) => tracing::warn!(step = steps::approver::STEP, "{}", chain(&e)),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))).await;
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -350,6 +393,9 @@ fn main() -> ExitCode {
         }
         Some(Command::Addons) => runtime.block_on(attempt(&args, deadlines, true)),
         Some(Command::Renew) => runtime.block_on(maintain(&args, deadlines, true)),
+        Some(Command::Approve { interval, once }) => {
+            runtime.block_on(approve(&args, deadlines, *interval, *once))
+        }
         Some(Command::Certs) => {
             // A table on standard output, nothing else.
             return match runtime.block_on(maintain(&args, deadlines, false)) {

@@ -15,6 +15,11 @@ pub const REQUEST_TIMEOUT: &str = "--request-timeout=60s";
 
 const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane=";
 
+/// Objects earlier releases applied that this one must not leave behind:
+/// the binding that approved every bootstrapper's certificate request
+/// (the approver decides those now).
+const WITHDRAWN: &[&str] = &["clusterrolebinding/slipway:node-autoapprove-bootstrap"];
+
 /// Waits for the API server (up to `api-server`), applies the add-ons, and
 /// labels the master's Node once its kubelet registered it (up to
 /// `node-registers`).
@@ -47,6 +52,9 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
         &dir,
     ])?;
     let objects = out.lines().filter(|l| !l.trim().is_empty()).count();
+    for object in WITHDRAWN {
+        kubectl(&["delete", "--ignore-not-found", object])?;
+    }
     // The master's role label (a kubelet may not set node-role labels on
     // itself), once its kubelet has registered the node.
     let node = format!(
@@ -140,7 +148,7 @@ mod tests {
             "applied 2 objects from /nonexistent/srv/kubernetes/addons; labelled node/ip-10-0-1-10"
         );
         let calls = kubectl.calls.lock().unwrap().clone();
-        assert_eq!(calls.len(), 5, "{calls:?}");
+        assert_eq!(calls.len(), 6, "{calls:?}");
         assert!(calls[..3].iter().all(|c| c.ends_with("get --raw=/readyz")));
         assert_eq!(
             calls[3],
@@ -148,6 +156,10 @@ mod tests {
         );
         assert_eq!(
             calls[4],
+            "kubectl --kubeconfig /nonexistent/srv/kubernetes/pki/super-admin.conf --request-timeout=60s delete --ignore-not-found clusterrolebinding/slipway:node-autoapprove-bootstrap"
+        );
+        assert_eq!(
+            calls[5],
             "kubectl --kubeconfig /nonexistent/srv/kubernetes/pki/super-admin.conf --request-timeout=60s label --overwrite node/ip-10-0-1-10 node-role.kubernetes.io/control-plane="
         );
     }

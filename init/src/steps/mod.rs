@@ -3,6 +3,7 @@
 //! and can run again after a crash, a reboot or an instance replacement.
 
 pub mod addons;
+pub mod approver;
 pub mod attempts;
 pub mod configure;
 pub mod deadlines;
@@ -251,6 +252,7 @@ pub fn calls(role: Role) -> Vec<&'static str> {
             secrets::MASTER_CALLS,
             signal::CALLS,
             attempts::CALLS,
+            approver::CALLS,
         ],
         Role::Node => &[srcdest::CALLS, secrets::NODE_CALLS, attempts::CALLS],
     };
@@ -352,6 +354,7 @@ mod tests {
             ("secrets", include_str!("secrets.rs"), secrets::MASTER_CALLS),
             ("signal", include_str!("signal.rs"), signal::CALLS),
             ("attempts", include_str!("attempts.rs"), attempts::CALLS),
+            ("approver", include_str!("approver.rs"), approver::CALLS),
         ];
         for (name, source, listed) in modules {
             let used = api_names(source);

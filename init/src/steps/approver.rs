@@ -1,0 +1,543 @@
+//! Node admission: the master's approver (`slipway-init approve`, a loop
+//! under systemd) decides every pending kubelet certificate request by
+//! what EC2 says of this cluster's instances, instead of approving every
+//! holder of the bootstrap token.
+//!
+//! - A **client** certificate for a kubelet (`kube-apiserver-client-kubelet`)
+//!   asked for by a bootstrapper is approved only for `system:node:<id>`
+//!   where `<id>` is a running (or pending) instance of this cluster's node
+//!   group; never for the master's name. A kubelet renewing its own client
+//!   certificate (`system:node:<name>` asking for itself) is left to the
+//!   controller manager's approver, which checks exactly that.
+//! - A **serving** certificate (`kubelet-serving`) is approved only when the
+//!   node asks for itself and names nothing but that instance's addresses
+//!   as EC2 reports them (its private IPs and private DNS name, and the node
+//!   name itself).
+//! - Anything else for those signers is denied, with the reason in the
+//!   journal; requests for other signers are not this approver's business.
+//!
+//! Members are found by the tags the launch templates put on every
+//! instance (`slipway:cluster`, `slipway:role`).
+
+use super::{aws_err, Context, StepError};
+use crate::render::master_node_name;
+use aws_sdk_ec2::types::Filter;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+pub const STEP: &str = "approve";
+/// The AWS actions the approver calls.
+pub const CALLS: &[&str] = &["ec2:DescribeInstances"];
+
+pub const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client-kubelet";
+pub const SERVING_SIGNER: &str = "kubernetes.io/kubelet-serving";
+const NODE_PREFIX: &str = "system:node:";
+
+/// A pending certificate signing request, as the API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub name: String,
+    pub signer: String,
+    /// Who asked (`system:bootstrap:<token-id>`, `system:node:<name>`).
+    pub username: String,
+    pub usages: Vec<String>,
+    /// The PKCS#10 request, PEM.
+    pub pem: String,
+}
+
+/// What the approver does with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Approve(String),
+    Deny(String),
+    /// Not for a kubelet signer, or a renewal the controller manager judges.
+    Leave,
+}
+
+/// An instance of this cluster, by the node name its kubelet uses.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Member {
+    pub node: bool,
+    pub addresses: BTreeSet<IpAddr>,
+    pub dns: BTreeSet<String>,
+}
+
+/// This cluster's instances that may hold a kubelet certificate, by node
+/// name: nodes by instance ID, the master by its stable-IP name.
+pub type Members = BTreeMap<String, Member>;
+
+/// What a request asks for, read from its PKCS#10 body.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Asked {
+    common_name: String,
+    organizations: Vec<String>,
+    ips: Vec<IpAddr>,
+    dns: Vec<String>,
+}
+
+fn asked(pem: &str) -> Result<Asked, String> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    use x509_parser::prelude::FromDer;
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| format!("not PEM: {e}"))?;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&pem.contents)
+            .map_err(|e| format!("not a certificate request: {e}"))?;
+    csr.verify_signature()
+        .map_err(|e| format!("its signature does not verify: {e}"))?;
+    let subject = &csr.certification_request_info.subject;
+    let text = |v: &x509_parser::x509::AttributeTypeAndValue<'_>| {
+        v.as_str().map(str::to_owned).unwrap_or_default()
+    };
+    let mut out = Asked {
+        common_name: subject.iter_common_name().map(text).collect(),
+        organizations: subject.iter_organization().map(text).collect(),
+        ..Asked::default()
+    };
+    for ext in csr.requested_extensions().into_iter().flatten() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext {
+            for name in &san.general_names {
+                match name {
+                    GeneralName::DNSName(d) => out.dns.push((*d).to_owned()),
+                    GeneralName::IPAddress(b) => match b.len() {
+                        4 => out
+                            .ips
+                            .push(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())),
+                        16 => out
+                            .ips
+                            .push(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())),
+                        _ => return Err("an IP address SAN of odd length".into()),
+                    },
+                    other => return Err(format!("a SAN of an unexpected kind ({other:?})")),
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `usages` are all in `allowed` and include `needed`.
+fn usages_ok(usages: &[String], allowed: &[&str], needed: &str) -> bool {
+    usages.iter().all(|u| allowed.contains(&u.as_str())) && usages.iter().any(|u| u == needed)
+}
+
+/// The decision for one request (see the module's comment). `master` is
+/// the master's node name.
+pub fn judge(req: &Request, members: &Members, master: &str) -> Verdict {
+    let client = req.signer == CLIENT_SIGNER;
+    if !client && req.signer != SERVING_SIGNER {
+        return Verdict::Leave;
+    }
+    if client && req.username.starts_with(NODE_PREFIX) {
+        return Verdict::Leave;
+    }
+    let asked = match asked(&req.pem) {
+        Ok(a) => a,
+        Err(e) => return Verdict::Deny(format!("the request is unreadable: {e}")),
+    };
+    let Some(name) = asked.common_name.strip_prefix(NODE_PREFIX) else {
+        return Verdict::Deny(format!(
+            "it asks for {:?}, not a system:node:<name> identity",
+            asked.common_name
+        ));
+    };
+    if asked.organizations != ["system:nodes"] {
+        return Verdict::Deny(format!(
+            "it asks for the groups {:?}, not just system:nodes",
+            asked.organizations
+        ));
+    }
+    let member = members.get(name);
+    if client {
+        if !req.username.starts_with("system:bootstrap:") {
+            return Verdict::Deny(format!(
+                "{} is neither a bootstrapper nor the node itself",
+                req.username
+            ));
+        }
+        if name == master {
+            return Verdict::Deny(format!("{name} is the master's name"));
+        }
+        if !usages_ok(
+            &req.usages,
+            &["digital signature", "key encipherment", "client auth"],
+            "client auth",
+        ) {
+            return Verdict::Deny(format!("unexpected usages {:?}", req.usages));
+        }
+        if !asked.ips.is_empty() || !asked.dns.is_empty() {
+            return Verdict::Deny("a client certificate request names addresses".into());
+        }
+        return match member {
+            Some(m) if m.node => Verdict::Approve(format!(
+                "{name} is a running instance of this cluster's node group"
+            )),
+            _ => Verdict::Deny(format!(
+                "{name} is not a running instance of this cluster's node group"
+            )),
+        };
+    }
+    // Serving: the node itself, for its own addresses.
+    if req.username != format!("{NODE_PREFIX}{name}") {
+        return Verdict::Deny(format!(
+            "{} asks for {name}'s serving certificate",
+            req.username
+        ));
+    }
+    let Some(member) = member else {
+        return Verdict::Deny(format!("{name} is not a running instance of this cluster"));
+    };
+    if !usages_ok(
+        &req.usages,
+        &["digital signature", "key encipherment", "server auth"],
+        "server auth",
+    ) {
+        return Verdict::Deny(format!("unexpected usages {:?}", req.usages));
+    }
+    if asked.ips.is_empty() && asked.dns.is_empty() {
+        return Verdict::Deny("a serving certificate request names no address".into());
+    }
+    if let Some(ip) = asked.ips.iter().find(|ip| !member.addresses.contains(ip)) {
+        return Verdict::Deny(format!("{ip} is not an address EC2 reports for {name}"));
+    }
+    if let Some(dns) = asked
+        .dns
+        .iter()
+        .find(|d| d.as_str() != name && !member.dns.contains(*d))
+    {
+        return Verdict::Deny(format!("{dns} is not a name EC2 reports for {name}"));
+    }
+    Verdict::Approve(format!("{name} asks for its own addresses"))
+}
+
+/// This cluster's running and pending instances, from EC2 by their tags.
+pub async fn members(ctx: &Context) -> Result<Members, StepError> {
+    let cluster = &ctx.config.cluster_name;
+    let filter = |name: &str, value: &str| Filter::builder().name(name).values(value).build();
+    let out = ctx
+        .aws
+        .ec2
+        .describe_instances()
+        .filters(filter("tag:slipway:cluster", cluster))
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("running")
+                .values("pending")
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(aws_err(
+            "ec2:DescribeInstances",
+            format!("listing the instances of cluster {cluster}"),
+        ))?;
+    let master = master_node_name(ctx.config.master_ip);
+    let mut members = Members::new();
+    for instance in out.reservations().iter().flat_map(|r| r.instances()) {
+        let Some(id) = instance.instance_id() else {
+            continue;
+        };
+        let role = instance
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some("slipway:role"))
+            .and_then(|t| t.value());
+        let mut m = Member {
+            node: role == Some("node"),
+            ..Member::default()
+        };
+        for eni in instance.network_interfaces() {
+            for a in eni.private_ip_addresses() {
+                m.addresses.extend(
+                    a.private_ip_address()
+                        .and_then(|ip| ip.parse::<IpAddr>().ok()),
+                );
+                m.dns.extend(a.private_dns_name().map(str::to_owned));
+            }
+        }
+        m.addresses.extend(
+            instance
+                .private_ip_address()
+                .and_then(|ip| ip.parse::<IpAddr>().ok()),
+        );
+        m.dns.extend(instance.private_dns_name().map(str::to_owned));
+        m.dns.retain(|d| !d.is_empty());
+        match role {
+            Some("node") => {
+                members.insert(id.to_owned(), m);
+            }
+            Some("master") if m.addresses.contains(&IpAddr::V4(ctx.config.master_ip)) => {
+                members.insert(master.clone(), m);
+            }
+            _ => {}
+        }
+    }
+    Ok(members)
+}
+
+/// The pending requests in `kubectl get csr -o json` output.
+pub fn pending(json: &str) -> Result<Vec<Request>, StepError> {
+    let invalid = |message: String| StepError::Invalid {
+        what: "the API's certificate signing requests".into(),
+        message,
+    };
+    let list: serde_json::Value = serde_json::from_str(json).map_err(|e| invalid(e.to_string()))?;
+    let mut out = Vec::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        let decided = item["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty());
+        if decided {
+            continue;
+        }
+        let spec = &item["spec"];
+        let request = spec["request"].as_str().unwrap_or_default();
+        let pem = crate::pki::b64_decode(request)
+            .and_then(|b| String::from_utf8(b).ok())
+            .unwrap_or_default();
+        out.push(Request {
+            name: item["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            signer: spec["signerName"].as_str().unwrap_or_default().to_owned(),
+            username: spec["username"].as_str().unwrap_or_default().to_owned(),
+            usages: spec["usages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|u| u.as_str().map(str::to_owned))
+                .collect(),
+            pem,
+        });
+    }
+    Ok(out)
+}
+
+/// One pass: decides every pending request. Returns what it decided.
+pub async fn once(ctx: &Context) -> Result<Vec<(String, Verdict)>, StepError> {
+    let kubeconfig = ctx.paths.secrets.join("pki/super-admin.conf");
+    let kubeconfig = kubeconfig.to_string_lossy();
+    let kubectl = |args: &[&str]| {
+        let mut all = vec!["--kubeconfig", &kubeconfig, super::addons::REQUEST_TIMEOUT];
+        all.extend_from_slice(args);
+        ctx.runner.run("kubectl", &all)
+    };
+    let requests = pending(&kubectl(&["get", "csr", "-o", "json"])?)?;
+    let mine: Vec<&Request> = requests
+        .iter()
+        .filter(|r| r.signer == CLIENT_SIGNER || r.signer == SERVING_SIGNER)
+        .collect();
+    if mine.is_empty() {
+        return Ok(Vec::new());
+    }
+    let members = members(ctx).await?;
+    let master = master_node_name(ctx.config.master_ip);
+    let mut decided = Vec::new();
+    for req in mine {
+        let verdict = judge(req, &members, &master);
+        match &verdict {
+            Verdict::Approve(why) => {
+                kubectl(&["certificate", "approve", &req.name])?;
+                tracing::info!(
+                    step = STEP,
+                    "approved {} from {}: {why}",
+                    req.name,
+                    req.username
+                );
+            }
+            Verdict::Deny(why) => {
+                kubectl(&["certificate", "deny", &req.name])?;
+                tracing::warn!(
+                    step = STEP,
+                    "denied {} from {}: {why}",
+                    req.name,
+                    req.username
+                );
+            }
+            Verdict::Leave => continue,
+        }
+        decided.push((req.name.clone(), verdict));
+    }
+    Ok(decided)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+
+    const MASTER: &str = "ip-10-0-1-10";
+    const NODE: &str = "i-0123456789abcdef0";
+
+    fn members() -> Members {
+        let mut m = Members::new();
+        m.insert(
+            NODE.into(),
+            Member {
+                node: true,
+                addresses: ["10.0.1.23".parse().unwrap()].into(),
+                dns: ["ip-10-0-1-23.ec2.internal".to_owned()].into(),
+            },
+        );
+        m.insert(
+            MASTER.into(),
+            Member {
+                node: false,
+                addresses: ["10.0.1.10".parse().unwrap(), "10.0.1.5".parse().unwrap()].into(),
+                dns: BTreeSet::new(),
+            },
+        );
+        m
+    }
+
+    /// A PKCS#10 request for `cn` in `orgs`, naming `sans`.
+    fn csr(cn: &str, orgs: &[&str], sans: Vec<SanType>) -> String {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        for o in orgs {
+            dn.push(DnType::OrganizationName, *o);
+        }
+        dn.push(DnType::CommonName, cn);
+        p.distinguished_name = dn;
+        p.subject_alt_names = sans;
+        p.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    fn client(username: &str, name: &str) -> Request {
+        Request {
+            name: "csr-1".into(),
+            signer: CLIENT_SIGNER.into(),
+            username: username.into(),
+            usages: vec!["digital signature".into(), "client auth".into()],
+            pem: csr(&format!("system:node:{name}"), &["system:nodes"], vec![]),
+        }
+    }
+
+    fn serving(username: &str, name: &str, ips: &[&str], dns: &[&str]) -> Request {
+        let mut sans: Vec<SanType> = ips
+            .iter()
+            .map(|ip| SanType::IpAddress(ip.parse().unwrap()))
+            .collect();
+        sans.extend(
+            dns.iter()
+                .map(|d| SanType::DnsName((*d).try_into().unwrap())),
+        );
+        Request {
+            name: "csr-2".into(),
+            signer: SERVING_SIGNER.into(),
+            username: username.into(),
+            usages: vec![
+                "digital signature".into(),
+                "key encipherment".into(),
+                "server auth".into(),
+            ],
+            pem: csr(&format!("system:node:{name}"), &["system:nodes"], sans),
+        }
+    }
+
+    fn denied(v: &Verdict, reason: &str) -> bool {
+        matches!(v, Verdict::Deny(why) if why.contains(reason))
+    }
+
+    #[test]
+    fn a_bootstrapper_gets_a_client_certificate_only_for_a_member_node() {
+        let m = members();
+        let boot = "system:bootstrap:abcdef";
+        assert!(matches!(
+            judge(&client(boot, NODE), &m, MASTER),
+            Verdict::Approve(_)
+        ));
+        let v = judge(&client(boot, MASTER), &m, MASTER);
+        assert!(denied(&v, "the master's name"), "{v:?}");
+        let v = judge(&client(boot, "i-0fffffffffffffff0"), &m, MASTER);
+        assert!(denied(&v, "not a running instance"), "{v:?}");
+        // Someone else's request for a node's identity.
+        let v = judge(&client("kubernetes-admin", NODE), &m, MASTER);
+        assert!(denied(&v, "neither a bootstrapper"), "{v:?}");
+    }
+
+    #[test]
+    fn a_client_request_for_more_than_a_node_identity_is_denied() {
+        let m = members();
+        let boot = "system:bootstrap:abcdef";
+        let mut admin = client(boot, NODE);
+        admin.pem = csr(
+            &format!("system:node:{NODE}"),
+            &["system:nodes", "system:masters"],
+            vec![],
+        );
+        assert!(denied(&judge(&admin, &m, MASTER), "groups"));
+        let mut other = client(boot, NODE);
+        other.pem = csr("kubernetes-admin", &["system:nodes"], vec![]);
+        assert!(denied(&judge(&other, &m, MASTER), "not a system:node"));
+        let mut serve = client(boot, NODE);
+        serve.usages.push("server auth".into());
+        assert!(denied(&judge(&serve, &m, MASTER), "usages"));
+        let mut garbage = client(boot, NODE);
+        garbage.pem =
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into();
+        assert!(denied(&judge(&garbage, &m, MASTER), "unreadable"));
+    }
+
+    #[test]
+    fn a_serving_certificate_names_only_the_instances_own_addresses() {
+        let m = members();
+        let me = format!("system:node:{NODE}");
+        let ok = serving(
+            &me,
+            NODE,
+            &["10.0.1.23"],
+            &[NODE, "ip-10-0-1-23.ec2.internal"],
+        );
+        assert!(matches!(judge(&ok, &m, MASTER), Verdict::Approve(_)));
+        let v = judge(&serving(&me, NODE, &["10.0.1.10"], &[NODE]), &m, MASTER);
+        assert!(denied(&v, "10.0.1.10 is not an address"), "{v:?}");
+        let v = judge(
+            &serving(&me, NODE, &["10.0.1.23"], &["kubernetes"]),
+            &m,
+            MASTER,
+        );
+        assert!(denied(&v, "kubernetes is not a name"), "{v:?}");
+        let v = judge(&serving(&me, MASTER, &["10.0.1.10"], &[]), &m, MASTER);
+        assert!(denied(&v, "asks for ip-10-0-1-10's serving"), "{v:?}");
+        // The master's kubelet, for its stable IP.
+        let master = format!("system:node:{MASTER}");
+        let v = judge(
+            &serving(&master, MASTER, &["10.0.1.10"], &[MASTER]),
+            &m,
+            MASTER,
+        );
+        assert!(matches!(v, Verdict::Approve(_)), "{v:?}");
+    }
+
+    #[test]
+    fn renewals_and_other_signers_are_left_to_others() {
+        let m = members();
+        let me = format!("system:node:{NODE}");
+        assert_eq!(judge(&client(&me, NODE), &m, MASTER), Verdict::Leave);
+        let mut other = client("system:bootstrap:abcdef", NODE);
+        other.signer = "example.com/signer".into();
+        assert_eq!(judge(&other, &m, MASTER), Verdict::Leave);
+    }
+
+    #[test]
+    fn only_undecided_requests_are_pending() {
+        let pem = csr(&format!("system:node:{NODE}"), &["system:nodes"], vec![]);
+        let b64 = crate::pki::b64(&pem);
+        let json = format!(
+            r#"{{"items": [
+              {{"metadata": {{"name": "a"}}, "spec": {{"request": "{b64}", "signerName": "{CLIENT_SIGNER}", "username": "system:bootstrap:abcdef", "usages": ["client auth"]}}, "status": {{}}}},
+              {{"metadata": {{"name": "b"}}, "spec": {{"request": "{b64}", "signerName": "{CLIENT_SIGNER}", "username": "u", "usages": []}}, "status": {{"conditions": [{{"type": "Approved"}}]}}}}
+            ]}}"#
+        );
+        let p = pending(&json).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].name, "a");
+        assert_eq!(p[0].pem, pem);
+        assert_eq!(p[0].usages, ["client auth"]);
+        assert!(pending("not json").is_err());
+    }
+}

@@ -1,0 +1,172 @@
+//! Node admission against moto: the approver finds this cluster's running
+//! instances by their tags, and decides certificate requests by them. The
+//! API server is a stand-in here (a runner answering `kubectl get csr` and
+//! recording approvals and denials, named in the test); the cluster test
+//! runs the approver against a real one.
+
+#![allow(clippy::unwrap_used)] // test glue: a failed setup should stop the test
+
+mod common;
+
+use aws_sdk_ec2::types::Tag;
+use common::*;
+use slipway_init::steps::approver::{self, Verdict, CLIENT_SIGNER, SERVING_SIGNER};
+use slipway_init::steps::{Runner, StepError};
+use std::sync::{Arc, Mutex};
+
+async fn tag(w: &World, instance: usize, cluster: &str, role: &str) {
+    w.aws
+        .ec2
+        .create_tags()
+        .resources(&w.instances[instance].id)
+        .tags(Tag::builder().key("slipway:cluster").value(cluster).build())
+        .tags(Tag::builder().key("slipway:role").value(role).build())
+        .send()
+        .await
+        .unwrap();
+}
+
+async fn private_ip(w: &World, instance: usize) -> String {
+    let out = w
+        .aws
+        .ec2
+        .describe_instances()
+        .instance_ids(&w.instances[instance].id)
+        .send()
+        .await
+        .unwrap();
+    out.reservations()[0].instances()[0]
+        .private_ip_address()
+        .unwrap()
+        .to_owned()
+}
+
+/// kubectl as an API server with `csrs` pending would answer it.
+#[derive(Debug, Clone)]
+struct Api {
+    csrs: String,
+    calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl Runner for Api {
+    fn run_with_input(
+        &self,
+        program: &str,
+        args: &[&str],
+        _: Option<&std::path::Path>,
+    ) -> Result<String, StepError> {
+        assert_eq!(program, "kubectl");
+        let tail = args[3..].join(" ");
+        if tail == "get csr -o json" {
+            return Ok(self.csrs.clone());
+        }
+        self.calls.lock().unwrap().push(tail);
+        Ok(String::new())
+    }
+}
+
+/// A CSR object as the API lists it: `cn` asked for by `username`.
+fn csr(name: &str, signer: &str, username: &str, cn: &str, ips: &[&str]) -> serde_json::Value {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::OrganizationName, "system:nodes");
+    dn.push(rcgen::DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.subject_alt_names = ips
+        .iter()
+        .map(|ip| rcgen::SanType::IpAddress(ip.parse().unwrap()))
+        .collect();
+    let pem = p.serialize_request(&key).unwrap().pem().unwrap();
+    use base64::Engine;
+    let usage = if signer == CLIENT_SIGNER {
+        "client auth"
+    } else {
+        "server auth"
+    };
+    serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {
+            "request": base64::engine::general_purpose::STANDARD.encode(pem),
+            "signerName": signer,
+            "username": username,
+            "usages": ["digital signature", usage],
+        },
+        "status": {},
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_this_clusters_running_instances_by_tag() {
+    let w = world(3).await;
+    tag(&w, 0, "demo", "node").await;
+    tag(&w, 1, "other", "node").await;
+    tag(&w, 2, "demo", "node").await;
+    w.aws
+        .ec2
+        .terminate_instances()
+        .instance_ids(&w.instances[2].id)
+        .send()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(&w, "master", 0, dir.path());
+    let members = approver::members(&ctx).await.unwrap();
+    let ids: Vec<&String> = members.keys().collect();
+    assert_eq!(ids, [&w.instances[0].id], "{members:?}");
+    let me = &members[&w.instances[0].id];
+    assert!(me.node);
+    let ip: std::net::IpAddr = private_ip(&w, 0).await.parse().unwrap();
+    assert!(me.addresses.contains(&ip), "{me:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_decided_by_what_ec2_says_stand_in_api_server() {
+    let w = world(2).await;
+    tag(&w, 0, "demo", "node").await;
+    tag(&w, 1, "other", "node").await;
+    let (mine, foreign) = (&w.instances[0].id, &w.instances[1].id);
+    let ip = private_ip(&w, 0).await;
+    let boot = "system:bootstrap:abcdef";
+    let node = format!("system:node:{mine}");
+    let list = serde_json::json!({"items": [
+        csr("join", CLIENT_SIGNER, boot, &node, &[]),
+        csr("foreign", CLIENT_SIGNER, boot, &format!("system:node:{foreign}"), &[]),
+        csr("master", CLIENT_SIGNER, boot, "system:node:ip-10-0-1-10", &[]),
+        csr("serve", SERVING_SIGNER, &node, &node, &[&ip]),
+        csr("serve-other", SERVING_SIGNER, &node, &node, &["10.9.9.9"]),
+        csr("renew", CLIENT_SIGNER, &node, &node, &[]),
+    ]});
+    let api = Api {
+        csrs: list.to_string(),
+        calls: Arc::default(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctx = context(&w, "master", 0, dir.path());
+    ctx.runner = Box::new(api.clone());
+    let decided = approver::once(&ctx).await.unwrap();
+    let verdicts: Vec<(&str, bool)> = decided
+        .iter()
+        .map(|(n, v)| (n.as_str(), matches!(v, Verdict::Approve(_))))
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            ("join", true),
+            ("foreign", false),
+            ("master", false),
+            ("serve", true),
+            ("serve-other", false),
+        ]
+    );
+    assert_eq!(
+        *api.calls.lock().unwrap(),
+        [
+            "certificate approve join",
+            "certificate deny foreign",
+            "certificate deny master",
+            "certificate approve serve",
+            "certificate deny serve-other",
+        ]
+    );
+}
