@@ -123,6 +123,7 @@ struct Raw {
     master_volume: Option<String>,
     master_restore: Option<bool>,
     master_renew_before_days: Option<u32>,
+    master_token_hours: Option<u32>,
     region: Option<String>,
     aws_endpoint: Option<String>,
     signal_stack: Option<String>,
@@ -139,11 +140,17 @@ pub struct MasterConfig {
     pub restore: bool,
     /// Leaf certificates ending within this many days are renewed.
     pub renew_before_days: u32,
+    /// How long each bootstrap token lasts.
+    pub token_hours: u32,
 }
 
 /// The renewal window when the config names none (kubeadm's leaves last a
 /// year; a quarter of it leaves room for a master that is down a while).
 pub const RENEW_BEFORE_DAYS: u32 = 90;
+
+/// How long a bootstrap token lasts when the config names no lifetime
+/// (kubeadm's default too).
+pub const TOKEN_HOURS: u32 = 24;
 
 /// Where to send CloudFormation's SignalResource.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,6 +173,19 @@ pub struct StackConfig {
     pub region: Option<String>,
     pub aws_endpoint: Option<String>,
     pub signal: Option<Signal>,
+}
+
+/// A token must outlast the hourly renewal's half-life check by hours, and
+/// a leaked one should not stay good for long: two hours to one week.
+fn token_hours(hours: Option<u32>) -> Result<u32, ConfigError> {
+    let hours = hours.unwrap_or(TOKEN_HOURS);
+    if !(2..=168).contains(&hours) {
+        return Err(invalid(
+            "master_token_hours",
+            format!("{hours} must be between 2 and 168"),
+        ));
+    }
+    Ok(hours)
 }
 
 fn renew_before_days(days: Option<u32>) -> Result<u32, ConfigError> {
@@ -313,6 +333,7 @@ impl StackConfig {
                     volume_id: volume,
                     restore: raw.master_restore.unwrap_or(false),
                     renew_before_days: renew_before_days(raw.master_renew_before_days)?,
+                    token_hours: token_hours(raw.master_token_hours)?,
                 })
             }
             Role::Node => {
@@ -320,6 +341,7 @@ impl StackConfig {
                     || raw.master_volume.is_some()
                     || raw.master_restore.is_some()
                     || raw.master_renew_before_days.is_some()
+                    || raw.master_token_hours.is_some()
                 {
                     return Err(invalid(
                         "master_volume",
@@ -435,6 +457,11 @@ master_volume = "vol-0123456789abcdef0"
         let window = format!("{MASTER}master_renew_before_days = 120\n");
         let c = StackConfig::parse(window.as_bytes()).unwrap();
         assert_eq!(c.master.unwrap().renew_before_days, 120);
+        let c = StackConfig::parse(MASTER.as_bytes()).unwrap();
+        assert_eq!(c.master.unwrap().token_hours, 24);
+        let hours = format!("{MASTER}master_token_hours = 6\n");
+        let c = StackConfig::parse(hours.as_bytes()).unwrap();
+        assert_eq!(c.master.unwrap().token_hours, 6);
     }
 
     #[test]
@@ -503,6 +530,13 @@ master_volume = "vol-0123456789abcdef0"
                     "role = \"master\"\nmaster_renew_before_days = 0",
                 ),
                 "master_renew_before_days",
+            ),
+            (
+                m(
+                    "role = \"master\"",
+                    "role = \"master\"\nmaster_token_hours = 1",
+                ),
+                "between 2 and 168",
             ),
             (
                 m(

@@ -14,9 +14,11 @@ use std::path::Path;
 use time::{Duration, OffsetDateTime};
 
 mod renew;
+mod token;
 pub use renew::{
     certificate, day, kubeconfig_credentials, timestamp, Certificate, Due, Renewal, Why, CA_WARNING,
 };
+pub use token::{token_id, Rotation};
 
 /// How long a CA lasts (kubeadm's ten years).
 pub const CA_DAYS: i64 = 3650;
@@ -54,6 +56,10 @@ pub struct Bundle {
     /// RFC 3339 time of the last renewal; absent until the first one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewed: Option<String>,
+    /// RFC 3339 time the bootstrap token expires; absent in bundles made
+    /// before tokens expired (such a token is replaced at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires: Option<String>,
 }
 
 /// What the certificates must name.
@@ -72,6 +78,8 @@ pub struct Validity {
     pub now: OffsetDateTime,
     pub ca: Duration,
     pub leaf: Duration,
+    /// How long a bootstrap token lasts.
+    pub token: Duration,
 }
 
 impl Validity {
@@ -81,6 +89,7 @@ impl Validity {
             now,
             ca: Duration::days(CA_DAYS),
             leaf: Duration::days(LEAF_DAYS),
+            token: Duration::hours(i64::from(crate::config::TOKEN_HOURS)),
         }
     }
 
@@ -473,6 +482,7 @@ impl Bundle {
         Ok(Self {
             files,
             renewed: None,
+            token_expires: Some(renew::timestamp(validity.now + validity.token)),
         })
     }
 
@@ -492,6 +502,7 @@ impl Bundle {
         Ok(Bundle {
             files,
             renewed: None,
+            token_expires: self.token_expires.clone(),
         })
     }
 

@@ -70,6 +70,8 @@ pub struct Inputs<'a> {
     pub pki: PathBuf,
     /// `<id>.<secret>`; masters only (the add-ons create its Secret).
     pub bootstrap_token: Option<&'a str>,
+    /// When that token expires (RFC 3339), if it does.
+    pub token_expires: Option<&'a str>,
 }
 
 /// The master's node name: derived from its stable private IP, so that a
@@ -173,6 +175,9 @@ impl Templates {
                 .ok_or_else(|| RenderError::Token(token.to_owned()))?;
             ctx.insert("token_id", id);
             ctx.insert("token_secret", secret);
+        }
+        if let Some(expires) = inputs.token_expires {
+            ctx.insert("token_expires", expires);
         }
         let mut out = Vec::new();
         for (name, target, path, only_for) in &self.outputs {

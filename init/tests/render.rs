@@ -12,6 +12,7 @@ use slipway_init::render::{master_node_name, Inputs, RenderError, Rendered, Targ
 use std::path::{Path, PathBuf};
 
 const TOKEN: &str = "abcdef.0123456789abcdef";
+const EXPIRES: &str = "2027-01-16T08:00:00Z";
 
 fn manifests() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
@@ -44,6 +45,7 @@ fn render(role: &str) -> Vec<Rendered> {
             node_ip: master.then_some(config.master_ip),
             pki: PathBuf::from("/srv/kubernetes/pki"),
             bootstrap_token: master.then_some(TOKEN),
+            token_expires: master.then_some(EXPIRES),
         })
         .unwrap()
 }
@@ -203,6 +205,8 @@ fn the_control_plane_carries_the_stacks_networks() {
     let boot = docs(file(&files, "addons/10-bootstrap.yaml"));
     assert_eq!(boot[0]["metadata"]["name"], "bootstrap-token-abcdef");
     assert_eq!(boot[0]["stringData"]["token-secret"], "0123456789abcdef");
+    // The token cleaner deletes it once it expires.
+    assert_eq!(boot[0]["stringData"]["expiration"], EXPIRES);
 }
 
 #[test]
@@ -277,6 +281,7 @@ fn a_broken_template_is_named_in_the_error() {
             node_ip: None,
             pki: PathBuf::from("/pki"),
             bootstrap_token: Some(TOKEN),
+            token_expires: Some(EXPIRES),
         })
         .unwrap_err();
     assert!(err.to_string().contains("static/broken.yaml"), "{err}");

@@ -107,15 +107,90 @@ async fn a_master_renews_a_bundle_inside_the_window_and_stores_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bundle_far_from_its_end_is_left_as_it_is() {
+async fn certificates_far_from_their_end_are_kept_and_an_old_token_replaced() {
     let w = world(1).await;
     let old = seed(&w, 100).await;
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&w, "master", 0, dir.path());
     let (report, bundle) = secrets::master(&ctx, None).await.unwrap();
+    assert!(report.changed, "{report:?}");
+    assert!(!report.detail.contains("renewed"), "{}", report.detail);
+    assert!(
+        report.detail.contains("replaced bootstrap token"),
+        "{}",
+        report.detail
+    );
+    assert_eq!(serials(&bundle), serials(&old));
+    assert_ne!(
+        bundle.get("bootstrap-token").unwrap(),
+        old.get("bootstrap-token").unwrap()
+    );
+    let expires = bundle.token_expiry().unwrap().unwrap();
+    let left = expires - OffsetDateTime::now_utc();
+    assert!(
+        left > Duration::hours(23) && left <= Duration::hours(24),
+        "{left}"
+    );
+    assert_eq!(stored(&w).await, bundle);
+    // Nodes get the new token too.
+    let node: Bundle =
+        serde_json::from_slice(&object(&w, &secrets::node_key("demo")).await.unwrap()).unwrap();
+    assert_eq!(node.token_expires, bundle.token_expires);
+    assert_eq!(
+        node.get("bootstrap-kubelet.conf").unwrap(),
+        bundle.get("bootstrap-kubelet.conf").unwrap()
+    );
+    // Within its first half-life, nothing changes at the next boot.
+    let (report, again) = secrets::master(&ctx, None).await.unwrap();
     assert!(!report.changed, "{report:?}");
-    assert_eq!(bundle, old);
-    assert_eq!(stored(&w).await, old);
+    assert_eq!(again, bundle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_waits_while_its_token_is_expired_and_joins_with_the_next() {
+    let w = world(1).await;
+    let old = seed(&w, 3).await;
+    let publish = |b: &Bundle| {
+        let body = serde_json::to_vec(&b.node_bundle().unwrap()).unwrap();
+        w.aws
+            .s3
+            .put_object()
+            .bucket(&w.bucket)
+            .key(secrets::node_key("demo"))
+            .body(body.into())
+            .send()
+    };
+    publish(&old).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(&w, "node", 0, dir.path());
+    // Nobody replaces it: the node fails at its deadline, saying why.
+    let err = secrets::node(&ctx, std::time::Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("has not expired"), "{err}");
+    // A master replaces it while the node waits.
+    let fresh = old
+        .rotate_token(OffsetDateTime::now_utc(), Duration::hours(24))
+        .unwrap()
+        .unwrap()
+        .bundle;
+    let (got, ()) = tokio::join!(
+        secrets::node(&ctx, std::time::Duration::from_secs(30)),
+        async {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            publish(&fresh).await.unwrap();
+        }
+    );
+    let (report, bundle) = got.unwrap();
+    assert_eq!(
+        bundle.get("bootstrap-kubelet.conf").unwrap(),
+        fresh.get("bootstrap-kubelet.conf").unwrap()
+    );
+    assert!(report.detail.contains("token expires"), "{}", report.detail);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("pki/bootstrap-kubelet.conf")).unwrap(),
+        fresh.get("bootstrap-kubelet.conf").unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,6 +251,11 @@ impl Runner for ControlPlane {
                 format!("stop {id}")
             }
             ("kubectl", [.., "get", "--raw=/readyz"]) => "readyz".to_owned(),
+            ("kubectl", [.., "-f", file]) => format!("apply {}", file.rsplit('/').next().unwrap()),
+            ("kubectl", [.., "get", "secrets", _, _]) => {
+                self.calls.lock().unwrap().push("list tokens".into());
+                return Ok(r#"{"items": []}"#.into());
+            }
             ("systemctl", ["restart", unit]) => format!("restart {unit}"),
             _ => panic!("unexpected call: {program} {args:?}"),
         };
@@ -205,6 +285,9 @@ async fn the_daily_renewal_restarts_the_control_plane_in_order_stand_in_runtime(
     assert_eq!(
         *plane.calls.lock().unwrap(),
         [
+            // The token, a year old, is long expired: its successor first.
+            "apply 10-bootstrap.yaml",
+            "list tokens",
             "stop etcd-1",
             "stop kube-apiserver-1",
             "readyz",
@@ -232,6 +315,13 @@ async fn the_daily_renewal_restarts_the_control_plane_in_order_stand_in_runtime(
         .unwrap();
     assert_eq!(status.matches("  ok\n").count(), 12, "{status}");
     assert_eq!(status.matches("  CA\n").count(), 3, "{status}");
+    assert!(
+        status.contains(&format!(
+            "expires {}",
+            now.token_expires.as_deref().unwrap()
+        )),
+        "{status}"
+    );
     assert!(status.contains("kubelet.conf (this master)"), "{status}");
     assert!(
         status.contains(&format!(

@@ -319,6 +319,24 @@ fn bundle(cluster: &Cluster) -> Result<Bundle> {
     )?)
 }
 
+/// The bootstrap token in `node.json` and when it expires.
+fn node_token(cluster: &Cluster) -> Result<(String, time::OffsetDateTime)> {
+    let node: Bundle = serde_json::from_slice(&cluster.get_object(&format!(
+        "{}/node.json",
+        cluster.config_value("cluster_name")?
+    ))?)?;
+    let conf = node.get("bootstrap-kubelet.conf")?;
+    let token = conf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .context("no token in bootstrap-kubelet.conf")?
+        .to_owned();
+    let expires = node
+        .token_expiry()?
+        .context("node.json's token never expires")?;
+    Ok((token, expires))
+}
+
 /// The serial of the bundle's `file` (hex, lower case).
 fn serial(bundle: &Bundle, file: &str) -> Result<String> {
     let pem = bundle.get(file)?;
@@ -327,8 +345,9 @@ fn serial(bundle: &Bundle, file: &str) -> Result<String> {
 
 /// Re-issues every leaf of the cluster's bundle as if it had been issued
 /// 300 days ago (the product's renewal code with its clock set back), so
-/// that they end in 65 days, inside the renewal window. Returns the
-/// backdated API server certificate's serial.
+/// that they end in 65 days, inside the renewal window, and marks its
+/// bootstrap token expired an hour ago. Returns the backdated API server
+/// certificate's serial.
 fn backdate(cluster: &Cluster) -> Result<String> {
     let config =
         slipway_init::config::StackConfig::parse(cluster.user_data(Role::Master).as_bytes())?;
@@ -340,10 +359,12 @@ fn backdate(cluster: &Cluster) -> Result<String> {
     };
     let back = Validity::at(time::OffsetDateTime::now_utc() - time::Duration::days(300));
     let every_leaf = time::Duration::days(100_000);
-    let old = bundle(cluster)?
+    let mut old = bundle(cluster)?
         .renew(&id, &back, every_leaf)?
         .context("nothing to backdate")?
         .bundle;
+    let an_hour_ago = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    old.token_expires = Some(slipway_init::pki::timestamp(an_hour_ago));
     cluster.put_object(&pki_key(cluster)?, serde_json::to_vec(&old)?)?;
     serial(&old, "apiserver.crt")
 }
@@ -395,11 +416,8 @@ fn ask_as_bootstrapper(
         "{}/node.json",
         cluster.config_value("cluster_name")?
     ))?)?;
+    let (token, _) = node_token(cluster)?;
     let conf = bundle.get("bootstrap-kubelet.conf")?;
-    let token = conf
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("token: "))
-        .context("no token in bootstrap-kubelet.conf")?;
     let ca = conf
         .lines()
         .find_map(|l| l.trim().strip_prefix("certificate-authority-data: "))
@@ -698,7 +716,9 @@ spec:
     }
     let mut scan_time = scanning.elapsed();
 
-    // The replacement finds leaves 65 days from their end: it must renew.
+    // The replacement finds leaves 65 days from their end and an expired
+    // token: it must renew them and replace it.
+    let first_token = node_token(&cluster)?;
     let backdated = backdate(&cluster)?;
     let known: Vec<String> = first.iter().map(|i| i.id.clone()).collect();
     let new_master = cluster.replacement(Role::Master, &known, Duration::from_secs(120))?;
@@ -759,6 +779,35 @@ spec:
         "the API server serves {served}, the bundle holds {boot_serial}"
     );
     eprintln!("[cluster] renewed at boot: apiserver.crt {backdated} → {boot_serial}, served");
+    // A new token, in node.json too, with its Secret (and its expiration)
+    // in the API; the node replaced next joins with it.
+    let token = node_token(&cluster)?;
+    ensure!(
+        token.0 != first_token.0,
+        "the expired bootstrap token was not replaced"
+    );
+    ensure!(
+        token.1 > time::OffsetDateTime::now_utc(),
+        "node.json's token expires at {}",
+        token.1
+    );
+    let id = token.0.split('.').next().unwrap_or_default();
+    let expiration = kubectl.get(
+        &cluster,
+        &[
+            "-n",
+            "kube-system",
+            "get",
+            "secret",
+            &format!("bootstrap-token-{id}"),
+            "-o",
+            "jsonpath={.data.expiration}",
+        ],
+    )?;
+    ensure!(
+        !expiration.trim().is_empty(),
+        "the new token's Secret has no expiration"
+    );
     wait(
         &cluster,
         "master and the untouched node Ready again",
@@ -807,6 +856,10 @@ spec:
         },
     )?;
     eprintln!("[cluster] renewed by the timer: apiserver.crt {backdated} → {daily_serial}, served");
+    ensure!(
+        node_token(&cluster)?.0 != token.0,
+        "the timer did not replace the expired token"
+    );
     wait(
         &cluster,
         "both Ready after the renewal",

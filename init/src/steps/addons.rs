@@ -13,12 +13,71 @@ pub const STEP: &str = "addons";
 /// stuck one must not hold the step past its deadlines.
 pub const REQUEST_TIMEOUT: &str = "--request-timeout=60s";
 
+/// The rendered add-on that holds the bootstrap token's Secret.
+pub const TOKEN_FILE: &str = "10-bootstrap.yaml";
+
 const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane=";
 
 /// Objects earlier releases applied that this one must not leave behind:
 /// the binding that approved every bootstrapper's certificate request
 /// (the approver decides those now).
 const WITHDRAWN: &[&str] = &["clusterrolebinding/slipway:node-autoapprove-bootstrap"];
+
+/// kubectl as the master's control plane uses it: the super-admin
+/// kubeconfig on the tmpfs, every request bounded.
+pub(crate) fn kubectl(ctx: &Context) -> impl Fn(&[&str]) -> Result<String, StepError> + '_ {
+    let kubeconfig = ctx
+        .paths
+        .secrets
+        .join("pki/super-admin.conf")
+        .to_string_lossy()
+        .into_owned();
+    move |args: &[&str]| {
+        let mut all = vec!["--kubeconfig", kubeconfig.as_str(), REQUEST_TIMEOUT];
+        all.extend_from_slice(args);
+        ctx.runner.run("kubectl", &all)
+    }
+}
+
+/// Deletes the bootstrap-token Secrets that never expire, except the
+/// current token's: tokens made before tokens expired. (The token cleaner
+/// deletes the others when they expire.) Returns the names deleted.
+pub fn retire_tokens(ctx: &Context) -> Result<Vec<String>, StepError> {
+    let kubectl = kubectl(ctx);
+    let token_file = ctx.paths.secrets.join("pki/bootstrap-token");
+    let current = std::fs::read_to_string(&token_file).map_err(|e| StepError::Invalid {
+        what: token_file.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let keep = format!("bootstrap-token-{}", crate::pki::token_id(current.trim()));
+    let out = kubectl(&[
+        "--namespace=kube-system",
+        "get",
+        "secrets",
+        "--field-selector=type=bootstrap.kubernetes.io/token",
+        "--output=json",
+    ])?;
+    let list: serde_json::Value = serde_json::from_str(&out).map_err(|e| StepError::Invalid {
+        what: "the bootstrap-token Secrets".into(),
+        message: e.to_string(),
+    })?;
+    let mut retired = Vec::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        let name = item["metadata"]["name"].as_str().unwrap_or_default();
+        if name.is_empty() || name == keep || !item["data"]["expiration"].is_null() {
+            continue;
+        }
+        kubectl(&[
+            "--namespace=kube-system",
+            "delete",
+            "secret",
+            "--ignore-not-found",
+            name,
+        ])?;
+        retired.push(name.to_owned());
+    }
+    Ok(retired)
+}
 
 /// Waits for the API server (up to `api-server`), applies the add-ons, and
 /// labels the master's Node once its kubelet registered it (up to
@@ -27,15 +86,9 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     if ctx.config.role != Role::Master {
         return Ok(Report::already(STEP, "nothing to apply on a node"));
     }
-    let kubeconfig = ctx.paths.secrets.join("pki/super-admin.conf");
-    let kubeconfig = kubeconfig.to_string_lossy();
     let dir = ctx.paths.secrets.join("addons");
     let dir = dir.to_string_lossy();
-    let kubectl = |args: &[&str]| {
-        let mut all = vec!["--kubeconfig", &kubeconfig, REQUEST_TIMEOUT];
-        all.extend_from_slice(args);
-        ctx.runner.run("kubectl", &all)
-    };
+    let kubectl = kubectl(ctx);
     retry::until(
         "waiting for the API server to be ready",
         Backoff::new(ctx.deadlines.api_server),
@@ -55,6 +108,7 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     for object in WITHDRAWN {
         kubectl(&["delete", "--ignore-not-found", object])?;
     }
+    retire_tokens(ctx)?;
     // The master's role label (a kubelet may not set node-role labels on
     // itself), once its kubelet has registered the node.
     let node = format!(
@@ -112,6 +166,16 @@ mod tests {
                     message: "connection refused".into(),
                 });
             }
+            if line.contains("get secrets") {
+                // The current token, one from before tokens expired, and
+                // an expiring one the token cleaner will remove.
+                return Ok(r#"{"items": [
+                    {"metadata": {"name": "bootstrap-token-abcdef"}, "data": {}},
+                    {"metadata": {"name": "bootstrap-token-old000"}, "data": {}},
+                    {"metadata": {"name": "bootstrap-token-exp000"}, "data": {"expiration": "MjAyNw=="}}
+                ]}"#
+                .into());
+            }
             Ok("namespace/kube-flannel serverside-applied\nserviceaccount/flannel serverside-applied\n".into())
         }
     }
@@ -141,26 +205,40 @@ mod tests {
     async fn waits_for_the_api_then_applies_server_side() {
         let kubectl = Kubectl::default();
         *kubectl.not_ready.lock().unwrap() = 2;
-        let ctx = context("master", kubectl.clone()).await;
+        let mut ctx = context("master", kubectl.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        ctx.paths = Paths::under(dir.path());
+        let pki = ctx.paths.secrets.join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        std::fs::write(pki.join("bootstrap-token"), "abcdef.0123456789abcdef").unwrap();
         let report = run(&ctx).await.unwrap();
+        let secrets = ctx.paths.secrets.display().to_string();
         assert_eq!(
             report.detail,
-            "applied 2 objects from /nonexistent/srv/kubernetes/addons; labelled node/ip-10-0-1-10"
+            format!("applied 2 objects from {secrets}/addons; labelled node/ip-10-0-1-10")
         );
-        let calls = kubectl.calls.lock().unwrap().clone();
-        assert_eq!(calls.len(), 6, "{calls:?}");
-        assert!(calls[..3].iter().all(|c| c.ends_with("get --raw=/readyz")));
+        let prefix =
+            format!("kubectl --kubeconfig {secrets}/pki/super-admin.conf --request-timeout=60s");
+        let calls: Vec<String> = kubectl
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c.strip_prefix(&prefix).unwrap().trim().to_owned())
+            .collect();
         assert_eq!(
-            calls[3],
-            "kubectl --kubeconfig /nonexistent/srv/kubernetes/pki/super-admin.conf --request-timeout=60s apply --server-side --force-conflicts --field-manager=slipway -f /nonexistent/srv/kubernetes/addons"
-        );
-        assert_eq!(
-            calls[4],
-            "kubectl --kubeconfig /nonexistent/srv/kubernetes/pki/super-admin.conf --request-timeout=60s delete --ignore-not-found clusterrolebinding/slipway:node-autoapprove-bootstrap"
-        );
-        assert_eq!(
-            calls[5],
-            "kubectl --kubeconfig /nonexistent/srv/kubernetes/pki/super-admin.conf --request-timeout=60s label --overwrite node/ip-10-0-1-10 node-role.kubernetes.io/control-plane="
+            calls,
+            [
+                "get --raw=/readyz",
+                "get --raw=/readyz",
+                "get --raw=/readyz",
+                &format!("apply --server-side --force-conflicts --field-manager=slipway -f {secrets}/addons"),
+                "delete --ignore-not-found clusterrolebinding/slipway:node-autoapprove-bootstrap",
+                "--namespace=kube-system get secrets --field-selector=type=bootstrap.kubernetes.io/token --output=json",
+                // Only the token that never expires and is not the current one.
+                "--namespace=kube-system delete secret --ignore-not-found bootstrap-token-old000",
+                "label --overwrite node/ip-10-0-1-10 node-role.kubernetes.io/control-plane=",
+            ]
         );
     }
 

@@ -317,13 +317,7 @@ pub fn pending(json: &str) -> Result<Vec<Request>, StepError> {
 
 /// One pass: decides every pending request. Returns what it decided.
 pub async fn once(ctx: &Context) -> Result<Vec<(String, Verdict)>, StepError> {
-    let kubeconfig = ctx.paths.secrets.join("pki/super-admin.conf");
-    let kubeconfig = kubeconfig.to_string_lossy();
-    let kubectl = |args: &[&str]| {
-        let mut all = vec!["--kubeconfig", &kubeconfig, super::addons::REQUEST_TIMEOUT];
-        all.extend_from_slice(args);
-        ctx.runner.run("kubectl", &all)
-    };
+    let kubectl = super::addons::kubectl(ctx);
     let requests = pending(&kubectl(&["get", "csr", "-o", "json"])?)?;
     let mine: Vec<&Request> = requests
         .iter()

@@ -70,6 +70,11 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
         node_ip: master.then_some(config.master_ip),
         pki: pki.clone(),
         bootstrap_token: token,
+        token_expires: if master {
+            bundle.token_expires.as_deref()
+        } else {
+            None
+        },
     })?;
     let mut written = 0;
     for f in &files {

@@ -1,7 +1,8 @@
-//! The daily renewal on a running master (`slipway-init renew`, from a
+//! The renewal on a running master (`slipway-init renew`, hourly from a
 //! timer): the boot's own PKI step, which renews the due leaves of the
-//! shared bundle, the files rendered again, and, when certificates
-//! changed, the control plane restarted one component at a time so that
+//! shared bundle and replaces the bootstrap token at half its life, the
+//! files rendered again, the new token's Secret applied, and, when
+//! certificates changed, the control plane restarted one component at a time so that
 //! each reads its new files: etcd first (the API server's backend), then
 //! the API server (waited for until it is ready), then its clients, then
 //! kubelet if its own kubeconfig was renewed.
@@ -40,15 +41,33 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     r.log();
     let kubelet_conf = configure::kubelet_conf(ctx);
     let kubelet_before = std::fs::read(&kubelet_conf).ok();
-    let (pki, bundle) = secrets::master(ctx, Some(public_ip)).await?;
-    pki.log();
-    configure::run(ctx, &bundle)?.log();
+    let outcome = secrets::master_outcome(ctx, Some(public_ip)).await?;
+    outcome.report.log();
+    configure::run(ctx, &outcome.bundle)?.log();
     let kubelet_renewed = std::fs::read(&kubelet_conf).ok() != kubelet_before;
-    if !pki.changed && !kubelet_renewed {
-        return Ok(Report::already(STEP, "no certificate is due"));
+    let mut done = Vec::new();
+    if outcome.rotated.is_some() {
+        // The new token's Secret, and the end of tokens that never expire.
+        let kubectl = super::addons::kubectl(ctx);
+        let file = ctx
+            .paths
+            .secrets
+            .join("addons")
+            .join(super::addons::TOKEN_FILE);
+        let file = file.to_string_lossy();
+        kubectl(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=slipway",
+            "-f",
+            &file,
+        ])?;
+        super::addons::retire_tokens(ctx)?;
+        done.push("replaced the bootstrap token".to_owned());
     }
     let mut restarted = Vec::new();
-    if pki.changed {
+    if !outcome.renewed.is_empty() {
         for name in ORDER {
             restart(ctx, name).await?;
             if *name == "kube-apiserver" {
@@ -62,10 +81,13 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
             .run("systemctl", &["restart", "kubelet.service"])?;
         restarted.push("kubelet");
     }
-    Ok(Report::changed(
-        STEP,
-        format!("renewed; restarted {}", restarted.join(", ")),
-    ))
+    if !restarted.is_empty() {
+        done.push(format!("renewed; restarted {}", restarted.join(", ")));
+    }
+    if done.is_empty() {
+        return Ok(Report::already(STEP, "no certificate or token is due"));
+    }
+    Ok(Report::changed(STEP, done.join("; ")))
 }
 
 /// The IDs of `name`'s running containers.
@@ -108,21 +130,11 @@ async fn restart(ctx: &Context, name: &str) -> Result<(), StepError> {
 
 /// Waits for the restarted API server to be ready (up to `restart`).
 async fn api_ready(ctx: &Context) -> Result<(), StepError> {
-    let kubeconfig = ctx.paths.secrets.join("pki/super-admin.conf");
-    let kubeconfig = kubeconfig.to_string_lossy();
+    let kubectl = super::addons::kubectl(ctx);
     retry::until(
         "waiting for the restarted API server to be ready",
         Backoff::new(ctx.deadlines.restart),
-        || async {
-            let args = [
-                "--kubeconfig",
-                &*kubeconfig,
-                super::addons::REQUEST_TIMEOUT,
-                "get",
-                "--raw=/readyz",
-            ];
-            Ok::<_, StepError>(ctx.runner.run("kubectl", &args).ok().map(|_| ()))
-        },
+        || async { Ok::<_, StepError>(kubectl(&["get", "--raw=/readyz"]).ok().map(|_| ())) },
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))
@@ -153,10 +165,15 @@ pub async fn status(ctx: &Context, now: OffsetDateTime) -> Result<String, StepEr
     for c in &certs {
         out.push_str(&row(c, now, window));
     }
-    let token = bundle.get("bootstrap-token")?;
-    let token_id = token.split('.').next().unwrap_or_default();
+    let token = pki::token_id(bundle.get("bootstrap-token")?);
+    let expired = if bundle.token_expired(now)? {
+        " (EXPIRED)"
+    } else {
+        ""
+    };
     out.push_str(&format!(
-        "bootstrap token {token_id}: no expiry set\nlast renewal: {}\n",
+        "bootstrap token {token}: expires {}{expired}\nlast renewal: {}\n",
+        bundle.token_expires.as_deref().unwrap_or("never"),
         bundle.renewed.as_deref().unwrap_or("never")
     ));
     for warning in bundle.ca_warnings(now)? {

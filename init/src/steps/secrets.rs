@@ -6,7 +6,7 @@
 //! their (smaller) bundle. What arrives is written only below the tmpfs.
 
 use super::{aws_err, Context, Report, StepError};
-use crate::pki::{Bundle, Due, Identity, Validity};
+use crate::pki::{self, Bundle, Due, Identity, Validity};
 use crate::retry::{self, Backoff};
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
@@ -156,13 +156,35 @@ struct Shared {
     etag: Option<String>,
 }
 
+/// What a master's secrets step did to the shared bundle.
+#[derive(Debug)]
+pub struct Outcome {
+    pub report: Report,
+    /// The bundle now on the tmpfs.
+    pub bundle: Bundle,
+    /// Leaf certificates issued again.
+    pub renewed: Vec<Due>,
+    /// The bootstrap token replaced, if it was: its ID and its expiry.
+    pub rotated: Option<(String, Option<time::OffsetDateTime>)>,
+}
+
 /// Master: download the cluster's PKI, or generate and store it if this is
-/// the cluster's first master; renew its leaf certificates when they are
-/// due. Returns the bundle now on the tmpfs.
+/// the cluster's first master; renew its leaf certificates and replace its
+/// bootstrap token when they are due. Returns the report and the bundle
+/// now on the tmpfs.
 pub async fn master(
     ctx: &Context,
     public_ip: Option<Ipv4Addr>,
 ) -> Result<(Report, Bundle), StepError> {
+    let outcome = master_outcome(ctx, public_ip).await?;
+    Ok((outcome.report, outcome.bundle))
+}
+
+/// [`master`], saying what changed in the bundle.
+pub async fn master_outcome(
+    ctx: &Context,
+    public_ip: Option<Ipv4Addr>,
+) -> Result<Outcome, StepError> {
     let cluster = &ctx.config.cluster_name;
     let key = pki_key(cluster);
     let id = Identity {
@@ -185,7 +207,7 @@ pub async fn master(
             (shared, detail, false)
         }
         None => {
-            let generated = Bundle::generate(&id)?;
+            let generated = Bundle::generate_with(&id, &validity(ctx))?;
             if put(ctx, &key, encode(&generated), Condition::Absent).await? {
                 let detail = format!(
                     "generated the cluster PKI (CA {})",
@@ -203,7 +225,11 @@ pub async fn master(
             }
         }
     };
-    let (bundle, renewed) = renew(ctx, &key, &id, shared).await?;
+    let Maintained {
+        bundle,
+        renewed,
+        rotated,
+    } = maintain(ctx, &key, &id, shared).await?;
     if !renewed.is_empty() {
         let list: Vec<String> = renewed
             .iter()
@@ -213,6 +239,13 @@ pub async fn master(
             "; renewed {} certificates: {}",
             renewed.len(),
             list.join(", ")
+        ));
+    }
+    if let Some((old, _)) = &rotated {
+        detail.push_str(&format!(
+            "; replaced bootstrap token {old} with {} (expires {})",
+            pki::token_id(bundle.get("bootstrap-token")?),
+            bundle.token_expires.as_deref().unwrap_or("never")
         ));
     }
     for warning in bundle.ca_warnings(time::OffsetDateTime::now_utc())? {
@@ -235,12 +268,26 @@ pub async fn master(
     )
     .await?;
     bundle.write(&ctx.paths.secrets.join("pki"))?;
-    let report = if generated || !renewed.is_empty() {
+    let report = if generated || !renewed.is_empty() || rotated.is_some() {
         Report::changed(STEP, detail)
     } else {
         Report::already(STEP, detail)
     };
-    Ok((report, bundle))
+    Ok(Outcome {
+        report,
+        bundle,
+        renewed,
+        rotated,
+    })
+}
+
+/// Lifetimes from now, the token's from the stack config.
+fn validity(ctx: &Context) -> Validity {
+    let mut v = Validity::now();
+    if let Some(m) = &ctx.config.master {
+        v.token = time::Duration::hours(i64::from(m.token_hours));
+    }
+    v
 }
 
 /// The cluster's bundle as the bucket holds it, if it exists (masters only).
@@ -264,34 +311,54 @@ async fn read(ctx: &Context, key: &str) -> Result<Shared, StepError> {
     })
 }
 
-/// Renews the shared bundle's due leaves (see [`Bundle::renew`]). The
-/// write is conditional on the version read, so two masters renewing at
-/// once leave one bundle: the one that loses reads the winner's, in which
-/// nothing is due any more, and uses it.
-async fn renew(
+/// The shared bundle after [`maintain`].
+struct Maintained {
+    bundle: Bundle,
+    renewed: Vec<Due>,
+    rotated: Option<(String, Option<time::OffsetDateTime>)>,
+}
+
+/// Renews the shared bundle's due leaves (see [`Bundle::renew`]) and
+/// replaces its token at half its life (see [`Bundle::rotate_token`]), in
+/// one write conditional on the version read: of two masters doing so at
+/// once, the one that loses reads the winner's bundle, in which nothing is
+/// due any more, and uses it.
+async fn maintain(
     ctx: &Context,
     key: &str,
     id: &Identity,
     mut shared: Shared,
-) -> Result<(Bundle, Vec<Due>), StepError> {
+) -> Result<Maintained, StepError> {
     let window = super::configure::renew_window(ctx);
     for _ in 0..RENEWAL_RACES {
-        let Some(renewal) = shared.bundle.renew(id, &Validity::now(), window)? else {
-            return Ok((shared.bundle, Vec::new()));
+        let validity = validity(ctx);
+        let renewal = shared.bundle.renew(id, &validity, window)?;
+        let (mut bundle, renewed) = match renewal {
+            Some(r) => (r.bundle, r.renewed),
+            None => (shared.bundle.clone(), Vec::new()),
         };
+        let mut rotated = None;
+        if let Some(r) = bundle.rotate_token(validity.now, validity.token)? {
+            rotated = Some((r.old_id, r.old_expires));
+            bundle = r.bundle;
+        }
+        if renewed.is_empty() && rotated.is_none() {
+            return Ok(Maintained {
+                bundle,
+                renewed,
+                rotated,
+            });
+        }
         let etag = shared.etag.as_deref().ok_or_else(|| StepError::Invalid {
             what: key.to_owned(),
             message: "the bucket gave no ETag to make the renewal conditional on".into(),
         })?;
-        if put(
-            ctx,
-            key,
-            encode(&renewal.bundle),
-            Condition::Unchanged(etag),
-        )
-        .await?
-        {
-            return Ok((renewal.bundle, renewal.renewed));
+        if put(ctx, key, encode(&bundle), Condition::Unchanged(etag)).await? {
+            return Ok(Maintained {
+                bundle,
+                renewed,
+                rotated,
+            });
         }
         tracing::info!(
             step = STEP,
@@ -304,18 +371,40 @@ async fn renew(
     )))
 }
 
-/// Node: wait until the bucket holds the node bundle, then fetch it.
+/// Node: wait until the bucket holds the node bundle with a bootstrap
+/// token that has not expired (a master that was down past its token's
+/// end puts a new one in place when it returns), then fetch it.
 pub async fn node(ctx: &Context, deadline: Duration) -> Result<(Report, Bundle), StepError> {
     let key = node_key(&ctx.config.cluster_name);
-    let what = format!("waiting for s3://{}/{key}", ctx.config.secrets_bucket);
-    let object = retry::until(&what, Backoff::new(deadline), || get(ctx, &key))
-        .await
-        .map_err(|e| StepError::Wait(e.to_string()))?;
-    let bundle = parse(&key, &object.body)?;
+    let what = format!(
+        "waiting for s3://{}/{key} with a bootstrap token that has not expired",
+        ctx.config.secrets_bucket
+    );
+    let stale = std::sync::atomic::AtomicBool::new(false);
+    let bundle = retry::until(&what, Backoff::new(deadline), || async {
+        let Some(object) = get(ctx, &key).await? else {
+            return Ok::<_, StepError>(None);
+        };
+        let bundle = parse(&key, &object.body)?;
+        if bundle.token_expired(time::OffsetDateTime::now_utc())? {
+            if !stale.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    step = STEP,
+                    "the bootstrap token in {key} expired at {}; waiting for the master to replace it",
+                    bundle.token_expires.as_deref().unwrap_or("?")
+                );
+            }
+            return Ok(None);
+        }
+        Ok(Some(bundle))
+    })
+    .await
+    .map_err(|e| StepError::Wait(e.to_string()))?;
     bundle.write(&ctx.paths.secrets.join("pki"))?;
     let detail = format!(
-        "fetched the node bundle (CA {})",
-        &bundle.ca_fingerprint()?[..16]
+        "fetched the node bundle (CA {}, token expires {})",
+        &bundle.ca_fingerprint()?[..16],
+        bundle.token_expires.as_deref().unwrap_or("never")
     );
     Ok((Report::changed(STEP, detail), bundle))
 }
