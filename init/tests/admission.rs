@@ -1,5 +1,6 @@
 //! Node admission against moto: the approver finds this cluster's running
-//! instances by their tags, and decides certificate requests by them. The
+//! instances by their tags, and decides certificate requests by them
+//! (joins, serving certificates, kubelets' own renewals). The
 //! API server is a stand-in here (a runner answering `kubectl get csr` and
 //! recording approvals and denials, named in the test); the cluster test
 //! runs the approver against a real one.
@@ -157,6 +158,7 @@ async fn requests_are_decided_by_what_ec2_says_stand_in_api_server() {
             ("master", false),
             ("serve", true),
             ("serve-other", false),
+            ("renew", true),
         ]
     );
     assert_eq!(
@@ -167,6 +169,7 @@ async fn requests_are_decided_by_what_ec2_says_stand_in_api_server() {
             "certificate deny master",
             "certificate approve serve",
             "certificate deny serve-other",
+            "certificate approve renew",
         ]
     );
 }

@@ -19,9 +19,13 @@ pub const TOKEN_FILE: &str = "10-bootstrap.yaml";
 const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane=";
 
 /// Objects earlier releases applied that this one must not leave behind:
-/// the binding that approved every bootstrapper's certificate request
-/// (the approver decides those now).
-const WITHDRAWN: &[&str] = &["clusterrolebinding/slipway:node-autoapprove-bootstrap"];
+/// the bindings that had the controller manager approve every
+/// bootstrapper's and every kubelet's certificate request (the approver
+/// decides those now).
+const WITHDRAWN: &[&str] = &[
+    "clusterrolebinding/slipway:node-autoapprove-bootstrap",
+    "clusterrolebinding/slipway:node-autoapprove-certificate-rotation",
+];
 
 /// kubectl as the master's control plane uses it: the super-admin
 /// kubeconfig on the tmpfs, every request bounded.
@@ -234,6 +238,7 @@ mod tests {
                 "get --raw=/readyz",
                 &format!("apply --server-side --force-conflicts --field-manager=slipway -f {secrets}/addons"),
                 "delete --ignore-not-found clusterrolebinding/slipway:node-autoapprove-bootstrap",
+                "delete --ignore-not-found clusterrolebinding/slipway:node-autoapprove-certificate-rotation",
                 "--namespace=kube-system get secrets --field-selector=type=bootstrap.kubernetes.io/token --output=json",
                 // Only the token that never expires and is not the current one.
                 "--namespace=kube-system delete secret --ignore-not-found bootstrap-token-old000",

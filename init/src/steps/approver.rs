@@ -7,8 +7,9 @@
 //!   asked for by a bootstrapper is approved only for `system:node:<id>`
 //!   where `<id>` is a running (or pending) instance of this cluster's node
 //!   group; never for the master's name. A kubelet renewing its own client
-//!   certificate (`system:node:<name>` asking for itself) is left to the
-//!   controller manager's approver, which checks exactly that.
+//!   certificate (`system:node:<name>` asking for itself) is approved while
+//!   it is still a running member, so a terminated node's credentials stop
+//!   at their end.
 //! - A **serving** certificate (`kubelet-serving`) is approved only when the
 //!   node asks for itself and names nothing but that instance's addresses
 //!   as EC2 reports them (its private IPs and private DNS name, and the node
@@ -50,7 +51,7 @@ pub struct Request {
 pub enum Verdict {
     Approve(String),
     Deny(String),
-    /// Not for a kubelet signer, or a renewal the controller manager judges.
+    /// Not for a kubelet signer.
     Leave,
 }
 
@@ -128,9 +129,6 @@ pub fn judge(req: &Request, members: &Members, master: &str) -> Verdict {
     if !client && req.signer != SERVING_SIGNER {
         return Verdict::Leave;
     }
-    if client && req.username.starts_with(NODE_PREFIX) {
-        return Verdict::Leave;
-    }
     let asked = match asked(&req.pem) {
         Ok(a) => a,
         Err(e) => return Verdict::Deny(format!("the request is unreadable: {e}")),
@@ -148,6 +146,22 @@ pub fn judge(req: &Request, members: &Members, master: &str) -> Verdict {
         ));
     }
     let member = members.get(name);
+    let itself = req.username == format!("{NODE_PREFIX}{name}");
+    if client && itself {
+        if !usages_ok(
+            &req.usages,
+            &["digital signature", "key encipherment", "client auth"],
+            "client auth",
+        ) {
+            return Verdict::Deny(format!("unexpected usages {:?}", req.usages));
+        }
+        return match member {
+            Some(_) => Verdict::Approve(format!(
+                "{name} renews its own client certificate and is still running"
+            )),
+            None => Verdict::Deny(format!("{name} is no longer a running instance of this cluster")),
+        };
+    }
     if client {
         if !req.username.starts_with("system:bootstrap:") {
             return Verdict::Deny(format!(
@@ -178,7 +192,7 @@ pub fn judge(req: &Request, members: &Members, master: &str) -> Verdict {
         };
     }
     // Serving: the node itself, for its own addresses.
-    if req.username != format!("{NODE_PREFIX}{name}") {
+    if !itself {
         return Verdict::Deny(format!(
             "{} asks for {name}'s serving certificate",
             req.username
@@ -508,13 +522,25 @@ mod tests {
     }
 
     #[test]
-    fn renewals_and_other_signers_are_left_to_others() {
+    fn a_kubelet_renews_its_own_client_certificate_while_it_runs() {
         let m = members();
         let me = format!("system:node:{NODE}");
-        assert_eq!(judge(&client(&me, NODE), &m, MASTER), Verdict::Leave);
+        assert!(matches!(judge(&client(&me, NODE), &m, MASTER), Verdict::Approve(_)));
+        let master = format!("system:node:{MASTER}");
+        assert!(matches!(judge(&client(&master, MASTER), &m, MASTER), Verdict::Approve(_)));
+        let gone = "i-0fffffffffffffff0";
+        let v = judge(&client(&format!("system:node:{gone}"), gone), &m, MASTER);
+        assert!(denied(&v, "no longer a running instance"), "{v:?}");
+        // One node for another.
+        let v = judge(&client(&me, MASTER), &m, MASTER);
+        assert!(denied(&v, "neither a bootstrapper"), "{v:?}");
+    }
+
+    #[test]
+    fn other_signers_are_left_to_others() {
         let mut other = client("system:bootstrap:abcdef", NODE);
         other.signer = "example.com/signer".into();
-        assert_eq!(judge(&other, &m, MASTER), Verdict::Leave);
+        assert_eq!(judge(&other, &members(), MASTER), Verdict::Leave);
     }
 
     #[test]
