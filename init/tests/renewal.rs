@@ -229,6 +229,8 @@ async fn two_masters_renewing_at_once_leave_one_consistent_bundle() {
 struct ControlPlane {
     containers: Arc<Mutex<BTreeMap<String, u32>>>,
     calls: Arc<Mutex<Vec<String>>>,
+    /// The runtime fails the next `crictl stop` (a run dying halfway).
+    fail_next_stop: Arc<Mutex<bool>>,
 }
 
 impl Runner for ControlPlane {
@@ -244,6 +246,14 @@ impl Runner for ControlPlane {
                 let name = name.trim_start_matches('^').trim_end_matches('$');
                 let n = containers.entry(name.to_owned()).or_insert(1);
                 return Ok(format!("{name}-{n}\n"));
+            }
+            ("crictl", [_, "stop", ..])
+                if std::mem::take(&mut *self.fail_next_stop.lock().unwrap()) =>
+            {
+                return Err(StepError::Invalid {
+                    what: "crictl stop".into(),
+                    message: "the runtime went away".into(),
+                });
             }
             ("crictl", [_, "stop", "--timeout", _, id]) => {
                 let (name, _) = id.rsplit_once('-').unwrap();
@@ -348,5 +358,43 @@ async fn a_node_has_nothing_to_renew() {
     ctx.runner = Box::new(plane.clone());
     let report = renewal::run(&ctx).await.unwrap();
     assert!(!report.changed);
+    assert!(plane.calls.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_died_before_the_restarts_is_finished_by_the_next_run() {
+    let w = world(1).await;
+    let (_, eip) = eip_holder(&w).await;
+    let mut id = identity();
+    id.public_ip = Some(eip.parse().unwrap());
+    seed_for(&w, &id, 300).await;
+    let root = tempfile::tempdir().unwrap();
+    let plane = ControlPlane::default();
+    *plane.fail_next_stop.lock().unwrap() = true;
+    let mut ctx = context(&w, "master", 0, root.path());
+    ctx.paths = Paths {
+        manifests: manifests_dir(),
+        ..Paths::under(root.path())
+    };
+    ctx.runner = Box::new(plane.clone());
+    let err = renewal::run(&ctx).await.unwrap_err();
+    assert!(err.to_string().contains("the runtime went away"), "{err}");
+    let renewed = stored(&w).await;
+    assert!(renewed.renewed.is_some(), "the bucket holds the renewal");
+
+    // The bucket has nothing due any more; the restarts are still owed.
+    plane.calls.lock().unwrap().clear();
+    let report = renewal::run(&ctx).await.unwrap();
+    assert!(report.changed, "{report:?}");
+    let calls = plane.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls[..2],
+        ["stop etcd-1", "stop kube-apiserver-1"],
+        "{calls:?}"
+    );
+    assert_eq!(stored(&w).await, renewed);
+    // And then nothing is owed.
+    plane.calls.lock().unwrap().clear();
+    assert!(!renewal::run(&ctx).await.unwrap().changed);
     assert!(plane.calls.lock().unwrap().is_empty());
 }

@@ -901,11 +901,15 @@ spec:
     // 4 (the replacement master's disks). It renewed certificates and
     // replaced the token twice: none of the keys, nor any token it made,
     // is on its disks once it is gone.
-    let latest: serde_json::Value = serde_json::from_slice(&cluster.get_object(&pki_key(&cluster)?)?)?;
+    let latest: serde_json::Value =
+        serde_json::from_slice(&cluster.get_object(&pki_key(&cluster)?)?)?;
     let mut all = needles.clone();
     all.extend(secret_needles(&latest));
     if let Some((_, secret)) = token.0.split_once('.') {
-        all.push(("the token issued at boot".into(), secret.as_bytes().to_vec()));
+        all.push((
+            "the token issued at boot".into(),
+            secret.as_bytes().to_vec(),
+        ));
     }
     cluster.terminate(&new_master.id)?;
     let scanning = Instant::now();

@@ -159,7 +159,9 @@ pub fn judge(req: &Request, members: &Members, master: &str) -> Verdict {
             Some(_) => Verdict::Approve(format!(
                 "{name} renews its own client certificate and is still running"
             )),
-            None => Verdict::Deny(format!("{name} is no longer a running instance of this cluster")),
+            None => Verdict::Deny(format!(
+                "{name} is no longer a running instance of this cluster"
+            )),
         };
     }
     if client {
@@ -525,9 +527,15 @@ mod tests {
     fn a_kubelet_renews_its_own_client_certificate_while_it_runs() {
         let m = members();
         let me = format!("system:node:{NODE}");
-        assert!(matches!(judge(&client(&me, NODE), &m, MASTER), Verdict::Approve(_)));
+        assert!(matches!(
+            judge(&client(&me, NODE), &m, MASTER),
+            Verdict::Approve(_)
+        ));
         let master = format!("system:node:{MASTER}");
-        assert!(matches!(judge(&client(&master, MASTER), &m, MASTER), Verdict::Approve(_)));
+        assert!(matches!(
+            judge(&client(&master, MASTER), &m, MASTER),
+            Verdict::Approve(_)
+        ));
         let gone = "i-0fffffffffffffff0";
         let v = judge(&client(&format!("system:node:{gone}"), gone), &m, MASTER);
         assert!(denied(&v, "no longer a running instance"), "{v:?}");

@@ -5,7 +5,9 @@
 //! certificates changed, the control plane restarted one component at a time so that
 //! each reads its new files: etcd first (the API server's backend), then
 //! the API server (waited for until it is ready), then its clients, then
-//! kubelet if its own kubeconfig was renewed.
+//! kubelet if its own kubeconfig was renewed. What is still owed to the
+//! running control plane is marked on the tmpfs first, so a run that
+//! dies halfway is finished by the next one.
 //!
 //! Leaf keys survive a renewal, so the order is for a calm restart rather
 //! than for trust: old and new certificates verify alike throughout.
@@ -45,8 +47,19 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     outcome.report.log();
     configure::run(ctx, &outcome.bundle)?.log();
     let kubelet_renewed = std::fs::read(&kubelet_conf).ok() != kubelet_before;
-    let mut done = Vec::new();
+    // What the bundle's change still asks of this master, kept on the
+    // tmpfs until done: a run that dies between the bucket and the API
+    // leaves it for the next run, which finds nothing due in the bucket.
+    let token_pending = Pending::new(ctx, "token");
+    let restart_pending = Pending::new(ctx, "restart");
     if outcome.rotated.is_some() {
+        token_pending.set()?;
+    }
+    if !outcome.renewed.is_empty() {
+        restart_pending.set()?;
+    }
+    let mut done = Vec::new();
+    if token_pending.is_set() {
         // The new token's Secret, and the end of tokens that never expire.
         let kubectl = super::addons::kubectl(ctx);
         let file = ctx
@@ -64,10 +77,11 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
             &file,
         ])?;
         super::addons::retire_tokens(ctx)?;
-        done.push("replaced the bootstrap token".to_owned());
+        token_pending.clear()?;
+        done.push("applied the new bootstrap token".to_owned());
     }
     let mut restarted = Vec::new();
-    if !outcome.renewed.is_empty() {
+    if restart_pending.is_set() {
         for name in ORDER {
             restart(ctx, name).await?;
             if *name == "kube-apiserver" {
@@ -75,6 +89,7 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
             }
             restarted.push(*name);
         }
+        restart_pending.clear()?;
     }
     if kubelet_renewed {
         ctx.runner
@@ -88,6 +103,33 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
         return Ok(Report::already(STEP, "no certificate or token is due"));
     }
     Ok(Report::changed(STEP, done.join("; ")))
+}
+
+/// A marker on the tmpfs (`/run/slipway/renew-<what>.pending`): work a
+/// renewal still owes the running control plane. Gone at reboot, when the
+/// boot starts everything from the new files anyway.
+struct Pending(std::path::PathBuf);
+
+impl Pending {
+    fn new(ctx: &Context, what: &str) -> Self {
+        Self(ctx.paths.run.join(format!("renew-{what}.pending")))
+    }
+    fn is_set(&self) -> bool {
+        self.0.exists()
+    }
+    fn set(&self) -> Result<(), StepError> {
+        pki::write_file(&self.0, b"", 0o600, 0o755)?;
+        Ok(())
+    }
+    fn clear(&self) -> Result<(), StepError> {
+        match std::fs::remove_file(&self.0) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StepError::Invalid {
+                what: self.0.display().to_string(),
+                message: e.to_string(),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The IDs of `name`'s running containers.
