@@ -633,7 +633,8 @@ pub(crate) fn b64_decode(s: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    fn identity() -> Identity {
+    /// The identity the PKI's tests issue for.
+    pub(super) fn identity() -> Identity {
         Identity {
             cluster_name: "demo".into(),
             master_ip: Ipv4Addr::new(10, 0, 1, 10),

@@ -27,21 +27,6 @@ async fn tag(w: &World, instance: usize, cluster: &str, role: &str) {
         .unwrap();
 }
 
-async fn private_ip(w: &World, instance: usize) -> String {
-    let out = w
-        .aws
-        .ec2
-        .describe_instances()
-        .instance_ids(&w.instances[instance].id)
-        .send()
-        .await
-        .unwrap();
-    out.reservations()[0].instances()[0]
-        .private_ip_address()
-        .unwrap()
-        .to_owned()
-}
-
 /// kubectl as an API server with `csrs` pending would answer it.
 #[derive(Debug, Clone)]
 struct Api {

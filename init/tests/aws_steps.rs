@@ -60,8 +60,7 @@ async fn two_racing_masters_end_up_with_one_ca() {
         1,
         "{ra:?} / {rb:?}"
     );
-    let stored: slipway_init::pki::Bundle =
-        serde_json::from_slice(&object(&w, &secrets::pki_key("demo")).await.unwrap()).unwrap();
+    let stored = stored_bundle(&w).await;
     assert_eq!(
         stored.ca_fingerprint().unwrap(),
         ba.ca_fingerprint().unwrap()

@@ -45,11 +45,6 @@ async fn seed_for(w: &World, id: &Identity, days_ago: i64) -> Bundle {
     bundle
 }
 
-async fn stored(w: &World) -> Bundle {
-    let bytes = object(w, &secrets::pki_key("demo")).await.unwrap();
-    serde_json::from_slice(&bytes).unwrap()
-}
-
 fn serials(b: &Bundle) -> Vec<(String, String)> {
     b.certificates()
         .unwrap()
@@ -77,7 +72,7 @@ async fn a_master_renews_a_bundle_inside_the_window_and_stores_it() {
         report.detail
     );
 
-    let now = stored(&w).await;
+    let now = stored_bundle(&w).await;
     assert_eq!(now, bundle, "the bucket holds what this master uses");
     assert_eq!(now.ca_fingerprint().unwrap(), old.ca_fingerprint().unwrap());
     assert!(now.renewed.is_some());
@@ -131,7 +126,7 @@ async fn certificates_far_from_their_end_are_kept_and_an_old_token_replaced() {
         left > Duration::hours(23) && left <= Duration::hours(24),
         "{left}"
     );
-    assert_eq!(stored(&w).await, bundle);
+    assert_eq!(stored_bundle(&w).await, bundle);
     // Nodes get the new token too.
     let node: Bundle =
         serde_json::from_slice(&object(&w, &secrets::node_key("demo")).await.unwrap()).unwrap();
@@ -209,7 +204,7 @@ async fn two_masters_renewing_at_once_leave_one_consistent_bundle() {
         1,
         "{ra:?} / {rb:?}"
     );
-    let now = stored(&w).await;
+    let now = stored_bundle(&w).await;
     assert_eq!(ba, now);
     assert_eq!(bb, now);
     assert_ne!(serials(&now), serials(&old));
@@ -274,21 +269,32 @@ impl Runner for ControlPlane {
     }
 }
 
+/// A master's context below `root` whose control plane is a
+/// [`ControlPlane`], with a bundle issued 300 days ago (its leaves are due)
+/// for the master's real Elastic IP.
+async fn running_master(
+    w: &World,
+    root: &std::path::Path,
+) -> (slipway_init::steps::Context, ControlPlane, Bundle) {
+    let (_, eip) = eip_holder(w).await;
+    let mut id = identity();
+    id.public_ip = Some(eip.parse().unwrap());
+    let old = seed_for(w, &id, 300).await;
+    let plane = ControlPlane::default();
+    let mut ctx = context(w, "master", 0, root);
+    ctx.paths = Paths {
+        manifests: manifests_dir(),
+        ..Paths::under(root)
+    };
+    ctx.runner = Box::new(plane.clone());
+    (ctx, plane, old)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daily_renewal_restarts_the_control_plane_in_order_stand_in_runtime() {
     let w = world(1).await;
-    let (_, eip) = eip_holder(&w).await;
-    let mut id = identity();
-    id.public_ip = Some(eip.parse().unwrap());
-    let old = seed_for(&w, &id, 300).await;
     let root = tempfile::tempdir().unwrap();
-    let plane = ControlPlane::default();
-    let mut ctx = context(&w, "master", 0, root.path());
-    ctx.paths = Paths {
-        manifests: manifests_dir(),
-        ..Paths::under(root.path())
-    };
-    ctx.runner = Box::new(plane.clone());
+    let (ctx, plane, old) = running_master(&w, root.path()).await;
 
     let report = renewal::run(&ctx).await.unwrap();
     assert!(report.changed, "{report:?}");
@@ -306,7 +312,7 @@ async fn the_daily_renewal_restarts_the_control_plane_in_order_stand_in_runtime(
             "restart kubelet.service",
         ]
     );
-    let now = stored(&w).await;
+    let now = stored_bundle(&w).await;
     assert_ne!(serials(&now), serials(&old));
     // The renewed files are where the static pods read them.
     let pki = ctx.paths.secrets.join("pki");
@@ -346,7 +352,7 @@ async fn the_daily_renewal_restarts_the_control_plane_in_order_stand_in_runtime(
     let report = renewal::run(&ctx).await.unwrap();
     assert!(!report.changed, "{report:?}");
     assert!(plane.calls.lock().unwrap().is_empty());
-    assert_eq!(stored(&w).await, now);
+    assert_eq!(stored_bundle(&w).await, now);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,22 +370,12 @@ async fn a_node_has_nothing_to_renew() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewal_that_died_before_the_restarts_is_finished_by_the_next_run() {
     let w = world(1).await;
-    let (_, eip) = eip_holder(&w).await;
-    let mut id = identity();
-    id.public_ip = Some(eip.parse().unwrap());
-    seed_for(&w, &id, 300).await;
     let root = tempfile::tempdir().unwrap();
-    let plane = ControlPlane::default();
+    let (ctx, plane, _) = running_master(&w, root.path()).await;
     *plane.fail_next_stop.lock().unwrap() = true;
-    let mut ctx = context(&w, "master", 0, root.path());
-    ctx.paths = Paths {
-        manifests: manifests_dir(),
-        ..Paths::under(root.path())
-    };
-    ctx.runner = Box::new(plane.clone());
     let err = renewal::run(&ctx).await.unwrap_err();
     assert!(err.to_string().contains("the runtime went away"), "{err}");
-    let renewed = stored(&w).await;
+    let renewed = stored_bundle(&w).await;
     assert!(renewed.renewed.is_some(), "the bucket holds the renewal");
 
     // The bucket has nothing due any more; the restarts are still owed.
@@ -392,7 +388,7 @@ async fn a_renewal_that_died_before_the_restarts_is_finished_by_the_next_run() {
         ["stop etcd-1", "stop kube-apiserver-1"],
         "{calls:?}"
     );
-    assert_eq!(stored(&w).await, renewed);
+    assert_eq!(stored_bundle(&w).await, renewed);
     // And then nothing is owed.
     plane.calls.lock().unwrap().clear();
     assert!(!renewal::run(&ctx).await.unwrap().changed);

@@ -300,16 +300,8 @@ fn why_due(leaf: &Leaf, now: OffsetDateTime, window: Duration) -> Result<Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pki::tests::identity;
     use std::net::Ipv4Addr;
-
-    fn identity() -> Identity {
-        Identity {
-            cluster_name: "demo".into(),
-            master_ip: Ipv4Addr::new(10, 0, 1, 10),
-            public_ip: Some(Ipv4Addr::new(203, 0, 113, 7)),
-            api_service_ip: Ipv4Addr::new(10, 96, 0, 1),
-        }
-    }
 
     fn epoch() -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()

@@ -81,16 +81,11 @@ impl Bundle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{Identity, Validity};
+    use crate::pki::tests::identity;
+    use crate::pki::Validity;
 
     fn bundle(issued: OffsetDateTime) -> Bundle {
-        let id = Identity {
-            cluster_name: "demo".into(),
-            master_ip: "10.0.1.10".parse().unwrap(),
-            public_ip: None,
-            api_service_ip: "10.96.0.1".parse().unwrap(),
-        };
-        Bundle::generate_with(&id, &Validity::at(issued)).unwrap()
+        Bundle::generate_with(&identity(), &Validity::at(issued)).unwrap()
     }
 
     fn epoch() -> OffsetDateTime {

@@ -117,6 +117,14 @@ pub fn context(w: &World, role: &str, instance: usize, secrets: &std::path::Path
     }
 }
 
+/// The cluster's PKI bundle as the bucket holds it.
+pub async fn stored_bundle(w: &World) -> slipway_init::pki::Bundle {
+    let bytes = object(w, &slipway_init::steps::secrets::pki_key("demo"))
+        .await
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
 pub async fn object(w: &World, key: &str) -> Option<Vec<u8>> {
     let out = w
         .aws
@@ -220,8 +228,8 @@ pub fn ext4_uuid(device: &std::path::Path) -> Vec<u8> {
     std::fs::read(device).unwrap()[1024 + 104..1024 + 120].to_vec()
 }
 
-/// An address in the instance's own subnet, for the master's stable IP.
-pub async fn stable_ip(w: &World, instance: usize) -> String {
+/// The instance's primary private IP, as EC2 reports it.
+pub async fn private_ip(w: &World, instance: usize) -> String {
     let described = w
         .aws
         .ec2
@@ -230,10 +238,15 @@ pub async fn stable_ip(w: &World, instance: usize) -> String {
         .send()
         .await
         .unwrap();
-    let private = described.reservations()[0].instances()[0]
+    described.reservations()[0].instances()[0]
         .private_ip_address()
         .unwrap()
-        .to_owned();
+        .to_owned()
+}
+
+/// An address in the instance's own subnet, for the master's stable IP.
+pub async fn stable_ip(w: &World, instance: usize) -> String {
+    let private = private_ip(w, instance).await;
     let mut octets: Vec<&str> = private.split('.').collect();
     octets[3] = "200";
     octets.join(".")
