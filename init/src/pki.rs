@@ -123,6 +123,17 @@ fn serial() -> Result<rcgen::SerialNumber, PkiError> {
     Ok(rcgen::SerialNumber::from_slice(&bytes))
 }
 
+/// A subject of organisations `orgs` and common name `cn`, as Kubernetes
+/// reads users (`O` = groups, `CN` = name).
+pub fn subject(cn: &str, orgs: &[&str]) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    for o in orgs {
+        dn.push(DnType::OrganizationName, *o);
+    }
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
 fn params(
     cn: &str,
     orgs: &[&str],
@@ -130,12 +141,7 @@ fn params(
     lifetime: Duration,
 ) -> Result<CertificateParams, PkiError> {
     let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    for o in orgs {
-        dn.push(DnType::OrganizationName, *o);
-    }
-    dn.push(DnType::CommonName, cn);
-    p.distinguished_name = dn;
+    p.distinguished_name = subject(cn, orgs);
     p.serial_number = Some(serial()?);
     p.not_before = now - Duration::hours(1);
     p.not_after = now + lifetime;

@@ -55,10 +55,7 @@ impl Runner for Api {
 fn csr(name: &str, signer: &str, username: &str, cn: &str, ips: &[&str]) -> serde_json::Value {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::default();
-    let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::OrganizationName, "system:nodes");
-    dn.push(rcgen::DnType::CommonName, cn);
-    p.distinguished_name = dn;
+    p.distinguished_name = slipway_init::pki::subject(cn, &["system:nodes"]);
     p.subject_alt_names = ips
         .iter()
         .map(|ip| rcgen::SanType::IpAddress(ip.parse().unwrap()))

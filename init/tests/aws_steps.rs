@@ -47,12 +47,7 @@ async fn first_master_generates_and_a_second_boot_downloads_the_same_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_racing_masters_end_up_with_one_ca() {
     let w = world(2).await;
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ca = context(&w, "master", 0, a.path());
-    let cb = context(&w, "master", 1, b.path());
-    let (ra, rb) = tokio::join!(secrets::master(&ca, None), secrets::master(&cb, None));
-    let (ra, ba) = ra.unwrap();
-    let (rb, bb) = rb.unwrap();
+    let [(ra, ba, _), (rb, bb, _)] = two_masters_at_once(&w).await;
     assert_eq!(ba.ca_fingerprint().unwrap(), bb.ca_fingerprint().unwrap());
     // Exactly one of them created it.
     assert_eq!(

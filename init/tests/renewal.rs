@@ -192,12 +192,7 @@ async fn a_node_waits_while_its_token_is_expired_and_joins_with_the_next() {
 async fn two_masters_renewing_at_once_leave_one_consistent_bundle() {
     let w = world(2).await;
     let old = seed(&w, 340).await;
-    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ca = context(&w, "master", 0, a.path());
-    let cb = context(&w, "master", 1, b.path());
-    let (ra, rb) = tokio::join!(secrets::master(&ca, None), secrets::master(&cb, None));
-    let (ra, ba) = ra.unwrap();
-    let (rb, bb) = rb.unwrap();
+    let [(ra, ba, a), (rb, bb, b)] = two_masters_at_once(&w).await;
     // Whatever the interleaving, one renewal was stored and both use it.
     assert_eq!(
         u8::from(ra.changed) + u8::from(rb.changed),

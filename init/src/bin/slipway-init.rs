@@ -159,6 +159,17 @@ enum ContextError {
     Transient(String),
 }
 
+/// Outside the counted boot and add-ons: a bad config is final, anything
+/// else is for the next run.
+impl From<ContextError> for Ending {
+    fn from(e: ContextError) -> Self {
+        match e {
+            ContextError::Config(line) => Ending::last(line),
+            ContextError::Transient(line) => Ending::retry(line),
+        }
+    }
+}
+
 fn paths(args: &Args) -> Paths {
     let mut paths = args
         .root
@@ -291,13 +302,9 @@ async fn attempt(args: &Args, deadlines: Deadlines, addons: bool) -> Result<(), 
 }
 
 /// `renew` or `certs`: one run, no attempt counting (the timer runs the
-/// renewal again the next day; the window leaves weeks of such days).
+/// renewal again the next hour; the window leaves weeks of such hours).
 async fn maintain(args: &Args, deadlines: Deadlines, renew: bool) -> Result<(), Ending> {
-    let ctx = match context(args, deadlines).await {
-        Ok(ctx) => ctx,
-        Err(ContextError::Config(line)) => return Err(Ending::last(line)),
-        Err(ContextError::Transient(line)) => return Err(Ending::retry(line)),
-    };
+    let ctx = context(args, deadlines).await?;
     if renew {
         let step = steps::renewal::STEP;
         let report = steps::bounded(&ctx, step, steps::renewal::run(&ctx))
@@ -322,11 +329,7 @@ async fn approve(
     interval: u64,
     once: bool,
 ) -> Result<(), Ending> {
-    let ctx = match context(args, deadlines).await {
-        Ok(ctx) => ctx,
-        Err(ContextError::Config(line)) => return Err(Ending::last(line)),
-        Err(ContextError::Transient(line)) => return Err(Ending::retry(line)),
-    };
+    let ctx = context(args, deadlines).await?;
     if ctx.config.role != slipway_init::config::Role::Master {
         return Err(Ending::last(
             "only a master approves certificate requests".into(),

@@ -13,8 +13,6 @@ pub struct Rotation {
     pub bundle: Bundle,
     /// The replaced token's ID (`bootstrap-token-<id>` is its Secret).
     pub old_id: String,
-    /// When the replaced token expires; `None` for one that never did.
-    pub old_expires: Option<OffsetDateTime>,
 }
 
 /// The token's ID (the public half of `<id>.<secret>`).
@@ -49,8 +47,7 @@ impl Bundle {
         now: OffsetDateTime,
         lifetime: Duration,
     ) -> Result<Option<Rotation>, PkiError> {
-        let old_expires = self.token_expiry()?;
-        if old_expires.is_some_and(|t| t - now > lifetime / 2) {
+        if self.token_expiry()?.is_some_and(|t| t - now > lifetime / 2) {
             return Ok(None);
         }
         let old = self.get("bootstrap-token")?.to_owned();
@@ -73,7 +70,6 @@ impl Bundle {
         Ok(Some(Rotation {
             bundle,
             old_id: token_id(&old).to_owned(),
-            old_expires,
         }))
     }
 }
@@ -120,7 +116,7 @@ mod tests {
         );
         assert_ne!(old, new);
         assert_eq!(r.old_id, token_id(old));
-        assert_eq!(r.old_expires, Some(epoch() + day));
+        assert_eq!(b.token_expiry().unwrap(), Some(epoch() + day));
         assert_eq!(r.bundle.token_expiry().unwrap(), Some(at + day));
         let conf = r.bundle.get("bootstrap-kubelet.conf").unwrap();
         assert!(conf.contains(&format!("token: {new}")), "{conf}");
@@ -142,7 +138,7 @@ mod tests {
             .rotate_token(epoch(), Duration::hours(24))
             .unwrap()
             .unwrap();
-        assert_eq!(r.old_expires, None);
+        assert_eq!(r.old_id, token_id(b.get("bootstrap-token").unwrap()));
     }
 
     #[test]

@@ -117,6 +117,10 @@ fn asked(pem: &str) -> Result<Asked, String> {
     Ok(out)
 }
 
+/// The usages a kubelet's client and serving requests may ask for.
+const CLIENT_USAGES: &[&str] = &["digital signature", "key encipherment", "client auth"];
+const SERVING_USAGES: &[&str] = &["digital signature", "key encipherment", "server auth"];
+
 /// Whether `usages` are all in `allowed` and include `needed`.
 fn usages_ok(usages: &[String], allowed: &[&str], needed: &str) -> bool {
     usages.iter().all(|u| allowed.contains(&u.as_str())) && usages.iter().any(|u| u == needed)
@@ -148,11 +152,7 @@ pub fn judge(req: &Request, members: &Members, master: &str) -> Verdict {
     let member = members.get(name);
     let itself = req.username == format!("{NODE_PREFIX}{name}");
     if client && itself {
-        if !usages_ok(
-            &req.usages,
-            &["digital signature", "key encipherment", "client auth"],
-            "client auth",
-        ) {
+        if !usages_ok(&req.usages, CLIENT_USAGES, "client auth") {
             return Verdict::Deny(format!("unexpected usages {:?}", req.usages));
         }
         return match member {
@@ -174,11 +174,7 @@ pub fn judge(req: &Request, members: &Members, master: &str) -> Verdict {
         if name == master {
             return Verdict::Deny(format!("{name} is the master's name"));
         }
-        if !usages_ok(
-            &req.usages,
-            &["digital signature", "key encipherment", "client auth"],
-            "client auth",
-        ) {
+        if !usages_ok(&req.usages, CLIENT_USAGES, "client auth") {
             return Verdict::Deny(format!("unexpected usages {:?}", req.usages));
         }
         if !asked.ips.is_empty() || !asked.dns.is_empty() {
@@ -203,11 +199,7 @@ pub fn judge(req: &Request, members: &Members, master: &str) -> Verdict {
     let Some(member) = member else {
         return Verdict::Deny(format!("{name} is not a running instance of this cluster"));
     };
-    if !usages_ok(
-        &req.usages,
-        &["digital signature", "key encipherment", "server auth"],
-        "server auth",
-    ) {
+    if !usages_ok(&req.usages, SERVING_USAGES, "server auth") {
         return Verdict::Deny(format!("unexpected usages {:?}", req.usages));
     }
     if asked.ips.is_empty() && asked.dns.is_empty() {
@@ -376,7 +368,7 @@ pub async fn once(ctx: &Context) -> Result<Vec<(String, Verdict)>, StepError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+    use rcgen::{CertificateParams, KeyPair, SanType};
 
     const MASTER: &str = "ip-10-0-1-10";
     const NODE: &str = "i-0123456789abcdef0";
@@ -406,12 +398,7 @@ mod tests {
     fn csr(cn: &str, orgs: &[&str], sans: Vec<SanType>) -> String {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        for o in orgs {
-            dn.push(DnType::OrganizationName, *o);
-        }
-        dn.push(DnType::CommonName, cn);
-        p.distinguished_name = dn;
+        p.distinguished_name = crate::pki::subject(cn, orgs);
         p.subject_alt_names = sans;
         p.serialize_request(&key).unwrap().pem().unwrap()
     }

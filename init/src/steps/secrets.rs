@@ -93,14 +93,21 @@ enum Condition<'a> {
     Unchanged(&'a str),
 }
 
-/// Puts an object under `condition`; `false` when the condition failed
-/// (another master wrote first).
+/// What a put did.
+enum Put {
+    /// Stored, as the version with this ETag.
+    Stored(Option<String>),
+    /// The condition failed: another master wrote first.
+    Lost,
+}
+
+/// Puts an object under `condition`.
 async fn put(
     ctx: &Context,
     key: &str,
     body: Vec<u8>,
     condition: Condition<'_>,
-) -> Result<bool, StepError> {
+) -> Result<Put, StepError> {
     let bucket = &ctx.config.secrets_bucket;
     let mut req = ctx
         .aws
@@ -117,7 +124,7 @@ async fn put(
     };
     let conditional = !matches!(condition, Condition::Always);
     match req.send().await {
-        Ok(_) => Ok(true),
+        Ok(out) => Ok(Put::Stored(out.e_tag().map(str::to_owned))),
         // S3 answers 409 when a concurrent conditional write is in flight.
         Err(e)
             if conditional
@@ -126,7 +133,7 @@ async fn put(
                     Some("PreconditionFailed" | "ConditionalRequestConflict")
                 ) =>
         {
-            Ok(false)
+            Ok(Put::Lost)
         }
         Err(e) => Err(aws_err(
             "s3:PutObject",
@@ -164,8 +171,8 @@ pub struct Outcome {
     pub bundle: Bundle,
     /// Leaf certificates issued again.
     pub renewed: Vec<Due>,
-    /// The bootstrap token replaced, if it was: its ID and its expiry.
-    pub rotated: Option<(String, Option<time::OffsetDateTime>)>,
+    /// The ID of the bootstrap token replaced, if it was.
+    pub rotated: Option<String>,
 }
 
 /// Master: download the cluster's PKI, or generate and store it if this is
@@ -208,12 +215,17 @@ pub async fn master_outcome(
         }
         None => {
             let generated = Bundle::generate_with(&id, &validity(ctx))?;
-            if put(ctx, &key, encode(&generated), Condition::Absent).await? {
+            if let Put::Stored(etag) = put(ctx, &key, encode(&generated), Condition::Absent).await?
+            {
                 let detail = format!(
                     "generated the cluster PKI (CA {})",
                     &generated.ca_fingerprint()?[..16]
                 );
-                (read(ctx, &key).await?, detail, true)
+                let shared = Shared {
+                    bundle: generated,
+                    etag,
+                };
+                (shared, detail, true)
             } else {
                 // Another master won the race: use its PKI, drop ours.
                 let shared = read(ctx, &key).await?;
@@ -241,7 +253,7 @@ pub async fn master_outcome(
             list.join(", ")
         ));
     }
-    if let Some((old, _)) = &rotated {
+    if let Some(old) = &rotated {
         detail.push_str(&format!(
             "; replaced bootstrap token {old} with {} (expires {})",
             pki::token_id(bundle.get("bootstrap-token")?),
@@ -315,7 +327,7 @@ async fn read(ctx: &Context, key: &str) -> Result<Shared, StepError> {
 struct Maintained {
     bundle: Bundle,
     renewed: Vec<Due>,
-    rotated: Option<(String, Option<time::OffsetDateTime>)>,
+    rotated: Option<String>,
 }
 
 /// Renews the shared bundle's due leaves (see [`Bundle::renew`]) and
@@ -339,32 +351,28 @@ async fn maintain(
         };
         let mut rotated = None;
         if let Some(r) = bundle.rotate_token(validity.now, validity.token)? {
-            rotated = Some((r.old_id, r.old_expires));
+            rotated = Some(r.old_id);
             bundle = r.bundle;
         }
-        if renewed.is_empty() && rotated.is_none() {
-            return Ok(Maintained {
-                bundle,
-                renewed,
-                rotated,
-            });
+        if !renewed.is_empty() || rotated.is_some() {
+            let etag = shared.etag.as_deref().ok_or_else(|| StepError::Invalid {
+                what: key.to_owned(),
+                message: "the bucket gave no ETag to make the renewal conditional on".into(),
+            })?;
+            if let Put::Lost = put(ctx, key, encode(&bundle), Condition::Unchanged(etag)).await? {
+                tracing::info!(
+                    step = STEP,
+                    "another master wrote {key} first; reading its version"
+                );
+                shared = read(ctx, key).await?;
+                continue;
+            }
         }
-        let etag = shared.etag.as_deref().ok_or_else(|| StepError::Invalid {
-            what: key.to_owned(),
-            message: "the bucket gave no ETag to make the renewal conditional on".into(),
-        })?;
-        if put(ctx, key, encode(&bundle), Condition::Unchanged(etag)).await? {
-            return Ok(Maintained {
-                bundle,
-                renewed,
-                rotated,
-            });
-        }
-        tracing::info!(
-            step = STEP,
-            "another master wrote {key} first; reading its version"
-        );
-        shared = read(ctx, key).await?;
+        return Ok(Maintained {
+            bundle,
+            renewed,
+            rotated,
+        });
     }
     Err(StepError::Wait(format!(
         "renewing {key}: other writers changed it {RENEWAL_RACES} times in a row"

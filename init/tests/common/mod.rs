@@ -117,6 +117,29 @@ pub fn context(w: &World, role: &str, instance: usize, secrets: &std::path::Path
     }
 }
 
+/// A master's secrets step run by instances 0 and 1 at once, each with
+/// its tmpfs below a directory of its own: each one's report, bundle and
+/// directory.
+pub async fn two_masters_at_once(
+    w: &World,
+) -> [(
+    slipway_init::steps::Report,
+    slipway_init::pki::Bundle,
+    tempfile::TempDir,
+); 2] {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ca, cb) = (
+        context(w, "master", 0, a.path()),
+        context(w, "master", 1, b.path()),
+    );
+    let (ra, rb) = tokio::join!(
+        slipway_init::steps::secrets::master(&ca, None),
+        slipway_init::steps::secrets::master(&cb, None)
+    );
+    let ((ra, ba), (rb, bb)) = (ra.unwrap(), rb.unwrap());
+    [(ra, ba, a), (rb, bb, b)]
+}
+
 /// The cluster's PKI bundle as the bucket holds it.
 pub async fn stored_bundle(w: &World) -> slipway_init::pki::Bundle {
     let bytes = object(w, &slipway_init::steps::secrets::pki_key("demo"))
