@@ -90,9 +90,23 @@ impl Clients {
         endpoint: Option<&str>,
         policy: CallPolicy,
     ) -> Self {
+        Self::with_credentials(region, endpoint, policy, None).await
+    }
+
+    /// Clients that sign with `credentials` instead of the standard chain's
+    /// (a test playing one instance among several in one process).
+    pub async fn with_credentials(
+        region: Option<&str>,
+        endpoint: Option<&str>,
+        policy: CallPolicy,
+        credentials: Option<aws_sdk_ec2::config::Credentials>,
+    ) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(policy.retry_config())
             .timeout_config(policy.timeout_config());
+        if let Some(c) = credentials {
+            loader = loader.credentials_provider(c);
+        }
         if let Some(r) = region {
             loader = loader.region(Region::new(r.to_owned()));
         }

@@ -364,7 +364,9 @@ async fn the_binary_reads_config_and_identity_from_the_metadata_service() {
             .unwrap();
     imds.unavailable_for(2);
     let root = tempfile::tempdir().unwrap();
-    let out = boot_command(&imds.endpoint, root.path()).output().unwrap();
+    let out = boot_command(&imds.endpoint, root.path(), &w.node)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");

@@ -21,9 +21,15 @@ use vm_tests::faults::{FaultProxy, Kind, Plan};
 
 const FAULTS: [Kind; 3] = [Kind::Throttle, Kind::ServerError, Kind::Reset];
 
-/// Clients that reach moto through `proxy`.
-async fn through(proxy: &FaultProxy) -> Clients {
-    Clients::with_policy(Some(REGION), Some(&proxy.endpoint), CallPolicy::quick()).await
+/// Clients that reach moto through `proxy`, signing as `role`'s session.
+async fn through(w: &World, role: &str, proxy: &FaultProxy) -> Clients {
+    Clients::with_credentials(
+        Some(REGION),
+        Some(&proxy.endpoint),
+        CallPolicy::quick(),
+        Some(w.role(role).credentials()),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,7 +39,6 @@ async fn a_master_and_a_node_boot_with_30_percent_of_calls_failing() {
         w.volume = data_volume(&w).await;
         let plan = Plan::random(0.3, seed, FAULTS).and_first_of_each();
         let proxy = FaultProxy::start(&w.moto.endpoint, plan).unwrap();
-        let aws = through(&proxy).await;
 
         let stable = stable_ip(&w, 0).await;
         let (mroot, nroot) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -42,14 +47,14 @@ async fn a_master_and_a_node_boot_with_30_percent_of_calls_failing() {
         master.config.master_ip = stable.parse().unwrap();
         master.paths = mpaths;
         master.runner = Box::new(FileDevices::default());
-        master.aws = aws.clone();
+        master.aws = through(&w, "master", &proxy).await;
         let mut node = context(&w, "node", 1, &nroot.path().join("srv/kubernetes"));
         node.config.master_ip = stable.parse().unwrap();
         node.paths = Paths {
             manifests: manifests_dir(),
             ..Paths::under(nroot.path())
         };
-        node.aws = aws;
+        node.aws = through(&w, "node", &proxy).await;
 
         // The node starts first and waits for the master's bundle.
         let (m, n) = tokio::join!(steps::bootstrap(&master), steps::bootstrap(&node));
@@ -111,7 +116,7 @@ async fn a_node_boots_while_the_metadata_service_is_down_for_a_minute_then_flaky
     // And once up, it answers a third of requests with 500.
     imds.server_errors(0.3, 5);
     let root = tempfile::tempdir().unwrap();
-    let mut boot = boot_command(&imds.endpoint, root.path());
+    let mut boot = boot_command(&imds.endpoint, root.path(), &w.node);
     let out = tokio::task::spawn_blocking(move || boot.output())
         .await
         .unwrap()
@@ -195,13 +200,7 @@ async fn group_of_one(w: &World) -> (String, String) {
 
 /// Auto Scaling in moto, for the test's own setup and checks.
 async fn autoscaling(w: &World) -> aws_sdk_autoscaling::Client {
-    aws_sdk_autoscaling::Client::new(
-        &aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(REGION))
-            .endpoint_url(&w.moto.endpoint)
-            .load()
-            .await,
-    )
+    aws_sdk_autoscaling::Client::new(&w.administrator_config().await)
 }
 
 /// The instance's health as its Auto Scaling group records it.
@@ -243,6 +242,7 @@ async fn an_action_that_always_fails_ends_with_the_instance_marked_unhealthy() {
             .arg("--root")
             .arg(root.path())
             .env("AWS_MAX_ATTEMPTS", "2")
+            .envs(w.node.env())
             .output()
             .unwrap()
     };
@@ -292,10 +292,10 @@ async fn hand_over() -> (World, tempfile::TempDir, FaultProxy, Context, Context)
         ctx.aws = aws;
         ctx
     };
-    let old = make(0, w.aws.clone());
+    let old = make(0, w.clients("master"));
     let first = volume::run(&old, &paths.etcd_data).await.unwrap();
     assert!(first.detail.contains("formatted"), "{first:?}");
-    let new = make(1, through(&proxy).await);
+    let new = make(1, through(&w, "master", &proxy).await);
     (w, root, proxy, old, new)
 }
 

@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod faults;
+pub mod iam;
 pub mod imds;
 pub mod moto;
 pub mod net;

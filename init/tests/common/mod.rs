@@ -1,28 +1,68 @@
 //! What the moto-level tests share: a moto with instances, an Elastic IP
-//! and a bucket; stack configs and step contexts for them; a runner that
-//! makes filesystems on plain files and records what would touch the host.
+//! and a bucket, and IAM enforced (`vm_tests::iam`): each step runs as the
+//! role the template gives its member (as moto can enforce it: action
+//! names and S3 ARNs, no conditions, other resources widened to `*`), the
+//! test's own setup and checks as an administrator; stack configs and step
+//! contexts for them; a runner that makes filesystems on plain files and
+//! records what would touch the host.
 
 #![allow(dead_code, clippy::unwrap_used)] // test glue, each test binary uses a part
 
-use slipway_init::aws::Clients;
+use slipway_init::aws::{CallPolicy, Clients};
 use slipway_init::config::StackConfig;
 use slipway_init::steps::{Context, Deadlines, Instance, Paths, Runner, StepError, System};
+use vm_tests::iam::Identity;
 use vm_tests::moto::Moto;
 
 pub const REGION: &str = "us-east-1";
+pub const BUCKET: &str = "slipway-test-secrets";
 
 pub struct World {
     pub moto: Moto,
+    /// The test's own calls, as an administrator.
     pub aws: Clients,
+    pub administrator: Identity,
+    /// Sessions of the template's master and node roles, and clients
+    /// that sign as them.
+    pub master: Identity,
+    pub node: Identity,
+    master_aws: Clients,
+    node_aws: Clients,
     pub alloc: String,
     pub instances: Vec<Instance>,
     pub bucket: String,
     pub volume: String,
 }
 
+/// The stack template in the source tree, as JSON.
+pub fn template() -> serde_json::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cfn/template.yaml");
+    serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 pub async fn world(instances: usize) -> World {
+    world_with(instances, &template()).await
+}
+
+/// A world whose roles come from `template` (e.g. one with a grant removed).
+pub async fn world_with(instances: usize, template: &serde_json::Value) -> World {
     let moto = Moto::start().expect("moto");
-    let aws = Clients::new(Some(REGION), Some(&moto.endpoint)).await;
+    let names = vm_tests::iam::stack_names("slipway", "demo", BUCKET, REGION);
+    let mut roles = Vec::new();
+    for (logical, role) in [
+        ("MasterRole", "slipway-master"),
+        ("NodeRole", "slipway-node"),
+    ] {
+        let policies = vm_tests::iam::moto_policies(template, logical, &names).unwrap();
+        moto.create_role(role, &policies).unwrap();
+        roles.push(moto.assume_role(role, role).unwrap());
+    }
+    let (node, master) = (roles.pop().unwrap(), roles.pop().unwrap());
+    let administrator = moto.administrator().unwrap();
+    moto.enforce_iam().unwrap();
+    let aws = clients_as(&administrator, &moto.endpoint).await;
+    let master_aws = clients_as(&master, &moto.endpoint).await;
+    let node_aws = clients_as(&node, &moto.endpoint).await;
     let image = aws
         .ec2
         .describe_images()
@@ -62,7 +102,7 @@ pub async fn world(instances: usize) -> World {
         .allocation_id()
         .expect("allocation")
         .to_owned();
-    let bucket = "slipway-test-secrets".to_owned();
+    let bucket = BUCKET.to_owned();
     aws.s3
         .create_bucket()
         .bucket(&bucket)
@@ -72,6 +112,11 @@ pub async fn world(instances: usize) -> World {
     World {
         moto,
         aws,
+        administrator,
+        master,
+        node,
+        master_aws,
+        node_aws,
         alloc,
         instances,
         bucket,
@@ -103,11 +148,53 @@ pub fn manifests_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
 }
 
+/// Clients that sign as `who` and reach AWS at `endpoint` (moto, or a
+/// fault proxy in front of it).
+pub async fn clients_as(who: &Identity, endpoint: &str) -> Clients {
+    Clients::with_credentials(
+        Some(REGION),
+        Some(endpoint),
+        CallPolicy::default(),
+        Some(who.credentials()),
+    )
+    .await
+}
+
+impl World {
+    /// The session of `role`'s instance role ("master" or "node").
+    pub fn role(&self, role: &str) -> &Identity {
+        match role {
+            "master" => &self.master,
+            _ => &self.node,
+        }
+    }
+
+    /// Clients that sign as `role`'s session.
+    pub fn clients(&self, role: &str) -> Clients {
+        match role {
+            "master" => self.master_aws.clone(),
+            _ => self.node_aws.clone(),
+        }
+    }
+
+    /// An SDK config for the test's own calls to services `Clients` lacks.
+    pub async fn administrator_config(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(REGION))
+            .endpoint_url(&self.moto.endpoint)
+            .credentials_provider(self.administrator.credentials())
+            .load()
+            .await
+    }
+}
+
+/// A step context for instance `instance` playing `role`: its calls are
+/// made as that role's session.
 pub fn context(w: &World, role: &str, instance: usize, secrets: &std::path::Path) -> Context {
     Context {
         config: config(w, role),
         instance: w.instances[instance].clone(),
-        aws: w.aws.clone(),
+        aws: w.clients(role),
         paths: Paths {
             secrets: secrets.to_owned(),
             ..Paths::default()
@@ -324,8 +411,9 @@ pub async fn publish_node_bundle(w: &World) {
 /// `slipway-init`'s boot outside the image: identity and config from the
 /// metadata service at `imds`, every path below `root`, the source tree's
 /// templates.
-pub fn boot_command(imds: &str, root: &std::path::Path) -> std::process::Command {
+pub fn boot_command(imds: &str, root: &std::path::Path, who: &Identity) -> std::process::Command {
     let mut boot = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"));
+    boot.envs(who.env());
     boot.args(["--no-boot-check", "--imds-endpoint", imds, "--root"])
         .arg(root)
         .arg("--manifests")
