@@ -7,7 +7,12 @@
 //! What the test supplies beyond EC2 itself, and says so:
 //! - the metadata service adds `aws_endpoint` to the user data the launch
 //!   template holds (moto, reached through the network's router), and
-//!   serves role credentials moto accepts;
+//!   serves each instance a session of its own role;
+//! - IAM is enforced once the stack exists ([`crate::iam`]): every member's
+//!   call is checked against its role's policies as moto can check them
+//!   (action names and S3 ARNs; conditions dropped and other resources
+//!   widened to `*`, a stand-in), the test's own calls run as an
+//!   administrator;
 //! - the master's data volume is a disk file presented as NVMe with the
 //!   volume ID as serial from the start (EBS attaches it when asked;
 //!   slipway-init still calls AttachVolume before it looks for the device);
@@ -15,6 +20,7 @@
 //!   from the snapshot, and "terminated" by killing it.
 
 use crate::faults::{FaultProxy, Kind, Plan};
+use crate::iam::Identity;
 use crate::moto::Moto;
 use crate::net::{Forward, Lan, IMDS_ADDR};
 use crate::{imds::Imds, Disk, Image, Nic, Vm, VmConfig};
@@ -35,8 +41,6 @@ pub const STACK: &str = "slipway";
 const AWS_PORT: u16 = 5000;
 /// Seeds the fault proxy's choices, so a run's faults can be told apart.
 const FAULT_SEED: u64 = 20;
-/// The role credentials the metadata emulator hands out (moto accepts any).
-const ROLE: &str = "slipway-instance";
 
 /// A test-only unit (handed in as a credential, not in the image) that
 /// prints the containers and kubelet's latest complaints to the console
@@ -49,7 +53,7 @@ systemctl --no-pager --failed --plain --no-legend 2>&1 | sed \"s/^/SLIPWAY-TEST-
 journalctl -q -u kubelet -n 300 --no-pager 2>&1 | grep -E \" E[0-9]{4} |rror|ailed\" | grep -v -e \"mirror pod\" -e \"config path\" | tail -n 4 | sed \"s/.*err=//\" | cut -c1-600 | sed \"s/^/SLIPWAY-TEST-STATUS kubelet: /\"; \
 done'\n";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
     Master,
     Node,
@@ -118,6 +122,8 @@ pub struct Cluster {
     pub ami_disk: PathBuf,
     pub lan: Lan,
     imds: Imds,
+    /// Each role's name and the session its instances are handed.
+    roles: BTreeMap<Role, (String, Identity)>,
     aws_in_lan: String,
     user_data: BTreeMap<&'static str, String>,
     forwards: Vec<Forward>,
@@ -207,6 +213,19 @@ impl Cluster {
         let template_body = std::fs::read_to_string(out.join("template.json"))?;
         let outputs = rt.block_on(create_stack(&conf, &template_body, opts.nodes))?;
 
+        say("enforcing IAM: each role as the template writes it, the test as administrator");
+        let template: serde_json::Value = serde_json::from_str(&template_body)?;
+        let roles = rt.block_on(roles_of_the_stack(&conf, &moto, &template))?;
+        let administrator = moto.administrator()?;
+        moto.enforce_iam()?;
+        let conf = rt.block_on(
+            aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .region(aws_config::Region::new(REGION))
+                .endpoint_url(&moto.endpoint)
+                .credentials_provider(administrator.credentials())
+                .load(),
+        );
+
         let ec2 = aws_sdk_ec2::Client::new(&conf);
         let subnets = rt.block_on(async {
             let d = ec2.describe_subnets().send().await?;
@@ -247,6 +266,7 @@ impl Cluster {
             ami_disk,
             lan,
             imds,
+            roles,
             user_data: BTreeMap::new(),
             vms: BTreeMap::new(),
             forwards: Vec::new(),
@@ -374,7 +394,7 @@ impl Cluster {
             self.aws_in_lan
         );
         let ip = std::net::IpAddr::V4(instance.ip);
-        let expires = "2099-01-01T00:00:00Z";
+        let (role_name, session) = &self.roles[&instance.role];
         for (path, body) in [
             ("/latest/meta-data/instance-id", instance.id.clone()),
             (
@@ -386,20 +406,11 @@ impl Cluster {
             ("/latest/user-data", user_data),
             (
                 "/latest/meta-data/iam/security-credentials/",
-                ROLE.to_owned(),
+                role_name.clone(),
             ),
             (
-                &format!("/latest/meta-data/iam/security-credentials/{ROLE}"),
-                serde_json::json!({
-                    "Code": "Success",
-                    "LastUpdated": "2026-01-01T00:00:00Z",
-                    "Type": "AWS-HMAC",
-                    "AccessKeyId": "testing",
-                    "SecretAccessKey": "testing",
-                    "Token": "testing",
-                    "Expiration": expires,
-                })
-                .to_string(),
+                &format!("/latest/meta-data/iam/security-credentials/{role_name}"),
+                session.imds_document(),
             ),
         ] {
             self.imds.set_for(ip, path, &body);
@@ -697,6 +708,32 @@ async fn read_snapshot(endpoint: &str, snapshot: &str, dest: &Path) -> Result<St
         }
     }
     Ok(hex::encode(hash.finalize()))
+}
+
+/// The stack's two roles with their policies as moto can enforce them,
+/// and a session of each for its instances. Before IAM is enforced.
+async fn roles_of_the_stack(
+    conf: &aws_config::SdkConfig,
+    moto: &Moto,
+    template: &serde_json::Value,
+) -> Result<BTreeMap<Role, (String, Identity)>> {
+    let cfn = aws_sdk_cloudformation::Client::new(conf);
+    let bucket = physical_id(&cfn, "SecretsBucket").await?;
+    let cluster = template["Parameters"]["ClusterName"]["Default"]
+        .as_str()
+        .context("the template's ClusterName has no default")?;
+    let names = crate::iam::stack_names(STACK, cluster, &bucket, REGION);
+    let mut roles = BTreeMap::new();
+    for (role, logical) in [(Role::Master, "MasterRole"), (Role::Node, "NodeRole")] {
+        let name = physical_id(&cfn, logical).await?;
+        moto.put_role_policies(
+            &name,
+            &crate::iam::moto_policies(template, logical, &names)?,
+        )?;
+        let session = moto.assume_role(&name, logical)?;
+        roles.insert(role, (name, session));
+    }
+    Ok(roles)
 }
 
 async fn create_stack(
