@@ -296,9 +296,12 @@ pub fn moto_view(document: &Value) -> Value {
     doc
 }
 
-/// `value` with CloudFormation's `Ref`, `Fn::GetAtt` and `Fn::Sub` (the
-/// string form) resolved from `names` (`ClusterName`, `AWS::Region`,
-/// `SecretsBucket.Arn`, ...). A name it does not know is an error.
+/// `value` with CloudFormation's `Ref`, `Fn::GetAtt`, `Fn::Sub` (the
+/// string form), `Fn::Join`, `Fn::Split` and `Fn::If` resolved from `names`
+/// (`ClusterName`, `AWS::Region`, `SecretsBucket.Arn`, a condition as
+/// `Condition:HasKeyName` = `true`/`false`; a list parameter's value is
+/// its items joined with commas, as CloudFormation takes it). A name it
+/// does not know is an error.
 pub fn resolve(value: &Value, names: &BTreeMap<String, String>) -> Result<Value> {
     let lookup = |name: &str| {
         names
@@ -325,6 +328,38 @@ pub fn resolve(value: &Value, names: &BTreeMap<String, String>) -> Result<Value>
                         .context("only Fn::Sub's string form is resolved")?;
                     Value::String(substitute(text, &lookup)?)
                 }
+                "Fn::Join" => {
+                    let (sep, list) = pair(arg, "Fn::Join")?;
+                    let items = match resolve(list, names)? {
+                        Value::Array(items) => items
+                            .iter()
+                            .map(|i| i.as_str().map(str::to_owned))
+                            .collect::<Option<Vec<_>>>()
+                            .context("Fn::Join of a non-string")?,
+                        // A list parameter, as its comma-joined value.
+                        Value::String(joined) => vec![joined],
+                        other => bail!("Fn::Join of {other}"),
+                    };
+                    Value::String(items.join(sep.as_str().context("Fn::Join's separator")?))
+                }
+                "Fn::Split" => {
+                    let (sep, text) = pair(arg, "Fn::Split")?;
+                    let sep = sep.as_str().context("Fn::Split's separator")?;
+                    let text = resolve(text, names)?;
+                    let text = text.as_str().context("Fn::Split of a non-string")?;
+                    Value::Array(text.split(sep).map(|p| Value::String(p.into())).collect())
+                }
+                "Fn::If" => {
+                    let parts = arg
+                        .as_array()
+                        .filter(|a| a.len() == 3)
+                        .context("Fn::If takes three items")?;
+                    let condition = parts[0].as_str().context("Fn::If's condition name")?;
+                    match lookup(&format!("Condition:{condition}"))?.as_str() {
+                        "true" => resolve(&parts[1], names)?,
+                        _ => resolve(&parts[2], names)?,
+                    }
+                }
                 _ => {
                     let mut out = serde_json::Map::new();
                     out.insert(key.clone(), resolve(arg, names)?);
@@ -346,6 +381,14 @@ pub fn resolve(value: &Value, names: &BTreeMap<String, String>) -> Result<Value>
         ),
         other => other.clone(),
     })
+}
+
+/// The two items of an intrinsic function's list argument.
+fn pair<'a>(arg: &'a Value, function: &str) -> Result<(&'a Value, &'a Value)> {
+    match arg.as_array().map(Vec::as_slice) {
+        Some([a, b]) => Ok((a, b)),
+        _ => bail!("{function} takes two items, found {arg}"),
+    }
 }
 
 /// `${Name}` replaced by its value; `${!Literal}` kept as `${Literal}`.
@@ -388,7 +431,9 @@ pub fn stack_names(
         ("AWS::StackName", stack.to_owned()),
         (
             "AWS::StackId",
-            format!("arn:aws:cloudformation:{region}:{ACCOUNT}:stack/{stack}/*"),
+            format!(
+                "arn:aws:cloudformation:{region}:{ACCOUNT}:stack/{stack}/00000000-0000-0000-0000-000000000000"
+            ),
         ),
         ("ClusterName", cluster.to_owned()),
         ("SecretsBucket", bucket.to_owned()),

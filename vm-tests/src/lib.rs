@@ -14,6 +14,7 @@ pub mod iam;
 pub mod imds;
 pub mod moto;
 pub mod net;
+pub mod policy;
 pub mod registry;
 pub mod server;
 

@@ -1,0 +1,377 @@
+//! The template's policies evaluated for every call the boot makes, with
+//! the resource ARNs, tags and context keys the call carries on AWS, by the
+//! tests' own evaluator (`vm_tests::policy`, a stand-in for AWS's: the local
+//! AWS evaluates no conditions, no resource ARNs outside S3 and no bucket
+//! policy). Each member is allowed exactly what it calls, on its own
+//! resources; a node is refused the master's secrets, volume and address;
+//! a reader with IAM read access to everything is refused the CA key
+//! unless the stack names it.
+
+#![allow(clippy::unwrap_used)] // test glue: a failed setup should stop the test
+
+mod common;
+
+use common::{template, BUCKET, REGION};
+use serde_json::Value;
+use slipway_init::config::Role;
+use slipway_init::steps;
+use std::collections::BTreeMap;
+use vm_tests::iam::{resolve, stack_names, template_policies, ACCOUNT};
+use vm_tests::policy::{evaluate, Decision, Request};
+
+const CLUSTER: &str = "demo";
+const VOLUME: &str = "vol-0123456789abcdef0";
+const ALLOCATION: &str = "eipalloc-0123456789abcdef0";
+const MASTER_ROLE: &str = "slipway-MasterRole-ABC";
+const NODE_ROLE: &str = "slipway-NodeRole-DEF";
+const READER: &str = "arn:aws:iam::123456789012:role/ClusterAdmin";
+
+fn arn(service: &str, resource: &str) -> String {
+    format!("arn:aws:{service}:{REGION}:{ACCOUNT}:{resource}")
+}
+
+fn object(key: &str) -> String {
+    format!("arn:aws:s3:::{BUCKET}/{CLUSTER}/{key}")
+}
+
+/// The stack as deployed: every name its policies refer to.
+fn names(readers: &[&str]) -> BTreeMap<String, String> {
+    let mut n = stack_names("slipway", CLUSTER, BUCKET, REGION);
+    for (k, v) in [
+        ("MasterVolume", VOLUME.to_owned()),
+        ("MasterAddress.AllocationId", ALLOCATION.to_owned()),
+        (
+            "MasterRole.Arn",
+            format!("arn:aws:iam::{ACCOUNT}:role/{MASTER_ROLE}"),
+        ),
+        (
+            "NodeRole.Arn",
+            format!("arn:aws:iam::{ACCOUNT}:role/{NODE_ROLE}"),
+        ),
+        ("SecretsReaders", readers.join(",")),
+        (
+            "Condition:HasSecretsReaders",
+            (!readers.is_empty()).to_string(),
+        ),
+    ] {
+        n.insert(k.to_owned(), v);
+    }
+    n
+}
+
+/// The deployed stack's policies: each role's, and the bucket's.
+struct Stack {
+    master: Vec<Value>,
+    node: Vec<Value>,
+    bucket: Value,
+}
+
+impl Stack {
+    fn deploy(template: &Value, readers: &[&str]) -> Self {
+        let names = names(readers);
+        let role = |logical: &str| -> Vec<Value> {
+            template_policies(template, logical)
+                .unwrap()
+                .into_iter()
+                .map(|(_, doc)| resolve(&doc, &names).unwrap())
+                .collect()
+        };
+        let bucket = resolve(
+            &template["Resources"]["SecretsBucketPolicy"]["Properties"]["PolicyDocument"],
+            &names,
+        )
+        .unwrap();
+        Self {
+            master: role("MasterRole"),
+            node: role("NodeRole"),
+            bucket,
+        }
+    }
+
+    /// The decision for `request` made by an instance of `member`.
+    fn decide(&self, member: Role, request: &Request) -> Decision {
+        let policies = match member {
+            Role::Master => &self.master,
+            Role::Node => &self.node,
+        };
+        self.decide_for(policies, request)
+    }
+
+    fn decide_for(&self, policies: &[Value], request: &Request) -> Decision {
+        let bucket = request.action.starts_with("s3:").then_some(&self.bucket);
+        evaluate(policies, bucket, request).unwrap()
+    }
+}
+
+/// An instance of the cluster as AWS describes it to IAM.
+struct Member {
+    role: &'static str,
+    instance: &'static str,
+    eni: &'static str,
+    group: &'static str,
+}
+
+const MASTER: Member = Member {
+    role: MASTER_ROLE,
+    instance: "i-0aaaaaaaaaaaaaaa1",
+    eni: "eni-0aaaaaaaaaaaaaaa1",
+    group: "slipway-master",
+};
+const NODE: Member = Member {
+    role: NODE_ROLE,
+    instance: "i-0bbbbbbbbbbbbbbb2",
+    eni: "eni-0bbbbbbbbbbbbbbb2",
+    group: "slipway-node",
+};
+
+impl Member {
+    /// A request by this member's instance credentials on one resource,
+    /// with that resource's `slipway:cluster` tag when it has one.
+    fn request(&self, action: &str, resource: &str, cluster_tag: Option<&str>) -> Request {
+        let mut r = Request::new(
+            &format!(
+                "arn:aws:sts::{ACCOUNT}:assumed-role/{}/{}",
+                self.role, self.instance
+            ),
+            action,
+            resource,
+        )
+        .with(
+            "aws:PrincipalArn",
+            &format!("arn:aws:iam::{ACCOUNT}:role/{}", self.role),
+        )
+        .with("aws:SecureTransport", "true")
+        .with(
+            "ec2:SourceInstanceARN",
+            &arn("ec2", &format!("instance/{}", self.instance)),
+        )
+        // EC2's undocumented key for the resource's own ARN, which the
+        // template's own-instance statements compare with the caller's.
+        .with("aws:ARN", resource);
+        if let Some(tag) = cluster_tag {
+            r = r.with("aws:ResourceTag/slipway:cluster", tag);
+        }
+        r
+    }
+
+    fn instance_arn(&self) -> String {
+        arn("ec2", &format!("instance/{}", self.instance))
+    }
+}
+
+/// Every request `member` makes for `action` during a boot (an EC2 call
+/// is authorized once per resource it touches). `None` for an action this
+/// table does not describe, which fails the test: a new call must say
+/// what it touches.
+fn boot_requests(member: &Member, role: Role, action: &str) -> Option<Vec<Request>> {
+    let me = member.instance_arn();
+    let ours = Some(CLUSTER);
+    let predecessor = arn("ec2", "instance/i-0ccccccccccccccc3");
+    let r = |resource: &str, tag| member.request(action, resource, tag);
+    Some(match action {
+        "ec2:DescribeInstances"
+        | "ec2:DescribeInstanceAttribute"
+        | "ec2:DescribeVolumes"
+        | "ec2:DescribeAddresses" => vec![r("*", None)],
+        "ec2:AttachVolume" => vec![
+            r(&arn("ec2", &format!("volume/{VOLUME}")), ours),
+            r(&me, ours),
+        ],
+        "ec2:DetachVolume" => vec![
+            r(&arn("ec2", &format!("volume/{VOLUME}")), ours),
+            r(&predecessor, ours),
+        ],
+        "ec2:AssociateAddress" => vec![
+            r(&arn("ec2", &format!("elastic-ip/{ALLOCATION}")), ours),
+            r(&me, ours),
+            r(
+                &arn("ec2", &format!("network-interface/{}", member.eni)),
+                ours,
+            ),
+        ],
+        "ec2:AssignPrivateIpAddresses" => {
+            vec![r(
+                &arn("ec2", &format!("network-interface/{}", member.eni)),
+                ours,
+            )]
+        }
+        "ec2:ModifyInstanceAttribute" => vec![r(&me, ours)],
+        "s3:GetObject" | "s3:PutObject" => {
+            let keys: &[&str] = match (role, action) {
+                (Role::Node, _) => &["node.json"],
+                (Role::Master, "s3:GetObject") => &["pki.json"],
+                (Role::Master, _) => &["pki.json", "node.json", "admin.conf"],
+            };
+            keys.iter().map(|k| r(&object(k), None)).collect()
+        }
+        "cloudformation:SignalResource" => vec![r(
+            &arn(
+                "cloudformation",
+                "stack/slipway/00000000-0000-0000-0000-000000000000",
+            ),
+            None,
+        )],
+        "autoscaling:SetInstanceHealth" => vec![r(
+            &arn(
+                "autoscaling",
+                &format!(
+                    "autoScalingGroup:11111111-2222-3333-4444-555555555555:autoScalingGroupName/{}",
+                    member.group
+                ),
+            ),
+            None,
+        )],
+        _ => return None,
+    })
+}
+
+fn member(role: Role) -> &'static Member {
+    match role {
+        Role::Master => &MASTER,
+        Role::Node => &NODE,
+    }
+}
+
+#[test]
+fn every_call_of_the_boot_is_allowed_on_its_own_resources_own_evaluator() {
+    let stack = Stack::deploy(&template(), &[]);
+    for role in [Role::Master, Role::Node] {
+        for action in steps::calls(role) {
+            let requests = boot_requests(member(role), role, action)
+                .unwrap_or_else(|| panic!("{action}: say which resources it touches"));
+            for req in requests {
+                assert_eq!(
+                    stack.decide(role, &req),
+                    Decision::Allow,
+                    "{role:?} {action} on {}",
+                    req.resource
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn each_member_is_refused_what_only_the_other_calls_and_what_nobody_calls_own_evaluator() {
+    let stack = Stack::deploy(&template(), &[]);
+    let uncalled = [
+        "ec2:TerminateInstances",
+        "ec2:CreateVolume",
+        "ec2:DeleteVolume",
+        "ec2:ReleaseAddress",
+        "iam:PassRole",
+        "s3:DeleteObject",
+        "kms:Decrypt",
+    ];
+    for (role, other) in [(Role::Master, Role::Node), (Role::Node, Role::Master)] {
+        let own = steps::calls(role);
+        let foreign = steps::calls(other)
+            .into_iter()
+            .filter(|a| !own.contains(a))
+            .chain(uncalled);
+        for action in foreign {
+            let requests = boot_requests(member(other), other, action)
+                .unwrap_or_else(|| vec![member(role).request(action, "*", Some(CLUSTER))]);
+            for mut req in requests {
+                // The same request, made with this member's credentials.
+                let mine = member(role).request(action, &req.resource, None);
+                req.principal = mine.principal;
+                req.context.extend(mine.context);
+                assert_ne!(
+                    stack.decide(role, &req),
+                    Decision::Allow,
+                    "{role:?} may {action} on {}",
+                    req.resource
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_node_is_refused_the_masters_secrets_volume_and_address_own_evaluator() {
+    let stack = Stack::deploy(&template(), &[]);
+    let volume = arn("ec2", &format!("volume/{VOLUME}"));
+    let address = arn("ec2", &format!("elastic-ip/{ALLOCATION}"));
+    let refused = [
+        NODE.request("s3:GetObject", &object("pki.json"), None),
+        NODE.request("s3:GetObject", &object("admin.conf"), None),
+        NODE.request("s3:PutObject", &object("node.json"), None),
+        NODE.request("ec2:AttachVolume", &volume, Some(CLUSTER)),
+        NODE.request("ec2:DetachVolume", &volume, Some(CLUSTER)),
+        NODE.request("ec2:AssociateAddress", &address, Some(CLUSTER)),
+        // Another member's source/destination check, or its health.
+        NODE.request(
+            "ec2:ModifyInstanceAttribute",
+            &MASTER.instance_arn(),
+            Some(CLUSTER),
+        ),
+        MASTER.request(
+            "ec2:ModifyInstanceAttribute",
+            &NODE.instance_arn(),
+            Some(CLUSTER),
+        ),
+        // Another cluster's volume and secrets.
+        MASTER.request("ec2:AttachVolume", &volume, Some("another")),
+        MASTER.request(
+            "s3:GetObject",
+            &format!("arn:aws:s3:::{BUCKET}/another/pki.json"),
+            None,
+        ),
+    ];
+    for req in refused {
+        let role = if req.principal.contains(NODE_ROLE) {
+            Role::Node
+        } else {
+            Role::Master
+        };
+        assert_ne!(
+            stack.decide(role, &req),
+            Decision::Allow,
+            "{} may {} on {}",
+            req.principal,
+            req.action,
+            req.resource
+        );
+    }
+}
+
+#[test]
+fn only_named_readers_read_the_ca_key_whatever_their_iam_allows_own_evaluator() {
+    let read_only = serde_json::json!({"Statement": [{"Effect": "Allow",
+        "Action": ["s3:Get*", "s3:List*", "ec2:Describe*"], "Resource": "*"}]});
+    let as_user = |principal: &str| {
+        Request::new(principal, "s3:GetObject", &object("pki.json"))
+            .with("aws:PrincipalArn", principal)
+            .with("aws:SecureTransport", "true")
+    };
+    let user = format!("arn:aws:iam::{ACCOUNT}:user/auditor");
+    // Nobody named: the read-only user is refused by the bucket's policy.
+    let stack = Stack::deploy(&template(), &[]);
+    assert!(matches!(
+        stack.decide_for(std::slice::from_ref(&read_only), &as_user(&user)),
+        Decision::ExplicitDeny(_)
+    ));
+    assert!(matches!(
+        stack.decide_for(std::slice::from_ref(&read_only), &as_user(READER)),
+        Decision::ExplicitDeny(_)
+    ));
+    // The reader named in SecretsReaders reads; the user still does not.
+    let stack = Stack::deploy(&template(), &[READER]);
+    assert_eq!(
+        stack.decide_for(std::slice::from_ref(&read_only), &as_user(READER)),
+        Decision::Allow
+    );
+    assert!(matches!(
+        stack.decide_for(std::slice::from_ref(&read_only), &as_user(&user)),
+        Decision::ExplicitDeny(_)
+    ));
+    // Without TLS, not even a member.
+    let plain = MASTER
+        .request("s3:GetObject", &object("pki.json"), None)
+        .with("aws:SecureTransport", "false");
+    assert!(matches!(
+        stack.decide(Role::Master, &plain),
+        Decision::ExplicitDeny(_)
+    ));
+}

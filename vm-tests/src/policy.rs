@@ -1,0 +1,351 @@
+//! A small IAM policy evaluator: the part of AWS's evaluation that the
+//! local AWS skips (conditions, resource ARNs outside S3, bucket policies),
+//! for one account. It is a stand-in for AWS and says so: tests that use it
+//! carry `own_evaluator` in their names.
+//!
+//! Modelled: `Effect`, `Action`/`NotAction` (case-insensitive, with `*` and
+//! `?`), `Resource`/`NotResource`, a resource policy's `Principal` (`*`,
+//! `{"AWS": …}`), condition operators `String[Not]Equals`,
+//! `String[Not]Like`, `Arn[Not]Equals`, `Arn[Not]Like`, `Bool` (each also
+//! with `IfExists`), and policy variables (`${ec2:SourceInstanceARN}`) in
+//! condition values. An explicit Deny in any policy wins; otherwise an
+//! Allow in the identity's policies or in the resource's policy (for that
+//! principal) allows. Anything else in a policy is an error, never a
+//! silent pass.
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// One call as AWS authorizes it: who, what, on which resource, with which
+/// context keys (`aws:PrincipalArn`, `aws:ResourceTag/…`, `s3:prefix`, …).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub principal: String,
+    pub action: String,
+    pub resource: String,
+    pub context: BTreeMap<String, String>,
+}
+
+impl Request {
+    pub fn new(principal: &str, action: &str, resource: &str) -> Self {
+        Self {
+            principal: principal.to_owned(),
+            action: action.to_owned(),
+            resource: resource.to_owned(),
+            context: BTreeMap::new(),
+        }
+    }
+
+    /// The request with context key `key` set to `value`.
+    pub fn with(mut self, key: &str, value: &str) -> Self {
+        self.context.insert(key.to_owned(), value.to_owned());
+        self
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// No statement allows it.
+    ImplicitDeny,
+    /// A Deny statement matched (its Sid, or its position).
+    ExplicitDeny(String),
+}
+
+/// The decision for `request` under the identity's `policies` and the
+/// resource's `resource_policy`, if it has one.
+pub fn evaluate(
+    policies: &[Value],
+    resource_policy: Option<&Value>,
+    request: &Request,
+) -> Result<Decision> {
+    let mut allowed = false;
+    let mut documents: Vec<(&Value, bool)> = policies.iter().map(|p| (p, false)).collect();
+    if let Some(r) = resource_policy {
+        documents.push((r, true));
+    }
+    for (document, is_resource_policy) in documents {
+        for (i, st) in statements(document)?.iter().enumerate() {
+            if !applies(st, is_resource_policy, request)? {
+                continue;
+            }
+            match st["Effect"].as_str() {
+                Some("Deny") => {
+                    let sid = st["Sid"]
+                        .as_str()
+                        .map_or_else(|| format!("#{i}"), str::to_owned);
+                    return Ok(Decision::ExplicitDeny(sid));
+                }
+                Some("Allow") => allowed = true,
+                other => bail!("a statement with Effect {other:?}"),
+            }
+        }
+    }
+    Ok(if allowed {
+        Decision::Allow
+    } else {
+        Decision::ImplicitDeny
+    })
+}
+
+fn statements(document: &Value) -> Result<Vec<&Value>> {
+    match &document["Statement"] {
+        Value::Array(list) => Ok(list.iter().collect()),
+        st @ Value::Object(_) => Ok(vec![st]),
+        other => bail!("a policy whose Statement is {other}"),
+    }
+}
+
+/// Whether `st` speaks about this request: principal, action, resource
+/// and every condition.
+fn applies(st: &Value, is_resource_policy: bool, request: &Request) -> Result<bool> {
+    for key in st
+        .as_object()
+        .context("a statement that is not an object")?
+        .keys()
+    {
+        let known = [
+            "Sid",
+            "Effect",
+            "Action",
+            "NotAction",
+            "Resource",
+            "NotResource",
+            "Principal",
+            "Condition",
+        ];
+        if !known.contains(&key.as_str()) {
+            bail!("statement element {key} is not modelled");
+        }
+    }
+    if is_resource_policy && !principal_matches(&st["Principal"], &request.principal)? {
+        return Ok(false);
+    }
+    let action = match (&st["Action"], &st["NotAction"]) {
+        (Value::Null, Value::Null) => bail!("a statement without Action or NotAction"),
+        (a, Value::Null) => any_matches(a, &request.action, true)?,
+        (Value::Null, n) => !any_matches(n, &request.action, true)?,
+        _ => bail!("a statement with both Action and NotAction"),
+    };
+    if !action {
+        return Ok(false);
+    }
+    let resource = match (&st["Resource"], &st["NotResource"]) {
+        (Value::Null, Value::Null) => is_resource_policy,
+        (r, Value::Null) => any_matches(r, &request.resource, false)?,
+        (Value::Null, n) => !any_matches(n, &request.resource, false)?,
+        _ => bail!("a statement with both Resource and NotResource"),
+    };
+    if !resource {
+        return Ok(false);
+    }
+    conditions_hold(&st["Condition"], &request.context)
+}
+
+fn principal_matches(principal: &Value, arn: &str) -> Result<bool> {
+    Ok(match principal {
+        Value::String(s) if s == "*" => true,
+        Value::Object(map) => match map.get("AWS") {
+            Some(aws) => {
+                let list = strings(aws)?;
+                list.iter().any(|p| *p == "*" || *p == arn)
+            }
+            None => false,
+        },
+        Value::Null => bail!("a resource policy statement without Principal"),
+        other => bail!("a Principal of shape {other} is not modelled"),
+    })
+}
+
+fn strings(v: &Value) -> Result<Vec<String>> {
+    match v {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Bool(b) => Ok(vec![b.to_string()]),
+        Value::Array(list) => list.iter().map(|x| Ok(strings(x)?.concat())).collect(),
+        other => bail!("expected a string or a list of strings, found {other}"),
+    }
+}
+
+fn any_matches(patterns: &Value, value: &str, ignore_case: bool) -> Result<bool> {
+    Ok(strings(patterns)?.iter().any(|p| {
+        if ignore_case {
+            glob(&p.to_ascii_lowercase(), &value.to_ascii_lowercase())
+        } else {
+            glob(p, value)
+        }
+    }))
+}
+
+/// `*` matches any run of characters, `?` any one character.
+pub fn glob(pattern: &str, value: &str) -> bool {
+    let (p, v): (Vec<char>, Vec<char>) = (pattern.chars().collect(), value.chars().collect());
+    // Classic two-pointer wildcard match with backtracking to the last `*`.
+    let (mut pi, mut vi, mut star, mut mark) = (0, 0, None, 0);
+    while vi < v.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == v[vi]) {
+            pi += 1;
+            vi += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = vi;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            vi = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// `${key}` in a condition value replaced by the request's value; `None`
+/// when the request lacks the key (the value then matches nothing).
+fn with_variables(value: &str, context: &BTreeMap<String, String>) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}')? + start;
+        out.push_str(context.get(&rest[start + 2..end])?);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+fn conditions_hold(condition: &Value, context: &BTreeMap<String, String>) -> Result<bool> {
+    let Some(operators) = condition.as_object() else {
+        return match condition {
+            Value::Null => Ok(true),
+            other => bail!("a Condition of shape {other}"),
+        };
+    };
+    for (operator, keys) in operators {
+        let (base, if_exists) = match operator.strip_suffix("IfExists") {
+            Some(b) => (b, true),
+            None => (operator.as_str(), false),
+        };
+        let (negated, compare): (bool, fn(&str, &str) -> bool) = match base {
+            "StringEquals" | "ArnEquals" | "Bool" => (false, |p, v| p == v),
+            "StringNotEquals" | "ArnNotEquals" => (true, |p, v| p == v),
+            "StringLike" | "ArnLike" => (false, glob),
+            "StringNotLike" | "ArnNotLike" => (true, glob),
+            other => bail!("condition operator {other} is not modelled"),
+        };
+        for (key, values) in keys
+            .as_object()
+            .context("a condition operator without keys")?
+        {
+            let holds = match context.get(key) {
+                None => negated || if_exists,
+                Some(actual) => {
+                    let mut any = false;
+                    for pattern in strings(values)? {
+                        if with_variables(&pattern, context).is_some_and(|p| compare(&p, actual)) {
+                            any = true;
+                        }
+                    }
+                    any != negated
+                }
+            };
+            if !holds {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn wildcards() {
+        assert!(glob(
+            "arn:aws:s3:::b/demo/*",
+            "arn:aws:s3:::b/demo/pki.json"
+        ));
+        assert!(!glob(
+            "arn:aws:s3:::b/demo/node.json",
+            "arn:aws:s3:::b/demo/pki.json"
+        ));
+        assert!(glob("a?c*", "abcdef"));
+        assert!(!glob("a?c", "ac"));
+        assert!(glob("*", ""));
+    }
+
+    #[test]
+    fn deny_wins_and_silence_denies() {
+        let allow =
+            json!({"Statement": [{"Effect": "Allow", "Action": "s3:Get*", "Resource": "*"}]});
+        let deny = json!({"Statement": [{"Sid": "No", "Effect": "Deny", "Principal": "*",
+            "Action": "s3:*", "Resource": "arn:aws:s3:::b/*",
+            "Condition": {"ArnNotLike": {"aws:PrincipalArn": ["arn:aws:iam::1:role/ok"]}}}]});
+        let get = |who: &str| {
+            Request::new(who, "s3:GetObject", "arn:aws:s3:::b/k").with("aws:PrincipalArn", who)
+        };
+        let ok = "arn:aws:iam::1:role/ok";
+        assert_eq!(
+            evaluate(std::slice::from_ref(&allow), Some(&deny), &get(ok)).unwrap(),
+            Decision::Allow
+        );
+        assert_eq!(
+            evaluate(
+                std::slice::from_ref(&allow),
+                Some(&deny),
+                &get("arn:aws:iam::1:user/x")
+            )
+            .unwrap(),
+            Decision::ExplicitDeny("No".into())
+        );
+        assert_eq!(
+            evaluate(
+                &[allow],
+                None,
+                &Request::new(ok, "s3:PutObject", "arn:aws:s3:::b/k")
+            )
+            .unwrap(),
+            Decision::ImplicitDeny
+        );
+    }
+
+    #[test]
+    fn conditions_with_variables_and_missing_keys() {
+        let own = json!({"Statement": [{"Effect": "Allow", "Action": "ec2:ModifyInstanceAttribute",
+            "Resource": "*", "Condition": {"StringEquals": {"aws:ARN": "${ec2:SourceInstanceARN}"}}}]});
+        let me = "arn:aws:ec2:r:1:instance/i-1";
+        let req = |target: &str| {
+            Request::new("p", "ec2:ModifyInstanceAttribute", target)
+                .with("aws:ARN", target)
+                .with("ec2:SourceInstanceARN", me)
+        };
+        assert_eq!(
+            evaluate(std::slice::from_ref(&own), None, &req(me)).unwrap(),
+            Decision::Allow
+        );
+        let other = "arn:aws:ec2:r:1:instance/i-2";
+        assert_eq!(
+            evaluate(std::slice::from_ref(&own), None, &req(other)).unwrap(),
+            Decision::ImplicitDeny
+        );
+        // Without the variable (not an instance's credentials) nothing matches.
+        let bare = Request::new("p", "ec2:ModifyInstanceAttribute", me).with("aws:ARN", me);
+        assert_eq!(
+            evaluate(&[own], None, &bare).unwrap(),
+            Decision::ImplicitDeny
+        );
+    }
+
+    #[test]
+    fn what_is_not_modelled_is_an_error() {
+        let odd = json!({"Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*",
+            "Condition": {"NumericLessThan": {"x": "1"}}}]});
+        let err = evaluate(&[odd], None, &Request::new("p", "s3:GetObject", "r")).unwrap_err();
+        assert!(err.to_string().contains("NumericLessThan"), "{err}");
+    }
+}
