@@ -12,7 +12,9 @@ use std::time::Duration;
 
 pub const TAG_VERSION: &str = "slipway:version";
 pub const TAG_DISK: &str = "slipway:disk-sha256";
-const ROOT_DEVICE: &str = "/dev/xvda";
+/// The root device every AMI is registered with; the launch templates map
+/// it (to encrypt it), so the two must agree.
+pub const ROOT_DEVICE: &str = "/dev/xvda";
 
 /// What the AMI is for: its name, its tags, its CPU.
 #[derive(Debug, Clone)]

@@ -3,15 +3,22 @@
 //! write a template that breaks one, and the tests prove each rule fires.
 //!
 //! - `open-ingress`: no ingress from 0.0.0.0/0 or ::/0, unless the CIDR is
-//!   a parameter (the operator's choice) whose default is not the world;
-//! - `imdsv2`: every launch template requires IMDSv2 session tokens;
+//!   a parameter (the operator's choice) whose default is not the world
+//!   and which a template rule refuses to set to 0.0.0.0/0 unless the
+//!   operator says so explicitly;
+//! - `imdsv2`: every launch template requires IMDSv2 session tokens with a
+//!   response hop limit of 1 (no container reaches the instance's role);
 //! - `bucket-public`: every bucket blocks public access on all four
-//!   switches, has default encryption, and no bucket policy allows `*`;
-//! - `volume-unencrypted`: every EBS volume (and launch-template disk) is encrypted;
+//!   switches, has default encryption, and no bucket policy allows `*`
+//!   (as a string or in a list);
+//! - `volume-unencrypted`: every EBS volume is encrypted, and every launch
+//!   template encrypts the root volume itself (not the account's default);
 //! - `iam-wildcard`: no policy allows every action, or a service's every
 //!   action on every resource.
 
 use serde_json::Value;
+
+use super::ami::ROOT_DEVICE;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -41,7 +48,6 @@ pub fn check(template: &Value) -> Vec<Violation> {
     let mut out = Vec::new();
     let empty = serde_json::Map::new();
     let resources = template["Resources"].as_object().unwrap_or(&empty);
-    let params = &template["Parameters"];
     for (name, r) in resources {
         let props = &r["Properties"];
         let mut flag = |rule, detail: String| {
@@ -53,13 +59,13 @@ pub fn check(template: &Value) -> Vec<Violation> {
         };
         match r["Type"].as_str().unwrap_or("") {
             "AWS::EC2::SecurityGroupIngress" => {
-                if let Some(d) = open_ingress(props, params) {
+                if let Some(d) = open_ingress(props, template) {
                     flag("open-ingress", d);
                 }
             }
             "AWS::EC2::SecurityGroup" => {
                 for rule in as_list(&props["SecurityGroupIngress"]) {
-                    if let Some(d) = open_ingress(rule, params) {
+                    if let Some(d) = open_ingress(rule, template) {
                         flag("open-ingress", d);
                     }
                 }
@@ -72,13 +78,29 @@ pub fn check(template: &Value) -> Vec<Violation> {
                         "MetadataOptions.HttpTokens is not \"required\"".into(),
                     );
                 }
-                for bdm in as_list(&data["BlockDeviceMappings"]) {
+                match data["MetadataOptions"]["HttpPutResponseHopLimit"].as_u64() {
+                    Some(1) => {}
+                    other => flag(
+                        "imdsv2",
+                        format!("MetadataOptions.HttpPutResponseHopLimit is {other:?}, not 1"),
+                    ),
+                }
+                let disks = as_list(&data["BlockDeviceMappings"]);
+                for bdm in &disks {
                     if bdm["Ebs"].is_object() && bdm["Ebs"]["Encrypted"] != true {
                         flag(
                             "volume-unencrypted",
                             "a launch-template disk is not encrypted".into(),
                         );
                     }
+                }
+                if !disks.iter().any(|d| d["DeviceName"] == ROOT_DEVICE) {
+                    flag(
+                        "volume-unencrypted",
+                        format!(
+                            "no block device mapping for the root ({ROOT_DEVICE}) says Encrypted"
+                        ),
+                    );
                 }
             }
             "AWS::EC2::Instance" => {
@@ -113,7 +135,8 @@ pub fn check(template: &Value) -> Vec<Violation> {
             }
             "AWS::S3::BucketPolicy" => {
                 for st in as_list(&props["PolicyDocument"]["Statement"]) {
-                    let everyone = st["Principal"] == "*" || st["Principal"]["AWS"] == "*";
+                    let everyone = st["Principal"] == "*"
+                        || as_list(&st["Principal"]["AWS"]).iter().any(|p| *p == "*");
                     if st["Effect"] == "Allow" && everyone {
                         flag(
                             "bucket-public",
@@ -142,7 +165,7 @@ pub fn check(template: &Value) -> Vec<Violation> {
     out
 }
 
-fn open_ingress(rule: &Value, params: &Value) -> Option<String> {
+fn open_ingress(rule: &Value, template: &Value) -> Option<String> {
     for key in ["CidrIp", "CidrIpv6"] {
         let cidr = &rule[key];
         if let Some(s) = cidr.as_str() {
@@ -151,14 +174,36 @@ fn open_ingress(rule: &Value, params: &Value) -> Option<String> {
             }
         }
         if let Some(p) = cidr["Ref"].as_str() {
-            if let Some(default) = params[p]["Default"].as_str() {
+            if let Some(default) = template["Parameters"][p]["Default"].as_str() {
                 if WORLD.contains(&default) {
                     return Some(format!("parameter {p} defaults to {default}"));
                 }
             }
+            if key == "CidrIp" && !guarded(p, template) {
+                return Some(format!(
+                    "no template rule refuses parameter {p} set to {}",
+                    WORLD[0]
+                ));
+            }
         }
     }
     None
+}
+
+/// Whether one of the template's `Rules` asserts something about
+/// parameter `param` and the world's CIDR (CloudFormation refuses a stack
+/// whose parameters break an assertion).
+fn guarded(param: &str, template: &Value) -> bool {
+    let reference = serde_json::json!({ "Ref": param }).to_string();
+    let Some(rules) = template["Rules"].as_object() else {
+        return false;
+    };
+    rules.values().any(|rule| {
+        as_list(&rule["Assertions"]).iter().any(|a| {
+            let text = a["Assert"].to_string();
+            text.contains(&reference) && text.contains(WORLD[0])
+        })
+    })
 }
 
 fn iam_wildcard(st: &Value) -> Option<String> {
@@ -221,6 +266,29 @@ mod tests {
                 t["Resources"]["NodeLaunchTemplate"]["Properties"]["LaunchTemplateData"]
                     ["MetadataOptions"]["HttpTokens"] = "optional".into()
             }),
+            ("imdsv2", |t| {
+                t["Resources"]["MasterLaunchTemplate"]["Properties"]["LaunchTemplateData"]
+                    ["MetadataOptions"]["HttpPutResponseHopLimit"] = 2.into()
+            }),
+            ("open-ingress", |t| {
+                t.as_object_mut().unwrap().remove("Rules");
+            }),
+            ("bucket-public", |t| {
+                let st = &mut t["Resources"]["SecretsBucketPolicy"]["Properties"]["PolicyDocument"]
+                    ["Statement"][0];
+                st["Effect"] = "Allow".into();
+                st["Principal"] = serde_json::json!({"AWS": ["arn:aws:iam::1:root", "*"]});
+            }),
+            ("volume-unencrypted", |t| {
+                t["Resources"]["NodeLaunchTemplate"]["Properties"]["LaunchTemplateData"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("BlockDeviceMappings");
+            }),
+            ("volume-unencrypted", |t| {
+                t["Resources"]["MasterLaunchTemplate"]["Properties"]["LaunchTemplateData"]
+                    ["BlockDeviceMappings"][0]["Ebs"]["Encrypted"] = false.into()
+            }),
             ("bucket-public", |t| {
                 t["Resources"]["SecretsBucket"]["Properties"]["PublicAccessBlockConfiguration"]
                     ["RestrictPublicBuckets"] = false.into()
@@ -246,5 +314,57 @@ mod tests {
             mutate(&mut t);
             assert_eq!(rules_fired(&t), vec![rule], "{:?}", check(&t));
         }
+    }
+
+    /// A template rule's condition or assertion evaluated over parameter
+    /// values, as CloudFormation does before it creates or updates a stack
+    /// (moto skips `Rules`): `Ref`, `Fn::Equals`, `Fn::Not`, `Fn::And`, `Fn::Or`.
+    fn holds(expr: &Value, params: &serde_json::Map<String, Value>) -> bool {
+        fn value(e: &Value, params: &serde_json::Map<String, Value>) -> Value {
+            match e["Ref"].as_str() {
+                Some(p) => params[p].clone(),
+                None => e.clone(),
+            }
+        }
+        let (f, args) = expr.as_object().unwrap().iter().next().unwrap();
+        let args = args.as_array().unwrap();
+        match f.as_str() {
+            "Fn::Equals" => value(&args[0], params) == value(&args[1], params),
+            "Fn::Not" => !holds(&args[0], params),
+            "Fn::And" => args.iter().all(|a| holds(a, params)),
+            "Fn::Or" => args.iter().any(|a| holds(a, params)),
+            other => panic!("{other} in a template rule is not modelled"),
+        }
+    }
+
+    /// The descriptions of the assertions `params` break.
+    fn refused(t: &Value, params: &Value) -> Vec<String> {
+        let params = params.as_object().unwrap();
+        let mut out = Vec::new();
+        for rule in t["Rules"].as_object().unwrap().values() {
+            if !rule["RuleCondition"].is_null() && !holds(&rule["RuleCondition"], params) {
+                continue;
+            }
+            for a in as_list(&rule["Assertions"]) {
+                if !holds(&a["Assert"], params) {
+                    out.push(a["AssertDescription"].as_str().unwrap().to_owned());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_api_opens_to_the_world_only_when_asked_template_rules_evaluated_here() {
+        let t = template();
+        let world = serde_json::json!({"AdminCidr": "0.0.0.0/0", "AllowApiFromAnywhere": "false"});
+        let why = refused(&t, &world);
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(why[0].contains("AllowApiFromAnywhere"), "{why:?}");
+        let asked = serde_json::json!({"AdminCidr": "0.0.0.0/0", "AllowApiFromAnywhere": "true"});
+        assert_eq!(refused(&t, &asked), Vec::<String>::new());
+        let office =
+            serde_json::json!({"AdminCidr": "203.0.113.0/24", "AllowApiFromAnywhere": "false"});
+        assert_eq!(refused(&t, &office), Vec::<String>::new());
     }
 }
