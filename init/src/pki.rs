@@ -102,6 +102,10 @@ impl Validity {
 /// Files a node needs to join; the rest stays with the masters.
 pub const NODE_FILES: &[&str] = &["ca.crt", "bootstrap-kubelet.conf"];
 
+/// The key the API server encrypts Secrets in etcd with (32 random bytes,
+/// base64): made with the PKI, kept only in the bundle and on the tmpfs.
+pub const ENCRYPTION_KEY: &str = "encryption.key";
+
 /// The three CAs, by the stem of their files (`<stem>.crt`, `<stem>.key`).
 pub const CAS: &[&str] = &["ca", "etcd/ca", "front-proxy-ca"];
 
@@ -322,9 +326,9 @@ fn dns(name: &str) -> Result<SanType, PkiError> {
     ))
 }
 
-pub(crate) fn b64(data: &str) -> String {
+pub(crate) fn b64(data: impl AsRef<[u8]>) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let b = data.as_bytes();
+    let b = data.as_ref();
     let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
     for chunk in b.chunks(3) {
         let n = (u32::from(chunk[0]) << 16)
@@ -390,6 +394,13 @@ fn random_token_part(len: usize) -> Result<String, PkiError> {
     Ok(out)
 }
 
+/// A fresh key for the API server's `aescbc` provider: 32 bytes, base64.
+fn encryption_key() -> Result<String, PkiError> {
+    let mut key = [0u8; 32];
+    getrandom(&mut key)?;
+    Ok(b64(key))
+}
+
 fn getrandom(buf: &mut [u8]) -> Result<(), PkiError> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")
@@ -450,6 +461,7 @@ impl Bundle {
         let sa = KeyPair::generate().map_err(gen_err("the service-account key"))?;
         files.insert("sa.key".into(), sa.serialize_pem());
         files.insert("sa.pub".into(), sa.public_key_pem());
+        files.insert(ENCRYPTION_KEY.into(), encryption_key()?);
 
         let local = "https://127.0.0.1:6443";
         let public = format!("https://{}:6443", id.master_ip);
@@ -510,6 +522,19 @@ impl Bundle {
             renewed: None,
             token_expires: self.token_expires.clone(),
         })
+    }
+
+    /// This bundle with what a bundle of an older release lacks (the
+    /// Secrets encryption key) added; `None` when it lacks nothing.
+    pub fn completed(&self) -> Result<Option<Bundle>, PkiError> {
+        if self.files.contains_key(ENCRYPTION_KEY) {
+            return Ok(None);
+        }
+        let mut bundle = self.clone();
+        bundle
+            .files
+            .insert(ENCRYPTION_KEY.to_owned(), encryption_key()?);
+        Ok(Some(bundle))
     }
 
     /// Writes every file below `dir` (which must be on tmpfs): keys and
@@ -647,6 +672,29 @@ mod tests {
             public_ip: Some(Ipv4Addr::new(203, 0, 113, 7)),
             api_service_ip: Ipv4Addr::new(10, 96, 0, 1),
         }
+    }
+
+    #[test]
+    fn the_secrets_key_is_made_with_the_pki_added_to_an_old_bundle_and_kept_from_nodes() {
+        let b = Bundle::generate(&identity()).unwrap();
+        let key = b.get(ENCRYPTION_KEY).unwrap();
+        assert_eq!(b64_decode(key).unwrap().len(), 32);
+        assert!(
+            b.completed().unwrap().is_none(),
+            "a new bundle lacks nothing"
+        );
+        assert!(b.node_bundle().unwrap().get(ENCRYPTION_KEY).is_err());
+
+        let mut old = b.clone();
+        old.files.remove(ENCRYPTION_KEY);
+        let done = old.completed().unwrap().expect("the key added");
+        let added = done.get(ENCRYPTION_KEY).unwrap();
+        assert_eq!(b64_decode(added).unwrap().len(), 32);
+        assert_ne!(added, key, "a fresh key, not a fixed one");
+        // Everything else as it was.
+        let mut without = done.clone();
+        without.files.remove(ENCRYPTION_KEY);
+        assert_eq!(without, old);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! | `host/kubelet.yaml` | `/etc/kubernetes/kubelet.yaml`       | all     |
 //! | `host/kubelet.env`  | `/etc/kubernetes/kubelet.env`        | all     |
 //! | `static/*.yaml`     | `/etc/kubernetes/manifests/`         | masters |
+//! | `control-plane/*.yaml` | `<secrets>/control-plane/` (tmpfs: the API server's authentication, admission, audit and encryption configuration; the last holds the Secrets key) | masters |
 //! | `addons/*.yaml`     | `<secrets>/addons/` (tmpfs: holds the bootstrap token) | masters |
 //!
 //! `images.toml` names the container images the templates use;
@@ -32,6 +33,9 @@ pub enum RenderError {
     #[error("the bootstrap token {0:?} is not of the form <6>.<16>")]
     Token(String),
 }
+
+/// Below the secrets tmpfs: the API server's configuration files.
+pub const CONTROL_PLANE_DIR: &str = "control-plane";
 
 /// Where a rendered file goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +76,8 @@ pub struct Inputs<'a> {
     pub bootstrap_token: Option<&'a str>,
     /// When that token expires (RFC 3339), if it does.
     pub token_expires: Option<&'a str>,
+    /// The key Secrets are encrypted with in etcd; masters only.
+    pub encryption_key: Option<&'a str>,
 }
 
 /// The master's node name: derived from its stable private IP, so that a
@@ -126,6 +132,7 @@ impl Templates {
         ];
         for (sub, target, below) in [
             ("static", Target::Etc, "kubernetes/manifests"),
+            ("control-plane", Target::Secrets, CONTROL_PLANE_DIR),
             ("addons", Target::Secrets, "addons"),
         ] {
             for file in sorted_files(&dir.join(sub))? {
@@ -167,6 +174,14 @@ impl Templates {
         ctx.insert("service_cidr", &config.service_cidr.to_string());
         ctx.insert("dns_service_ip", &config.dns_service_ip().to_string());
         ctx.insert("pki", &inputs.pki.display().to_string());
+        let secrets = inputs.pki.parent().unwrap_or(&inputs.pki);
+        ctx.insert(
+            "control_plane",
+            &secrets.join(CONTROL_PLANE_DIR).display().to_string(),
+        );
+        if let Some(key) = inputs.encryption_key {
+            ctx.insert("encryption_key", key);
+        }
         ctx.insert("images", &self.images);
         if let Some(token) = inputs.bootstrap_token {
             let (id, secret) = token

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 const TOKEN: &str = "abcdef.0123456789abcdef";
 const EXPIRES: &str = "2027-01-16T08:00:00Z";
+const KEY: &str = "c2xpcHdheS10ZXN0LWVuY3J5cHRpb24ta2V5LTMyYnk=";
 
 fn manifests() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests")
@@ -46,6 +47,7 @@ fn render(role: &str) -> Vec<Rendered> {
             pki: PathBuf::from("/srv/kubernetes/pki"),
             bootstrap_token: master.then_some(TOKEN),
             token_expires: master.then_some(EXPIRES),
+            encryption_key: master.then_some(KEY),
         })
         .unwrap()
 }
@@ -100,6 +102,10 @@ fn a_master_gets_host_config_static_pods_and_addons() {
             "addons/20-kube-proxy.yaml",
             "addons/30-flannel.yaml",
             "addons/40-coredns.yaml",
+            "control-plane/admission.yaml",
+            "control-plane/audit-policy.yaml",
+            "control-plane/authentication.yaml",
+            "control-plane/encryption.yaml",
             "kubernetes/kubelet.env",
             "kubernetes/kubelet.yaml",
             "kubernetes/manifests/etcd.yaml",
@@ -108,11 +114,12 @@ fn a_master_gets_host_config_static_pods_and_addons() {
             "kubernetes/manifests/kube-scheduler.yaml",
         ]
     );
-    // Only the add-ons (which hold the token) go to the secrets tmpfs.
+    // Only the add-ons (which hold the token) and the API server's
+    // configuration (which holds the Secrets key) go to the secrets tmpfs.
     for f in &files {
         assert_eq!(
             f.target == Target::Secrets,
-            f.path.starts_with("addons"),
+            f.path.starts_with("addons") || f.path.starts_with("control-plane"),
             "{}",
             f.path.display()
         );
@@ -255,8 +262,9 @@ fn a_broken_template_is_named_in_the_error() {
     for rel in ["images.toml", "host/kubelet.yaml", "host/kubelet.env"] {
         copy(rel);
     }
-    std::fs::create_dir_all(dir.path().join("addons")).unwrap();
-    std::fs::create_dir_all(dir.path().join("static")).unwrap();
+    for sub in ["addons", "static", "control-plane"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
     std::fs::write(
         dir.path().join("static/broken.yaml"),
         "image: {{ images.etcd ",
@@ -282,6 +290,7 @@ fn a_broken_template_is_named_in_the_error() {
             pki: PathBuf::from("/pki"),
             bootstrap_token: Some(TOKEN),
             token_expires: Some(EXPIRES),
+            encryption_key: Some(KEY),
         })
         .unwrap_err();
     assert!(err.to_string().contains("static/broken.yaml"), "{err}");
@@ -313,4 +322,113 @@ fn static_pods_give_a_slow_start_room_before_liveness_kills_it() {
             );
         }
     }
+}
+
+/// The containers of every pod template in a document, wherever they sit.
+fn containers_in(v: &Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Mapping(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    (Some("containers" | "initContainers"), Value::Sequence(list)) => {
+                        out.extend(list.iter().cloned());
+                    }
+                    _ => containers_in(v, out),
+                }
+            }
+        }
+        Value::Sequence(s) => s.iter().for_each(|v| containers_in(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn no_container_ever_pulls_an_image() {
+    let mut all = Vec::new();
+    for f in render("master")
+        .iter()
+        .filter(|f| f.path.extension().is_some_and(|e| e == "yaml"))
+    {
+        for doc in docs(f) {
+            containers_in(&doc, &mut all);
+        }
+    }
+    assert!(all.len() >= 8, "{all:?}");
+    for c in &all {
+        assert_eq!(
+            c["imagePullPolicy"].as_str(),
+            Some("Never"),
+            "{:?} may pull its image",
+            c["name"]
+        );
+    }
+}
+
+#[test]
+fn the_control_plane_is_hardened() {
+    let files = render("master");
+    let flags =
+        |pod: &str| command(&docs(file(&files, &format!("kubernetes/manifests/{pod}.yaml")))[0]);
+    let api = flags("kube-apiserver");
+    for flag in [
+        "--profiling=false",
+        "--tls-min-version=VersionTLS12",
+        "--kubelet-certificate-authority=/srv/kubernetes/pki/ca.crt",
+        "--authentication-config=/srv/kubernetes/control-plane/authentication.yaml",
+        "--encryption-provider-config=/srv/kubernetes/control-plane/encryption.yaml",
+        "--audit-policy-file=/srv/kubernetes/control-plane/audit-policy.yaml",
+        "--admission-control-config-file=/srv/kubernetes/control-plane/admission.yaml",
+        "--enable-admission-plugins=NodeRestriction,PodSecurity",
+    ] {
+        assert!(
+            api.contains(&flag.to_owned()),
+            "the API server lacks {flag}"
+        );
+    }
+    assert!(
+        !api.iter().any(|f| f.starts_with("--anonymous-auth")),
+        "{api:?}"
+    );
+    for pod in ["kube-controller-manager", "kube-scheduler"] {
+        let cmd = flags(pod);
+        for flag in ["--profiling=false", "--tls-min-version=VersionTLS12"] {
+            assert!(cmd.contains(&flag.to_owned()), "{pod} lacks {flag}");
+        }
+    }
+    assert!(flags("etcd").contains(&"--tls-min-version=TLS1.2".to_owned()));
+
+    // Anonymous requests reach the health endpoints and nothing else.
+    let authn = &docs(file(&files, "control-plane/authentication.yaml"))[0];
+    let paths: Vec<&str> = authn["anonymous"]["conditions"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["/livez", "/readyz", "/healthz"]);
+    // Secrets encrypted with the bundle's key before anything else.
+    let enc = &docs(file(&files, "control-plane/encryption.yaml"))[0];
+    let providers = &enc["resources"][0]["providers"];
+    assert_eq!(
+        providers[0]["aescbc"]["keys"][0]["secret"].as_str(),
+        Some(KEY)
+    );
+    // Baseline for every namespace but the control plane's.
+    let admission = &docs(file(&files, "control-plane/admission.yaml"))[0];
+    let pss = &admission["plugins"][0]["configuration"];
+    assert_eq!(pss["defaults"]["enforce"].as_str(), Some("baseline"));
+    assert_eq!(
+        pss["exemptions"]["namespaces"][0].as_str(),
+        Some("kube-system")
+    );
+    // The audit log records, and never bodies.
+    let audit = &docs(file(&files, "control-plane/audit-policy.yaml"))[0];
+    for rule in audit["rules"].as_sequence().unwrap() {
+        let level = rule["level"].as_str().unwrap();
+        assert!(matches!(level, "None" | "Metadata"), "audit level {level}");
+    }
+    // kubelet: TLS 1.2 and the kernel's settings checked, not changed.
+    let kubelet = &docs(file(&files, "kubernetes/kubelet.yaml"))[0];
+    assert_eq!(kubelet["tlsMinVersion"].as_str(), Some("VersionTLS12"));
+    assert_eq!(kubelet["protectKernelDefaults"].as_bool(), Some(true));
 }

@@ -389,3 +389,40 @@ async fn a_renewal_that_died_before_the_restarts_is_finished_by_the_next_run() {
     assert!(!renewal::run(&ctx).await.unwrap().changed);
     assert!(plane.calls.lock().unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_releases_bundle_gains_the_secrets_key_once_and_keeps_it() {
+    let w = world(1).await;
+    // A bundle as an older release stored it: no Secrets encryption key.
+    let mut old =
+        Bundle::generate_with(&identity(), &Validity::at(OffsetDateTime::now_utc())).unwrap();
+    old.files.remove(slipway_init::pki::ENCRYPTION_KEY);
+    w.aws
+        .s3
+        .put_object()
+        .bucket(&w.bucket)
+        .key(secrets::pki_key("demo"))
+        .body(serde_json::to_vec(&old).unwrap().into())
+        .send()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = context(&w, "master", 0, dir.path());
+    let (report, bundle) = secrets::master(&ctx, None).await.unwrap();
+    assert!(report.changed, "{report:?}");
+    let key = bundle
+        .get(slipway_init::pki::ENCRYPTION_KEY)
+        .unwrap()
+        .to_owned();
+    assert_eq!(stored_bundle(&w).await, bundle, "the key is stored");
+    assert_eq!(
+        bundle.ca_fingerprint().unwrap(),
+        old.ca_fingerprint().unwrap()
+    );
+    // The next boot keeps that key: a new one would leave Secrets unreadable.
+    let again = tempfile::tempdir().unwrap();
+    let ctx = context(&w, "master", 0, again.path());
+    let (report, bundle) = secrets::master(&ctx, None).await.unwrap();
+    assert!(!report.changed, "{report:?}");
+    assert_eq!(bundle.get(slipway_init::pki::ENCRYPTION_KEY).unwrap(), key);
+}

@@ -186,16 +186,29 @@ impl Moto {
             ("Authorization", auth.as_str()),
             ("Content-Type", "application/x-www-form-urlencoded"),
         ];
-        let (status, text) = post(&self.endpoint, "/", &headers, &body)?;
         let action = params
             .iter()
             .find(|(k, _)| *k == "Action")
             .map_or("?", |(_, v)| *v);
-        ensure!(
-            status == 200,
-            "{service}:{action} answered {status}: {text}"
-        );
-        Ok(text)
+        // A moto busy starting beside other tests' now and then resets a
+        // connection; the call is tried again, and a create whose first
+        // answer was lost counts as done when the retry finds it done.
+        let mut lost = None;
+        for attempt in 1..=5u64 {
+            match post(&self.endpoint, "/", &headers, &body) {
+                Ok((200, text)) => return Ok(text),
+                Ok((_, text)) if lost.is_some() && text.contains("EntityAlreadyExists") => {
+                    return Ok(text)
+                }
+                Ok((status, text)) => bail!("{service}:{action} answered {status}: {text}"),
+                Err(e) => {
+                    lost = Some(e);
+                    std::thread::sleep(std::time::Duration::from_millis(200 * attempt));
+                }
+            }
+        }
+        let e = lost.context("no attempt made")?;
+        Err(e.context(format!("{service}:{action}: no answer in 5 attempts")))
     }
 }
 

@@ -187,14 +187,41 @@ fn report_boot(cluster: &mut Cluster, id: &str, label: &str) {
     }
 }
 
+/// Asks for a privileged pod in the default namespace until the API
+/// server answers; the refusal's text, or an error if it was admitted.
+fn refused_privileged_pod(cluster: &Cluster, kubectl: &Kubectl, image: &str) -> Result<String> {
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(
+        file.path(),
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: privileged}}\nspec:\n  containers:\n  \
+             - name: c\n    image: {image}\n    securityContext: {{privileged: true}}\n"
+        ),
+    )?;
+    let path = file.path().to_string_lossy().into_owned();
+    let answer = wait(
+        cluster,
+        "the API server's answer to a privileged pod",
+        Duration::from_secs(300),
+        || match kubectl.run(&["apply", "--server-side", "--validate=false", "-f", &path]) {
+            Ok(out) => Ok(Some(Err(out))),
+            Err(e) if e.to_string().contains("PodSecurity") => Ok(Some(Ok(e.to_string()))),
+            Err(e) => Err(e),
+        },
+    )?;
+    answer.map_err(|out| {
+        anyhow::anyhow!("a privileged pod was admitted in the default namespace: {out}")
+    })
+}
+
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
 
 /// The strings that must never be on a disk: every private key of the
-/// cluster (as PEM and as the base64 kubeconfigs carry) and the bootstrap
-/// token's secret.
+/// cluster (as PEM and as the base64 kubeconfigs carry), the key Secrets
+/// are encrypted with and the bootstrap token's secret.
 fn secret_needles(pki: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
     use base64::Engine;
     let mut needles = Vec::new();
@@ -202,7 +229,9 @@ fn secret_needles(pki: &serde_json::Value) -> Vec<(String, Vec<u8>)> {
         let Some(text) = content.as_str() else {
             continue;
         };
-        if name.ends_with(".key") {
+        if name == slipway_init::pki::ENCRYPTION_KEY {
+            needles.push((name.clone(), text.trim().as_bytes().to_vec()));
+        } else if name.ends_with(".key") {
             if let Some(line) = text.lines().nth(1) {
                 needles.push((format!("{name} (PEM)"), line.as_bytes().to_vec()));
             }
@@ -247,8 +276,21 @@ fn scan_file(file: &Path, needles: &[(String, Vec<u8>)]) -> Result<Vec<String>> 
 }
 
 /// Scans the files of an ext4 volume (mounted read-only on a loop device),
-/// except etcd's data directory, where the cluster's Secrets belong.
+/// except etcd's data directory, where the cluster's objects belong.
 fn scan_volume(volume: &Path, needles: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+    scan_volume_files(volume, needles, false)
+}
+
+/// Scans every file of an ext4 volume, etcd's data included.
+fn scan_volume_with_etcd(volume: &Path, needles: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+    scan_volume_files(volume, needles, true)
+}
+
+fn scan_volume_files(
+    volume: &Path,
+    needles: &[(String, Vec<u8>)],
+    with_etcd: bool,
+) -> Result<Vec<String>> {
     let mnt = tempfile::tempdir()?;
     let status = Command::new("mount")
         .args(["-o", "ro,noload,loop"])
@@ -264,17 +306,21 @@ fn scan_volume(volume: &Path, needles: &[(String, Vec<u8>)]) -> Result<Vec<Strin
                 .is_ok_and(|r| r.starts_with("data"))
             {
                 etcd_files += 1;
-                continue;
+                if !with_etcd {
+                    continue;
+                }
+            } else {
+                files += 1;
             }
-            files += 1;
             for h in scan_file(&e, needles)? {
                 hits.push(format!("{h} in {}", e.display()));
             }
         }
         // The volume read is the one etcd wrote, not an empty stand-in.
         ensure!(etcd_files > 0, "the data volume holds no etcd data");
+        let etcd = if with_etcd { "scanned" } else { "skipped" };
         eprintln!(
-            "[cluster] data volume: {files} files outside etcd's data scanned ({etcd_files} in it skipped)"
+            "[cluster] data volume: {files} files outside etcd's data scanned ({etcd_files} in it {etcd})"
         );
         anyhow::Ok(hits)
     })();
@@ -565,6 +611,21 @@ fn a_cluster_survives_losing_its_master_and_a_node() -> Result<()> {
     report_boot(&mut cluster, &master.id, "master");
     report_boot(&mut cluster, &node.id, "node");
 
+    // A Secret (encrypted before it reaches etcd) and a ConfigMap (not
+    // encrypted: the control that shows the scan reads etcd's data), each
+    // with a value found nowhere else; creating them is audited.
+    let nonce = &sha256_hex(format!("{:?}", std::time::SystemTime::now()).as_bytes())[..24];
+    let sealed_value = format!("sealed-{nonce}");
+    let plain_value = format!("plain-{nonce}");
+    let audit_probe = format!("audit-probe-{nonce}");
+    kubectl.apply(
+        &cluster,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: sealed}}\nstringData: {{value: {sealed_value}}}\n---\n\
+             apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {audit_probe}}}\ndata: {{value: {plain_value}}}\n"
+        ),
+    )?;
+
     // A pod on the node, a Service in front of it, and a name lookup from
     // another pod through CoreDNS.
     let busybox = image.manifest["payload"]["images"]
@@ -682,8 +743,12 @@ spec:
             "a bootstrapper's request for {name} was {decision}"
         );
     }
+    // Pod Security: the default namespace enforces baseline, so a
+    // privileged pod is refused (and the refusal says why).
+    let refusal = refused_privileged_pod(&cluster, &kubectl, &busybox)?;
+    eprintln!("[cluster] a privileged pod refused: {refusal}");
     cluster.timing(
-        "scenario 1: master and node up, pod, DNS, etcd TLS, admission",
+        "scenario 1: master and node up, pod, DNS, etcd TLS, admission, pod security",
         scenario.elapsed(),
     );
 
@@ -715,6 +780,37 @@ spec:
     for h in scan_volume(&volume, &needles)? {
         leaks.push(format!("{h} on the data volume"));
     }
+    // Secrets at rest: the Secret's value is nowhere on the data volume,
+    // etcd's files included, while the ConfigMap's is (the scan does read
+    // etcd's data); nor is it on the root disk, where the audit log
+    // recorded the ConfigMap's creation (metadata only).
+    let sealed = (
+        "the Secret's value".to_owned(),
+        sealed_value.as_bytes().to_vec(),
+    );
+    let plain = (
+        "the ConfigMap's value".to_owned(),
+        plain_value.as_bytes().to_vec(),
+    );
+    let on_volume = scan_volume_with_etcd(&volume, &[sealed.clone(), plain])?;
+    ensure!(
+        on_volume == ["the ConfigMap's value"],
+        "on the data volume (etcd's data included) the test found {on_volume:?}; \
+         expected the ConfigMap's value only"
+    );
+    let audited = format!("\"name\":\"{audit_probe}\"");
+    let on_root = scan_file(
+        &root_disk(&cluster, &master.id),
+        &[
+            sealed,
+            ("the audit record".to_owned(), audited.into_bytes()),
+        ],
+    )?;
+    ensure!(
+        on_root == ["the audit record"],
+        "on the master's root disk the test found {on_root:?}; expected the audit record only"
+    );
+    eprintln!("[cluster] the Secret is encrypted in etcd; the audit log recorded the ConfigMap");
     let mut scan_time = scanning.elapsed();
 
     // The replacement finds leaves 65 days from their end and an expired
@@ -747,6 +843,19 @@ spec:
     ensure!(
         count == OBJECTS,
         "{count} of {OBJECTS} ConfigMaps survived the master's replacement"
+    );
+    // The replacement decrypts the Secret with the key from the bundle.
+    let read_back = kubectl.get(
+        &cluster,
+        &["get", "secret", "sealed", "-o", "jsonpath={.data.value}"],
+    )?;
+    let read_back = {
+        use base64::Engine;
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(read_back.trim())?)?
+    };
+    ensure!(
+        read_back == sealed_value,
+        "the replacement master reads the Secret as {read_back:?}"
     );
     cluster.timing(
         "scenario 2: the replacement API server serves every object",

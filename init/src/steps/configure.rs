@@ -75,6 +75,11 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
         } else {
             None
         },
+        encryption_key: if master {
+            Some(bundle.get(pki::ENCRYPTION_KEY)?)
+        } else {
+            None
+        },
     })?;
     let mut written = 0;
     for f in &files {

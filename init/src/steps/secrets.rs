@@ -241,7 +241,11 @@ pub async fn master_outcome(
         bundle,
         renewed,
         rotated,
+        completed,
     } = maintain(ctx, &key, &id, shared).await?;
+    if completed {
+        detail.push_str("; added the Secrets encryption key (a bundle from an older release)");
+    }
     if !renewed.is_empty() {
         let list: Vec<String> = renewed
             .iter()
@@ -280,7 +284,7 @@ pub async fn master_outcome(
     )
     .await?;
     bundle.write(&ctx.paths.secrets.join("pki"))?;
-    let report = if generated || !renewed.is_empty() || rotated.is_some() {
+    let report = if generated || completed || !renewed.is_empty() || rotated.is_some() {
         Report::changed(STEP, detail)
     } else {
         Report::already(STEP, detail)
@@ -328,10 +332,13 @@ struct Maintained {
     bundle: Bundle,
     renewed: Vec<Due>,
     rotated: Option<String>,
+    /// What an older release's bundle lacked was added.
+    completed: bool,
 }
 
-/// Renews the shared bundle's due leaves (see [`Bundle::renew`]) and
-/// replaces its token at half its life (see [`Bundle::rotate_token`]), in
+/// Renews the shared bundle's due leaves (see [`Bundle::renew`]),
+/// replaces its token at half its life (see [`Bundle::rotate_token`]) and
+/// adds what an older release's bundle lacks ([`Bundle::completed`]), in
 /// one write conditional on the version read: of two masters doing so at
 /// once, the one that loses reads the winner's bundle, in which nothing is
 /// due any more, and uses it.
@@ -354,7 +361,14 @@ async fn maintain(
             rotated = Some(r.old_id);
             bundle = r.bundle;
         }
-        if !renewed.is_empty() || rotated.is_some() {
+        // A bundle of an older release gains what it lacks (the Secrets
+        // encryption key) in the same write.
+        let completed = bundle.completed()?;
+        if let Some(b) = &completed {
+            tracing::info!(step = STEP, "adding the Secrets encryption key to {key}");
+            bundle = b.clone();
+        }
+        if !renewed.is_empty() || rotated.is_some() || completed.is_some() {
             let etag = shared.etag.as_deref().ok_or_else(|| StepError::Invalid {
                 what: key.to_owned(),
                 message: "the bucket gave no ETag to make the renewal conditional on".into(),
@@ -372,6 +386,7 @@ async fn maintain(
             bundle,
             renewed,
             rotated,
+            completed: completed.is_some(),
         });
     }
     Err(StepError::Wait(format!(
