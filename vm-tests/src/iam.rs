@@ -80,7 +80,16 @@ impl Moto {
     /// Switches authorization on: from now on every call must be signed
     /// by a known identity and allowed by its policies.
     pub fn enforce_iam(&self) -> Result<()> {
-        let (status, body) = post(&self.endpoint, "/moto-api/reset-auth", &[], "0")?;
+        // Idempotent: tried again if the connection is reset.
+        let mut answer = post(&self.endpoint, "/moto-api/reset-auth", &[], "0");
+        for attempt in 1..=4u64 {
+            if answer.is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200 * attempt));
+            answer = post(&self.endpoint, "/moto-api/reset-auth", &[], "0");
+        }
+        let (status, body) = answer.context("switching moto's IAM enforcement on")?;
         ensure!(
             status == 200,
             "moto refused to enforce IAM: {status} {body}"
