@@ -37,14 +37,18 @@ deps:
         # would otherwise serve one on every interface.
         if [ -d /run/systemd/system ]; then $sudo systemctl disable --now docker-registry.service || true; fi
     fi
-    # moto, pinned, in a venv of its own (the local AWS the tests run against).
-    venv="{{cache}}/venv"
-    if ! cmp -s vm-tests/requirements.txt "$venv/.installed" 2>/dev/null; then
-        echo "installing $(cat vm-tests/requirements.txt) into $venv" >&2
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install -q -r vm-tests/requirements.txt
-        cp vm-tests/requirements.txt "$venv/.installed"
-    fi
+    # moto and cfn-lint, pinned, in a venv of their own (the local AWS the
+    # tests run against, the template's linter); checkov in another (its
+    # pins clash with moto's).
+    for pair in "venv:vm-tests/requirements.txt" "checkov-venv:vm-tests/requirements-checkov.txt"; do
+        venv="{{cache}}/${pair%%:*}"; reqs="${pair#*:}"
+        if ! cmp -s "$reqs" "$venv/.installed" 2>/dev/null; then
+            echo "installing $reqs into $venv" >&2
+            python3 -m venv "$venv"
+            "$venv/bin/pip" install -q -r "$reqs"
+            cp "$reqs" "$venv/.installed"
+        fi
+    done
 
 # Compile the image builder and the binaries baked into the image.
 compile:

@@ -304,15 +304,42 @@ async fn the_template_lints_clean_and_creates_a_stack_on_the_mapped_ami() {
     let release = publish(out.path(), &target(&moto, &[])).unwrap();
     let template_path = out.path().join("template.json");
 
-    // cfn-lint, pinned in vm-tests/requirements.txt: no errors, no warnings.
+    // cfn-lint, pinned in vm-tests/requirements.txt: no errors, no warnings,
+    // in every region the release has an image in.
+    let regions: Vec<&str> = release.amis.keys().map(String::as_str).collect();
     let lint = std::process::Command::new(vm_tests::moto::venv_bin("cfn-lint"))
+        .arg("--regions")
+        .args(&regions)
+        .arg("--")
         .arg(&template_path)
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&lint.stdout);
     assert!(
         lint.status.success() && report.trim().is_empty(),
-        "cfn-lint:\n{report}"
+        "cfn-lint ({regions:?}):\n{report}"
+    );
+    // checkov, pinned in vm-tests/requirements-checkov.txt, in a network
+    // namespace of its own (it would otherwise fetch guidelines from its
+    // vendor): no failed check; the skips carry their reasons in the template.
+    let checkov = std::process::Command::new("unshare")
+        .arg("--net")
+        .arg(vm_tests::moto::checkov_bin())
+        .args([
+            "--framework",
+            "cloudformation",
+            "--compact",
+            "--skip-download",
+            "-f",
+        ])
+        .arg(&template_path)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&checkov.stdout);
+    assert!(
+        checkov.status.success() && report.contains("Failed checks: 0,"),
+        "checkov:\n{report}\n{}",
+        String::from_utf8_lossy(&checkov.stderr)
     );
 
     let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())

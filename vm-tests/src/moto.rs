@@ -27,6 +27,12 @@ pub fn venv_bin(name: &str) -> PathBuf {
     crate::cache_dir().join("venv/bin").join(name)
 }
 
+/// checkov, from the venv of its own that `just deps` installs
+/// (`vm-tests/requirements-checkov.txt`).
+pub fn checkov_bin() -> PathBuf {
+    crate::cache_dir().join("checkov-venv/bin/checkov")
+}
+
 /// Credentials moto accepts; set once for the SDK's default chain.
 pub fn fake_credentials() {
     static ONCE: std::sync::Once = std::sync::Once::new();
