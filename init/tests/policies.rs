@@ -17,7 +17,7 @@ use slipway_init::config::Role;
 use slipway_init::steps;
 use std::collections::BTreeMap;
 use vm_tests::iam::{resolve, stack_names, template_policies, ACCOUNT};
-use vm_tests::policy::{evaluate, Decision, Request};
+use vm_tests::policy::{evaluate, evaluate_key, Decision, Request};
 
 const CLUSTER: &str = "demo";
 const VOLUME: &str = "vol-0123456789abcdef0";
@@ -48,7 +48,7 @@ fn names(readers: &[&str]) -> BTreeMap<String, String> {
             "NodeRole.Arn",
             format!("arn:aws:iam::{ACCOUNT}:role/{NODE_ROLE}"),
         ),
-        ("SecretsReaders", readers.join(",")),
+        ("SecretsReaders", serde_json::to_string(readers).unwrap()),
         (
             "Condition:HasSecretsReaders",
             (!readers.is_empty()).to_string(),
@@ -64,6 +64,7 @@ struct Stack {
     master: Vec<Value>,
     node: Vec<Value>,
     bucket: Value,
+    key: Value,
 }
 
 impl Stack {
@@ -81,10 +82,16 @@ impl Stack {
             &names,
         )
         .unwrap();
+        let key = resolve(
+            &template["Resources"]["SecretsKey"]["Properties"]["KeyPolicy"],
+            &names,
+        )
+        .unwrap();
         Self {
             master: role("MasterRole"),
             node: role("NodeRole"),
             bucket,
+            key,
         }
     }
 
@@ -97,10 +104,38 @@ impl Stack {
         self.decide_for(policies, request)
     }
 
+    /// The decision for `request`; for an object's read or write, S3's
+    /// own and then the one KMS makes on the object's key for the caller.
     fn decide_for(&self, policies: &[Value], request: &Request) -> Decision {
         let bucket = request.action.starts_with("s3:").then_some(&self.bucket);
-        evaluate(policies, bucket, request).unwrap()
+        let decision = evaluate(policies, bucket, request).unwrap();
+        match kms_request(request) {
+            Some(kms) if decision == Decision::Allow => {
+                evaluate_key(policies, &self.key, &kms).unwrap()
+            }
+            _ => decision,
+        }
     }
+}
+
+/// What S3 asks KMS on the caller's behalf to read or write an object of
+/// the bucket (SSE-KMS, no bucket key: the object's ARN is the context).
+fn kms_request(s3: &Request) -> Option<Request> {
+    let action = match s3.action.as_str() {
+        "s3:GetObject" => "kms:Decrypt",
+        "s3:PutObject" => "kms:GenerateDataKey",
+        _ => return None,
+    };
+    let mut kms = Request::new(
+        &s3.principal,
+        action,
+        &arn("kms", "key/11111111-2222-3333-4444-555555555555"),
+    );
+    kms.context = s3.context.clone();
+    Some(
+        kms.with("kms:ViaService", &format!("s3.{REGION}.amazonaws.com"))
+            .with("kms:EncryptionContext:aws:s3:arn", &s3.resource),
+    )
 }
 
 /// An instance of the cluster as AWS describes it to IAM.
@@ -339,7 +374,7 @@ fn a_node_is_refused_the_masters_secrets_volume_and_address_own_evaluator() {
 #[test]
 fn only_named_readers_read_the_ca_key_whatever_their_iam_allows_own_evaluator() {
     let read_only = serde_json::json!({"Statement": [{"Effect": "Allow",
-        "Action": ["s3:Get*", "s3:List*", "ec2:Describe*"], "Resource": "*"}]});
+        "Action": ["s3:Get*", "s3:List*", "ec2:Describe*", "kms:Decrypt"], "Resource": "*"}]});
     let as_user = |principal: &str| {
         Request::new(principal, "s3:GetObject", &object("pki.json"))
             .with("aws:PrincipalArn", principal)
@@ -374,4 +409,57 @@ fn only_named_readers_read_the_ca_key_whatever_their_iam_allows_own_evaluator() 
         stack.decide(Role::Master, &plain),
         Decision::ExplicitDeny(_)
     ));
+}
+
+#[test]
+fn the_secrets_key_decrypts_only_what_each_member_may_read_own_evaluator() {
+    let stack = Stack::deploy(&template(), &[]);
+    let kms = |member: &Member, action: &str, key: &str| {
+        kms_request(&member.request(action, &object(key), None)).unwrap()
+    };
+    let cases = [
+        (Role::Master, kms(&MASTER, "s3:GetObject", "pki.json"), true),
+        (
+            Role::Master,
+            kms(&MASTER, "s3:PutObject", "admin.conf"),
+            true,
+        ),
+        (Role::Node, kms(&NODE, "s3:GetObject", "node.json"), true),
+        (Role::Node, kms(&NODE, "s3:GetObject", "pki.json"), false),
+        (Role::Node, kms(&NODE, "s3:GetObject", "admin.conf"), false),
+        (Role::Node, kms(&NODE, "s3:PutObject", "node.json"), false),
+    ];
+    for (role, req, allowed) in cases {
+        // The key's policy alone: these roles' IAM policies grant no KMS use.
+        let policies = match role {
+            Role::Master => &stack.master,
+            Role::Node => &stack.node,
+        };
+        let decision = evaluate_key(policies, &stack.key, &req).unwrap();
+        assert_eq!(
+            decision == Decision::Allow,
+            allowed,
+            "{role:?} {} for {}: {decision:?}",
+            req.action,
+            req.context["kms:EncryptionContext:aws:s3:arn"]
+        );
+    }
+    // Another cluster's objects under the same key: no.
+    let other = kms_request(&MASTER.request(
+        "s3:GetObject",
+        &format!("arn:aws:s3:::{BUCKET}/another/pki.json"),
+        None,
+    ))
+    .unwrap();
+    assert_ne!(
+        evaluate_key(&stack.master, &stack.key, &other).unwrap(),
+        Decision::Allow
+    );
+    // Not through S3 (a direct Decrypt of a stolen ciphertext): no.
+    let mut direct = kms(&MASTER, "s3:GetObject", "pki.json");
+    direct.context.remove("kms:ViaService");
+    assert_ne!(
+        evaluate_key(&stack.master, &stack.key, &direct).unwrap(),
+        Decision::Allow
+    );
 }

@@ -321,9 +321,8 @@ pub fn moto_view(document: &Value) -> Value {
 /// `value` with CloudFormation's `Ref`, `Fn::GetAtt`, `Fn::Sub` (the
 /// string form), `Fn::Join`, `Fn::Split` and `Fn::If` resolved from `names`
 /// (`ClusterName`, `AWS::Region`, `SecretsBucket.Arn`, a condition as
-/// `Condition:HasKeyName` = `true`/`false`; a list parameter's value is
-/// its items joined with commas, as CloudFormation takes it). A name it
-/// does not know is an error.
+/// `Condition:HasKeyName` = `true`/`false`; a list parameter's value as a
+/// JSON list). A name it does not know is an error.
 pub fn resolve(value: &Value, names: &BTreeMap<String, String>) -> Result<Value> {
     let lookup = |name: &str| {
         names
@@ -335,7 +334,14 @@ pub fn resolve(value: &Value, names: &BTreeMap<String, String>) -> Result<Value>
         Value::Object(map) if map.len() == 1 => {
             let (key, arg) = map.iter().next().context("a one-entry map")?;
             match key.as_str() {
-                "Ref" => Value::String(lookup(arg.as_str().context("Ref of a non-string")?)?),
+                "Ref" => {
+                    let value = lookup(arg.as_str().context("Ref of a non-string")?)?;
+                    // A list parameter's value is given as a JSON list.
+                    match serde_json::from_str::<Value>(&value) {
+                        Ok(list @ Value::Array(_)) => list,
+                        _ => Value::String(value),
+                    }
+                }
                 "Fn::GetAtt" => {
                     let parts: Vec<&str> = match arg {
                         Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),

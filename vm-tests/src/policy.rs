@@ -10,7 +10,11 @@
 //! with `IfExists`), and policy variables (`${ec2:SourceInstanceARN}`) in
 //! condition values. An explicit Deny in any policy wins; otherwise an
 //! Allow in the identity's policies or in the resource's policy (for that
-//! principal) allows. Anything else in a policy is an error, never a
+//! principal) allows ([`evaluate`], S3's rule within one account). A KMS
+//! key is stricter ([`evaluate_key`]): its policy must allow, either the
+//! principal itself or the account, and then the identity's policies must
+//! allow too. A principal is matched by its own ARN or by its role's
+//! (`aws:PrincipalArn`). Anything else in a policy is an error, never a
 //! silent pass.
 
 use anyhow::{bail, Context, Result};
@@ -60,12 +64,50 @@ pub fn evaluate(
     resource_policy: Option<&Value>,
     request: &Request,
 ) -> Result<Decision> {
-    let mut allowed = false;
-    let mut documents: Vec<(&Value, bool)> = policies.iter().map(|p| (p, false)).collect();
-    if let Some(r) = resource_policy {
-        documents.push((r, true));
+    let identity = allows(policies, false, request)?;
+    let resource = match resource_policy {
+        Some(r) => allows(std::slice::from_ref(r), true, request)?,
+        None => Verdict::default(),
+    };
+    if let Some(sid) = identity.denied.or(resource.denied) {
+        return Ok(Decision::ExplicitDeny(sid));
     }
-    for (document, is_resource_policy) in documents {
+    Ok(if identity.allowed || resource.allowed {
+        Decision::Allow
+    } else {
+        Decision::ImplicitDeny
+    })
+}
+
+/// The decision for `request` on a KMS key with policy `key_policy`.
+pub fn evaluate_key(policies: &[Value], key_policy: &Value, request: &Request) -> Result<Decision> {
+    let identity = allows(policies, false, request)?;
+    let key = allows(std::slice::from_ref(key_policy), true, request)?;
+    if let Some(sid) = identity.denied.or(key.denied) {
+        return Ok(Decision::ExplicitDeny(sid));
+    }
+    let allowed = key.allowed_directly || (key.allowed && identity.allowed);
+    Ok(if allowed {
+        Decision::Allow
+    } else {
+        Decision::ImplicitDeny
+    })
+}
+
+/// What a set of policies says about a request.
+#[derive(Debug, Default)]
+struct Verdict {
+    /// An Allow matched.
+    allowed: bool,
+    /// An Allow matched that names the principal itself (not its account).
+    allowed_directly: bool,
+    /// A Deny matched: its Sid, or its position.
+    denied: Option<String>,
+}
+
+fn allows(documents: &[Value], is_resource_policy: bool, request: &Request) -> Result<Verdict> {
+    let mut verdict = Verdict::default();
+    for document in documents {
         for (i, st) in statements(document)?.iter().enumerate() {
             if !applies(st, is_resource_policy, request)? {
                 continue;
@@ -75,18 +117,25 @@ pub fn evaluate(
                     let sid = st["Sid"]
                         .as_str()
                         .map_or_else(|| format!("#{i}"), str::to_owned);
-                    return Ok(Decision::ExplicitDeny(sid));
+                    verdict.denied.get_or_insert(sid);
                 }
-                Some("Allow") => allowed = true,
+                Some("Allow") => {
+                    verdict.allowed = true;
+                    if !is_resource_policy || !names_an_account(&st["Principal"]) {
+                        verdict.allowed_directly = true;
+                    }
+                }
                 other => bail!("a statement with Effect {other:?}"),
             }
         }
     }
-    Ok(if allowed {
-        Decision::Allow
-    } else {
-        Decision::ImplicitDeny
-    })
+    Ok(verdict)
+}
+
+/// Whether a resource policy's principal is an account (`…:root`), which
+/// leaves the decision to that account's IAM policies.
+fn names_an_account(principal: &Value) -> bool {
+    strings(&principal["AWS"]).is_ok_and(|list| list.iter().any(|p| p.ends_with(":root")))
 }
 
 fn statements(document: &Value) -> Result<Vec<&Value>> {
@@ -119,7 +168,7 @@ fn applies(st: &Value, is_resource_policy: bool, request: &Request) -> Result<bo
             bail!("statement element {key} is not modelled");
         }
     }
-    if is_resource_policy && !principal_matches(&st["Principal"], &request.principal)? {
+    if is_resource_policy && !principal_matches(&st["Principal"], request)? {
         return Ok(false);
     }
     let action = match (&st["Action"], &st["NotAction"]) {
@@ -143,14 +192,19 @@ fn applies(st: &Value, is_resource_policy: bool, request: &Request) -> Result<bo
     conditions_hold(&st["Condition"], &request.context)
 }
 
-fn principal_matches(principal: &Value, arn: &str) -> Result<bool> {
+fn principal_matches(principal: &Value, request: &Request) -> Result<bool> {
+    let role = request.context.get("aws:PrincipalArn");
+    let account = request.principal.split(':').nth(4).unwrap_or_default();
     Ok(match principal {
         Value::String(s) if s == "*" => true,
         Value::Object(map) => match map.get("AWS") {
-            Some(aws) => {
-                let list = strings(aws)?;
-                list.iter().any(|p| *p == "*" || *p == arn)
-            }
+            Some(aws) => strings(aws)?.iter().any(|p| {
+                p == "*"
+                    || *p == request.principal
+                    || Some(p) == role
+                    || p.strip_suffix(":root")
+                        .is_some_and(|a| a.rsplit(':').next() == Some(account))
+            }),
             None => false,
         },
         Value::Null => bail!("a resource policy statement without Principal"),
@@ -337,6 +391,39 @@ mod tests {
         let bare = Request::new("p", "ec2:ModifyInstanceAttribute", me).with("aws:ARN", me);
         assert_eq!(
             evaluate(&[own], None, &bare).unwrap(),
+            Decision::ImplicitDeny
+        );
+    }
+
+    #[test]
+    fn a_key_allows_its_principals_directly_and_the_account_only_with_iam() {
+        let key = json!({"Statement": [
+            {"Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::1:role/r"},
+             "Action": "kms:Decrypt", "Resource": "*"},
+            {"Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::1:root"},
+             "Action": "kms:Describe*", "Resource": "*"}]});
+        let session = "arn:aws:sts::1:assumed-role/r/i-1";
+        let req = |action: &str| {
+            Request::new(session, action, "k").with("aws:PrincipalArn", "arn:aws:iam::1:role/r")
+        };
+        // The role's session, by the role's ARN, with no IAM policy at all.
+        assert_eq!(
+            evaluate_key(&[], &key, &req("kms:Decrypt")).unwrap(),
+            Decision::Allow
+        );
+        // The account: only with an identity policy that allows it too.
+        assert_eq!(
+            evaluate_key(&[], &key, &req("kms:DescribeKey")).unwrap(),
+            Decision::ImplicitDeny
+        );
+        let iam = json!({"Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]});
+        assert_eq!(
+            evaluate_key(std::slice::from_ref(&iam), &key, &req("kms:DescribeKey")).unwrap(),
+            Decision::Allow
+        );
+        // Nothing grants Encrypt, whatever IAM says.
+        assert_eq!(
+            evaluate_key(&[iam], &key, &req("kms:Encrypt")).unwrap(),
             Decision::ImplicitDeny
         );
     }

@@ -10,7 +10,6 @@ use crate::pki::{self, Bundle, Due, Identity, Validity};
 use crate::retry::{self, Backoff};
 use aws_sdk_s3::error::ProvideErrorMetadata;
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::ServerSideEncryption;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -115,7 +114,6 @@ async fn put(
         .put_object()
         .bucket(bucket)
         .key(key)
-        .server_side_encryption(ServerSideEncryption::Aes256)
         .body(ByteStream::from(body));
     req = match condition {
         Condition::Always => req,
