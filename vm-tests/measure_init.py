@@ -41,13 +41,13 @@ service_cidr = "10.96.0.0/12"
 master_eip_allocation = "{alloc}"
 master_volume = "{vol}"
 region = "us-east-1"
-aws_endpoint = "{endpoint}"
 ''')
     # mount and ip are replaced by `true` through PATH: the measurement is of slipway-init, not of the host.
     fake = f"{root}/bin"; os.makedirs(fake)
     for tool in ("mount", "ip"):
         os.symlink("/bin/true", f"{fake}/{tool}")
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+               SLIPWAY_AWS_ENDPOINT=endpoint)
     t0 = time.time()
     run = subprocess.run(["/usr/bin/time", "-v", binary, "--config", config, "--root", root, "--manifests", "manifests", "--no-boot-check",
                           "--instance-id", inst["InstanceId"], "--availability-zone", az],

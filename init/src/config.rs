@@ -171,7 +171,6 @@ pub struct StackConfig {
     pub service_cidr: Cidr,
     pub master: Option<MasterConfig>,
     pub region: Option<String>,
-    pub aws_endpoint: Option<String>,
     pub signal: Option<Signal>,
 }
 
@@ -363,15 +362,15 @@ impl StackConfig {
                 ));
             }
         }
-        if let Some(endpoint) = &raw.aws_endpoint {
-            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-                || endpoint.len() > 200
-            {
-                return Err(invalid(
-                    "aws_endpoint",
-                    format!("{endpoint:?} is not an http(s) URL"),
-                ));
-            }
+        // Whoever writes the user data must not be able to send the
+        // instance's credentials and secrets to an endpoint of their own.
+        if raw.aws_endpoint.is_some() {
+            return Err(invalid(
+                "aws_endpoint",
+                "the AWS endpoint is never taken from the stack config; a test \
+                 passes --aws-endpoint (or SLIPWAY_AWS_ENDPOINT) instead"
+                    .to_owned(),
+            ));
         }
         let signal = match (raw.signal_stack, raw.signal_resource) {
             (Some(stack), Some(resource)) => {
@@ -400,7 +399,6 @@ impl StackConfig {
             service_cidr,
             master,
             region: raw.region,
-            aws_endpoint: raw.aws_endpoint,
             signal,
         })
     }
@@ -552,7 +550,7 @@ master_volume = "vol-0123456789abcdef0"
             (
                 m(
                     "role = \"master\"",
-                    "role = \"master\"\naws_endpoint = \"ftp://x\"",
+                    "role = \"master\"\naws_endpoint = \"http://attacker.example\"",
                 ),
                 "aws_endpoint",
             ),

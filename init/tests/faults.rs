@@ -109,14 +109,14 @@ async fn a_node_boots_while_the_metadata_service_is_down_for_a_minute_then_flaky
     )
     .unwrap();
     let me = &w.instances[0];
-    let user_data = config_text(&w, "node").replace(&w.moto.endpoint, &proxy.endpoint);
+    let user_data = config_text(&w, "node");
     let imds = vm_tests::imds::Imds::instance(&me.id, &me.availability_zone, &user_data).unwrap();
     let started = Instant::now();
     imds.unavailable_until(started + Duration::from_secs(60));
     // And once up, it answers a third of requests with 500.
     imds.server_errors(0.3, 5);
     let root = tempfile::tempdir().unwrap();
-    let mut boot = boot_command(&imds.endpoint, root.path(), &w.node);
+    let mut boot = boot_command(&imds.endpoint, &proxy.endpoint, root.path(), &w.node);
     let out = tokio::task::spawn_blocking(move || boot.output())
         .await
         .unwrap()
@@ -229,11 +229,7 @@ async fn an_action_that_always_fails_ends_with_the_instance_marked_unhealthy() {
     .unwrap();
     let root = tempfile::tempdir().unwrap();
     let config = root.path().join("stack.toml");
-    std::fs::write(
-        &config,
-        config_text(&w, "node").replace(&w.moto.endpoint, &proxy.endpoint),
-    )
-    .unwrap();
+    std::fs::write(&config, config_text(&w, "node")).unwrap();
     let run = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"))
             .args(["--no-boot-check", "--attempts", "3", "--instance-id", &id])
@@ -242,6 +238,7 @@ async fn an_action_that_always_fails_ends_with_the_instance_marked_unhealthy() {
             .arg("--root")
             .arg(root.path())
             .env("AWS_MAX_ATTEMPTS", "2")
+            .env("SLIPWAY_AWS_ENDPOINT", &proxy.endpoint)
             .envs(w.node.env())
             .output()
             .unwrap()

@@ -5,9 +5,12 @@
 //! playing that instance and the AWS endpoint is moto.
 //!
 //! What the test supplies beyond EC2 itself, and says so:
-//! - the metadata service adds `aws_endpoint` to the user data the launch
-//!   template holds (moto, reached through the network's router), and
-//!   serves each instance a session of its own role;
+//! - every unit that calls AWS gets a test-only drop-in (a systemd
+//!   credential, which EC2 cannot pass) setting `SLIPWAY_AWS_ENDPOINT` to
+//!   moto, reached through the network's router: a release image takes no
+//!   endpoint from its user data; the metadata service serves the launch
+//!   template's user data as it is, and each instance a session of its own
+//!   role;
 //! - IAM is enforced once the stack exists ([`crate::iam`]): every member's
 //!   call is checked against its role's policies as moto can check them
 //!   (action names and S3 ARNs; conditions dropped and other resources
@@ -36,6 +39,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub const REGION: &str = "us-east-1";
+/// The image's units that call AWS (each is told where the local AWS is).
+const AWS_UNITS: [&str; 4] = [
+    "slipway-init.service",
+    "slipway-addons.service",
+    "slipway-renew.service",
+    "slipway-approver.service",
+];
 pub const STACK: &str = "slipway";
 /// Port moto answers on inside the network (on the first subnet's router).
 const AWS_PORT: u16 = 5000;
@@ -388,11 +398,7 @@ impl Cluster {
             Role::Master => "master",
             Role::Node => "node",
         };
-        let user_data = format!(
-            "{}\n# Added by the test's metadata service: the local AWS.\naws_endpoint = \"{}\"\n",
-            self.user_data[role].trim_end(),
-            self.aws_in_lan
-        );
+        let user_data = self.user_data[role].clone();
         let ip = std::net::IpAddr::V4(instance.ip);
         let (role_name, session) = &self.roles[&instance.role];
         for (path, body) in [
@@ -429,11 +435,22 @@ impl Cluster {
         let mut cfg = VmConfig::new(&instance.id, root, "qcow2")
             .with_test_unit("slipway-test-status.service", STATUS_UNIT)
             .with_shell(self.opts.dir.join(format!("{}.shell", instance.id)));
+        // The local AWS, for every unit that calls AWS.
+        let endpoint = format!(
+            "[Service]\nEnvironment=SLIPWAY_AWS_ENDPOINT={}\n",
+            self.aws_in_lan
+        );
+        let mut units: BTreeMap<&str, String> =
+            AWS_UNITS.iter().map(|u| (*u, endpoint.clone())).collect();
         for (unit, text) in dropins {
-            cfg.credentials.push((
-                format!("systemd.unit-dropin.{unit}"),
-                text.as_bytes().to_vec(),
-            ));
+            units
+                .entry(unit)
+                .and_modify(|t| t.push_str(text))
+                .or_insert_with(|| (*text).to_owned());
+        }
+        for (unit, text) in units {
+            cfg.credentials
+                .push((format!("systemd.unit-dropin.{unit}"), text.into_bytes()));
         }
         cfg.snapshot = false;
         cfg.cpus = self.opts.cpus;

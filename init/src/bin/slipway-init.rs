@@ -51,6 +51,11 @@ struct Args {
     /// restarts in /run/slipway) before giving up.
     #[arg(long, global = true, default_value_t = 5)]
     attempts: u32,
+    /// Send every AWS call to this endpoint instead of AWS's own (a local
+    /// AWS in tests). Never read from the stack config: user data cannot
+    /// redirect an instance's credentials.
+    #[arg(long, global = true, env = "SLIPWAY_AWS_ENDPOINT", value_name = "URL", value_parser = endpoint_url)]
+    aws_endpoint: Option<String>,
     /// Attempts per AWS call (throttling, 5xx, resets and timeouts are
     /// retried with jittered exponential backoff).
     #[arg(long, global = true, env = "AWS_MAX_ATTEMPTS", default_value_t = CallPolicy::default().max_attempts)]
@@ -70,6 +75,15 @@ struct Args {
     /// Skip the boot check (when running outside the image).
     #[arg(long)]
     no_boot_check: bool,
+}
+
+/// `--aws-endpoint`: an http(s) URL.
+fn endpoint_url(value: &str) -> Result<String, String> {
+    if (value.starts_with("http://") || value.starts_with("https://")) && value.len() <= 200 {
+        Ok(value.to_owned())
+    } else {
+        Err(format!("{value:?} is not an http(s) URL"))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,7 +233,7 @@ async fn context(args: &Args, deadlines: Deadlines) -> Result<Context, ContextEr
     };
     let aws = slipway_init::aws::Clients::with_policy(
         config.region.as_deref(),
-        config.aws_endpoint.as_deref(),
+        args.aws_endpoint.as_deref(),
         policy,
     )
     .await;

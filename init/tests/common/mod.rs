@@ -138,8 +138,8 @@ pub fn config_text(w: &World, role: &str) -> String {
         String::new()
     };
     format!(
-        "role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"{}\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\nregion = \"{REGION}\"\naws_endpoint = \"{}\"\n{master}",
-        w.bucket, w.moto.endpoint
+        "role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"{}\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\nregion = \"{REGION}\"\n{master}",
+        w.bucket
     )
 }
 
@@ -409,11 +409,16 @@ pub async fn publish_node_bundle(w: &World) {
 }
 
 /// `slipway-init`'s boot outside the image: identity and config from the
-/// metadata service at `imds`, every path below `root`, the source tree's
-/// templates.
-pub fn boot_command(imds: &str, root: &std::path::Path, who: &Identity) -> std::process::Command {
+/// metadata service at `imds`, AWS at `aws` (as `who`), every path below
+/// `root`, the source tree's templates.
+pub fn boot_command(
+    imds: &str,
+    aws: &str,
+    root: &std::path::Path,
+    who: &Identity,
+) -> std::process::Command {
     let mut boot = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"));
-    boot.envs(who.env());
+    boot.envs(who.env()).args(["--aws-endpoint", aws]);
     boot.args(["--no-boot-check", "--imds-endpoint", imds, "--root"])
         .arg(root)
         .arg("--manifests")
