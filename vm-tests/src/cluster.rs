@@ -108,14 +108,18 @@ impl Options {
 
 /// The physical ID of a resource of the stack.
 async fn physical_id(cfn: &aws_sdk_cloudformation::Client, logical: &str) -> Result<String> {
+    // The whole list: moto's DescribeStackResource fails outright on a
+    // stack holding a resource type it does not model (the subnet's CIDR
+    // reservation).
     let r = cfn
-        .describe_stack_resource()
+        .describe_stack_resources()
         .stack_name(STACK)
-        .logical_resource_id(logical)
         .send()
         .await?;
-    r.stack_resource_detail()
-        .and_then(|d| d.physical_resource_id())
+    r.stack_resources()
+        .iter()
+        .find(|s| s.logical_resource_id() == Some(logical))
+        .and_then(|s| s.physical_resource_id())
         .map(str::to_owned)
         .with_context(|| format!("stack resource {logical} has no physical ID"))
 }
