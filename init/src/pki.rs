@@ -605,6 +605,14 @@ impl Bundle {
     }
 }
 
+/// How a secret is named in a message: the first 12 hex digits of its
+/// sha256, enough to tell two apart, useless to an attacker.
+pub fn fingerprint(secret: &str) -> String {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(secret.as_bytes()));
+    digest[..12].to_owned()
+}
+
 /// Writes `content` to `path` atomically (a temporary file, then a rename)
 /// with `mode`, creating missing parents with `dir_mode`.
 pub fn write_file(path: &Path, content: &[u8], mode: u32, dir_mode: u32) -> Result<(), PkiError> {

@@ -30,7 +30,8 @@ pub enum RenderError {
     Images { path: String, message: String },
     #[error("template {name}: {message}")]
     Template { name: String, message: String },
-    #[error("the bootstrap token {0:?} is not of the form <6>.<16>")]
+    /// Names the token by a fingerprint, never by its value.
+    #[error("the bootstrap token (sha256 {0}…) is not of the form <6>.<16>")]
     Token(String),
 }
 
@@ -187,7 +188,7 @@ impl Templates {
             let (id, secret) = token
                 .split_once('.')
                 .filter(|(i, s)| i.len() == 6 && s.len() == 16)
-                .ok_or_else(|| RenderError::Token(token.to_owned()))?;
+                .ok_or_else(|| RenderError::Token(crate::pki::fingerprint(token)))?;
             ctx.insert("token_id", id);
             ctx.insert("token_secret", secret);
         }

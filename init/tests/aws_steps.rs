@@ -375,6 +375,21 @@ async fn the_binary_reads_config_and_identity_from_the_metadata_service() {
         stderr.contains("waiting for the instance metadata service"),
         "{stderr}"
     );
+    // The journal never carries the token's secret (nor any key).
+    let node: slipway_init::pki::Bundle =
+        serde_json::from_slice(&object(&w, &secrets::node_key("demo")).await.unwrap()).unwrap();
+    let token = node.get("bootstrap-kubelet.conf").unwrap();
+    let secret = token
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .and_then(|t| t.split_once('.'))
+        .map(|(_, s)| s.to_owned())
+        .unwrap();
+    assert!(
+        !stdout.contains(&secret) && !stderr.contains(&secret),
+        "the token's secret is in the output"
+    );
+    assert!(!stdout.contains("PRIVATE KEY") && !stderr.contains("PRIVATE KEY"));
     // The identity came from the metadata service: the kubelet is named after it.
     let env = std::fs::read_to_string(root.path().join("etc/kubernetes/kubelet.env")).unwrap();
     assert!(

@@ -432,3 +432,27 @@ fn the_control_plane_is_hardened() {
     assert_eq!(kubelet["tlsMinVersion"].as_str(), Some("VersionTLS12"));
     assert_eq!(kubelet["protectKernelDefaults"].as_bool(), Some(true));
 }
+
+#[test]
+fn a_malformed_token_is_named_by_its_fingerprint_never_its_value() {
+    let config = config("master");
+    let secret = "abcdef.0123456789abcdefXYZ";
+    let err = Templates::load(&manifests())
+        .unwrap()
+        .render(&Inputs {
+            config: &config,
+            node_name: "n".into(),
+            node_ip: None,
+            pki: PathBuf::from("/pki"),
+            bootstrap_token: Some(secret),
+            token_expires: Some(EXPIRES),
+            encryption_key: Some(KEY),
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(!err.contains("0123456789abcdef"), "{err}");
+    assert!(
+        err.contains(&slipway_init::pki::fingerprint(secret)),
+        "{err}"
+    );
+}
