@@ -8,9 +8,12 @@
 //!    through CoreDNS from another pod, etcd answers only over TLS with a
 //!    client certificate; requests made with the bootstrap token for the
 //!    master's name, or for an instance that is not in the cluster, are
-//!    denied;
-//! 2. the master is terminated; its replacement re-attaches the volume and
-//!    the address, keeps the PKI, and every object is still there; the node
+//!    denied; a privileged pod in the default namespace is refused;
+//! 2. the master is terminated: a Secret's value is nowhere on its disks
+//!    (etcd's data included), a ConfigMap's is in etcd's data, its audit
+//!    log holds the ConfigMap's creation; its replacement re-attaches the
+//!    volume and the address, keeps the PKI, reads the Secret back, and
+//!    every object is still there; the node
 //!    returns to Ready untouched. The bundle it finds was backdated (every
 //!    leaf re-issued with the clock set back 300 days): it renews the
 //!    leaves at boot and its API server serves the new certificate; then,
