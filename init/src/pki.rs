@@ -236,8 +236,8 @@ const LEAVES: &[LeafSpec] = &[
 ];
 
 /// The kubeconfigs with a client certificate from the cluster CA:
-/// (file, common name and user, organisations, whether it reaches the API
-/// server through the master's address rather than loopback).
+/// (file, common name and user, organisations, whether it is used from
+/// outside the master, through [`admin_server`], rather than on loopback).
 const KUBECONFIGS: &[(&str, &str, &[&str], bool)] = &[
     (
         "admin.conf",
@@ -259,6 +259,20 @@ const KUBECONFIGS: &[(&str, &str, &[&str], bool)] = &[
     ),
     ("scheduler.conf", "system:kube-scheduler", &[], false),
 ];
+
+/// Where an administrator reaches the API server: the Elastic IP (the
+/// stack's API endpoint) once the master holds it, else the master's
+/// stable private IP.
+pub fn admin_server(id: &Identity) -> String {
+    format!("https://{}:6443", id.public_ip.unwrap_or(id.master_ip))
+}
+
+/// The `server:` of a kubeconfig.
+fn kubeconfig_server(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.trim_start().strip_prefix("server: "))
+        .map(str::trim)
+}
 
 /// The SANs `stem`'s certificate must carry for `id`; empty for clients.
 fn wanted_sans(stem: &str, id: &Identity) -> Result<Vec<SanType>, PkiError> {
@@ -464,7 +478,9 @@ impl Bundle {
         files.insert(ENCRYPTION_KEY.into(), encryption_key()?);
 
         let local = "https://127.0.0.1:6443";
+        // Kubelets use the stable private IP; administrators the Elastic IP.
         let public = format!("https://{}:6443", id.master_ip);
+        let admin = admin_server(id);
         for &(file, user, orgs, remote) in KUBECONFIGS {
             let (cert, key) = leaf(
                 &ca,
@@ -475,7 +491,7 @@ impl Bundle {
                 validity,
                 "a kubeconfig certificate",
             )?;
-            let server = if remote { public.as_str() } else { local };
+            let server = if remote { admin.as_str() } else { local };
             let auth = KubeAuth::Cert {
                 cert: &cert,
                 key: &key,
@@ -524,17 +540,28 @@ impl Bundle {
         })
     }
 
-    /// This bundle with what a bundle of an older release lacks (the
-    /// Secrets encryption key) added; `None` when it lacks nothing.
-    pub fn completed(&self) -> Result<Option<Bundle>, PkiError> {
-        if self.files.contains_key(ENCRYPTION_KEY) {
-            return Ok(None);
-        }
+    /// This bundle brought up to date for `id`: what a bundle of an older
+    /// release lacks (the Secrets encryption key) added, and `admin.conf`
+    /// pointed at [`admin_server`] (the Elastic IP, once known); `None`
+    /// when nothing changes.
+    pub fn completed(&self, id: &Identity) -> Result<Option<Bundle>, PkiError> {
         let mut bundle = self.clone();
-        bundle
-            .files
-            .insert(ENCRYPTION_KEY.to_owned(), encryption_key()?);
-        Ok(Some(bundle))
+        if !bundle.files.contains_key(ENCRYPTION_KEY) {
+            bundle
+                .files
+                .insert(ENCRYPTION_KEY.to_owned(), encryption_key()?);
+        }
+        let admin = self.get("admin.conf")?;
+        let wanted = admin_server(id);
+        if let Some(server) = kubeconfig_server(admin).filter(|s| *s != wanted) {
+            let updated = admin.replacen(
+                &format!("server: {server}"),
+                &format!("server: {wanted}"),
+                1,
+            );
+            bundle.files.insert("admin.conf".to_owned(), updated);
+        }
+        Ok((bundle != *self).then_some(bundle))
     }
 
     /// Writes every file below `dir` (which must be on tmpfs): keys and
@@ -688,14 +715,14 @@ mod tests {
         let key = b.get(ENCRYPTION_KEY).unwrap();
         assert_eq!(b64_decode(key).unwrap().len(), 32);
         assert!(
-            b.completed().unwrap().is_none(),
+            b.completed(&identity()).unwrap().is_none(),
             "a new bundle lacks nothing"
         );
         assert!(b.node_bundle().unwrap().get(ENCRYPTION_KEY).is_err());
 
         let mut old = b.clone();
         old.files.remove(ENCRYPTION_KEY);
-        let done = old.completed().unwrap().expect("the key added");
+        let done = old.completed(&identity()).unwrap().expect("the key added");
         let added = done.get(ENCRYPTION_KEY).unwrap();
         assert_eq!(b64_decode(added).unwrap().len(), 32);
         assert_ne!(added, key, "a fresh key, not a fixed one");
@@ -703,6 +730,39 @@ mod tests {
         let mut without = done.clone();
         without.files.remove(ENCRYPTION_KEY);
         assert_eq!(without, old);
+    }
+
+    #[test]
+    fn administrators_reach_the_elastic_ip_and_an_old_admin_conf_is_pointed_there() {
+        let id = identity();
+        let b = Bundle::generate(&id).unwrap();
+        let admin = b.get("admin.conf").unwrap();
+        assert_eq!(kubeconfig_server(admin), Some("https://203.0.113.7:6443"));
+        // Kubelets keep the stable private IP.
+        let boot = b.get("bootstrap-kubelet.conf").unwrap();
+        assert_eq!(kubeconfig_server(boot), Some("https://10.0.1.10:6443"));
+        // A bundle made before the address was known (or by an older
+        // release) is pointed at it, and nothing else changes.
+        let before = Bundle::generate(&Identity {
+            public_ip: None,
+            ..id.clone()
+        })
+        .unwrap();
+        assert_eq!(
+            kubeconfig_server(before.get("admin.conf").unwrap()),
+            Some("https://10.0.1.10:6443")
+        );
+        let after = before.completed(&id).unwrap().expect("admin.conf updated");
+        assert_eq!(
+            kubeconfig_server(after.get("admin.conf").unwrap()),
+            Some("https://203.0.113.7:6443")
+        );
+        for (file, content) in &before.files {
+            if file != "admin.conf" {
+                assert_eq!(after.get(file).unwrap(), content, "{file} changed");
+            }
+        }
+        assert!(after.completed(&id).unwrap().is_none());
     }
 
     #[test]

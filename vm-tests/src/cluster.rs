@@ -665,6 +665,41 @@ impl Cluster {
         Ok(local)
     }
 
+    /// The stack's API endpoint (the Elastic IP, which moto allocates on
+    /// loopback) made real on the test's side: its port 6443 forwards to
+    /// the master's API server, as EC2 maps the address to the instance.
+    /// Returns the address.
+    pub fn serve_elastic_ip(&mut self) -> Result<SocketAddr> {
+        let endpoint = self
+            .outputs
+            .get("ApiEndpoint")
+            .context("stack output ApiEndpoint")?;
+        let eip: SocketAddr = endpoint
+            .trim_start_matches("https://")
+            .parse()
+            .with_context(|| format!("ApiEndpoint {endpoint}"))?;
+        let master_ip: Ipv4Addr = self.config_value("master_ip")?.parse()?;
+        let f = self
+            .lan
+            .forward_out_at(eip, SocketAddr::from((master_ip, 6443)))?;
+        self.forwards.push(f);
+        Ok(eip)
+    }
+
+    /// An object of the secrets bucket saved to `name` in the run directory
+    /// (mode 0600), as an administrator downloads it.
+    pub fn download(&self, key: &str, name: &str) -> Result<PathBuf> {
+        let path = self.opts.dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(&self.get_object(key)?)?;
+        Ok(path)
+    }
+
     /// Moto's endpoint on the test's side.
     pub fn aws_endpoint(&self) -> &str {
         &self.moto.endpoint

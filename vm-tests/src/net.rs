@@ -341,10 +341,20 @@ impl Lan {
 
     /// Forwards a loopback port on the test's side to `to` inside the network.
     pub fn forward_out(&self, to: SocketAddr) -> Result<Forward> {
+        self.forward_out_at(SocketAddr::from(([127, 0, 0, 1], 0)), to)
+    }
+
+    /// Forwards `listen` on the test's side (a loopback address) to `to`
+    /// inside the network.
+    pub fn forward_out_at(&self, listen: SocketAddr, to: SocketAddr) -> Result<Forward> {
+        anyhow::ensure!(
+            listen.ip().is_loopback(),
+            "{listen} is not a loopback address: the test talks to nothing else"
+        );
         Forward::start(
             File::open("/proc/thread-self/ns/net")?,
             self.ns.file()?,
-            (Side::Host, SocketAddr::from(([127, 0, 0, 1], 0))),
+            (Side::Host, listen),
             (Side::Lan, to),
         )
     }

@@ -746,6 +746,28 @@ spec:
             "a bootstrapper's request for {name} was {decision}"
         );
     }
+    // The admin kubeconfig as an administrator downloads it, unedited,
+    // reaches the API server through the stack's API endpoint (the
+    // Elastic IP, which the API server's certificate names).
+    let eip = cluster.serve_elastic_ip()?;
+    let downloaded = Kubectl {
+        kubeconfig: cluster.download(
+            &format!("{}/admin.conf", cluster.config_value("cluster_name")?),
+            "admin.conf",
+        )?,
+    };
+    let server = std::fs::read_to_string(&downloaded.kubeconfig)?;
+    ensure!(
+        server.contains(&format!("server: https://{eip}")),
+        "the downloaded admin.conf does not point at the Elastic IP {eip}"
+    );
+    let nodes = downloaded.get(&cluster, &["get", "nodes", "-o", "name"])?;
+    ensure!(
+        nodes.lines().count() == 2,
+        "kubectl through the Elastic IP saw {nodes:?}"
+    );
+    eprintln!("[cluster] the downloaded admin.conf reaches the API through {eip}");
+
     // Pod Security: the default namespace enforces baseline, so a
     // privileged pod is refused (and the refusal says why).
     let refusal = refused_privileged_pod(&cluster, &kubectl, &busybox)?;

@@ -242,7 +242,7 @@ pub async fn master_outcome(
         completed,
     } = maintain(ctx, &key, &id, shared).await?;
     if completed {
-        detail.push_str("; added the Secrets encryption key (a bundle from an older release)");
+        detail.push_str("; brought up to date (the Secrets key, admin.conf's server)");
     }
     if !renewed.is_empty() {
         let list: Vec<String> = renewed
@@ -330,7 +330,8 @@ struct Maintained {
     bundle: Bundle,
     renewed: Vec<Due>,
     rotated: Option<String>,
-    /// What an older release's bundle lacked was added.
+    /// What an older release's bundle lacked was added, or admin.conf
+    /// pointed at the Elastic IP.
     completed: bool,
 }
 
@@ -360,10 +361,13 @@ async fn maintain(
             bundle = r.bundle;
         }
         // A bundle of an older release gains what it lacks (the Secrets
-        // encryption key) in the same write.
-        let completed = bundle.completed()?;
+        // encryption key, admin.conf on the Elastic IP) in the same write.
+        let completed = bundle.completed(id)?;
         if let Some(b) = &completed {
-            tracing::info!(step = STEP, "adding the Secrets encryption key to {key}");
+            tracing::info!(
+                step = STEP,
+                "bringing {key} up to date (the Secrets key, admin.conf's server)"
+            );
             bundle = b.clone();
         }
         if !renewed.is_empty() || rotated.is_some() || completed.is_some() {
