@@ -406,46 +406,33 @@ async fn the_binary_reads_config_and_identity_from_the_metadata_service() {
 
 #[test]
 fn the_binary_rejects_a_bad_config_by_name_and_exit_code() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("stack.toml");
-    std::fs::write(
-        &path,
-        "role = \"node\"\ncluster_name = \"demo\"\nsecrets_bucket = \"b-1\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/33\"\nservice_cidr = \"10.96.0.0/12\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"))
-        .args(["--no-boot-check", "--config"])
-        .arg(&path)
-        .arg("--root")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    // A bad config is final: no attempt can change it, so systemd must not retry.
-    assert_eq!(out.status.code(), Some(2), "{stdout}");
-    assert!(
-        stdout.contains("SLIPWAY-INIT-FAILED stack config: `pod_cidr`"),
-        "{stdout}"
-    );
-
-    // User data that names an AWS endpoint (someone who may write it, but
-    // should not receive the instance's credentials) is refused outright.
-    std::fs::write(
-        &path,
-        "role = \"node\"\ncluster_name = \"demo\"\nsecrets_bucket = \"b-1\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\naws_endpoint = \"http://127.0.0.1:9\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"))
-        .args(["--no-boot-check", "--config"])
-        .arg(&path)
-        .arg("--root")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "{stdout}");
-    assert!(
-        stdout.contains("SLIPWAY-INIT-FAILED stack config: `aws_endpoint`"),
-        "{stdout}"
-    );
+    let node = "role = \"node\"\ncluster_name = \"demo\"\nsecrets_bucket = \"b-1\"\nmaster_ip = \"10.0.1.10\"\nservice_cidr = \"10.96.0.0/12\"\n";
+    for (config, key) in [
+        // A bad value.
+        (format!("{node}pod_cidr = \"10.244.0.0/33\"\n"), "pod_cidr"),
+        // User data that names an AWS endpoint (someone who may write it,
+        // but should not receive the instance's credentials).
+        (
+            format!("{node}pod_cidr = \"10.244.0.0/16\"\naws_endpoint = \"http://127.0.0.1:9\"\n"),
+            "aws_endpoint",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stack.toml");
+        std::fs::write(&path, config).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"))
+            .args(["--no-boot-check", "--config"])
+            .arg(&path)
+            .arg("--root")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // A bad config is final: no attempt can change it, so systemd must not retry.
+        assert_eq!(out.status.code(), Some(2), "{stdout}");
+        assert!(
+            stdout.contains(&format!("SLIPWAY-INIT-FAILED stack config: `{key}`")),
+            "{stdout}"
+        );
+    }
 }

@@ -52,6 +52,19 @@ fn render(role: &str) -> Vec<Rendered> {
         .unwrap()
 }
 
+/// A master's inputs with placeholder identity and paths, and `token`.
+fn bare_master<'a>(config: &'a StackConfig, token: &'a str) -> Inputs<'a> {
+    Inputs {
+        config,
+        node_name: "n".into(),
+        node_ip: None,
+        pki: PathBuf::from("/pki"),
+        bootstrap_token: Some(token),
+        token_expires: Some(EXPIRES),
+        encryption_key: Some(KEY),
+    }
+}
+
 fn file<'a>(files: &'a [Rendered], path: &str) -> &'a Rendered {
     files
         .iter()
@@ -283,15 +296,7 @@ fn a_broken_template_is_named_in_the_error() {
     let config = config("master");
     let err = Templates::load(dir.path())
         .unwrap()
-        .render(&Inputs {
-            config: &config,
-            node_name: "n".into(),
-            node_ip: None,
-            pki: PathBuf::from("/pki"),
-            bootstrap_token: Some(TOKEN),
-            token_expires: Some(EXPIRES),
-            encryption_key: Some(KEY),
-        })
+        .render(&bare_master(&config, TOKEN))
         .unwrap_err();
     assert!(err.to_string().contains("static/broken.yaml"), "{err}");
 }
@@ -439,15 +444,7 @@ fn a_malformed_token_is_named_by_its_fingerprint_never_its_value() {
     let secret = "abcdef.0123456789abcdefXYZ";
     let err = Templates::load(&manifests())
         .unwrap()
-        .render(&Inputs {
-            config: &config,
-            node_name: "n".into(),
-            node_ip: None,
-            pki: PathBuf::from("/pki"),
-            bootstrap_token: Some(secret),
-            token_expires: Some(EXPIRES),
-            encryption_key: Some(KEY),
-        })
+        .render(&bare_master(&config, secret))
         .unwrap_err()
         .to_string();
     assert!(!err.contains("0123456789abcdef"), "{err}");

@@ -33,16 +33,21 @@ async fn seed(w: &World, days_ago: i64) -> Bundle {
 async fn seed_for(w: &World, id: &Identity, days_ago: i64) -> Bundle {
     let issued = OffsetDateTime::now_utc() - Duration::days(days_ago);
     let bundle = Bundle::generate_with(id, &Validity::at(issued)).unwrap();
+    store(w, &bundle).await;
+    bundle
+}
+
+/// Stores `bundle` as the cluster's PKI.
+async fn store(w: &World, bundle: &Bundle) {
     w.aws
         .s3
         .put_object()
         .bucket(&w.bucket)
         .key(secrets::pki_key("demo"))
-        .body(serde_json::to_vec(&bundle).unwrap().into())
+        .body(serde_json::to_vec(bundle).unwrap().into())
         .send()
         .await
         .unwrap();
-    bundle
 }
 
 fn serials(b: &Bundle) -> Vec<(String, String)> {
@@ -397,15 +402,7 @@ async fn an_older_releases_bundle_gains_the_secrets_key_once_and_keeps_it() {
     let mut old =
         Bundle::generate_with(&identity(), &Validity::at(OffsetDateTime::now_utc())).unwrap();
     old.files.remove(slipway_init::pki::ENCRYPTION_KEY);
-    w.aws
-        .s3
-        .put_object()
-        .bucket(&w.bucket)
-        .key(secrets::pki_key("demo"))
-        .body(serde_json::to_vec(&old).unwrap().into())
-        .send()
-        .await
-        .unwrap();
+    store(&w, &old).await;
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&w, "master", 0, dir.path());
     let (report, bundle) = secrets::master(&ctx, None).await.unwrap();

@@ -580,15 +580,7 @@ impl Cluster {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        let path = self.opts.dir.join("kubeconfig");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)?;
-        f.write_all(rewritten.as_bytes())?;
-        Ok(path)
+        self.write_private("kubeconfig", rewritten.as_bytes())
     }
 
     /// An S3 client and the stack's secrets bucket.
@@ -686,9 +678,9 @@ impl Cluster {
         Ok(eip)
     }
 
-    /// An object of the secrets bucket saved to `name` in the run directory
-    /// (mode 0600), as an administrator downloads it.
-    pub fn download(&self, key: &str, name: &str) -> Result<PathBuf> {
+    /// Writes `content` to `name` in the run directory, readable by its
+    /// owner only (it holds credentials).
+    fn write_private(&self, name: &str, content: &[u8]) -> Result<PathBuf> {
         let path = self.opts.dir.join(name);
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -696,8 +688,14 @@ impl Cluster {
             .truncate(true)
             .mode(0o600)
             .open(&path)?;
-        f.write_all(&self.get_object(key)?)?;
+        f.write_all(content)?;
         Ok(path)
+    }
+
+    /// An object of the secrets bucket saved to `name` in the run directory
+    /// (mode 0600), as an administrator downloads it.
+    pub fn download(&self, key: &str, name: &str) -> Result<PathBuf> {
+        self.write_private(name, &self.get_object(key)?)
     }
 
     /// Moto's endpoint on the test's side.
