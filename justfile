@@ -90,9 +90,10 @@ vm-test:
     SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} cargo test -p vm-tests -- --nocapture --test-threads=2 --skip a_cluster_survives
     just cluster-test
 
-# The cluster in QEMU against moto: bring-up, node admission, master and node
-# replacement, certificate renewal, secrets at rest (about 23 minutes under TCG;
-# needs root for its network namespace).
+# The cluster in QEMU against moto, IAM enforced: bring-up, node admission,
+# the hardened control plane, master and node replacement, certificate
+# renewal, secrets at rest (about 27 minutes under TCG; needs root for its
+# network namespace).
 # A guest kernel that panics under TCG (an emulator fault the test names
 # GUEST-KERNEL-PANIC) earns one more attempt; any other failure does not.
 cluster-test:
