@@ -95,13 +95,17 @@ impl Stack {
         }
     }
 
-    /// The decision for `request` made by an instance of `member`.
-    fn decide(&self, member: Role, request: &Request) -> Decision {
-        let policies = match member {
+    /// The identity policies of `member`'s role.
+    fn policies(&self, member: Role) -> &[Value] {
+        match member {
             Role::Master => &self.master,
             Role::Node => &self.node,
-        };
-        self.decide_for(policies, request)
+        }
+    }
+
+    /// The decision for `request` made by an instance of `member`.
+    fn decide(&self, member: Role, request: &Request) -> Decision {
+        self.decide_for(self.policies(member), request)
     }
 
     /// The decision for `request`; for an object's read or write, S3's
@@ -431,11 +435,7 @@ fn the_secrets_key_decrypts_only_what_each_member_may_read_own_evaluator() {
     ];
     for (role, req, allowed) in cases {
         // The key's policy alone: these roles' IAM policies grant no KMS use.
-        let policies = match role {
-            Role::Master => &stack.master,
-            Role::Node => &stack.node,
-        };
-        let decision = evaluate_key(policies, &stack.key, &req).unwrap();
+        let decision = evaluate_key(stack.policies(role), &stack.key, &req).unwrap();
         assert_eq!(
             decision == Decision::Allow,
             allowed,
