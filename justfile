@@ -105,7 +105,13 @@ cluster-test:
         if SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} cargo test -p vm-tests --test cluster -- --nocapture 2>&1 | tee "$log"; then
             exit 0
         fi
-        grep -q GUEST-KERNEL-PANIC "$log" || exit 1
+        if ! grep -q GUEST-KERNEL-PANIC "$log"; then
+            # The error, again after the backtrace, for logs read from the end.
+            echo "the cluster test failed; its last steps and its error:" >&2
+            grep -E '^\[cluster\]' "$log" | tail -n 8 >&2 || true
+            grep -E -A 12 '^(Error: |thread .* panicked)' "$log" | grep -v -E '^ +([0-9]+:| at )' >&2 || true
+            exit 1
+        fi
         [ "$attempt" = 2 ] || echo "a guest kernel panicked under TCG (the emulator's fault, not the cluster's): running the cluster test once more" >&2
     done
     exit 1
