@@ -39,7 +39,7 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Build the disk image (writes image.lock first if it does not exist).
-    Build(build::Args),
+    Build(Box<build::Args>),
     /// Resolve the Debian package set and pin it in image.lock.
     Lock(lock::Args),
     /// Upload a built image as an EBS snapshot, register it as an AMI in

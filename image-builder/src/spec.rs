@@ -135,6 +135,13 @@ impl Spec {
         Ok(spec)
     }
 
+    /// Builds `version` instead of the spec's `image.version` (a release
+    /// stamped by its pipeline), checked as the spec's own would be.
+    pub fn override_version(&mut self, version: &str, path: &Path) -> Result<(), SpecError> {
+        self.image.version = version.to_owned();
+        self.validate(path)
+    }
+
     fn validate(&self, path: &Path) -> Result<(), SpecError> {
         let invalid = |key, problem: &str| SpecError::Invalid {
             path: path.to_owned(),
@@ -257,6 +264,18 @@ binaries = ["slipway-init"]
 
     fn parse(text: &str) -> Result<Spec, SpecError> {
         Spec::parse(text, Path::new("image.toml"))
+    }
+
+    #[test]
+    fn a_version_given_on_the_command_line_is_checked_like_the_specs() {
+        let mut spec = parse(GOOD).unwrap();
+        spec.override_version("0.2.0-rc1", Path::new("image.toml"))
+            .unwrap();
+        assert_eq!(spec.image.version, "0.2.0-rc1");
+        let err = spec
+            .override_version("0.2.0 beta", Path::new("image.toml"))
+            .unwrap_err();
+        assert!(err.to_string().contains("image.version"), "{err}");
     }
 
     #[test]

@@ -70,6 +70,7 @@ fn target(moto: &Moto, copies: &[&str]) -> Target {
         copy_to: copies.iter().map(|s| s.to_string()).collect(),
         template: None,
         ssm_prefix: Some("/slipway".into()),
+        current_kubernetes: None,
         upload_concurrency: 8,
         endpoint_url: Some(moto.endpoint.clone()),
     }
@@ -298,6 +299,44 @@ async fn a_failed_publish_deletes_what_it_created() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_skips_a_kubernetes_minor_is_refused_before_any_upload() {
+    let image = built_image();
+    let out = scratch_out(&image);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(image.join("build-manifest.json")).unwrap()).unwrap();
+    let shipped = manifest["payload"]["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "kubelet")
+        .unwrap()["version"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ships = publish::skew::Version::parse(&shipped).unwrap();
+    let moto = Moto::start().unwrap();
+    let before = count(&moto, HOME).await;
+    let mut t = target(&moto, &[]);
+    let two_behind = format!("v{}.{}.0", ships.major, ships.minor - 2);
+    t.current_kubernetes = Some(two_behind.clone());
+    let msg = publish(out.path(), &t).unwrap_err().to_string();
+    assert!(
+        msg.contains(&format!("cannot be updated to {ships}")),
+        "{msg}"
+    );
+    assert!(msg.contains("skips"), "{msg}");
+    assert!(
+        !out.path().join("release.json").exists(),
+        "a refused release was written"
+    );
+    assert_eq!(count(&moto, HOME).await, before, "something was uploaded");
+    // One minor behind is the supported step.
+    t.current_kubernetes = Some(format!("v{}.{}.9", ships.major, ships.minor - 1));
+    let release = publish(out.path(), &t).unwrap();
+    assert_eq!(release.kubernetes, ships.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_template_lints_clean_and_creates_a_stack_on_the_mapped_ami() {
     let out = small_build(&built_image(), b"a disk for the stack");
     let moto = Moto::start().unwrap();
@@ -405,6 +444,16 @@ async fn the_template_lints_clean_and_creates_a_stack_on_the_mapped_ami() {
                 .unwrap();
             let inst = &d.reservations()[0].instances()[0];
             assert_eq!(inst.image_id(), Some(release.amis[HOME].as_str()));
+            // Tagged with the release and the Kubernetes version it runs.
+            let tag = |key: &str| {
+                inst.tags()
+                    .iter()
+                    .find(|t| t.key() == Some(key))
+                    .and_then(|t| t.value())
+                    .map(str::to_owned)
+            };
+            assert_eq!(tag("slipway:release"), Some(release.image_version.clone()));
+            assert_eq!(tag("slipway:kubernetes"), Some(release.kubernetes.clone()));
             launched += 1;
         }
     }

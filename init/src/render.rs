@@ -79,6 +79,27 @@ pub struct Inputs<'a> {
     pub token_expires: Option<&'a str>,
     /// The key Secrets are encrypted with in etcd; masters only.
     pub encryption_key: Option<&'a str>,
+    /// The image's release (`IMAGE_VERSION` in os-release), when it is a
+    /// valid label value: the node's `slipway/release` label.
+    pub release: Option<String>,
+}
+
+/// The image's version from an os-release file's text, if it can be a
+/// label value (at most 63 of `[A-Za-z0-9._-]`, alphanumeric at both ends).
+pub fn release_label(os_release: &str) -> Option<String> {
+    let value = os_release
+        .lines()
+        .find_map(|l| l.strip_prefix("IMAGE_VERSION="))?
+        .trim()
+        .trim_matches(|c| c == '"' || c == '\'');
+    let fits = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    fits.then(|| value.to_owned())
 }
 
 /// The master's node name: derived from its stable private IP, so that a
@@ -184,6 +205,7 @@ impl Templates {
             ctx.insert("encryption_key", key);
         }
         ctx.insert("images", &self.images);
+        ctx.insert("release", &inputs.release);
         if let Some(token) = inputs.bootstrap_token {
             let (id, secret) = token
                 .split_once('.')

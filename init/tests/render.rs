@@ -48,6 +48,7 @@ fn render(role: &str) -> Vec<Rendered> {
             bootstrap_token: master.then_some(TOKEN),
             token_expires: master.then_some(EXPIRES),
             encryption_key: master.then_some(KEY),
+            release: Some("0.2.0".into()),
         })
         .unwrap()
 }
@@ -62,6 +63,7 @@ fn bare_master<'a>(config: &'a StackConfig, token: &'a str) -> Inputs<'a> {
         bootstrap_token: Some(token),
         token_expires: Some(EXPIRES),
         encryption_key: Some(KEY),
+        release: None,
     }
 }
 
@@ -262,6 +264,23 @@ fn a_node_gets_only_host_config_under_its_instance_id() {
     );
     // kubelet refuses to start when it is asked to set a node-role label.
     assert!(!env.contains("--node-labels=node-role"), "{env}");
+    // Both label themselves with their image's release.
+    assert!(env.contains("--node-labels=slipway/release=0.2.0"), "{env}");
+}
+
+#[test]
+fn the_release_label_is_the_image_version_when_it_can_be_a_label() {
+    use slipway_init::render::release_label;
+    let os = |v: &str| format!("PRETTY_NAME=\"Debian\"\nIMAGE_ID=slipway\nIMAGE_VERSION={v}\n");
+    assert_eq!(release_label(&os("0.2.0")).as_deref(), Some("0.2.0"));
+    assert_eq!(
+        release_label(&os("\"1.0.0-rc1\"")).as_deref(),
+        Some("1.0.0-rc1")
+    );
+    for bad in ["", "0.2.0+build", "-0.2", &"9".repeat(64)] {
+        assert_eq!(release_label(&os(bad)), None, "{bad:?}");
+    }
+    assert_eq!(release_label("ID=debian\n"), None);
 }
 
 #[test]

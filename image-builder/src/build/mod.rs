@@ -73,6 +73,11 @@ pub struct Args {
     /// The lock (default: image.lock next to the spec); written if missing.
     #[arg(long)]
     pub lock: Option<PathBuf>,
+    /// Build this image version instead of the spec's `image.version`
+    /// (e.g. a release stamped by a pipeline); it names the AMI and the
+    /// release, and is the image's IMAGE_VERSION.
+    #[arg(long, value_name = "VERSION")]
+    pub image_version: Option<String>,
     /// Output directory for disk.raw, disk.qcow2 and build-manifest.json.
     #[arg(long, short, default_value = "out")]
     pub out: PathBuf,
@@ -338,7 +343,10 @@ fn resolve_payload(
 
 pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     let progress = Progress::new();
-    let spec = Spec::load(&args.spec)?;
+    let mut spec = Spec::load(&args.spec)?;
+    if let Some(version) = &args.image_version {
+        spec.override_version(version, &args.spec)?;
+    }
     let spec_text = fs::read_to_string(&args.spec).map_err(fsio::at("reading", &args.spec))?;
     let spec_dir = args
         .spec

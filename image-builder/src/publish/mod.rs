@@ -12,6 +12,7 @@
 
 pub mod ami;
 pub mod rules;
+pub mod skew;
 pub mod snapshot;
 pub mod template;
 
@@ -37,6 +38,12 @@ pub struct Target {
     /// `<prefix>/latest/image-id` in every region.
     #[arg(long)]
     pub ssm_prefix: Option<String>,
+    /// The Kubernetes version the cluster to be updated runs now (e.g.
+    /// v1.36.3, the `slipway:kubernetes` tag on its instances): a release
+    /// that skips a minor version, or goes back one, is refused before
+    /// anything is uploaded.
+    #[arg(long, value_name = "VERSION")]
+    pub current_kubernetes: Option<String>,
     /// Snapshot blocks uploaded at once.
     #[arg(long, default_value_t = 16)]
     pub upload_concurrency: usize,
@@ -149,6 +156,9 @@ pub struct Release {
     pub image_version: String,
     pub template_version: String,
     pub disk_sha256: String,
+    /// The Kubernetes version the image ships (its kubelet's).
+    #[serde(default)]
+    pub kubernetes: String,
     /// Region → AMI ID; the template's RegionMap holds exactly these.
     pub amis: BTreeMap<String, String>,
     pub template: FileDigest,
@@ -269,14 +279,20 @@ async fn publish_async(
             actual,
         });
     }
+    let kubernetes = kubernetes_version(&manifest)?;
+    if let Some(current) = &target.current_kubernetes {
+        let current = skew::Version::parse(current).map_err(PublishError::Invalid)?;
+        skew::check(current, kubernetes).map_err(PublishError::Invalid)?;
+    }
+    let kubernetes = kubernetes.to_string();
+    let versions = template::Versions {
+        image: &manifest.version,
+        disk_sha256: &manifest.disk.sha256,
+        kubernetes: &kubernetes,
+    };
     // The template must render and pass its rules before anything is uploaded.
     let placeholder = BTreeMap::from([(home.clone(), "ami-00000000000000000".to_owned())]);
-    template::render(
-        template_source,
-        &manifest.version,
-        &manifest.disk.sha256,
-        &placeholder,
-    )?;
+    template::render(template_source, versions, &placeholder)?;
     let id = ami::Identity {
         name: format!("{}-{}", manifest.name, manifest.version),
         version: manifest.version.clone(),
@@ -327,7 +343,7 @@ async fn publish_async(
         }
     };
 
-    let rendered = template::render(template_source, &id.version, &id.disk_sha256, &amis)?;
+    let rendered = template::render(template_source, versions, &amis)?;
     let template_path = out.join("template.json");
     std::fs::write(&template_path, &rendered)
         .map_err(crate::fsio::at("writing", &template_path))?;
@@ -336,6 +352,7 @@ async fn publish_async(
         image_version: id.version.clone(),
         template_version: id.version.clone(),
         disk_sha256: id.disk_sha256.clone(),
+        kubernetes: kubernetes.clone(),
         amis,
         template: FileDigest {
             file: "template.json".into(),
@@ -353,13 +370,54 @@ async fn publish_async(
         eprintln!("{region}: {image}");
     }
     eprintln!(
-        "release {} {}: {} and {}",
+        "release {} {} (Kubernetes {}): {} and {}",
         release.name,
         release.image_version,
+        release.kubernetes,
         template_path.display(),
         release_path.display()
     );
+    eprintln!(
+        "to create a cluster from it, or move one to it (the master first, then the nodes, a batch at a time):\n  {}",
+        update_command(&home, &template_path, rendered.len())
+    );
     Ok(release)
+}
+
+/// The Kubernetes version a build ships: its kubelet's.
+fn kubernetes_version(manifest: &Manifest) -> Result<skew::Version, PublishError> {
+    let kubelet = manifest
+        .payload
+        .artifacts
+        .iter()
+        .find(|a| a.name == "kubelet")
+        .ok_or_else(|| {
+            PublishError::Invalid(
+                "the build manifest records no kubelet, so the release's Kubernetes version is unknown"
+                    .into(),
+            )
+        })?;
+    skew::Version::parse(&kubelet.version)
+        .map_err(|e| PublishError::Invalid(format!("the kubelet's version: {e}")))
+}
+
+/// The largest template CloudFormation takes inline; larger ones go
+/// through an S3 bucket.
+const INLINE_TEMPLATE_BYTES: usize = 51_200;
+
+/// The AWS CLI command that creates a stack from the release's template,
+/// or updates one to it keeping every parameter's value (`deploy` reuses
+/// the values of parameters it is not given).
+pub fn update_command(region: &str, template: &Path, template_bytes: usize) -> String {
+    let mut cmd = format!(
+        "aws cloudformation deploy --region {region} --stack-name STACK \\\n      --template-file {} --capabilities CAPABILITY_IAM",
+        template.display()
+    );
+    if template_bytes > INLINE_TEMPLATE_BYTES {
+        cmd.push_str(" --s3-bucket BUCKET");
+    }
+    cmd.push_str("\n  (a new stack also needs --parameter-overrides AdminCidr=YOUR-NETWORK/NN)");
+    cmd
 }
 
 /// Uploads and registers in the home region, then copies to the regions

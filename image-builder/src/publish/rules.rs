@@ -14,7 +14,14 @@
 //! - `volume-unencrypted`: every EBS volume is encrypted, and every launch
 //!   template encrypts the root volume itself (not the account's default);
 //! - `iam-wildcard`: no policy allows every action, or a service's every
-//!   action on every resource.
+//!   action on every resource;
+//! - `rolling-update`: every Auto Scaling group waits for its instances'
+//!   signals when created and rolls through a release update waiting for
+//!   them; the master's group (the one whose launch template tags
+//!   `slipway:role` master) can never run two masters (at most one
+//!   instance, none kept in service, one at a time, no replacing update);
+//!   every other group updates after it; every instance is tagged with its
+//!   release.
 
 use serde_json::Value;
 
@@ -159,7 +166,110 @@ pub fn check(template: &Value) -> Vec<Violation> {
                     }
                 }
             }
+            "AWS::AutoScaling::AutoScalingGroup" => {
+                for detail in rolling_update(name, r, template) {
+                    flag("rolling-update", detail);
+                }
+            }
             _ => {}
+        }
+    }
+    out
+}
+
+/// The value of `tag` in the instance tags a launch template gives.
+fn instance_tag<'a>(launch_template: &'a Value, tag: &str) -> Option<&'a Value> {
+    as_list(&launch_template["Properties"]["LaunchTemplateData"]["TagSpecifications"])
+        .into_iter()
+        .filter(|spec| spec["ResourceType"] == "instance")
+        .flat_map(|spec| as_list(&spec["Tags"]))
+        .find(|t| t["Key"] == tag)
+        .map(|t| &t["Value"])
+}
+
+/// The launch template an Auto Scaling group launches from (by `Ref`).
+fn launch_template_of<'a>(group: &Value, template: &'a Value) -> Option<(&'a str, &'a Value)> {
+    let name = group["Properties"]["LaunchTemplate"]["LaunchTemplateId"]["Ref"].as_str()?;
+    let (name, lt) = template["Resources"].as_object()?.get_key_value(name)?;
+    Some((name.as_str(), lt))
+}
+
+/// Whether a number in the template (a literal, or a string of one) is `n`.
+fn is_number(v: &Value, n: u64) -> bool {
+    v.as_u64() == Some(n) || v.as_str().and_then(|s| s.parse::<u64>().ok()) == Some(n)
+}
+
+fn is_master_group(group: &Value, template: &Value) -> bool {
+    launch_template_of(group, template)
+        .and_then(|(_, lt)| instance_tag(lt, "slipway:role"))
+        .is_some_and(|role| role == "master")
+}
+
+fn rolling_update(name: &str, group: &Value, template: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if group["CreationPolicy"]["ResourceSignal"].is_null() {
+        out.push("no CreationPolicy waits for its instances' signals".into());
+    }
+    let rolling = &group["UpdatePolicy"]["AutoScalingRollingUpdate"];
+    if rolling.is_null() {
+        out.push(
+            "no UpdatePolicy.AutoScalingRollingUpdate: a release update would leave its instances on the old image"
+                .into(),
+        );
+    } else if rolling["WaitOnResourceSignals"] != true {
+        out.push("the rolling update does not wait for the new instances' signals".into());
+    } else if rolling["PauseTime"].is_null() {
+        out.push("the rolling update has no PauseTime (how long to wait for a signal)".into());
+    }
+    match launch_template_of(group, template) {
+        Some((lt, data)) if instance_tag(data, "slipway:release").is_none() => out.push(format!(
+            "{lt} does not tag its instances with slipway:release"
+        )),
+        Some(_) => {}
+        None => out.push("launches from no launch template of this stack".into()),
+    }
+    if is_master_group(group, template) {
+        let props = &group["Properties"];
+        if !is_number(&props["MaxSize"], 1) {
+            out.push(format!(
+                "the master group's MaxSize is {}, not 1: two masters could run",
+                props["MaxSize"]
+            ));
+        }
+        let in_service = &rolling["MinInstancesInService"];
+        if !(in_service.is_null() || is_number(in_service, 0)) {
+            out.push(format!(
+                "the master's rolling update keeps {in_service} in service: a second master would start beside the first"
+            ));
+        }
+        let batch = &rolling["MaxBatchSize"];
+        if !(batch.is_null() || is_number(batch, 1)) {
+            out.push(format!(
+                "the master's rolling update replaces {batch} at a time, not 1"
+            ));
+        }
+        if group["UpdatePolicy"]["AutoScalingReplacingUpdate"]["WillReplace"] == true {
+            out.push(
+                "a replacing update starts a whole new master group beside the old one".into(),
+            );
+        }
+    } else {
+        let after_master = template["Resources"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, r)| {
+                r["Type"] == "AWS::AutoScaling::AutoScalingGroup" && is_master_group(r, template)
+            })
+            .all(|(master, _)| {
+                as_list(&group["DependsOn"])
+                    .iter()
+                    .any(|d| *d == master.as_str())
+            });
+        if !after_master {
+            out.push(format!(
+                "{name} does not depend on the master's group: its kubelets could be updated before their API server"
+            ));
         }
     }
     out
@@ -308,12 +418,82 @@ mod tests {
                 t["Resources"]["MasterRole"]["Properties"]["Policies"][0]["PolicyDocument"]
                     ["Statement"][1]["Action"] = "*".into()
             }),
+            ("rolling-update", |t| {
+                t["Resources"]["NodeGroup"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("UpdatePolicy");
+            }),
+            ("rolling-update", |t| {
+                t["Resources"]["NodeGroup"]["UpdatePolicy"]["AutoScalingRollingUpdate"]
+                    ["WaitOnResourceSignals"] = false.into()
+            }),
+            ("rolling-update", |t| {
+                t["Resources"]["NodeGroup"]["DependsOn"] = serde_json::json!(["SubnetBRoutes"])
+            }),
+            ("rolling-update", |t| {
+                t["Resources"]["NodeGroup"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("CreationPolicy");
+            }),
+            ("rolling-update", |t| {
+                let tags = &mut t["Resources"]["NodeLaunchTemplate"]["Properties"]
+                    ["LaunchTemplateData"]["TagSpecifications"][0]["Tags"];
+                let kept: Vec<Value> = tags
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|t| t["Key"] != "slipway:release")
+                    .cloned()
+                    .collect();
+                *tags = Value::Array(kept);
+            }),
         ];
         for (rule, mutate) in cases {
             let mut t = template();
             mutate(&mut t);
             assert_eq!(rules_fired(&t), vec![rule], "{:?}", check(&t));
         }
+    }
+
+    /// Each way a master group could run two masters during an update.
+    #[test]
+    fn a_master_group_that_could_run_two_masters_is_refused() {
+        type Mutation = fn(&mut Value);
+        let two_masters: Vec<(&str, Mutation)> = vec![
+            ("a master kept in service", |g| {
+                g["UpdatePolicy"]["AutoScalingRollingUpdate"]["MinInstancesInService"] = 1.into()
+            }),
+            ("two at a time", |g| {
+                g["UpdatePolicy"]["AutoScalingRollingUpdate"]["MaxBatchSize"] = "2".into()
+            }),
+            ("room for two", |g| g["Properties"]["MaxSize"] = "2".into()),
+            (
+                "a replacing update",
+                |g| {
+                    g["UpdatePolicy"] =
+                        serde_json::json!({"AutoScalingReplacingUpdate": {"WillReplace": true}})
+                },
+            ),
+        ];
+        for (what, mutate) in two_masters {
+            let mut t = template();
+            mutate(&mut t["Resources"]["MasterGroup"]);
+            let found = check(&t);
+            assert!(
+                found
+                    .iter()
+                    .any(|v| v.rule == "rolling-update" && v.resource == "MasterGroup"),
+                "{what}: {found:?}"
+            );
+        }
+        // The same settings on the node group are a choice, not a violation.
+        let mut t = template();
+        let nodes = &mut t["Resources"]["NodeGroup"];
+        nodes["UpdatePolicy"]["AutoScalingRollingUpdate"]["MinInstancesInService"] = 1.into();
+        nodes["UpdatePolicy"]["AutoScalingRollingUpdate"]["MaxBatchSize"] = "2".into();
+        assert_eq!(check(&t), vec![]);
     }
 
     /// A template rule's condition or assertion evaluated over parameter

@@ -1,6 +1,7 @@
 //! The release's CloudFormation template: the source in `cfn/` with its
 //! `Mappings.RegionMap` filled in with exactly the AMIs this release
-//! registered, written as JSON (keys sorted, so the same release renders
+//! registered and `Mappings.Release` with its image and Kubernetes
+//! versions (tagged on every instance), written as JSON (keys sorted, so the same release renders
 //! the same bytes) after passing the security rules.
 
 use super::rules;
@@ -9,13 +10,22 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// What a release is, as the template records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Versions<'a> {
+    pub image: &'a str,
+    pub disk_sha256: &'a str,
+    /// The Kubernetes version the image ships (its kubelet's).
+    pub kubernetes: &'a str,
+}
+
 /// Renders the template for `amis` (region → AMI ID).
 pub fn render(
     source: &Path,
-    version: &str,
-    disk_sha256: &str,
+    release: Versions<'_>,
     amis: &BTreeMap<String, String>,
 ) -> Result<String, PublishError> {
+    let version = release.image;
     let text = std::fs::read_to_string(source).map_err(crate::fsio::at("reading", source))?;
     let mut t: Value = serde_yaml_ng::from_str(&text).map_err(|e| {
         PublishError::Invalid(format!("{} is not valid YAML: {e}", source.display()))
@@ -36,9 +46,13 @@ pub fn render(
         .map(|(region, ami)| (region.clone(), json!({ "AMI": ami })))
         .collect();
     t["Mappings"]["RegionMap"] = Value::Object(map);
+    t["Mappings"]["Release"] = json!({
+        "Image": { "Version": version, "Kubernetes": release.kubernetes },
+    });
     t["Metadata"]["Slipway::Release"] = json!({
         "ImageVersion": version,
-        "DiskSha256": disk_sha256,
+        "DiskSha256": release.disk_sha256,
+        "Kubernetes": release.kubernetes,
     });
     if let Some(d) = t["Description"].as_str() {
         t["Description"] = Value::String(format!("{d} Release {version}."));

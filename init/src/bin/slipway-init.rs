@@ -107,6 +107,18 @@ enum Command {
     /// Master only: print every certificate's end, the bootstrap token and
     /// the time of the last renewal.
     Certs,
+    /// Node only (a unit runs it at every boot): wait until this node is
+    /// Ready in the API (up to the `node-ready` deadline), then signal the
+    /// stack SUCCESS, or FAILURE at the deadline, so a rolling update moves
+    /// on only once the new node carries pods. A master signals after its
+    /// add-ons instead.
+    Ready,
+    /// Leave the cluster cleanly (a unit runs it as the instance shuts
+    /// down): a node cordons itself and evicts its pods, disruption
+    /// budgets allowing, up to the `drain` deadline; a master stops
+    /// kubelet, then its control plane, etcd last, so its data volume
+    /// detaches with etcd's data consistent.
+    Leave,
     /// Master only (a service runs it): decide kubelets' certificate
     /// requests by what EC2 says of this cluster's instances. A client
     /// certificate goes only to a running instance of the node group
@@ -247,7 +259,8 @@ async fn context(args: &Args, deadlines: Deadlines) -> Result<Context, ContextEr
     })
 }
 
-/// Signals a master's stack; a failure to signal is logged, not fatal.
+/// Signals the stack (a master after its add-ons, a node once Ready); a
+/// failure to signal is logged, not fatal.
 async fn signal(ctx: &Context, success: bool) {
     match steps::signal::cloudformation(ctx, success).await {
         Ok(Some(r)) => r.log(),
@@ -335,6 +348,38 @@ async fn maintain(args: &Args, deadlines: Deadlines, renew: bool) -> Result<(), 
     Ok(())
 }
 
+/// `ready` (a node signals its stack once Ready) or `leave` (the member
+/// leaves the cluster cleanly as it shuts down): one run each.
+async fn arrive_or_leave(args: &Args, deadlines: Deadlines, arrive: bool) -> Result<(), Ending> {
+    let ctx = context(args, deadlines).await?;
+    if !arrive {
+        let report = steps::leave::leave(&ctx)
+            .await
+            .map_err(|e| Ending::retry(chain(&e)))?;
+        report.log();
+        return Ok(());
+    }
+    if ctx.config.role != slipway_init::config::Role::Node {
+        steps::leave::ready(&ctx)
+            .await
+            .map_err(|e| Ending::retry(chain(&e)))?
+            .log();
+        return Ok(());
+    }
+    match steps::leave::ready(&ctx).await {
+        Ok(report) => {
+            report.log();
+            signal(&ctx, true).await;
+            Ok(())
+        }
+        Err(e) => {
+            // The stack learns at once, instead of when its wait runs out.
+            signal(&ctx, false).await;
+            Err(Ending::retry(chain(&e)))
+        }
+    }
+}
+
 /// The approver's loop: a pass every `interval`; a failed pass (the API
 /// server restarting, EC2 throttled) is logged and the next one tries again.
 async fn approve(
@@ -410,6 +455,8 @@ fn main() -> ExitCode {
         }
         Some(Command::Addons) => runtime.block_on(attempt(&args, deadlines, true)),
         Some(Command::Renew) => runtime.block_on(maintain(&args, deadlines, true)),
+        Some(Command::Ready) => runtime.block_on(arrive_or_leave(&args, deadlines, true)),
+        Some(Command::Leave) => runtime.block_on(arrive_or_leave(&args, deadlines, false)),
         Some(Command::Approve { interval, once }) => {
             runtime.block_on(approve(&args, deadlines, *interval, *once))
         }

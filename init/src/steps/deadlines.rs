@@ -32,6 +32,10 @@ pub struct Deadlines {
     pub node_registers: Duration,
     /// A master: a control-plane container stopped after a renewal runs again.
     pub restart: Duration,
+    /// A node: Ready in the API before it signals its stack.
+    pub node_ready: Duration,
+    /// A node shutting down: its pods evicted (disruption budgets allowing).
+    pub drain: Duration,
     /// Any one boot step, its waits included.
     pub step: Duration,
 }
@@ -48,6 +52,8 @@ impl Default for Deadlines {
             api_server: min(15),
             node_registers: min(10),
             restart: min(5),
+            node_ready: min(15),
+            drain: min(2),
             step: min(30),
         }
     }
@@ -64,7 +70,7 @@ pub enum DeadlineError {
 }
 
 impl Deadlines {
-    fn slots(&mut self) -> [(&'static str, &'static str, &mut Duration); 9] {
+    fn slots(&mut self) -> [(&'static str, &'static str, &mut Duration); 11] {
         [
             (
                 "metadata",
@@ -105,6 +111,16 @@ impl Deadlines {
                 "restart",
                 "a master: a control-plane container restarted after a renewal runs",
                 &mut self.restart,
+            ),
+            (
+                "node-ready",
+                "a node: Ready in the API before it signals its stack",
+                &mut self.node_ready,
+            ),
+            (
+                "drain",
+                "a node shutting down: its pods evicted, disruption budgets allowing",
+                &mut self.drain,
             ),
             (
                 "step",
@@ -172,7 +188,7 @@ mod tests {
         assert_eq!(d.node_bundle, Duration::from_secs(3));
         assert_eq!(d.metadata, Deadlines::default().metadata);
         let rows = d.rows();
-        assert_eq!(rows.len(), 9);
+        assert_eq!(rows.len(), 11);
         assert!(rows
             .iter()
             .any(|r| r.name == "holder-stops" && r.value == Duration::from_secs(7)));

@@ -9,6 +9,7 @@ pub mod configure;
 pub mod deadlines;
 pub mod eip;
 pub mod images;
+pub mod leave;
 pub mod private_ip;
 pub mod renewal;
 pub mod secrets;
@@ -254,7 +255,12 @@ pub fn calls(role: Role) -> Vec<&'static str> {
             attempts::CALLS,
             approver::CALLS,
         ],
-        Role::Node => &[srcdest::CALLS, secrets::NODE_CALLS, attempts::CALLS],
+        Role::Node => &[
+            srcdest::CALLS,
+            secrets::NODE_CALLS,
+            signal::CALLS,
+            attempts::CALLS,
+        ],
     };
     let mut all: Vec<&str> = Vec::new();
     for call in lists.iter().flat_map(|l| l.iter()) {
@@ -377,6 +383,7 @@ mod tests {
             ("images", include_str!("images.rs")),
             ("addons", include_str!("addons.rs")),
             ("renewal", include_str!("renewal.rs")),
+            ("leave", include_str!("leave.rs")),
         ] {
             assert!(
                 api_names(source).is_empty(),

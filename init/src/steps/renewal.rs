@@ -29,7 +29,7 @@ pub const ORDER: &[&str] = &[
 ];
 
 /// containerd's CRI socket, named so crictl does not probe for others.
-const RUNTIME: &str = "--runtime-endpoint=unix:///run/containerd/containerd.sock";
+pub(crate) const RUNTIME: &str = "--runtime-endpoint=unix:///run/containerd/containerd.sock";
 
 pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     if ctx.config.role != Role::Master {
@@ -133,7 +133,7 @@ impl Pending {
 }
 
 /// The IDs of `name`'s running containers.
-fn running(ctx: &Context, name: &str) -> Result<Vec<String>, StepError> {
+pub(crate) fn running(ctx: &Context, name: &str) -> Result<Vec<String>, StepError> {
     let exact = format!("^{name}$");
     let out = ctx.runner.run(
         "crictl",

@@ -1,6 +1,7 @@
-//! Telling others how the boot went: systemd through `sd_notify`, and on a
-//! master CloudFormation through SignalResource, which the master group's
-//! CreationPolicy waits for.
+//! Telling others how the boot went: systemd through `sd_notify`, and
+//! CloudFormation through SignalResource, which each group's
+//! CreationPolicy and rolling update wait for (a master signals after its
+//! add-ons, a node once it is Ready).
 
 use super::{aws_err, Context, Report, StepError};
 use aws_sdk_cloudformation::types::ResourceSignalStatus;
@@ -8,7 +9,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 
 pub const STEP: &str = "signal";
-/// The AWS actions a master's signal calls.
+/// The AWS actions a member's signal calls.
 pub const CALLS: &[&str] = &["cloudformation:SignalResource"];
 
 /// Sends `state` (e.g. `READY=1`) to systemd's notification socket, if any.

@@ -1,0 +1,297 @@
+//! A member's arrival and departure as a release update sees them.
+//!
+//! Arrival: a new node tells its stack it is in service only once the API
+//! server reports it Ready (`slipway-init ready`), so a rolling update
+//! moves to the next batch only when the last one carries pods again. A
+//! master signals after its add-ons instead (see `addons`).
+//!
+//! Departure: `slipway-leave.service` runs `slipway-init leave` as the
+//! instance shuts down, for whatever reason it does (a rolling update, a
+//! scale-in, a replacement, a stop), while kubelet, containerd and the
+//! network still run. A node cordons itself and evicts its pods through
+//! the eviction API, so PodDisruptionBudgets hold, until none is left or
+//! the `drain` deadline passes. A master stops kubelet (so no static pod
+//! is restarted behind it), then its control plane top-down and etcd last,
+//! each given time to exit, so etcd's data is consistent on the volume
+//! when the volume detaches. The kubelet's own credentials suffice for a
+//! node: the API server's NodeRestriction lets a node evict only pods
+//! bound to it and change only its own Node object.
+
+use super::renewal::{running, RUNTIME};
+use super::{Context, Report, StepError};
+use crate::config::Role;
+use crate::retry::{self, Backoff};
+use std::time::{Duration, Instant};
+
+pub const READY_STEP: &str = "ready";
+pub const LEAVE_STEP: &str = "leave";
+
+/// The control plane's containers in the order a leaving master stops
+/// them: the API's clients first, etcd last.
+const STOP_ORDER: &[&str] = &[
+    "kube-scheduler",
+    "kube-controller-manager",
+    "kube-apiserver",
+    "etcd",
+];
+
+/// How long each container is given to exit before it is killed.
+const STOP_GRACE: &str = "30";
+
+/// kubectl as this instance's kubelet: its own kubeconfig (a node's
+/// client certificate from TLS bootstrap), every request bounded.
+fn kubelet_kubectl(ctx: &Context) -> impl Fn(&[&str]) -> Result<String, StepError> + '_ {
+    let kubeconfig = super::configure::kubelet_conf(ctx)
+        .to_string_lossy()
+        .into_owned();
+    move |args: &[&str]| {
+        let mut all = vec![
+            "--kubeconfig",
+            kubeconfig.as_str(),
+            super::addons::REQUEST_TIMEOUT,
+        ];
+        all.extend_from_slice(args);
+        ctx.runner.run("kubectl", &all)
+    }
+}
+
+/// Waits (up to `node-ready`) until this node is Ready in the API. On a
+/// master there is nothing to wait for here.
+pub async fn ready(ctx: &Context) -> Result<Report, StepError> {
+    if ctx.config.role != Role::Node {
+        return Ok(Report::already(
+            READY_STEP,
+            "a master is in service once its add-ons are applied",
+        ));
+    }
+    let kubectl = kubelet_kubectl(ctx);
+    let node = format!("node/{}", ctx.instance.id);
+    let condition = "--output=jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
+    let started = Instant::now();
+    retry::until(
+        &format!("waiting for {node} to be Ready"),
+        Backoff::new(ctx.deadlines.node_ready),
+        || async {
+            Ok::<_, StepError>(
+                kubectl(&["get", &node, condition])
+                    .ok()
+                    .filter(|s| s.trim() == "True")
+                    .map(|_| ()),
+            )
+        },
+    )
+    .await
+    .map_err(|e| StepError::Wait(e.to_string()))?;
+    Ok(Report::changed(
+        READY_STEP,
+        format!("{node} Ready after {}s", started.elapsed().as_secs()),
+    ))
+}
+
+/// A pod the drain has to move: not a DaemonSet's (it would come back),
+/// not a static pod's mirror, not finished.
+fn must_move(pod: &serde_json::Value) -> bool {
+    let owned_by_daemon_set = pod["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|o| o["kind"] == "DaemonSet");
+    let mirror = !pod["metadata"]["annotations"]["kubernetes.io/config.mirror"].is_null();
+    let finished = matches!(
+        pod["status"]["phase"].as_str(),
+        Some("Succeeded" | "Failed")
+    );
+    !(owned_by_daemon_set || mirror || finished)
+}
+
+/// `namespace/name` of each pod on `node` the drain has to move, and
+/// whether each is already on its way out.
+fn pods_to_move(
+    kubectl: &impl Fn(&[&str]) -> Result<String, StepError>,
+    node: &str,
+) -> Result<Vec<(String, String, bool)>, StepError> {
+    let selector = format!("--field-selector=spec.nodeName={node}");
+    let out = kubectl(&[
+        "get",
+        "pods",
+        "--all-namespaces",
+        &selector,
+        "--output=json",
+    ])?;
+    let list: serde_json::Value = serde_json::from_str(&out).map_err(|e| StepError::Invalid {
+        what: format!("the pods on {node}"),
+        message: e.to_string(),
+    })?;
+    Ok(list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| must_move(p))
+        .map(|p| {
+            (
+                p["metadata"]["namespace"].as_str().unwrap_or("").to_owned(),
+                p["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                !p["metadata"]["deletionTimestamp"].is_null(),
+            )
+        })
+        .collect())
+}
+
+/// Cordons this node and evicts its pods, respecting their disruption
+/// budgets, until none is left or the `drain` deadline passes.
+async fn drain(ctx: &Context) -> Result<Report, StepError> {
+    let kubectl = kubelet_kubectl(ctx);
+    let node = ctx.instance.id.as_str();
+    kubectl(&[
+        "patch",
+        &format!("node/{node}"),
+        "--type=merge",
+        "--patch={\"spec\":{\"unschedulable\":true}}",
+    ])?;
+    tracing::info!(step = LEAVE_STEP, "cordoned node/{node}");
+    std::fs::create_dir_all(&ctx.paths.run).map_err(|e| StepError::Invalid {
+        what: ctx.paths.run.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let started = Instant::now();
+    let mut evicted = 0usize;
+    loop {
+        let left = pods_to_move(&kubectl, node)?;
+        if left.is_empty() {
+            return Ok(Report::changed(
+                LEAVE_STEP,
+                format!(
+                    "node/{node} drained: {evicted} evictions in {}s",
+                    started.elapsed().as_secs()
+                ),
+            ));
+        }
+        if started.elapsed() >= ctx.deadlines.drain {
+            let names: Vec<String> = left.iter().map(|(ns, n, _)| format!("{ns}/{n}")).collect();
+            return Err(StepError::Wait(format!(
+                "node/{node}: {} pods still here at the `drain` deadline ({}s): {}",
+                left.len(),
+                ctx.deadlines.drain.as_secs(),
+                names.join(", ")
+            )));
+        }
+        for (namespace, name, leaving) in &left {
+            if *leaving {
+                continue;
+            }
+            match evict(ctx, &kubectl, namespace, name) {
+                Ok(()) => {
+                    evicted += 1;
+                    tracing::info!(step = LEAVE_STEP, "evicted {namespace}/{name}");
+                }
+                // 429: a disruption budget allows no eviction now; the
+                // pod's replacement elsewhere has to become ready first.
+                Err(e) => {
+                    tracing::info!(step = LEAVE_STEP, "{namespace}/{name} stays for now: {e}")
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
+
+/// Asks the API server to evict one pod (the eviction API, which checks
+/// the pod's disruption budgets).
+fn evict(
+    ctx: &Context,
+    kubectl: &impl Fn(&[&str]) -> Result<String, StepError>,
+    namespace: &str,
+    name: &str,
+) -> Result<(), StepError> {
+    let body = serde_json::json!({
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {"name": name, "namespace": namespace},
+    });
+    let file = ctx.paths.run.join("eviction.json");
+    std::fs::write(&file, body.to_string()).map_err(|e| StepError::Invalid {
+        what: file.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let path = format!("--raw=/api/v1/namespaces/{namespace}/pods/{name}/eviction");
+    let file = file.to_string_lossy();
+    kubectl(&["create", &path, "--filename", &file]).map(|_| ())
+}
+
+/// Stops kubelet, then the control plane's containers one by one, etcd
+/// last, each given `STOP_GRACE` seconds to exit.
+async fn stop_control_plane(ctx: &Context) -> Result<Report, StepError> {
+    // Signalled, not stopped through a job: kubelet's own stop job waits
+    // for this unit (it is ordered after kubelet), so waiting for it here
+    // would wait for ever. With a stop pending, systemd does not restart it.
+    ctx.runner.run("systemctl", &["kill", "kubelet.service"])?;
+    retry::until(
+        "waiting for kubelet to exit",
+        Backoff::new(Duration::from_secs(20)),
+        || async {
+            let pid = ctx.runner.run(
+                "systemctl",
+                &["show", "--property=MainPID", "--value", "kubelet.service"],
+            )?;
+            Ok::<_, StepError>((pid.trim() == "0").then_some(()))
+        },
+    )
+    .await
+    .map_err(|e| StepError::Wait(e.to_string()))?;
+    let mut stopped = Vec::new();
+    for name in STOP_ORDER {
+        for id in running(ctx, name)? {
+            ctx.runner
+                .run("crictl", &[RUNTIME, "stop", "--timeout", STOP_GRACE, &id])?;
+            stopped.push(*name);
+        }
+    }
+    ctx.runner.run("sync", &[])?;
+    Ok(Report::changed(
+        LEAVE_STEP,
+        if stopped.is_empty() {
+            "kubelet stopped; no control-plane container was running".to_owned()
+        } else {
+            format!("kubelet stopped, then {} in turn", stopped.join(", "))
+        },
+    ))
+}
+
+/// Leaves the cluster cleanly (see the module's docs).
+pub async fn leave(ctx: &Context) -> Result<Report, StepError> {
+    match ctx.config.role {
+        Role::Node => drain(ctx).await,
+        Role::Master => stop_control_plane(ctx).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drain_moves_workloads_and_leaves_daemons_mirrors_and_finished_pods() {
+        let pod = |extra: serde_json::Value| {
+            let mut p = serde_json::json!({"metadata": {"name": "p", "namespace": "default"}, "status": {"phase": "Running"}});
+            if let (Some(p), Some(extra)) = (p.as_object_mut(), extra.as_object()) {
+                for (k, v) in extra {
+                    p.insert(k.clone(), v.clone());
+                }
+            }
+            p
+        };
+        assert!(must_move(&pod(serde_json::json!({}))));
+        assert!(must_move(&pod(serde_json::json!({
+            "metadata": {"ownerReferences": [{"kind": "ReplicaSet", "name": "web-1"}]}
+        }))));
+        assert!(!must_move(&pod(serde_json::json!({
+            "metadata": {"ownerReferences": [{"kind": "DaemonSet", "name": "kube-proxy"}]}
+        }))));
+        assert!(!must_move(&pod(serde_json::json!({
+            "metadata": {"annotations": {"kubernetes.io/config.mirror": "abc"}}
+        }))));
+        assert!(!must_move(&pod(
+            serde_json::json!({"status": {"phase": "Succeeded"}})
+        )));
+    }
+}
