@@ -22,6 +22,10 @@
 //! - instances are "launched" by booting a VM with a fresh root disk made
 //!   from the snapshot, and "terminated" by killing it.
 
+mod rolling;
+
+pub use rolling::{Retired, RollingUpdate};
+
 use crate::faults::{FaultProxy, Kind, Plan};
 use crate::iam::Identity;
 use crate::moto::Moto;
@@ -29,6 +33,7 @@ use crate::net::{Forward, Lan, IMDS_ADDR};
 use crate::{imds::Imds, Disk, Image, Nic, Vm, VmConfig};
 use anyhow::{bail, ensure, Context, Result};
 use base64::Engine;
+use image_builder::publish::Release;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -40,11 +45,13 @@ use std::time::{Duration, Instant};
 
 pub const REGION: &str = "us-east-1";
 /// The image's units that call AWS (each is told where the local AWS is).
-const AWS_UNITS: [&str; 4] = [
+const AWS_UNITS: [&str; 6] = [
     "slipway-init.service",
     "slipway-addons.service",
     "slipway-renew.service",
     "slipway-approver.service",
+    "slipway-ready.service",
+    "slipway-leave.service",
 ];
 pub const STACK: &str = "slipway";
 /// Port moto answers on inside the network (on the first subnet's router).
@@ -76,6 +83,10 @@ pub struct Instance {
     pub role: Role,
     pub ip: Ipv4Addr,
     pub az: String,
+    /// The AMI it was launched from.
+    pub image: String,
+    /// Its `slipway:release` tag.
+    pub release: String,
 }
 
 /// Options for bringing a cluster up.
@@ -90,6 +101,9 @@ pub struct Options {
     /// The share of the members' AWS calls the fault proxy fails
     /// (throttling, 500s, resets; see [`crate::faults`]).
     pub fault_rate: f64,
+    /// A second image, published as the next release (before IAM is
+    /// enforced) for [`Cluster::update_stack`] to move the stack to.
+    pub next: Option<Image>,
 }
 
 impl Options {
@@ -102,6 +116,7 @@ impl Options {
             cpus: 2,
             dir,
             fault_rate: 0.0,
+            next: None,
         }
     }
 }
@@ -132,8 +147,11 @@ pub struct Cluster {
     rt: tokio::runtime::Runtime,
     conf: aws_config::SdkConfig,
     pub outputs: BTreeMap<String, String>,
-    /// The disk read back from the published snapshot.
-    pub ami_disk: PathBuf,
+    /// Each published AMI's disk, read back from its snapshot.
+    disks: BTreeMap<String, PathBuf>,
+    /// The release the stack was created from, and the next one.
+    pub release: Release,
+    pub next_release: Option<(Release, PathBuf)>,
     pub lan: Lan,
     imds: Imds,
     /// Each role's name and the session its instances are handed.
@@ -181,47 +199,29 @@ impl Cluster {
         );
 
         say("publishing the image to the local AWS");
-        let out = opts.dir.join("release");
-        std::fs::create_dir_all(&out)?;
-        let disk_link = out.join("disk.raw");
-        let _ = std::fs::remove_file(&disk_link);
-        std::os::unix::fs::symlink(image.raw().canonicalize()?, &disk_link)?;
-        std::fs::copy(
-            image.dir.join("build-manifest.json"),
-            out.join("build-manifest.json"),
-        )?;
-        let target = image_builder::publish::Target {
-            region: Some(REGION.into()),
-            copy_to: Vec::new(),
-            template: None,
-            ssm_prefix: None,
-            upload_concurrency: 8,
-            endpoint_url: Some(moto.endpoint.clone()),
-        };
-        let template = crate::workspace_dir().join("cfn/template.yaml");
-        let release = {
-            let (out, template) = (out.clone(), template.clone());
-            std::thread::spawn(move || image_builder::publish::publish(&out, &target, &template))
-                .join()
-                .map_err(|_| anyhow::anyhow!("publish panicked"))??
-        };
-        let snapshot = release
-            .upload
-            .as_ref()
-            .context("publish uploaded nothing")?
-            .snapshot_id
-            .clone();
-
-        say(&format!(
-            "reading {snapshot} back through the EBS direct APIs"
-        ));
-        let ami_disk = opts.dir.join("ami.raw");
-        let sha = rt.block_on(read_snapshot(&moto.endpoint, &snapshot, &ami_disk))?;
-        ensure!(
-            sha == release.disk_sha256,
-            "the snapshot reads back as sha256 {sha}, the published disk is {}",
-            release.disk_sha256
+        let (release, out) = publish(&moto, image, &opts.dir.join("release"), None)?;
+        let mut disks = BTreeMap::new();
+        disks.insert(
+            release.amis[REGION].clone(),
+            rt.block_on(read_back(&moto, &release, &opts.dir.join("ami.raw")))?,
         );
+        let next_release = match &opts.next {
+            Some(next) => {
+                say("publishing the next release");
+                let (next, dir) = publish(
+                    &moto,
+                    next,
+                    &opts.dir.join("release-next"),
+                    Some(&release.kubernetes),
+                )?;
+                disks.insert(
+                    next.amis[REGION].clone(),
+                    rt.block_on(read_back(&moto, &next, &opts.dir.join("ami-next.raw")))?,
+                );
+                Some((next, dir))
+            }
+            None => None,
+        };
 
         say("creating the stack from the rendered template");
         let template_body = std::fs::read_to_string(out.join("template.json"))?;
@@ -277,7 +277,9 @@ impl Cluster {
             rt,
             conf,
             outputs,
-            ami_disk,
+            disks,
+            release,
+            next_release,
             lan,
             imds,
             roles,
@@ -382,6 +384,8 @@ impl Cluster {
                         .and_then(|p| p.availability_zone())
                         .unwrap_or_default()
                         .to_owned(),
+                    image: i.image_id().unwrap_or_default().to_owned(),
+                    release: tag("slipway:release").unwrap_or_default(),
                 });
             }
             anyhow::Ok(out)
@@ -430,7 +434,12 @@ impl Cluster {
         let root = self.opts.dir.join(format!("{}-root.qcow2", instance.id));
         let status = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&self.ami_disk)
+            .arg(self.disks.get(&instance.image).with_context(|| {
+                format!(
+                    "{} runs {}, which no release published",
+                    instance.id, instance.image
+                )
+            })?)
             .arg(&root)
             .status()
             .context("qemu-img")?;
@@ -702,6 +711,61 @@ impl Cluster {
     pub fn aws_endpoint(&self) -> &str {
         &self.moto.endpoint
     }
+}
+
+/// Publishes `image` to moto as `image-builder publish` does, into `out`
+/// (the disk linked, not copied); returns the release and `out`.
+fn publish(
+    moto: &Moto,
+    image: &Image,
+    out: &Path,
+    current_kubernetes: Option<&str>,
+) -> Result<(Release, PathBuf)> {
+    std::fs::create_dir_all(out)?;
+    let disk_link = out.join("disk.raw");
+    let _ = std::fs::remove_file(&disk_link);
+    std::os::unix::fs::symlink(image.raw().canonicalize()?, &disk_link)?;
+    std::fs::copy(
+        image.dir.join("build-manifest.json"),
+        out.join("build-manifest.json"),
+    )?;
+    let target = image_builder::publish::Target {
+        region: Some(REGION.into()),
+        copy_to: Vec::new(),
+        template: None,
+        ssm_prefix: None,
+        current_kubernetes: current_kubernetes.map(str::to_owned),
+        upload_concurrency: 8,
+        endpoint_url: Some(moto.endpoint.clone()),
+    };
+    let template = crate::workspace_dir().join("cfn/template.yaml");
+    let release = {
+        let (out, template) = (out.to_owned(), template.clone());
+        std::thread::spawn(move || image_builder::publish::publish(&out, &target, &template))
+            .join()
+            .map_err(|_| anyhow::anyhow!("publish panicked"))??
+    };
+    Ok((release, out.to_owned()))
+}
+
+/// Reads the release's snapshot back into `dest` through the EBS direct
+/// APIs and checks it is the published disk; returns `dest`.
+async fn read_back(moto: &Moto, release: &Release, dest: &Path) -> Result<PathBuf> {
+    let snapshot = &release
+        .upload
+        .as_ref()
+        .context("publish uploaded nothing")?
+        .snapshot_id;
+    say(&format!(
+        "reading {snapshot} back through the EBS direct APIs"
+    ));
+    let sha = read_snapshot(&moto.endpoint, snapshot, dest).await?;
+    ensure!(
+        sha == release.disk_sha256,
+        "the snapshot reads back as sha256 {sha}, the published disk is {}",
+        release.disk_sha256
+    );
+    Ok(dest.to_owned())
 }
 
 /// Reads every block of `snapshot` into `dest` (sparse where the snapshot

@@ -18,7 +18,7 @@ pub mod policy;
 pub mod registry;
 pub mod server;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,13 +65,23 @@ pub struct Image {
 
 impl Image {
     pub fn locate() -> Result<Self> {
-        let dir = std::env::var_os("SLIPWAY_IMAGE_DIR")
+        Self::from_env("SLIPWAY_IMAGE_DIR", "out", "just build")
+    }
+
+    /// The next release the cluster test updates a cluster to: `out-next/`
+    /// of the workspace unless `SLIPWAY_NEXT_IMAGE_DIR` says otherwise.
+    pub fn locate_next() -> Result<Self> {
+        Self::from_env("SLIPWAY_NEXT_IMAGE_DIR", "out-next", "just build-next")
+    }
+
+    fn from_env(variable: &str, default: &str, recipe: &str) -> Result<Self> {
+        let dir = std::env::var_os(variable)
             .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_dir().join("out"));
+            .unwrap_or_else(|| workspace_dir().join(default));
         let manifest_path = dir.join("build-manifest.json");
         let text = fs::read_to_string(&manifest_path).with_context(|| {
             format!(
-                "no image at {} (run `just build` first, or set SLIPWAY_IMAGE_DIR)",
+                "no image at {} (run `{recipe}` first, or set {variable})",
                 manifest_path.display()
             )
         })?;
@@ -311,6 +321,12 @@ impl Vm {
                 .arg("-device")
                 .arg(format!("nvme,serial={},drive=disk{i}", d.serial));
         }
+        // The monitor, for an ACPI power-down as EC2 gives a terminating
+        // instance.
+        cmd.arg("-qmp").arg(format!(
+            "unix:{},server=on,wait=off",
+            workdir.path().join("qmp.sock").display()
+        ));
         if let Some(socket) = &cfg.shell_socket {
             cmd.arg("-chardev")
                 .arg(format!(
@@ -426,6 +442,44 @@ impl Vm {
             std::thread::sleep(Duration::from_millis(250));
         }
         Ok(())
+    }
+
+    /// Presses the power button (ACPI, as EC2 does when it stops or
+    /// terminates an instance) and waits up to `grace` for the guest to
+    /// power off; QEMU is killed after that. Returns how long the guest
+    /// took, or `None` when it had to be killed.
+    pub fn power_down(&mut self, grace: Duration) -> Result<Option<Duration>> {
+        use std::io::{BufRead, Write};
+        let asked = Instant::now();
+        let socket = self.workdir.path().join("qmp.sock");
+        let mut qmp = std::os::unix::net::UnixStream::connect(&socket)
+            .with_context(|| format!("connecting to {}", socket.display()))?;
+        qmp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut lines = std::io::BufReader::new(qmp.try_clone()?).lines();
+        let mut answers = 0;
+        // The greeting, then one answer per command (events may come between).
+        lines.next().context("QMP said nothing")??;
+        for command in ["qmp_capabilities", "system_powerdown"] {
+            writeln!(qmp, "{{\"execute\": \"{command}\"}}")?;
+            loop {
+                let line = lines.next().context("QMP closed")??;
+                if line.contains("\"return\"") {
+                    answers += 1;
+                    break;
+                }
+                ensure!(!line.contains("\"error\""), "QMP {command}: {line}");
+            }
+        }
+        ensure!(answers == 2, "QMP did not take the power-down");
+        while !self.exited() {
+            if asked.elapsed() > grace {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(Some(asked.elapsed()))
     }
 
     /// The last `n` console lines, for failure messages.

@@ -44,6 +44,12 @@ const UP_DEADLINE: Duration = Duration::from_secs(30 * 60);
 /// A replacement member back in service.
 const REPLACE_DEADLINE: Duration = Duration::from_secs(25 * 60);
 const OBJECTS: usize = 20;
+/// How long a retiring member's guest has to shut down (its drain or its
+/// clean stop included) before the harness kills it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5 * 60);
+/// The Deployment whose disruption budget the update must respect.
+const STEADY_REPLICAS: i64 = 2;
+const STEADY_MIN_AVAILABLE: i64 = 1;
 /// What a guest kernel prints as it dies.
 const GUEST_PANIC: &str = "Kernel panic - not syncing";
 /// How a failure that is the emulator's, not the product's, is reported.
@@ -157,6 +163,130 @@ fn wait<T>(
             );
         }
         std::thread::sleep(Duration::from_secs(5));
+    }
+}
+
+/// The last `n` lines of a console.
+fn tail(console: &str, n: usize) -> String {
+    let lines: Vec<&str> = console.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// How many master instances are running or pending.
+fn masters(cluster: &Cluster) -> Result<usize> {
+    Ok(cluster
+        .instances()?
+        .iter()
+        .filter(|i| i.role == Role::Master)
+        .count())
+}
+
+/// `steady`: replicas spread over both members (it tolerates the
+/// master's taint) and a budget that keeps one available.
+fn steady_deployment(image: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: steady}}
+spec:
+  replicas: {STEADY_REPLICAS}
+  selector: {{matchLabels: {{app: steady}}}}
+  template:
+    metadata: {{labels: {{app: steady}}}}
+    spec:
+      tolerations:
+      - {{key: node-role.kubernetes.io/control-plane, operator: Exists, effect: NoSchedule}}
+      affinity:
+        podAntiAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+          - weight: 100
+            podAffinityTerm:
+              topologyKey: kubernetes.io/hostname
+              labelSelector: {{matchLabels: {{app: steady}}}}
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: steady
+        image: {image}
+        command: [/bin/busybox, sleep, "86400"]
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata: {{name: steady}}
+spec:
+  minAvailable: {STEADY_MIN_AVAILABLE}
+  selector: {{matchLabels: {{app: steady}}}}
+"#
+    )
+}
+
+/// `steady`'s available replicas, or `None` when the API does not answer.
+fn available(kubectl: &Kubectl) -> Result<Option<i64>> {
+    Ok(kubectl
+        .run(&[
+            "get",
+            "deployment",
+            "steady",
+            "-o",
+            "jsonpath={.status.availableReplicas}",
+        ])
+        .ok()
+        .map(|n| n.trim().parse().unwrap_or(0)))
+}
+
+/// `steady`'s availability sampled every few seconds on a thread of its
+/// own, for as long as the update runs.
+struct Sampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Held>,
+}
+
+/// What the sampler saw.
+#[derive(Debug, Default)]
+struct Held {
+    /// Samples the API answered, and the fewest replicas available in them.
+    answered: usize,
+    lowest: Option<i64>,
+    /// Samples taken while the API did not answer (the master replaced).
+    unanswered: usize,
+}
+
+impl std::fmt::Display for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "at least {:?} in {} samples the API answered ({} while it did not)",
+            self.lowest, self.answered, self.unanswered
+        )
+    }
+}
+
+impl Sampler {
+    fn start(kubectl: &Kubectl) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let kubectl = Kubectl {
+            kubeconfig: kubectl.kubeconfig.clone(),
+        };
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Held::default();
+            while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                match available(&kubectl) {
+                    Ok(Some(n)) => {
+                        held.answered += 1;
+                        held.lowest = Some(held.lowest.map_or(n, |l| l.min(n)));
+                    }
+                    _ => held.unanswered += 1,
+                }
+                std::thread::sleep(Duration::from_secs(3));
+            }
+            held
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) -> Held {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap_or_default()
     }
 }
 
@@ -540,7 +670,7 @@ fn etcdctl(endpoint: &str, tls: &[(&str, &Path)]) -> (bool, String) {
 }
 
 #[test]
-fn a_cluster_survives_losing_its_master_and_a_node() -> Result<()> {
+fn a_cluster_rolls_to_the_next_release_losing_nothing_update_played_by_the_harness() -> Result<()> {
     let image = Image::locate()?;
     let dir = std::env::var_os("SLIPWAY_CLUSTER_DIR")
         .map(PathBuf::from)
@@ -550,6 +680,7 @@ fn a_cluster_survives_losing_its_master_and_a_node() -> Result<()> {
     // them, and the first of every action, fail as AWS fails under load.
     let opts = Options {
         fault_rate: 0.1,
+        next: Some(Image::locate_next()?),
         ..Options::master_and_node(dir.clone())
     };
     let mut cluster = Cluster::create(&image, opts)?;
@@ -760,7 +891,10 @@ spec:
         scenario.elapsed(),
     );
 
-    // 2. Master replacement.
+    // 2. The release update: the stack moves to the next release; its
+    // groups roll as the template's UpdatePolicy says (the harness plays
+    // CloudFormation and Auto Scaling here: moto performs no rolling
+    // update), the master first and alone, then the node.
     let scenario = Instant::now();
     let ca_before = sha256_hex(pki["files"]["ca.crt"].as_str().unwrap_or("").as_bytes());
     let mut list = String::from("apiVersion: v1\nkind: List\nitems:\n");
@@ -770,6 +904,28 @@ spec:
         ));
     }
     kubectl.apply(&cluster, &list)?;
+    // A Deployment whose disruption budget must hold through the update:
+    // two replicas, one on each member (it tolerates the master's taint).
+    kubectl.apply(&cluster, &steady_deployment(&busybox))?;
+    wait(
+        &cluster,
+        "both steady replicas available",
+        UP_DEADLINE,
+        || Ok((available(&kubectl)? == Some(STEADY_REPLICAS)).then_some(())),
+    )?;
+    let sampler = Sampler::start(&kubectl);
+    let (next, _) = cluster.next_release.clone().context("no next release")?;
+    let next_ami = next.amis[vm_tests::cluster::REGION].clone();
+    ensure!(
+        next.image_version != cluster.release.image_version,
+        "the next release has the same version"
+    );
+    cluster.update_stack()?;
+    let policy = cluster.rolling_update("MasterGroup")?;
+    ensure!(
+        policy.max_batch == 1 && policy.min_in_service == 0 && policy.wait_on_signals,
+        "the master group's rolling update could run two masters, or not wait: {policy:?}"
+    );
     let needles = secret_needles(&pki);
     ensure!(
         needles.len() >= 10,
@@ -777,7 +933,24 @@ spec:
         needles.len()
     );
     let volume = cluster.master_volume_file()?;
-    cluster.terminate(&master.id)?;
+    let master_phase = Instant::now();
+    let retired = cluster.retire(std::slice::from_ref(&master), SHUTDOWN_GRACE)?;
+    ensure!(
+        retired[0].shutdown.is_some(),
+        "the master did not shut down within {SHUTDOWN_GRACE:?}"
+    );
+    ensure!(
+        retired[0].console.contains("kubelet stopped, then"),
+        "the master's console shows no clean leave:\n{}",
+        tail(&retired[0].console, 30)
+    );
+    // The group launches the replacement as soon as the old one is
+    // terminated: one master at most, and never the old one.
+    let running = cluster.instances()?;
+    ensure!(
+        running.iter().all(|i| i.id != master.id) && masters(&cluster)? <= 1,
+        "two masters, or the old one, after its termination: {running:?}"
+    );
 
     // 4 (master's disks). Scanned while nothing has them open.
     let scanning = Instant::now();
@@ -828,10 +1001,23 @@ spec:
     let backdated = backdate(&cluster)?;
     let known: Vec<String> = first.iter().map(|i| i.id.clone()).collect();
     let new_master = cluster.replacement(Role::Master, &known, Duration::from_secs(120))?;
+    ensure!(
+        new_master.image == next_ami && new_master.release == next.image_version,
+        "the group launched {} ({}) instead of the next release's {next_ami}",
+        new_master.image,
+        new_master.release
+    );
+    ensure!(masters(&cluster)? == 1, "two masters run");
     cluster.launch_with(
         &new_master,
         &[("slipway-renew.timer", RENEW_EVERY_TWO_MINUTES)],
     )?;
+    cluster.signalled(&new_master.id, Role::Master, policy.pause)?;
+    ensure!(masters(&cluster)? == 1, "two masters run");
+    cluster.timing(
+        "update: master shut down, replaced by the next release, signalled",
+        master_phase.elapsed(),
+    );
     let count = wait(
         &cluster,
         "the replacement master serving the objects",
@@ -993,28 +1179,128 @@ spec:
         daily.elapsed(),
     );
 
-    // 3. Node replacement.
-    let scenario = Instant::now();
-    cluster.terminate(&node.id)?;
-    let scanning = Instant::now();
-    for h in scan_file(&root_disk(&cluster, &node.id), &needles)? {
-        leaks.push(format!("{h} on the node's root disk"));
-    }
-    scan_time += scanning.elapsed();
+    // 3. The update rolls on through the node group, a batch at a time.
+    let policy = cluster.rolling_update("NodeGroup")?;
+    ensure!(
+        policy.wait_on_signals,
+        "the node group does not wait: {policy:?}"
+    );
     let mut known = known;
     known.push(new_master.id.clone());
-    let new_node = cluster.replacement(Role::Node, &known, Duration::from_secs(120))?;
-    cluster.launch(&new_node)?;
-    wait(
-        &cluster,
-        "the replacement node Ready",
-        REPLACE_DEADLINE,
-        || Ok((kubectl.nodes()?.get(&new_node.id) == Some(&true)).then_some(())),
-    )?;
-    // The replacement master's add-ons may land after the node is back.
+    let mut new_nodes = Vec::new();
+    loop {
+        let nodes: Vec<Instance> = cluster
+            .instances()?
+            .into_iter()
+            .filter(|i| i.role == Role::Node)
+            .collect();
+        let old: Vec<Instance> = nodes
+            .iter()
+            .filter(|i| i.image != next_ami)
+            .cloned()
+            .collect();
+        if old.is_empty() {
+            break;
+        }
+        let batch = policy.batch(nodes.len());
+        ensure!(
+            batch > 0,
+            "the node group's rolling update keeps {} of {} in service: it cannot start",
+            policy.min_in_service,
+            nodes.len()
+        );
+        let phase = Instant::now();
+        let retiring = &old[..batch.min(old.len())];
+        for r in cluster.retire(retiring, SHUTDOWN_GRACE)? {
+            ensure!(
+                r.shutdown.is_some(),
+                "node {} did not shut down within {SHUTDOWN_GRACE:?}",
+                r.id
+            );
+            ensure!(
+                r.console.contains(&format!("node/{} drained", r.id)),
+                "node {}'s console shows no drain:\n{}",
+                r.id,
+                tail(&r.console, 30)
+            );
+            let scanning = Instant::now();
+            for h in scan_file(&root_disk(&cluster, &r.id), &needles)? {
+                leaks.push(format!("{h} on node {}'s root disk", r.id));
+            }
+            scan_time += scanning.elapsed();
+            known.push(r.id);
+        }
+        for _ in retiring {
+            let new_node = cluster.replacement(Role::Node, &known, Duration::from_secs(120))?;
+            ensure!(
+                new_node.image == next_ami,
+                "the node group launched {} instead of {next_ami}",
+                new_node.image
+            );
+            known.push(new_node.id.clone());
+            cluster.launch(&new_node)?;
+            new_nodes.push(new_node);
+        }
+        for n in &new_nodes[new_nodes.len() - retiring.len()..] {
+            cluster.signalled(&n.id, Role::Node, policy.pause)?;
+            ensure!(
+                kubectl.nodes()?.get(&n.id) == Some(&true),
+                "{} signalled before it was Ready",
+                n.id
+            );
+        }
+        cluster.timing(
+            &format!(
+                "update: {} node(s) drained, replaced, signalled",
+                retiring.len()
+            ),
+            phase.elapsed(),
+        );
+    }
+    let new_node = new_nodes.first().context("no node was replaced")?.clone();
     report_boot(&mut cluster, &new_master.id, "replacement master");
     report_boot(&mut cluster, &new_node.id, "replacement node");
-    cluster.timing("scenario 3: node replaced and Ready", scenario.elapsed());
+    cluster.timing(
+        "update: every member on the next release (from the stack update)",
+        scenario.elapsed(),
+    );
+
+    // Every member runs the next release and says so: its instance's tag
+    // and its Node's label.
+    let members = cluster.instances()?;
+    ensure!(
+        members.len() == 2
+            && members
+                .iter()
+                .all(|i| i.image == next_ami && i.release == next.image_version),
+        "not every member runs release {}: {members:?}",
+        next.image_version
+    );
+    let labels = kubectl.get(
+        &cluster,
+        &[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.labels.slipway/release}{\"\\n\"}{end}",
+        ],
+    )?;
+    ensure!(
+        labels.lines().filter(|l| *l == next.image_version).count() == 2,
+        "the nodes' slipway/release labels: {labels:?}"
+    );
+    wait(
+        &cluster,
+        "both steady replicas available again",
+        REPLACE_DEADLINE,
+        || Ok((available(&kubectl)? == Some(STEADY_REPLICAS)).then_some(())),
+    )?;
+    let held = sampler.stop();
+    eprintln!("[cluster] steady's available replicas through the update: {held}");
+    ensure!(
+        held.lowest.is_some_and(|n| n >= STEADY_MIN_AVAILABLE) && held.answered >= 10,
+        "the disruption budget did not hold through the update: {held}"
+    );
 
     // 4 (the replacement master's disks). It renewed certificates and
     // replaced the token twice: none of the keys, nor any token it made,

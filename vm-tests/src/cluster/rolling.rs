@@ -1,0 +1,417 @@
+//! A release update as AWS performs it, played by the harness. This is a
+//! stand-in: moto's CloudFormation accepts the next release's template as
+//! a stack update, but it neither makes the launch templates' new versions
+//! nor rolls the Auto Scaling groups through them, and it ignores signals.
+//!
+//! [`Cluster::update_stack`] does CloudFormation's part: moto takes the
+//! template, then the harness creates the launch template versions the
+//! release implies (its AMI and its release tags) and points each group at
+//! them. The test then plays each group's rolling update as the template's
+//! `UpdatePolicy` says ([`Cluster::rolling_update`]): [`Cluster::retire`]
+//! takes a batch down the way EC2 terminates instances (the ACPI power
+//! button, a grace, then terminated in the group), the group launches the
+//! replacements ([`Cluster::replacement`], [`Cluster::launch`]), and
+//! [`Cluster::signalled`] waits, within `PauseTime`, for each one's SUCCESS
+//! signal among the calls the members made.
+
+use super::{physical_id, say, Cluster, Role, STACK};
+use crate::cluster::REGION;
+use anyhow::{bail, Context, Result};
+use aws_sdk_ec2::types::{
+    LaunchTemplateBlockDeviceMappingRequest, LaunchTemplateEbsBlockDeviceRequest,
+    LaunchTemplateIamInstanceProfileSpecificationRequest,
+    LaunchTemplateInstanceMetadataOptionsRequest, LaunchTemplateTagSpecificationRequest,
+    RequestLaunchTemplateData, ResponseLaunchTemplateData, Tag,
+};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// A group's `UpdatePolicy.AutoScalingRollingUpdate`, with the stack's
+/// parameters filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollingUpdate {
+    pub max_batch: usize,
+    pub min_in_service: usize,
+    /// How long the group waits for each new instance's signal.
+    pub pause: Duration,
+    pub wait_on_signals: bool,
+}
+
+/// An instance [`Cluster::retire`] took out of service.
+#[derive(Debug, Clone)]
+pub struct Retired {
+    pub id: String,
+    /// How long its guest took to shut down; `None` if it had to be killed.
+    pub shutdown: Option<Duration>,
+    /// Its console, to the end.
+    pub console: String,
+}
+
+impl RollingUpdate {
+    /// How many of `in_service` instances the next batch takes down.
+    pub fn batch(&self, in_service: usize) -> usize {
+        self.max_batch
+            .min(in_service.saturating_sub(self.min_in_service))
+    }
+}
+
+/// `PT30M`, `PT1H30M`, `PT45S`: the durations a template's policies use.
+fn iso_duration(text: &str) -> Result<Duration> {
+    let rest = text
+        .strip_prefix("PT")
+        .with_context(|| format!("{text:?} is not a PT… duration"))?;
+    let mut secs = 0u64;
+    let mut number = String::new();
+    for c in rest.chars() {
+        match c {
+            '0'..='9' => number.push(c),
+            'H' | 'M' | 'S' => {
+                let n: u64 = number.parse().with_context(|| format!("{text:?}"))?;
+                secs += n * match c {
+                    'H' => 3600,
+                    'M' => 60,
+                    _ => 1,
+                };
+                number.clear();
+            }
+            _ => bail!("{text:?} is not a PT… duration"),
+        }
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// The request form of a launch template version's data, with `image`
+/// and the instances' `tags` (key → value) replaced.
+fn next_version(
+    data: &ResponseLaunchTemplateData,
+    image: &str,
+    tags: &BTreeMap<&str, String>,
+) -> RequestLaunchTemplateData {
+    let profile = data.iam_instance_profile().map(|p| {
+        LaunchTemplateIamInstanceProfileSpecificationRequest::builder()
+            .set_arn(p.arn().map(str::to_owned))
+            .set_name(p.name().map(str::to_owned))
+            .build()
+    });
+    let disks = data.block_device_mappings().iter().map(|m| {
+        let ebs = m.ebs().map(|e| {
+            LaunchTemplateEbsBlockDeviceRequest::builder()
+                .set_encrypted(e.encrypted())
+                .set_volume_type(e.volume_type().cloned())
+                .set_volume_size(e.volume_size())
+                .set_delete_on_termination(e.delete_on_termination())
+                .build()
+        });
+        LaunchTemplateBlockDeviceMappingRequest::builder()
+            .set_device_name(m.device_name().map(str::to_owned))
+            .set_ebs(ebs)
+            .build()
+    });
+    let metadata = data.metadata_options().map(|o| {
+        LaunchTemplateInstanceMetadataOptionsRequest::builder()
+            .set_http_endpoint(o.http_endpoint().cloned())
+            .set_http_tokens(o.http_tokens().cloned())
+            .set_http_put_response_hop_limit(o.http_put_response_hop_limit())
+            .build()
+    });
+    let specs = data.tag_specifications().iter().map(|spec| {
+        let instance = spec.resource_type().map(|t| t.as_str()) == Some("instance");
+        let kept = spec.tags().iter().map(|t| {
+            let key = t.key().unwrap_or_default();
+            let value = match tags.get(key) {
+                Some(v) if instance => v.clone(),
+                _ => t.value().unwrap_or_default().to_owned(),
+            };
+            Tag::builder().key(key).value(value).build()
+        });
+        LaunchTemplateTagSpecificationRequest::builder()
+            .set_resource_type(spec.resource_type().cloned())
+            .set_tags(Some(kept.collect()))
+            .build()
+    });
+    RequestLaunchTemplateData::builder()
+        .image_id(image)
+        .set_instance_type(data.instance_type().cloned())
+        .set_iam_instance_profile(profile)
+        .set_security_group_ids(Some(data.security_group_ids().to_vec()))
+        .set_key_name(data.key_name().map(str::to_owned))
+        .set_block_device_mappings(Some(disks.collect()))
+        .set_metadata_options(metadata)
+        .set_tag_specifications(Some(specs.collect()))
+        .set_user_data(data.user_data().map(str::to_owned))
+        .build()
+}
+
+impl Cluster {
+    /// The template of the next release, as rendered by its publish.
+    fn next_template(&self) -> Result<(String, Value)> {
+        let (_, dir) = self
+            .next_release
+            .as_ref()
+            .context("no next release was published (Options::next)")?;
+        let body = std::fs::read_to_string(dir.join("template.json"))?;
+        let value = serde_json::from_str(&body)?;
+        Ok((body, value))
+    }
+
+    /// The stack's parameters as it has them now.
+    fn parameters(&self) -> Result<BTreeMap<String, String>> {
+        let cfn = aws_sdk_cloudformation::Client::new(&self.conf);
+        self.rt.block_on(async {
+            let d = cfn.describe_stacks().stack_name(STACK).send().await?;
+            let stack = d.stacks().first().context("no stack")?;
+            Ok(stack
+                .parameters()
+                .iter()
+                .filter_map(|p| {
+                    Some((
+                        p.parameter_key()?.to_owned(),
+                        p.parameter_value()?.to_owned(),
+                    ))
+                })
+                .collect())
+        })
+    }
+
+    /// Moves the stack to the next release: the template through moto's
+    /// UpdateStack (every parameter keeps its value), then what
+    /// CloudFormation would do and moto does not: each launch template
+    /// gets a version with the release's AMI and tags, and each group is
+    /// pointed at it. No instance changes yet.
+    pub fn update_stack(&mut self) -> Result<()> {
+        use aws_sdk_cloudformation::types::{Capability, Parameter};
+        let (body, template) = self.next_template()?;
+        let (next, _) = self.next_release.clone().context("no next release")?;
+        let keys: Vec<String> = self.parameters()?.into_keys().collect();
+        let cfn = aws_sdk_cloudformation::Client::new(&self.conf);
+        let ec2 = self.ec2();
+        let asg = aws_sdk_autoscaling::Client::new(&self.conf);
+        let image = next
+            .amis
+            .get(REGION)
+            .context("the next release has no AMI here")?
+            .clone();
+        let release = &template["Mappings"]["Release"]["Image"];
+        let tags = BTreeMap::from([
+            (
+                "slipway:release",
+                release["Version"].as_str().unwrap_or_default().to_owned(),
+            ),
+            (
+                "slipway:kubernetes",
+                release["Kubernetes"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+        ]);
+        self.rt.block_on(async {
+            cfn.update_stack()
+                .stack_name(STACK)
+                .template_body(&body)
+                .set_parameters(Some(
+                    keys.iter()
+                        .map(|k| {
+                            Parameter::builder()
+                                .parameter_key(k)
+                                .use_previous_value(true)
+                                .build()
+                        })
+                        .collect(),
+                ))
+                .capabilities(Capability::CapabilityIam)
+                .send()
+                .await?;
+            let started = Instant::now();
+            loop {
+                let d = cfn.describe_stacks().stack_name(STACK).send().await?;
+                let status = d
+                    .stacks()
+                    .first()
+                    .and_then(|s| s.stack_status())
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_default();
+                if status == "UPDATE_COMPLETE" {
+                    break;
+                }
+                if !status.ends_with("IN_PROGRESS") || started.elapsed() > Duration::from_secs(120)
+                {
+                    bail!("updating stack {STACK}: {status}");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            for (launch_template, group) in [
+                ("MasterLaunchTemplate", "MasterGroup"),
+                ("NodeLaunchTemplate", "NodeGroup"),
+            ] {
+                let id = physical_id(&cfn, launch_template).await?;
+                let latest = ec2
+                    .describe_launch_template_versions()
+                    .launch_template_id(&id)
+                    .versions("$Latest")
+                    .send()
+                    .await?;
+                let data = latest
+                    .launch_template_versions()
+                    .first()
+                    .and_then(|v| v.launch_template_data())
+                    .with_context(|| format!("{launch_template} has no version"))?;
+                let made = ec2
+                    .create_launch_template_version()
+                    .launch_template_id(&id)
+                    .version_description(format!("release {}", tags["slipway:release"]))
+                    .launch_template_data(next_version(data, &image, &tags))
+                    .send()
+                    .await?;
+                let version = made
+                    .launch_template_version()
+                    .and_then(|v| v.version_number())
+                    .with_context(|| format!("{launch_template}: no version made"))?;
+                let name = physical_id(&cfn, group).await?;
+                asg.update_auto_scaling_group()
+                    .auto_scaling_group_name(&name)
+                    .launch_template(
+                        aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                            .launch_template_id(&id)
+                            .version(version.to_string())
+                            .build(),
+                    )
+                    .send()
+                    .await?;
+                say(&format!(
+                    "{group} now launches {launch_template} version {version} ({image})"
+                ));
+            }
+            anyhow::Ok(())
+        })?;
+        self.load_user_data()
+    }
+
+    /// A group's rolling update as the next release's template says.
+    pub fn rolling_update(&self, group: &str) -> Result<RollingUpdate> {
+        let (_, template) = self.next_template()?;
+        let policy = &template["Resources"][group]["UpdatePolicy"]["AutoScalingRollingUpdate"];
+        if policy.is_null() {
+            bail!("{group} has no rolling update in the next release's template");
+        }
+        let parameters = self.parameters()?;
+        let number = |key: &str, default: usize| -> Result<usize> {
+            let v = &policy[key];
+            let text = match (v, v["Ref"].as_str()) {
+                (Value::Null, _) => return Ok(default),
+                (_, Some(p)) => parameters
+                    .get(p)
+                    .with_context(|| {
+                        format!("{group}.{key} names parameter {p}, which the stack lacks")
+                    })?
+                    .clone(),
+                (Value::String(s), _) => s.clone(),
+                (other, _) => other.to_string(),
+            };
+            text.parse()
+                .with_context(|| format!("{group}.{key} is {text:?}"))
+        };
+        Ok(RollingUpdate {
+            max_batch: number("MaxBatchSize", 1)?,
+            min_in_service: number("MinInstancesInService", 0)?,
+            pause: iso_duration(policy["PauseTime"].as_str().unwrap_or("PT0S"))?,
+            wait_on_signals: policy["WaitOnResourceSignals"] == true,
+        })
+    }
+
+    /// Takes `instances` out of service as EC2 does when a group
+    /// terminates them: the power button, up to `grace` for the guest to
+    /// shut down (its units leave the cluster), then terminated in the
+    /// group, which launches their replacements.
+    pub fn retire(
+        &mut self,
+        instances: &[super::Instance],
+        grace: Duration,
+    ) -> Result<Vec<Retired>> {
+        let mut took = Vec::new();
+        for i in instances {
+            let shutdown = match self.vms.get_mut(&i.id) {
+                Some(vm) => vm.power_down(grace)?,
+                None => None,
+            };
+            let mut console = String::new();
+            if let Some(vm) = self.vms.remove(&i.id) {
+                console = vm.console();
+                vm.keep_log();
+            }
+            match shutdown {
+                Some(t) => say(&format!("{} shut down in {:.1}s", i.id, t.as_secs_f64())),
+                None => say(&format!(
+                    "{} did not shut down within {grace:?}: killed",
+                    i.id
+                )),
+            }
+            self.terminate(&i.id)?;
+            took.push(Retired {
+                id: i.id.clone(),
+                shutdown,
+                console,
+            });
+        }
+        Ok(took)
+    }
+
+    /// Waits up to `pause` for `instance`'s SUCCESS signal to reach the
+    /// local AWS (read from the calls the members made through the fault
+    /// proxy, since moto keeps no record); a FAILURE signal ends the wait.
+    pub fn signalled(&self, instance: &str, role: Role, pause: Duration) -> Result<Duration> {
+        let group = match role {
+            Role::Master => "MasterGroup",
+            Role::Node => "NodeGroup",
+        };
+        let started = Instant::now();
+        loop {
+            for seen in self.faults.requests() {
+                let about = |k: &str| seen.params.get(k).map(String::as_str);
+                if seen.action != "SignalResource"
+                    || seen.fault.is_some()
+                    || about("UniqueId") != Some(instance)
+                {
+                    continue;
+                }
+                if about("LogicalResourceId") != Some(group) {
+                    bail!(
+                        "{instance} signalled {:?}, not {group}",
+                        about("LogicalResourceId")
+                    );
+                }
+                match about("Status") {
+                    Some("SUCCESS") => return Ok(started.elapsed()),
+                    other => bail!("{instance} signalled {other:?} to {group}"),
+                }
+            }
+            if started.elapsed() > pause {
+                bail!("no signal from {instance} within the group's PauseTime ({pause:?})");
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_times_and_batches_read_as_the_group_would() {
+        assert_eq!(iso_duration("PT30M").unwrap(), Duration::from_secs(1800));
+        assert_eq!(iso_duration("PT1H5M7S").unwrap(), Duration::from_secs(3907));
+        assert!(iso_duration("30M").is_err());
+        assert!(iso_duration("PT3D").is_err());
+        let policy = RollingUpdate {
+            max_batch: 2,
+            min_in_service: 1,
+            pause: Duration::ZERO,
+            wait_on_signals: true,
+        };
+        assert_eq!(policy.batch(4), 2);
+        assert_eq!(policy.batch(2), 1);
+        assert_eq!(policy.batch(1), 0);
+    }
+}
