@@ -142,21 +142,40 @@ fn pods_to_move(
 async fn drain(ctx: &Context) -> Result<Report, StepError> {
     let kubectl = kubelet_kubectl(ctx);
     let node = ctx.instance.id.as_str();
-    kubectl(&[
-        "patch",
-        &format!("node/{node}"),
-        "--type=merge",
-        "--patch={\"spec\":{\"unschedulable\":true}}",
-    ])?;
-    tracing::info!(step = LEAVE_STEP, "cordoned node/{node}");
     std::fs::create_dir_all(&ctx.paths.run).map_err(|e| StepError::Invalid {
         what: ctx.paths.run.display().to_string(),
         message: e.to_string(),
     })?;
     let started = Instant::now();
+    let mut cordoned = false;
     let mut evicted = 0usize;
     loop {
-        let left = pods_to_move(&kubectl, node)?;
+        // A busy or briefly unreachable API server is asked again, until
+        // the deadline.
+        let listed = if cordoned {
+            pods_to_move(&kubectl, node)
+        } else {
+            kubectl(&[
+                "patch",
+                &format!("node/{node}"),
+                "--type=merge",
+                "--patch={\"spec\":{\"unschedulable\":true}}",
+            ])
+            .map(|_| {
+                cordoned = true;
+                tracing::info!(step = LEAVE_STEP, "cordoned node/{node}");
+            })
+            .and_then(|()| pods_to_move(&kubectl, node))
+        };
+        let left = match listed {
+            Ok(left) => left,
+            Err(e) if started.elapsed() < ctx.deadlines.drain => {
+                tracing::warn!(step = LEAVE_STEP, "{e}; asking again");
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if left.is_empty() {
             return Ok(Report::changed(
                 LEAVE_STEP,
@@ -268,6 +287,126 @@ pub async fn leave(ctx: &Context) -> Result<Report, StepError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::StackConfig;
+    use crate::steps::{Instance, Paths, Runner};
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    /// A member's kubectl, crictl and systemctl: a node holding a web pod
+    /// (whose budget refuses the first eviction) and a DaemonSet's pod; a
+    /// master running its four control-plane containers.
+    #[derive(Debug, Clone, Default)]
+    struct Host {
+        calls: Arc<Mutex<Vec<String>>>,
+        web_evictions: Arc<Mutex<usize>>,
+    }
+
+    impl Runner for Host {
+        fn run_with_input(
+            &self,
+            program: &str,
+            args: &[&str],
+            _: Option<&Path>,
+        ) -> Result<String, StepError> {
+            let line = format!("{program} {}", args.join(" "));
+            self.calls.lock().unwrap().push(line.clone());
+            let mut evictions = self.web_evictions.lock().unwrap();
+            if line.contains("get pods") {
+                let web = r#"{"metadata": {"name": "web-1", "namespace": "default", "ownerReferences": [{"kind": "ReplicaSet"}]}, "status": {"phase": "Running"}}"#;
+                let proxy = r#"{"metadata": {"name": "kube-proxy-x", "namespace": "kube-system", "ownerReferences": [{"kind": "DaemonSet"}]}, "status": {"phase": "Running"}}"#;
+                let items = if *evictions >= 2 {
+                    proxy.to_owned()
+                } else {
+                    format!("{web}, {proxy}")
+                };
+                return Ok(format!(r#"{{"items": [{items}]}}"#));
+            }
+            if line.contains("/eviction") {
+                assert!(line.contains("pods/web-1/"), "evicted what stays: {line}");
+                *evictions += 1;
+                if *evictions == 1 {
+                    return Err(StepError::Invalid {
+                        what: line,
+                        message:
+                            "Cannot evict pod as it would violate the pod's disruption budget (429)"
+                                .into(),
+                    });
+                }
+            }
+            if line.contains("--property=MainPID") {
+                return Ok("0\n".into());
+            }
+            if program == "crictl" && args.contains(&"ps") {
+                let name = args[args.iter().position(|a| *a == "--name").unwrap() + 1];
+                return Ok(format!("{}\n", name.trim_matches(['^', '$'])));
+            }
+            Ok(String::new())
+        }
+    }
+
+    async fn context(role: &str, host: Host, dir: &Path) -> Context {
+        let master = if role == "master" {
+            "master_eip_allocation = \"eipalloc-0123456789abcdef0\"\nmaster_volume = \"vol-0123456789abcdef0\"\n"
+        } else {
+            ""
+        };
+        let text = format!("role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"b-1\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\n{master}");
+        Context {
+            config: StackConfig::parse(text.as_bytes()).unwrap(),
+            instance: Instance {
+                id: "i-0123456789abcdef0".into(),
+                availability_zone: "us-east-1a".into(),
+            },
+            // Never called: leaving makes no AWS call.
+            aws: crate::aws::Clients::new(Some("us-east-1"), Some("http://127.0.0.1:9")).await,
+            paths: Paths::under(dir),
+            runner: Box::new(host),
+            deadlines: crate::steps::Deadlines::default(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leaving_node_cordons_then_evicts_until_its_budget_allows() {
+        let host = Host::default();
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context("node", host.clone(), dir.path()).await;
+        let report = leave(&ctx).await.unwrap();
+        assert!(
+            report.detail.contains("drained: 1 evictions"),
+            "{}",
+            report.detail
+        );
+        let calls = host.calls.lock().unwrap().clone();
+        assert!(
+            calls[0].contains("patch node/i-0123456789abcdef0"),
+            "{calls:?}"
+        );
+        assert!(calls[0].contains("unschedulable"), "{calls:?}");
+        // As the kubelet itself (NodeRestriction scopes what it may do).
+        assert!(
+            calls.iter().all(|c| c.contains("kubelet.conf")),
+            "{calls:?}"
+        );
+        assert_eq!(*host.web_evictions.lock().unwrap(), 2, "{calls:?}");
+        assert!(!calls.iter().any(|c| c.contains("kube-proxy-x/eviction")));
+    }
+
+    #[tokio::test]
+    async fn a_leaving_master_stops_kubelet_then_its_control_plane_etcd_last() {
+        let host = Host::default();
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context("master", host.clone(), dir.path()).await;
+        leave(&ctx).await.unwrap();
+        let calls = host.calls.lock().unwrap().clone();
+        assert_eq!(calls[0], "systemctl kill kubelet.service");
+        let stopped: Vec<&str> = calls
+            .iter()
+            .filter(|c| c.contains(" stop "))
+            .map(|c| c.rsplit(' ').next().unwrap())
+            .collect();
+        assert_eq!(stopped, STOP_ORDER, "{calls:?}");
+        assert_eq!(calls.last().map(String::as_str), Some("sync "));
+    }
 
     #[test]
     fn a_drain_moves_workloads_and_leaves_daemons_mirrors_and_finished_pods() {
