@@ -198,6 +198,34 @@ demo: build
     echo "Tear it down (VMs, moto, the network namespace) with:"
     echo "    just demo-down"
 
+# Roll the running demo cluster to the image built in out/ (give it a new
+# version first: raise image.version, or `image-builder build --image-version`):
+# the master, then the node, each leaving cleanly and replaced from the new
+# release, as a stack update would.
+demo-update:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    dir="{{cache}}/demo"
+    if [ ! -f "$dir/pid" ] || ! kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+        echo "no demo cluster is running (start one with: just demo)" >&2
+        exit 1
+    fi
+    rm -f "$dir/updated" "$dir/update-failed"
+    echo "{{justfile_directory()}}/{{out}}" > "$dir/update-request"
+    echo "rolling the demo cluster to the release in {{out}}/ (log: $dir/cluster.log); under TCG this takes 15-30 minutes" >&2
+    while [ ! -f "$dir/updated" ] && [ ! -f "$dir/update-failed" ]; do
+        if ! kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
+            echo "the demo cluster stopped (log: $dir/cluster.log)" >&2
+            exit 1
+        fi
+        sleep 5
+    done
+    if [ -f "$dir/update-failed" ]; then
+        echo "the update failed: $(cat "$dir/update-failed")" >&2
+        exit 1
+    fi
+    echo "every member runs release $(cat "$dir/updated")"
+
 # Stop the cluster `just demo` started.
 demo-down:
     #!/usr/bin/env bash

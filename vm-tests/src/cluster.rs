@@ -24,7 +24,7 @@
 
 mod rolling;
 
-pub use rolling::{Retired, RollingUpdate};
+pub use rolling::{Retired, Rolled, RollingUpdate};
 
 use crate::faults::{FaultProxy, Kind, Plan};
 use crate::iam::Identity;

@@ -78,13 +78,14 @@ impl Image {
         let dir = std::env::var_os(variable)
             .map(PathBuf::from)
             .unwrap_or_else(|| workspace_dir().join(default));
+        Self::at(dir.clone()).with_context(|| format!("run `{recipe}` first, or set {variable}"))
+    }
+
+    /// The image built in `dir`.
+    pub fn at(dir: PathBuf) -> Result<Self> {
         let manifest_path = dir.join("build-manifest.json");
-        let text = fs::read_to_string(&manifest_path).with_context(|| {
-            format!(
-                "no image at {} (run `{recipe}` first, or set {variable})",
-                manifest_path.display()
-            )
-        })?;
+        let text = fs::read_to_string(&manifest_path)
+            .with_context(|| format!("no image at {}", manifest_path.display()))?;
         let manifest = serde_json::from_str(&text)
             .with_context(|| format!("parsing {}", manifest_path.display()))?;
         Ok(Self { dir, manifest })

@@ -9,18 +9,28 @@
 //!    client certificate; requests made with the bootstrap token for the
 //!    master's name, or for an instance that is not in the cluster, are
 //!    denied; a privileged pod in the default namespace is refused;
-//! 2. the master is terminated: a Secret's value is nowhere on its disks
-//!    (every byte of the data volume), a ConfigMap's is there, its audit
-//!    log holds the ConfigMap's creation; its replacement re-attaches the
-//!    volume and the address, keeps the PKI, reads the Secret back, and
-//!    every object is still there; the node
-//!    returns to Ready untouched. The bundle it finds was backdated (every
-//!    leaf re-issued with the clock set back 300 days): it renews the
-//!    leaves at boot and its API server serves the new certificate; then,
-//!    backdated again, the daily renewal (its timer shortened to minutes)
-//!    renews and restarts the control plane, and the API server serves the
-//!    newer one;
-//! 3. the node is terminated; its replacement joins under a new name;
+//! 2. the stack is updated to the next release (`out-next/`, built as
+//!    another image version) and its groups roll as the template's
+//!    UpdatePolicy says, the harness playing what moto does not (new
+//!    launch template versions, the rolling update, the signals; see
+//!    `vm_tests::cluster`'s rolling module): the master powers down
+//!    (stopping its control plane, etcd last), and while nothing has its
+//!    disks open a Secret's value is nowhere on them (every byte of the
+//!    data volume), a ConfigMap's is there, and its audit log holds the
+//!    ConfigMap's creation; never two masters run; its replacement, from
+//!    the new AMI, re-attaches the volume and the address, keeps the PKI
+//!    (the CA unchanged), reads the Secret back, serves every object, and
+//!    signals; the node returns to Ready untouched. The bundle it finds
+//!    was backdated (every leaf re-issued with the clock set back 300
+//!    days): it renews the leaves at boot and its API server serves the
+//!    new certificate; then, backdated again, the daily renewal (its timer
+//!    shortened to minutes) renews and restarts the control plane, and the
+//!    API server serves the newer one;
+//! 3. the update rolls on through the node group: the node drains itself
+//!    as it powers down, its replacement joins under a new name and
+//!    signals once Ready; every member's tag and Node label then name the
+//!    new release, and a Deployment's disruption budget held throughout
+//!    (sampled whenever the API answered);
 //! 4. every persistent disk the dead instances leave behind (the
 //!    replacement master's too, stopped at the end after its renewals) is
 //!    scanned for the cluster's private keys and every bootstrap token
@@ -170,15 +180,6 @@ fn wait<T>(
 fn tail(console: &str, n: usize) -> String {
     let lines: Vec<&str> = console.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// How many master instances are running or pending.
-fn masters(cluster: &Cluster) -> Result<usize> {
-    Ok(cluster
-        .instances()?
-        .iter()
-        .filter(|i| i.role == Role::Master)
-        .count())
 }
 
 /// `steady`: replicas spread over both members (it tolerates the
@@ -933,90 +934,82 @@ spec:
         needles.len()
     );
     let volume = cluster.master_volume_file()?;
-    let master_phase = Instant::now();
-    let retired = cluster.retire(std::slice::from_ref(&master), SHUTDOWN_GRACE)?;
-    ensure!(
-        retired[0].shutdown.is_some(),
-        "the master did not shut down within {SHUTDOWN_GRACE:?}"
-    );
-    ensure!(
-        retired[0].console.contains("kubelet stopped, then"),
-        "the master's console shows no clean leave:\n{}",
-        tail(&retired[0].console, 30)
-    );
-    // The group launches the replacement as soon as the old one is
-    // terminated: one master at most, and never the old one.
-    let running = cluster.instances()?;
-    ensure!(
-        running.iter().all(|i| i.id != master.id) && masters(&cluster)? <= 1,
-        "two masters, or the old one, after its termination: {running:?}"
-    );
-
-    // 4 (master's disks). Scanned while nothing has them open.
-    let scanning = Instant::now();
     let mut leaks = Vec::new();
-    for h in scan_file(&root_disk(&cluster, &master.id), &needles)? {
-        leaks.push(format!("{h} on the master's root disk"));
-    }
-    for h in scan_volume(&volume, &needles)? {
-        leaks.push(format!("{h} on the data volume"));
-    }
-    // Secrets at rest: the Secret's value is nowhere on the data volume
-    // (every byte of it: files, free blocks and ext4's journal, which a
-    // read-only mount without replay would not show), while the
-    // ConfigMap's is (so the scan does see what etcd wrote); nor is it on
-    // the root disk, where the audit log recorded the ConfigMap's creation
-    // (metadata only).
-    let sealed = (
-        "the Secret's value".to_owned(),
-        sealed_value.as_bytes().to_vec(),
-    );
-    let plain = (
-        "the ConfigMap's value".to_owned(),
-        plain_value.as_bytes().to_vec(),
-    );
-    let on_volume = scan_file(&volume, &[sealed.clone(), plain])?;
-    ensure!(
-        on_volume == ["the ConfigMap's value"],
-        "on the data volume the test found {on_volume:?}; expected the ConfigMap's value only"
-    );
-    let audited = format!("\"name\":\"{audit_probe}\"");
-    let on_root = scan_file(
-        &root_disk(&cluster, &master.id),
-        &[
-            sealed,
-            ("the audit record".to_owned(), audited.into_bytes()),
-        ],
-    )?;
-    ensure!(
-        on_root == ["the audit record"],
-        "on the master's root disk the test found {on_root:?}; expected the audit record only"
-    );
-    eprintln!("[cluster] the Secret is encrypted in etcd; the audit log recorded the ConfigMap");
-    let mut scan_time = scanning.elapsed();
-
-    // The replacement finds leaves 65 days from their end and an expired
-    // token: it must renew them and replace it.
+    let mut scan_time = Duration::ZERO;
     let first_token = node_token(&cluster)?;
-    let backdated = backdate(&cluster)?;
-    let known: Vec<String> = first.iter().map(|i| i.id.clone()).collect();
-    let new_master = cluster.replacement(Role::Master, &known, Duration::from_secs(120))?;
-    ensure!(
-        new_master.image == next_ami && new_master.release == next.image_version,
-        "the group launched {} ({}) instead of the next release's {next_ami}",
-        new_master.image,
-        new_master.release
-    );
-    ensure!(masters(&cluster)? == 1, "two masters run");
-    cluster.launch_with(
-        &new_master,
+    let mut backdated = String::new();
+    let rolled = cluster.roll(
+        "MasterGroup",
+        Role::Master,
+        SHUTDOWN_GRACE,
         &[("slipway-renew.timer", RENEW_EVERY_TWO_MINUTES)],
+        &mut |cluster, retired| {
+            ensure!(
+                retired.shutdown.is_some(),
+                "the master did not shut down within {SHUTDOWN_GRACE:?}"
+            );
+            ensure!(
+                retired.console.contains("kubelet stopped, then"),
+                "the master's console shows no clean leave:\n{}",
+                tail(&retired.console, 30)
+            );
+            // 4 (master's disks). Scanned while nothing has them open.
+            let scanning = Instant::now();
+            for h in scan_file(&root_disk(cluster, &retired.id), &needles)? {
+                leaks.push(format!("{h} on the master's root disk"));
+            }
+            for h in scan_volume(&volume, &needles)? {
+                leaks.push(format!("{h} on the data volume"));
+            }
+            // Secrets at rest: the Secret's value is nowhere on the data
+            // volume (every byte of it: files, free blocks and ext4's
+            // journal, which a read-only mount without replay would not
+            // show), while the ConfigMap's is (so the scan does see what
+            // etcd wrote); nor is it on the root disk, where the audit log
+            // recorded the ConfigMap's creation (metadata only).
+            let sealed = (
+                "the Secret's value".to_owned(),
+                sealed_value.as_bytes().to_vec(),
+            );
+            let plain = (
+                "the ConfigMap's value".to_owned(),
+                plain_value.as_bytes().to_vec(),
+            );
+            let on_volume = scan_file(&volume, &[sealed.clone(), plain])?;
+            ensure!(
+                on_volume == ["the ConfigMap's value"],
+                "on the data volume the test found {on_volume:?}; expected the ConfigMap's value only"
+            );
+            let audited = format!("\"name\":\"{audit_probe}\"");
+            let on_root = scan_file(
+                &root_disk(cluster, &retired.id),
+                &[
+                    sealed,
+                    ("the audit record".to_owned(), audited.into_bytes()),
+                ],
+            )?;
+            ensure!(
+                on_root == ["the audit record"],
+                "on the master's root disk the test found {on_root:?}; expected the audit record only"
+            );
+            eprintln!("[cluster] the Secret is encrypted in etcd; the audit log recorded the ConfigMap");
+            scan_time += scanning.elapsed();
+            // The replacement finds leaves 65 days from their end and an
+            // expired token: it must renew them and replace it.
+            backdated = backdate(cluster)?;
+            Ok(())
+        },
     )?;
-    cluster.signalled(&new_master.id, Role::Master, policy.pause)?;
-    ensure!(masters(&cluster)? == 1, "two masters run");
-    cluster.timing(
-        "update: master shut down, replaced by the next release, signalled",
-        master_phase.elapsed(),
+    ensure!(
+        rolled.len() == 1 && rolled[0].retired.id == master.id,
+        "the master's rolling update replaced {rolled:?}"
+    );
+    let new_master = rolled[0].new.clone();
+    ensure!(
+        new_master.release == next.image_version,
+        "the new master is tagged {}, not {}",
+        new_master.release,
+        next.image_version
     );
     let count = wait(
         &cluster,
@@ -1185,76 +1178,39 @@ spec:
         policy.wait_on_signals,
         "the node group does not wait: {policy:?}"
     );
-    let mut known = known;
-    known.push(new_master.id.clone());
-    let mut new_nodes = Vec::new();
-    loop {
-        let nodes: Vec<Instance> = cluster
-            .instances()?
-            .into_iter()
-            .filter(|i| i.role == Role::Node)
-            .collect();
-        let old: Vec<Instance> = nodes
-            .iter()
-            .filter(|i| i.image != next_ami)
-            .cloned()
-            .collect();
-        if old.is_empty() {
-            break;
-        }
-        let batch = policy.batch(nodes.len());
-        ensure!(
-            batch > 0,
-            "the node group's rolling update keeps {} of {} in service: it cannot start",
-            policy.min_in_service,
-            nodes.len()
-        );
-        let phase = Instant::now();
-        let retiring = &old[..batch.min(old.len())];
-        for r in cluster.retire(retiring, SHUTDOWN_GRACE)? {
+    let rolled = cluster.roll(
+        "NodeGroup",
+        Role::Node,
+        SHUTDOWN_GRACE,
+        &[],
+        &mut |cluster, retired| {
             ensure!(
-                r.shutdown.is_some(),
+                retired.shutdown.is_some(),
                 "node {} did not shut down within {SHUTDOWN_GRACE:?}",
-                r.id
+                retired.id
             );
             ensure!(
-                r.console.contains(&format!("node/{} drained", r.id)),
+                retired
+                    .console
+                    .contains(&format!("node/{} drained", retired.id)),
                 "node {}'s console shows no drain:\n{}",
-                r.id,
-                tail(&r.console, 30)
+                retired.id,
+                tail(&retired.console, 30)
             );
             let scanning = Instant::now();
-            for h in scan_file(&root_disk(&cluster, &r.id), &needles)? {
-                leaks.push(format!("{h} on node {}'s root disk", r.id));
+            for h in scan_file(&root_disk(cluster, &retired.id), &needles)? {
+                leaks.push(format!("{h} on node {}'s root disk", retired.id));
             }
             scan_time += scanning.elapsed();
-            known.push(r.id);
-        }
-        for _ in retiring {
-            let new_node = cluster.replacement(Role::Node, &known, Duration::from_secs(120))?;
-            ensure!(
-                new_node.image == next_ami,
-                "the node group launched {} instead of {next_ami}",
-                new_node.image
-            );
-            known.push(new_node.id.clone());
-            cluster.launch(&new_node)?;
-            new_nodes.push(new_node);
-        }
-        for n in &new_nodes[new_nodes.len() - retiring.len()..] {
-            cluster.signalled(&n.id, Role::Node, policy.pause)?;
-            ensure!(
-                kubectl.nodes()?.get(&n.id) == Some(&true),
-                "{} signalled before it was Ready",
-                n.id
-            );
-        }
-        cluster.timing(
-            &format!(
-                "update: {} node(s) drained, replaced, signalled",
-                retiring.len()
-            ),
-            phase.elapsed(),
+            Ok(())
+        },
+    )?;
+    let new_nodes: Vec<Instance> = rolled.iter().map(|r| r.new.clone()).collect();
+    for n in &new_nodes {
+        ensure!(
+            kubectl.nodes()?.get(&n.id) == Some(&true),
+            "{} signalled before it was Ready",
+            n.id
         );
     }
     let new_node = new_nodes.first().context("no node was replaced")?.clone();

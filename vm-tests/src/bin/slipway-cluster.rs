@@ -4,6 +4,12 @@
 //! Ready, prints how to use it, and keeps the cluster running until it is
 //! sent SIGTERM or SIGINT (`just demo-down`), then stops every VM and
 //! service it started.
+//!
+//! Meanwhile it rolls the cluster to a new release when asked (`just
+//! demo-update`): a path to a built image written to `DIR/update-request`
+//! is published as the next release, the stack is updated to it and both
+//! groups roll as a rolling update would (see `vm_tests::cluster`); the
+//! outcome lands in `DIR/updated` or `DIR/update-failed`.
 
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
@@ -31,6 +37,30 @@ fn ready_nodes(kubeconfig: &std::path::Path) -> usize {
             .count(),
         _ => 0,
     }
+}
+
+/// Rolls the cluster to the image built in `image_dir`: the master, then
+/// the node, each leaving cleanly and replaced from the new release.
+fn update(cluster: &mut Cluster, image_dir: PathBuf) -> Result<String> {
+    let image = Image::at(image_dir)?;
+    cluster.publish_next(&image)?;
+    let (next, _) = cluster.next_release.clone().context("no next release")?;
+    eprintln!(
+        "[cluster] rolling to release {} (Kubernetes {})",
+        next.image_version, next.kubernetes
+    );
+    cluster.update_stack()?;
+    let grace = Duration::from_secs(5 * 60);
+    for (group, role) in [("MasterGroup", Role::Master), ("NodeGroup", Role::Node)] {
+        for rolled in cluster.roll(group, role, grace, &[], &mut |_, _| Ok(()))? {
+            eprintln!(
+                "[cluster] {} replaced by {}",
+                rolled.retired.id, rolled.new.id
+            );
+        }
+    }
+    cluster.release = next.clone();
+    Ok(next.image_version)
 }
 
 fn main() -> Result<()> {
@@ -77,6 +107,20 @@ fn main() -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     while !STOP.load(Ordering::SeqCst) {
+        let request = dir.join("update-request");
+        if let Ok(path) = std::fs::read_to_string(&request) {
+            let _ = std::fs::remove_file(&request);
+            match update(&mut cluster, PathBuf::from(path.trim())) {
+                Ok(version) => {
+                    eprintln!("[cluster] every member runs release {version}");
+                    std::fs::write(dir.join("updated"), version)?;
+                }
+                Err(e) => {
+                    eprintln!("[cluster] the update failed: {e:#}");
+                    std::fs::write(dir.join("update-failed"), format!("{e:#}"))?;
+                }
+            }
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
     eprintln!("[cluster] stopping");

@@ -7,12 +7,13 @@
 //! template, then the harness creates the launch template versions the
 //! release implies (its AMI and its release tags) and points each group at
 //! them. The test then plays each group's rolling update as the template's
-//! `UpdatePolicy` says ([`Cluster::rolling_update`]): [`Cluster::retire`]
-//! takes a batch down the way EC2 terminates instances (the ACPI power
-//! button, a grace, then terminated in the group), the group launches the
-//! replacements ([`Cluster::replacement`], [`Cluster::launch`]), and
+//! `UpdatePolicy` says ([`Cluster::roll`], batch by batch):
+//! [`Cluster::retire`] takes a batch down the way EC2 terminates instances
+//! (the ACPI power button, a grace, then terminated in the group), the
+//! group launches the replacements from the new version, and
 //! [`Cluster::signalled`] waits, within `PauseTime`, for each one's SUCCESS
-//! signal among the calls the members made.
+//! signal among the calls the members made. The group never holds more
+//! instances than before the update (for the master's: never two).
 
 use super::{physical_id, say, Cluster, Role, STACK};
 use crate::cluster::REGION;
@@ -46,6 +47,15 @@ pub struct Retired {
     pub shutdown: Option<Duration>,
     /// Its console, to the end.
     pub console: String,
+}
+
+/// An instance a rolling update replaced, and its replacement.
+#[derive(Debug, Clone)]
+pub struct Rolled {
+    pub retired: Retired,
+    pub new: super::Instance,
+    /// From the batch's first power-down to the last signal.
+    pub batch_took: Duration,
 }
 
 impl RollingUpdate {
@@ -172,6 +182,33 @@ impl Cluster {
                 })
                 .collect())
         })
+    }
+
+    /// Publishes `image` as the next release once the cluster runs (the
+    /// demo's update; the test publishes its next release up front). The
+    /// publisher signs with the environment's credentials, which moto does
+    /// not know once IAM is enforced, so enforcement is off while it runs.
+    pub fn publish_next(&mut self, image: &crate::Image) -> Result<()> {
+        let version = image.manifest["version"]
+            .as_str()
+            .unwrap_or("next")
+            .to_owned();
+        let out = self.opts.dir.join(format!("release-{version}"));
+        let disk = self.opts.dir.join(format!("ami-{version}.raw"));
+        self.moto.relax_iam(1_000_000)?;
+        let published = super::publish(&self.moto, image, &out, Some(&self.release.kubernetes))
+            .and_then(|(next, dir)| {
+                let disk = self
+                    .rt
+                    .block_on(super::read_back(&self.moto, &next, &disk))?;
+                Ok((next, dir, disk))
+            });
+        let enforced = self.moto.enforce_iam();
+        let (next, dir, disk) = published?;
+        enforced?;
+        self.disks.insert(next.amis[REGION].clone(), disk);
+        self.next_release = Some((next, dir));
+        Ok(())
     }
 
     /// Moves the stack to the next release: the template through moto's
@@ -355,6 +392,104 @@ impl Cluster {
             });
         }
         Ok(took)
+    }
+
+    /// Rolls `group` (its members of `role`) onto the next release as the
+    /// template's rolling update says, a batch at a time: each batch is
+    /// retired, `between` runs for each retired instance (while its disks
+    /// are closed), the replacements boot with `dropins` and each must
+    /// signal within `PauseTime`. Fails if the policy leaves no room to
+    /// start, a replacement is not from the next release's AMI, or the group
+    /// ever holds more instances than it did.
+    pub fn roll(
+        &mut self,
+        group: &str,
+        role: Role,
+        grace: Duration,
+        dropins: &[(&str, &str)],
+        between: &mut dyn FnMut(&mut Cluster, &Retired) -> Result<()>,
+    ) -> Result<Vec<Rolled>> {
+        let policy = self.rolling_update(group)?;
+        let image = self
+            .next_release
+            .as_ref()
+            .and_then(|(r, _)| r.amis.get(REGION))
+            .context("no next release")?
+            .clone();
+        let members = |c: &Cluster| -> Result<Vec<super::Instance>> {
+            Ok(c.instances()?
+                .into_iter()
+                .filter(|i| i.role == role)
+                .collect())
+        };
+        let capacity = members(self)?.len();
+        let mut known: Vec<String> = self.instances()?.into_iter().map(|i| i.id).collect();
+        let mut rolled = Vec::new();
+        loop {
+            let now = members(self)?;
+            let old: Vec<super::Instance> =
+                now.iter().filter(|i| i.image != image).cloned().collect();
+            if old.is_empty() {
+                return Ok(rolled);
+            }
+            let batch = policy.batch(now.len());
+            if batch == 0 {
+                bail!(
+                    "{group}'s rolling update keeps {} of {} in service: it cannot start",
+                    policy.min_in_service,
+                    now.len()
+                );
+            }
+            let started = Instant::now();
+            let retired = self.retire(&old[..batch.min(old.len())], grace)?;
+            let held = |c: &Cluster, when: &str| -> Result<()> {
+                let n = members(c)?.len();
+                if n > capacity {
+                    bail!("{group} holds {n} instances {when}, more than its {capacity}");
+                }
+                Ok(())
+            };
+            held(self, "after its batch was terminated")?;
+            let mut new = Vec::new();
+            for r in &retired {
+                between(self, r)?;
+                known.push(r.id.clone());
+            }
+            for _ in &retired {
+                let i = self.replacement(role, &known, Duration::from_secs(120))?;
+                if i.image != image {
+                    bail!(
+                        "{group} launched {} from {}, not the next release's {image}",
+                        i.id,
+                        i.image
+                    );
+                }
+                known.push(i.id.clone());
+                self.launch_with(&i, dropins)?;
+                new.push(i);
+            }
+            held(self, "once the batch's replacements launched")?;
+            if policy.wait_on_signals {
+                for i in &new {
+                    self.signalled(&i.id, role, policy.pause)?;
+                }
+            }
+            let took = started.elapsed();
+            self.timing(
+                &format!(
+                    "update: {group} replaced {} (retired, launched, signalled)",
+                    new.len()
+                ),
+                took,
+            );
+            for (retired, new) in retired.into_iter().zip(new) {
+                rolled.push(Rolled {
+                    retired,
+                    new,
+                    batch_took: took,
+                });
+            }
+        }
     }
 
     /// Waits up to `pause` for `instance`'s SUCCESS signal to reach the
