@@ -872,20 +872,35 @@ async fn create_stack(
         .template_body(body)
         .parameters(param("AdminCidr", "127.0.0.1/32"))
         .parameters(param("NodeCount", &nodes.to_string()))
+        // A release update replaces one node at a time, keeping the rest.
+        .parameters(param(
+            "NodeUpdateMinInService",
+            &nodes.saturating_sub(1).to_string(),
+        ))
         .capabilities(Capability::CapabilityIam)
         .send()
         .await?;
+    let stack = settled(&cfn, "CREATE_COMPLETE").await?;
+    Ok(stack
+        .outputs()
+        .iter()
+        .filter_map(|o| Some((o.output_key()?.to_owned(), o.output_value()?.to_owned())))
+        .collect())
+}
+
+/// Waits (two minutes at most) for the stack to leave its `_IN_PROGRESS`
+/// state; anything but `done` is an error.
+async fn settled(
+    cfn: &aws_sdk_cloudformation::Client,
+    done: &str,
+) -> Result<aws_sdk_cloudformation::types::Stack> {
     let start = Instant::now();
     loop {
         let d = cfn.describe_stacks().stack_name(STACK).send().await?;
-        let stack = d.stacks().first().context("no stack")?;
+        let stack = d.stacks().first().context("no stack")?.clone();
         let status = stack.stack_status().map(|s| s.as_str()).unwrap_or("");
-        if status == "CREATE_COMPLETE" {
-            return Ok(stack
-                .outputs()
-                .iter()
-                .filter_map(|o| Some((o.output_key()?.to_owned(), o.output_value()?.to_owned())))
-                .collect());
+        if status == done {
+            return Ok(stack);
         }
         if !status.ends_with("IN_PROGRESS") || start.elapsed() > Duration::from_secs(120) {
             bail!("stack {STACK}: {status} {:?}", stack.stack_status_reason());

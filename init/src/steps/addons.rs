@@ -141,8 +141,7 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::StackConfig;
-    use crate::steps::{Instance, Paths, Runner};
+    use crate::steps::{Paths, Runner};
     use std::path::Path;
     use std::sync::{Arc, Mutex};
 
@@ -185,24 +184,8 @@ mod tests {
     }
 
     async fn context(role: &str, runner: Kubectl) -> Context {
-        let master = if role == "master" {
-            "master_eip_allocation = \"eipalloc-0123456789abcdef0\"\nmaster_volume = \"vol-0123456789abcdef0\"\n"
-        } else {
-            ""
-        };
-        let text = format!("role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"b-1\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\n{master}");
-        Context {
-            config: StackConfig::parse(text.as_bytes()).unwrap(),
-            instance: Instance {
-                id: "i-0123456789abcdef0".into(),
-                availability_zone: "us-east-1a".into(),
-            },
-            // Never called: no AWS traffic in these tests.
-            aws: crate::aws::Clients::new(Some("us-east-1"), Some("http://127.0.0.1:9")).await,
-            paths: Paths::under(std::path::Path::new("/nonexistent")),
-            runner: Box::new(runner),
-            deadlines: crate::steps::Deadlines::default(),
-        }
+        // Never called: no AWS traffic in these tests.
+        crate::steps::test_context(role, Box::new(runner), Path::new("/nonexistent")).await
     }
 
     #[tokio::test]

@@ -326,6 +326,30 @@ pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, Failed> {
     Ok(reports)
 }
 
+/// A context for unit tests: a member of `role` in cluster `demo`, its
+/// host programs played by `runner`, its files below `root`, and an AWS
+/// endpoint nothing answers on.
+#[cfg(test)]
+pub(crate) async fn test_context(role: &str, runner: Box<dyn Runner>, root: &Path) -> Context {
+    let master = if role == "master" {
+        "master_eip_allocation = \"eipalloc-0123456789abcdef0\"\nmaster_volume = \"vol-0123456789abcdef0\"\n"
+    } else {
+        ""
+    };
+    let text = format!("role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"b-1\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\n{master}");
+    Context {
+        config: crate::config::StackConfig::parse(text.as_bytes()).unwrap(),
+        instance: Instance {
+            id: "i-0123456789abcdef0".into(),
+            availability_zone: "us-east-1a".into(),
+        },
+        aws: crate::aws::Clients::new(Some("us-east-1"), Some("http://127.0.0.1:9")).await,
+        paths: Paths::under(root),
+        runner,
+        deadlines: Deadlines::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

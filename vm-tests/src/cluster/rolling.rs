@@ -260,24 +260,7 @@ impl Cluster {
                 .capabilities(Capability::CapabilityIam)
                 .send()
                 .await?;
-            let started = Instant::now();
-            loop {
-                let d = cfn.describe_stacks().stack_name(STACK).send().await?;
-                let status = d
-                    .stacks()
-                    .first()
-                    .and_then(|s| s.stack_status())
-                    .map(|s| s.as_str().to_owned())
-                    .unwrap_or_default();
-                if status == "UPDATE_COMPLETE" {
-                    break;
-                }
-                if !status.ends_with("IN_PROGRESS") || started.elapsed() > Duration::from_secs(120)
-                {
-                    bail!("updating stack {STACK}: {status}");
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+            super::settled(&cfn, "UPDATE_COMPLETE").await?;
             for (launch_template, group) in [
                 ("MasterLaunchTemplate", "MasterGroup"),
                 ("NodeLaunchTemplate", "NodeGroup"),
