@@ -95,10 +95,12 @@ test: build
     SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} cargo test --workspace --exclude vm-tests
     just vm-test
 
-# The QEMU tests against `out/`: boot, tamper and payload (two at a time),
-# then the cluster, which runs its two VMs alone (TCG; SLIPWAY_VM_ACCEL=kvm opts in to KVM).
-vm-test:
-    SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} cargo test -p vm-tests -- --nocapture --test-threads=2 --skip a_cluster_rolls
+# The QEMU tests against `out/`: boot, tamper, payload and the release
+# update against moto (two at a time), then the cluster, which runs its two
+# VMs alone (TCG; SLIPWAY_VM_ACCEL=kvm opts in to KVM).
+vm-test: build-next
+    SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} SLIPWAY_NEXT_IMAGE_DIR={{justfile_directory()}}/{{next_out}} \
+        cargo test -p vm-tests -- --nocapture --test-threads=2 --skip a_cluster_rolls
     just cluster-test
 
 # The cluster in QEMU against moto, IAM enforced: bring-up, node admission,

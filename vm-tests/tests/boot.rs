@@ -1,5 +1,6 @@
 //! Boot tests of the built image under QEMU: a good image boots to
-//! slipway-init with a verity, read-only root; a tampered one is refused.
+//! slipway-init with a verity, read-only root and powers off on the ACPI
+//! power button; a tampered one is refused.
 
 use anyhow::{ensure, Context, Result};
 use std::fs::{self, OpenOptions};
@@ -58,6 +59,15 @@ fn image_boots_with_a_verity_read_only_root() -> Result<()> {
         line.contains("waiting for the instance metadata service"),
         "slipway-init did not go on to the metadata service: {line}\n{}",
         vm.tail(40)
+    );
+    // EC2 stops and terminates an instance with the ACPI power button: the
+    // image shuts down cleanly on it (its units' stop actions run).
+    let took = vm
+        .power_down(Duration::from_secs(180))?
+        .with_context(|| format!("no power-off on the ACPI power button\n{}", vm.tail(40)))?;
+    eprintln!(
+        "powered off {:.1}s after the power button",
+        took.as_secs_f64()
     );
     Ok(())
 }
