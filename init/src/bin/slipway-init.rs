@@ -301,7 +301,9 @@ async fn attempt(args: &Args, deadlines: Deadlines, addons: bool) -> Result<(), 
     let failed = match result {
         Ok(()) => {
             attempts.succeeded();
-            if addons {
+            // A master is in service once its add-ons are applied; a node
+            // only once it is Ready (`slipway-init ready` signals for it).
+            if addons && ctx.config.role == slipway_init::config::Role::Master {
                 signal(&ctx, true).await;
             }
             return Ok(());
