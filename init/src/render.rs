@@ -84,6 +84,9 @@ pub struct Inputs<'a> {
     pub release: Option<String>,
 }
 
+/// The Node label naming a member's release.
+pub const RELEASE_LABEL: &str = "slipway/release";
+
 /// The image's version from an os-release file's text, if it can be a
 /// label value (at most 63 of `[A-Za-z0-9._-]`, alphanumeric at both ends).
 pub fn release_label(os_release: &str) -> Option<String> {
@@ -206,6 +209,7 @@ impl Templates {
         }
         ctx.insert("images", &self.images);
         ctx.insert("release", &inputs.release);
+        ctx.insert("release_label", RELEASE_LABEL);
         if let Some(token) = inputs.bootstrap_token {
             let (id, secret) = token
                 .split_once('.')

@@ -1221,12 +1221,15 @@ spec:
         },
     )?;
     let new_nodes: Vec<Instance> = rolled.iter().map(|r| r.new.clone()).collect();
+    // It signalled once its kubelet saw it Ready; the test's view (through
+    // a busy API server) follows within minutes.
     for n in &new_nodes {
-        ensure!(
-            kubectl.nodes()?.get(&n.id) == Some(&true),
-            "{} signalled before it was Ready",
-            n.id
-        );
+        wait(
+            &cluster,
+            &format!("{} Ready, as it signalled", n.id),
+            Duration::from_secs(5 * 60),
+            || Ok((kubectl.nodes()?.get(&n.id) == Some(&true)).then_some(())),
+        )?;
     }
     let new_node = new_nodes.first().context("no node was replaced")?.clone();
     report_boot(&mut cluster, &new_master.id, "replacement master");

@@ -114,21 +114,24 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     }
     retire_tokens(ctx)?;
     // The master's role label (a kubelet may not set node-role labels on
-    // itself), once its kubelet has registered the node.
+    // itself), once its kubelet has registered the node; and its release
+    // label, which a replacement master's kubelet does not put on the Node
+    // its predecessor registered under the same name.
     let node = format!(
         "node/{}",
         crate::render::master_node_name(ctx.config.master_ip)
     );
+    let release = std::fs::read_to_string(ctx.paths.etc.join("os-release"))
+        .ok()
+        .as_deref()
+        .and_then(crate::render::release_label)
+        .map(|r| format!("{}={r}", crate::render::RELEASE_LABEL));
+    let mut label = vec!["label", "--overwrite", node.as_str(), CONTROL_PLANE_LABEL];
+    label.extend(release.as_deref());
     retry::until(
         &format!("waiting for {node} to register"),
         Backoff::new(ctx.deadlines.node_registers),
-        || async {
-            Ok::<_, StepError>(
-                kubectl(&["label", "--overwrite", &node, CONTROL_PLANE_LABEL])
-                    .ok()
-                    .map(|_| ()),
-            )
-        },
+        || async { Ok::<_, StepError>(kubectl(&label).ok().map(|_| ())) },
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
@@ -195,6 +198,12 @@ mod tests {
         let mut ctx = context("master", kubectl.clone()).await;
         let dir = tempfile::tempdir().unwrap();
         ctx.paths = Paths::under(dir.path());
+        std::fs::create_dir_all(&ctx.paths.etc).unwrap();
+        std::fs::write(
+            ctx.paths.etc.join("os-release"),
+            "ID=debian\nIMAGE_ID=slipway\nIMAGE_VERSION=0.2.0\n",
+        )
+        .unwrap();
         let pki = ctx.paths.secrets.join("pki");
         std::fs::create_dir_all(&pki).unwrap();
         std::fs::write(pki.join("bootstrap-token"), "abcdef.0123456789abcdef").unwrap();
@@ -225,7 +234,9 @@ mod tests {
                 "--namespace=kube-system get secrets --field-selector=type=bootstrap.kubernetes.io/token --output=json",
                 // Only the token that never expires and is not the current one.
                 "--namespace=kube-system delete secret --ignore-not-found bootstrap-token-old000",
-                "label --overwrite node/ip-10-0-1-10 node-role.kubernetes.io/control-plane=",
+                // Its release too: a replacement master's kubelet keeps
+                // the labels of the Node it registers under again.
+                "label --overwrite node/ip-10-0-1-10 node-role.kubernetes.io/control-plane= slipway/release=0.2.0",
             ]
         );
     }
