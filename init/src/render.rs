@@ -87,6 +87,12 @@ pub struct Inputs<'a> {
 /// The Node label naming a member's release.
 pub const RELEASE_LABEL: &str = "slipway/release";
 
+/// The image's release as a label value, from the os-release file in
+/// `etc`; `None` without one, or when it cannot be a label value.
+pub fn image_release(etc: &Path) -> Option<String> {
+    release_label(&std::fs::read_to_string(etc.join("os-release")).ok()?)
+}
+
 /// The image's version from an os-release file's text, if it can be a
 /// label value (at most 63 of `[A-Za-z0-9._-]`, alphanumeric at both ends).
 pub fn release_label(os_release: &str) -> Option<String> {

@@ -199,25 +199,24 @@ impl Cluster {
         );
 
         say("publishing the image to the local AWS");
-        let (release, out) = publish(&moto, image, &opts.dir.join("release"), None)?;
+        let out = opts.dir.join("release");
         let mut disks = BTreeMap::new();
-        disks.insert(
-            release.amis[REGION].clone(),
-            rt.block_on(read_back(&moto, &release, &opts.dir.join("ami.raw")))?,
-        );
+        let release = publish(
+            &rt,
+            &moto,
+            image,
+            &out,
+            None,
+            &opts.dir.join("ami.raw"),
+            &mut disks,
+        )?;
         let next_release = match &opts.next {
             Some(next) => {
                 say("publishing the next release");
-                let (next, dir) = publish(
-                    &moto,
-                    next,
-                    &opts.dir.join("release-next"),
-                    Some(&release.kubernetes),
-                )?;
-                disks.insert(
-                    next.amis[REGION].clone(),
-                    rt.block_on(read_back(&moto, &next, &opts.dir.join("ami-next.raw")))?,
-                );
+                let dir = opts.dir.join("release-next");
+                let disk = opts.dir.join("ami-next.raw");
+                let current = Some(release.kubernetes.as_str());
+                let next = publish(&rt, &moto, next, &dir, current, &disk, &mut disks)?;
                 Some((next, dir))
             }
             None => None,
@@ -714,13 +713,17 @@ impl Cluster {
 }
 
 /// Publishes `image` to moto as `image-builder publish` does, into `out`
-/// (the disk linked, not copied); returns the release and `out`.
+/// (the disk linked, not copied), reads its snapshot back into `disk` and
+/// records that as its AMI's disk in `disks`.
 fn publish(
+    rt: &tokio::runtime::Runtime,
     moto: &Moto,
     image: &Image,
     out: &Path,
     current_kubernetes: Option<&str>,
-) -> Result<(Release, PathBuf)> {
+    disk: &Path,
+    disks: &mut BTreeMap<String, PathBuf>,
+) -> Result<Release> {
     std::fs::create_dir_all(out)?;
     let disk_link = out.join("disk.raw");
     let _ = std::fs::remove_file(&disk_link);
@@ -745,12 +748,15 @@ fn publish(
             .join()
             .map_err(|_| anyhow::anyhow!("publish panicked"))??
     };
-    Ok((release, out.to_owned()))
+    rt.block_on(read_back(moto, &release, disk))?;
+    let ami = release.amis.get(REGION).context("no AMI in the region")?;
+    disks.insert(ami.clone(), disk.to_owned());
+    Ok(release)
 }
 
 /// Reads the release's snapshot back into `dest` through the EBS direct
-/// APIs and checks it is the published disk; returns `dest`.
-async fn read_back(moto: &Moto, release: &Release, dest: &Path) -> Result<PathBuf> {
+/// APIs and checks it is the published disk.
+async fn read_back(moto: &Moto, release: &Release, dest: &Path) -> Result<()> {
     let snapshot = &release
         .upload
         .as_ref()
@@ -765,7 +771,7 @@ async fn read_back(moto: &Moto, release: &Release, dest: &Path) -> Result<PathBu
         "the snapshot reads back as sha256 {sha}, the published disk is {}",
         release.disk_sha256
     );
-    Ok(dest.to_owned())
+    Ok(())
 }
 
 /// Reads every block of `snapshot` into `dest` (sparse where the snapshot

@@ -212,6 +212,12 @@ pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
     }
 }
 
+/// The last `n` lines of `text`.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 fn base64(data: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(data)
@@ -485,12 +491,10 @@ impl Vm {
 
     /// The last `n` console lines, for failure messages.
     pub fn tail(&self, n: usize) -> String {
-        let console = self.console();
-        let lines: Vec<&str> = console.lines().collect();
         format!(
             "--- last console lines of {} ---\n{}",
             self.name,
-            lines[lines.len().saturating_sub(n)..].join("\n")
+            last_lines(&self.console(), n)
         )
     }
 

@@ -180,12 +180,6 @@ fn wait<T>(
     }
 }
 
-/// The last `n` lines of a console.
-fn tail(console: &str, n: usize) -> String {
-    let lines: Vec<&str> = console.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// `steady`: replicas spread over both members (it tolerates the
 /// master's taint) and a budget that keeps one available.
 fn steady_deployment(image: &str) -> String {
@@ -956,7 +950,7 @@ spec:
             ensure!(
                 retired.console.contains("kubelet stopped, then"),
                 "the master's console shows no clean leave:\n{}",
-                tail(&retired.console, 30)
+                vm_tests::last_lines(&retired.console, 30)
             );
             // 4 (master's disks). Scanned while nothing has them open.
             let scanning = Instant::now();
@@ -1204,7 +1198,7 @@ spec:
                     && retired.console.contains("evicted default/steady-"),
                 "node {} did not cordon itself and evict steady's pod:\n{}",
                 retired.id,
-                tail(&retired.console, 30)
+                vm_tests::last_lines(&retired.console, 30)
             );
             let drained = retired
                 .console

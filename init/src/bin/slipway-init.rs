@@ -361,17 +361,14 @@ async fn arrive_or_leave(args: &Args, deadlines: Deadlines, arrive: bool) -> Res
         report.log();
         return Ok(());
     }
-    if ctx.config.role != slipway_init::config::Role::Node {
-        steps::leave::ready(&ctx)
-            .await
-            .map_err(|e| Ending::retry(chain(&e)))?
-            .log();
-        return Ok(());
-    }
+    // Only a node signals here (a master does after its add-ons).
+    let node = ctx.config.role == slipway_init::config::Role::Node;
     match steps::leave::ready(&ctx).await {
         Ok(report) => {
             report.log();
-            signal(&ctx, true).await;
+            if node {
+                signal(&ctx, true).await;
+            }
             Ok(())
         }
         Err(e) => {

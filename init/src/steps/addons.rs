@@ -30,12 +30,15 @@ const WITHDRAWN: &[&str] = &[
 /// kubectl as the master's control plane uses it: the super-admin
 /// kubeconfig on the tmpfs, every request bounded.
 pub(crate) fn kubectl(ctx: &Context) -> impl Fn(&[&str]) -> Result<String, StepError> + '_ {
-    let kubeconfig = ctx
-        .paths
-        .secrets
-        .join("pki/super-admin.conf")
-        .to_string_lossy()
-        .into_owned();
+    kubectl_as(ctx, &ctx.paths.secrets.join("pki/super-admin.conf"))
+}
+
+/// kubectl with `kubeconfig`'s identity, every request bounded.
+pub(crate) fn kubectl_as<'a>(
+    ctx: &'a Context,
+    kubeconfig: &std::path::Path,
+) -> impl Fn(&[&str]) -> Result<String, StepError> + 'a {
+    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
     move |args: &[&str]| {
         let mut all = vec!["--kubeconfig", kubeconfig.as_str(), REQUEST_TIMEOUT];
         all.extend_from_slice(args);
@@ -121,10 +124,7 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
         "node/{}",
         crate::render::master_node_name(ctx.config.master_ip)
     );
-    let release = std::fs::read_to_string(ctx.paths.etc.join("os-release"))
-        .ok()
-        .as_deref()
-        .and_then(crate::render::release_label)
+    let release = crate::render::image_release(&ctx.paths.etc)
         .map(|r| format!("{}={r}", crate::render::RELEASE_LABEL));
     let mut label = vec!["label", "--overwrite", node.as_str(), CONTROL_PLANE_LABEL];
     label.extend(release.as_deref());

@@ -80,10 +80,7 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
         } else {
             None
         },
-        release: std::fs::read_to_string(ctx.paths.etc.join("os-release"))
-            .ok()
-            .as_deref()
-            .and_then(render::release_label),
+        release: render::image_release(&ctx.paths.etc),
     })?;
     let mut written = 0;
     for f in &files {

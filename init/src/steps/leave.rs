@@ -41,18 +41,7 @@ const STOP_GRACE: &str = "30";
 /// kubectl as this instance's kubelet: its own kubeconfig (a node's
 /// client certificate from TLS bootstrap), every request bounded.
 fn kubelet_kubectl(ctx: &Context) -> impl Fn(&[&str]) -> Result<String, StepError> + '_ {
-    let kubeconfig = super::configure::kubelet_conf(ctx)
-        .to_string_lossy()
-        .into_owned();
-    move |args: &[&str]| {
-        let mut all = vec![
-            "--kubeconfig",
-            kubeconfig.as_str(),
-            super::addons::REQUEST_TIMEOUT,
-        ];
-        all.extend_from_slice(args);
-        ctx.runner.run("kubectl", &all)
-    }
+    super::addons::kubectl_as(ctx, &super::configure::kubelet_conf(ctx))
 }
 
 /// Waits (up to `node-ready`) until this node is Ready in the API. On a

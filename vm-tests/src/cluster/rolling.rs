@@ -54,8 +54,6 @@ pub struct Retired {
 pub struct Rolled {
     pub retired: Retired,
     pub new: super::Instance,
-    /// From the batch's first power-down to the last signal.
-    pub batch_took: Duration,
 }
 
 impl RollingUpdate {
@@ -204,18 +202,20 @@ impl Cluster {
         let out = self.opts.dir.join(format!("release-{version}"));
         let disk = self.opts.dir.join(format!("ami-{version}.raw"));
         self.moto.relax_iam(1_000_000)?;
-        let published = super::publish(&self.moto, image, &out, Some(&self.release.kubernetes))
-            .and_then(|(next, dir)| {
-                let disk = self
-                    .rt
-                    .block_on(super::read_back(&self.moto, &next, &disk))?;
-                Ok((next, dir, disk))
-            });
+        let current = Some(self.release.kubernetes.as_str());
+        let published = super::publish(
+            &self.rt,
+            &self.moto,
+            image,
+            &out,
+            current,
+            &disk,
+            &mut self.disks,
+        );
         let enforced = self.moto.enforce_iam();
-        let (next, dir, disk) = published?;
+        let next = published?;
         enforced?;
-        self.disks.insert(next.amis[REGION].clone(), disk);
-        self.next_release = Some((next, dir));
+        self.next_release = Some((next, out));
         Ok(())
     }
 
@@ -290,8 +290,7 @@ impl Cluster {
                     );
                 }
             }
-            {
-                cfn.update_stack()
+            cfn.update_stack()
                     .stack_name(STACK)
                     .template_body(body)
                     // Every parameter keeps its value. moto fails on
@@ -320,8 +319,7 @@ impl Cluster {
                     .send()
                     .await
                     .map_err(asking("UpdateStack"))?;
-                super::settled(&cfn, "UPDATE_COMPLETE").await?;
-            }
+            super::settled(&cfn, "UPDATE_COMPLETE").await?;
             for (launch_template, group) in [
                 ("MasterLaunchTemplate", "MasterGroup"),
                 ("NodeLaunchTemplate", "NodeGroup"),
@@ -412,7 +410,7 @@ impl Cluster {
         instances: &[super::Instance],
         grace: Duration,
     ) -> Result<Vec<Retired>> {
-        let mut took = Vec::new();
+        let mut retired = Vec::new();
         for i in instances {
             let shutdown = match self.vms.get_mut(&i.id) {
                 Some(vm) => vm.power_down(grace)?,
@@ -431,13 +429,13 @@ impl Cluster {
                 )),
             }
             self.terminate(&i.id)?;
-            took.push(Retired {
+            retired.push(Retired {
                 id: i.id.clone(),
                 shutdown,
                 console,
             });
         }
-        Ok(took)
+        Ok(retired)
     }
 
     /// Rolls `group` (its members of `role`) onto the next release as the
@@ -520,21 +518,19 @@ impl Cluster {
                     self.signalled(&i.id, role, policy.pause)?;
                 }
             }
-            let took = started.elapsed();
             self.timing(
                 &format!(
                     "update: {group} replaced {} (retired, launched, signalled)",
                     new.len()
                 ),
-                took,
+                started.elapsed(),
             );
-            for (retired, new) in retired.into_iter().zip(new) {
-                rolled.push(Rolled {
-                    retired,
-                    new,
-                    batch_took: took,
-                });
-            }
+            rolled.extend(
+                retired
+                    .into_iter()
+                    .zip(new)
+                    .map(|(retired, new)| Rolled { retired, new }),
+            );
         }
     }
 
