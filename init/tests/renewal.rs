@@ -224,8 +224,9 @@ async fn two_masters_renewing_at_once_leave_one_consistent_bundle() {
 struct ControlPlane {
     containers: Arc<Mutex<BTreeMap<String, u32>>>,
     calls: Arc<Mutex<Vec<String>>>,
-    /// The runtime fails the next `crictl stop` (a run dying halfway).
-    fail_next_stop: Arc<Mutex<bool>>,
+    /// The runtime fails the next `crictl stop` of this component's
+    /// container (a run dying halfway).
+    fail_stop_of: Arc<Mutex<Option<&'static str>>>,
 }
 
 impl Runner for ControlPlane {
@@ -237,20 +238,25 @@ impl Runner for ControlPlane {
     ) -> Result<String, StepError> {
         let mut containers = self.containers.lock().unwrap();
         let line = match (program, args) {
-            ("crictl", [_, "ps", .., name, "--quiet"]) => {
+            ("crictl", [_, _, "ps", .., name, "--quiet"]) => {
                 let name = name.trim_start_matches('^').trim_end_matches('$');
                 let n = containers.entry(name.to_owned()).or_insert(1);
                 return Ok(format!("{name}-{n}\n"));
             }
-            ("crictl", [_, "stop", ..])
-                if std::mem::take(&mut *self.fail_next_stop.lock().unwrap()) =>
+            ("crictl", [_, _, "stop", .., id])
+                if self
+                    .fail_stop_of
+                    .lock()
+                    .unwrap()
+                    .take_if(|name| id.rsplit_once('-').map(|(n, _)| n) == Some(*name))
+                    .is_some() =>
             {
                 return Err(StepError::Invalid {
                     what: "crictl stop".into(),
                     message: "the runtime went away".into(),
                 });
             }
-            ("crictl", [_, "stop", "--timeout", _, id]) => {
+            ("crictl", [_, _, "stop", "--timeout", _, id]) => {
                 let (name, _) = id.rsplit_once('-').unwrap();
                 *containers.get_mut(name).unwrap() += 1;
                 format!("stop {id}")
@@ -372,7 +378,7 @@ async fn a_renewal_that_died_before_the_restarts_is_finished_by_the_next_run() {
     let w = world(1).await;
     let root = tempfile::tempdir().unwrap();
     let (ctx, plane, _) = running_master(&w, root.path()).await;
-    *plane.fail_next_stop.lock().unwrap() = true;
+    *plane.fail_stop_of.lock().unwrap() = Some("etcd");
     let err = renewal::run(&ctx).await.unwrap_err();
     assert!(err.to_string().contains("the runtime went away"), "{err}");
     let renewed = stored_bundle(&w).await;
@@ -393,6 +399,38 @@ async fn a_renewal_that_died_before_the_restarts_is_finished_by_the_next_run() {
     plane.calls.lock().unwrap().clear();
     assert!(!renewal::run(&ctx).await.unwrap().changed);
     assert!(plane.calls.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_died_halfway_through_the_restarts_goes_on_from_there() {
+    let w = world(1).await;
+    let root = tempfile::tempdir().unwrap();
+    let (ctx, plane, _) = running_master(&w, root.path()).await;
+    *plane.fail_stop_of.lock().unwrap() = Some("kube-apiserver");
+    let err = renewal::run(&ctx).await.unwrap_err();
+    assert!(err.to_string().contains("the runtime went away"), "{err}");
+    assert!(plane
+        .calls
+        .lock()
+        .unwrap()
+        .contains(&"stop etcd-1".to_owned()));
+
+    // etcd already serves the new certificates: the next run starts at
+    // the API server and never stops etcd again.
+    plane.calls.lock().unwrap().clear();
+    let report = renewal::run(&ctx).await.unwrap();
+    assert!(report.changed, "{report:?}");
+    let calls = plane.calls.lock().unwrap().clone();
+    let stops: Vec<&String> = calls.iter().filter(|c| c.starts_with("stop ")).collect();
+    assert_eq!(
+        stops,
+        [
+            "stop kube-apiserver-1",
+            "stop kube-controller-manager-1",
+            "stop kube-scheduler-1"
+        ],
+        "{calls:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

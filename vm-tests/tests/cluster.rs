@@ -41,6 +41,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use slipway_init::pki::{Bundle, Identity, Validity};
+use slipway_init::steps::renewal;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,14 +65,6 @@ const DRAIN_UNDER_TCG: &str = "[Service]\nExecStop=\nExecStop=/usr/bin/slipway-i
 /// The Deployment whose disruption budget the update must respect.
 const STEADY_REPLICAS: i64 = 2;
 const STEADY_MIN_AVAILABLE: i64 = 1;
-/// What a guest kernel prints as it dies.
-const GUEST_PANIC: &str = "Kernel panic - not syncing";
-/// How a failure that is the emulator's, not the product's, is reported.
-/// Under multi-threaded TCG a guest kernel here has now and then died of
-/// an oops while patching its own code (an `int3` trap, a double fault);
-/// single-threaded TCG avoids that but makes the master 2-3 times slower.
-const EMULATOR_FAULT: &str = "GUEST-KERNEL-PANIC";
-
 struct Kubectl {
     kubeconfig: PathBuf,
 }
@@ -153,17 +146,9 @@ fn wait<T>(
     let start = Instant::now();
     let mut last = String::new();
     loop {
-        // A guest kernel that died under TCG will not come back: say so at
-        // once, in words `just cluster-test` recognises, instead of
-        // waiting out the deadline.
-        for vm in cluster.vms.values() {
-            if vm.console().contains(GUEST_PANIC) {
-                bail!(
-                    "{what}: {EMULATOR_FAULT}: a guest kernel panicked\n{}",
-                    vm.tail(60)
-                );
-            }
-        }
+        // A guest kernel that died under TCG will not come back: say so
+        // at once instead of waiting out the deadline.
+        cluster.guests_alive(what)?;
         match check() {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
@@ -1139,6 +1124,7 @@ spec:
     // leaves are renewed by the timer and the restarted control plane
     // serves them; the node stays Ready.
     let daily = Instant::now();
+    let since = time::OffsetDateTime::now_utc();
     let backdated = backdate(&cluster)?;
     let daily_serial = wait(
         &cluster,
@@ -1153,6 +1139,35 @@ spec:
         },
     )?;
     eprintln!("[cluster] renewed by the timer: apiserver.crt {backdated} → {daily_serial}, served");
+    // The served certificate alone proves no restart (the API server
+    // reloads its serving certificate by itself): each component of the
+    // control plane runs a container started since, the scheduler (the
+    // last to restart) included, before anything else is asked of it.
+    wait(
+        &cluster,
+        "the control plane restarted by the timer",
+        REPLACE_DEADLINE,
+        || {
+            for component in renewal::ORDER {
+                let started = kubectl.run(&[
+                    "--namespace=kube-system",
+                    "get",
+                    "pod",
+                    &format!("{component}-{master_name}"),
+                    "-o",
+                    "jsonpath={.status.containerStatuses[0].state.running.startedAt}",
+                ])?;
+                let started = time::OffsetDateTime::parse(
+                    started.trim(),
+                    &time::format_description::well_known::Rfc3339,
+                );
+                if !matches!(started, Ok(t) if t > since) {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )?;
     ensure!(
         node_token(&cluster)?.0 != token.0,
         "the timer did not replace the expired token"

@@ -17,7 +17,7 @@
 //! node: the API server's NodeRestriction lets a node evict only pods
 //! bound to it and change only its own Node object.
 
-use super::renewal::{running, RUNTIME};
+use super::renewal::{crictl, running};
 use super::{Context, Report, StepError};
 use crate::config::Role;
 use crate::retry::{self, Backoff};
@@ -249,8 +249,7 @@ async fn stop_control_plane(ctx: &Context) -> Result<Report, StepError> {
     let mut stopped = Vec::new();
     for name in STOP_ORDER {
         for id in running(ctx, name)? {
-            ctx.runner
-                .run("crictl", &[RUNTIME, "stop", "--timeout", STOP_GRACE, &id])?;
+            crictl(ctx, &["stop", "--timeout", STOP_GRACE, &id])?;
             stopped.push(*name);
         }
     }

@@ -28,8 +28,18 @@ pub const ORDER: &[&str] = &[
     "kube-scheduler",
 ];
 
-/// containerd's CRI socket, named so crictl does not probe for others.
-pub(crate) const RUNTIME: &str = "--runtime-endpoint=unix:///run/containerd/containerd.sock";
+/// Runs crictl against containerd's CRI socket (named, so crictl does not
+/// probe for others) with a request timeout a busy master's runtime meets:
+/// crictl's default of 2 s fails a stop or a listing under load, and a
+/// failed call ends the run that made it.
+pub(crate) fn crictl(ctx: &Context, args: &[&str]) -> Result<String, StepError> {
+    let mut all = vec![
+        "--runtime-endpoint=unix:///run/containerd/containerd.sock",
+        "--timeout=60s",
+    ];
+    all.extend_from_slice(args);
+    ctx.runner.run("crictl", &all)
+}
 
 pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     if ctx.config.role != Role::Master {
@@ -53,10 +63,10 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     let token_pending = Pending::new(ctx, "token");
     let restart_pending = Pending::new(ctx, "restart");
     if outcome.rotated.is_some() {
-        token_pending.set()?;
+        token_pending.set_all::<&str>(&[])?;
     }
     if !outcome.renewed.is_empty() {
-        restart_pending.set()?;
+        restart_pending.set_all(ORDER)?;
     }
     let mut done = Vec::new();
     if token_pending.is_set() {
@@ -82,19 +92,25 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     }
     let mut restarted = Vec::new();
     if restart_pending.is_set() {
-        for name in ORDER {
-            restart(ctx, name).await?;
-            if *name == "kube-apiserver" {
+        // Only what is still owed: a component restarted by a run that
+        // died later already serves the new certificates, and stopping it
+        // again (etcd above all) would only take the API away once more.
+        let mut owed = restart_pending.owed()?;
+        while let Some(name) = owed.first().cloned() {
+            restart(ctx, &name).await?;
+            if name == "kube-apiserver" {
                 api_ready(ctx).await?;
             }
-            restarted.push(*name);
+            owed.remove(0);
+            restart_pending.set_all(&owed)?;
+            restarted.push(name);
         }
         restart_pending.clear()?;
     }
     if kubelet_renewed {
         ctx.runner
             .run("systemctl", &["restart", "kubelet.service"])?;
-        restarted.push("kubelet");
+        restarted.push("kubelet".to_owned());
     }
     if !restarted.is_empty() {
         done.push(format!("renewed; restarted {}", restarted.join(", ")));
@@ -106,8 +122,9 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
 }
 
 /// A marker on the tmpfs (`/run/slipway/renew-<what>.pending`): work a
-/// renewal still owes the running control plane. Gone at reboot, when the
-/// boot starts everything from the new files anyway.
+/// renewal still owes the running control plane, one item (a component to
+/// restart) per line. Gone at reboot, when the boot starts everything from
+/// the new files anyway.
 struct Pending(std::path::PathBuf);
 
 impl Pending {
@@ -117,9 +134,19 @@ impl Pending {
     fn is_set(&self) -> bool {
         self.0.exists()
     }
-    fn set(&self) -> Result<(), StepError> {
-        pki::write_file(&self.0, b"", 0o600, 0o755)?;
+    /// Marks the work as owed, with `items` still to do.
+    fn set_all<S: AsRef<str>>(&self, items: &[S]) -> Result<(), StepError> {
+        let text: String = items.iter().map(|i| format!("{}\n", i.as_ref())).collect();
+        pki::write_file(&self.0, text.as_bytes(), 0o600, 0o755)?;
         Ok(())
+    }
+    /// The items still owed.
+    fn owed(&self) -> Result<Vec<String>, StepError> {
+        let text = std::fs::read_to_string(&self.0).map_err(|e| StepError::Invalid {
+            what: self.0.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(text.lines().map(str::to_owned).collect())
     }
     fn clear(&self) -> Result<(), StepError> {
         match std::fs::remove_file(&self.0) {
@@ -135,11 +162,9 @@ impl Pending {
 /// The IDs of `name`'s running containers.
 pub(crate) fn running(ctx: &Context, name: &str) -> Result<Vec<String>, StepError> {
     let exact = format!("^{name}$");
-    let out = ctx.runner.run(
-        "crictl",
-        &[
-            RUNTIME, "ps", "--state", "running", "--name", &exact, "--quiet",
-        ],
+    let out = crictl(
+        ctx,
+        &["ps", "--state", "running", "--name", &exact, "--quiet"],
     )?;
     Ok(out.split_whitespace().map(str::to_owned).collect())
 }
@@ -153,8 +178,7 @@ async fn restart(ctx: &Context, name: &str) -> Result<(), StepError> {
         return Ok(());
     }
     for id in &old {
-        ctx.runner
-            .run("crictl", &[RUNTIME, "stop", "--timeout", "30", id])?;
+        crictl(ctx, &["stop", "--timeout", "30", id])?;
     }
     retry::until(
         &format!("waiting for kubelet to run {name} again"),

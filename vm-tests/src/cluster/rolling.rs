@@ -563,8 +563,13 @@ impl Cluster {
                     other => bail!("{instance} signalled {other:?} to {group}"),
                 }
             }
+            self.guests_alive(&format!("waiting for {instance}'s signal"))?;
             if started.elapsed() > pause {
-                bail!("no signal from {instance} within the group's PauseTime ({pause:?})");
+                let tail = self.vms.get(instance).map(|vm| vm.tail(60));
+                bail!(
+                    "no signal from {instance} within the group's PauseTime ({pause:?})\n{}",
+                    tail.unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_secs(2));
         }
