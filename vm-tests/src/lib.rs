@@ -197,6 +197,29 @@ impl VmConfig {
     }
 }
 
+/// A free loopback port for a server this process starts as a child, and
+/// no other caller in this process gets the same one. Taken from below the
+/// kernel's ephemeral range, one after another: a port from `bind(0)`,
+/// released for the child to take, could go to a second server starting
+/// at the same time (whose failed bind then leaves its test talking to the
+/// first's) or to an outgoing connection before the child binds it.
+pub fn free_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Processes started at once begin at different places in the span.
+    let offset = std::process::id() % 600 * 20;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(FIRST + (offset + n) % SPAN)?;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port between {FIRST} and {}", FIRST + SPAN)
+}
+
 /// Makes a child the kernel kills when the thread that started it exits,
 /// so a test that is itself killed leaves no VM or service behind.
 pub fn die_with_parent(cmd: &mut Command) -> &mut Command {

@@ -3,7 +3,7 @@
 //! tests never share AWS state. Killed when the handle drops.
 
 use anyhow::{bail, Context, Result};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -53,7 +53,7 @@ impl Moto {
                 bin.display()
             );
         }
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = crate::free_port()?;
         let child = crate::die_with_parent(&mut Command::new(&bin))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
@@ -75,6 +75,9 @@ impl Moto {
                 bail!("moto did not listen on {addr} within 30 s");
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Ok(Some(status)) = moto.child.try_wait() {
+            bail!("moto exited at start ({status}): something else answers on {addr}");
         }
         Ok(moto)
     }

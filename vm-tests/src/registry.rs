@@ -3,7 +3,7 @@
 //! when the handle drops. Tests reach its blob files to tamper with them.
 
 use anyhow::{bail, Context, Result};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ impl Registry {
         if !Path::new(BINARY).exists() {
             bail!("{BINARY} is missing: run `just deps` (it installs Debian's docker-registry)");
         }
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = crate::free_port()?;
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("config.yml");
         std::fs::write(
