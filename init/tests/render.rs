@@ -324,6 +324,9 @@ fn a_broken_template_is_named_in_the_error() {
 fn static_pods_give_a_slow_start_room_before_liveness_kills_it() {
     // Probes with the default 1 s timeout and no startup probe restart a
     // control plane that starts slowly (a loaded or small instance) forever.
+    // Four minutes was not enough: an API server restarted on a busy
+    // emulated master was not live within them, was killed, and started
+    // again from nothing, over and over.
     let files = render("master");
     for f in files
         .iter()
@@ -336,8 +339,8 @@ fn static_pods_give_a_slow_start_room_before_liveness_kills_it() {
         assert!(
             startup["failureThreshold"].as_u64().unwrap_or(0)
                 * startup["periodSeconds"].as_u64().unwrap_or(0)
-                >= 240,
-            "{name}: the startup probe allows less than 4 minutes"
+                >= 600,
+            "{name}: the startup probe allows less than 10 minutes"
         );
         for probe in ["livenessProbe", "startupProbe"] {
             assert!(

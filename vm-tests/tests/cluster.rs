@@ -1148,24 +1148,28 @@ spec:
         "the control plane restarted by the timer",
         REPLACE_DEADLINE,
         || {
-            for component in renewal::ORDER {
-                let started = kubectl.run(&[
-                    "--namespace=kube-system",
-                    "get",
-                    "pod",
-                    &format!("{component}-{master_name}"),
-                    "-o",
-                    "jsonpath={.status.containerStatuses[0].state.running.startedAt}",
-                ])?;
-                let started = time::OffsetDateTime::parse(
-                    started.trim(),
-                    &time::format_description::well_known::Rfc3339,
-                );
-                if !matches!(started, Ok(t) if t > since) {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(()))
+            // One request a pass: the API server has just been restarted.
+            let pods: serde_json::Value = serde_json::from_str(&kubectl.run(&[
+                "--namespace=kube-system",
+                "get",
+                "pods",
+                "-o",
+                "json",
+            ])?)?;
+            let started = |component: &str| {
+                let name = format!("{component}-{master_name}");
+                let pod = pods["items"]
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["metadata"]["name"] == name.as_str())?;
+                let at = pod["status"]["containerStatuses"][0]["state"]["running"]["startedAt"]
+                    .as_str()?;
+                time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+            };
+            Ok(renewal::ORDER
+                .iter()
+                .all(|c| started(c).is_some_and(|t| t > since))
+                .then_some(()))
         },
     )?;
     ensure!(
