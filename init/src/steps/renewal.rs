@@ -30,8 +30,8 @@ pub const ORDER: &[&str] = &[
 
 /// Runs crictl against containerd's CRI socket (named, so crictl does not
 /// probe for others) with a request timeout a busy master's runtime meets:
-/// crictl's default of 2 s fails a stop or a listing under load, and a
-/// failed call ends the run that made it.
+/// crictl's default of 2 s can run out for a stop or a listing under load,
+/// and a failed call ends the run that made it.
 pub(crate) fn crictl(ctx: &Context, args: &[&str]) -> Result<String, StepError> {
     let mut all = vec![
         "--runtime-endpoint=unix:///run/containerd/containerd.sock",
@@ -63,7 +63,7 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     let token_pending = Pending::new(ctx, "token");
     let restart_pending = Pending::new(ctx, "restart");
     if outcome.rotated.is_some() {
-        token_pending.set_all::<&str>(&[])?;
+        token_pending.set()?;
     }
     if !outcome.renewed.is_empty() {
         restart_pending.set_all(ORDER)?;
@@ -95,15 +95,14 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
         // Only what is still owed: a component restarted by a run that
         // died later already serves the new certificates, and stopping it
         // again (etcd above all) would only take the API away once more.
-        let mut owed = restart_pending.owed()?;
-        while let Some(name) = owed.first().cloned() {
-            restart(ctx, &name).await?;
+        let owed = restart_pending.owed()?;
+        for (done, name) in owed.iter().enumerate() {
+            restart(ctx, name).await?;
             if name == "kube-apiserver" {
                 api_ready(ctx).await?;
             }
-            owed.remove(0);
-            restart_pending.set_all(&owed)?;
-            restarted.push(name);
+            restart_pending.set_all(&owed[done + 1..])?;
+            restarted.push(name.clone());
         }
         restart_pending.clear()?;
     }
@@ -133,6 +132,10 @@ impl Pending {
     }
     fn is_set(&self) -> bool {
         self.0.exists()
+    }
+    /// Marks the work as owed (work without items: a token to apply).
+    fn set(&self) -> Result<(), StepError> {
+        self.set_all::<&str>(&[])
     }
     /// Marks the work as owed, with `items` still to do.
     fn set_all<S: AsRef<str>>(&self, items: &[S]) -> Result<(), StepError> {
