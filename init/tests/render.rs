@@ -232,6 +232,36 @@ fn the_control_plane_carries_the_stacks_networks() {
 }
 
 #[test]
+fn cluster_dns_tolerates_the_taint_the_master_registers_with_and_spreads() {
+    let files = render("master");
+    let env = &file(&files, "kubernetes/kubelet.env").content;
+    let taint = env
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("--register-with-taints="))
+        .expect("the master registers with a taint");
+    let (key, effect) = taint.trim_end_matches('"').split_once(':').unwrap();
+    let dns = docs(file(&files, "addons/40-coredns.yaml"));
+    let deployment = dns.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let tolerated = pod["tolerations"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|t| t["key"] == key && t["operator"] == "Exists" && t["effect"] == effect);
+    assert!(
+        tolerated,
+        "{key}:{effect} not tolerated: {:?}",
+        pod["tolerations"]
+    );
+    let spread = &pod["topologySpreadConstraints"][0];
+    assert_eq!(spread["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(
+        spread["labelSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+}
+
+#[test]
 fn containerd_pins_the_sandbox_image_of_images_toml_and_uses_systemd_cgroups() {
     let templates = Templates::load(&manifests()).unwrap();
     let text = std::fs::read_to_string(manifests().join("host/containerd.toml")).unwrap();

@@ -39,7 +39,7 @@
 //! Two VMs at most run at once, under TCG. Consoles are kept in
 //! `target/vm-logs`, disks and the kubeconfig in the run directory.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use slipway_init::pki::{Bundle, Identity, Validity};
 use slipway_init::steps::renewal;
 use std::collections::BTreeMap;
@@ -163,6 +163,51 @@ fn wait<T>(
         }
         std::thread::sleep(Duration::from_secs(5));
     }
+}
+
+/// Ready endpoints behind the cluster's DNS Service.
+fn dns_ready(kubectl: &Kubectl) -> Result<usize> {
+    let v: serde_json::Value = serde_json::from_str(&kubectl.run(&[
+        "-n",
+        "kube-system",
+        "get",
+        "endpointslices",
+        "-l",
+        "kubernetes.io/service-name=kube-dns",
+        "-o",
+        "json",
+    ])?)?;
+    Ok(v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+        .filter(|e| e["conditions"]["ready"] == true)
+        .count())
+}
+
+/// What the cluster says about its pods, for an error: every pod with its
+/// member and state, then `selector`'s pods described and their last logs.
+fn pod_report(kubectl: &Kubectl, namespace: &str, selector: &str) -> String {
+    [
+        vec!["get", "pods", "-A", "-o", "wide"],
+        vec!["-n", namespace, "describe", "pods", "-l", selector],
+        vec![
+            "-n",
+            namespace,
+            "logs",
+            "-l",
+            selector,
+            "--tail=20",
+            "--prefix",
+        ],
+    ]
+    .iter()
+    .map(|args| {
+        let out = kubectl.run(args).unwrap_or_else(|e| format!("{e:#}"));
+        format!("$ kubectl {}\n{}\n", args.join(" "), out.trim_end())
+    })
+    .collect()
 }
 
 /// `steady`: replicas spread over both members (it tolerates the
@@ -729,7 +774,18 @@ fn a_cluster_rolls_to_the_next_release_losing_nothing_update_played_by_the_harne
     )?;
 
     // A pod on the node, a Service in front of it, and a name lookup from
-    // another pod through CoreDNS.
+    // another pod through CoreDNS, once a replica of it is ready (the
+    // lookup pod gives up after a few minutes).
+    wait(&cluster, "a cluster DNS replica ready", UP_DEADLINE, || {
+        Ok((dns_ready(&kubectl)? > 0).then_some(()))
+    })
+    .map_err(|e| {
+        anyhow!(
+            "{e:#}\n{}",
+            pod_report(&kubectl, "kube-system", "k8s-app=kube-dns")
+        )
+    })?;
+    cluster.timing("scenario 1: cluster DNS ready", scenario.elapsed());
     let busybox = image.manifest["payload"]["images"]
         .as_array()
         .into_iter()
@@ -787,7 +843,8 @@ spec:
     )?;
     ensure!(
         phase == "Succeeded" && logs.contains(&service_ip),
-        "web.default.svc.cluster.local did not resolve to {service_ip} ({phase}):\n{logs}"
+        "web.default.svc.cluster.local did not resolve to {service_ip} ({phase}):\n{logs}\n{}",
+        pod_report(&kubectl, "kube-system", "k8s-app=kube-dns")
     );
     cluster.timing("scenario 1: the Service name resolved", scenario.elapsed());
 
