@@ -354,12 +354,21 @@ pub async fn private_ip(w: &World, instance: usize) -> String {
         .to_owned()
 }
 
-/// An address in the instance's own subnet, for the master's stable IP.
+/// An address in the instance's own /24 that no instance of the world
+/// holds, for the master's stable IP: moto gives an instance launched
+/// without a subnet a random address, so a fixed last octet was now and
+/// then the master's own and the step had nothing to assign.
 pub async fn stable_ip(w: &World, instance: usize) -> String {
-    let private = private_ip(w, instance).await;
-    let mut octets: Vec<&str> = private.split('.').collect();
-    octets[3] = "200";
-    octets.join(".")
+    let mut taken = Vec::new();
+    for i in 0..w.instances.len() {
+        taken.push(private_ip(w, i).await);
+    }
+    let own = &taken[instance];
+    let prefix = &own[..=own.rfind('.').unwrap()];
+    (200..=250)
+        .map(|last| format!("{prefix}{last}"))
+        .find(|ip| !taken.contains(ip))
+        .unwrap()
 }
 
 /// Paths below `root` for a master: the data volume's device is a blank
