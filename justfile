@@ -90,14 +90,21 @@ fixtures: deps
 lock: compile
     {{builder}} lock --spec image.toml --payload-lock {{justfile_directory()}}/payload.lock
 
-# Unit tests and integration tests against moto, then the QEMU boot and tamper tests.
+# The fast tier for the inner loop: rustfmt, clippy, unit tests and the
+# integration tests against moto and a local registry; no image, no VM.
+check: deps lint
+    cargo test --workspace --exclude vm-tests
+    cargo test -p vm-tests --lib --bins
+
+# Everything: unit and moto tests, then every test of the built image.
 test: build
-    SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} cargo test --workspace --exclude vm-tests
+    cargo test --workspace --exclude vm-tests
     just vm-test
 
-# The QEMU tests against `out/`: boot, tamper, payload and the release
-# update against moto (two at a time), then the cluster, which runs its two
-# VMs alone (TCG; SLIPWAY_VM_ACCEL=kvm opts in to KVM).
+# The tests of the built image against `out/`: its publication to moto,
+# then in QEMU boot, tamper, payload and the release update against moto
+# (two at a time), then the cluster, which runs its two VMs alone (TCG;
+# SLIPWAY_VM_ACCEL=kvm opts in to KVM).
 vm-test: build-next
     SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} SLIPWAY_NEXT_IMAGE_DIR={{justfile_directory()}}/{{next_out}} \
         cargo test -p vm-tests -- --nocapture --test-threads=2 --skip a_cluster_rolls
