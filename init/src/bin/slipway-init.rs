@@ -7,10 +7,11 @@
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use slipway_init::aws::CallPolicy;
+use slipway_init::bootcheck::BootCheck;
 use slipway_init::imds::Imds;
 use slipway_init::steps::attempts::{self, Attempts, Next, FINAL_EXIT};
 use slipway_init::steps::{self, Context, Deadlines, Instance, Paths};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
@@ -437,11 +438,15 @@ fn main() -> ExitCode {
     let result = match &args.command {
         None | Some(Command::Boot) => {
             if !args.no_boot_check {
-                match slipway_init::run(&slipway_init::Context::default()) {
-                    Ok(check) => println!("SLIPWAY-BOOT-CHECK {check}"),
+                let root = args.root.as_deref().unwrap_or(Path::new("/"));
+                let check =
+                    BootCheck::inspect(&root.join("proc"), &root.join("sys"), &root.join("var"));
+                tracing::info!(step = "boot-check", "{check}");
+                if !check.all_ok() {
                     // The image itself is wrong: no attempt can change that.
-                    Err(e) => return fail(&Ending::last(chain(&e))),
+                    return fail(&Ending::last(format!("boot check failed: {check}")));
                 }
+                println!("SLIPWAY-BOOT-CHECK {check}");
             }
             runtime.block_on(attempt(&args, deadlines, false))
         }
@@ -469,10 +474,6 @@ fn main() -> ExitCode {
     };
     if let Err(ending) = result {
         return fail(&ending);
-    }
-    if let Err(e) = steps::signal::notify(std::env::var("NOTIFY_SOCKET").ok().as_deref(), "READY=1")
-    {
-        tracing::warn!("{e}");
     }
     println!("SLIPWAY-INIT-DONE");
     ExitCode::SUCCESS
