@@ -7,10 +7,13 @@ export SLIPWAY_CACHE_DIR := cache
 export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", cache + "/target")
 # The static initramfs binary is built for an explicit target, in a target
 # dir of its own, so its RUSTFLAGS never invalidate the host build. Paths
-# inside the image's binaries are neutral (the workspace wrapper remaps them).
+# inside the image's binaries are neutral: the workspace wrapper remaps
+# them, and it is named through PATH because Cargo hashes the wrapper as
+# given into every workspace crate's symbols (a checkout's path there would
+# make each checkout's binaries different).
 image_target := "x86_64-unknown-linux-gnu"
 image_bins := CARGO_TARGET_DIR / "image-bins"
-image_env := "RUSTC_WORKSPACE_WRAPPER=" + justfile_directory() + "/.cargo/remap-rustc SLIPWAY_SRC=" + justfile_directory()
+image_env := "PATH=" + justfile_directory() + "/.cargo:$PATH RUSTC_WORKSPACE_WRAPPER=remap-rustc SLIPWAY_SRC=" + justfile_directory()
 builder := CARGO_TARGET_DIR / "release/image-builder"
 # The payload built from source, its registry storage and its pins.
 fixtures_dir := cache / "fixtures"
@@ -138,26 +141,39 @@ cluster-test: build-next
     done
     exit 1
 
-# Two builds from the same lock, separate caches and output directories, same disk sha256.
-repro: deps compile fixtures
+# Each clone compiles its own binaries and builds with a cache of its own;
+# the image's binaries and the disk must come out byte for byte the same.
+# Two clones of HEAD at different paths build the same binaries and disk.
+repro: deps fixtures
     #!/usr/bin/env bash
     set -euo pipefail
+    if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+        echo "note: uncommitted changes are left out (the clones hold HEAD)" >&2
+    fi
     work=$(mktemp -d "{{cache}}/repro.XXXXXX")
     trap 'rm -rf "$work"' EXIT
-    mkdir -p "$work/a" "$work/b"
-    # Share only the downloaded packages; every stage is rebuilt from scratch.
+    declare -A src=([a]="$work/a/src" [b]="$work/b/a-checkout-somewhere-else")
     for side in a b; do
+        echo "== build $side from ${src[$side]}" >&2
+        git clone -q "{{justfile_directory()}}" "${src[$side]}"
+        {{just_executable()}} --justfile "${src[$side]}/justfile" compile
+        sha256sum {{image_bins}}/* | sed "s|{{image_bins}}/||" > "$work/$side/bins.sha256"
+        # Share only the downloaded packages; every stage is rebuilt from scratch.
         mkdir -p "$work/$side/cache"
         ln -s "{{cache}}/debs" "$work/$side/cache/debs"
         ln -s "{{cache}}/blobs" "$work/$side/cache/blobs"
-        {{with_fixtures}} {{builder}} build --spec image.toml --out "$work/$side/out" --bin-dir {{image_bins}} --cache-dir "$work/$side/cache"
-        sleep 2
+        {{with_fixtures}} env -C "${src[$side]}" {{builder}} build --spec image.toml \
+            --out "$work/$side/out" --bin-dir {{image_bins}} --cache-dir "$work/$side/cache"
     done
+    if ! diff -u "$work/a/bins.sha256" "$work/b/bins.sha256"; then
+        echo "NOT reproducible: the image's binaries differ between the two checkouts" >&2
+        exit 1
+    fi
     a=$(jq -r .disk.sha256 "$work/a/out/build-manifest.json")
     b=$(jq -r .disk.sha256 "$work/b/out/build-manifest.json")
     echo "build a: $a"; echo "build b: $b"
     [ "$a" = "$b" ] || { echo "NOT reproducible"; exit 1; }
-    echo "reproducible: both builds give disk sha256 $a"
+    echo "reproducible: two checkouts give the same binaries and disk sha256 $a"
 
 # Build timings (cold, overlay-only, no-op) stage by stage, and sizes.
 bench: deps compile fixtures
