@@ -97,7 +97,7 @@ lock: compile
 # integration tests against moto and a local registry; no image, no VM.
 check: deps lint
     cargo test --workspace --exclude vm-tests
-    cargo test -p vm-tests --lib --bins
+    cargo test -p vm-tests --lib --bins --test faults
 
 # Everything: unit and moto tests, then every test of the built image.
 test: build
