@@ -227,6 +227,9 @@ struct ControlPlane {
     /// The runtime fails the next `crictl stop` of this component's
     /// container (a run dying halfway).
     fail_stop_of: Arc<Mutex<Option<&'static str>>>,
+    /// The API server answers `/readyz` with an error while this is set
+    /// (one slow to get ready after its restart).
+    not_ready: Arc<Mutex<bool>>,
 }
 
 impl Runner for ControlPlane {
@@ -260,6 +263,13 @@ impl Runner for ControlPlane {
                 let (name, _) = id.rsplit_once('-').unwrap();
                 *containers.get_mut(name).unwrap() += 1;
                 format!("stop {id}")
+            }
+            ("kubectl", [.., "get", "--raw=/readyz"]) if *self.not_ready.lock().unwrap() => {
+                self.calls.lock().unwrap().push("readyz refused".into());
+                return Err(StepError::Invalid {
+                    what: "kubectl get --raw=/readyz".into(),
+                    message: "the API server is not ready".into(),
+                });
             }
             ("kubectl", [.., "get", "--raw=/readyz"]) => "readyz".to_owned(),
             ("kubectl", [.., "-f", file]) => format!("apply {}", file.rsplit('/').next().unwrap()),
@@ -431,6 +441,41 @@ async fn a_renewal_that_died_halfway_through_the_restarts_goes_on_from_there() {
         ],
         "{calls:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_slow_to_get_ready_is_waited_for_again_never_restarted_again() {
+    let w = world(1).await;
+    let root = tempfile::tempdir().unwrap();
+    let (mut ctx, plane, _) = running_master(&w, root.path()).await;
+    ctx.deadlines.restart = std::time::Duration::from_secs(3);
+    *plane.not_ready.lock().unwrap() = true;
+    let err = renewal::run(&ctx).await.unwrap_err();
+    assert!(err.to_string().contains("ready"), "{err}");
+    let calls = plane.calls.lock().unwrap().clone();
+    assert!(
+        calls.contains(&"stop kube-apiserver-1".to_owned()),
+        "{calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.contains("controller-manager")),
+        "{calls:?}"
+    );
+
+    // The API server was restarted and is only slow: the next run waits
+    // for it again, stops nothing it already restarted, and goes on.
+    plane.calls.lock().unwrap().clear();
+    *plane.not_ready.lock().unwrap() = false;
+    let report = renewal::run(&ctx).await.unwrap();
+    assert!(report.changed, "{report:?}");
+    let calls = plane.calls.lock().unwrap().clone();
+    let stops: Vec<&String> = calls.iter().filter(|c| c.starts_with("stop ")).collect();
+    assert_eq!(
+        stops,
+        ["stop kube-controller-manager-1", "stop kube-scheduler-1"],
+        "{calls:?}"
+    );
+    assert!(calls.contains(&"readyz".to_owned()), "{calls:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

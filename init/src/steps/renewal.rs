@@ -28,6 +28,27 @@ pub const ORDER: &[&str] = &[
     "kube-scheduler",
 ];
 
+/// The owed item that stands for the restarted API server becoming ready.
+/// It is a line of its own after the API server's restart, so a run that
+/// gives up waiting owes only the wait: stopping a slow API server again
+/// each time would keep it from ever getting ready.
+const API_READY: &str = "kube-apiserver/readyz";
+
+/// What a renewal owes the running control plane, in order: each
+/// component's restart, and the API server's readiness after its own.
+fn restart_work() -> Vec<&'static str> {
+    ORDER
+        .iter()
+        .flat_map(|&c| {
+            if c == "kube-apiserver" {
+                vec![c, API_READY]
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 /// Runs crictl against containerd's CRI socket (named, so crictl does not
 /// probe for others) with a request timeout a busy master's runtime meets:
 /// crictl's default of 2 s can run out for a stop or a listing under load,
@@ -66,7 +87,7 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
         token_pending.set()?;
     }
     if !outcome.renewed.is_empty() {
-        restart_pending.set_all(ORDER)?;
+        restart_pending.set_all(&restart_work())?;
     }
     let mut done = Vec::new();
     if token_pending.is_set() {
@@ -96,13 +117,14 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
         // died later already serves the new certificates, and stopping it
         // again (etcd above all) would only take the API away once more.
         let owed = restart_pending.owed()?;
-        for (done, name) in owed.iter().enumerate() {
-            restart(ctx, name).await?;
-            if name == "kube-apiserver" {
+        for (done, item) in owed.iter().enumerate() {
+            if item == API_READY {
                 api_ready(ctx).await?;
+            } else {
+                restart(ctx, item).await?;
+                restarted.push(item.clone());
             }
             restart_pending.set_all(&owed[done + 1..])?;
-            restarted.push(name.clone());
         }
         restart_pending.clear()?;
     }
