@@ -529,3 +529,35 @@ async fn write_parameters(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_release_reads_back_as_written_upload_time_included() {
+        let release = Release {
+            name: "slipway".into(),
+            image_version: "0.1.0".into(),
+            template_version: "0.1.0".into(),
+            disk_sha256: "00".repeat(32),
+            kubernetes: "v1.37.2".into(),
+            amis: BTreeMap::from([("us-east-1".into(), "ami-0123456789abcdef0".into())]),
+            template: FileDigest {
+                file: "template.json".into(),
+                size: 1,
+                sha256: "11".repeat(32),
+            },
+            upload: Some(UploadStats {
+                snapshot_id: "snap-0123456789abcdef0".into(),
+                blocks_sent: 1,
+                bytes_sent: 1 << 19,
+                disk_bytes: 1 << 30,
+                // Without exact float parsing this comes back one bit off.
+                seconds: 21.955126495000002,
+            }),
+        };
+        let text = serde_json::to_string_pretty(&release).unwrap();
+        assert_eq!(serde_json::from_str::<Release>(&text).unwrap(), release);
+    }
+}
