@@ -356,7 +356,9 @@ fn static_pods_give_a_slow_start_room_before_liveness_kills_it() {
     // control plane that starts slowly (a loaded or small instance) forever.
     // Four minutes was not enough: an API server restarted on a busy
     // emulated master was not live within them, was killed, and started
-    // again from nothing, over and over.
+    // again from nothing, over and over. Once started, one that a busy host
+    // starves fails its probes for minutes; killing it after 80 s (8 × 10 s)
+    // sent it back to that costly start, again and again.
     let files = render("master");
     for f in files
         .iter()
@@ -371,6 +373,13 @@ fn static_pods_give_a_slow_start_room_before_liveness_kills_it() {
                 * startup["periodSeconds"].as_u64().unwrap_or(0)
                 >= 600,
             "{name}: the startup probe allows less than 10 minutes"
+        );
+        let liveness = &container["livenessProbe"];
+        assert!(
+            liveness["failureThreshold"].as_u64().unwrap_or(3)
+                * liveness["periodSeconds"].as_u64().unwrap_or(10)
+                >= 300,
+            "{name}: the liveness probe kills within 5 minutes of slow answers"
         );
         for probe in ["livenessProbe", "startupProbe"] {
             assert!(
