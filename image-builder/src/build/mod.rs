@@ -29,7 +29,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// Bumped when a stage's output changes for the same inputs.
-const BUILDER_EPOCH: &str = "slipway-image-builder-2";
+const BUILDER_EPOCH: &str = "slipway-image-builder-3";
 const STUB: &str = "usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 
 #[derive(Debug, thiserror::Error)]

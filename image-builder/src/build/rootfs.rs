@@ -298,8 +298,36 @@ impl Overlay {
             &root.join("usr/lib/slipway/release"),
             release.as_bytes(),
             0o644,
-        )
+        )?;
+        stamp_os_release(root, release)
     }
+}
+
+/// Names the image in `usr/lib/os-release` (which `/etc/os-release` links
+/// to): `IMAGE_ID` and `IMAGE_VERSION` from `release`'s `IMAGE_NAME` and
+/// `IMAGE_VERSION`, in place of any the packages wrote. A member reads its
+/// release from there (its Node's `slipway/release` label), as the UKI's
+/// own os-release section says the same.
+fn stamp_os_release(root: &Path, release: &str) -> Result<(), RootfsError> {
+    let path = root.join("usr/lib/os-release");
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(fsio::at("reading", &path)(e).into()),
+    };
+    let mut stamped: String = text
+        .lines()
+        .filter(|l| !l.starts_with("IMAGE_ID=") && !l.starts_with("IMAGE_VERSION="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for line in release.lines() {
+        if let Some(name) = line.strip_prefix("IMAGE_NAME=") {
+            stamped.push_str(&format!("IMAGE_ID={name}\n"));
+        } else if line.starts_with("IMAGE_VERSION=") {
+            stamped.push_str(&format!("{line}\n"));
+        }
+    }
+    replace_file(&path, stamped.as_bytes(), 0o644)
 }
 
 #[cfg(test)]
@@ -341,6 +369,12 @@ mod tests {
         let base = dir.path().join("base");
         fs::create_dir_all(base.join("usr/bin")).unwrap();
         fs::write(base.join("usr/bin/tool"), "old").unwrap();
+        fs::create_dir_all(base.join("usr/lib")).unwrap();
+        fs::write(
+            base.join("usr/lib/os-release"),
+            "ID=debian\nIMAGE_VERSION=stale\n",
+        )
+        .unwrap();
         let work = dir.path().join("work");
         link_copy(&base, &work).unwrap();
         let src = dir.path().join("tool");
@@ -354,7 +388,19 @@ mod tests {
             dirs: vec![(PathBuf::from("srv/kubernetes"), 0o700)],
             payload: vec![],
         };
-        overlay.apply(&work, "v1").unwrap();
+        overlay
+            .apply(&work, "IMAGE_NAME=slipway\nIMAGE_VERSION=0.2.0\n")
+            .unwrap();
+        // The image names itself in os-release, where a member reads its
+        // release label from; the package tree's copy is untouched.
+        assert_eq!(
+            fs::read_to_string(work.join("usr/lib/os-release")).unwrap(),
+            "ID=debian\nIMAGE_ID=slipway\nIMAGE_VERSION=0.2.0\n"
+        );
+        assert_eq!(
+            fs::read_to_string(base.join("usr/lib/os-release")).unwrap(),
+            "ID=debian\nIMAGE_VERSION=stale\n"
+        );
         assert_eq!(
             fs::read_to_string(work.join("usr/bin/tool")).unwrap(),
             "new"
