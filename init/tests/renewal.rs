@@ -431,9 +431,8 @@ async fn a_renewal_that_died_halfway_through_the_restarts_goes_on_from_there() {
     let report = renewal::run(&ctx).await.unwrap();
     assert!(report.changed, "{report:?}");
     let calls = plane.calls.lock().unwrap().clone();
-    let stops: Vec<&String> = calls.iter().filter(|c| c.starts_with("stop ")).collect();
     assert_eq!(
-        stops,
+        stops(&calls),
         [
             "stop kube-apiserver-1",
             "stop kube-controller-manager-1",
@@ -441,6 +440,15 @@ async fn a_renewal_that_died_halfway_through_the_restarts_goes_on_from_there() {
         ],
         "{calls:?}"
     );
+}
+
+/// The containers a renewal stopped, in order.
+fn stops(calls: &[String]) -> Vec<&str> {
+    calls
+        .iter()
+        .filter(|c| c.starts_with("stop "))
+        .map(String::as_str)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -469,9 +477,8 @@ async fn an_api_server_slow_to_get_ready_is_waited_for_again_never_restarted_aga
     let report = renewal::run(&ctx).await.unwrap();
     assert!(report.changed, "{report:?}");
     let calls = plane.calls.lock().unwrap().clone();
-    let stops: Vec<&String> = calls.iter().filter(|c| c.starts_with("stop ")).collect();
     assert_eq!(
-        stops,
+        stops(&calls),
         ["stop kube-controller-manager-1", "stop kube-scheduler-1"],
         "{calls:?}"
     );

@@ -614,12 +614,9 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
             let kernel_path = rootfs_dir.join("boot").join(format!("vmlinuz-{kver}"));
             let kernel = fs::read(&kernel_path).map_err(fsio::at("reading", &kernel_path))?;
             let os_release_path = rootfs_dir.join("usr/lib/os-release");
-            let mut os_release = fs::read_to_string(&os_release_path)
+            let packages_os_release = fs::read_to_string(&os_release_path)
                 .map_err(fsio::at("reading", &os_release_path))?;
-            os_release.push_str(&format!(
-                "IMAGE_ID={}\nIMAGE_VERSION={}\n",
-                spec.image.name, spec.image.version
-            ));
+            let os_release = rootfs::image_os_release(&packages_os_release, &release);
             let image = uki::add_sections(
                 &stub,
                 &[

@@ -304,10 +304,8 @@ impl Overlay {
 }
 
 /// Names the image in `usr/lib/os-release` (which `/etc/os-release` links
-/// to): `IMAGE_ID` and `IMAGE_VERSION` from `release`'s `IMAGE_NAME` and
-/// `IMAGE_VERSION`, in place of any the packages wrote. A member reads its
-/// release from there (its Node's `slipway/release` label), as the UKI's
-/// own os-release section says the same.
+/// to), where a member reads its release (its Node's `slipway/release`
+/// label).
 fn stamp_os_release(root: &Path, release: &str) -> Result<(), RootfsError> {
     let path = root.join("usr/lib/os-release");
     let text = match fs::read_to_string(&path) {
@@ -315,19 +313,27 @@ fn stamp_os_release(root: &Path, release: &str) -> Result<(), RootfsError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(fsio::at("reading", &path)(e).into()),
     };
-    let mut stamped: String = text
+    replace_file(&path, image_os_release(&text, release).as_bytes(), 0o644)
+}
+
+/// The packages' os-release text with the image named: `IMAGE_ID` and
+/// `IMAGE_VERSION` from `release`'s `IMAGE_NAME` and `IMAGE_VERSION`, in
+/// place of any the packages wrote. The root filesystem and the UKI's
+/// os-release section both carry this text.
+pub fn image_os_release(packages: &str, release: &str) -> String {
+    let mut text: String = packages
         .lines()
         .filter(|l| !l.starts_with("IMAGE_ID=") && !l.starts_with("IMAGE_VERSION="))
         .map(|l| format!("{l}\n"))
         .collect();
     for line in release.lines() {
         if let Some(name) = line.strip_prefix("IMAGE_NAME=") {
-            stamped.push_str(&format!("IMAGE_ID={name}\n"));
+            text.push_str(&format!("IMAGE_ID={name}\n"));
         } else if line.starts_with("IMAGE_VERSION=") {
-            stamped.push_str(&format!("{line}\n"));
+            text.push_str(&format!("{line}\n"));
         }
     }
-    replace_file(&path, stamped.as_bytes(), 0o644)
+    text
 }
 
 #[cfg(test)]
