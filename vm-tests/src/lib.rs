@@ -250,8 +250,11 @@ fn base64(data: &[u8]) -> String {
 #[derive(Debug)]
 pub struct Vm {
     pub name: String,
-    child: Child,
+    /// QEMU; behind a lock so a shared handle can ask whether it exited.
+    child: std::sync::Mutex<Child>,
     serial: PathBuf,
+    /// What QEMU itself printed (its errors), kept beside the console.
+    qemu_log: PathBuf,
     workdir: tempfile::TempDir,
     started: Instant,
     /// Every console line with when it first appeared (a watcher thread).
@@ -387,11 +390,15 @@ impl Vm {
                 base64(value)
             ));
         }
+        // QEMU's own messages go to a file: a pipe nobody reads would
+        // stop QEMU, guest and all, once it filled.
+        let qemu_log = workdir.path().join("qemu.log");
+        let stderr = fs::File::create(&qemu_log).context("creating QEMU's log")?;
         cmd.arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(stderr);
         let child = die_with_parent(&mut cmd)
             .spawn()
             .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
@@ -406,8 +413,9 @@ impl Vm {
         );
         Ok(Self {
             name: cfg.name.clone(),
-            child,
+            child: std::sync::Mutex::new(child),
             serial,
+            qemu_log,
             workdir,
             started,
             timeline,
@@ -422,9 +430,28 @@ impl Vm {
             .unwrap_or_default()
     }
 
-    /// Whether QEMU has exited (the guest powered off).
-    pub fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
+    /// Whether QEMU has exited (the guest powered off, or QEMU died).
+    pub fn exited(&self) -> bool {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(child.try_wait(), Ok(Some(_)))
+    }
+
+    /// How long the console has printed nothing (since QEMU started, if
+    /// it never has).
+    pub fn silent_for(&self) -> Duration {
+        let last = self
+            .timeline
+            .lock()
+            .ok()
+            .and_then(|t| t.last().map(|(at, _)| *at))
+            .unwrap_or_default();
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    fn kill(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -479,32 +506,11 @@ impl Vm {
     /// power off; QEMU is killed after that. Returns how long the guest
     /// took, or `None` when it had to be killed.
     pub fn power_down(&mut self, grace: Duration) -> Result<Option<Duration>> {
-        use std::io::{BufRead, Write};
         let asked = Instant::now();
-        let socket = self.workdir.path().join("qmp.sock");
-        let mut qmp = std::os::unix::net::UnixStream::connect(&socket)
-            .with_context(|| format!("connecting to {}", socket.display()))?;
-        qmp.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut lines = std::io::BufReader::new(qmp.try_clone()?).lines();
-        let mut answers = 0;
-        // The greeting, then one answer per command (events may come between).
-        lines.next().context("QMP said nothing")??;
-        for command in ["qmp_capabilities", "system_powerdown"] {
-            writeln!(qmp, "{{\"execute\": \"{command}\"}}")?;
-            loop {
-                let line = lines.next().context("QMP closed")??;
-                if line.contains("\"return\"") {
-                    answers += 1;
-                    break;
-                }
-                ensure!(!line.contains("\"error\""), "QMP {command}: {line}");
-            }
-        }
-        ensure!(answers == 2, "QMP did not take the power-down");
+        self.qmp("system_powerdown")?;
         while !self.exited() {
             if asked.elapsed() > grace {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
+                self.kill();
                 return Ok(None);
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -512,13 +518,48 @@ impl Vm {
         Ok(Some(asked.elapsed()))
     }
 
-    /// The last `n` console lines, for failure messages.
+    /// Runs one QEMU monitor command and returns its answer (the JSON line
+    /// holding `"return"`).
+    pub fn qmp(&self, command: &str) -> Result<String> {
+        use std::io::{BufRead, Write};
+        let socket = self.workdir.path().join("qmp.sock");
+        let mut qmp = std::os::unix::net::UnixStream::connect(&socket)
+            .with_context(|| format!("connecting to {}", socket.display()))?;
+        qmp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut lines = std::io::BufReader::new(qmp.try_clone()?).lines();
+        // The greeting, then one answer per command (events may come between).
+        lines.next().context("QMP said nothing")??;
+        let mut answer = String::new();
+        for command in ["qmp_capabilities", command] {
+            writeln!(qmp, "{{\"execute\": \"{command}\"}}")?;
+            answer = loop {
+                let line = lines.next().context("QMP closed")??;
+                ensure!(!line.contains("\"error\""), "QMP {command}: {line}");
+                if line.contains("\"return\"") {
+                    break line;
+                }
+            };
+        }
+        Ok(answer)
+    }
+
+    /// The last `n` console lines, for failure messages, and whatever
+    /// QEMU itself printed.
     pub fn tail(&self, n: usize) -> String {
-        format!(
+        let mut tail = format!(
             "--- last console lines of {} ---\n{}",
             self.name,
             last_lines(&self.console(), n)
-        )
+        );
+        let qemu = fs::read_to_string(&self.qemu_log).unwrap_or_default();
+        if !qemu.trim().is_empty() {
+            tail.push_str(&format!(
+                "\n--- QEMU's messages for {} ---\n{}",
+                self.name,
+                last_lines(&qemu, 20)
+            ));
+        }
+        tail
     }
 
     /// Keeps the console log under `target/vm-logs` for a person to read.
@@ -547,7 +588,52 @@ impl Drop for Vm {
         self.watching
             .store(false, std::sync::atomic::Ordering::SeqCst);
         self.keep_log();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_qemu_that_fails_to_start_is_seen_exited_with_its_own_words() {
+        let missing = std::env::temp_dir().join("slipway-no-such-disk.qcow2");
+        let vm = Vm::boot(&VmConfig::new("no-disk", missing, "qcow2")).unwrap();
+        let started = Instant::now();
+        while !vm.exited() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "QEMU still runs without its disk"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let tail = vm.tail(5);
+        assert!(
+            tail.contains("QEMU's messages") && tail.contains("slipway-no-such-disk"),
+            "{tail}"
+        );
+    }
+
+    #[test]
+    fn a_running_guest_answers_on_its_monitor_and_its_silence_is_measured() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("blank.raw");
+        fs::File::create(&disk)
+            .and_then(|f| f.set_len(1 << 20))
+            .unwrap();
+        let vm = Vm::boot(&VmConfig::new("blank", disk, "raw")).unwrap();
+        let mut status = Err(anyhow::anyhow!("not asked"));
+        for _ in 0..50 {
+            status = vm.qmp("query-status");
+            if status.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let status = status.unwrap();
+        assert!(status.contains("running"), "{status}");
+        assert!(!vm.exited());
+        assert!(vm.silent_for() <= vm.elapsed());
     }
 }
