@@ -270,13 +270,22 @@ fn watch_console(
     watching: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     std::thread::spawn(move || {
-        let mut seen = 0usize;
+        use std::io::{Read, Seek, SeekFrom};
+        let mut seen = 0u64;
         let mut partial = String::new();
+        let mut bytes = Vec::new();
         while watching.load(std::sync::atomic::Ordering::SeqCst) {
-            if let Ok(bytes) = fs::read(&serial) {
-                if bytes.len() > seen {
-                    partial.push_str(&String::from_utf8_lossy(&bytes[seen..]));
-                    seen = bytes.len();
+            // Only what was added since the last look: a busy member's
+            // console grows to megabytes, read five times a second.
+            bytes.clear();
+            let read = fs::File::open(&serial).and_then(|mut f| {
+                f.seek(SeekFrom::Start(seen))?;
+                f.read_to_end(&mut bytes)
+            });
+            if let Ok(n) = read {
+                if n > 0 {
+                    partial.push_str(&String::from_utf8_lossy(&bytes));
+                    seen += n as u64;
                     let now = started.elapsed();
                     while let Some(end) = partial.find('\n') {
                         let line: String = partial.drain(..=end).collect();
@@ -562,12 +571,16 @@ impl Vm {
         tail
     }
 
-    /// Keeps the console log under `target/vm-logs` for a person to read.
+    /// Keeps the console log (and QEMU's messages, if it printed any)
+    /// under `target/vm-logs` for a person to read.
     pub fn keep_log(&self) -> Option<PathBuf> {
         let dir = workspace_dir().join("target/vm-logs");
         fs::create_dir_all(&dir).ok()?;
         let dest = dir.join(format!("{}.log", self.name));
         fs::copy(&self.serial, &dest).ok()?;
+        if fs::metadata(&self.qemu_log).is_ok_and(|m| m.len() > 0) {
+            let _ = fs::copy(&self.qemu_log, dir.join(format!("{}.qemu.log", self.name)));
+        }
         Some(dest)
     }
 
