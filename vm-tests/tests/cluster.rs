@@ -1310,8 +1310,8 @@ spec:
         held.answered >= 10,
         "the API answered too few samples to judge the disruption budget: {held}"
     );
-    // Known gap, reported rather than failed: in the one run that got this
-    // far, steady's available replicas fell to zero during the update
+    // Known gap, reported rather than failed: in one of the runs that got
+    // this far, steady's available replicas fell to zero during the update
     // (README, "Updating a cluster to a new release"). Until that is
     // fixed the test says so loudly and goes on to the checks after it.
     if !held.lowest.is_some_and(|n| n >= STEADY_MIN_AVAILABLE) {
