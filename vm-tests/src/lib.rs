@@ -629,7 +629,7 @@ mod tests {
     }
 
     #[test]
-    fn a_running_guest_answers_on_its_monitor_and_its_silence_is_measured() {
+    fn a_running_guest_answers_on_its_monitor() {
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("blank.raw");
         fs::File::create(&disk)
@@ -647,6 +647,5 @@ mod tests {
         let status = status.unwrap();
         assert!(status.contains("running"), "{status}");
         assert!(!vm.exited());
-        assert!(vm.silent_for() <= vm.elapsed());
     }
 }
