@@ -86,9 +86,10 @@ pub fn retire_tokens(ctx: &Context) -> Result<Vec<String>, StepError> {
     Ok(retired)
 }
 
-/// Waits for the API server (up to `api-server`), applies the add-ons, and
+/// Waits for the API server (up to `api-server`), applies the add-ons,
 /// labels the master's Node once its kubelet registered it (up to
-/// `node-registers`).
+/// `node-registers`), and waits for that Node to be Ready (up to
+/// `node-ready`), lifting the cordon its predecessor's departure left.
 pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     if ctx.config.role != Role::Master {
         return Ok(Report::already(STEP, "nothing to apply on a node"));
@@ -120,10 +121,8 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     // itself), once its kubelet has registered the node; and its release
     // label, which a replacement master's kubelet does not put on the Node
     // its predecessor registered under the same name.
-    let node = format!(
-        "node/{}",
-        crate::render::master_node_name(ctx.config.master_ip)
-    );
+    let name = super::leave::own_node(ctx);
+    let node = format!("node/{name}");
     let release = crate::render::image_release(&ctx.paths.etc)
         .map(|r| format!("{}={r}", crate::render::RELEASE_LABEL));
     let mut label = vec!["label", "--overwrite", node.as_str(), CONTROL_PLANE_LABEL];
@@ -135,9 +134,12 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
+    // In service means able to carry pods: a rolling update that moved on
+    // to the nodes before this would find nowhere for their pods to go.
+    let ready = super::leave::until_ready(ctx, &kubectl, &name).await?;
     Ok(Report::changed(
         STEP,
-        format!("applied {objects} objects from {dir}; labelled {node}"),
+        format!("applied {objects} objects from {dir}; labelled {node}; {ready}"),
     ))
 }
 
@@ -148,10 +150,13 @@ mod tests {
     use std::path::Path;
     use std::sync::{Arc, Mutex};
 
-    /// kubectl as the API server would answer it: not ready `n` times.
+    /// kubectl as the API server would answer it: not ready `n` times;
+    /// the master's Node NotReady when first asked, then Ready under the
+    /// cordon its predecessor's departure left.
     #[derive(Debug, Clone, Default)]
     struct Kubectl {
         not_ready: Arc<Mutex<usize>>,
+        node_asked: Arc<Mutex<usize>>,
         calls: Arc<Mutex<Vec<String>>>,
     }
 
@@ -172,6 +177,16 @@ mod tests {
                     message: "connection refused".into(),
                 });
             }
+            if line.contains("get node/") {
+                let mut asked = self.node_asked.lock().unwrap();
+                *asked += 1;
+                let ready = if *asked == 1 { "False" } else { "True" };
+                return Ok(format!(
+                    r#"{{"metadata": {{"annotations": {{"slipway/cordoned-by": "leave"}}}},
+                        "spec": {{"unschedulable": true}},
+                        "status": {{"conditions": [{{"type": "Ready", "status": "{ready}"}}]}}}}"#
+                ));
+            }
             if line.contains("get secrets") {
                 // The current token, one from before tokens expired, and
                 // an expiring one the token cleaner will remove.
@@ -191,8 +206,8 @@ mod tests {
         crate::steps::test_context(role, Box::new(runner), Path::new("/nonexistent")).await
     }
 
-    #[tokio::test]
-    async fn waits_for_the_api_then_applies_server_side() {
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_the_api_applies_server_side_then_waits_for_its_node() {
         let kubectl = Kubectl::default();
         *kubectl.not_ready.lock().unwrap() = 2;
         let mut ctx = context("master", kubectl.clone()).await;
@@ -211,7 +226,10 @@ mod tests {
         let secrets = ctx.paths.secrets.display().to_string();
         assert_eq!(
             report.detail,
-            format!("applied 2 objects from {secrets}/addons; labelled node/ip-10-0-1-10")
+            format!(
+                "applied 2 objects from {secrets}/addons; labelled node/ip-10-0-1-10; \
+                 node/ip-10-0-1-10 Ready after 0s; uncordoned (its last departure had cordoned it)"
+            )
         );
         let prefix =
             format!("kubectl --kubeconfig {secrets}/pki/super-admin.conf --request-timeout=60s");
@@ -237,6 +255,9 @@ mod tests {
                 // Its release too: a replacement master's kubelet keeps
                 // the labels of the Node it registers under again.
                 "label --overwrite node/ip-10-0-1-10 node-role.kubernetes.io/control-plane= slipway/release=0.2.0",
+                "get node/ip-10-0-1-10 --output=json",
+                "get node/ip-10-0-1-10 --output=json",
+                r#"patch node/ip-10-0-1-10 --type=merge --patch={"metadata":{"annotations":{"slipway/cordoned-by":null}},"spec":{"unschedulable":false}}"#,
             ]
         );
     }

@@ -32,9 +32,9 @@ pub struct Deadlines {
     pub node_registers: Duration,
     /// A master: a control-plane container stopped after a renewal runs again.
     pub restart: Duration,
-    /// A node: Ready in the API before it signals its stack.
+    /// Ready in the API before a member signals its stack.
     pub node_ready: Duration,
-    /// A node shutting down: its pods evicted (disruption budgets allowing).
+    /// A member shutting down: its pods evicted (disruption budgets allowing).
     pub drain: Duration,
     /// Any one boot step, its waits included.
     pub step: Duration,
@@ -114,12 +114,12 @@ impl Deadlines {
             ),
             (
                 "node-ready",
-                "a node: Ready in the API before it signals its stack",
+                "a member: its Node Ready in the API before it signals its stack",
                 &mut self.node_ready,
             ),
             (
                 "drain",
-                "a node shutting down: its pods evicted, disruption budgets allowing",
+                "a member shutting down: its pods evicted, disruption budgets allowing",
                 &mut self.drain,
             ),
             (

@@ -3,25 +3,33 @@
 //! Arrival: a new node tells its stack it is in service only once the API
 //! server reports it Ready (`slipway-init ready`), so a rolling update
 //! moves to the next batch only when the last one carries pods again. A
-//! master signals after its add-ons instead (see `addons`).
+//! master signals after its add-ons, once its own Node is Ready too (see
+//! `addons`). Either lifts the cordon its own last departure left on its
+//! Node (a master replaced under the same name, an instance stopped and
+//! started), and no other.
 //!
 //! Departure: `slipway-leave.service` runs `slipway-init leave` as the
 //! instance shuts down, for whatever reason it does (a rolling update, a
 //! scale-in, a replacement, a stop), while kubelet, containerd and the
-//! network still run. A node cordons itself and evicts its pods through
-//! the eviction API, so PodDisruptionBudgets hold, until none is left or
-//! the `drain` deadline passes. A master stops kubelet (so no static pod
-//! is restarted behind it), then its control plane top-down and etcd last,
-//! each given time to exit, so etcd's data is consistent on the volume
-//! when the volume detaches. The kubelet's own credentials suffice for a
-//! node: the API server's NodeRestriction lets a node evict only pods
-//! bound to it and change only its own Node object.
+//! network still run. Every member cordons its Node and evicts its pods
+//! through the eviction API, so PodDisruptionBudgets hold, until none is
+//! left or the `drain` deadline passes. A master drains too: pods left on
+//! it would keep the Ready status its last kubelet wrote while nothing
+//! runs them, until its replacement's kubelet starts them again, and a
+//! node's drain in the meantime would count them as available. Then a
+//! master stops kubelet (so no static pod is restarted behind it), then
+//! its control plane top-down and etcd last, each given time to exit, so
+//! etcd's data is consistent on the volume when the volume detaches; a
+//! drain that fails does not hold that back. The kubelet's own
+//! credentials suffice: the API server's NodeRestriction lets a kubelet
+//! evict only pods bound to its Node and change only that Node.
 
 use super::renewal::{crictl, running};
 use super::{Context, Report, StepError};
 use crate::config::Role;
 use crate::retry::{self, Backoff};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 pub const READY_STEP: &str = "ready";
 pub const LEAVE_STEP: &str = "leave";
@@ -44,37 +52,83 @@ fn kubelet_kubectl(ctx: &Context) -> impl Fn(&[&str]) -> Result<String, StepErro
     super::addons::kubectl_as(ctx, &super::configure::kubelet_conf(ctx))
 }
 
-/// Waits (up to `node-ready`) until this node is Ready in the API. On a
-/// master there is nothing to wait for here.
-pub async fn ready(ctx: &Context) -> Result<Report, StepError> {
-    if ctx.config.role != Role::Node {
-        return Ok(Report::already(
-            READY_STEP,
-            "a master is in service once its add-ons are applied",
-        ));
+/// The annotation a leaving member's cordon carries, so the member's next
+/// boot lifts that cordon and no other (an operator's stays).
+pub const CORDON_ANNOTATION: &str = "slipway/cordoned-by";
+const CORDONED_BY_LEAVE: &str = "leave";
+
+/// This member's Node name: the master's is fixed by its address (a
+/// replacement registers under its predecessor's), a node's is its
+/// instance ID.
+pub fn own_node(ctx: &Context) -> String {
+    match ctx.config.role {
+        Role::Master => crate::render::master_node_name(ctx.config.master_ip),
+        Role::Node => ctx.instance.id.clone(),
     }
-    let kubectl = kubelet_kubectl(ctx);
-    let node = format!("node/{}", ctx.instance.id);
-    let condition = "--output=jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
+}
+
+/// Waits (up to `node-ready`) until `node` is Ready in the API, then lifts
+/// the cordon its last departure left on it, if any: a master replaced
+/// under the same name, or an instance stopped and started again. Returns
+/// what it did, for the step's report.
+pub async fn until_ready(
+    ctx: &Context,
+    kubectl: &impl Fn(&[&str]) -> Result<String, StepError>,
+    node: &str,
+) -> Result<String, StepError> {
+    let object = format!("node/{node}");
     let started = Instant::now();
-    retry::until(
-        &format!("waiting for {node} to be Ready"),
+    let seen = retry::until(
+        &format!("waiting for {object} to be Ready"),
         Backoff::new(ctx.deadlines.node_ready),
         || async {
-            Ok::<_, StepError>(
-                kubectl(&["get", &node, condition])
-                    .ok()
-                    .filter(|s| s.trim() == "True")
-                    .map(|_| ()),
-            )
+            let found = kubectl(&["get", &object, "--output=json"])
+                .ok()
+                .and_then(|out| serde_json::from_str::<serde_json::Value>(&out).ok())
+                .filter(is_ready);
+            Ok::<_, StepError>(found)
         },
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
-    Ok(Report::changed(
-        READY_STEP,
-        format!("{node} Ready after {}s", started.elapsed().as_secs()),
-    ))
+    let mut detail = format!("{object} Ready after {}s", started.elapsed().as_secs());
+    if seen["metadata"]["annotations"][CORDON_ANNOTATION] == CORDONED_BY_LEAVE {
+        let patch = serde_json::json!({
+            "metadata": {"annotations": {CORDON_ANNOTATION: null}},
+            "spec": {"unschedulable": false},
+        });
+        kubectl(&[
+            "patch",
+            &object,
+            "--type=merge",
+            &format!("--patch={patch}"),
+        ])?;
+        detail.push_str("; uncordoned (its last departure had cordoned it)");
+    }
+    Ok(detail)
+}
+
+/// Whether a Node object's Ready condition is `True`.
+fn is_ready(node: &serde_json::Value) -> bool {
+    node["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+}
+
+/// Waits (up to `node-ready`) until this node is Ready in the API. On a
+/// master there is nothing to wait for here (its add-ons step waits).
+pub async fn ready(ctx: &Context) -> Result<Report, StepError> {
+    if ctx.config.role != Role::Node {
+        return Ok(Report::already(
+            READY_STEP,
+            "a master is in service once its add-ons are applied and it is Ready",
+        ));
+    }
+    let kubectl = kubelet_kubectl(ctx);
+    let detail = until_ready(ctx, &kubectl, &own_node(ctx)).await?;
+    Ok(Report::changed(READY_STEP, detail))
 }
 
 /// A pod the drain has to move: not a DaemonSet's (it would come back),
@@ -126,11 +180,18 @@ fn pods_to_move(
         .collect())
 }
 
-/// Cordons this node and evicts its pods, respecting their disruption
-/// budgets, until none is left or the `drain` deadline passes.
-async fn drain(ctx: &Context) -> Result<Report, StepError> {
+/// Cordons this member's Node and evicts its pods, respecting their
+/// disruption budgets, until none is left or the `drain` deadline passes.
+/// Returns what it did.
+async fn drain(ctx: &Context) -> Result<String, StepError> {
     let kubectl = kubelet_kubectl(ctx);
-    let node = ctx.instance.id.as_str();
+    let node = own_node(ctx);
+    let node = node.as_str();
+    let cordon = serde_json::json!({
+        "metadata": {"annotations": {CORDON_ANNOTATION: CORDONED_BY_LEAVE}},
+        "spec": {"unschedulable": true},
+    });
+    let cordon = format!("--patch={cordon}");
     std::fs::create_dir_all(&ctx.paths.run).map_err(|e| StepError::Invalid {
         what: ctx.paths.run.display().to_string(),
         message: e.to_string(),
@@ -144,17 +205,12 @@ async fn drain(ctx: &Context) -> Result<Report, StepError> {
         let listed = if cordoned {
             pods_to_move(&kubectl, node)
         } else {
-            kubectl(&[
-                "patch",
-                &format!("node/{node}"),
-                "--type=merge",
-                "--patch={\"spec\":{\"unschedulable\":true}}",
-            ])
-            .map(|_| {
-                cordoned = true;
-                tracing::info!(step = LEAVE_STEP, "cordoned node/{node}");
-            })
-            .and_then(|()| pods_to_move(&kubectl, node))
+            kubectl(&["patch", &format!("node/{node}"), "--type=merge", &cordon])
+                .map(|_| {
+                    cordoned = true;
+                    tracing::info!(step = LEAVE_STEP, "cordoned node/{node}");
+                })
+                .and_then(|()| pods_to_move(&kubectl, node))
         };
         let left = match listed {
             Ok(left) => left,
@@ -166,12 +222,9 @@ async fn drain(ctx: &Context) -> Result<Report, StepError> {
             Err(e) => return Err(e),
         };
         if left.is_empty() {
-            return Ok(Report::changed(
-                LEAVE_STEP,
-                format!(
-                    "node/{node} drained: {evicted} evictions in {}s",
-                    started.elapsed().as_secs()
-                ),
+            return Ok(format!(
+                "node/{node} drained: {evicted} evictions in {}s",
+                started.elapsed().as_secs()
             ));
         }
         if started.elapsed() >= ctx.deadlines.drain {
@@ -227,8 +280,8 @@ fn evict(
 }
 
 /// Stops kubelet, then the control plane's containers one by one, etcd
-/// last, each given `STOP_GRACE` seconds to exit.
-async fn stop_control_plane(ctx: &Context) -> Result<Report, StepError> {
+/// last, each given `STOP_GRACE` seconds to exit. Returns what it did.
+async fn stop_control_plane(ctx: &Context) -> Result<String, StepError> {
     // Signalled, not stopped through a job: kubelet's own stop job waits
     // for this unit (it is ordered after kubelet), so waiting for it here
     // would wait for ever. With a stop pending, systemd does not restart it.
@@ -254,22 +307,28 @@ async fn stop_control_plane(ctx: &Context) -> Result<Report, StepError> {
         }
     }
     ctx.runner.run("sync", &[])?;
-    Ok(Report::changed(
-        LEAVE_STEP,
-        if stopped.is_empty() {
-            "kubelet stopped; no control-plane container was running".to_owned()
-        } else {
-            format!("kubelet stopped, then {} in turn", stopped.join(", "))
-        },
-    ))
+    Ok(if stopped.is_empty() {
+        "kubelet stopped; no control-plane container was running".to_owned()
+    } else {
+        format!("kubelet stopped, then {} in turn", stopped.join(", "))
+    })
 }
 
 /// Leaves the cluster cleanly (see the module's docs).
 pub async fn leave(ctx: &Context) -> Result<Report, StepError> {
-    match ctx.config.role {
-        Role::Node => drain(ctx).await,
-        Role::Master => stop_control_plane(ctx).await,
-    }
+    let detail = match ctx.config.role {
+        Role::Node => drain(ctx).await?,
+        Role::Master => {
+            // A drain that cannot finish does not keep etcd from a clean
+            // stop: the master goes either way, and its volume with it.
+            let drained = drain(ctx).await.unwrap_or_else(|e| {
+                tracing::warn!(step = LEAVE_STEP, "{e}; stopping all the same");
+                format!("not drained ({e})")
+            });
+            format!("{drained}; {}", stop_control_plane(ctx).await?)
+        }
+    };
+    Ok(Report::changed(LEAVE_STEP, detail))
 }
 
 #[cfg(test)]
@@ -286,6 +345,8 @@ mod tests {
     struct Host {
         calls: Arc<Mutex<Vec<String>>>,
         web_evictions: Arc<Mutex<usize>>,
+        /// The API server refuses every request.
+        api_down: bool,
     }
 
     impl Runner for Host {
@@ -297,6 +358,12 @@ mod tests {
         ) -> Result<String, StepError> {
             let line = format!("{program} {}", args.join(" "));
             self.calls.lock().unwrap().push(line.clone());
+            if program == "kubectl" && self.api_down {
+                return Err(StepError::Invalid {
+                    what: line,
+                    message: "connection refused".into(),
+                });
+            }
             let mut evictions = self.web_evictions.lock().unwrap();
             if line.contains("get pods") {
                 let web = r#"{"metadata": {"name": "web-1", "namespace": "default", "ownerReferences": [{"kind": "ReplicaSet"}]}, "status": {"phase": "Running"}}"#;
@@ -362,21 +429,60 @@ mod tests {
         assert!(!calls.iter().any(|c| c.contains("kube-proxy-x/eviction")));
     }
 
-    #[tokio::test]
-    async fn a_leaving_master_stops_kubelet_then_its_control_plane_etcd_last() {
-        let host = Host::default();
-        let dir = tempfile::tempdir().unwrap();
-        let ctx = context("master", host.clone(), dir.path()).await;
-        leave(&ctx).await.unwrap();
-        let calls = host.calls.lock().unwrap().clone();
-        assert_eq!(calls[0], "systemctl kill kubelet.service");
-        let stopped: Vec<&str> = calls
+    /// What a master's leave did after its drain.
+    fn stops(calls: &[String]) -> Vec<&str> {
+        calls
             .iter()
             .filter(|c| c.contains(" stop "))
             .map(|c| c.rsplit(' ').next().unwrap())
-            .collect();
-        assert_eq!(stopped, STOP_ORDER, "{calls:?}");
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leaving_master_drains_then_stops_kubelet_then_its_control_plane_etcd_last() {
+        let host = Host::default();
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context("master", host.clone(), dir.path()).await;
+        let report = leave(&ctx).await.unwrap();
+        assert!(
+            report
+                .detail
+                .starts_with("node/ip-10-0-1-10 drained: 1 evictions in"),
+            "{}",
+            report.detail
+        );
+        let calls = host.calls.lock().unwrap().clone();
+        assert!(calls[0].contains("patch node/ip-10-0-1-10"), "{calls:?}");
+        assert!(calls[0].contains(r#""slipway/cordoned-by":"leave""#));
+        let kill = calls
+            .iter()
+            .position(|c| c == "systemctl kill kubelet.service")
+            .unwrap();
+        // Every pod gone before kubelet, which would restart none of them.
+        assert!(calls[..kill].iter().any(|c| c.contains("web-1/eviction")));
+        assert!(calls[kill..].iter().all(|c| !c.starts_with("kubectl")));
+        assert_eq!(stops(&calls), STOP_ORDER, "{calls:?}");
         assert_eq!(calls.last().map(String::as_str), Some("sync "));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_master_whose_drain_fails_still_stops_etcd_cleanly() {
+        let host = Host {
+            api_down: true,
+            ..Host::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut ctx = context("master", host.clone(), dir.path()).await;
+        ctx.deadlines.set("drain=10").unwrap();
+        let report = leave(&ctx).await.unwrap();
+        assert!(
+            report.detail.starts_with("not drained (")
+                && report.detail.contains("connection refused"),
+            "{}",
+            report.detail
+        );
+        let calls = host.calls.lock().unwrap().clone();
+        assert_eq!(stops(&calls), STOP_ORDER, "{calls:?}");
     }
 
     #[test]
