@@ -124,6 +124,9 @@ struct Raw {
     master_restore: Option<bool>,
     master_renew_before_days: Option<u32>,
     master_token_hours: Option<u32>,
+    master_backup_minutes: Option<u32>,
+    master_backups_kept: Option<u32>,
+    master_backup_days: Option<u32>,
     region: Option<String>,
     aws_endpoint: Option<String>,
     signal_stack: Option<String>,
@@ -142,6 +145,67 @@ pub struct MasterConfig {
     pub renew_before_days: u32,
     /// How long each bootstrap token lasts.
     pub token_hours: u32,
+    /// etcd snapshots taken into the secrets bucket, and how many kept.
+    pub backups: Backups,
+}
+
+/// When the master snapshots etcd into the secrets bucket and which
+/// snapshots it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backups {
+    /// Minutes between snapshots; 0 takes none on schedule.
+    pub every_minutes: u32,
+    /// The newest this many are kept.
+    pub keep_last: u32,
+    /// And the newest of each UTC day for this many days.
+    pub daily_days: u32,
+}
+
+impl Default for Backups {
+    fn default() -> Self {
+        Self {
+            every_minutes: 15,
+            keep_last: 8,
+            daily_days: 7,
+        }
+    }
+}
+
+impl Backups {
+    fn from_raw(
+        every: Option<u32>,
+        kept: Option<u32>,
+        days: Option<u32>,
+    ) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let backups = Self {
+            every_minutes: every.unwrap_or(d.every_minutes),
+            keep_last: kept.unwrap_or(d.keep_last),
+            daily_days: days.unwrap_or(d.daily_days),
+        };
+        if backups.every_minutes > 24 * 60 {
+            return Err(invalid(
+                "master_backup_minutes",
+                format!(
+                    "{} must be at most 1440 (a day); 0 takes none on schedule",
+                    backups.every_minutes
+                ),
+            ));
+        }
+        if !(1..=1000).contains(&backups.keep_last) {
+            return Err(invalid(
+                "master_backups_kept",
+                format!("{} must be between 1 and 1000", backups.keep_last),
+            ));
+        }
+        if backups.daily_days > 366 {
+            return Err(invalid(
+                "master_backup_days",
+                format!("{} must be at most 366", backups.daily_days),
+            ));
+        }
+        Ok(backups)
+    }
 }
 
 /// The renewal window when the config names none (kubeadm's leaves last a
@@ -333,6 +397,11 @@ impl StackConfig {
                     restore: raw.master_restore.unwrap_or(false),
                     renew_before_days: renew_before_days(raw.master_renew_before_days)?,
                     token_hours: token_hours(raw.master_token_hours)?,
+                    backups: Backups::from_raw(
+                        raw.master_backup_minutes,
+                        raw.master_backups_kept,
+                        raw.master_backup_days,
+                    )?,
                 })
             }
             Role::Node => {
@@ -341,6 +410,9 @@ impl StackConfig {
                     || raw.master_restore.is_some()
                     || raw.master_renew_before_days.is_some()
                     || raw.master_token_hours.is_some()
+                    || raw.master_backup_minutes.is_some()
+                    || raw.master_backups_kept.is_some()
+                    || raw.master_backup_days.is_some()
                 {
                     return Err(invalid(
                         "master_volume",
@@ -460,6 +532,20 @@ master_volume = "vol-0123456789abcdef0"
         let hours = format!("{MASTER}master_token_hours = 6\n");
         let c = StackConfig::parse(hours.as_bytes()).unwrap();
         assert_eq!(c.master.unwrap().token_hours, 6);
+        let c = StackConfig::parse(MASTER.as_bytes()).unwrap();
+        assert_eq!(c.master.unwrap().backups, Backups::default());
+        let backups = format!(
+            "{MASTER}master_backup_minutes = 0\nmaster_backups_kept = 3\nmaster_backup_days = 30\n"
+        );
+        let c = StackConfig::parse(backups.as_bytes()).unwrap();
+        assert_eq!(
+            c.master.unwrap().backups,
+            Backups {
+                every_minutes: 0,
+                keep_last: 3,
+                daily_days: 30
+            }
+        );
     }
 
     #[test]
@@ -535,6 +621,20 @@ master_volume = "vol-0123456789abcdef0"
                     "role = \"master\"\nmaster_token_hours = 1",
                 ),
                 "between 2 and 168",
+            ),
+            (
+                m(
+                    "role = \"master\"",
+                    "role = \"master\"\nmaster_backups_kept = 0",
+                ),
+                "master_backups_kept",
+            ),
+            (
+                m(
+                    "role = \"master\"",
+                    "role = \"master\"\nmaster_backup_minutes = 2000",
+                ),
+                "at most 1440",
             ),
             (
                 m(

@@ -30,6 +30,9 @@ fn arn(service: &str, resource: &str) -> String {
     format!("arn:aws:{service}:{REGION}:{ACCOUNT}:{resource}")
 }
 
+/// An etcd backup's key below the cluster's prefix.
+const BACKUP: &str = "etcd-backups/20261202T091500Z-r4242.db";
+
 fn object(key: &str) -> String {
     format!("arn:aws:s3:::{BUCKET}/{CLUSTER}/{key}")
 }
@@ -238,11 +241,15 @@ fn boot_requests(member: &Member, role: Role, action: &str) -> Option<Vec<Reques
         "s3:GetObject" | "s3:PutObject" => {
             let keys: &[&str] = match (role, action) {
                 (Role::Node, _) => &["node.json"],
-                (Role::Master, "s3:GetObject") => &["pki.json"],
-                (Role::Master, _) => &["pki.json", "node.json", "admin.conf"],
+                (Role::Master, "s3:GetObject") => &["pki.json", BACKUP],
+                (Role::Master, _) => &["pki.json", "node.json", "admin.conf", BACKUP],
             };
             keys.iter().map(|k| r(&object(k), None)).collect()
         }
+        // Retention: only backups.
+        "s3:DeleteObject" => vec![r(&object(BACKUP), None)],
+        "s3:ListBucket" => vec![r(&format!("arn:aws:s3:::{BUCKET}"), None)
+            .with("s3:prefix", &format!("{CLUSTER}/etcd-backups/"))],
         "cloudformation:SignalResource" => vec![r(
             &arn(
                 "cloudformation",
@@ -299,7 +306,6 @@ fn each_member_is_refused_what_only_the_other_calls_and_what_nobody_calls_own_ev
         "ec2:DeleteVolume",
         "ec2:ReleaseAddress",
         "iam:PassRole",
-        "s3:DeleteObject",
         "kms:Decrypt",
     ];
     for (role, other) in [(Role::Master, Role::Node), (Role::Node, Role::Master)] {
@@ -350,6 +356,10 @@ fn a_node_is_refused_the_masters_secrets_volume_and_address_own_evaluator() {
             &NODE.instance_arn(),
             Some(CLUSTER),
         ),
+        // Deleting anything but a backup (the PKI, the node bundle).
+        MASTER.request("s3:DeleteObject", &object("pki.json"), None),
+        MASTER.request("s3:DeleteObject", &object("node.json"), None),
+        NODE.request("s3:DeleteObject", &object(BACKUP), None),
         // Another cluster's volume and secrets.
         MASTER.request("ec2:AttachVolume", &volume, Some("another")),
         MASTER.request(

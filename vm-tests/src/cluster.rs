@@ -45,10 +45,11 @@ use std::time::{Duration, Instant};
 
 pub const REGION: &str = "us-east-1";
 /// The image's units that call AWS (each is told where the local AWS is).
-const AWS_UNITS: [&str; 6] = [
+const AWS_UNITS: [&str; 7] = [
     "slipway-init.service",
     "slipway-addons.service",
     "slipway-renew.service",
+    "slipway-backup.service",
     "slipway-approver.service",
     "slipway-ready.service",
     "slipway-leave.service",
@@ -672,6 +673,48 @@ impl Cluster {
                 .await
                 .with_context(|| format!("s3://{bucket}/{key}"))?;
             Ok(o.body.collect().await?.into_bytes().to_vec())
+        })
+    }
+
+    /// The keys under `prefix` in the secrets bucket, in S3's order (by
+    /// key), as an administrator lists them.
+    pub fn list_keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let (s3, bucket) = self.secrets_bucket()?;
+        self.rt.block_on(async {
+            let out = s3
+                .list_objects_v2()
+                .bucket(&bucket)
+                .prefix(prefix)
+                .send()
+                .await
+                .with_context(|| format!("listing s3://{bucket}/{prefix}"))?;
+            Ok(out
+                .contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_owned))
+                .collect())
+        })
+    }
+
+    /// An object of the secrets bucket with its user metadata.
+    pub fn get_object_with_metadata(
+        &self,
+        key: &str,
+    ) -> Result<(Vec<u8>, BTreeMap<String, String>)> {
+        let (s3, bucket) = self.secrets_bucket()?;
+        self.rt.block_on(async {
+            let o = s3
+                .get_object()
+                .bucket(&bucket)
+                .key(key)
+                .send()
+                .await
+                .with_context(|| format!("s3://{bucket}/{key}"))?;
+            let meta = o
+                .metadata()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                .unwrap_or_default();
+            Ok((o.body.collect().await?.into_bytes().to_vec(), meta))
         })
     }
 

@@ -13,8 +13,8 @@
 //!    another image version) and its groups roll as the template's
 //!    UpdatePolicy says, the harness playing what moto does not (new
 //!    launch template versions, the rolling update, the signals; see
-//!    `vm_tests::cluster`'s rolling module): the master powers down
-//!    (stopping its control plane, etcd last), and while nothing has its
+//!    `vm_tests::cluster`'s rolling module): the master drains its Node
+//!    and powers down (stopping its control plane, etcd last), and while nothing has its
 //!    disks open a Secret's value is nowhere on them (every byte of the
 //!    data volume), a ConfigMap's is there, and its audit log holds the
 //!    ConfigMap's creation; never two masters run; its replacement, from
@@ -28,12 +28,15 @@
 //! 3. the update rolls on through the node group: the node drains itself
 //!    as it powers down, its replacement joins under a new name and
 //!    signals once Ready; every member's tag and Node label then name the
-//!    new release, and a Deployment's disruption budget held throughout
-//!    (sampled whenever the API answered);
+//!    new release, none is left cordoned, and a Deployment's disruption
+//!    budget held throughout (sampled whenever the API answered);
 //! 4. every persistent disk the dead instances leave behind (the
 //!    replacement master's too, stopped at the end after its renewal) is
 //!    scanned for the cluster's private keys and every bootstrap token
-//!    issued: none outside etcd's own data.
+//!    issued: none outside etcd's own data;
+//! 5. the masters' timer backed etcd up into the bucket: the newest
+//!    backup is an etcd snapshot whose bytes hash to the sha256 stored
+//!    with it.
 //!
 //! Two VMs at most run at once, under TCG. Consoles are kept in
 //! `target/vm-logs`, disks and the kubeconfig in the run directory.
@@ -60,6 +63,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(9 * 60);
 /// answering for a minute or more, longer than the product's two-minute
 /// drain allows, so the members here drain for up to five.
 const DRAIN_UNDER_TCG: &str = "[Service]\nExecStop=\nExecStop=/usr/bin/slipway-init leave --deadline drain=300\nTimeoutStopSec=8min\n";
+/// bbolt's magic number (little-endian) after the first page's header:
+/// what every etcd snapshot starts with.
+const BOLT_MAGIC: [u8; 4] = [0xed, 0xda, 0x0c, 0xed];
 /// The Deployment whose disruption budget the update must respect.
 const STEADY_REPLICAS: i64 = 2;
 const STEADY_MIN_AVAILABLE: i64 = 1;
@@ -1377,6 +1383,31 @@ spec:
     cluster.timing(
         "scenario 4: disks scanned for secrets (both masters', the node's, the data volume twice)",
         scan_time,
+    );
+
+    // 5. etcd backups: the masters' timer snapshotted etcd into the
+    // bucket; the newest is a bbolt file (etcd's) whose bytes hash to the
+    // sha256 stored with it.
+    let prefix = format!("{}/etcd-backups/", cluster.config_value("cluster_name")?);
+    let backups = cluster.list_keys(&prefix)?;
+    let newest = backups
+        .last()
+        .with_context(|| format!("no etcd backup under {prefix}"))?;
+    let (bytes, meta) = cluster.get_object_with_metadata(newest)?;
+    let actual = sha256_hex(&bytes);
+    ensure!(
+        meta.get("sha256") == Some(&actual),
+        "{newest}: sha256 {actual}, stored {:?}",
+        meta.get("sha256")
+    );
+    ensure!(
+        bytes.get(16..20) == Some(&BOLT_MAGIC[..]),
+        "{newest} is not an etcd snapshot (no bbolt magic)"
+    );
+    eprintln!(
+        "[cluster] {} etcd backups; the newest {newest}, {} bytes, its sha256 matches",
+        backups.len(),
+        bytes.len()
     );
 
     eprintln!("[cluster] timings:");

@@ -100,7 +100,7 @@ enum Command {
     },
     /// Master only: wait for the API server, apply the add-ons, signal the stack.
     Addons,
-    /// Master only (a daily timer runs it): renew every leaf certificate of
+    /// Master only (an hourly timer runs it): renew every leaf certificate of
     /// the cluster's bundle that ends within the renewal window
     /// (`master_renew_before_days`, default 90) and restart the control
     /// plane one component at a time to read them. The boot renews too.
@@ -109,17 +109,30 @@ enum Command {
     /// the time of the last renewal.
     Certs,
     /// Node only (a unit runs it at every boot): wait until this node is
-    /// Ready in the API (up to the `node-ready` deadline), then signal the
-    /// stack SUCCESS, or FAILURE at the deadline, so a rolling update moves
-    /// on only once the new node carries pods. A master signals after its
-    /// add-ons instead.
+    /// Ready in the API (up to the `node-ready` deadline), lift the cordon
+    /// its own last departure left, then signal the stack SUCCESS, or
+    /// FAILURE at the deadline, so a rolling update moves on only once the
+    /// new node carries pods. A master does the same after its add-ons.
     Ready,
     /// Leave the cluster cleanly (a unit runs it as the instance shuts
-    /// down): a node cordons itself and evicts its pods, disruption
-    /// budgets allowing, up to the `drain` deadline; a master stops
-    /// kubelet, then its control plane, etcd last, so its data volume
-    /// detaches with etcd's data consistent.
+    /// down): every member cordons its Node and evicts its pods,
+    /// disruption budgets allowing, up to the `drain` deadline; a master
+    /// then stops kubelet, then its control plane, etcd last, so its data
+    /// volume detaches with etcd's data consistent.
     Leave,
+    /// Master only (a timer runs it every five minutes): snapshot etcd into
+    /// the secrets bucket (`<cluster>/etcd-backups/`, with its revision and
+    /// sha256) once the newest backup is `master_backup_minutes` old, then
+    /// delete what the retention lets go (the newest `master_backups_kept`,
+    /// and the newest of each day for `master_backup_days`, stay).
+    Backup {
+        /// Take one now, due or not.
+        #[arg(long)]
+        now: bool,
+        /// Only list the cluster's backups, oldest first.
+        #[arg(long, conflicts_with = "now")]
+        list: bool,
+    },
     /// Master only (a service runs it): decide kubelets' certificate
     /// requests by what EC2 says of this cluster's instances. A client
     /// certificate goes only to a running instance of the node group
@@ -380,6 +393,28 @@ async fn arrive_or_leave(args: &Args, deadlines: Deadlines, arrive: bool) -> Res
     }
 }
 
+/// `backup`: one backup when due (or now), or the list of them.
+async fn backup(args: &Args, deadlines: Deadlines, now: bool, list: bool) -> Result<(), Ending> {
+    let ctx = context(args, deadlines).await?;
+    if ctx.config.role != slipway_init::config::Role::Master {
+        return Err(Ending::last("only a master backs etcd up".into()));
+    }
+    if list {
+        let backups = steps::backup::list(&ctx)
+            .await
+            .map_err(|e| Ending::retry(chain(&e)))?;
+        print!("{}", steps::backup::table(&backups));
+        return Ok(());
+    }
+    let at = time::OffsetDateTime::now_utc();
+    let step = steps::backup::STEP;
+    let report = steps::bounded(&ctx, step, steps::backup::run(&ctx, at, now))
+        .await
+        .map_err(|failed| Ending::retry(chain(&failed)))?;
+    report.log();
+    Ok(())
+}
+
 /// The approver's loop: a pass every `interval`; a failed pass (the API
 /// server restarting, EC2 throttled) is logged and the next one tries again.
 async fn approve(
@@ -463,6 +498,16 @@ fn main() -> ExitCode {
         Some(Command::Leave) => runtime.block_on(arrive_or_leave(&args, deadlines, false)),
         Some(Command::Approve { interval, once }) => {
             runtime.block_on(approve(&args, deadlines, *interval, *once))
+        }
+        Some(Command::Backup { now, list: true }) => {
+            // A table on standard output, nothing else.
+            return match runtime.block_on(backup(&args, deadlines, *now, true)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(ending) => fail(&ending),
+            };
+        }
+        Some(Command::Backup { now, list: false }) => {
+            runtime.block_on(backup(&args, deadlines, *now, false))
         }
         Some(Command::Certs) => {
             // A table on standard output, nothing else.

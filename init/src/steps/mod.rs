@@ -5,6 +5,7 @@
 pub mod addons;
 pub mod approver;
 pub mod attempts;
+pub mod backup;
 pub mod configure;
 pub mod deadlines;
 pub mod eip;
@@ -254,6 +255,7 @@ pub fn calls(role: Role) -> Vec<&'static str> {
             signal::CALLS,
             attempts::CALLS,
             approver::CALLS,
+            backup::CALLS,
         ],
         Role::Node => &[
             srcdest::CALLS,
@@ -385,6 +387,7 @@ mod tests {
             ("signal", include_str!("signal.rs"), signal::CALLS),
             ("attempts", include_str!("attempts.rs"), attempts::CALLS),
             ("approver", include_str!("approver.rs"), approver::CALLS),
+            ("backup", include_str!("backup.rs"), backup::CALLS),
         ];
         for (name, source, listed) in modules {
             let used = api_names(source);
