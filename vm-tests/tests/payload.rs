@@ -1,12 +1,15 @@
 //! The pre-pulled payload under QEMU, with no network at all (so no
-//! registry): containerd lists every image the build manifest names, and a
-//! container from one of them runs. The check itself is a unit handed to
+//! registry): containerd lists every image the build manifest names, a
+//! container from one of them runs, and a container's scope stops only
+//! after the member's leave at shutdown. The check itself is a unit handed to
 //! the guest as a systemd credential, so the image is the one we ship.
 
 use anyhow::{ensure, Context, Result};
 use std::time::Duration;
 use vm_tests::{Image, Vm, VmConfig};
 
+/// A transient scope named as containerd names a container's.
+const SCOPE: &str = "cri-containerd-slipway-payload-check";
 /// Boot, import (hundreds of MiB under TCG) and a container start.
 const DEADLINE: Duration = Duration::from_secs(900);
 
@@ -48,6 +51,8 @@ fn prepulled_images_are_imported_and_run_without_a_registry() -> Result<()> {
          ExecStart=/bin/sh -c 'sha256sum {paths} | sed \"s/^/SLIPWAY-TEST-SHA /\"; ctr -n k8s.io images ls -q | sed \"s/^/SLIPWAY-TEST-IMAGE /\"; \
          ctr -n k8s.io images ls | grep -c io.cri-containerd.pinned=pinned | sed \"s/^/SLIPWAY-TEST-PINNED /\"; \
          ctr -n k8s.io run --rm {etcd} payload-check /usr/local/bin/etcd --version 2>&1 | sed \"s/^/SLIPWAY-TEST-RUN /\"; \
+         systemd-run --quiet --scope --unit={SCOPE} sleep 30 & sleep 3; \
+         systemctl show --property=After {SCOPE}.scope | sed \"s/^/SLIPWAY-TEST-SCOPE /\"; \
          echo SLIPWAY-TEST-DONE'\n",
         paths = paths.join(" ")
     );
@@ -94,6 +99,18 @@ fn prepulled_images_are_imported_and_run_without_a_registry() -> Result<()> {
     ensure!(
         version.contains("etcd Version: 3.6"),
         "the etcd container did not run: {version:?}\n{}",
+        vm.tail(60)
+    );
+    // A scope named as containerd names each container's is ordered after
+    // slipway-leave.service (the image's drop-in), so at shutdown the
+    // containers outlive the member's drain.
+    let after = console
+        .lines()
+        .find_map(|l| l.split("SLIPWAY-TEST-SCOPE ").nth(1))
+        .unwrap_or("");
+    ensure!(
+        after.starts_with("After=") && after.contains("slipway-leave.service"),
+        "a container's scope is not ordered after slipway-leave.service: {after:?}\n{}",
         vm.tail(60)
     );
     if let Some(line) = console.lines().find(|l| l.contains("imported and pinned")) {
