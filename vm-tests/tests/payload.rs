@@ -52,7 +52,7 @@ fn prepulled_images_are_imported_and_run_without_a_registry() -> Result<()> {
          ctr -n k8s.io images ls | grep -c io.cri-containerd.pinned=pinned | sed \"s/^/SLIPWAY-TEST-PINNED /\"; \
          ctr -n k8s.io run --rm {etcd} payload-check /usr/local/bin/etcd --version 2>&1 | sed \"s/^/SLIPWAY-TEST-RUN /\"; \
          systemd-run --quiet --scope --unit={SCOPE} sleep 30 & sleep 3; \
-         systemctl show --property=After {SCOPE}.scope | sed \"s/^/SLIPWAY-TEST-SCOPE /\"; \
+         systemctl show --property=Before {SCOPE}.scope | sed \"s/^/SLIPWAY-TEST-SCOPE /\"; \
          echo SLIPWAY-TEST-DONE'\n",
         paths = paths.join(" ")
     );
@@ -101,16 +101,17 @@ fn prepulled_images_are_imported_and_run_without_a_registry() -> Result<()> {
         "the etcd container did not run: {version:?}\n{}",
         vm.tail(60)
     );
-    // A scope named as containerd names each container's is ordered after
-    // slipway-leave.service (the image's drop-in), so at shutdown the
-    // containers outlive the member's drain.
-    let after = console
+    // A scope named as containerd names each container's is ordered
+    // before slipway-leave.service (the image's drop-in), so at shutdown,
+    // when units stop in reverse order, the containers outlive the
+    // member's drain.
+    let before = console
         .lines()
         .find_map(|l| l.split("SLIPWAY-TEST-SCOPE ").nth(1))
         .unwrap_or("");
     ensure!(
-        after.starts_with("After=") && after.contains("slipway-leave.service"),
-        "a container's scope is not ordered after slipway-leave.service: {after:?}\n{}",
+        before.starts_with("Before=") && before.contains("slipway-leave.service"),
+        "a container's scope is not ordered before slipway-leave.service: {before:?}\n{}",
         vm.tail(60)
     );
     if let Some(line) = console.lines().find(|l| l.contains("imported and pinned")) {
