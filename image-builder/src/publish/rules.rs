@@ -21,7 +21,10 @@
 //!   `slipway:role` master) can never run two masters (at most one
 //!   instance, none kept in service, one at a time, no replacing update);
 //!   every other group updates after it; every instance is tagged with its
-//!   release.
+//!   release;
+//! - `volume-backups`: every EBS volume the template makes (the master's
+//!   etcd data) carries a tag an enabled Data Lifecycle Manager policy
+//!   targets, with a schedule that creates snapshots and retains some.
 
 use serde_json::Value;
 
@@ -174,7 +177,59 @@ pub fn check(template: &Value) -> Vec<Violation> {
             _ => {}
         }
     }
+    for (name, detail) in unbacked_volumes(resources) {
+        out.push(Violation {
+            rule: "volume-backups",
+            resource: name,
+            detail,
+        });
+    }
     out
+}
+
+/// Whether `policy` (an `AWS::DLM::LifecyclePolicy`) snapshots volumes on
+/// a schedule and keeps what it takes.
+fn snapshots_volumes(policy: &Value) -> bool {
+    let props = &policy["Properties"];
+    let details = &props["PolicyDetails"];
+    let schedules = as_list(&details["Schedules"]);
+    props["State"] == "ENABLED"
+        && details["PolicyType"] == "EBS_SNAPSHOT_MANAGEMENT"
+        && as_list(&details["ResourceTypes"])
+            .iter()
+            .any(|t| *t == "VOLUME")
+        && !schedules.is_empty()
+        && schedules
+            .iter()
+            .all(|s| s["CreateRule"].is_object() && s["RetainRule"].is_object())
+}
+
+/// Each volume no snapshot policy targets, and why.
+fn unbacked_volumes(resources: &serde_json::Map<String, Value>) -> Vec<(String, String)> {
+    let targeted: Vec<&Value> = resources
+        .values()
+        .filter(|r| r["Type"] == "AWS::DLM::LifecyclePolicy" && snapshots_volumes(r))
+        .flat_map(|r| as_list(&r["Properties"]["PolicyDetails"]["TargetTags"]))
+        .collect();
+    resources
+        .iter()
+        .filter(|(_, r)| r["Type"] == "AWS::EC2::Volume")
+        .filter(|(_, r)| {
+            !as_list(&r["Properties"]["Tags"]).iter().any(|tag| {
+                targeted
+                    .iter()
+                    .any(|t| t["Key"] == tag["Key"] && t["Value"] == tag["Value"])
+            })
+        })
+        .map(|(name, _)| {
+            (
+                name.clone(),
+                "no enabled Data Lifecycle Manager policy snapshots it (on a schedule, \
+                 with a retention) by one of its tags"
+                    .to_owned(),
+            )
+        })
+        .collect()
 }
 
 /// The value of `tag` in the instance tags a launch template gives.
@@ -445,6 +500,34 @@ mod tests {
                     .unwrap()
                     .iter()
                     .filter(|t| t["Key"] != "slipway:release")
+                    .cloned()
+                    .collect();
+                *tags = Value::Array(kept);
+            }),
+            ("volume-backups", |t| {
+                t["Resources"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("MasterVolumeSnapshots");
+            }),
+            ("volume-backups", |t| {
+                t["Resources"]["MasterVolumeSnapshots"]["Properties"]["State"] = "DISABLED".into()
+            }),
+            ("volume-backups", |t| {
+                t["Resources"]["MasterVolumeSnapshots"]["Properties"]["PolicyDetails"]
+                    ["Schedules"][0]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("RetainRule");
+            }),
+            ("volume-backups", |t| {
+                // The volume loses the tag the policy targets.
+                let tags = &mut t["Resources"]["MasterVolume"]["Properties"]["Tags"];
+                let kept: Vec<Value> = tags
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|t| t["Key"] != "slipway:etcd-data")
                     .cloned()
                     .collect();
                 *tags = Value::Array(kept);
