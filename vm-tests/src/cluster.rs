@@ -663,17 +663,7 @@ impl Cluster {
 
     /// An object from the secrets bucket.
     pub fn get_object(&self, key: &str) -> Result<Vec<u8>> {
-        let (s3, bucket) = self.secrets_bucket()?;
-        self.rt.block_on(async {
-            let o = s3
-                .get_object()
-                .bucket(&bucket)
-                .key(key)
-                .send()
-                .await
-                .with_context(|| format!("s3://{bucket}/{key}"))?;
-            Ok(o.body.collect().await?.into_bytes().to_vec())
-        })
+        Ok(self.get_object_with_metadata(key)?.0)
     }
 
     /// The keys under `prefix` in the secrets bucket, in S3's order (by

@@ -514,11 +514,11 @@ mod tests {
                 t["Resources"]["MasterVolumeSnapshots"]["Properties"]["State"] = "DISABLED".into()
             }),
             ("volume-backups", |t| {
-                t["Resources"]["MasterVolumeSnapshots"]["Properties"]["PolicyDetails"]
-                    ["Schedules"][0]
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("RetainRule");
+                t["Resources"]["MasterVolumeSnapshots"]["Properties"]["PolicyDetails"]["Schedules"]
+                    [0]
+                .as_object_mut()
+                .unwrap()
+                .remove("RetainRule");
             }),
             ("volume-backups", |t| {
                 // The volume loses the tag the policy targets.
