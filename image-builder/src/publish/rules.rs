@@ -414,6 +414,13 @@ mod tests {
         assert_eq!(check(&template()), vec![]);
     }
 
+    /// Removes the tag `key` from a list of tags.
+    fn drop_tag(tags: &mut Value, key: &str) {
+        if let Some(list) = tags.as_array_mut() {
+            list.retain(|t| t["Key"] != key);
+        }
+    }
+
     #[test]
     fn each_rule_catches_its_violation() {
         type Mutation = fn(&mut Value);
@@ -493,16 +500,11 @@ mod tests {
                     .remove("CreationPolicy");
             }),
             ("rolling-update", |t| {
-                let tags = &mut t["Resources"]["NodeLaunchTemplate"]["Properties"]
-                    ["LaunchTemplateData"]["TagSpecifications"][0]["Tags"];
-                let kept: Vec<Value> = tags
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .filter(|t| t["Key"] != "slipway:release")
-                    .cloned()
-                    .collect();
-                *tags = Value::Array(kept);
+                drop_tag(
+                    &mut t["Resources"]["NodeLaunchTemplate"]["Properties"]["LaunchTemplateData"]
+                        ["TagSpecifications"][0]["Tags"],
+                    "slipway:release",
+                );
             }),
             ("volume-backups", |t| {
                 t["Resources"]
@@ -522,15 +524,10 @@ mod tests {
             }),
             ("volume-backups", |t| {
                 // The volume loses the tag the policy targets.
-                let tags = &mut t["Resources"]["MasterVolume"]["Properties"]["Tags"];
-                let kept: Vec<Value> = tags
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .filter(|t| t["Key"] != "slipway:etcd-data")
-                    .cloned()
-                    .collect();
-                *tags = Value::Array(kept);
+                drop_tag(
+                    &mut t["Resources"]["MasterVolume"]["Properties"]["Tags"],
+                    "slipway:etcd-data",
+                );
             }),
         ];
         for (rule, mutate) in cases {

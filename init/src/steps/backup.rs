@@ -299,10 +299,14 @@ async fn take(ctx: &Context, now: OffsetDateTime) -> Result<(Backup, String), St
 }
 
 /// Deletes the backups the retention lets go; returns how many.
-async fn prune(ctx: &Context, backups: &[Backup], now: OffsetDateTime) -> Result<usize, StepError> {
+async fn prune(
+    ctx: &Context,
+    backups: &[Backup],
+    now: OffsetDateTime,
+    policy: &Backups,
+) -> Result<usize, StepError> {
     let bucket = &ctx.config.secrets_bucket;
-    let policy = policy(ctx);
-    let gone = expired(backups, now, &policy);
+    let gone = expired(backups, now, policy);
     for b in &gone {
         ctx.aws
             .s3
@@ -352,7 +356,7 @@ pub async fn run(ctx: &Context, at: OffsetDateTime, force: bool) -> Result<Repor
     let started = std::time::Instant::now();
     let (backup, sha256) = take(ctx, at).await?;
     backups.push(backup.clone());
-    let pruned = prune(ctx, &backups, at).await?;
+    let pruned = prune(ctx, &backups, at, &policy).await?;
     Ok(Report::changed(
         STEP,
         format!(
