@@ -130,5 +130,33 @@ fn main() -> Result<(), String> {
         mib(m_cold.disk.size),
         mib(m_cold.qcow2.size)
     );
+    print_vm_figures(&repo.join("target/bench/vm-figures.json"));
     Ok(())
+}
+
+/// The boot figures the VM tests recorded at their last run, each beside
+/// the one it replaced (`just vm-test` or `just test` refreshes them).
+fn print_vm_figures(path: &Path) {
+    let figures: serde_json::Map<String, serde_json::Value> = match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        Err(_) => {
+            println!(
+                "\nno VM figures yet ({}): run `just vm-test` or `just test`",
+                path.display()
+            );
+            return;
+        }
+    };
+    println!(
+        "\n{:<72} {:>9} {:>9} {:>6}",
+        "VM figure (s after QEMU start, or duration)", "last", "previous", "ratio"
+    );
+    for (name, f) in &figures {
+        let last = f["seconds"].as_f64().unwrap_or(f64::NAN);
+        let (previous, ratio) = match f["previous"].as_f64() {
+            Some(p) if p > 0.0 => (format!("{p:.1}"), format!("{:.2}", last / p)),
+            _ => ("-".to_owned(), "-".to_owned()),
+        };
+        println!("{name:<72} {last:>9.1} {previous:>9} {ratio:>6}");
+    }
 }

@@ -131,7 +131,14 @@ impl Imds {
         let token = Mutex::new(None);
         let what = format!("reading {path}");
         let announced = AtomicBool::new(false);
-        let answer = retry::until(&what, Backoff::new(self.deadline), || {
+        // The service is on the link: polling it every second costs nothing,
+        // and the boot does not wait for the network to be declared online
+        // first, so the first answer comes within a second of DHCP's.
+        let backoff = Backoff {
+            max: Duration::from_secs(1),
+            ..Backoff::new(self.deadline)
+        };
+        let answer = retry::until(&what, backoff, || {
             let (token, announced) = (&token, &announced);
             async move {
                 match self.attempt(path, token).await {

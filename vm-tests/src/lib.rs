@@ -10,6 +10,7 @@
 
 pub mod cluster;
 pub mod faults;
+pub mod figures;
 pub mod iam;
 pub mod imds;
 pub mod moto;
@@ -382,8 +383,12 @@ impl Vm {
                     "virtconsole,chardev=shell",
                 ]);
         }
+        // The NIC without its option ROM: an instance boots from its disk,
+        // never from the network, and the firmware would start iPXE first.
         match &cfg.nic {
-            Nic::Isolated => cmd.args(["-nic", "user,restrict=on,model=virtio-net-pci"]),
+            Nic::Isolated => cmd
+                .args(["-netdev", "user,id=net0,restrict=on"])
+                .args(["-device", "virtio-net-pci,netdev=net0,romfile="]),
             Nic::Tap { port, .. } => cmd
                 .arg("-netdev")
                 .arg(format!(
@@ -391,7 +396,10 @@ impl Vm {
                     port.tap
                 ))
                 .arg("-device")
-                .arg(format!("virtio-net-pci,netdev=net0,mac={}", port.mac)),
+                .arg(format!(
+                    "virtio-net-pci,netdev=net0,mac={},romfile=",
+                    port.mac
+                )),
         };
         for (name, value) in &cfg.credentials {
             cmd.arg("-smbios").arg(format!(
@@ -585,10 +593,27 @@ impl Vm {
     }
 
     /// When (after QEMU started) a console line containing `marker` first
-    /// appeared, to within the watcher's 200 ms.
+    /// appeared, to within the watcher's 200 ms. A line already in the
+    /// console (`wait_for` reads the file itself) is given the watcher's
+    /// next round to be stamped.
     pub fn seen(&self, marker: &str) -> Option<Duration> {
-        let t = self.timeline.lock().ok()?;
-        t.iter().find(|(_, l)| l.contains(marker)).map(|(d, _)| *d)
+        let stamped = || {
+            let t = self.timeline.lock().ok()?;
+            t.iter().find(|(_, l)| l.contains(marker)).map(|(d, _)| *d)
+        };
+        if let Some(t) = stamped() {
+            return Some(t);
+        }
+        if !self.console().contains(marker) {
+            return None;
+        }
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(100));
+            if let Some(t) = stamped() {
+                return Some(t);
+            }
+        }
+        None
     }
 
     pub fn workdir(&self) -> &Path {

@@ -3,6 +3,7 @@
 //! power button; a tampered one is refused.
 
 use anyhow::{ensure, Context, Result};
+use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::time::Duration;
@@ -11,10 +12,126 @@ use vm_tests::{Image, Vm, VmConfig};
 /// TCG boots take 15–25 s to userspace here; leave ample room for a busy machine.
 const BOOT_DEADLINE: Duration = Duration::from_secs(300);
 
+/// Units a boot of the image must not run: their work is done when the
+/// image is built, or nothing needs it.
+const BOOT_TIME_UNITS: &[&str] = &[
+    "systemd-networkd-wait-online.service",
+    "kmod-static-nodes.service",
+    "systemd-sysusers.service",
+    "e2scrub_reap.service",
+    "modprobe@drm.service",
+    "modprobe@efi_pstore.service",
+    "systemd-pstore.service",
+    "ldconfig.service",
+    "systemd-journal-catalog-update.service",
+    "systemd-hwdb-update.service",
+];
+
+/// A unit that, once slipway-init has started, prints every loaded unit's
+/// ordering and activation times (`SLIPWAY-TEST-UNIT` lines, from which
+/// the test follows the critical chain: `systemd-analyze critical-chain`
+/// refuses while a boot is unfinished, and slipway-init never finishes
+/// here), systemd-analyze's blame (`SLIPWAY-TEST-BLAME`), what
+/// systemd-sysusers would still create (`SLIPWAY-TEST-SYSUSERS`) and two
+/// of the kernel's on-demand device nodes (`SLIPWAY-TEST-NODE`). It sleeps
+/// first, so that its own processes do not slow the boot it measures
+/// (`$$` is systemd's escape for the shell's `$`).
+const BOOT_ANALYSIS: &str = "[Unit]\nDescription=boot analysis (test only)\n\n\
+    [Service]\nType=oneshot\nStandardOutput=journal+console\n\
+    ExecStart=/bin/sh -c 'sleep 20; \
+    until [ \"$$(systemctl show -P ExecMainStartTimestampMonotonic slipway-init.service)\" -gt 0 ]; do sleep 2; done; \
+    systemctl show -p Id -p After -p InactiveExitTimestampMonotonic -p ActiveEnterTimestampMonotonic \"*\" \
+    | sed \"s/^/SLIPWAY-TEST-UNIT /\"; \
+    systemd-analyze blame --no-pager | head -n 25 | sed \"s/^/SLIPWAY-TEST-BLAME /\"; \
+    systemd-sysusers --dry-run 2>&1 | sed \"s/^/SLIPWAY-TEST-SYSUSERS /\"; \
+    ls -l /dev/net/tun /dev/loop-control 2>&1 | sed \"s/^/SLIPWAY-TEST-NODE /\"; \
+    echo SLIPWAY-TEST-ANALYSED'\n";
+
+/// A unit's ordering and when it started and became active (µs after the
+/// kernel started; 0 if never).
+#[derive(Default)]
+struct UnitTimes {
+    after: Vec<String>,
+    inactive_exit: u64,
+    active_enter: u64,
+}
+
+/// The `SLIPWAY-TEST-UNIT` blocks of a console, by unit name.
+fn unit_times(console: &str) -> HashMap<String, UnitTimes> {
+    let mut units = HashMap::new();
+    let mut current: Option<(String, UnitTimes)> = None;
+    for line in console.lines() {
+        let Some((_, field)) = line.split_once("SLIPWAY-TEST-UNIT ") else {
+            continue;
+        };
+        let Some((key, value)) = field.trim_end().split_once('=') else {
+            continue;
+        };
+        match key {
+            "Id" => {
+                if let Some((id, t)) = current.take() {
+                    units.insert(id, t);
+                }
+                current = Some((value.to_owned(), UnitTimes::default()));
+            }
+            _ => {
+                let Some((_, t)) = current.as_mut() else {
+                    continue;
+                };
+                match key {
+                    "After" => t.after = value.split_whitespace().map(str::to_owned).collect(),
+                    "InactiveExitTimestampMonotonic" => {
+                        t.inactive_exit = value.parse().unwrap_or(0)
+                    }
+                    "ActiveEnterTimestampMonotonic" => t.active_enter = value.parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+    }
+    if let Some((id, t)) = current {
+        units.insert(id, t);
+    }
+    units
+}
+
+/// What `unit` waited for, as systemd-analyze's critical chain finds it:
+/// of the units it is ordered after, the one that became active last
+/// before it started, then what that one waited for, and so on.
+fn critical_chain(units: &HashMap<String, UnitTimes>, unit: &str) -> Vec<String> {
+    let mut chain = Vec::new();
+    let mut name = unit.to_owned();
+    while let Some(u) = units.get(&name) {
+        let took = u.active_enter.saturating_sub(u.inactive_exit);
+        chain.push(format!(
+            "{name} @{:.1}s{}",
+            u.inactive_exit as f64 / 1e6,
+            if u.active_enter > 0 && took > 0 {
+                format!(" +{:.1}s", took as f64 / 1e6)
+            } else {
+                String::new()
+            }
+        ));
+        let next = u
+            .after
+            .iter()
+            .filter_map(|d| units.get(d).map(|t| (d, t.active_enter)))
+            .filter(|(_, at)| *at > 0 && *at <= u.inactive_exit)
+            .max_by_key(|(_, at)| *at);
+        match next {
+            Some((d, _)) => name = d.clone(),
+            None => break,
+        }
+    }
+    chain
+}
+
 #[test]
 fn image_boots_with_a_verity_read_only_root() -> Result<()> {
     let image = Image::locate()?;
-    let mut vm = Vm::boot(&VmConfig::new("boot", image.qcow2(), "qcow2"))?;
+    let cfg = VmConfig::new("boot", image.qcow2(), "qcow2")
+        .with_test_unit("slipway-boot-analysis.service", BOOT_ANALYSIS);
+    let mut vm = Vm::boot(&cfg)?;
     let line = vm.wait_for(
         &[
             "SLIPWAY-BOOT-CHECK",
@@ -45,9 +162,58 @@ fn image_boots_with_a_verity_read_only_root() -> Result<()> {
         console.contains("first boot: /var populated"),
         "/var was not populated on first boot"
     );
+    let started = vm
+        .seen("SLIPWAY-BOOT-CHECK")
+        .context("the boot check's line has no time")?;
+    let kernel = vm.seen("Linux version").unwrap_or_default();
     eprintln!(
-        "booted to slipway-init in {:.1}s",
-        vm.elapsed().as_secs_f64()
+        "slipway-init started {:.1}s after QEMU started ({:.1}s of firmware)",
+        started.as_secs_f64(),
+        kernel.as_secs_f64()
+    );
+    vm_tests::figures::record(&[
+        ("boot: firmware, to the kernel", kernel),
+        ("boot: slipway-init starts", started),
+    ]);
+    vm.wait_for(&["SLIPWAY-TEST-ANALYSED"], BOOT_DEADLINE)?;
+    let console = vm.console();
+    let units = unit_times(&console);
+    eprintln!("critical chain (s after the kernel started):");
+    for link in critical_chain(&units, "slipway-init.service") {
+        eprintln!("  {link}");
+    }
+    eprintln!("slowest units:");
+    for line in console.lines() {
+        if let Some((_, b)) = line.split_once("SLIPWAY-TEST-BLAME ") {
+            eprintln!("  {}", b.trim());
+        }
+    }
+    // Nothing on the way to slipway-init waits for the network to be
+    // declared online (slipway-init polls the metadata service itself),
+    // and nothing does at boot what the build has done.
+    for unit in BOOT_TIME_UNITS {
+        let ran = units.get(*unit).is_some_and(|u| u.inactive_exit > 0);
+        ensure!(!ran, "{unit} ran at boot");
+    }
+    // The users and groups exist in the image (the packages' own
+    // maintainer scripts made them), so a masked systemd-sysusers misses
+    // nothing; and the device nodes kmod-static-nodes would have listed
+    // are there, from the image's tmpfiles.d.
+    let lines = |tag: &str| -> Vec<String> {
+        console
+            .lines()
+            .filter_map(|l| l.split_once(tag).map(|(_, r)| r.trim().to_owned()))
+            .collect()
+    };
+    let sysusers = lines("SLIPWAY-TEST-SYSUSERS ");
+    ensure!(
+        !sysusers.iter().any(|l| l.to_lowercase().contains("creat")),
+        "systemd-sysusers would create users or groups at boot: {sysusers:?}"
+    );
+    let nodes = lines("SLIPWAY-TEST-NODE ");
+    ensure!(
+        nodes.len() == 2 && nodes.iter().all(|l| l.starts_with('c')),
+        "the kernel's on-demand device nodes are missing: {nodes:?}"
     );
     // This VM has no network: slipway-init goes on to read its stack
     // config from the metadata service, and says that it is waiting.

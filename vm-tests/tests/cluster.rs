@@ -738,6 +738,7 @@ fn etcdctl(endpoint: &str, tls: &[(&str, &Path)]) -> (bool, String) {
 
 #[test]
 fn a_cluster_rolls_to_the_next_release_losing_nothing_update_played_by_the_harness() -> Result<()> {
+    let started = Instant::now();
     let image = Image::locate()?;
     let dir = std::env::var_os("SLIPWAY_CLUSTER_DIR")
         .map(PathBuf::from)
@@ -1414,6 +1415,13 @@ spec:
     for (what, t) in &cluster.timings {
         eprintln!("  {:>7.1}s  {what}", t.as_secs_f64());
     }
+    let figures: Vec<(String, Duration)> = cluster
+        .timings
+        .iter()
+        .map(|(what, t)| (format!("cluster: {what}"), *t))
+        .chain([("cluster: the whole test".to_owned(), started.elapsed())])
+        .collect();
+    vm_tests::figures::record(&figures);
     // Four boots came through the faults: every action failed at least once.
     let faults = cluster.faults();
     eprintln!("[cluster] AWS calls by the members:\n{}", faults.summary());

@@ -29,7 +29,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// Bumped when a stage's output changes for the same inputs.
-const BUILDER_EPOCH: &str = "slipway-image-builder-3";
+const BUILDER_EPOCH: &str = "slipway-image-builder-5";
 const STUB: &str = "usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 
 #[derive(Debug, thiserror::Error)]
@@ -464,6 +464,8 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
             let tree = tmp.join("tree");
             rootfs::link_copy(&rootfs_dir, &tree)?;
             overlay.apply(&tree, &release)?;
+            rootfs::static_nodes(&tree)?;
+            rootfs::mark_updated(&tree, spec.image.source_date_epoch)?;
             rootfs::clamp_mtimes(&tree, spec.image.source_date_epoch)?;
             root_tree_bytes = dir_size(&tree);
             let image = tmp.join("root.erofs");

@@ -120,6 +120,83 @@ pub fn clamp_mtimes(root: &Path, epoch: u64) -> Result<(), RootfsError> {
     Ok(())
 }
 
+/// Where the image's tmpfiles.d keeps the kernel's on-demand device nodes.
+const STATIC_NODES: &str = "usr/lib/tmpfiles.d/kmod-static-nodes.conf";
+
+/// Does at build time what kmod-static-nodes.service (masked in the image)
+/// does at every boot: turns each kernel's `modules.devname` into the
+/// tmpfiles.d lines that create those device nodes (`/dev/net/tun`,
+/// `/dev/loop-control`, ...), whose first open loads the module.
+pub fn static_nodes(root: &Path) -> Result<(), RootfsError> {
+    let modules = root.join("usr/lib/modules");
+    let mut kernels: Vec<PathBuf> = match fs::read_dir(&modules) {
+        Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(fsio::at("reading", &modules)(e).into()),
+    };
+    kernels.sort();
+    let mut conf = String::from(
+        "# The kernel's on-demand device nodes, from modules.devname (image-builder).\n",
+    );
+    for kernel in kernels {
+        let devname = kernel.join("modules.devname");
+        match fs::read_to_string(&devname) {
+            Ok(text) => conf.push_str(&static_nodes_conf(&text)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fsio::at("reading", &devname)(e).into()),
+        }
+    }
+    replace_file(&root.join(STATIC_NODES), conf.as_bytes(), 0o644)
+}
+
+/// Marks `/etc` and `/var` as up to date with `/usr` (systemd-update-done's
+/// stamps, at the image's timestamp, which is every file's mtime), so the
+/// units that refresh caches when `/usr` is newer (ldconfig, the journal's
+/// catalog, hwdb) do not run at every boot: the image's `/etc` is new at
+/// every boot (an overlay in `/run`), but `/usr` never changes under it.
+pub fn mark_updated(root: &Path, epoch: u64) -> Result<(), RootfsError> {
+    let stamp = format!(
+        "# Written by image-builder: the image's /usr is never newer.\nTIMESTAMP_NSEC={}\n",
+        u128::from(epoch) * 1_000_000_000
+    );
+    for dir in ["etc", "var"] {
+        replace_file(&root.join(dir).join(".updated"), stamp.as_bytes(), 0o644)?;
+    }
+    Ok(())
+}
+
+/// tmpfiles.d lines for `modules.devname` (`<module> <name> <c|b><major>:<minor>`),
+/// as `kmod static-nodes --format=tmpfiles` writes them; malformed lines
+/// are skipped, as kmod skips them.
+fn static_nodes_conf(devname: &str) -> String {
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut out = String::new();
+    for line in devname.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace().skip(1);
+        let (Some(name), Some(dev)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some((kind @ ("c" | "b"), numbers)) = dev.get(..1).zip(dev.get(1..)) else {
+            continue;
+        };
+        if !numbers.split_once(':').is_some_and(|(major, minor)| {
+            major.parse::<u32>().is_ok() && minor.parse::<u32>().is_ok()
+        }) {
+            continue;
+        }
+        if let Some((dir, _)) = name.rsplit_once('/') {
+            if dirs.insert(dir) {
+                out.push_str(&format!("d /dev/{dir} 0755 - - -\n"));
+            }
+        }
+        out.push_str(&format!("{kind}! /dev/{name} 0600 - - - {numbers}\n"));
+    }
+    out
+}
+
 /// A hard-linked copy of `base` at `dest`: cheap, and the overlay replaces
 /// files (new inodes) rather than writing through the links.
 pub fn link_copy(base: &Path, dest: &Path) -> Result<(), RootfsError> {
@@ -420,6 +497,25 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn static_nodes_are_written_as_kmod_writes_them() {
+        let devname = "# Device nodes to trigger on-demand module loading.\n\
+                       cuse cuse c10:203\n\
+                       tun net/tun c10:200\n\
+                       dm_mod mapper/control c10:236\n\
+                       broken onlytwo\n\
+                       odd odd x1:2\n\
+                       bad bad c10:x\n";
+        assert_eq!(
+            static_nodes_conf(devname),
+            "c! /dev/cuse 0600 - - - 10:203\n\
+             d /dev/net 0755 - - -\n\
+             c! /dev/net/tun 0600 - - - 10:200\n\
+             d /dev/mapper 0755 - - -\n\
+             c! /dev/mapper/control 0600 - - - 10:236\n"
+        );
     }
 
     #[test]
