@@ -101,7 +101,8 @@ fn unit_times(console: &str) -> HashMap<String, UnitTimes> {
 fn critical_chain(units: &HashMap<String, UnitTimes>, unit: &str) -> Vec<String> {
     let mut chain = Vec::new();
     let mut name = unit.to_owned();
-    while let Some(u) = units.get(&name) {
+    let mut visited = std::collections::HashSet::new();
+    while let Some(u) = units.get(&name).filter(|_| visited.insert(name.clone())) {
         let took = u.active_enter.saturating_sub(u.inactive_exit);
         chain.push(format!(
             "{name} @{:.1}s{}",
@@ -178,6 +179,13 @@ fn image_boots_with_a_verity_read_only_root() -> Result<()> {
     vm.wait_for(&["SLIPWAY-TEST-ANALYSED"], BOOT_DEADLINE)?;
     let console = vm.console();
     let units = unit_times(&console);
+    ensure!(
+        units
+            .get("slipway-init.service")
+            .is_some_and(|u| u.inactive_exit > 0),
+        "the analysis did not list slipway-init.service as started ({} units listed)",
+        units.len()
+    );
     eprintln!("critical chain (s after the kernel started):");
     for link in critical_chain(&units, "slipway-init.service") {
         eprintln!("  {link}");
