@@ -16,11 +16,16 @@ fn arg(name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// Copies a tree, links as links (the image's unit masks are links to
+/// /dev/null).
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     fs::create_dir_all(to)?;
     for e in fs::read_dir(from)? {
         let e = e?;
-        if e.file_type()?.is_dir() {
+        let kind = e.file_type()?;
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(e.path())?, to.join(e.file_name()))?;
+        } else if kind.is_dir() {
             copy_dir(&e.path(), &to.join(e.file_name()))?;
         } else {
             fs::copy(e.path(), to.join(e.file_name()))?;
@@ -69,7 +74,7 @@ fn main() -> Result<(), String> {
     for f in ["image.toml", "image.lock"] {
         fs::copy(repo.join(f), s.join(f)).map_err(|e| format!("{f}: {e}"))?;
     }
-    for d in ["units", "manifests"] {
+    for d in ["units", "manifests", "rootfs"] {
         copy_dir(&repo.join(d), &s.join(d)).map_err(|e| format!("{d}: {e}"))?;
     }
     // A fresh stage cache that shares only the downloads (packages, payload blobs).
