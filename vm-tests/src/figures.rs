@@ -8,8 +8,8 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Where the figures are kept.
-pub fn path() -> PathBuf {
+/// Where the figures are kept (`just bench` reads them there).
+fn path() -> PathBuf {
     crate::workspace_dir().join("target/bench/vm-figures.json")
 }
 
