@@ -1,6 +1,7 @@
 //! `just bench`: times a cold build (empty stage cache, package cache
 //! filled), an overlay-only rebuild (one unit file changed) and a no-op
-//! rebuild, stage by stage, and reports the sizes of root, ESP and disk.
+//! rebuild, stage by stage, and reports the sizes of root, ESP and disk
+//! and the bytes a publish uploads, each beside the previous run's.
 //! Runs the real `image-builder` binary against a scratch copy of the spec.
 
 use image_builder::build::Manifest;
@@ -115,28 +116,61 @@ fn main() -> Result<(), String> {
             .find(|p| p.label == label)
             .map_or(0, |p| p.content_size)
     };
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    println!(
-        "\nroot tree (files): {:.1} MiB",
-        mib(m_cold.root_tree_bytes)
-    );
-    println!("root EROFS:        {:.1} MiB", mib(part("slipway-root")));
-    println!(
-        "verity tree:       {:.1} MiB",
-        mib(part("slipway-root-verity"))
-    );
-    println!(
-        "UKI:               {:.1} MiB (ESP {:.0} MiB)",
-        mib(m_cold.uki_size),
-        mib(part("esp"))
-    );
-    println!(
-        "disk:              {:.0} MiB raw, {:.1} MiB qcow2",
-        mib(m_cold.disk.size),
-        mib(m_cold.qcow2.size)
-    );
+    // What `image-builder publish` sends: the disk's blocks that are not
+    // all zeros.
+    let disk = out.join(&m_cold.disk.file);
+    let upload = image_builder::publish::snapshot::nonzero_blocks(&disk)
+        .map_err(|e| e.to_string())?
+        .len() as u64
+        * image_builder::publish::snapshot::BLOCK_SIZE;
+    let sizes = [
+        ("root tree (files)", m_cold.root_tree_bytes),
+        ("root EROFS", part("slipway-root")),
+        ("verity tree", part("slipway-root-verity")),
+        ("UKI", m_cold.uki_size),
+        ("ESP", part("esp")),
+        ("var (in the image)", part("slipway-var")),
+        ("disk, raw", m_cold.disk.size),
+        ("disk, qcow2", m_cold.qcow2.size),
+        ("bytes a publish uploads", upload),
+    ];
+    print_sizes(&repo.join("target/bench/build-sizes.json"), &sizes);
     print_vm_figures(&repo.join("target/bench/vm-figures.json"));
     Ok(())
+}
+
+/// Prints `sizes` in MiB beside the ones the previous bench measured (kept
+/// in `path`), then keeps these for the next.
+fn print_sizes(path: &Path, sizes: &[(&str, u64)]) {
+    let previous: serde_json::Map<String, serde_json::Value> = fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mib = |b: f64| b / f64::from(1 << 20);
+    println!(
+        "\n{:<28} {:>10} {:>10} {:>6}",
+        "size (MiB)", "last", "previous", "ratio"
+    );
+    let mut now = serde_json::Map::new();
+    for (name, bytes) in sizes {
+        let bytes = *bytes as f64;
+        let (before, ratio) = match previous.get(*name).and_then(serde_json::Value::as_f64) {
+            Some(p) if p > 0.0 => (format!("{:.1}", mib(p)), format!("{:.2}", bytes / p)),
+            _ => ("-".to_owned(), "-".to_owned()),
+        };
+        println!("{name:<28} {:>10.1} {before:>10} {ratio:>6}", mib(bytes));
+        now.insert((*name).to_owned(), serde_json::json!(bytes));
+    }
+    let written = path
+        .parent()
+        .map_or(Ok(()), fs::create_dir_all)
+        .and_then(|()| fs::write(path, serde_json::to_vec_pretty(&now).unwrap_or_default()));
+    if let Err(e) = written {
+        eprintln!(
+            "warning: could not keep the sizes in {}: {e}",
+            path.display()
+        );
+    }
 }
 
 /// The boot figures the VM tests recorded at their last run, each beside

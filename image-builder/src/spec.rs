@@ -56,8 +56,11 @@ pub struct Image {
     pub version: String,
     /// Timestamp every file and filesystem in the image carries.
     pub source_date_epoch: u64,
-    /// Whole disk size in GiB (EBS volumes come in whole GiB).
-    pub disk_size_gib: u64,
+    /// Whole disk size in GiB (EBS volumes come in whole GiB); by default
+    /// the fewest that hold the partitions. `/var` is last and grows at
+    /// boot to the end of whatever volume the instance has.
+    #[serde(default)]
+    pub disk_size_gib: Option<u64>,
     #[serde(default = "default_esp_mib")]
     pub esp_size_mib: u64,
     #[serde(default = "default_var_mib")]
@@ -68,7 +71,7 @@ fn default_esp_mib() -> u64 {
     64
 }
 fn default_var_mib() -> u64 {
-    512
+    256
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,7 +169,11 @@ impl Spec {
                 "must be 1-64 characters of [A-Za-z0-9-_.+]",
             ));
         }
-        if self.image.disk_size_gib == 0 || self.image.disk_size_gib > MAX_DISK_GIB {
+        if self
+            .image
+            .disk_size_gib
+            .is_some_and(|g| g == 0 || g > MAX_DISK_GIB)
+        {
             return Err(invalid(
                 "image.disk_size_gib",
                 "must be between 1 and 16384",
@@ -282,7 +289,8 @@ binaries = ["slipway-init"]
     fn the_example_parses_with_defaults() {
         let spec = parse(GOOD).unwrap();
         assert_eq!(spec.debian.variant, "minbase");
-        assert_eq!(spec.image.var_size_mib, 512);
+        assert_eq!(spec.image.var_size_mib, 256);
+        assert_eq!(spec.image.disk_size_gib, Some(2));
     }
 
     #[test]

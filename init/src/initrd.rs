@@ -4,6 +4,7 @@
 //! then hand over to systemd. Any failure refuses the root and powers off.
 
 use crate::dm;
+use crate::grow;
 use crate::layout;
 use crate::verity::{self, Superblock};
 use std::ffi::CString;
@@ -257,6 +258,7 @@ fn assemble(params: &BootParams) -> Result<(), InitrdError> {
         sb.data_blocks
     ));
     mount(&root_dev, "/sysroot", "erofs", libc::MS_RDONLY, "")?;
+    grow_var_partition(&var);
     prepare_var(&var)?;
     mount(
         "tmpfs",
@@ -285,6 +287,28 @@ fn assemble(params: &BootParams) -> Result<(), InitrdError> {
     Ok(())
 }
 
+/// Extends the `/var` partition over a disk larger than the image's (the
+/// instance's root volume); a failure leaves `/var` as it was and is said.
+fn grow_var_partition(var: &Path) {
+    let Some(ty) = grow::guid_on_disk(layout::VAR_TYPE) else {
+        return;
+    };
+    let t = Instant::now();
+    match grow::grow_var_partition(var, ty) {
+        Ok(Some(g)) => say(&format!(
+            "/var's partition extended from {} to {} MiB, to the end of the disk ({} ms)",
+            g.old_len_bytes() >> 20,
+            g.len_bytes() >> 20,
+            t.elapsed().as_millis()
+        )),
+        Ok(None) => {}
+        Err(e) => say(&format!(
+            "not extending /var's partition: {}",
+            crate::error_chain(&e, ": ")
+        )),
+    }
+}
+
 /// Mounts the writable `/var` partition. On first boot it is empty: it gets
 /// a copy of the image's own `/var` before it is mounted over it.
 fn prepare_var(device: &Path) -> Result<(), InitrdError> {
@@ -297,6 +321,17 @@ fn prepare_var(device: &Path) -> Result<(), InitrdError> {
         libc::MS_NOSUID | libc::MS_NODEV,
         "",
     )?;
+    let t = Instant::now();
+    match grow::grow_filesystem(staging, device) {
+        Ok((old, new)) if new > old => say(&format!(
+            "/var grown from {} to {} MiB ({} ms)",
+            old >> 20,
+            new >> 20,
+            t.elapsed().as_millis()
+        )),
+        Ok(_) => {}
+        Err(e) => say(&format!("not growing /var's filesystem: {e}")),
+    }
     let marker = staging.join(".slipway-populated");
     if !marker.exists() {
         let n = copy_tree(Path::new("/sysroot/var"), staging)?;

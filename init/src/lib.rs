@@ -8,6 +8,7 @@ pub mod bootcheck;
 #[cfg(feature = "node")]
 pub mod config;
 pub mod dm;
+pub mod grow;
 #[cfg(feature = "node")]
 pub mod imds;
 pub mod initrd;

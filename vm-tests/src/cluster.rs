@@ -40,7 +40,6 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub const REGION: &str = "us-east-1";
@@ -178,6 +177,8 @@ pub struct Cluster {
     imds: Imds,
     /// Each role's name and the session its instances are handed.
     roles: BTreeMap<Role, (String, Identity)>,
+    /// Each instance's root volume, as the stack's launch templates ask.
+    root_volume_gib: u64,
     aws_in_lan: String,
     user_data: BTreeMap<&'static str, String>,
     forwards: Vec<Forward>,
@@ -251,6 +252,9 @@ impl Cluster {
         say("enforcing IAM: each role as the template writes it, the test as administrator");
         let template: serde_json::Value = serde_json::from_str(&template_body)?;
         let roles = rt.block_on(roles_of_the_stack(&conf, &moto, &template))?;
+        let root_volume_gib = template["Parameters"]["RootVolumeSize"]["Default"]
+            .as_u64()
+            .context("the template's RootVolumeSize has no default")?;
         let administrator = moto.administrator()?;
         moto.enforce_iam()?;
         let conf = rt.block_on(
@@ -304,6 +308,7 @@ impl Cluster {
             lan,
             imds,
             roles,
+            root_volume_gib,
             user_data: BTreeMap::new(),
             vms: BTreeMap::new(),
             forwards: Vec::new(),
@@ -485,20 +490,17 @@ impl Cluster {
             self.imds.set_for(ip, path, &body);
         }
 
-        // A fresh root volume from the AMI's snapshot, as EC2 gives every instance.
+        // A fresh root volume from the AMI's snapshot, as EC2 gives every
+        // instance: as large as the launch template asks, larger than the
+        // image (its /var grows into the rest).
         let root = self.opts.dir.join(format!("{}-root.qcow2", instance.id));
-        let status = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(self.disks.get(&instance.image).with_context(|| {
-                format!(
-                    "{} runs {}, which no release published",
-                    instance.id, instance.image
-                )
-            })?)
-            .arg(&root)
-            .status()
-            .context("qemu-img")?;
-        ensure!(status.success(), "qemu-img create {}", root.display());
+        let image = self.disks.get(&instance.image).with_context(|| {
+            format!(
+                "{} runs {}, which no release published",
+                instance.id, instance.image
+            )
+        })?;
+        crate::create_volume(image, "raw", &root, self.root_volume_gib)?;
 
         let mut cfg = VmConfig::new(&instance.id, root, "qcow2")
             .with_test_unit("slipway-test-status.service", STATUS_UNIT)

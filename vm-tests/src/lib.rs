@@ -116,6 +116,24 @@ impl Image {
     }
 }
 
+/// The root volume's size the template asks for by default (its
+/// `RootVolumeSize`), in GiB.
+pub const ROOT_VOLUME_GIB: u64 = 8;
+
+/// Makes `volume`, a copy-on-write qcow2 of `gib` GiB over `image` (a
+/// disk in `format`): a fresh root volume from an AMI's snapshot.
+pub fn create_volume(image: &Path, format: &str, volume: &Path, gib: u64) -> Result<()> {
+    let status = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
+        .arg(image)
+        .arg(volume)
+        .arg(format!("{gib}G"))
+        .status()
+        .context("running qemu-img (Debian package qemu-utils)")?;
+    ensure!(status.success(), "qemu-img create {}", volume.display());
+    Ok(())
+}
+
 /// How to start a VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -124,6 +142,10 @@ pub struct VmConfig {
     pub disk_format: &'static str,
     /// Discard writes to the disk (the image stays pristine).
     pub snapshot: bool,
+    /// With `snapshot`, the VM's disk is a throwaway volume of this many
+    /// GiB over `disk`, as EC2 makes a root volume larger than its
+    /// snapshot (`/var` grows into the rest).
+    pub root_volume_gib: Option<u64>,
     pub memory_mib: u32,
     pub cpus: u32,
     /// systemd credentials passed in through SMBIOS (type 11 OEM strings):
@@ -162,6 +184,7 @@ impl VmConfig {
             disk,
             disk_format,
             snapshot: true,
+            root_volume_gib: Some(ROOT_VOLUME_GIB),
             memory_mib: 1024,
             cpus: 1,
             credentials: Vec::new(),
@@ -321,6 +344,14 @@ impl Vm {
         let vars = workdir.path().join("OVMF_VARS.fd");
         fs::copy(OVMF_VARS, &vars).context("copying the OVMF variables store")?;
         let serial = workdir.path().join("serial.log");
+        let (disk, disk_format) = match cfg.root_volume_gib {
+            Some(gib) if cfg.snapshot => {
+                let volume = workdir.path().join("root.qcow2");
+                create_volume(&cfg.disk, cfg.disk_format, &volume, gib)?;
+                (volume, "qcow2")
+            }
+            _ => (cfg.disk.clone(), cfg.disk_format),
+        };
         let snapshot = if cfg.snapshot { ",snapshot=on" } else { "" };
         let mut cmd = match &cfg.nic {
             Nic::Isolated => Command::new("qemu-system-x86_64"),
@@ -349,9 +380,8 @@ impl Vm {
             ))
             .arg("-drive")
             .arg(format!(
-                "file={},if=none,id=root,format={}{snapshot}",
-                cfg.disk.display(),
-                cfg.disk_format
+                "file={},if=none,id=root,format={disk_format}{snapshot}",
+                disk.display(),
             ))
             .args(["-device", "nvme,serial=slipwayroot,drive=root"]);
         for (i, d) in cfg.disks.iter().enumerate() {
@@ -637,7 +667,10 @@ mod tests {
     #[test]
     fn a_qemu_that_fails_to_start_is_seen_exited_with_its_own_words() {
         let missing = std::env::temp_dir().join("slipway-no-such-disk.qcow2");
-        let vm = Vm::boot(&VmConfig::new("no-disk", missing, "qcow2")).unwrap();
+        // QEMU itself is given the missing disk (no volume made over it).
+        let mut cfg = VmConfig::new("no-disk", missing, "qcow2");
+        cfg.root_volume_gib = None;
+        let vm = Vm::boot(&cfg).unwrap();
         let started = Instant::now();
         while !vm.exited() {
             assert!(

@@ -43,7 +43,8 @@ fn masked_units() -> Result<Vec<String>> {
 /// refuses while a boot is unfinished, and slipway-init never finishes
 /// here), systemd-analyze's blame (`SLIPWAY-TEST-BLAME`), what
 /// systemd-sysusers would still create (`SLIPWAY-TEST-SYSUSERS`) and two
-/// of the kernel's on-demand device nodes (`SLIPWAY-TEST-NODE`). It sleeps
+/// of the kernel's on-demand device nodes (`SLIPWAY-TEST-NODE`), and the
+/// size of `/var`'s filesystem in MiB (`SLIPWAY-TEST-VAR-MIB`). It sleeps
 /// first, so that its own processes do not slow the boot it measures
 /// (`$$` is systemd's escape for the shell's `$`).
 const BOOT_ANALYSIS: &str = "[Unit]\nDescription=boot analysis (test only)\n\n\
@@ -55,6 +56,7 @@ const BOOT_ANALYSIS: &str = "[Unit]\nDescription=boot analysis (test only)\n\n\
     systemd-analyze blame --no-pager | head -n 25 | sed \"s/^/SLIPWAY-TEST-BLAME /\"; \
     systemd-sysusers --dry-run 2>&1 | sed \"s/^/SLIPWAY-TEST-SYSUSERS /\"; \
     ls -l /dev/net/tun /dev/loop-control 2>&1 | sed \"s/^/SLIPWAY-TEST-NODE /\"; \
+    df -B1M --output=size /var | tail -n 1 | sed \"s/^ */SLIPWAY-TEST-VAR-MIB /\"; \
     echo SLIPWAY-TEST-ANALYSED'\n";
 
 /// A unit's ordering and when it started and became active (µs after the
@@ -238,6 +240,26 @@ fn image_boots_with_a_verity_read_only_root() -> Result<()> {
         nodes.len() == 2 && nodes.iter().all(|l| l.starts_with('c')),
         "the kernel's on-demand device nodes are missing: {nodes:?}"
     );
+    // The image's disk is only as large as its content; /var grew at
+    // boot to the end of the volume the instance was given.
+    let disk_mib = image.manifest["disk"]["size"].as_u64().unwrap_or(0) >> 20;
+    let var_mib: u64 = lines("SLIPWAY-TEST-VAR-MIB ")
+        .first()
+        .and_then(|l| l.parse().ok())
+        .context("the analysis printed no size for /var")?;
+    let volume_mib = vm_tests::ROOT_VOLUME_GIB << 10;
+    ensure!(
+        var_mib + disk_mib >= volume_mib,
+        "/var is {var_mib} MiB on a {volume_mib} MiB volume (the image's disk is {disk_mib} MiB): it did not grow\n{}",
+        vm.tail(60)
+    );
+    for said in ["/var's partition extended", "/var grown from"] {
+        let line = console
+            .lines()
+            .find(|l| l.contains(said))
+            .with_context(|| format!("the initramfs did not say {said:?}"))?;
+        eprintln!("{}", line.trim());
+    }
     // This VM has no network: slipway-init goes on to read its stack
     // config from the metadata service, and says that it is waiting.
     let line = vm.wait_for(

@@ -110,6 +110,17 @@ pub enum GptError {
     },
 }
 
+/// The smallest disk that holds `parts`: the primary table, each
+/// partition aligned to 1 MiB, and the backup table.
+pub fn needed_bytes(parts: &[Partition<'_>]) -> u64 {
+    let end: u64 = ALIGN
+        + parts
+            .iter()
+            .map(|p| p.size.next_multiple_of(ALIGN))
+            .sum::<u64>();
+    end + (ENTRY_SECTORS + 1) * SECTOR
+}
+
 /// Lays out partitions from 1 MiB, each aligned to 1 MiB.
 pub fn layout(parts: &[Partition<'_>], disk_size: u64) -> Result<Vec<Placed>, GptError> {
     let mut next = ALIGN;
@@ -123,8 +134,7 @@ pub fn layout(parts: &[Partition<'_>], disk_size: u64) -> Result<Vec<Placed>, Gp
         });
         next += size;
     }
-    // Room for the backup entries and header after the last partition.
-    let needed = next + (ENTRY_SECTORS + 1) * SECTOR;
+    let needed = needed_bytes(parts);
     if needed > disk_size {
         return Err(GptError::TooSmall {
             needed,
@@ -349,5 +359,109 @@ mod tests {
         // Content landed at the partition's offset.
         assert_eq!(bytes[(1 << 20) as usize], 0xab);
         assert_eq!(bytes[(1 << 20) + 10000], 0);
+    }
+
+    /// The layout the initramfs grows: the builder's disk, then the
+    /// instance's larger volume.
+    fn two_partitions(dir: &Path, disk_size: u64) -> std::path::PathBuf {
+        let parts = [
+            Partition {
+                label: "root",
+                type_guid: Guid::derive("root-type"),
+                guid: Guid::derive("g1"),
+                size: 1 << 20,
+                content: None,
+            },
+            Partition {
+                label: "var",
+                type_guid: Guid::parse(slipway_init::layout::VAR_TYPE).unwrap(),
+                guid: Guid::derive("g2"),
+                size: 2 << 20,
+                content: None,
+            },
+        ];
+        let disk = dir.join("disk");
+        write(&disk, Guid::derive("disk"), &parts, disk_size).unwrap();
+        disk
+    }
+
+    fn sfdisk(args: &[&str], disk: &Path) -> String {
+        let out = std::process::Command::new("sfdisk")
+            .args(args)
+            .arg(disk)
+            .output()
+            .expect("sfdisk (Debian package fdisk) runs");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "sfdisk {args:?}: {text}");
+        text
+    }
+
+    #[test]
+    fn the_initramfs_extends_var_to_a_larger_volume_and_sfdisk_agrees() {
+        use slipway_init::grow;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = two_partitions(dir.path(), 8 << 20);
+        let var = grow::guid_on_disk(slipway_init::layout::VAR_TYPE).unwrap();
+        let bigger: u64 = (20 << 20) + (64 << 10);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
+        f.set_len(bigger).unwrap();
+        let grown = grow::extend_last_partition(&mut f, bigger, var)
+            .unwrap()
+            .expect("the partition grows");
+        assert_eq!(grown.number, 2);
+        assert_eq!(grown.old_last_lba, (4 << 20) / SECTOR - 1);
+        // To the last whole MiB before the backup table.
+        assert_eq!(grown.new_last_lba, (20 << 20) / SECTOR - 1);
+        let dump = sfdisk(&["--dump"], &disk);
+        assert!(
+            dump.contains(&format!("last-lba: {}", bigger / SECTOR - 34)),
+            "{dump}"
+        );
+        assert!(
+            dump.contains("start=        4096, size=       36864"),
+            "{dump}"
+        );
+        let verify = sfdisk(&["--verify"], &disk);
+        assert!(verify.contains("No errors detected"), "{verify}");
+        // Nothing to do on the next boot.
+        assert_eq!(
+            grow::extend_last_partition(&mut f, bigger, var).unwrap(),
+            None
+        );
+        // A disk smaller than its table says is refused, and left alone.
+        let before = std::fs::read(&disk).unwrap();
+        let err = grow::extend_last_partition(&mut f, 8 << 20, var).unwrap_err();
+        assert!(err.to_string().contains("smaller than its GPT"), "{err}");
+        assert_eq!(std::fs::read(&disk).unwrap(), before);
+    }
+
+    #[test]
+    fn only_var_is_grown_and_a_damaged_table_is_left_alone() {
+        use slipway_init::grow;
+        let dir = tempfile::tempdir().unwrap();
+        let disk = two_partitions(dir.path(), 8 << 20);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&disk)
+            .unwrap();
+        f.set_len(16 << 20).unwrap();
+        let before = std::fs::read(&disk).unwrap();
+        let other = grow::guid_on_disk(&Guid::derive("root-type").to_string()).unwrap();
+        let err = grow::extend_last_partition(&mut f, 16 << 20, other).unwrap_err();
+        assert!(err.to_string().contains("not the one to grow"), "{err}");
+        // One flipped bit in the entries: refused by their checksum.
+        let mut damaged = before.clone();
+        damaged[1024 + 128 + 40] ^= 1;
+        std::fs::write(&disk, &damaged).unwrap();
+        let var = grow::guid_on_disk(slipway_init::layout::VAR_TYPE).unwrap();
+        let err = grow::extend_last_partition(&mut f, 16 << 20, var).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+        assert_eq!(std::fs::read(&disk).unwrap(), damaged);
     }
 }

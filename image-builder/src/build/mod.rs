@@ -29,7 +29,10 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// Bumped when a stage's output changes for the same inputs.
-const BUILDER_EPOCH: &str = "slipway-image-builder-5";
+const BUILDER_EPOCH: &str = "slipway-image-builder-6";
+/// How far `/var`'s ext4 can grow online in 4 KiB blocks: 1 TiB, the
+/// template's largest root volume.
+const VAR_GROWS_TO_BLOCKS: u64 = (1 << 40) / 4096;
 const STUB: &str = "usr/lib/systemd/boot/efi/linuxx64.efi.stub";
 
 #[derive(Debug, thiserror::Error)]
@@ -517,7 +520,8 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     }
     let data_blocks = sized(&root_image)? / u64::from(verity::BLOCK_SIZE);
 
-    // An empty /var; the initramfs fills it from the image on first boot.
+    // An empty /var, small; the initramfs fills it from the image on first
+    // boot and grows it to the end of the instance's volume.
     let var_mib = spec.image.var_size_mib;
     let var_uuid = Guid::derive(&format!(
         "{}:{}:var-fs",
@@ -548,8 +552,14 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
             .arg(layout::VAR_LABEL)
             .arg("-U")
             .arg(var_uuid.to_string())
+            // 4 KiB blocks whatever its size, and room in the group
+            // descriptors to grow online to the largest root volume the
+            // template allows.
+            .args(["-b", "4096", "-T", "default"])
             .arg("-E")
-            .arg(format!("hash_seed={var_uuid},lazy_itable_init=0,nodiscard"))
+            .arg(format!(
+                "hash_seed={var_uuid},lazy_itable_init=0,nodiscard,resize={VAR_GROWS_TO_BLOCKS}"
+            ))
             .arg(tmp.join("var.ext4"))
             .arg(format!("{var_mib}M"));
             tools::run(&mut cmd)?;
@@ -645,7 +655,7 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     fs::create_dir_all(&args.out).map_err(fsio::at("creating", &args.out))?;
     let disk_path = args.out.join("disk.raw");
     let qcow2_path = args.out.join("disk.qcow2");
-    let disk_size = spec.image.disk_size_gib << 30;
+
     let id = |what: &str| {
         Guid::derive(&format!(
             "{}:{}:{what}",
@@ -690,15 +700,17 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
         })
         .collect();
     let disk_guid = id("disk");
+    // EBS volumes come in whole GiB; /var grows at boot to the volume's end.
+    let disk_gib = spec
+        .image
+        .disk_size_gib
+        .unwrap_or_else(|| gpt::needed_bytes(&parts).div_ceil(1 << 30));
+    let disk_size = disk_gib << 30;
     let (placed, disk_sha, part_shas) = progress.stage("disk", || {
         let placed = gpt::write(&disk_path, disk_guid, &parts, disk_size)?;
         let regions: Vec<(u64, u64)> = placed.iter().map(|p| (p.offset(), p.size())).collect();
         let (disk_sha, part_shas) = hash_disk(&disk_path, &regions)?;
-        let note = format!(
-            "{} GiB, sha256 {}",
-            spec.image.disk_size_gib,
-            &disk_sha[..16]
-        );
+        let note = format!("{disk_gib} GiB, sha256 {}", &disk_sha[..16]);
         Ok::<_, BuildError>(((placed, disk_sha, part_shas), Outcome::built(note)))
     })?;
     progress.stage("qcow2", || {
