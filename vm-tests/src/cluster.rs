@@ -188,6 +188,18 @@ pub struct Cluster {
     faults: FaultProxy,
     moto: Moto,
     pub timings: Vec<(String, Duration)>,
+    /// How much slower than a quiet machine this run is (1 until measured).
+    pace: f64,
+}
+
+/// A run slower than this many times a quiet machine is broken, not slow:
+/// the waits stop stretching there.
+const MAX_PACE: f64 = 3.0;
+
+/// The pace of a run in which a step took `measured` that takes `quiet`
+/// on a quiet machine: at least 1, at most [`MAX_PACE`].
+pub fn pace(measured: Duration, quiet: Duration) -> f64 {
+    (measured.as_secs_f64() / quiet.as_secs_f64().max(1e-3)).clamp(1.0, MAX_PACE)
 }
 
 impl std::fmt::Debug for Cluster {
@@ -317,6 +329,7 @@ impl Cluster {
             faults,
             moto,
             timings: Vec::new(),
+            pace: 1.0,
         };
         cluster.load_user_data()?;
         cluster.timing("publish, read back, stack", started.elapsed());
@@ -360,6 +373,24 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Sets the run's pace from a step that took `measured` here and
+    /// `quiet` on a quiet machine (see [`pace`]); the tests' fixed waits
+    /// are stretched by it from then on, so a slow run is slow, not red.
+    pub fn set_pace(&mut self, what: &str, measured: Duration, quiet: Duration) {
+        self.pace = pace(measured, quiet);
+        say(&format!(
+            "pace: {what} took {:.0}s ({:.0}s on a quiet machine): waits from here ×{:.2}",
+            measured.as_secs_f64(),
+            quiet.as_secs_f64(),
+            self.pace
+        ));
+    }
+
+    /// `deadline` stretched by the run's pace.
+    pub fn paced(&self, deadline: Duration) -> Duration {
+        deadline.mul_f64(self.pace)
     }
 
     pub fn timing(&mut self, what: &str, took: Duration) {
@@ -1001,5 +1032,23 @@ async fn settled(
             bail!("stack {STACK}: {status} {:?}", stack.stack_status_reason());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pace_stretches_waits_on_a_slow_run_only_and_within_bounds() {
+        let s = Duration::from_secs;
+        assert_eq!(pace(s(150), s(300)), 1.0, "a fast run keeps the waits");
+        assert!((pace(s(649), s(300)) - 2.163).abs() < 0.01);
+        assert_eq!(
+            pace(s(3000), s(300)),
+            MAX_PACE,
+            "a hung run is not waited for forever"
+        );
+        assert_eq!(pace(s(10), Duration::ZERO), MAX_PACE);
     }
 }

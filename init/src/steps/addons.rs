@@ -104,6 +104,7 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
+    tracing::info!(step = STEP, "the API server is ready; applying the add-ons");
     let out = kubectl(&[
         "apply",
         "--server-side",
@@ -134,6 +135,10 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
+    tracing::info!(
+        step = STEP,
+        "{node} registered and labelled; waiting for it to be Ready"
+    );
     // In service means able to carry pods: a rolling update that moved on
     // to the nodes before this would find nowhere for their pods to go.
     let ready = super::leave::until_ready(ctx, &kubectl, &name).await?;
