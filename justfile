@@ -117,7 +117,7 @@ vm-test: build-next
 # the hardened control plane, a release update to out-next/ (the master
 # replaced, then the node, each leaving cleanly; the harness plays the
 # rolling update moto does not perform), certificate renewal, secrets at
-# rest (35-50 minutes under TCG here; needs root for its network namespace).
+# rest (30-50 minutes under TCG here; needs root for its network namespace).
 # A guest kernel that panics or freezes under TCG (an emulator fault the
 # test names EMULATOR-FAULT) earns one more attempt; nothing else does.
 cluster-test: build-next
