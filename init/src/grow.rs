@@ -8,6 +8,7 @@
 //! grows online to the partition's size. Both steps find nothing to do on
 //! later boots.
 
+use crate::layout;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
@@ -76,27 +77,8 @@ fn seal(header: &mut [u8], len: usize) {
 /// A GUID as GPT stores it (mixed-endian) from its textual form.
 pub fn guid_on_disk(text: &str) -> Option<[u8; 16]> {
     let hex: String = text.chars().filter(|c| *c != '-').collect();
-    let r: [u8; 16] = hex::decode(hex).ok()?.try_into().ok()?;
-    Some([
-        r[3], r[2], r[1], r[0], r[5], r[4], r[7], r[6], r[8], r[9], r[10], r[11], r[12], r[13],
-        r[14], r[15],
-    ])
-}
-
-fn guid_text(d: &[u8]) -> String {
-    let r = [
-        d[3], d[2], d[1], d[0], d[5], d[4], d[7], d[6], d[8], d[9], d[10], d[11], d[12], d[13],
-        d[14], d[15],
-    ];
-    let h = hex::encode(r);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    let raw: [u8; 16] = hex::decode(hex).ok()?.try_into().ok()?;
+    Some(layout::gpt_byte_order(raw))
 }
 
 /// Moves the backup GPT to the end of a disk of `disk_bytes` and extends
@@ -163,12 +145,14 @@ pub fn extend_last_partition(
     let entry = &mut entries[index * entry_len..(index + 1) * entry_len];
     if entry[..16] != type_guid {
         return Err(GrowError::NotLast {
-            found: guid_text(&entry[..16]),
+            found: layout::guid_text(layout::gpt_byte_order(
+                entry[..16].try_into().unwrap_or_default(),
+            )),
         });
     }
     let first_lba = u64_at(entry, 32);
     let old_last_lba = u64_at(entry, 40);
-    let aligned_end = (last_usable + 1) / ALIGN_SECTORS * ALIGN_SECTORS - 1;
+    let aligned_end = ((last_usable + 1) / ALIGN_SECTORS * ALIGN_SECTORS).saturating_sub(1);
     let new_last_lba = aligned_end.max(old_last_lba);
     put_u64(entry, 40, new_last_lba);
     let entries_crc = crc32fast::hash(&entries).to_le_bytes();

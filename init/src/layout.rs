@@ -24,3 +24,27 @@ pub const ETC_OVERLAY_DIR: &str = "/run/slipway/etc-overlay";
 pub const INITRD_MODULE_DIR: &str = "/lib/modules";
 /// File in [`INITRD_MODULE_DIR`] listing module files in load order.
 pub const INITRD_LOAD_ORDER: &str = "load-order";
+
+/// A GUID's 16 bytes in the order GPT stores them (the first three fields
+/// little-endian) from their textual order, or back: the swap is its own
+/// inverse.
+pub fn gpt_byte_order(b: [u8; 16]) -> [u8; 16] {
+    [
+        b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13],
+        b[14], b[15],
+    ]
+}
+
+/// A GUID's textual form (`c12a7328-f81f-11d2-ba4b-00a0c93ec93b`) from its
+/// bytes in textual order.
+pub fn guid_text(b: [u8; 16]) -> String {
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}

@@ -42,26 +42,13 @@ impl Guid {
 
     /// The mixed-endian layout GPT stores on disk.
     fn on_disk(&self) -> [u8; 16] {
-        let r = self.0;
-        [
-            r[3], r[2], r[1], r[0], r[5], r[4], r[7], r[6], r[8], r[9], r[10], r[11], r[12], r[13],
-            r[14], r[15],
-        ]
+        slipway_init::layout::gpt_byte_order(self.0)
     }
 }
 
 impl std::fmt::Display for Guid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let h = hex::encode(self.0);
-        write!(
-            f,
-            "{}-{}-{}-{}-{}",
-            &h[..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..]
-        )
+        f.write_str(&slipway_init::layout::guid_text(self.0))
     }
 }
 
