@@ -219,6 +219,17 @@ const BLKPG_RESIZE_PARTITION: libc::c_int = 3;
 /// `_IOW('f', 16, __u64)`: grow a mounted ext4 to a number of blocks.
 const EXT4_IOC_RESIZE_FS: u64 = 0x4008_6610;
 
+/// A block device's size in bytes, from sysfs (`/sys/class/block/NAME/size`
+/// counts 512-byte sectors whatever the device's own sector size).
+fn sysfs_bytes(sys_class_block: &Path, name: &std::ffi::OsStr) -> io::Result<u64> {
+    let sectors = fs::read_to_string(sys_class_block.join(name).join("size"))?;
+    let sectors: u64 = sectors
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::other("an unreadable device size in sysfs"))?;
+    Ok(sectors * SECTOR)
+}
+
 /// The whole disk a partition device (`/dev/nvme0n1p4`) belongs to, from
 /// sysfs, as (device path, size in bytes).
 fn parent_disk(sys_class_block: &Path, partition: &Path) -> io::Result<(PathBuf, u64)> {
@@ -230,12 +241,10 @@ fn parent_disk(sys_class_block: &Path, partition: &Path) -> io::Result<(PathBuf,
         .parent()
         .and_then(Path::file_name)
         .ok_or_else(|| io::Error::other("a partition without a parent disk in sysfs"))?;
-    let sectors = fs::read_to_string(sys_class_block.join(disk).join("size"))?;
-    let sectors: u64 = sectors
-        .trim()
-        .parse()
-        .map_err(|_| io::Error::other("an unreadable disk size in sysfs"))?;
-    Ok((Path::new("/dev").join(disk), sectors * SECTOR))
+    Ok((
+        Path::new("/dev").join(disk),
+        sysfs_bytes(sys_class_block, disk)?,
+    ))
 }
 
 /// Grows the partition `var` (a device under `/dev`) to the end of its
@@ -279,21 +288,9 @@ pub fn grow_filesystem(mountpoint: &Path, device: &Path) -> io::Result<(u64, u64
     let name = device
         .file_name()
         .ok_or_else(|| io::Error::other("a device without a name"))?;
-    let sectors = fs::read_to_string(Path::new("/sys/class/block").join(name).join("size"))?;
-    let part_bytes = sectors
-        .trim()
-        .parse::<u64>()
-        .map_err(|_| io::Error::other("an unreadable partition size in sysfs"))?
-        * SECTOR;
+    let part_bytes = sysfs_bytes(Path::new("/sys/class/block"), name)?;
     let dir = File::open(mountpoint)?;
-    // SAFETY: a zeroed statvfs is a valid out-parameter.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `dir` is an open descriptor and `st` is writable.
-    if unsafe { libc::fstatvfs(dir.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let block = st.f_frsize.max(1);
-    let old = st.f_blocks * block;
+    let (block, old) = fs_size(&dir)?;
     let mut blocks: u64 = part_bytes / block;
     // statvfs leaves out the filesystem's own overhead, so `old` is short
     // of the real size; the kernel does nothing when the count is unchanged.
@@ -308,9 +305,18 @@ pub fn grow_filesystem(mountpoint: &Path, device: &Path) -> io::Result<(u64, u64
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: as above.
+    Ok((old, fs_size(&dir)?.1))
+}
+
+/// A mounted filesystem's block size and size in bytes (statvfs's, which
+/// leaves out its own overhead).
+fn fs_size(dir: &File) -> io::Result<(u64, u64)> {
+    // SAFETY: a zeroed statvfs is a valid out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `dir` is an open descriptor and `st` is writable.
     if unsafe { libc::fstatvfs(dir.as_raw_fd(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((old, st.f_blocks * block))
+    let block = st.f_frsize.max(1);
+    Ok((block, st.f_blocks * block))
 }

@@ -344,15 +344,17 @@ impl Vm {
         let vars = workdir.path().join("OVMF_VARS.fd");
         fs::copy(OVMF_VARS, &vars).context("copying the OVMF variables store")?;
         let serial = workdir.path().join("serial.log");
-        let (disk, disk_format) = match cfg.root_volume_gib {
+        // A throwaway volume already keeps the disk pristine: QEMU's own
+        // snapshot layer would be a second one.
+        let (disk, disk_format, snapshot) = match cfg.root_volume_gib {
             Some(gib) if cfg.snapshot => {
                 let volume = workdir.path().join("root.qcow2");
                 create_volume(&cfg.disk, cfg.disk_format, &volume, gib)?;
-                (volume, "qcow2")
+                (volume, "qcow2", "")
             }
-            _ => (cfg.disk.clone(), cfg.disk_format),
+            _ if cfg.snapshot => (cfg.disk.clone(), cfg.disk_format, ",snapshot=on"),
+            _ => (cfg.disk.clone(), cfg.disk_format, ""),
         };
-        let snapshot = if cfg.snapshot { ",snapshot=on" } else { "" };
         let mut cmd = match &cfg.nic {
             Nic::Isolated => Command::new("qemu-system-x86_64"),
             Nic::Tap { netns, .. } => {
@@ -663,6 +665,26 @@ impl Drop for Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_test_volumes_are_as_large_as_the_templates_default() {
+        let path = crate::workspace_dir().join("cfn/template.yaml");
+        let text = fs::read_to_string(&path).unwrap();
+        // The template's CloudFormation tags (!Ref, !Sub) are not YAML the
+        // parser knows: only the parameters are read.
+        let block: String = text
+            .lines()
+            .skip_while(|l| *l != "Parameters:")
+            .enumerate()
+            .take_while(|(i, l)| *i == 0 || l.is_empty() || l.starts_with([' ', '#']))
+            .map(|(_, l)| format!("{l}\n"))
+            .collect();
+        let params: serde_yaml_ng::Value = serde_yaml_ng::from_str(&block).unwrap();
+        assert_eq!(
+            params["Parameters"]["RootVolumeSize"]["Default"].as_u64(),
+            Some(ROOT_VOLUME_GIB)
+        );
+    }
 
     #[test]
     fn a_qemu_that_fails_to_start_is_seen_exited_with_its_own_words() {

@@ -655,7 +655,6 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     fs::create_dir_all(&args.out).map_err(fsio::at("creating", &args.out))?;
     let disk_path = args.out.join("disk.raw");
     let qcow2_path = args.out.join("disk.qcow2");
-
     let id = |what: &str| {
         Guid::derive(&format!(
             "{}:{}:{what}",
