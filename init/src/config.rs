@@ -120,7 +120,6 @@ struct Raw {
     pod_cidr: String,
     service_cidr: String,
     master_eip_allocation: Option<String>,
-    master_volume: Option<String>,
     master_restore: Option<bool>,
     master_renew_before_days: Option<u32>,
     master_token_hours: Option<u32>,
@@ -137,7 +136,6 @@ struct Raw {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MasterConfig {
     pub eip_allocation: String,
-    pub volume_id: String,
     /// This boot may start a fresh etcd on a blank volume although the
     /// cluster's PKI exists (a deliberate restore); off by default.
     pub restore: bool,
@@ -385,15 +383,9 @@ impl StackConfig {
                     key: "master_eip_allocation",
                     role: Role::Master,
                 })?;
-                let volume = raw.master_volume.ok_or(ConfigError::Missing {
-                    key: "master_volume",
-                    role: Role::Master,
-                })?;
                 check_id("master_eip_allocation", &eip, "eipalloc-")?;
-                check_id("master_volume", &volume, "vol-")?;
                 Some(MasterConfig {
                     eip_allocation: eip,
-                    volume_id: volume,
                     restore: raw.master_restore.unwrap_or(false),
                     renew_before_days: renew_before_days(raw.master_renew_before_days)?,
                     token_hours: token_hours(raw.master_token_hours)?,
@@ -406,7 +398,6 @@ impl StackConfig {
             }
             Role::Node => {
                 if raw.master_eip_allocation.is_some()
-                    || raw.master_volume.is_some()
                     || raw.master_restore.is_some()
                     || raw.master_renew_before_days.is_some()
                     || raw.master_token_hours.is_some()
@@ -415,8 +406,8 @@ impl StackConfig {
                     || raw.master_backup_days.is_some()
                 {
                     return Err(invalid(
-                        "master_volume",
-                        "is only for a master; a node must not name the master's volume or address",
+                        "master_eip_allocation",
+                        "is only for a master; a node must not name the master's address or settings",
                     ));
                 }
                 None
@@ -498,14 +489,13 @@ master_ip = "10.0.1.10"
 pod_cidr = "10.244.0.0/16"
 service_cidr = "10.96.0.0/12"
 master_eip_allocation = "eipalloc-0123456789abcdef0"
-master_volume = "vol-0123456789abcdef0"
 "#;
 
     fn node() -> String {
         MASTER
             .replace("role = \"master\"", "role = \"node\"")
             .lines()
-            .filter(|l| !l.starts_with("master_eip") && !l.starts_with("master_volume"))
+            .filter(|l| !l.starts_with("master_eip"))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -515,8 +505,8 @@ master_volume = "vol-0123456789abcdef0"
         let c = StackConfig::parse(MASTER.as_bytes()).unwrap();
         assert_eq!(c.role, Role::Master);
         assert_eq!(
-            c.master.as_ref().unwrap().volume_id,
-            "vol-0123456789abcdef0"
+            c.master.as_ref().unwrap().eip_allocation,
+            "eipalloc-0123456789abcdef0"
         );
         assert_eq!(c.api_service_ip(), Ipv4Addr::new(10, 96, 0, 1));
         assert_eq!(c.dns_service_ip(), Ipv4Addr::new(10, 96, 0, 10));
@@ -579,7 +569,6 @@ master_volume = "vol-0123456789abcdef0"
             (drop("cluster_name"), "cluster_name"),
             (drop("secrets_bucket"), "secrets_bucket"),
             (drop("master_ip"), "master_ip"),
-            (drop("master_volume"), "master_volume"),
             (drop("master_eip_allocation"), "master_eip_allocation"),
             (m("role = \"master\"", "role = \"worker\""), "worker"),
             (m("role = \"master\"", "role = 7"), "role"),
@@ -603,7 +592,14 @@ master_volume = "vol-0123456789abcdef0"
                 m("eipalloc-0123456789abcdef0", "eip-123"),
                 "master_eip_allocation",
             ),
-            (m("vol-0123456789abcdef0", "vol-XYZ"), "master_volume"),
+            // The volume is found by its tag; the user data names none.
+            (
+                m(
+                    "role = \"master\"",
+                    "role = \"master\"\nmaster_volume = \"vol-0123456789abcdef0\"",
+                ),
+                "master_volume",
+            ),
             (
                 m("role = \"master\"", "role = \"master\"\nextra = true"),
                 "extra",
@@ -665,7 +661,7 @@ master_volume = "vol-0123456789abcdef0"
                 node()
                     .replace(
                         "role = \"node\"",
-                        "role = \"node\"\nmaster_volume = \"vol-0123456789abcdef0\"",
+                        "role = \"node\"\nmaster_eip_allocation = \"eipalloc-0123456789abcdef0\"",
                     )
                     .into_bytes(),
                 "only for a master",

@@ -150,18 +150,7 @@ async fn a_node_boots_while_the_metadata_service_is_down_for_a_minute_then_flaky
 
 /// An Auto Scaling group of one in moto; returns its instance.
 async fn group_of_one(w: &World) -> (String, String) {
-    let ami = w
-        .aws
-        .ec2
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .unwrap()
-        .images()[0]
-        .image_id()
-        .unwrap()
-        .to_owned();
+    let ami = ami(&w.aws).await;
     w.aws
         .ec2
         .create_launch_template()

@@ -214,14 +214,30 @@ fn boot_requests(member: &Member, role: Role, action: &str) -> Option<Vec<Reques
         "ec2:DescribeInstances"
         | "ec2:DescribeInstanceAttribute"
         | "ec2:DescribeVolumes"
+        | "ec2:DescribeSnapshots"
         | "ec2:DescribeAddresses" => vec![r("*", None)],
-        "ec2:AttachVolume" => vec![
-            r(&arn("ec2", &format!("volume/{VOLUME}")), ours),
-            r(&me, ours),
-        ],
+        "ec2:AttachVolume" => vec![data_volume(r(&volume_arn(VOLUME), ours)), r(&me, ours)],
         "ec2:DetachVolume" => vec![
-            r(&arn("ec2", &format!("volume/{VOLUME}")), ours),
+            data_volume(r(&volume_arn(VOLUME), ours)),
             r(&predecessor, ours),
+        ],
+        // A restore: the new volume from the cluster's snapshot, tagged
+        // at creation as a restore in progress...
+        "ec2:CreateVolume" => vec![
+            data_volume(r(&snapshot_arn(), None)),
+            creation(r(&volume_arn("*"), None)),
+        ],
+        // ...then the cluster's tag moved to it from the old volume.
+        "ec2:CreateTags" => vec![
+            creation(r(&volume_arn(RESTORED), None)).with("ec2:CreateAction", "CreateVolume"),
+            data_volume(r(&volume_arn(VOLUME), ours))
+                .with_set("aws:TagKeys", &["slipway:superseded"]),
+            r(&volume_arn(RESTORED), ours).with_set("aws:TagKeys", &["slipway:etcd-data"]),
+        ],
+        "ec2:DeleteTags" => vec![
+            data_volume(r(&volume_arn(VOLUME), ours))
+                .with_set("aws:TagKeys", &["slipway:etcd-data"]),
+            r(&volume_arn(RESTORED), ours).with_set("aws:TagKeys", &["slipway:restoring"]),
         ],
         "ec2:AssociateAddress" => vec![
             r(&arn("ec2", &format!("elastic-ip/{ALLOCATION}")), ours),
@@ -271,6 +287,47 @@ fn boot_requests(member: &Member, role: Role, action: &str) -> Option<Vec<Reques
     })
 }
 
+/// The volume a restore creates.
+const RESTORED: &str = "vol-0fedcba9876543210";
+
+fn volume_arn(id: &str) -> String {
+    arn("ec2", &format!("volume/{id}"))
+}
+
+/// A Data Lifecycle Manager snapshot of the cluster's volume (snapshots
+/// have no account in their ARN).
+fn snapshot_arn() -> String {
+    format!("arn:aws:ec2:{REGION}::snapshot/snap-0123456789abcdef0")
+}
+
+/// `request` on the cluster's current data volume, or on a snapshot of
+/// it, which carries the volume's tags.
+fn data_volume(request: Request) -> Request {
+    request.with("aws:ResourceTag/slipway:etcd-data", CLUSTER)
+}
+
+/// `request` creating a volume with the tags a restore gives it.
+fn creation(request: Request) -> Request {
+    let mut r = request;
+    for key in ["slipway:cluster", "slipway:restoring"] {
+        r = r.with(&format!("aws:RequestTag/{key}"), CLUSTER);
+    }
+    r.with("aws:RequestTag/Name", "demo-etcd-restored")
+        .with(
+            "aws:RequestTag/slipway:restored-from",
+            "snap-0123456789abcdef0",
+        )
+        .with_set(
+            "aws:TagKeys",
+            &[
+                "Name",
+                "slipway:cluster",
+                "slipway:restoring",
+                "slipway:restored-from",
+            ],
+        )
+}
+
 fn member(role: Role) -> &'static Member {
     match role {
         Role::Master => &MASTER,
@@ -302,8 +359,8 @@ fn each_member_is_refused_what_only_the_other_calls_and_what_nobody_calls_own_ev
     let stack = Stack::deploy(&template(), &[]);
     let uncalled = [
         "ec2:TerminateInstances",
-        "ec2:CreateVolume",
         "ec2:DeleteVolume",
+        "ec2:DeleteSnapshot",
         "ec2:ReleaseAddress",
         "iam:PassRole",
         "kms:Decrypt",
@@ -362,6 +419,28 @@ fn a_node_is_refused_the_masters_secrets_volume_and_address_own_evaluator() {
         NODE.request("s3:DeleteObject", &object(BACKUP), None),
         // Another cluster's volume and secrets.
         MASTER.request("ec2:AttachVolume", &volume, Some("another")),
+        // A volume of the cluster that is not its etcd data (a superseded
+        // one), and a volume from another cluster's snapshot.
+        MASTER.request("ec2:AttachVolume", &volume, Some(CLUSTER)),
+        MASTER
+            .request("ec2:CreateVolume", &snapshot_arn(), None)
+            .with("aws:ResourceTag/slipway:etcd-data", "another"),
+        // A volume created without the restore's tags, or another cluster's.
+        MASTER.request("ec2:CreateVolume", &volume_arn("*"), None),
+        creation(MASTER.request("ec2:CreateVolume", &volume_arn("*"), None))
+            .with("aws:RequestTag/slipway:cluster", "another"),
+        // Tags on another cluster's volume, or keys beyond the restore's.
+        MASTER
+            .request("ec2:CreateTags", &volume, Some("another"))
+            .with_set("aws:TagKeys", &["slipway:etcd-data"]),
+        MASTER
+            .request("ec2:CreateTags", &volume, Some(CLUSTER))
+            .with_set("aws:TagKeys", &["slipway:etcd-data", "slipway:cluster"]),
+        MASTER
+            .request("ec2:DeleteTags", &volume, Some(CLUSTER))
+            .with_set("aws:TagKeys", &["slipway:cluster"]),
+        NODE.request("ec2:CreateTags", &volume, Some(CLUSTER))
+            .with_set("aws:TagKeys", &["slipway:etcd-data"]),
         MASTER.request(
             "s3:GetObject",
             &format!("arn:aws:s3:::{BUCKET}/another/pki.json"),

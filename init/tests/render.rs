@@ -21,7 +21,7 @@ fn manifests() -> PathBuf {
 
 fn config(role: &str) -> StackConfig {
     let master = if role == "master" {
-        "master_eip_allocation = \"eipalloc-0123456789abcdef0\"\nmaster_volume = \"vol-0123456789abcdef0\"\n"
+        "master_eip_allocation = \"eipalloc-0123456789abcdef0\"\n"
     } else {
         ""
     };

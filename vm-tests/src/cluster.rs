@@ -264,6 +264,7 @@ impl Cluster {
         say("enforcing IAM: each role as the template writes it, the test as administrator");
         let template: serde_json::Value = serde_json::from_str(&template_body)?;
         let roles = rt.block_on(roles_of_the_stack(&conf, &moto, &template))?;
+        rt.block_on(tag_as_the_template_does(&conf, &template, "MasterVolume"))?;
         let root_volume_gib = template["Parameters"]["RootVolumeSize"]["Default"]
             .as_u64()
             .context("the template's RootVolumeSize has no default")?;
@@ -954,6 +955,18 @@ async fn read_snapshot(endpoint: &str, snapshot: &str, dest: &Path) -> Result<St
     Ok(hex::encode(hash.finalize()))
 }
 
+/// What the template's intrinsics name in the stack as created.
+async fn names_of_the_stack(
+    cfn: &aws_sdk_cloudformation::Client,
+    template: &serde_json::Value,
+) -> Result<BTreeMap<String, String>> {
+    let bucket = physical_id(cfn, "SecretsBucket").await?;
+    let cluster = template["Parameters"]["ClusterName"]["Default"]
+        .as_str()
+        .context("the template's ClusterName has no default")?;
+    Ok(crate::iam::stack_names(STACK, cluster, &bucket, REGION))
+}
+
 /// The stack's two roles with their policies as moto can enforce them,
 /// and a session of each for its instances. Before IAM is enforced.
 async fn roles_of_the_stack(
@@ -962,11 +975,7 @@ async fn roles_of_the_stack(
     template: &serde_json::Value,
 ) -> Result<BTreeMap<Role, (String, Identity)>> {
     let cfn = aws_sdk_cloudformation::Client::new(conf);
-    let bucket = physical_id(&cfn, "SecretsBucket").await?;
-    let cluster = template["Parameters"]["ClusterName"]["Default"]
-        .as_str()
-        .context("the template's ClusterName has no default")?;
-    let names = crate::iam::stack_names(STACK, cluster, &bucket, REGION);
+    let names = names_of_the_stack(&cfn, template).await?;
     let mut roles = BTreeMap::new();
     for (role, logical) in [(Role::Master, "MasterRole"), (Role::Node, "NodeRole")] {
         let name = physical_id(&cfn, logical).await?;
@@ -978,6 +987,43 @@ async fn roles_of_the_stack(
         roles.insert(role, (name, session));
     }
     Ok(roles)
+}
+
+/// Tags the stack's `logical` resource (an EC2 one) with the tags the
+/// template gives it: moto's CloudFormation drops a volume's tags, and the
+/// master finds its volume by them (a stand-in for CloudFormation's part).
+async fn tag_as_the_template_does(
+    conf: &aws_config::SdkConfig,
+    template: &serde_json::Value,
+    logical: &str,
+) -> Result<()> {
+    let cfn = aws_sdk_cloudformation::Client::new(conf);
+    let id = physical_id(&cfn, logical).await?;
+    let names = names_of_the_stack(&cfn, template).await?;
+    let mut tags = Vec::new();
+    for tag in template["Resources"][logical]["Properties"]["Tags"]
+        .as_array()
+        .with_context(|| format!("{logical} has no Tags"))?
+    {
+        let key = tag["Key"].as_str().context("a tag without a Key")?;
+        let value = crate::iam::resolve(&tag["Value"], &names)?;
+        let value = value
+            .as_str()
+            .with_context(|| format!("{logical}'s tag {key} is not a string"))?;
+        tags.push(
+            aws_sdk_ec2::types::Tag::builder()
+                .key(key)
+                .value(value)
+                .build(),
+        );
+    }
+    aws_sdk_ec2::Client::new(conf)
+        .create_tags()
+        .resources(&id)
+        .set_tags(Some(tags))
+        .send()
+        .await?;
+    Ok(())
 }
 
 async fn create_stack(

@@ -7,8 +7,9 @@
 //! `?`), `Resource`/`NotResource`, a resource policy's `Principal` (`*`,
 //! `{"AWS": …}`), condition operators `String[Not]Equals`,
 //! `String[Not]Like`, `Arn[Not]Equals`, `Arn[Not]Like`, `Bool` (each also
-//! with `IfExists`), and policy variables (`${ec2:SourceInstanceARN}`) in
-//! condition values. An explicit Deny in any policy wins; otherwise an
+//! with `IfExists`), the set qualifiers `ForAllValues:` and `ForAnyValue:`
+//! on the positive operators over multivalued keys (`aws:TagKeys`), and
+//! policy variables (`${ec2:SourceInstanceARN}`) in condition values. An explicit Deny in any policy wins; otherwise an
 //! Allow in the identity's policies or in the resource's policy (for that
 //! principal) allows ([`evaluate`], S3's rule within one account). A KMS
 //! key is stricter ([`evaluate_key`]): its policy must allow, either the
@@ -29,6 +30,8 @@ pub struct Request {
     pub action: String,
     pub resource: String,
     pub context: BTreeMap<String, String>,
+    /// Multivalued context keys (`aws:TagKeys`).
+    pub sets: BTreeMap<String, Vec<String>>,
 }
 
 impl Request {
@@ -38,7 +41,17 @@ impl Request {
             action: action.to_owned(),
             resource: resource.to_owned(),
             context: BTreeMap::new(),
+            sets: BTreeMap::new(),
         }
+    }
+
+    /// The request with multivalued context key `key` set to `values`.
+    pub fn with_set(mut self, key: &str, values: &[&str]) -> Self {
+        self.sets.insert(
+            key.to_owned(),
+            values.iter().map(|v| (*v).to_owned()).collect(),
+        );
+        self
     }
 
     /// The request with context key `key` set to `value`.
@@ -189,7 +202,7 @@ fn applies(st: &Value, is_resource_policy: bool, request: &Request) -> Result<bo
     if !resource {
         return Ok(false);
     }
-    conditions_hold(&st["Condition"], &request.context)
+    conditions_hold(&st["Condition"], request)
 }
 
 fn principal_matches(principal: &Value, request: &Request) -> Result<bool> {
@@ -270,7 +283,8 @@ fn with_variables(value: &str, context: &BTreeMap<String, String>) -> Option<Str
     Some(out)
 }
 
-fn conditions_hold(condition: &Value, context: &BTreeMap<String, String>) -> Result<bool> {
+fn conditions_hold(condition: &Value, request: &Request) -> Result<bool> {
+    let context = &request.context;
     let Some(operators) = condition.as_object() else {
         return match condition {
             Value::Null => Ok(true),
@@ -278,9 +292,14 @@ fn conditions_hold(condition: &Value, context: &BTreeMap<String, String>) -> Res
         };
     };
     for (operator, keys) in operators {
+        let (set, operator) = match operator.split_once(':') {
+            Some((set @ ("ForAllValues" | "ForAnyValue"), op)) => (Some(set), op),
+            Some((other, _)) => bail!("set qualifier {other} is not modelled"),
+            None => (None, operator.as_str()),
+        };
         let (base, if_exists) = match operator.strip_suffix("IfExists") {
             Some(b) => (b, true),
-            None => (operator.as_str(), false),
+            None => (operator, false),
         };
         let (negated, compare): (bool, fn(&str, &str) -> bool) = match base {
             "StringEquals" | "ArnEquals" | "Bool" => (false, |p, v| p == v),
@@ -289,20 +308,37 @@ fn conditions_hold(condition: &Value, context: &BTreeMap<String, String>) -> Res
             "StringNotLike" | "ArnNotLike" => (true, glob),
             other => bail!("condition operator {other} is not modelled"),
         };
+        if set.is_some() && (negated || if_exists) {
+            bail!("{operator} with a set qualifier is not modelled");
+        }
         for (key, values) in keys
             .as_object()
             .context("a condition operator without keys")?
         {
-            let holds = match context.get(key) {
-                None => negated || if_exists,
-                Some(actual) => {
-                    let mut any = false;
-                    for pattern in strings(values)? {
-                        if with_variables(&pattern, context).is_some_and(|p| compare(&p, actual)) {
-                            any = true;
-                        }
+            let patterns: Vec<String> = strings(values)?
+                .iter()
+                .filter_map(|p| with_variables(p, context))
+                .collect();
+            let matches = |actual: &str| patterns.iter().any(|p| compare(p, actual));
+            let holds = match set {
+                // Every value in the request's set is allowed (an absent
+                // or empty set holds, as on AWS).
+                Some("ForAllValues") => request
+                    .sets
+                    .get(key)
+                    .map_or(true, |vs| vs.iter().all(|v| matches(v))),
+                Some(_) => request
+                    .sets
+                    .get(key)
+                    .is_some_and(|vs| vs.iter().any(|v| matches(v))),
+                None => {
+                    if request.sets.contains_key(key) {
+                        bail!("{key} is multivalued: {operator} needs ForAllValues or ForAnyValue");
                     }
-                    any != negated
+                    match context.get(key) {
+                        None => negated || if_exists,
+                        Some(actual) => matches(actual) != negated,
+                    }
                 }
             };
             if !holds {
@@ -393,6 +429,36 @@ mod tests {
             evaluate(&[own], None, &bare).unwrap(),
             Decision::ImplicitDeny
         );
+    }
+
+    #[test]
+    fn set_qualifiers_over_multivalued_keys() {
+        let only = json!({"Statement": [{"Effect": "Allow", "Action": "ec2:CreateTags",
+            "Resource": "*", "Condition": {"ForAllValues:StringEquals": {"aws:TagKeys": ["a", "b"]}}}]});
+        let any = json!({"Statement": [{"Effect": "Allow", "Action": "ec2:CreateTags",
+            "Resource": "*", "Condition": {"ForAnyValue:StringEquals": {"aws:TagKeys": "a"}}}]});
+        let req =
+            |keys: &[&str]| Request::new("p", "ec2:CreateTags", "r").with_set("aws:TagKeys", keys);
+        let decide =
+            |policy: &Value, r: &Request| evaluate(std::slice::from_ref(policy), None, r).unwrap();
+        assert_eq!(decide(&only, &req(&["a"])), Decision::Allow);
+        assert_eq!(decide(&only, &req(&["a", "b"])), Decision::Allow);
+        assert_eq!(decide(&only, &req(&["a", "c"])), Decision::ImplicitDeny);
+        // ForAllValues holds for an absent key, as on AWS.
+        assert_eq!(
+            decide(&only, &Request::new("p", "ec2:CreateTags", "r")),
+            Decision::Allow
+        );
+        assert_eq!(decide(&any, &req(&["c", "a"])), Decision::Allow);
+        assert_eq!(decide(&any, &req(&["c"])), Decision::ImplicitDeny);
+        assert_eq!(
+            decide(&any, &Request::new("p", "ec2:CreateTags", "r")),
+            Decision::ImplicitDeny
+        );
+        // A single-valued operator over a set is a policy mistake.
+        let plain = json!({"Statement": [{"Effect": "Allow", "Action": "ec2:CreateTags",
+            "Resource": "*", "Condition": {"StringEquals": {"aws:TagKeys": "a"}}}]});
+        assert!(evaluate(&[plain], None, &req(&["a"])).is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod images;
 pub mod leave;
 pub mod private_ip;
 pub mod renewal;
+pub mod restore;
 pub mod secrets;
 pub mod signal;
 pub mod srcdest;
@@ -248,6 +249,7 @@ pub fn calls(role: Role) -> Vec<&'static str> {
     let lists: &[&[&str]] = match role {
         Role::Master => &[
             srcdest::CALLS,
+            restore::CALLS,
             volume::CALLS,
             eip::CALLS,
             private_ip::CALLS,
@@ -334,7 +336,7 @@ pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, Failed> {
 #[cfg(test)]
 pub(crate) async fn test_context(role: &str, runner: Box<dyn Runner>, root: &Path) -> Context {
     let master = if role == "master" {
-        "master_eip_allocation = \"eipalloc-0123456789abcdef0\"\nmaster_volume = \"vol-0123456789abcdef0\"\n"
+        "master_eip_allocation = \"eipalloc-0123456789abcdef0\"\n"
     } else {
         ""
     };
@@ -377,6 +379,7 @@ mod tests {
         let modules: &[(&str, &str, &[&str])] = &[
             ("srcdest", include_str!("srcdest.rs"), srcdest::CALLS),
             ("volume", include_str!("volume.rs"), volume::CALLS),
+            ("restore", include_str!("restore.rs"), restore::CALLS),
             ("eip", include_str!("eip.rs"), eip::CALLS),
             (
                 "private_ip",

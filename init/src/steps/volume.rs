@@ -1,4 +1,6 @@
-//! The master's data volume: attach it (taking it from a dead predecessor),
+//! The master's data volume: find it by its tag (restoring one in this
+//! zone when it is elsewhere, see [`super::restore`]), attach it (taking it
+//! from a dead predecessor),
 //! wait for its NVMe device (the controller serial carries the volume ID),
 //! format it only when it is blank, and mount it where etcd keeps its data.
 
@@ -261,6 +263,7 @@ fn read_head(device: &Path) -> Result<Vec<u8>, StepError> {
 async fn refuse_blank_if_the_cluster_exists(
     ctx: &Context,
     master: &crate::config::MasterConfig,
+    volume_id: &str,
     device: &Path,
 ) -> Result<(), StepError> {
     let key = super::secrets::pki_key(&ctx.config.cluster_name);
@@ -274,7 +277,7 @@ async fn refuse_blank_if_the_cluster_exists(
              on another volume; refusing to start an empty etcd under the cluster's CA \
              (set master_restore = true in the stack config to start afresh on purpose)",
             device.display(),
-            master.volume_id,
+            volume_id,
             ctx.config.secrets_bucket
         ),
     })
@@ -288,7 +291,8 @@ pub async fn run(ctx: &Context, mount_point: &Path) -> Result<Report, StepError>
             message: "only a master has a data volume".into(),
         });
     };
-    let volume_id = &master.volume_id;
+    let located = super::restore::locate(ctx).await?;
+    let volume_id = &located.volume_id;
     let attached = attach(ctx, volume_id).await?;
 
     let (class, dev) = (&ctx.paths.nvme_class, &ctx.paths.dev);
@@ -307,18 +311,28 @@ pub async fn run(ctx: &Context, mount_point: &Path) -> Result<Report, StepError>
         .iter()
         .any(|m| m.mount_point == target)
     {
-        let what = attached.unwrap_or_else(|| format!("{volume_id} was attached"));
+        let what = located
+            .restored
+            .into_iter()
+            .chain(attached)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let what = if what.is_empty() {
+            format!("{volume_id} was attached")
+        } else {
+            what
+        };
         return Ok(Report::already(
             STEP,
             format!("{what}; {} already mounted on {target}", device.display()),
         ));
     }
 
-    let mut did = attached.clone().into_iter().collect::<Vec<_>>();
+    let mut did: Vec<String> = located.restored.into_iter().chain(attached).collect();
     match probe(&read_head(&device)?) {
         Contents::Ext4 => {}
         Contents::Blank => {
-            refuse_blank_if_the_cluster_exists(ctx, master, &device).await?;
+            refuse_blank_if_the_cluster_exists(ctx, master, volume_id, &device).await?;
             ctx.runner
                 .run("mkfs.ext4", &["-q", "-L", LABEL, &device.to_string_lossy()])?;
             did.push(format!("formatted {} (it was blank)", device.display()));

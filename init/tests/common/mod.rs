@@ -63,14 +63,7 @@ pub async fn world_with(instances: usize, template: &serde_json::Value) -> World
     let aws = clients_as(&administrator, &moto.endpoint).await;
     let master_aws = clients_as(&master, &moto.endpoint).await;
     let node_aws = clients_as(&node, &moto.endpoint).await;
-    let image = aws
-        .ec2
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .expect("images");
-    let ami = image.images()[0].image_id().expect("ami").to_owned();
+    let ami = ami(&aws).await;
     let run = aws
         .ec2
         .run_instances()
@@ -124,16 +117,25 @@ pub async fn world_with(instances: usize, template: &serde_json::Value) -> World
     }
 }
 
+/// The image moto launches instances from.
+pub async fn ami(aws: &Clients) -> String {
+    let images = aws
+        .ec2
+        .describe_images()
+        .owners("amazon")
+        .send()
+        .await
+        .expect("images");
+    images.images()[0].image_id().expect("ami").to_owned()
+}
+
 pub fn config(w: &World, role: &str) -> StackConfig {
     StackConfig::parse(config_text(w, role).as_bytes()).expect("config")
 }
 
 pub fn config_text(w: &World, role: &str) -> String {
     let master = if role == "master" {
-        format!(
-            "master_eip_allocation = \"{}\"\nmaster_volume = \"{}\"\n",
-            w.alloc, w.volume
-        )
+        format!("master_eip_allocation = \"{}\"\n", w.alloc)
     } else {
         String::new()
     };
@@ -319,15 +321,29 @@ pub async fn volume_holder(w: &World) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// A fresh volume in the first instance's availability zone.
+/// A fresh volume in the first instance's availability zone, tagged as
+/// the template tags the cluster's data volume.
 pub async fn data_volume(w: &World) -> String {
-    let az = &w.instances[0].availability_zone;
+    data_volume_in(w, &w.instances[0].availability_zone).await
+}
+
+/// The cluster's data volume, tagged as the template tags it, in `zone`.
+pub async fn data_volume_in(w: &World, zone: &str) -> String {
+    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+    let tag = |k: &str| Tag::builder().key(k).value("demo").build();
     let created = w
         .aws
         .ec2
         .create_volume()
-        .availability_zone(az)
+        .availability_zone(zone)
         .size(1)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Volume)
+                .tags(tag("slipway:cluster"))
+                .tags(tag("slipway:etcd-data"))
+                .build(),
+        )
         .send()
         .await
         .unwrap();
