@@ -11,7 +11,7 @@ mod common;
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, Volume};
 use common::*;
 use slipway_init::steps::restore::{self, DATA_TAG, RESTORING_TAG, SUPERSEDED_TAG};
-use slipway_init::steps::{Context, Instance};
+use slipway_init::steps::{self, Context, Instance};
 use std::time::Duration;
 
 const ZONE_A: &str = "us-east-1a";
@@ -249,4 +249,148 @@ async fn without_a_snapshot_a_master_in_another_zone_refuses_and_changes_nothing
     let second = data_volume_in(&w, ZONE_B).await;
     let err = restore::locate(&there).await.unwrap_err().to_string();
     assert!(err.contains(&old) && err.contains(&second), "{err}");
+}
+
+/// `slipway-init restore …` as a person runs it on the master, as the
+/// master's role.
+fn restore_command(w: &World, ctx: &Context, dir: &std::path::Path) -> std::process::Command {
+    let config = dir.join("stack.toml");
+    std::fs::write(&config, config_text(w, "master")).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"));
+    cmd.envs(w.master.env())
+        .args(["--aws-endpoint", &w.moto.endpoint, "--config"])
+        .arg(&config)
+        .args([
+            "--instance-id",
+            &ctx.instance.id,
+            "--availability-zone",
+            &ctx.instance.availability_zone,
+            "restore",
+        ]);
+    cmd
+}
+
+fn run(mut cmd: std::process::Command, args: &[&str]) -> (bool, String) {
+    let out = cmd.args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_rolls_back_to_a_named_snapshot_after_a_dry_run() {
+    let w = world(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let old = data_volume_in(&w, ZONE_A).await;
+    let older = snapshot(&w, &old, "demo").await;
+    let newest = snapshot(&w, &old, "demo").await;
+    let foreign = snapshot(&w, &old, "another").await;
+    let master = master_in(&w, ZONE_A, dir.path()).await;
+    let cmd = || restore_command(&w, &master, dir.path());
+    // The master runs on the current volume.
+    w.aws
+        .ec2
+        .attach_volume()
+        .volume_id(&old)
+        .instance_id(&master.instance.id)
+        .device("/dev/xvdf")
+        .send()
+        .await
+        .unwrap();
+
+    // The list: the volume, and the snapshots with the newest marked.
+    let (ok, listed) = run(cmd(), &["--list"]);
+    assert!(ok, "{listed}");
+    assert!(
+        listed.contains(&old) && listed.contains("the cluster's etcd data"),
+        "{listed}"
+    );
+    let marked = listed.lines().find(|l| l.contains("<- newest")).unwrap();
+    assert!(marked.contains(&newest), "{listed}");
+    assert!(
+        listed.contains(&older) && !listed.contains(&foreign),
+        "{listed}"
+    );
+
+    // Asked without --yes: said, nothing changed.
+    let (ok, said) = run(cmd(), &["--snapshot", &older]);
+    assert!(
+        ok && said.contains("would restore") && said.contains(&old),
+        "{said}"
+    );
+    assert_eq!(cluster_volumes(&w).await.len(), 1);
+    // Another cluster's snapshot, or none: refused, nothing changed.
+    for refused in [foreign.as_str(), "snap-0123456789abcdef0"] {
+        let (ok, said) = run(cmd(), &["--snapshot", refused, "--yes"]);
+        assert!(!ok && said.contains(refused), "{said}");
+    }
+    assert_eq!(cluster_volumes(&w).await.len(), 1);
+    // Neither a list nor a snapshot: a usage error.
+    let (ok, said) = run(cmd(), &["--yes"]);
+    assert!(!ok && said.contains("--snapshot"), "{said}");
+
+    let (ok, said) = run(cmd(), &["--snapshot", &older, "--yes"]);
+    assert!(ok && said.contains(&master.instance.id), "{said}");
+    let current = restore::locate(&master).await.unwrap();
+    assert!(
+        current.restored.is_none(),
+        "the next boot finds it in place"
+    );
+    let new = describe(&w, &current.volume_id).await;
+    assert_eq!(new.snapshot_id(), Some(older.as_str()));
+    assert_eq!(new.availability_zone(), Some(ZONE_A));
+    assert!(tag(&new, "slipway:restored-at").is_some());
+    assert_eq!(
+        tag(&describe(&w, &old).await, SUPERSEDED_TAG),
+        Some(current.volume_id.as_str())
+    );
+    let (_, listed) = run(cmd(), &["--list"]);
+    assert!(
+        listed.contains(&format!("superseded by {}", current.volume_id))
+            && listed.contains(&format!("restored from {older}")),
+        "{listed}"
+    );
+
+    // Rebooted rather than replaced: the old volume is still attached at
+    // /dev/xvdf, so the restored one takes the next free name.
+    let sys = tempfile::tempdir().unwrap();
+    let mut ctx = master;
+    ctx.paths.nvme_class = sys.path().join("nvme");
+    ctx.paths.dev = sys.path().join("dev");
+    ctx.paths.proc = sys.path().join("proc");
+    ctx.runner = Box::new(FileDevices::default());
+    let serial = ctx.paths.nvme_class.join("nvme1");
+    for d in [&serial, &ctx.paths.dev, &ctx.paths.proc] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(serial.join("serial"), current.volume_id.replace('-', "")).unwrap();
+    std::fs::File::create(ctx.paths.dev.join("nvme1n1"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mount_point = sys.path().join("var/lib/etcd");
+    steps::volume::run(&ctx, &mount_point).await.unwrap();
+    let attachments = |v: &Volume| -> Vec<(String, String)> {
+        v.attachments()
+            .iter()
+            .map(|a| {
+                (
+                    a.instance_id().unwrap_or("").to_owned(),
+                    a.device().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let me = ctx.instance.id.clone();
+    assert_eq!(
+        attachments(&describe(&w, &current.volume_id).await),
+        vec![(me.clone(), "/dev/xvdg".to_owned())]
+    );
+    assert_eq!(
+        attachments(&describe(&w, &old).await),
+        vec![(me, "/dev/xvdf".to_owned())]
+    );
 }

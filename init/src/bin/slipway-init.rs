@@ -133,6 +133,27 @@ enum Command {
         #[arg(long, conflicts_with = "now")]
         list: bool,
     },
+    /// Master only: list the cluster's data volumes and EBS snapshots, or
+    /// restore a named snapshot to roll the cluster back. A restore makes a
+    /// volume from the snapshot in this master's zone, tags the current
+    /// volume superseded (never deleted) and moves the cluster's tag to the
+    /// new one, as a master does at boot when its zone has no volume. This
+    /// master keeps running on its old volume until its next boot: reboot
+    /// it, or terminate it and its Auto Scaling group launches one on the
+    /// restored volume. Without --yes, says what it would do and changes
+    /// nothing.
+    Restore {
+        /// List the volumes and snapshots (the newest completed snapshot,
+        /// which a master restores at boot, is marked).
+        #[arg(long, conflicts_with_all = ["snapshot", "yes"])]
+        list: bool,
+        /// The snapshot to restore (one tagged as this cluster's etcd data).
+        #[arg(long, value_name = "SNAPSHOT_ID", required_unless_present = "list")]
+        snapshot: Option<String>,
+        /// Restore, rather than only say what would be done.
+        #[arg(long, requires = "snapshot")]
+        yes: bool,
+    },
     /// Master only (a service runs it): decide kubelets' certificate
     /// requests by what EC2 says of this cluster's instances. A client
     /// certificate goes only to a running instance of the node group
@@ -393,12 +414,19 @@ async fn arrive_or_leave(args: &Args, deadlines: Deadlines, arrive: bool) -> Res
     }
 }
 
-/// `backup`: one backup when due (or now), or the list of them.
-async fn backup(args: &Args, deadlines: Deadlines, now: bool, list: bool) -> Result<(), Ending> {
+/// The context of a command only a master runs; on a node, an error that
+/// says what only a master does.
+async fn master_context(args: &Args, deadlines: Deadlines, does: &str) -> Result<Context, Ending> {
     let ctx = context(args, deadlines).await?;
     if ctx.config.role != slipway_init::config::Role::Master {
-        return Err(Ending::last("only a master backs etcd up".into()));
+        return Err(Ending::last(format!("only a master {does}")));
     }
+    Ok(ctx)
+}
+
+/// `backup`: one backup when due (or now), or the list of them.
+async fn backup(args: &Args, deadlines: Deadlines, now: bool, list: bool) -> Result<(), Ending> {
+    let ctx = master_context(args, deadlines, "backs etcd up").await?;
     if list {
         let backups = steps::backup::list(&ctx)
             .await
@@ -415,6 +443,31 @@ async fn backup(args: &Args, deadlines: Deadlines, now: bool, list: bool) -> Res
     Ok(())
 }
 
+/// `restore`: the volumes and snapshots, or a restore of a named snapshot.
+async fn restore(
+    args: &Args,
+    deadlines: Deadlines,
+    snapshot: Option<&str>,
+    yes: bool,
+) -> Result<(), Ending> {
+    let ctx = master_context(args, deadlines, "restores its data volume").await?;
+    let failed = |e: steps::StepError| Ending::retry(chain(&e));
+    match snapshot {
+        None => {
+            let volumes = steps::restore::volumes(&ctx).await.map_err(failed)?;
+            let snapshots = steps::restore::snapshots(&ctx).await.map_err(failed)?;
+            print!("{}", steps::restore::table(&volumes, &snapshots));
+        }
+        Some(snapshot) => {
+            let said = steps::restore::restore_named(&ctx, snapshot, yes)
+                .await
+                .map_err(failed)?;
+            println!("{said}");
+        }
+    }
+    Ok(())
+}
+
 /// The approver's loop: a pass every `interval`; a failed pass (the API
 /// server restarting, EC2 throttled) is logged and the next one tries again.
 async fn approve(
@@ -423,12 +476,7 @@ async fn approve(
     interval: u64,
     once: bool,
 ) -> Result<(), Ending> {
-    let ctx = context(args, deadlines).await?;
-    if ctx.config.role != slipway_init::config::Role::Master {
-        return Err(Ending::last(
-            "only a master approves certificate requests".into(),
-        ));
-    }
+    let ctx = master_context(args, deadlines, "approves certificate requests").await?;
     loop {
         match steps::approver::once(&ctx).await {
             Ok(_) if once => return Ok(()),
@@ -508,6 +556,13 @@ fn main() -> ExitCode {
         }
         Some(Command::Backup { now, list: false }) => {
             runtime.block_on(backup(&args, deadlines, *now, false))
+        }
+        Some(Command::Restore { snapshot, yes, .. }) => {
+            // What it found or did on standard output, nothing else.
+            return match runtime.block_on(restore(&args, deadlines, snapshot.as_deref(), *yes)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(ending) => fail(&ending),
+            };
         }
         Some(Command::Certs) => {
             // A table on standard output, nothing else.

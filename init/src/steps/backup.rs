@@ -58,7 +58,7 @@ pub struct Backup {
 }
 
 /// `20261202T091500Z`: sorts as time does.
-fn stamp(t: OffsetDateTime) -> String {
+pub(crate) fn stamp(t: OffsetDateTime) -> String {
     let t = t.to_offset(time::UtcOffset::UTC);
     format!(
         "{:04}{:02}{:02}T{:02}{:02}{:02}Z",

@@ -53,8 +53,9 @@ pub const SUPERSEDED_TAG: &str = "slipway:superseded";
 pub const RESTORING_TAG: &str = "slipway:restoring";
 /// Every resource of the cluster carries it.
 pub const CLUSTER_TAG: &str = "slipway:cluster";
-/// The snapshot a restored volume came from.
+/// The snapshot a restored volume came from, and when it was made.
 pub const RESTORED_FROM_TAG: &str = "slipway:restored-from";
+pub const RESTORED_AT_TAG: &str = "slipway:restored-at";
 
 /// The volume this master is to attach, and how it was found.
 #[derive(Debug)]
@@ -87,7 +88,22 @@ fn tag_filter(key: &str, value: &str) -> Filter {
         .build()
 }
 
+/// The current and becoming volumes tagged `key=<cluster>`: superseded
+/// and deleted ones left out.
 async fn tagged_volumes(ctx: &Context, key: &str) -> Result<Vec<Volume>, StepError> {
+    let mut volumes = volumes_tagged(ctx, key).await?;
+    volumes.retain(|v| {
+        tag(v, SUPERSEDED_TAG).is_none()
+            && !matches!(
+                v.state(),
+                Some(VolumeState::Deleting | VolumeState::Deleted)
+            )
+    });
+    Ok(volumes)
+}
+
+/// Every volume tagged `key=<cluster>`, as EC2 lists them.
+async fn volumes_tagged(ctx: &Context, key: &str) -> Result<Vec<Volume>, StepError> {
     let cluster = &ctx.config.cluster_name;
     let mut volumes = Vec::new();
     let mut pages = ctx
@@ -102,14 +118,7 @@ async fn tagged_volumes(ctx: &Context, key: &str) -> Result<Vec<Volume>, StepErr
             "ec2:DescribeVolumes",
             format!("looking for volumes tagged {key}={cluster}"),
         ))?;
-        volumes.extend(
-            page.volumes()
-                .iter()
-                .filter(|v| tag(v, SUPERSEDED_TAG).is_none())
-                .filter(|v| v.state() != Some(&VolumeState::Deleting))
-                .filter(|v| v.state() != Some(&VolumeState::Deleted))
-                .cloned(),
-        );
+        volumes.extend(page.volumes().iter().cloned());
     }
     Ok(volumes)
 }
@@ -218,38 +227,53 @@ pub async fn locate(ctx: &Context) -> Result<Located, StepError> {
                     .map_or_else(|| "?".to_owned(), |t| t.to_string()),
                 snapshot.volume_id().unwrap_or("?")
             );
-            let volume = create(ctx, &snapshot_id).await?;
+            let volume = create(ctx, &snapshot_id, old.as_deref()).await?;
             (volume, old, false, snapshot_id)
         }
     };
-    wait_available(ctx, &volume).await?;
-    if let Some(old) = &old {
-        set_tag(ctx, old, SUPERSEDED_TAG, &volume).await?;
+    complete(ctx, &volume, old.as_deref(), resumed, &from).await
+}
+
+/// Steps 2 and 3 of a restore whose volume exists: once it is available,
+/// the old volume (if any) is superseded and the cluster's tag moved.
+async fn complete(
+    ctx: &Context,
+    volume: &str,
+    old: Option<&str>,
+    resumed: bool,
+    from: &str,
+) -> Result<Located, StepError> {
+    wait_available(ctx, volume).await?;
+    if let Some(old) = old {
+        set_tag(ctx, old, SUPERSEDED_TAG, volume).await?;
         // Off Data Lifecycle Manager's target too: its snapshots from now
         // on would hold data the cluster has moved on from.
         clear_tag(ctx, old, DATA_TAG).await?;
     }
-    set_tag(ctx, &volume, DATA_TAG, &ctx.config.cluster_name).await?;
-    clear_tag(ctx, &volume, RESTORING_TAG).await?;
+    set_tag(ctx, volume, DATA_TAG, &ctx.config.cluster_name).await?;
+    clear_tag(ctx, volume, RESTORING_TAG).await?;
     let what = format!(
-        "{} {volume} in {own_zone} from {from}{}",
+        "{} {volume} in {} from {from}{}",
         if resumed {
             "finished restoring"
         } else {
             "restored"
         },
+        ctx.instance.availability_zone,
         old.map_or_else(String::new, |o| format!(", superseding {o}"))
     );
     tracing::warn!(step = STEP, "{what}");
     Ok(Located {
-        volume_id: volume,
+        volume_id: volume.to_owned(),
         restored: Some(what),
     })
 }
 
-async fn newest_snapshot(ctx: &Context) -> Result<Option<Snapshot>, StepError> {
+/// The cluster's EBS snapshots (those tagged as its etcd data), in any
+/// state, oldest first.
+pub async fn snapshots(ctx: &Context) -> Result<Vec<Snapshot>, StepError> {
     let cluster = &ctx.config.cluster_name;
-    let mut newest: Option<Snapshot> = None;
+    let mut all = Vec::new();
     let mut pages = ctx
         .aws
         .ec2
@@ -263,28 +287,183 @@ async fn newest_snapshot(ctx: &Context) -> Result<Option<Snapshot>, StepError> {
             "ec2:DescribeSnapshots",
             format!("looking for snapshots tagged {DATA_TAG}={cluster}"),
         ))?;
-        for s in page.snapshots() {
-            if s.state() != Some(&SnapshotState::Completed) {
-                continue;
-            }
-            if newest.as_ref().map_or(true, |n| {
-                (n.start_time(), n.snapshot_id()) < (s.start_time(), s.snapshot_id())
-            }) {
-                newest = Some(s.clone());
-            }
-        }
+        all.extend(page.snapshots().iter().cloned());
     }
-    Ok(newest)
+    all.sort_by(|a, b| (a.start_time(), a.snapshot_id()).cmp(&(b.start_time(), b.snapshot_id())));
+    Ok(all)
 }
 
-/// A client token for the restore of `snapshot` into `zone` (EC2 takes up
-/// to 64 ASCII characters): a retried create returns the same volume.
-pub fn client_token(cluster: &str, zone: &str, snapshot: &str) -> String {
-    let digest = Sha256::digest(format!("{cluster}\n{zone}\n{snapshot}"));
+/// The newest completed snapshot: what a restore at boot uses.
+fn newest(snapshots: &[Snapshot]) -> Option<&Snapshot> {
+    snapshots
+        .iter()
+        .rev()
+        .find(|s| s.state() == Some(&SnapshotState::Completed))
+}
+
+async fn newest_snapshot(ctx: &Context) -> Result<Option<Snapshot>, StepError> {
+    Ok(newest(&snapshots(ctx).await?).cloned())
+}
+
+/// Every volume that is, was or is becoming the cluster's etcd data.
+pub async fn volumes(ctx: &Context) -> Result<Vec<Volume>, StepError> {
+    let mut all = volumes_tagged(ctx, CLUSTER_TAG).await?;
+    all.retain(|v| {
+        [DATA_TAG, RESTORING_TAG, SUPERSEDED_TAG]
+            .iter()
+            .any(|k| tag(v, k).is_some())
+    });
+    all.sort_by(|a, b| a.create_time().cmp(&b.create_time()));
+    Ok(all)
+}
+
+fn when(t: Option<&aws_sdk_ec2::primitives::DateTime>) -> String {
+    t.map_or_else(|| "?".to_owned(), ToString::to_string)
+}
+
+/// What `slipway-init restore --list` prints: the volumes, then the
+/// snapshots, oldest first, the one a restore at boot would use marked.
+pub fn table(volumes: &[Volume], snapshots: &[Snapshot]) -> String {
+    let mut out = String::from("volume                 zone         state      role\n");
+    for v in volumes {
+        let role = match (tag(v, SUPERSEDED_TAG), tag(v, RESTORING_TAG)) {
+            (Some(by), _) => format!("superseded by {by}"),
+            (None, Some(_)) => "being restored".to_owned(),
+            (None, None) => "the cluster's etcd data".to_owned(),
+        };
+        let from = tag(v, RESTORED_FROM_TAG).map_or_else(String::new, |s| {
+            format!(
+                " (restored from {s} at {})",
+                tag(v, RESTORED_AT_TAG).unwrap_or("?")
+            )
+        });
+        out.push_str(&format!(
+            "{:<22} {:<12} {:<10} {role}{from}\n",
+            id(v),
+            zone(v),
+            v.state().map_or("?", |s| s.as_str()),
+        ));
+    }
+    if volumes.is_empty() {
+        out.push_str("(none)\n");
+    }
+    out.push_str("\nsnapshot                taken (UTC)           state      of volume\n");
+    let chosen = newest(snapshots).and_then(|s| s.snapshot_id());
+    for s in snapshots {
+        let mark = if s.snapshot_id() == chosen {
+            "  <- newest completed"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "{:<23} {:<21} {:<10} {}{mark}\n",
+            s.snapshot_id().unwrap_or("?"),
+            when(s.start_time()),
+            s.state().map_or("?", |x| x.as_str()),
+            s.volume_id().unwrap_or("?"),
+        ));
+    }
+    if snapshots.is_empty() {
+        out.push_str("(none)\n");
+    }
+    out
+}
+
+/// A person's restore of the named snapshot into this master's zone: the
+/// same steps as a restore at boot, for rolling the cluster back. Without
+/// `apply`, says what it would do and changes nothing. The running master
+/// keeps its volume until it is replaced; its replacement attaches the
+/// restored one.
+pub async fn restore_named(
+    ctx: &Context,
+    snapshot_id: &str,
+    apply: bool,
+) -> Result<String, StepError> {
+    let cluster = &ctx.config.cluster_name;
+    let refuse = |message: String| StepError::Refused {
+        what: "restore".into(),
+        message,
+    };
+    let described = ctx
+        .aws
+        .ec2
+        .describe_snapshots()
+        .snapshot_ids(snapshot_id)
+        .send()
+        .await
+        .map_err(aws_err(
+            "ec2:DescribeSnapshots",
+            format!("looking up {snapshot_id}"),
+        ))?;
+    let snapshot = described
+        .snapshots()
+        .first()
+        .ok_or_else(|| refuse(format!("{snapshot_id} does not exist")))?;
+    if snapshot
+        .tags()
+        .iter()
+        .all(|t| t.key() != Some(DATA_TAG) || t.value() != Some(cluster.as_str()))
+    {
+        return Err(refuse(format!(
+            "{snapshot_id} is not tagged {DATA_TAG}={cluster}: not a snapshot of this \
+             cluster's etcd volume"
+        )));
+    }
+    if snapshot.state() != Some(&SnapshotState::Completed) {
+        return Err(refuse(format!(
+            "{snapshot_id} is {}, not completed",
+            snapshot.state().map_or("?", |s| s.as_str())
+        )));
+    }
+    let current = tagged_volumes(ctx, DATA_TAG).await?;
+    if current.len() > 1 {
+        let list: Vec<String> = current
+            .iter()
+            .map(|v| format!("{} in {}", id(v), zone(v)))
+            .collect();
+        return Err(refuse(format!(
+            "{} volumes are tagged as the cluster's etcd data ({}); settle that first",
+            current.len(),
+            list.join(", ")
+        )));
+    }
+    let old = current.first().map(|v| id(v).to_owned());
+    let zone = &ctx.instance.availability_zone;
+    let plan = format!(
+        "a volume in {zone} from {snapshot_id} (taken {}, of {}) becomes the cluster's etcd \
+         data{}",
+        when(snapshot.start_time()),
+        snapshot.volume_id().unwrap_or("?"),
+        old.as_deref()
+            .map_or_else(String::new, |o| format!(", superseding {o}")),
+    );
+    if !apply {
+        return Ok(format!(
+            "would restore: {plan}; nothing changed (run again with --yes to restore)"
+        ));
+    }
+    tracing::warn!(step = "restore", "restoring by request: {plan}");
+    let volume = create(ctx, snapshot_id, old.as_deref()).await?;
+    let done = complete(ctx, &volume, old.as_deref(), false, snapshot_id).await?;
+    Ok(format!(
+        "{}; this master still runs on its old volume until its next boot: reboot {} or \
+         terminate it (its Auto Scaling group then launches a master that attaches {volume})",
+        done.restored.unwrap_or_default(),
+        ctx.instance.id
+    ))
+}
+
+/// A client token for the restore of `snapshot` into `zone` in place of
+/// `old` (EC2 takes up to 64 ASCII characters): a retried create returns
+/// the same volume, and a later restore from the same snapshot, once the
+/// cluster has moved on from `old`, makes a new one.
+pub fn client_token(cluster: &str, zone: &str, snapshot: &str, old: Option<&str>) -> String {
+    let old = old.unwrap_or("-");
+    let digest = Sha256::digest(format!("{cluster}\n{zone}\n{snapshot}\n{old}"));
     format!("slipway-restore-{}", &hex::encode(digest)[..40])
 }
 
-async fn create(ctx: &Context, snapshot: &str) -> Result<String, StepError> {
+async fn create(ctx: &Context, snapshot: &str, old: Option<&str>) -> Result<String, StepError> {
     let cluster = &ctx.config.cluster_name;
     let zone = &ctx.instance.availability_zone;
     let t = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
@@ -296,7 +475,7 @@ async fn create(ctx: &Context, snapshot: &str) -> Result<String, StepError> {
         .snapshot_id(snapshot)
         .volume_type(VolumeType::Gp3)
         .encrypted(true)
-        .client_token(client_token(cluster, zone, snapshot))
+        .client_token(client_token(cluster, zone, snapshot, old))
         .tag_specifications(
             TagSpecification::builder()
                 .resource_type(ResourceType::Volume)
@@ -306,6 +485,10 @@ async fn create(ctx: &Context, snapshot: &str) -> Result<String, StepError> {
                 .tags(t(CLUSTER_TAG, cluster))
                 .tags(t(RESTORING_TAG, cluster))
                 .tags(t(RESTORED_FROM_TAG, snapshot))
+                .tags(t(
+                    RESTORED_AT_TAG,
+                    &super::backup::stamp(time::OffsetDateTime::now_utc()),
+                ))
                 .build(),
         )
         .send()
@@ -440,10 +623,24 @@ mod tests {
 
     #[test]
     fn the_client_token_is_stable_per_restore_and_fits_ec2s_limit() {
-        let t = client_token("demo", "us-east-1b", "snap-1");
-        assert_eq!(t, client_token("demo", "us-east-1b", "snap-1"));
-        assert_ne!(t, client_token("demo", "us-east-1c", "snap-1"));
-        assert_ne!(t, client_token("demo", "us-east-1b", "snap-2"));
+        let t = client_token("demo", "us-east-1b", "snap-1", Some("vol-1"));
+        assert_eq!(
+            t,
+            client_token("demo", "us-east-1b", "snap-1", Some("vol-1"))
+        );
+        assert_ne!(
+            t,
+            client_token("demo", "us-east-1c", "snap-1", Some("vol-1"))
+        );
+        assert_ne!(
+            t,
+            client_token("demo", "us-east-1b", "snap-2", Some("vol-1"))
+        );
+        assert_ne!(
+            t,
+            client_token("demo", "us-east-1b", "snap-1", Some("vol-2"))
+        );
+        assert_ne!(t, client_token("demo", "us-east-1b", "snap-1", None));
         assert!(t.len() <= 64 && t.is_ascii(), "{t}");
     }
 }

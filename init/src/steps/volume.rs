@@ -7,7 +7,7 @@
 use super::{aws_err, Context, Report, StepError};
 use crate::bootcheck::parse_mountinfo;
 use crate::retry::{self, Backoff};
-use aws_sdk_ec2::types::{InstanceStateName, VolumeState};
+use aws_sdk_ec2::types::{Instance, InstanceStateName, VolumeState};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -20,7 +20,8 @@ pub const CALLS: &[&str] = &[
     "ec2:DetachVolume",
     "ec2:AttachVolume",
 ];
-const DEVICE_NAME: &str = "/dev/xvdf";
+/// The device names a data volume may take, first free first.
+const DEVICE_LETTERS: std::ops::RangeInclusive<char> = 'f'..='p';
 const LABEL: &str = "slipway-data";
 /// How much of a device is read to decide whether it is blank.
 const PROBE_BYTES: usize = 1 << 20;
@@ -105,6 +106,16 @@ async fn describe_volume(ctx: &Context, volume_id: &str) -> Result<Described, St
 }
 
 async fn instance_state(ctx: &Context, id: &str) -> Result<Option<InstanceStateName>, StepError> {
+    let instance = describe_instance(ctx, id, "which holds the data volume").await?;
+    Ok(instance.and_then(|i| i.state().and_then(|s| s.name()).cloned()))
+}
+
+/// One instance as EC2 describes it; `None` once it is gone.
+async fn describe_instance(
+    ctx: &Context,
+    id: &str,
+    why: &str,
+) -> Result<Option<Instance>, StepError> {
     Ok(ctx
         .aws
         .ec2
@@ -114,12 +125,13 @@ async fn instance_state(ctx: &Context, id: &str) -> Result<Option<InstanceStateN
         .await
         .map_err(aws_err(
             "ec2:DescribeInstances",
-            format!("looking up {id}, which holds the data volume"),
+            format!("looking up {id}, {why}"),
         ))?
         .reservations()
         .iter()
         .flat_map(|r| r.instances())
-        .find_map(|i| i.state().and_then(|s| s.name()).cloned()))
+        .next()
+        .cloned())
 }
 
 /// Takes the volume from its previous holder without force: a running,
@@ -212,12 +224,17 @@ async fn attach(ctx: &Context, volume_id: &str) -> Result<Option<String>, StepEr
     if let Some(old) = &volume.holder {
         release(ctx, volume_id, old).await?;
     }
+    let used = used_devices(ctx).await?;
+    let device = free_device(&used).ok_or_else(|| StepError::Refused {
+        what: STEP.into(),
+        message: format!("{id} has no free device name for {volume_id} (in use: {used:?})"),
+    })?;
     ctx.aws
         .ec2
         .attach_volume()
         .volume_id(volume_id)
         .instance_id(id)
-        .device(DEVICE_NAME)
+        .device(&device)
         .send()
         .await
         .map_err(aws_err(
@@ -231,6 +248,33 @@ async fn attach(ctx: &Context, volume_id: &str) -> Result<Option<String>, StepEr
         || format!("attached {volume_id}"),
         |old| format!("attached {volume_id} (taken over from {old})"),
     )))
+}
+
+/// The first device name from `/dev/xvdf` on that none of `used` takes
+/// (EC2 counts `/dev/sdX` and `/dev/xvdX` as one slot). After a person's
+/// restore, the superseded volume may still be attached at `/dev/xvdf`
+/// when this instance reboots; the restored one then takes the next.
+pub fn free_device(used: &[String]) -> Option<String> {
+    let letter = |name: &str| {
+        name.strip_prefix("/dev/xvd")
+            .or_else(|| name.strip_prefix("/dev/sd"))
+            .map(str::to_owned)
+    };
+    let taken: Vec<String> = used.iter().filter_map(|u| letter(u)).collect();
+    DEVICE_LETTERS
+        .map(String::from)
+        .find(|l| !taken.contains(l))
+        .map(|l| format!("/dev/xvd{l}"))
+}
+
+/// The device names this instance's volumes are attached at.
+async fn used_devices(ctx: &Context) -> Result<Vec<String>, StepError> {
+    let instance = describe_instance(ctx, &ctx.instance.id, "for its devices in use").await?;
+    Ok(instance
+        .iter()
+        .flat_map(|i| i.block_device_mappings())
+        .filter_map(|m| m.device_name().map(str::to_owned))
+        .collect())
 }
 
 fn read_head(device: &Path) -> Result<Vec<u8>, StepError> {
@@ -381,6 +425,26 @@ mod tests {
         let mut junk = vec![0u8; 4096];
         junk[3000] = 1;
         assert_eq!(probe(&junk), Contents::Other("unrecognised data"));
+    }
+
+    #[test]
+    fn the_first_free_device_name_is_taken() {
+        let names = |l: &[&str]| l.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            free_device(&names(&["/dev/xvda"])).as_deref(),
+            Some("/dev/xvdf")
+        );
+        assert_eq!(
+            free_device(&names(&["/dev/xvda", "/dev/xvdf"])).as_deref(),
+            Some("/dev/xvdg")
+        );
+        // EC2 counts sdX and xvdX as one slot.
+        assert_eq!(
+            free_device(&names(&["/dev/sdf", "/dev/xvdg"])).as_deref(),
+            Some("/dev/xvdh")
+        );
+        let all: Vec<String> = ('f'..='p').map(|c| format!("/dev/xvd{c}")).collect();
+        assert_eq!(free_device(&all), None);
     }
 
     #[test]
