@@ -76,6 +76,7 @@ pub struct Clients {
     pub s3: aws_sdk_s3::Client,
     pub cfn: aws_sdk_cloudformation::Client,
     pub autoscaling: aws_sdk_autoscaling::Client,
+    pub ssm: aws_sdk_ssm::Client,
     pub region: String,
 }
 
@@ -124,6 +125,7 @@ impl Clients {
             s3: aws_sdk_s3::Client::from_conf(s3_conf),
             cfn: aws_sdk_cloudformation::Client::new(&conf),
             autoscaling: aws_sdk_autoscaling::Client::new(&conf),
+            ssm: aws_sdk_ssm::Client::new(&conf),
             region,
         }
     }

@@ -254,6 +254,7 @@ fn boot_requests(member: &Member, role: Role, action: &str) -> Option<Vec<Reques
             )]
         }
         "ec2:ModifyInstanceAttribute" => vec![r(&me, ours)],
+        "ssm:PutParameter" => vec![r(&record(CLUSTER), None)],
         "s3:GetObject" | "s3:PutObject" => {
             let keys: &[&str] = match (role, action) {
                 (Role::Node, _) => &["node.json"],
@@ -285,6 +286,14 @@ fn boot_requests(member: &Member, role: Role, action: &str) -> Option<Vec<Reques
         )],
         _ => return None,
     })
+}
+
+/// The SSM parameter that records `cluster`'s restores.
+fn record(cluster: &str) -> String {
+    arn(
+        "ssm",
+        &format!("parameter{}", steps::restore::record_name(cluster)),
+    )
 }
 
 /// The volume a restore creates.
@@ -446,6 +455,9 @@ fn a_node_is_refused_the_masters_secrets_volume_and_address_own_evaluator() {
             &format!("arn:aws:s3:::{BUCKET}/another/pki.json"),
             None,
         ),
+        // Another cluster's restore record; a node writing any.
+        MASTER.request("ssm:PutParameter", &record("another"), None),
+        NODE.request("ssm:PutParameter", &record(CLUSTER), None),
     ];
     for req in refused {
         let role = if req.principal.contains(NODE_ROLE) {

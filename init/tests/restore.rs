@@ -133,6 +133,26 @@ async fn cluster_volumes(w: &World) -> Vec<Volume> {
         .to_vec()
 }
 
+/// The cluster's restore records, oldest first, read back from SSM's
+/// parameter history (none before the first restore).
+async fn records(w: &World) -> Vec<serde_json::Value> {
+    let history = w
+        .aws
+        .ssm
+        .get_parameter_history()
+        .name(restore::record_name("demo"))
+        .send()
+        .await;
+    let Ok(history) = history else {
+        return Vec::new();
+    };
+    history
+        .parameters()
+        .iter()
+        .map(|p| serde_json::from_str(p.value().unwrap()).unwrap())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_in_another_zone_restores_the_newest_snapshot_and_the_tag_moves() {
     let w = world(1).await;
@@ -180,6 +200,18 @@ async fn a_master_in_another_zone_restores_the_newest_snapshot_and_the_tag_moves
         None,
         "the old volume is off the snapshot policy's target"
     );
+    // The restore is on record: which snapshot, of which volume, into which.
+    let recorded = records(&w).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    let r = &recorded[0];
+    assert_eq!(r["snapshot"], newest.as_str());
+    assert_eq!(r["snapshot_of"], old.as_str());
+    assert!(r["snapshot_taken"].is_string(), "{r}");
+    assert_eq!(r["volume"], new.volume_id().unwrap());
+    assert_eq!(r["zone"], ZONE_B);
+    assert_eq!(r["superseded"], old.as_str());
+    assert_eq!(r["instance"], there.instance.id.as_str());
+    assert_eq!(r["resumed"], false);
 
     // The next boot in zone b finds the restored volume and does nothing.
     let again = restore::locate(&there).await.unwrap();
@@ -228,6 +260,10 @@ async fn a_restore_stopped_halfway_is_resumed_without_a_second_volume() {
         Some("demo")
     );
     assert_eq!(cluster_volumes(&w).await.len(), 3, "no volume was added");
+    let recorded = records(&w).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["volume"], started.as_str());
+    assert_eq!(recorded[0]["resumed"], true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,6 +279,10 @@ async fn without_a_snapshot_a_master_in_another_zone_refuses_and_changes_nothing
     );
     assert!(err.contains("no completed EBS snapshot"), "{err}");
     assert_eq!(cluster_volumes(&w).await.len(), 1);
+    assert!(
+        records(&w).await.is_empty(),
+        "nothing restored, nothing recorded"
+    );
     assert_eq!(tag(&describe(&w, &old).await, DATA_TAG), Some("demo"));
 
     // Two volumes tagged as the cluster's are a person's mistake: refused.
@@ -347,6 +387,10 @@ async fn a_person_rolls_back_to_a_named_snapshot_after_a_dry_run() {
         tag(&describe(&w, &old).await, SUPERSEDED_TAG),
         Some(current.volume_id.as_str())
     );
+    let recorded = records(&w).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["snapshot"], older.as_str());
+    assert_eq!(recorded[0]["volume"], current.volume_id.as_str());
     let (_, listed) = run(cmd(), &["--list"]);
     assert!(
         listed.contains(&format!("superseded by {}", current.volume_id))

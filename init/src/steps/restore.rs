@@ -13,17 +13,19 @@
 //! 1. the new volume is created tagged `slipway:restoring=<cluster>` (with
 //!    a client token derived from the cluster, the zone and the snapshot,
 //!    so a retried call returns the same volume), and waited for;
-//! 2. the old volume is tagged `slipway:superseded=<new volume>` and
+//! 2. the restore is recorded: a new version of the SSM parameter
+//!    [`record_name`] says which snapshot, taken when, of which volume,
+//!    into which volume, superseding which;
+//! 3. the old volume is tagged `slipway:superseded=<new volume>` and
 //!    loses `slipway:etcd-data`, so Data Lifecycle Manager stops
 //!    snapshotting it (it is never deleted: a person decides);
-//! 3. the new volume is tagged `slipway:etcd-data=<cluster>` and loses
+//! 4. the new volume is tagged `slipway:etcd-data=<cluster>` and loses
 //!    `slipway:restoring`.
 //!
 //! A boot that stops anywhere finds, next time, either the new volume as
 //! the cluster's or its `slipway:restoring` volume in its zone, and goes
-//! on from there; there is never more than one current volume. Every
-//! restore is said in the journal: which snapshot, taken when, of which
-//! volume.
+//! on from there; there is never more than one current volume, and none
+//! in use without its record. Every restore is also said in the journal.
 
 use super::volume::STEP;
 use super::{aws_err, Context, StepError};
@@ -32,6 +34,7 @@ use aws_sdk_ec2::types::{
     Filter, ResourceType, Snapshot, SnapshotState, Tag, TagSpecification, Volume, VolumeState,
     VolumeType,
 };
+use aws_sdk_ssm::types::ParameterType;
 use sha2::{Digest, Sha256};
 
 /// The AWS actions restoring calls (checked against the template's grants).
@@ -41,6 +44,7 @@ pub const CALLS: &[&str] = &[
     "ec2:CreateVolume",
     "ec2:CreateTags",
     "ec2:DeleteTags",
+    "ssm:PutParameter",
 ];
 
 /// Names the cluster's current data volume (with `slipway:superseded`
@@ -243,7 +247,10 @@ async fn complete(
     resumed: bool,
     from: &str,
 ) -> Result<Located, StepError> {
-    wait_available(ctx, volume).await?;
+    let made = wait_available(ctx, volume).await?;
+    // Recorded before the volume becomes the cluster's: none is in use
+    // without its record. A resumed restore records itself again.
+    record(ctx, &made, old, resumed, from).await?;
     if let Some(old) = old {
         set_tag(ctx, old, SUPERSEDED_TAG, volume).await?;
         // Off Data Lifecycle Manager's target too: its snapshots from now
@@ -267,6 +274,65 @@ async fn complete(
         volume_id: volume.to_owned(),
         restored: Some(what),
     })
+}
+
+/// The SSM parameter that records the cluster's restores: each restore
+/// writes a new version, so its history is the audit trail. The template
+/// creates it and grants the master `ssm:PutParameter` on it alone.
+pub fn record_name(cluster: &str) -> String {
+    format!("/slipway/{cluster}/etcd-restore")
+}
+
+/// What a restore's record says: JSON, one object.
+pub fn record_text(
+    ctx: &Context,
+    volume: &Volume,
+    old: Option<&str>,
+    resumed: bool,
+    snapshot: Option<&Snapshot>,
+) -> String {
+    serde_json::json!({
+        "volume": id(volume),
+        "zone": zone(volume),
+        "superseded": old,
+        "restored_at": tag(volume, RESTORED_AT_TAG),
+        "resumed": resumed,
+        "instance": ctx.instance.id,
+        "snapshot": volume.snapshot_id(),
+        "snapshot_taken": snapshot.and_then(|s| s.start_time()).map(ToString::to_string),
+        "snapshot_of": snapshot.and_then(|s| s.volume_id()),
+    })
+    .to_string()
+}
+
+/// Writes the restore's record (see [`record_name`]) and says it in the
+/// journal.
+async fn record(
+    ctx: &Context,
+    volume: &Volume,
+    old: Option<&str>,
+    resumed: bool,
+    from: &str,
+) -> Result<(), StepError> {
+    let snapshots = snapshots(ctx).await?;
+    let snapshot = snapshots.iter().find(|s| s.snapshot_id() == Some(from));
+    let text = record_text(ctx, volume, old, resumed, snapshot);
+    let name = record_name(&ctx.config.cluster_name);
+    ctx.aws
+        .ssm
+        .put_parameter()
+        .name(&name)
+        .value(&text)
+        .r#type(ParameterType::String)
+        .overwrite(true)
+        .send()
+        .await
+        .map_err(aws_err(
+            "ssm:PutParameter",
+            format!("recording the restore of {} in {name}", id(volume)),
+        ))?;
+    tracing::info!(step = STEP, "recorded in {name}: {text}");
+    Ok(())
 }
 
 /// The cluster's EBS snapshots (those tagged as its etcd data), in any
@@ -506,7 +572,7 @@ async fn create(ctx: &Context, snapshot: &str, old: Option<&str>) -> Result<Stri
         })
 }
 
-async fn wait_available(ctx: &Context, volume: &str) -> Result<(), StepError> {
+async fn wait_available(ctx: &Context, volume: &str) -> Result<Volume, StepError> {
     retry::until(
         &format!("{volume} to become available"),
         Backoff::new(ctx.deadlines.volume_available),
@@ -522,8 +588,9 @@ async fn wait_available(ctx: &Context, volume: &str) -> Result<(), StepError> {
                     "ec2:DescribeVolumes",
                     format!("looking up {volume}"),
                 ))?;
-            match described.volumes().first().and_then(|v| v.state()) {
-                Some(VolumeState::Available | VolumeState::InUse) => Ok(Some(())),
+            let found = described.volumes().first();
+            match found.and_then(|v| v.state()) {
+                Some(VolumeState::Available | VolumeState::InUse) => Ok(found.cloned()),
                 Some(VolumeState::Error) => Err(StepError::Refused {
                     what: STEP.into(),
                     message: format!("{volume} failed to create (state error)"),
