@@ -30,6 +30,7 @@ fn recipe(name: &str) -> Option<(Vec<(&'static str, &'static str)>, &'static str
             vec![
                 ("/usr/local/bin/etcd", "etcd"),
                 ("/usr/local/bin/etcdctl", "etcdctl"),
+                ("/usr/local/bin/etcdutl", "etcdutl"),
             ],
             "/usr/local/bin/etcd",
         ),
