@@ -126,6 +126,7 @@ struct Raw {
     master_backup_minutes: Option<u32>,
     master_backups_kept: Option<u32>,
     master_backup_days: Option<u32>,
+    master_restore_from: Option<RestoreFrom>,
     region: Option<String>,
     aws_endpoint: Option<String>,
     signal_stack: Option<String>,
@@ -145,6 +146,24 @@ pub struct MasterConfig {
     pub token_hours: u32,
     /// etcd snapshots taken into the secrets bucket, and how many kept.
     pub backups: Backups,
+    /// Which kind of backup a master restores from when its zone has no
+    /// data volume and both kinds exist.
+    pub restore_from: RestoreFrom,
+}
+
+/// Which backup a restore prefers: the newest of either kind, or one kind
+/// (the other is used only when the preferred kind has none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreFrom {
+    /// Whichever was taken last: an EBS snapshot of the data volume, or an
+    /// etcd backup in the secrets bucket.
+    #[default]
+    Newest,
+    /// An EBS snapshot: the whole volume as it was, no etcd restore step.
+    VolumeSnapshot,
+    /// An etcd backup: a consistent snapshot, usually the more recent.
+    EtcdBackup,
 }
 
 /// When the master snapshots etcd into the secrets bucket and which
@@ -394,6 +413,7 @@ impl StackConfig {
                         raw.master_backups_kept,
                         raw.master_backup_days,
                     )?,
+                    restore_from: raw.master_restore_from.unwrap_or_default(),
                 })
             }
             Role::Node => {
@@ -404,6 +424,7 @@ impl StackConfig {
                     || raw.master_backup_minutes.is_some()
                     || raw.master_backups_kept.is_some()
                     || raw.master_backup_days.is_some()
+                    || raw.master_restore_from.is_some()
                 {
                     return Err(invalid(
                         "master_eip_allocation",
@@ -498,6 +519,27 @@ master_eip_allocation = "eipalloc-0123456789abcdef0"
             .filter(|l| !l.starts_with("master_eip"))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    #[test]
+    fn the_restore_source_defaults_to_the_newest_and_takes_either_kind() {
+        let from = |extra: &str| {
+            let text = MASTER.replace("role = \"master\"", &format!("role = \"master\"\n{extra}"));
+            StackConfig::parse(text.as_bytes())
+                .unwrap()
+                .master
+                .unwrap()
+                .restore_from
+        };
+        assert_eq!(from(""), RestoreFrom::Newest);
+        assert_eq!(
+            from("master_restore_from = \"volume-snapshot\""),
+            RestoreFrom::VolumeSnapshot
+        );
+        assert_eq!(
+            from("master_restore_from = \"etcd-backup\""),
+            RestoreFrom::EtcdBackup
+        );
     }
 
     #[test]
@@ -675,6 +717,22 @@ master_eip_allocation = "eipalloc-0123456789abcdef0"
             (
                 m("role = \"master\"", "role = \"master\"\nmaster_restore = 1"),
                 "master_restore",
+            ),
+            (
+                m(
+                    "role = \"master\"",
+                    "role = \"master\"\nmaster_restore_from = \"latest\"",
+                ),
+                "master_restore_from",
+            ),
+            (
+                node()
+                    .replace(
+                        "role = \"node\"",
+                        "role = \"node\"\nmaster_restore_from = \"newest\"",
+                    )
+                    .into_bytes(),
+                "only for a master",
             ),
         ]
     }

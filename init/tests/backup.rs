@@ -74,29 +74,6 @@ fn at(rfc3339: &str) -> OffsetDateTime {
     OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339).unwrap()
 }
 
-/// Puts a backup as an administrator would find it: `body` under the key
-/// for `taken`, with `sha256` stored beside it.
-async fn seed(
-    w: &World,
-    taken: OffsetDateTime,
-    revision: u64,
-    body: &[u8],
-    sha256: &str,
-) -> String {
-    let key = backup::key("demo", taken, revision);
-    w.aws
-        .s3
-        .put_object()
-        .bucket(&w.bucket)
-        .key(&key)
-        .metadata("sha256", sha256)
-        .body(body.to_vec().into())
-        .send()
-        .await
-        .unwrap();
-    key
-}
-
 fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -112,7 +89,7 @@ async fn backups_are_taken_when_due_checksummed_and_pruned_to_the_retention() {
     for day in 1..=10i64 {
         for hour in [6i64, 18] {
             let t = now - Duration::days(day) + Duration::hours(hour - 9);
-            seed(&w, t, 1, b"old", &sha256(b"old")).await;
+            put_backup(&w, t, 1, b"old", &sha256(b"old")).await;
         }
     }
     let report = backup::run(&ctx, now, false).await.unwrap();
@@ -185,8 +162,8 @@ async fn a_backup_whose_bytes_do_not_match_its_checksum_is_refused() {
     let root = tempfile::tempdir().unwrap();
     let (ctx, _) = master(&w, root.path());
     let now = at("2026-12-02T09:00:00Z");
-    let good = seed(&w, now, 7, b"snapshot", &sha256(b"snapshot")).await;
-    let bad = seed(
+    let good = put_backup(&w, now, 7, b"snapshot", &sha256(b"snapshot")).await;
+    let bad = put_backup(
         &w,
         now + Duration::minutes(15),
         8,

@@ -10,9 +10,16 @@ mod common;
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification, Volume};
 use common::*;
+use sha2::{Digest, Sha256};
+use slipway_init::config::RestoreFrom;
 use slipway_init::steps::restore::{self, DATA_TAG, RESTORING_TAG, SUPERSEDED_TAG};
-use slipway_init::steps::{self, Context, Instance};
+use slipway_init::steps::{self, backup, Context, Instance};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
+use time::OffsetDateTime;
+
+const MINUTE: time::Duration = time::Duration::minutes(1);
 
 const ZONE_A: &str = "us-east-1a";
 const ZONE_B: &str = "us-east-1b";
@@ -267,7 +274,7 @@ async fn a_restore_stopped_halfway_is_resumed_without_a_second_volume() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_snapshot_a_master_in_another_zone_refuses_and_changes_nothing() {
+async fn without_a_snapshot_or_a_backup_a_master_in_another_zone_refuses_and_changes_nothing() {
     let w = world(1).await;
     let secrets = tempfile::tempdir().unwrap();
     let old = data_volume_in(&w, ZONE_A).await;
@@ -277,7 +284,10 @@ async fn without_a_snapshot_a_master_in_another_zone_refuses_and_changes_nothing
         err.contains(&old) && err.contains(ZONE_A) && err.contains(ZONE_B),
         "{err}"
     );
-    assert!(err.contains("no completed EBS snapshot"), "{err}");
+    assert!(
+        err.contains("neither a completed EBS snapshot") && err.contains("etcd backup"),
+        "{err}"
+    );
     assert_eq!(cluster_volumes(&w).await.len(), 1);
     assert!(
         records(&w).await.is_empty(),
@@ -437,4 +447,244 @@ async fn a_person_rolls_back_to_a_named_snapshot_after_a_dry_run() {
         attachments(&describe(&w, &old).await),
         vec![(me, "/dev/xvdf".to_owned())]
     );
+}
+
+/// An etcd backup as the master's timer leaves it.
+async fn etcd_backup(w: &World, taken: OffsetDateTime, revision: u64, body: &[u8]) -> String {
+    let sha256 = hex::encode(Sha256::digest(body));
+    put_backup(w, taken, revision, body, &sha256).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_backup_newer_than_the_snapshots_is_restored_into_an_empty_volume() {
+    let w = world(1).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let old = data_volume_in(&w, ZONE_A).await;
+    let snap = snapshot(&w, &old, "demo").await;
+    let older_backup = etcd_backup(&w, OffsetDateTime::now_utc() - MINUTE * 60, 41, b"a").await;
+    let newest = etcd_backup(&w, OffsetDateTime::now_utc() + MINUTE, 4242, b"b").await;
+
+    let there = master_in(&w, ZONE_B, secrets.path()).await;
+    let restored = restore::locate(&there).await.unwrap();
+    assert_eq!(restored.fill_from.as_deref(), Some(newest.as_str()));
+    let new = describe(&w, &restored.volume_id).await;
+    assert_eq!(new.availability_zone(), Some(ZONE_B));
+    assert!(
+        new.snapshot_id().unwrap_or_default().is_empty(),
+        "made empty, not from {snap}: {new:?}"
+    );
+    assert_eq!(
+        new.size(),
+        describe(&w, &old).await.size(),
+        "as large as the old"
+    );
+    assert_eq!(tag(&new, "slipway:restored-from"), Some(newest.as_str()));
+    assert_eq!(tag(&new, DATA_TAG), Some("demo"));
+    assert_eq!(
+        tag(&describe(&w, &old).await, SUPERSEDED_TAG),
+        new.volume_id()
+    );
+    let recorded = records(&w).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["backup"], newest.as_str());
+    assert_eq!(recorded[0]["revision"], 4242);
+    assert!(recorded[0].get("snapshot").is_none(), "{recorded:?}");
+    assert_ne!(older_backup, newest);
+
+    // Its next boot finds it in place, still to be filled until etcd's
+    // data directory is on it.
+    let again = restore::locate(&there).await.unwrap();
+    assert_eq!(again.volume_id, restored.volume_id);
+    assert!(again.restored.is_none());
+    assert_eq!(again.fill_from.as_deref(), Some(newest.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_setting_prefers_the_volume_snapshot_over_a_newer_etcd_backup() {
+    let w = world(1).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let old = data_volume_in(&w, ZONE_A).await;
+    let snap = snapshot(&w, &old, "demo").await;
+    etcd_backup(&w, OffsetDateTime::now_utc() + MINUTE, 7, b"b").await;
+    let mut there = master_in(&w, ZONE_B, secrets.path()).await;
+    there.config.master.as_mut().unwrap().restore_from = RestoreFrom::VolumeSnapshot;
+    let restored = restore::locate(&there).await.unwrap();
+    assert_eq!(restored.fill_from, None);
+    let new = describe(&w, &restored.volume_id).await;
+    assert_eq!(new.snapshot_id(), Some(snap.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_only_an_etcd_backup_the_restore_uses_it_whatever_the_setting() {
+    let w = world(1).await;
+    let secrets = tempfile::tempdir().unwrap();
+    // The volume is gone and no snapshot was ever taken.
+    let key = etcd_backup(&w, OffsetDateTime::now_utc(), 9, b"c").await;
+    let mut there = master_in(&w, ZONE_B, secrets.path()).await;
+    there.config.master.as_mut().unwrap().restore_from = RestoreFrom::VolumeSnapshot;
+    let restored = restore::locate(&there).await.unwrap();
+    assert_eq!(restored.fill_from.as_deref(), Some(key.as_str()));
+    let new = describe(&w, &restored.volume_id).await;
+    assert_eq!(new.size(), Some(restore::DEFAULT_VOLUME_GIB));
+}
+
+/// Plays etcdutl: records its arguments, and makes the data directory it
+/// is asked for as `snapshot restore` does.
+#[derive(Debug, Default, Clone)]
+struct FakeEtcdutl {
+    calls: std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>,
+}
+
+impl steps::Runner for FakeEtcdutl {
+    fn run_with_input(
+        &self,
+        program: &str,
+        args: &[&str],
+        _input: Option<&Path>,
+    ) -> Result<String, steps::StepError> {
+        assert!(program.ends_with("/etcdutl"), "{program}");
+        let meta = std::fs::metadata(program).unwrap();
+        assert!(
+            meta.permissions().mode() & 0o111 != 0,
+            "extracted executable"
+        );
+        let dir = args.iter().position(|a| *a == "--data-dir").unwrap() + 1;
+        std::fs::create_dir_all(Path::new(args[dir]).join("member/snap")).unwrap();
+        std::fs::write(Path::new(args[dir]).join("member/snap/db"), b"bolt").unwrap();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(args.iter().map(|a| (*a).to_owned()).collect());
+        Ok(String::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mounted_empty_volume_is_filled_from_the_backup_once_and_a_bad_one_refused() {
+    let w = world(1).await;
+    let root = tempfile::tempdir().unwrap();
+    let good = etcd_backup(&w, OffsetDateTime::now_utc(), 4242, b"etcd snapshot").await;
+    let uploaded = hex::encode(Sha256::digest(b"what was uploaded"));
+    let bad = put_backup(
+        &w,
+        OffsetDateTime::now_utc() + MINUTE,
+        4243,
+        b"what is stored now",
+        &uploaded,
+    )
+    .await;
+
+    let mut ctx = master_in(&w, ZONE_A, &root.path().join("secrets")).await;
+    ctx.paths.images = vm_tests::images::list_with_file(
+        &root.path().join("images"),
+        "registry.k8s.io/etcd:3.6.16-0",
+        "/usr/local/bin/etcdutl",
+        b"#!/bin/sh\n",
+    )
+    .unwrap();
+    ctx.paths.run = root.path().join("run");
+    let etcdutl = FakeEtcdutl::default();
+    ctx.runner = Box::new(etcdutl.clone());
+    let mount = root.path().join("var/lib/etcd");
+    std::fs::create_dir_all(&mount).unwrap();
+
+    // A backup whose bytes do not match its sha256: refused, nothing made.
+    let err = restore::fill(&ctx, &mount, &bad)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sha256") && err.contains(&bad), "{err}");
+    assert!(!mount.join(restore::ETCD_DATA_DIR).exists());
+    assert!(etcdutl.calls.lock().unwrap().is_empty());
+
+    // A staging directory left by a boot cut short is started over.
+    std::fs::create_dir_all(mount.join("data.restoring/member")).unwrap();
+    std::fs::write(mount.join("data.restoring/member/half"), b"").unwrap();
+    let said = restore::fill(&ctx, &mount, &good).await.unwrap().unwrap();
+    assert!(
+        said.contains("4242") && said.contains("sha256 checked"),
+        "{said}"
+    );
+    let data = mount.join(restore::ETCD_DATA_DIR);
+    assert!(data.join("member/snap/db").is_file());
+    assert!(
+        !data.join("member/half").exists(),
+        "the stale staging was removed"
+    );
+    assert!(!mount.join("data.restoring").exists());
+    assert!(!mount.join("slipway-restore.db").exists());
+    let calls = etcdutl.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    let args = calls[0].join(" ");
+    // A one-member cluster at the master's address, under the name its
+    // static pod gives it, every watch made to start over.
+    for want in [
+        "snapshot restore",
+        "--name ip-10-0-1-10",
+        "--initial-cluster ip-10-0-1-10=https://10.0.1.10:2380",
+        "--initial-advertise-peer-urls https://10.0.1.10:2380",
+        "--bump-revision 1000000000 --mark-compacted",
+    ] {
+        assert!(args.contains(want), "{want} not in {args}");
+    }
+    // The etcd manifest reads the directory filled.
+    let manifest = std::fs::read_to_string(manifests_dir().join("static/etcd.yaml")).unwrap();
+    assert!(manifest.contains(&format!(
+        "--data-dir=/var/lib/etcd/{}",
+        restore::ETCD_DATA_DIR
+    )));
+
+    // Once filled, never again.
+    assert_eq!(restore::fill(&ctx, &mount, &good).await.unwrap(), None);
+    assert_eq!(etcdutl.calls.lock().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_restores_a_named_etcd_backup_into_an_empty_volume() {
+    let w = world(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let old = data_volume_in(&w, ZONE_A).await;
+    let key = etcd_backup(&w, OffsetDateTime::now_utc() - MINUTE * 30, 314, b"etcd").await;
+    let master = master_in(&w, ZONE_A, dir.path()).await;
+    let cmd = || restore_command(&w, &master, dir.path());
+
+    let (ok, said) = run(cmd(), &["--backup", &key]);
+    assert!(
+        ok && said.contains("would restore") && said.contains("revision 314"),
+        "{said}"
+    );
+    // Another cluster's key, one not in the bucket, or a snapshot flag
+    // beside it: refused, nothing changed.
+    let absent = backup::key("demo", OffsetDateTime::now_utc(), 1);
+    for (args, named) in [
+        (
+            vec!["--backup", "another/etcd-backups/x.db", "--yes"],
+            "another/",
+        ),
+        (vec!["--backup", absent.as_str(), "--yes"], absent.as_str()),
+        (
+            vec!["--backup", &key, "--snapshot", "snap-1", "--yes"],
+            "--snapshot",
+        ),
+    ] {
+        let (ok, said) = run(cmd(), &args);
+        assert!(!ok && said.contains(named), "{args:?}: {said}");
+    }
+    assert_eq!(cluster_volumes(&w).await.len(), 1);
+
+    let (ok, said) = run(cmd(), &["--backup", &key, "--yes"]);
+    assert!(ok, "{said}");
+    let current = restore::locate(&master).await.unwrap();
+    assert_eq!(current.fill_from.as_deref(), Some(key.as_str()));
+    let new = describe(&w, &current.volume_id).await;
+    assert_eq!(new.availability_zone(), Some(ZONE_A));
+    assert_eq!(new.size(), describe(&w, &old).await.size());
+    assert_eq!(
+        tag(&describe(&w, &old).await, SUPERSEDED_TAG),
+        Some(current.volume_id.as_str())
+    );
+    let recorded = records(&w).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["backup"], key.as_str());
+    assert_eq!(recorded[0]["revision"], 314);
 }

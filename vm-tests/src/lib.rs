@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod faults;
 pub mod figures;
 pub mod iam;
+pub mod images;
 pub mod imds;
 pub mod moto;
 pub mod net;

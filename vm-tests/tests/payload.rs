@@ -51,6 +51,7 @@ fn prepulled_images_are_imported_and_run_without_a_registry() -> Result<()> {
          ExecStart=/bin/sh -c 'sha256sum {paths} | sed \"s/^/SLIPWAY-TEST-SHA /\"; ctr -n k8s.io images ls -q | sed \"s/^/SLIPWAY-TEST-IMAGE /\"; \
          ctr -n k8s.io images ls | grep -c io.cri-containerd.pinned=pinned | sed \"s/^/SLIPWAY-TEST-PINNED /\"; \
          ctr -n k8s.io run --rm {etcd} payload-check /usr/local/bin/etcd --version 2>&1 | sed \"s/^/SLIPWAY-TEST-RUN /\"; \
+         ctr -n k8s.io run --rm {etcd} payload-etcdutl /usr/local/bin/etcdutl version 2>&1 | sed \"s/^/SLIPWAY-TEST-ETCDUTL /\"; \
          systemd-run --quiet --scope --unit={SCOPE} sleep 30 & sleep 3; \
          systemctl show --property=Before {SCOPE}.scope | sed \"s/^/SLIPWAY-TEST-SCOPE /\"; \
          echo SLIPWAY-TEST-DONE'\n",
@@ -82,33 +83,38 @@ fn prepulled_images_are_imported_and_run_without_a_registry() -> Result<()> {
             vm.tail(60)
         );
     }
-    let pinned: usize = console
-        .lines()
-        .find_map(|l| l.split("SLIPWAY-TEST-PINNED ").nth(1))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0);
+    // What the check printed after `marker` (its first such line).
+    let marked = |marker: &str| {
+        console
+            .lines()
+            .find_map(|l| l.split(marker).nth(1))
+            .unwrap_or("")
+    };
+    let pinned: usize = marked("SLIPWAY-TEST-PINNED ").trim().parse().unwrap_or(0);
     ensure!(
         pinned >= images.len(),
         "only {pinned} of {} images are pinned",
         images.len()
     );
-    let version = console
-        .lines()
-        .find_map(|l| l.split("SLIPWAY-TEST-RUN ").nth(1))
-        .unwrap_or("");
+    let version = marked("SLIPWAY-TEST-RUN ");
     ensure!(
         version.contains("etcd Version: 3.6"),
         "the etcd container did not run: {version:?}\n{}",
+        vm.tail(60)
+    );
+    // The etcd image carries etcdutl, which a restore from an etcd backup
+    // takes out of it.
+    let etcdutl = marked("SLIPWAY-TEST-ETCDUTL ");
+    ensure!(
+        etcdutl.contains("etcdutl version: 3.6"),
+        "etcdutl did not run from the etcd image: {etcdutl:?}\n{}",
         vm.tail(60)
     );
     // A scope named as containerd names each container's is ordered
     // before slipway-leave.service (the image's drop-in), so at shutdown,
     // when units stop in reverse order, the containers outlive the
     // member's drain.
-    let before = console
-        .lines()
-        .find_map(|l| l.split("SLIPWAY-TEST-SCOPE ").nth(1))
-        .unwrap_or("");
+    let before = marked("SLIPWAY-TEST-SCOPE ");
     ensure!(
         before.starts_with("Before=") && before.contains("slipway-leave.service"),
         "a container's scope is not ordered before slipway-leave.service: {before:?}\n{}",

@@ -134,8 +134,9 @@ enum Command {
         list: bool,
     },
     /// Master only: list the cluster's data volumes and EBS snapshots, or
-    /// restore a named snapshot to roll the cluster back. A restore makes a
-    /// volume from the snapshot in this master's zone, tags the current
+    /// restore a named snapshot or etcd backup to roll the cluster back. A
+    /// restore makes a volume in this master's zone (from the snapshot, or
+    /// empty and filled from the backup at its next boot), tags the current
     /// volume superseded (never deleted) and moves the cluster's tag to the
     /// new one, as a master does at boot when its zone has no volume. This
     /// master keeps running on its old volume until its next boot: reboot
@@ -145,13 +146,22 @@ enum Command {
     Restore {
         /// List the volumes and snapshots (the newest completed snapshot,
         /// which a master restores at boot, is marked).
-        #[arg(long, conflicts_with_all = ["snapshot", "yes"])]
+        #[arg(long, conflicts_with_all = ["snapshot", "backup", "yes"])]
         list: bool,
         /// The snapshot to restore (one tagged as this cluster's etcd data).
-        #[arg(long, value_name = "SNAPSHOT_ID", required_unless_present = "list")]
+        #[arg(
+            long,
+            value_name = "SNAPSHOT_ID",
+            required_unless_present_any = ["list", "backup"],
+            conflicts_with = "backup"
+        )]
         snapshot: Option<String>,
+        /// The etcd backup to restore, by its key (`slipway-init backup
+        /// --list` prints them).
+        #[arg(long, value_name = "KEY")]
+        backup: Option<String>,
         /// Restore, rather than only say what would be done.
-        #[arg(long, requires = "snapshot")]
+        #[arg(long)]
         yes: bool,
     },
     /// Master only (a service runs it): decide kubelets' certificate
@@ -443,23 +453,24 @@ async fn backup(args: &Args, deadlines: Deadlines, now: bool, list: bool) -> Res
     Ok(())
 }
 
-/// `restore`: the volumes and snapshots, or a restore of a named snapshot.
+/// `restore`: the volumes and snapshots, or a restore of a named snapshot
+/// or etcd backup.
 async fn restore(
     args: &Args,
     deadlines: Deadlines,
-    snapshot: Option<&str>,
+    named: Option<&str>,
     yes: bool,
 ) -> Result<(), Ending> {
     let ctx = master_context(args, deadlines, "restores its data volume").await?;
     let failed = |e: steps::StepError| Ending::retry(chain(&e));
-    match snapshot {
+    match named {
         None => {
             let volumes = steps::restore::volumes(&ctx).await.map_err(failed)?;
             let snapshots = steps::restore::snapshots(&ctx).await.map_err(failed)?;
             print!("{}", steps::restore::table(&volumes, &snapshots));
         }
-        Some(snapshot) => {
-            let said = steps::restore::restore_named(&ctx, snapshot, yes)
+        Some(name) => {
+            let said = steps::restore::restore_named(&ctx, name, yes)
                 .await
                 .map_err(failed)?;
             println!("{said}");
@@ -557,9 +568,15 @@ fn main() -> ExitCode {
         Some(Command::Backup { now, list: false }) => {
             runtime.block_on(backup(&args, deadlines, *now, false))
         }
-        Some(Command::Restore { snapshot, yes, .. }) => {
+        Some(Command::Restore {
+            snapshot,
+            backup,
+            yes,
+            ..
+        }) => {
             // What it found or did on standard output, nothing else.
-            return match runtime.block_on(restore(&args, deadlines, snapshot.as_deref(), *yes)) {
+            let named = snapshot.as_deref().or(backup.as_deref());
+            return match runtime.block_on(restore(&args, deadlines, named, *yes)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(ending) => fail(&ending),
             };

@@ -52,13 +52,7 @@ pub fn import(
     root: &Path,
     content: &Path,
 ) -> Result<Report, StepError> {
-    let invalid = |what: &Path, message: String| StepError::Invalid {
-        what: what.display().to_string(),
-        message,
-    };
-    let text = std::fs::read_to_string(list).map_err(|e| invalid(list, e.to_string()))?;
-    let entries: Vec<Entry> =
-        serde_json::from_str(&text).map_err(|e| invalid(list, e.to_string()))?;
+    let entries = read_list(list)?;
     let images_dir = list.parent().unwrap_or(Path::new("/"));
     let blobs = content.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).map_err(|e| invalid(&blobs, e.to_string()))?;
@@ -114,6 +108,96 @@ pub fn import(
             start.elapsed().as_secs_f64()
         ),
     ))
+}
+
+/// Copies the file at `path` in the image whose repository is named
+/// `repository` (its reference's last path element, e.g. `etcd`) out of
+/// its layers into `dest`, executable: the topmost layer that holds it or
+/// deletes it (a whiteout) decides. For a program the host runs once
+/// from an image it already carries (etcdutl, to restore a backup), with
+/// no container runtime involved. `list` is the images' list, their
+/// layers below it in `blobs/sha256/`.
+pub fn extract(list: &Path, repository: &str, path: &str, dest: &Path) -> Result<(), StepError> {
+    let entries = read_list(list)?;
+    let entry = entries
+        .iter()
+        .find(|e| repository_name(&e.reference) == repository)
+        .ok_or_else(|| invalid(list, format!("lists no {repository} image")))?;
+    let wanted = Path::new(path.trim_start_matches('/'));
+    let whiteout = wanted.with_file_name(format!(
+        ".wh.{}",
+        wanted.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let blobs = list.parent().unwrap_or(Path::new("/")).join("blobs/sha256");
+    for layer in entry.layers.iter().rev() {
+        let blob = blobs.join(layer.digest.trim_start_matches("sha256:"));
+        let file = std::fs::File::open(&blob).map_err(|e| invalid(&blob, e.to_string()))?;
+        let mut reader = std::io::BufReader::new(file);
+        let gzip = std::io::BufRead::fill_buf(&mut reader)
+            .map_err(|e| invalid(&blob, e.to_string()))?
+            .starts_with(&[0x1f, 0x8b]);
+        let layer_reader: Box<dyn std::io::Read> = if gzip {
+            Box::new(flate2::read::GzDecoder::new(reader))
+        } else {
+            Box::new(reader)
+        };
+        let mut archive = tar::Archive::new(layer_reader);
+        let entries = archive
+            .entries()
+            .map_err(|e| invalid(&blob, e.to_string()))?;
+        for item in entries {
+            let mut item = item.map_err(|e| invalid(&blob, e.to_string()))?;
+            let at = item
+                .path()
+                .map_err(|e| invalid(&blob, e.to_string()))?
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect::<std::path::PathBuf>();
+            if at == whiteout {
+                return Err(invalid(
+                    &blob,
+                    format!("the {repository} image deletes {path}"),
+                ));
+            }
+            if at == wanted {
+                let part = dest.with_extension("part");
+                let mut out =
+                    std::fs::File::create(&part).map_err(|e| invalid(&part, e.to_string()))?;
+                std::io::copy(&mut item, &mut out).map_err(|e| invalid(&part, e.to_string()))?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755))
+                    .map_err(|e| invalid(&part, e.to_string()))?;
+                std::fs::rename(&part, dest).map_err(|e| invalid(dest, e.to_string()))?;
+                return Ok(());
+            }
+        }
+    }
+    Err(invalid(
+        list,
+        format!("the {repository} image holds no {path}"),
+    ))
+}
+
+fn invalid(what: &Path, message: String) -> StepError {
+    StepError::Invalid {
+        what: what.display().to_string(),
+        message,
+    }
+}
+
+/// The images the image build listed.
+fn read_list(list: &Path) -> Result<Vec<Entry>, StepError> {
+    let text = std::fs::read_to_string(list).map_err(|e| invalid(list, e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| invalid(list, e.to_string()))
+}
+
+/// The last path element of an image reference's repository:
+/// `registry.k8s.io/etcd:3.6.16-0` and `localhost:5000/etcd@sha256:…` are
+/// both `etcd`.
+fn repository_name(reference: &str) -> &str {
+    let named = reference.split('@').next().unwrap_or(reference);
+    let last = named.rsplit('/').next().unwrap_or(named);
+    last.split(':').next().unwrap_or(last)
 }
 
 fn ctr(runner: &dyn Runner, args: &[&str], input: Option<&Path>) -> Result<String, StepError> {
@@ -268,6 +352,88 @@ mod tests {
         .unwrap();
         let err = import(&Record::default(), &list, dir.path(), &dir.path().join("c")).unwrap_err();
         assert!(err.to_string().contains("is not in the image"), "{err}");
+    }
+
+    /// A gzip'd (or plain) tar layer holding `files`, written as a blob
+    /// below `dir`; its digest.
+    fn layer(dir: &Path, files: &[(&str, &[u8])], gzip: bool) -> String {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (path, body) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(body.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, path, *body).unwrap();
+        }
+        let mut bytes = tar.into_inner().unwrap();
+        if gzip {
+            use std::io::Write;
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&bytes).unwrap();
+            bytes = gz.finish().unwrap();
+        }
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        std::fs::write(blobs.join(&digest), bytes).unwrap();
+        format!("sha256:{digest}")
+    }
+
+    fn list_of(dir: &Path, reference: &str, layers: &[String]) -> PathBuf {
+        let layers: Vec<_> = layers
+            .iter()
+            .map(|d| serde_json::json!({"digest": d, "size": 1}))
+            .collect();
+        let list = dir.join("images.json");
+        let text = serde_json::json!([{"archive": "/a.tar", "reference": reference,
+            "digest": "sha256:00", "layers": layers}]);
+        std::fs::write(&list, text.to_string()).unwrap();
+        list
+    }
+
+    #[test]
+    fn a_file_is_taken_from_the_topmost_layer_that_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let bottom = layer(dir.path(), &[("usr/local/bin/etcdutl", &b"old"[..])], true);
+        let top = layer(
+            dir.path(),
+            &[
+                ("./usr/local/bin/etcdutl", &b"new"[..]),
+                ("etc/x", &b""[..]),
+            ],
+            false,
+        );
+        let unrelated = layer(dir.path(), &[("etc/y", &b""[..])], true);
+        let list = list_of(
+            dir.path(),
+            "localhost:5000/etcd@sha256:00",
+            &[bottom.clone(), top, unrelated],
+        );
+        let dest = dir.path().join("etcdutl");
+        extract(&list, "etcd", "/usr/local/bin/etcdutl", &dest).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+
+        // Deleted by a later layer, absent, or no such image: named.
+        let whiteout = layer(dir.path(), &[("usr/local/bin/.wh.etcdutl", &b""[..])], true);
+        let list = list_of(
+            dir.path(),
+            "registry.k8s.io/etcd:3.6.16-0",
+            &[bottom, whiteout],
+        );
+        let err = extract(&list, "etcd", "/usr/local/bin/etcdutl", &dest).unwrap_err();
+        assert!(err.to_string().contains("deletes"), "{err}");
+        let err = extract(&list, "etcd", "/usr/local/bin/etcd", &dest).unwrap_err();
+        assert!(
+            err.to_string().contains("holds no /usr/local/bin/etcd"),
+            "{err}"
+        );
+        let err = extract(&list, "coredns", "/coredns", &dest).unwrap_err();
+        assert!(err.to_string().contains("lists no coredns image"), "{err}");
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct Paths {
     pub manifests: PathBuf,
     /// `/run/slipway`: what one boot remembers between attempts.
     pub run: PathBuf,
+    /// The list of the container images the image carries (their layers
+    /// beside it, see [`images`]).
+    pub images: PathBuf,
 }
 
 impl Default for Paths {
@@ -64,6 +67,7 @@ impl Default for Paths {
             etc: PathBuf::from("/etc"),
             manifests: PathBuf::from("/usr/share/slipway/manifests"),
             run: PathBuf::from("/run/slipway"),
+            images: PathBuf::from(images::LIST),
         }
     }
 }
@@ -239,6 +243,7 @@ impl Paths {
             etc: re(d.etc),
             manifests: re(d.manifests),
             run: re(d.run),
+            images: re(d.images),
         }
     }
 }

@@ -27,8 +27,10 @@
 //! on from there; there is never more than one current volume, and none
 //! in use without its record. Every restore is also said in the journal.
 
+use super::backup::{stamp, Backup};
 use super::volume::STEP;
 use super::{aws_err, Context, StepError};
+use crate::config::RestoreFrom;
 use crate::retry::{self, Backoff};
 use aws_sdk_ec2::types::{
     Filter, ResourceType, Snapshot, SnapshotState, Tag, TagSpecification, Volume, VolumeState,
@@ -36,6 +38,8 @@ use aws_sdk_ec2::types::{
 };
 use aws_sdk_ssm::types::ParameterType;
 use sha2::{Digest, Sha256};
+use std::path::Path;
+use time::OffsetDateTime;
 
 /// The AWS actions restoring calls (checked against the template's grants).
 pub const CALLS: &[&str] = &[
@@ -67,6 +71,72 @@ pub struct Located {
     pub volume_id: String,
     /// What the restore did, if one ran (for the step's report).
     pub restored: Option<String>,
+    /// The etcd backup the volume was made empty for, when its data has
+    /// yet to be restored into it (see [`fill`]).
+    pub fill_from: Option<String>,
+}
+
+/// A backup a restore starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// An EBS snapshot of the data volume: the new volume is made from it.
+    Snapshot { id: String, taken: OffsetDateTime },
+    /// An etcd backup in the secrets bucket: the new volume is made empty
+    /// and etcd's data restored into it once it is mounted.
+    Backup(Backup),
+}
+
+impl Source {
+    /// The snapshot's ID or the backup's key: what the restored volume's
+    /// `slipway:restored-from` tag holds.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Snapshot { id, .. } => id,
+            Self::Backup(b) => &b.key,
+        }
+    }
+
+    fn taken(&self) -> OffsetDateTime {
+        match self {
+            Self::Snapshot { taken, .. } => *taken,
+            Self::Backup(b) => b.taken,
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Snapshot { id, taken } => {
+                write!(f, "EBS snapshot {id} (taken {})", stamp(*taken))
+            }
+            Self::Backup(b) => write!(
+                f,
+                "etcd backup {} (taken {}, revision {})",
+                b.key,
+                stamp(b.taken),
+                b.revision
+            ),
+        }
+    }
+}
+
+/// Which backup a restore starts from, by the stack's setting: the newest
+/// of either kind (an EBS snapshot on a tie: it needs no etcd restore), or
+/// the preferred kind, the other only when the preferred has none.
+pub fn choose(
+    snapshot: Option<Source>,
+    backup: Option<Source>,
+    from: RestoreFrom,
+) -> Option<Source> {
+    match (snapshot, backup) {
+        (Some(s), Some(b)) => Some(match from {
+            RestoreFrom::Newest if b.taken() > s.taken() => b,
+            RestoreFrom::Newest | RestoreFrom::VolumeSnapshot => s,
+            RestoreFrom::EtcdBackup => b,
+        }),
+        (s, b) => s.or(b),
+    }
 }
 
 fn tag<'a>(volume: &'a Volume, key: &str) -> Option<&'a str> {
@@ -192,16 +262,21 @@ pub async fn locate(ctx: &Context) -> Result<Located, StepError> {
     })?;
     let (volume, old, resumed, from) = match finding {
         Finding::Here(volume_id) => {
+            let fill_from = current
+                .iter()
+                .find(|v| id(v) == volume_id)
+                .and_then(|v| backup_restored_from(ctx, v));
             return Ok(Located {
                 volume_id,
                 restored: None,
-            })
+                fill_from,
+            });
         }
         Finding::Resume { volume, old } => {
             let from = restoring
                 .iter()
                 .find(|v| id(v) == volume)
-                .and_then(|v| v.snapshot_id())
+                .and_then(|v| tag(v, RESTORED_FROM_TAG).or(v.snapshot_id()))
                 .unwrap_or("?")
                 .to_owned();
             (volume, old, true, from)
@@ -211,35 +286,145 @@ pub async fn locate(ctx: &Context) -> Result<Located, StepError> {
                 || "no volume is tagged as the cluster's".to_owned(),
                 |v| format!("the cluster's volume {} is in {}", id(v), zone(v)),
             );
-            let snapshot = newest_snapshot(ctx)
-                .await?
+            let snapshot = newest_snapshot(ctx).await?;
+            let backup = super::backup::list(ctx).await?.pop().map(Source::Backup);
+            let from = ctx
+                .config
+                .master
+                .as_ref()
+                .map_or(RestoreFrom::default(), |m| m.restore_from);
+            let source = choose(snapshot.as_ref().and_then(snapshot_source), backup, from)
                 .ok_or_else(|| StepError::Refused {
                     what: STEP.into(),
                     message: format!(
-                        "{where_old}, this master in {own_zone}, and no completed EBS snapshot \
-                     tagged {DATA_TAG}={} exists to restore from",
-                        ctx.config.cluster_name
+                        "{where_old}, this master in {own_zone}, and neither a completed EBS \
+                         snapshot tagged {DATA_TAG}={cluster} nor an etcd backup under \
+                         s3://{bucket}/{prefix} exists to restore from",
+                        cluster = ctx.config.cluster_name,
+                        bucket = ctx.config.secrets_bucket,
+                        prefix = super::backup::prefix(&ctx.config.cluster_name),
                     ),
                 })?;
-            let snapshot_id = snapshot.snapshot_id().unwrap_or("?").to_owned();
             tracing::warn!(
                 step = STEP,
-                "{where_old}, this master in {own_zone}: restoring etcd's volume from \
-                 {snapshot_id}, taken {} of {}",
-                snapshot
-                    .start_time()
-                    .map_or_else(|| "?".to_owned(), |t| t.to_string()),
-                snapshot.volume_id().unwrap_or("?")
+                "{where_old}, this master in {own_zone}: restoring etcd's volume from {source}"
             );
-            let volume = create(ctx, &snapshot_id, old.as_deref()).await?;
-            (volume, old, false, snapshot_id)
+            // An empty volume for an etcd backup is as large as the one it
+            // replaces (or the snapshot's volume, or the template's default).
+            let size = current
+                .first()
+                .and_then(Volume::size)
+                .or(snapshot.as_ref().and_then(Snapshot::volume_size))
+                .unwrap_or(DEFAULT_VOLUME_GIB);
+            let volume = create(ctx, &source, size, old.as_deref()).await?;
+            (volume, old, false, source.name().to_owned())
         }
     };
     complete(ctx, &volume, old.as_deref(), resumed, &from).await
 }
 
-/// Steps 2 and 3 of a restore whose volume exists: once it is available,
-/// the old volume (if any) is superseded and the cluster's tag moved.
+/// etcd's data directory on the data volume (its static pod's
+/// `--data-dir`, below the volume's mount).
+pub const ETCD_DATA_DIR: &str = "data";
+/// Where a restore from an etcd backup puts the backup and builds the data
+/// directory, on the volume, before the directory takes its name.
+const BACKUP_FILE: &str = "slipway-restore.db";
+const STAGING_DIR: &str = "data.restoring";
+/// Raised past any revision a client of the old cluster saw, with the
+/// history below it marked compacted, so every watch starts over (as
+/// etcd's guide to restoring a Kubernetes cluster advises).
+const BUMP_REVISION: &str = "1000000000";
+
+/// The last step of a restore from an etcd backup, once the empty volume
+/// is mounted at `mount`: the backup fetched (refused unless its bytes
+/// match the sha256 stored with it), restored with etcdutl (taken from
+/// etcd's own image) into a staging directory as a one-member cluster at
+/// this master's address, which then becomes etcd's data directory in one
+/// rename. Does nothing once the data directory exists; a boot cut short
+/// starts the staging over. `None` when there was nothing to do.
+pub async fn fill(ctx: &Context, mount: &Path, key: &str) -> Result<Option<String>, StepError> {
+    let data = mount.join(ETCD_DATA_DIR);
+    if data.exists() {
+        return Ok(None);
+    }
+    let io = |what: &Path| {
+        let what = what.display().to_string();
+        move |e: std::io::Error| StepError::Invalid {
+            what: what.clone(),
+            message: e.to_string(),
+        }
+    };
+    let staging = mount.join(STAGING_DIR);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
+    }
+    let file = mount.join(BACKUP_FILE);
+    let backup = super::backup::fetch(ctx, key, &file).await?;
+    std::fs::create_dir_all(&ctx.paths.run).map_err(io(&ctx.paths.run))?;
+    let etcdutl = ctx.paths.run.join("etcdutl");
+    super::images::extract(&ctx.paths.images, "etcd", ETCDUTL_IN_IMAGE, &etcdutl)?;
+    let name = crate::render::master_node_name(ctx.config.master_ip);
+    let peer = format!("https://{}:2380", ctx.config.master_ip);
+    ctx.runner.run(
+        &etcdutl.to_string_lossy(),
+        &[
+            "snapshot",
+            "restore",
+            &file.to_string_lossy(),
+            "--data-dir",
+            &staging.to_string_lossy(),
+            "--name",
+            &name,
+            "--initial-cluster",
+            &format!("{name}={peer}"),
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--bump-revision",
+            BUMP_REVISION,
+            "--mark-compacted",
+        ],
+    )?;
+    std::fs::rename(&staging, &data).map_err(io(&data))?;
+    std::fs::File::open(mount)
+        .and_then(|d| d.sync_all())
+        .map_err(io(mount))?;
+    std::fs::remove_file(&file).map_err(io(&file))?;
+    let what = format!(
+        "restored etcd's data from {key} (taken {}, revision {}, {} bytes, sha256 checked) \
+         into {}",
+        stamp(backup.taken),
+        backup.revision,
+        backup.size,
+        data.display()
+    );
+    tracing::warn!(step = STEP, "{what}");
+    Ok(Some(what))
+}
+
+/// Where etcd's image (upstream's, and the fixtures') keeps etcdutl.
+const ETCDUTL_IN_IMAGE: &str = "/usr/local/bin/etcdutl";
+
+/// The size of an empty volume when nothing says otherwise: the
+/// template's `MasterVolumeSize` default.
+pub const DEFAULT_VOLUME_GIB: i32 = 20;
+
+fn snapshot_source(s: &Snapshot) -> Option<Source> {
+    let taken = s.start_time()?;
+    Some(Source::Snapshot {
+        id: s.snapshot_id()?.to_owned(),
+        taken: OffsetDateTime::from_unix_timestamp(taken.secs()).ok()?,
+    })
+}
+
+/// The etcd backup `volume` was made empty for, if it was.
+fn backup_restored_from(ctx: &Context, volume: &Volume) -> Option<String> {
+    let from = tag(volume, RESTORED_FROM_TAG)?;
+    Backup::from_key(&ctx.config.cluster_name, from, 0).map(|b| b.key)
+}
+
+/// Steps 2 to 4 of a restore whose volume exists: once it is available,
+/// the restore is recorded, the old volume (if any) superseded and the
+/// cluster's tag moved.
 async fn complete(
     ctx: &Context,
     volume: &str,
@@ -273,6 +458,7 @@ async fn complete(
     Ok(Located {
         volume_id: volume.to_owned(),
         restored: Some(what),
+        fill_from: backup_restored_from(ctx, &made),
     })
 }
 
@@ -283,30 +469,48 @@ pub fn record_name(cluster: &str) -> String {
     format!("/slipway/{cluster}/etcd-restore")
 }
 
-/// What a restore's record says: JSON, one object.
-pub fn record_text(
+/// What a restore's record says: JSON, one object, `origin`'s fields
+/// (what it was restored from) among them.
+fn record_text(
     ctx: &Context,
     volume: &Volume,
     old: Option<&str>,
     resumed: bool,
-    snapshot: Option<&Snapshot>,
+    origin: serde_json::Value,
 ) -> String {
-    serde_json::json!({
+    let mut record = serde_json::json!({
         "volume": id(volume),
         "zone": zone(volume),
         "superseded": old,
         "restored_at": tag(volume, RESTORED_AT_TAG),
         "resumed": resumed,
         "instance": ctx.instance.id,
-        "snapshot": volume.snapshot_id(),
-        "snapshot_taken": snapshot.and_then(|s| s.start_time()).map(ToString::to_string),
-        "snapshot_of": snapshot.and_then(|s| s.volume_id()),
-    })
-    .to_string()
+    });
+    if let (Some(record), serde_json::Value::Object(origin)) = (record.as_object_mut(), origin) {
+        record.extend(origin);
+    }
+    record.to_string()
+}
+
+/// A backup as a restore's record names it; `snapshot_of` is the volume
+/// an EBS snapshot was taken of.
+fn origin(source: &Source, snapshot_of: Option<&str>) -> serde_json::Value {
+    match source {
+        Source::Snapshot { id, taken } => serde_json::json!({
+            "snapshot": id,
+            "snapshot_taken": stamp(*taken),
+            "snapshot_of": snapshot_of,
+        }),
+        Source::Backup(b) => serde_json::json!({
+            "backup": b.key,
+            "backup_taken": stamp(b.taken),
+            "revision": b.revision,
+        }),
+    }
 }
 
 /// Writes the restore's record (see [`record_name`]) and says it in the
-/// journal.
+/// journal. `from` is the snapshot's ID or the backup's key.
 async fn record(
     ctx: &Context,
     volume: &Volume,
@@ -314,9 +518,25 @@ async fn record(
     resumed: bool,
     from: &str,
 ) -> Result<(), StepError> {
-    let snapshots = snapshots(ctx).await?;
-    let snapshot = snapshots.iter().find(|s| s.snapshot_id() == Some(from));
-    let text = record_text(ctx, volume, old, resumed, snapshot);
+    let origin = match Backup::from_key(&ctx.config.cluster_name, from, 0) {
+        Some(backup) => origin(&Source::Backup(backup), None),
+        None => {
+            let snapshot = snapshots(ctx)
+                .await?
+                .into_iter()
+                .find(|s| s.snapshot_id() == Some(from));
+            match snapshot
+                .as_ref()
+                .and_then(|s| Some((snapshot_source(s)?, s)))
+            {
+                Some((source, s)) => origin(&source, s.volume_id()),
+                // Deleted since (a resumed restore, retention in between):
+                // the record names it all the same.
+                None => serde_json::json!({ "snapshot": from }),
+            }
+        }
+    };
+    let text = record_text(ctx, volume, old, resumed, origin);
     let name = record_name(&ctx.config.cluster_name);
     ctx.aws
         .ssm
@@ -435,52 +655,76 @@ pub fn table(volumes: &[Volume], snapshots: &[Snapshot]) -> String {
     out
 }
 
-/// A person's restore of the named snapshot into this master's zone: the
-/// same steps as a restore at boot, for rolling the cluster back. Without
-/// `apply`, says what it would do and changes nothing. The running master
-/// keeps its volume until it is replaced; its replacement attaches the
-/// restored one.
-pub async fn restore_named(
-    ctx: &Context,
-    snapshot_id: &str,
-    apply: bool,
-) -> Result<String, StepError> {
+/// The backup a person named: a snapshot ID (`snap-…`), which must be a
+/// completed snapshot of this cluster's volume, or the key of one of this
+/// cluster's etcd backups. Also the volume a snapshot was taken of.
+async fn named_source(ctx: &Context, name: &str) -> Result<(Source, Option<String>), StepError> {
     let cluster = &ctx.config.cluster_name;
     let refuse = |message: String| StepError::Refused {
         what: "restore".into(),
         message,
     };
+    if !name.starts_with("snap-") {
+        let known = Backup::from_key(cluster, name, 0).ok_or_else(|| {
+            refuse(format!(
+                "{name} is neither a snapshot ID nor the key of one of this cluster's etcd \
+                 backups (under {})",
+                super::backup::prefix(cluster)
+            ))
+        })?;
+        let listed = super::backup::list(ctx).await?;
+        let backup = listed
+            .into_iter()
+            .find(|b| b.key == known.key)
+            .ok_or_else(|| refuse(format!("no etcd backup {name} is in the bucket")))?;
+        return Ok((Source::Backup(backup), None));
+    }
     let described = ctx
         .aws
         .ec2
         .describe_snapshots()
-        .snapshot_ids(snapshot_id)
+        .snapshot_ids(name)
         .send()
         .await
         .map_err(aws_err(
             "ec2:DescribeSnapshots",
-            format!("looking up {snapshot_id}"),
+            format!("looking up {name}"),
         ))?;
     let snapshot = described
         .snapshots()
         .first()
-        .ok_or_else(|| refuse(format!("{snapshot_id} does not exist")))?;
+        .ok_or_else(|| refuse(format!("{name} does not exist")))?;
     if snapshot
         .tags()
         .iter()
         .all(|t| t.key() != Some(DATA_TAG) || t.value() != Some(cluster.as_str()))
     {
         return Err(refuse(format!(
-            "{snapshot_id} is not tagged {DATA_TAG}={cluster}: not a snapshot of this \
+            "{name} is not tagged {DATA_TAG}={cluster}: not a snapshot of this \
              cluster's etcd volume"
         )));
     }
     if snapshot.state() != Some(&SnapshotState::Completed) {
         return Err(refuse(format!(
-            "{snapshot_id} is {}, not completed",
+            "{name} is {}, not completed",
             snapshot.state().map_or("?", |s| s.as_str())
         )));
     }
+    let source = snapshot_source(snapshot)
+        .ok_or_else(|| refuse(format!("EC2 gives {name} no start time")))?;
+    Ok((source, snapshot.volume_id().map(str::to_owned)))
+}
+
+/// A person's restore of the named snapshot or etcd backup into this
+/// master's zone: the same steps as a restore at boot, for rolling the
+/// cluster back. Without `apply`, says what it would do and changes
+/// nothing. The running master keeps its volume until its next boot.
+pub async fn restore_named(ctx: &Context, name: &str, apply: bool) -> Result<String, StepError> {
+    let refuse = |message: String| StepError::Refused {
+        what: "restore".into(),
+        message,
+    };
+    let (source, snapshot_of) = named_source(ctx, name).await?;
     let current = tagged_volumes(ctx, DATA_TAG).await?;
     if current.len() > 1 {
         let list: Vec<String> = current
@@ -496,10 +740,8 @@ pub async fn restore_named(
     let old = current.first().map(|v| id(v).to_owned());
     let zone = &ctx.instance.availability_zone;
     let plan = format!(
-        "a volume in {zone} from {snapshot_id} (taken {}, of {}) becomes the cluster's etcd \
-         data{}",
-        when(snapshot.start_time()),
-        snapshot.volume_id().unwrap_or("?"),
+        "a volume in {zone} from {source}{} becomes the cluster's etcd data{}",
+        snapshot_of.map_or_else(String::new, |v| format!(" of {v}")),
         old.as_deref()
             .map_or_else(String::new, |o| format!(", superseding {o}")),
     );
@@ -509,8 +751,12 @@ pub async fn restore_named(
         ));
     }
     tracing::warn!(step = "restore", "restoring by request: {plan}");
-    let volume = create(ctx, snapshot_id, old.as_deref()).await?;
-    let done = complete(ctx, &volume, old.as_deref(), false, snapshot_id).await?;
+    let size = current
+        .first()
+        .and_then(Volume::size)
+        .unwrap_or(DEFAULT_VOLUME_GIB);
+    let volume = create(ctx, &source, size, old.as_deref()).await?;
+    let done = complete(ctx, &volume, old.as_deref(), false, source.name()).await?;
     Ok(format!(
         "{}; this master still runs on its old volume until its next boot: reboot {} or \
          terminate it (its Auto Scaling group then launches a master that attaches {volume})",
@@ -529,19 +775,26 @@ pub fn client_token(cluster: &str, zone: &str, snapshot: &str, old: Option<&str>
     format!("slipway-restore-{}", &hex::encode(digest)[..40])
 }
 
-async fn create(ctx: &Context, snapshot: &str, old: Option<&str>) -> Result<String, StepError> {
+/// Step 1: the new volume in this master's zone, from the snapshot or
+/// (for an etcd backup) empty and `size_gib` large.
+async fn create(
+    ctx: &Context,
+    source: &Source,
+    size_gib: i32,
+    old: Option<&str>,
+) -> Result<String, StepError> {
     let cluster = &ctx.config.cluster_name;
     let zone = &ctx.instance.availability_zone;
+    let from = source.name();
     let t = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
-    let created = ctx
+    let request = ctx
         .aws
         .ec2
         .create_volume()
         .availability_zone(zone)
-        .snapshot_id(snapshot)
         .volume_type(VolumeType::Gp3)
         .encrypted(true)
-        .client_token(client_token(cluster, zone, snapshot, old))
+        .client_token(client_token(cluster, zone, from, old))
         .tag_specifications(
             TagSpecification::builder()
                 .resource_type(ResourceType::Volume)
@@ -550,25 +803,24 @@ async fn create(ctx: &Context, snapshot: &str, old: Option<&str>) -> Result<Stri
                 .tags(t("Name", &format!("{cluster}-etcd-restored")))
                 .tags(t(CLUSTER_TAG, cluster))
                 .tags(t(RESTORING_TAG, cluster))
-                .tags(t(RESTORED_FROM_TAG, snapshot))
-                .tags(t(
-                    RESTORED_AT_TAG,
-                    &super::backup::stamp(time::OffsetDateTime::now_utc()),
-                ))
+                .tags(t(RESTORED_FROM_TAG, from))
+                .tags(t(RESTORED_AT_TAG, &stamp(OffsetDateTime::now_utc())))
                 .build(),
-        )
-        .send()
-        .await
-        .map_err(aws_err(
-            "ec2:CreateVolume",
-            format!("creating a volume in {zone} from {snapshot}"),
-        ))?;
+        );
+    let request = match source {
+        Source::Snapshot { id, .. } => request.snapshot_id(id),
+        Source::Backup(_) => request.size(size_gib),
+    };
+    let created = request.send().await.map_err(aws_err(
+        "ec2:CreateVolume",
+        format!("creating a volume in {zone} for {from}"),
+    ))?;
     created
         .volume_id()
         .map(str::to_owned)
         .ok_or_else(|| StepError::Refused {
             what: STEP.into(),
-            message: format!("EC2 created a volume from {snapshot} but named none"),
+            message: format!("EC2 created a volume for {from} but named none"),
         })
 }
 
@@ -642,6 +894,44 @@ mod tests {
 
     fn v(id: &str, zone: &str) -> (String, String) {
         (id.to_owned(), zone.to_owned())
+    }
+
+    #[test]
+    fn the_newest_backup_or_the_preferred_kind_is_chosen() {
+        let at = |minute: i64| OffsetDateTime::UNIX_EPOCH + time::Duration::minutes(minute);
+        let snap = |minute| Source::Snapshot {
+            id: "snap-1".into(),
+            taken: at(minute),
+        };
+        let backup = |minute| {
+            Source::Backup(Backup {
+                key: "demo/etcd-backups/x.db".into(),
+                taken: at(minute),
+                revision: 1,
+                size: 1,
+            })
+        };
+        use RestoreFrom::*;
+        let cases = [
+            // (snapshot at, backup at, setting, backup chosen?)
+            (Some(10), Some(20), Newest, Some(true)),
+            (Some(20), Some(10), Newest, Some(false)),
+            (Some(10), Some(10), Newest, Some(false)),
+            (Some(10), Some(20), VolumeSnapshot, Some(false)),
+            (Some(20), Some(10), EtcdBackup, Some(true)),
+            // The preferred kind missing: the other.
+            (None, Some(10), VolumeSnapshot, Some(true)),
+            (Some(10), None, EtcdBackup, Some(false)),
+            (None, None, Newest, None),
+        ];
+        for (s, b, from, backup_chosen) in cases {
+            let chosen = choose(s.map(snap), b.map(backup), from);
+            assert_eq!(
+                chosen.map(|c| matches!(c, Source::Backup(_))),
+                backup_chosen,
+                "{s:?} {b:?} {from:?}"
+            );
+        }
     }
 
     #[test]

@@ -351,32 +351,34 @@ pub async fn run(ctx: &Context, mount_point: &Path) -> Result<Report, StepError>
     let mountinfo =
         std::fs::read_to_string(ctx.paths.proc.join("self/mountinfo")).unwrap_or_default();
     let target = mount_point.to_string_lossy();
+    let mut did: Vec<String> = located.restored.into_iter().chain(attached).collect();
     if parse_mountinfo(&mountinfo)
         .iter()
         .any(|m| m.mount_point == target)
     {
-        let what = located
-            .restored
-            .into_iter()
-            .chain(attached)
-            .collect::<Vec<_>>()
-            .join("; ");
-        let what = if what.is_empty() {
+        let mounted = format!("{} already mounted on {target}", device.display());
+        // A restore cut short after the mount goes on here.
+        if let Some(key) = &located.fill_from {
+            if let Some(filled) = super::restore::fill(ctx, mount_point, key).await? {
+                did.extend([mounted, filled]);
+                return Ok(Report::changed(STEP, did.join("; ")));
+            }
+        }
+        let what = if did.is_empty() {
             format!("{volume_id} was attached")
         } else {
-            what
+            did.join("; ")
         };
-        return Ok(Report::already(
-            STEP,
-            format!("{what}; {} already mounted on {target}", device.display()),
-        ));
+        return Ok(Report::already(STEP, format!("{what}; {mounted}")));
     }
 
-    let mut did: Vec<String> = located.restored.into_iter().chain(attached).collect();
     match probe(&read_head(&device)?) {
         Contents::Ext4 => {}
         Contents::Blank => {
-            refuse_blank_if_the_cluster_exists(ctx, master, volume_id, &device).await?;
+            // A volume made empty for an etcd backup is blank on purpose.
+            if located.fill_from.is_none() {
+                refuse_blank_if_the_cluster_exists(ctx, master, volume_id, &device).await?;
+            }
             ctx.runner
                 .run("mkfs.ext4", &["-q", "-L", LABEL, &device.to_string_lossy()])?;
             did.push(format!("formatted {} (it was blank)", device.display()));
@@ -405,6 +407,9 @@ pub async fn run(ctx: &Context, mount_point: &Path) -> Result<Report, StepError>
         ],
     )?;
     did.push(format!("mounted {} on {target}", device.display()));
+    if let Some(key) = &located.fill_from {
+        did.extend(super::restore::fill(ctx, mount_point, key).await?);
+    }
     Ok(Report::changed(STEP, did.join("; ")))
 }
 

@@ -450,3 +450,26 @@ pub fn boot_command(
         .arg(manifests_dir());
     boot
 }
+
+/// Puts an etcd backup of cluster `demo` as an administrator would find
+/// it: `body` under the key for `taken`, with `sha256` stored beside it.
+pub async fn put_backup(
+    w: &World,
+    taken: time::OffsetDateTime,
+    revision: u64,
+    body: &[u8],
+    sha256: &str,
+) -> String {
+    let key = slipway_init::steps::backup::key("demo", taken, revision);
+    w.aws
+        .s3
+        .put_object()
+        .bucket(&w.bucket)
+        .key(&key)
+        .metadata("sha256", sha256)
+        .body(body.to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    key
+}
