@@ -227,9 +227,15 @@ fn boot_requests(member: &Member, role: Role, action: &str) -> Option<Vec<Reques
             data_volume(r(&snapshot_arn(), None)),
             creation(r(&volume_arn("*"), None)),
         ],
+        // A fresh snapshot of the old volume, when its zone answers.
+        "ec2:CreateSnapshot" => vec![
+            data_volume(r(&volume_arn(VOLUME), ours)),
+            fresh_snapshot(r(&new_snapshot_arn(), None)),
+        ],
         // ...then the cluster's tag moved to it from the old volume.
         "ec2:CreateTags" => vec![
             creation(r(&volume_arn(RESTORED), None)).with("ec2:CreateAction", "CreateVolume"),
+            fresh_snapshot(r(&new_snapshot_arn(), None)).with("ec2:CreateAction", "CreateSnapshot"),
             data_volume(r(&volume_arn(VOLUME), ours))
                 .with_set("aws:TagKeys", &["slipway:superseded"]),
             r(&volume_arn(RESTORED), ours).with_set("aws:TagKeys", &["slipway:etcd-data"]),
@@ -307,6 +313,30 @@ fn volume_arn(id: &str) -> String {
 /// have no account in their ARN).
 fn snapshot_arn() -> String {
     format!("arn:aws:ec2:{REGION}::snapshot/snap-0123456789abcdef0")
+}
+
+/// The snapshot a restore takes (its ID unknown until it exists).
+fn new_snapshot_arn() -> String {
+    format!("arn:aws:ec2:{REGION}::snapshot/*")
+}
+
+/// `request` creating a snapshot with the tags a restore gives it.
+fn fresh_snapshot(request: Request) -> Request {
+    let mut r = request;
+    for key in ["slipway:cluster", "slipway:etcd-data"] {
+        r = r.with(&format!("aws:RequestTag/{key}"), CLUSTER);
+    }
+    r.with("aws:RequestTag/Name", "demo-etcd-fresh")
+        .with("aws:RequestTag/slipway:fresh-for", MASTER.instance)
+        .with_set(
+            "aws:TagKeys",
+            &[
+                "Name",
+                "slipway:cluster",
+                "slipway:etcd-data",
+                "slipway:fresh-for",
+            ],
+        )
 }
 
 /// `request` on the cluster's current data volume, or on a snapshot of
@@ -438,6 +468,16 @@ fn a_node_is_refused_the_masters_secrets_volume_and_address_own_evaluator() {
         MASTER.request("ec2:CreateVolume", &volume_arn("*"), None),
         creation(MASTER.request("ec2:CreateVolume", &volume_arn("*"), None))
             .with("aws:RequestTag/slipway:cluster", "another"),
+        // A snapshot of another cluster's volume, or one not tagged as
+        // this cluster's; a node's.
+        MASTER
+            .request("ec2:CreateSnapshot", &volume, Some("another"))
+            .with("aws:ResourceTag/slipway:etcd-data", "another"),
+        MASTER.request("ec2:CreateSnapshot", &new_snapshot_arn(), None),
+        fresh_snapshot(MASTER.request("ec2:CreateSnapshot", &new_snapshot_arn(), None))
+            .with("aws:RequestTag/slipway:etcd-data", "another"),
+        NODE.request("ec2:CreateSnapshot", &volume, Some(CLUSTER))
+            .with("aws:ResourceTag/slipway:etcd-data", CLUSTER),
         // Tags on another cluster's volume, or keys beyond the restore's.
         MASTER
             .request("ec2:CreateTags", &volume, Some("another"))

@@ -51,6 +51,37 @@ async fn master_in(w: &World, zone: &str, secrets: &std::path::Path) -> Context 
     ctx
 }
 
+/// The cluster's volume in a zone that is lost: still attached to its
+/// master there, as EC2 keeps saying while the zone is down.
+async fn held_in_lost_zone(w: &World, zone: &str, secrets: &std::path::Path) -> String {
+    let volume = data_volume_in(w, zone).await;
+    let dead = master_in(w, zone, secrets).await;
+    w.aws
+        .ec2
+        .attach_volume()
+        .volume_id(&volume)
+        .instance_id(&dead.instance.id)
+        .device("/dev/xvdf")
+        .send()
+        .await
+        .unwrap();
+    volume
+}
+
+/// The snapshots EC2 holds of `volume`.
+async fn snapshots_of(w: &World, volume: &str) -> Vec<aws_sdk_ec2::types::Snapshot> {
+    w.aws
+        .ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(Filter::builder().name("volume-id").values(volume).build())
+        .send()
+        .await
+        .unwrap()
+        .snapshots()
+        .to_vec()
+}
+
 /// A snapshot of `volume` tagged as Data Lifecycle Manager tags its own
 /// (the volume's tags copied), for `cluster`.
 async fn snapshot(w: &World, volume: &str, cluster: &str) -> String {
@@ -164,7 +195,7 @@ async fn records(w: &World) -> Vec<serde_json::Value> {
 async fn a_master_in_another_zone_restores_the_newest_snapshot_and_the_tag_moves() {
     let w = world(1).await;
     let secrets = tempfile::tempdir().unwrap();
-    let old = data_volume_in(&w, ZONE_A).await;
+    let old = held_in_lost_zone(&w, ZONE_A, secrets.path()).await;
     let _older = snapshot(&w, &old, "demo").await;
     let newest = snapshot(&w, &old, "demo").await;
     // Newer, but another cluster's: never a candidate.
@@ -277,7 +308,7 @@ async fn a_restore_stopped_halfway_is_resumed_without_a_second_volume() {
 async fn without_a_snapshot_or_a_backup_a_master_in_another_zone_refuses_and_changes_nothing() {
     let w = world(1).await;
     let secrets = tempfile::tempdir().unwrap();
-    let old = data_volume_in(&w, ZONE_A).await;
+    let old = held_in_lost_zone(&w, ZONE_A, secrets.path()).await;
     let there = master_in(&w, ZONE_B, secrets.path()).await;
     let err = restore::locate(&there).await.unwrap_err().to_string();
     assert!(
@@ -459,7 +490,7 @@ async fn etcd_backup(w: &World, taken: OffsetDateTime, revision: u64, body: &[u8
 async fn an_etcd_backup_newer_than_the_snapshots_is_restored_into_an_empty_volume() {
     let w = world(1).await;
     let secrets = tempfile::tempdir().unwrap();
-    let old = data_volume_in(&w, ZONE_A).await;
+    let old = held_in_lost_zone(&w, ZONE_A, secrets.path()).await;
     let snap = snapshot(&w, &old, "demo").await;
     let older_backup = etcd_backup(&w, OffsetDateTime::now_utc() - MINUTE * 60, 41, b"a").await;
     let newest = etcd_backup(&w, OffsetDateTime::now_utc() + MINUTE, 4242, b"b").await;
@@ -503,7 +534,7 @@ async fn an_etcd_backup_newer_than_the_snapshots_is_restored_into_an_empty_volum
 async fn the_setting_prefers_the_volume_snapshot_over_a_newer_etcd_backup() {
     let w = world(1).await;
     let secrets = tempfile::tempdir().unwrap();
-    let old = data_volume_in(&w, ZONE_A).await;
+    let old = held_in_lost_zone(&w, ZONE_A, secrets.path()).await;
     let snap = snapshot(&w, &old, "demo").await;
     etcd_backup(&w, OffsetDateTime::now_utc() + MINUTE, 7, b"b").await;
     let mut there = master_in(&w, ZONE_B, secrets.path()).await;
@@ -526,6 +557,98 @@ async fn with_only_an_etcd_backup_the_restore_uses_it_whatever_the_setting() {
     assert_eq!(restored.fill_from.as_deref(), Some(key.as_str()));
     let new = describe(&w, &restored.volume_id).await;
     assert_eq!(new.size(), Some(restore::DEFAULT_VOLUME_GIB));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_old_zone_answers_a_fresh_snapshot_of_the_volume_is_restored() {
+    let w = world(1).await;
+    let secrets = tempfile::tempdir().unwrap();
+    // The old master is gone and its volume let go: `available` in zone a.
+    let old = data_volume_in(&w, ZONE_A).await;
+    let dlm = snapshot(&w, &old, "demo").await;
+    // Newer than the snapshot policy's, older than now.
+    etcd_backup(&w, OffsetDateTime::now_utc() - MINUTE, 7, b"b").await;
+
+    let there = master_in(&w, ZONE_B, secrets.path()).await;
+    let restored = restore::locate(&there).await.unwrap();
+    assert_eq!(restored.fill_from, None, "not from the etcd backup");
+    let new = describe(&w, &restored.volume_id).await;
+    let fresh = new.snapshot_id().unwrap().to_owned();
+    assert_ne!(fresh, dlm, "not from the snapshot policy's either");
+    let taken = snapshots_of(&w, &old).await;
+    let snap = taken
+        .iter()
+        .find(|s| s.snapshot_id() == Some(fresh.as_str()))
+        .unwrap();
+    let stag = |k: &str| {
+        snap.tags()
+            .iter()
+            .find(|t| t.key() == Some(k))
+            .and_then(|t| t.value())
+    };
+    assert_eq!(stag(DATA_TAG), Some("demo"));
+    assert_eq!(stag("slipway:cluster"), Some("demo"));
+    assert_eq!(
+        stag(restore::FRESH_FOR_TAG),
+        Some(there.instance.id.as_str())
+    );
+    assert_eq!(new.availability_zone(), Some(ZONE_B));
+    assert_eq!(tag(&new, DATA_TAG), Some("demo"));
+    assert_eq!(
+        tag(&describe(&w, &old).await, SUPERSEDED_TAG),
+        new.volume_id()
+    );
+    let recorded = records(&w).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["snapshot"], fresh.as_str());
+    assert_eq!(recorded[0]["snapshot_of"], old.as_str());
+    assert_eq!(taken.len(), 2, "one snapshot taken: {taken:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_after_the_fresh_snapshot_waits_for_it_rather_than_taking_another() {
+    let w = world(1).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let old = data_volume_in(&w, ZONE_A).await;
+    let there = master_in(&w, ZONE_B, secrets.path()).await;
+    // The boot before stopped right after starting its snapshot.
+    let t = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
+    let started = w
+        .aws
+        .ec2
+        .create_snapshot()
+        .volume_id(&old)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Snapshot)
+                .tags(t("slipway:cluster", "demo"))
+                .tags(t(DATA_TAG, "demo"))
+                .tags(t(restore::FRESH_FOR_TAG, &there.instance.id))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .snapshot_id()
+        .unwrap()
+        .to_owned();
+    let restored = restore::locate(&there).await.unwrap();
+    let new = describe(&w, &restored.volume_id).await;
+    assert_eq!(new.snapshot_id(), Some(started.as_str()));
+    assert_eq!(snapshots_of(&w, &old).await.len(), 1, "no second snapshot");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferring_etcd_backups_takes_no_fresh_snapshot() {
+    let w = world(1).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let old = data_volume_in(&w, ZONE_A).await;
+    let key = etcd_backup(&w, OffsetDateTime::now_utc() - MINUTE, 9, b"c").await;
+    let mut there = master_in(&w, ZONE_B, secrets.path()).await;
+    there.config.master.as_mut().unwrap().restore_from = RestoreFrom::EtcdBackup;
+    let restored = restore::locate(&there).await.unwrap();
+    assert_eq!(restored.fill_from.as_deref(), Some(key.as_str()));
+    assert!(snapshots_of(&w, &old).await.is_empty());
 }
 
 /// Plays etcdutl: records its arguments, and makes the data directory it

@@ -24,6 +24,8 @@ pub struct Deadlines {
     pub volume_available: Duration,
     /// The attached data volume's NVMe device appears.
     pub volume_device: Duration,
+    /// A master restoring: a fresh snapshot of the old volume completes.
+    pub snapshot: Duration,
     /// A node: the first master publishes the node bundle.
     pub node_bundle: Duration,
     /// A master: its API server (a static pod) answers `/readyz`.
@@ -48,6 +50,7 @@ impl Default for Deadlines {
             holder_stops: min(5),
             volume_available: min(5),
             volume_device: min(2),
+            snapshot: min(10),
             node_bundle: min(20),
             api_server: min(15),
             node_registers: min(10),
@@ -70,7 +73,7 @@ pub enum DeadlineError {
 }
 
 impl Deadlines {
-    fn slots(&mut self) -> [(&'static str, &'static str, &mut Duration); 11] {
+    fn slots(&mut self) -> [(&'static str, &'static str, &mut Duration); 12] {
         [
             (
                 "metadata",
@@ -91,6 +94,11 @@ impl Deadlines {
                 "volume-device",
                 "the attached data volume's NVMe device appears",
                 &mut self.volume_device,
+            ),
+            (
+                "snapshot",
+                "a master restoring: a fresh snapshot of the old volume completes",
+                &mut self.snapshot,
             ),
             (
                 "node-bundle",
@@ -188,7 +196,7 @@ mod tests {
         assert_eq!(d.node_bundle, Duration::from_secs(3));
         assert_eq!(d.metadata, Deadlines::default().metadata);
         let rows = d.rows();
-        assert_eq!(rows.len(), 11);
+        assert_eq!(rows.len(), 12);
         assert!(rows
             .iter()
             .any(|r| r.name == "holder-stops" && r.value == Duration::from_secs(7)));
@@ -224,7 +232,10 @@ mod tests {
     #[test]
     fn a_step_outlasts_the_waits_inside_it() {
         let d = Deadlines::default();
-        assert!(d.holder_stops + d.volume_available + d.volume_device < d.step);
+        assert!(
+            d.holder_stops + d.volume_available + d.snapshot + d.volume_available + d.volume_device
+                < d.step
+        );
         assert!(d.node_bundle < d.step);
         assert!(d.api_server + d.node_registers < d.step);
         // A renewal restarts four components and waits for the API once more.

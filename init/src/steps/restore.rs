@@ -22,6 +22,12 @@
 //! 4. the new volume is tagged `slipway:etcd-data=<cluster>` and loses
 //!    `slipway:restoring`.
 //!
+//! When the old volume's zone still answers (the volume is `available`:
+//! its master is gone but the volume is not), the restore takes a fresh
+//! EBS snapshot of it first, so nothing written since the last backup is
+//! lost; a snapshot that does not complete in time is left to finish on
+//! its own and the newest backup is used instead.
+//!
 //! A boot that stops anywhere finds, next time, either the new volume as
 //! the cluster's or its `slipway:restoring` volume in its zone, and goes
 //! on from there; there is never more than one current volume, and none
@@ -45,6 +51,7 @@ use time::OffsetDateTime;
 pub const CALLS: &[&str] = &[
     "ec2:DescribeVolumes",
     "ec2:DescribeSnapshots",
+    "ec2:CreateSnapshot",
     "ec2:CreateVolume",
     "ec2:CreateTags",
     "ec2:DeleteTags",
@@ -64,6 +71,10 @@ pub const CLUSTER_TAG: &str = "slipway:cluster";
 /// The snapshot a restored volume came from, and when it was made.
 pub const RESTORED_FROM_TAG: &str = "slipway:restored-from";
 pub const RESTORED_AT_TAG: &str = "slipway:restored-at";
+/// Marks a snapshot a restore took of a volume whose zone still answers;
+/// its value is the instance that took it (a reboot of that instance
+/// waits for the same snapshot rather than taking another).
+pub const FRESH_FOR_TAG: &str = "slipway:fresh-for";
 
 /// The volume this master is to attach, and how it was found.
 #[derive(Debug)]
@@ -286,13 +297,20 @@ pub async fn locate(ctx: &Context) -> Result<Located, StepError> {
                 || "no volume is tagged as the cluster's".to_owned(),
                 |v| format!("the cluster's volume {} is in {}", id(v), zone(v)),
             );
-            let snapshot = newest_snapshot(ctx).await?;
-            let backup = super::backup::list(ctx).await?.pop().map(Source::Backup);
             let from = ctx
                 .config
                 .master
                 .as_ref()
                 .map_or(RestoreFrom::default(), |m| m.restore_from);
+            let fresh = match current.first() {
+                Some(v) if from != RestoreFrom::EtcdBackup => fresh_snapshot(ctx, v).await?,
+                _ => None,
+            };
+            let snapshot = match fresh {
+                Some(s) => Some(s),
+                None => newest_snapshot(ctx).await?,
+            };
+            let backup = super::backup::list(ctx).await?.pop().map(Source::Backup);
             let source = choose(snapshot.as_ref().and_then(snapshot_source), backup, from)
                 .ok_or_else(|| StepError::Refused {
                     what: STEP.into(),
@@ -589,6 +607,122 @@ fn newest(snapshots: &[Snapshot]) -> Option<&Snapshot> {
 
 async fn newest_snapshot(ctx: &Context) -> Result<Option<Snapshot>, StepError> {
     Ok(newest(&snapshots(ctx).await?).cloned())
+}
+
+/// A completed snapshot of `old` taken now, when its zone still answers:
+/// the volume is `available`, so its master is gone and nothing writes to
+/// it, and a snapshot of it loses nothing. `None` when the volume is in
+/// any other state (attached to a master that may be dead, or impaired:
+/// the zone may be down), or when the snapshot fails or is not completed
+/// within the `snapshot` deadline; the restore then falls back to the
+/// newest backup, and a pending snapshot finishes on its own.
+async fn fresh_snapshot(ctx: &Context, old: &Volume) -> Result<Option<Snapshot>, StepError> {
+    if old.state() != Some(&VolumeState::Available) {
+        return Ok(None);
+    }
+    let volume = id(old);
+    let instance = &ctx.instance.id;
+    let taken = snapshots(ctx).await?.into_iter().rev().find(|s| {
+        s.volume_id() == Some(volume)
+            && snapshot_tag(s, FRESH_FOR_TAG) == Some(instance.as_str())
+            && matches!(
+                s.state(),
+                Some(SnapshotState::Pending | SnapshotState::Completed)
+            )
+    });
+    let snapshot = match taken {
+        Some(s) => s.snapshot_id().unwrap_or("?").to_owned(),
+        None => take_snapshot(ctx, volume).await?,
+    };
+    tracing::warn!(
+        step = STEP,
+        "{volume} in {} is available, its zone answering: restoring from a fresh snapshot \
+         of it, {snapshot}",
+        zone(old)
+    );
+    let waited = retry::until(
+        &format!("{snapshot} of {volume} to complete"),
+        Backoff::new(ctx.deadlines.snapshot),
+        || async {
+            let described = ctx
+                .aws
+                .ec2
+                .describe_snapshots()
+                .snapshot_ids(&snapshot)
+                .send()
+                .await
+                .map_err(aws_err(
+                    "ec2:DescribeSnapshots",
+                    format!("looking up {snapshot}"),
+                ))?;
+            let found = described.snapshots().first();
+            match found.and_then(Snapshot::state) {
+                Some(SnapshotState::Completed) => Ok(found.cloned().map(Ok)),
+                Some(SnapshotState::Error) => Ok(Some(Err(format!(
+                    "{snapshot} failed ({})",
+                    found
+                        .and_then(Snapshot::state_message)
+                        .unwrap_or("no reason given")
+                )))),
+                _ => Ok(None),
+            }
+        },
+    )
+    .await;
+    let why = match waited {
+        Ok(Ok(done)) => return Ok(Some(done)),
+        Ok(Err(why)) => why,
+        Err(retry::WaitError::Failed { source, .. }) => return Err(source),
+        Err(deadline) => deadline.to_string(),
+    };
+    tracing::warn!(
+        step = STEP,
+        "the fresh snapshot is not usable ({why}): restoring from the newest backup instead"
+    );
+    Ok(None)
+}
+
+/// Starts an EBS snapshot of the cluster's `volume`, tagged as the
+/// cluster's etcd data (so restores and `--list` see it) and as taken by
+/// this instance.
+async fn take_snapshot(ctx: &Context, volume: &str) -> Result<String, StepError> {
+    let cluster = &ctx.config.cluster_name;
+    let t = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
+    let taken = ctx
+        .aws
+        .ec2
+        .create_snapshot()
+        .volume_id(volume)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Snapshot)
+                .tags(t("Name", &format!("{cluster}-etcd-fresh")))
+                .tags(t(CLUSTER_TAG, cluster))
+                .tags(t(DATA_TAG, cluster))
+                .tags(t(FRESH_FOR_TAG, &ctx.instance.id))
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(aws_err(
+            "ec2:CreateSnapshot",
+            format!("snapshotting {volume} before restoring from it"),
+        ))?;
+    taken
+        .snapshot_id()
+        .map(str::to_owned)
+        .ok_or_else(|| StepError::Refused {
+            what: STEP.into(),
+            message: format!("EC2 started a snapshot of {volume} but named none"),
+        })
+}
+
+fn snapshot_tag<'a>(snapshot: &'a Snapshot, key: &str) -> Option<&'a str> {
+    snapshot
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
 }
 
 /// Every volume that is, was or is becoming the cluster's etcd data.
