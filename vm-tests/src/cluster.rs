@@ -198,7 +198,14 @@ impl Attacher {
                 for v in attached.iter().flat_map(|a| a.volumes()) {
                     let id = v.volume_id().unwrap_or_default();
                     let serial = id.replace('-', "");
-                    if id.is_empty() || plugged.contains(&serial) {
+                    // The instance's root volume (moto makes one) is the
+                    // VM's own disk already.
+                    let data = v
+                        .attachments()
+                        .iter()
+                        .filter(|a| a.instance_id() == Some(instance.as_str()))
+                        .any(|a| a.device().is_some_and(is_data_device));
+                    if id.is_empty() || !data || plugged.contains(&serial) {
                         continue;
                     }
                     if let Some(snap) = v.snapshot_id().filter(|s| !s.is_empty()) {
@@ -231,6 +238,15 @@ impl Attacher {
             thread: Some(thread),
         }
     }
+}
+
+/// Whether EC2's device name is one slipway-init attaches a data volume
+/// at (`/dev/xvdf` to `/dev/xvdp`, or their `/dev/sd` names), not the root's.
+fn is_data_device(name: &str) -> bool {
+    let letter = name
+        .strip_prefix("/dev/xvd")
+        .or_else(|| name.strip_prefix("/dev/sd"));
+    matches!(letter, Some(l) if l.len() == 1 && ("f"..="p").contains(&l))
 }
 
 impl Drop for Attacher {
@@ -1255,6 +1271,16 @@ async fn settled(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_data_volume_device_names_are_plugged_in() {
+        for name in ["/dev/xvdf", "/dev/xvdg", "/dev/sdp"] {
+            assert!(is_data_device(name), "{name}");
+        }
+        for name in ["/dev/xvda", "/dev/sda1", "/dev/xvdq", "/dev/xvdff", "xvdf"] {
+            assert!(!is_data_device(name), "{name}");
+        }
+    }
 
     #[test]
     fn the_pace_stretches_waits_on_a_slow_run_only_and_within_bounds() {
