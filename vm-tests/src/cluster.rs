@@ -17,8 +17,11 @@
 //!   widened to `*`, a stand-in), the test's own calls run as an
 //!   administrator;
 //! - the master's data volume is a disk file presented as NVMe with the
-//!   volume ID as serial from the start (EBS attaches it when asked;
-//!   slipway-init still calls AttachVolume before it looks for the device);
+//!   volume ID as serial from the start when the cluster has one (EBS
+//!   attaches it when asked; slipway-init still calls AttachVolume before
+//!   it looks for the device); a volume attached while the master runs (a
+//!   restore's) is plugged into its VM once EC2 says it is attached, on a
+//!   PCIe hot-plug port, as EBS presents it ([`Attacher`]);
 //! - instances are "launched" by booting a VM with a fresh root disk made
 //!   from the snapshot, and "terminated" by killing it.
 
@@ -142,6 +145,119 @@ impl Options {
     }
 }
 
+/// Hot-plug ports a master's VM has: volumes attached while it runs (a
+/// restore's, a person's second).
+const HOTPLUG_PORTS: u8 = 2;
+
+/// The file behind an EBS volume, below `dir`: created blank once, kept
+/// across instances.
+fn volume_file(dir: &Path, id: &str, gib: i32) -> Result<PathBuf> {
+    let path = dir.join(format!("{id}.raw"));
+    if !path.exists() {
+        let f = std::fs::File::create(&path)?;
+        f.set_len(u64::try_from(gib)? << 30)?;
+    }
+    Ok(path)
+}
+
+/// Plays EBS for one master: every second, each volume EC2 says is
+/// attached to the instance and is not in its VM yet is plugged in as an
+/// NVMe controller with the volume ID as serial. A volume made from an EBS
+/// snapshot would need the snapshot's data, which the harness does not
+/// hold: such a volume is plugged in blank and said (the master then
+/// refuses it, as a blank volume under an existing cluster). Stops when
+/// dropped.
+struct Attacher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Attacher {
+    fn start(
+        instance: String,
+        monitor: crate::Monitor,
+        mut plugged: Vec<String>,
+        ec2: aws_sdk_ec2::Client,
+        rt: tokio::runtime::Handle,
+        dir: PathBuf,
+    ) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                let attached = rt.block_on(
+                    ec2.describe_volumes()
+                        .filters(
+                            aws_sdk_ec2::types::Filter::builder()
+                                .name("attachment.instance-id")
+                                .values(&instance)
+                                .build(),
+                        )
+                        .send(),
+                );
+                for v in attached.iter().flat_map(|a| a.volumes()) {
+                    let id = v.volume_id().unwrap_or_default();
+                    let serial = id.replace('-', "");
+                    // The instance's root volume (moto makes one) is the
+                    // VM's own disk already.
+                    let data = v
+                        .attachments()
+                        .iter()
+                        .filter(|a| a.instance_id() == Some(instance.as_str()))
+                        .any(|a| a.device().is_some_and(is_data_device));
+                    if id.is_empty() || !data || plugged.contains(&serial) {
+                        continue;
+                    }
+                    if let Some(snap) = v.snapshot_id().filter(|s| !s.is_empty()) {
+                        if !dir.join(format!("{id}.raw")).exists() {
+                            say(&format!(
+                                "{id} is made from {snap}, whose data the harness does not hold: plugged in blank"
+                            ));
+                        }
+                    }
+                    let plug = volume_file(&dir, id, v.size().unwrap_or(8)).and_then(|file| {
+                        monitor.plug_disk(&Disk {
+                            file,
+                            format: "raw",
+                            serial: serial.clone(),
+                        })
+                    });
+                    match plug {
+                        Ok(()) => {
+                            say(&format!("{id} attached to {instance}: plugged into its VM"));
+                            plugged.push(serial);
+                        }
+                        Err(e) => say(&format!("plugging {id} into {instance}'s VM: {e:#}")),
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+/// Whether EC2's device name is one slipway-init attaches a data volume
+/// at (`/dev/xvdf` to `/dev/xvdp`, or their `/dev/sd` names), not the root's.
+fn is_data_device(name: &str) -> bool {
+    let letter = name
+        .strip_prefix("/dev/xvd")
+        .or_else(|| name.strip_prefix("/dev/sd"));
+    matches!(letter, Some(l) if l.len() == 1 && ("f"..="p").contains(&l))
+}
+
+impl Drop for Attacher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The physical ID of a resource of the stack.
 async fn physical_id(cfn: &aws_sdk_cloudformation::Client, logical: &str) -> Result<String> {
     // The whole list: moto's DescribeStackResource fails outright on a
@@ -162,7 +278,9 @@ async fn physical_id(cfn: &aws_sdk_cloudformation::Client, logical: &str) -> Res
 
 /// A running cluster. Dropping it kills every VM and service it started.
 pub struct Cluster {
-    // Dropped first: the VMs, then what they talk to.
+    // Dropped first: what plugs disks into the VMs, the VMs, then what
+    // they talk to.
+    attachers: BTreeMap<String, Attacher>,
     pub vms: BTreeMap<String, Vm>,
     pub opts: Options,
     rt: tokio::runtime::Runtime,
@@ -323,6 +441,7 @@ impl Cluster {
             roles,
             root_volume_gib,
             user_data: BTreeMap::new(),
+            attachers: BTreeMap::new(),
             vms: BTreeMap::new(),
             forwards: Vec::new(),
             api: None,
@@ -559,13 +678,22 @@ impl Cluster {
             Role::Master => (self.opts.master_cpus, self.opts.master_memory_mib),
             Role::Node => (self.opts.node_cpus, self.opts.node_memory_mib),
         };
+        let mut at_boot = Vec::new();
         if instance.role == Role::Master {
-            let volume = self.master_volume()?;
-            cfg.disks.push(Disk {
-                file: self.volume_file(&volume.0, volume.1)?,
-                format: "raw",
-                serial: volume.0.replace('-', ""),
-            });
+            // The cluster's volume, if it has one, is there from the start
+            // (slipway-init still calls AttachVolume before it looks);
+            // one the master makes at boot (a restore) is plugged in when
+            // it is attached.
+            if let Some((id, gib)) = self.master_volume()? {
+                let serial = id.replace('-', "");
+                cfg.disks.push(Disk {
+                    file: volume_file(&self.opts.dir, &id, gib)?,
+                    format: "raw",
+                    serial: serial.clone(),
+                });
+                at_boot.push(serial);
+            }
+            cfg.hotplug_ports = HOTPLUG_PORTS;
         }
         cfg.nic = Nic::Tap {
             netns: self.lan.ns.name.clone(),
@@ -576,41 +704,97 @@ impl Cluster {
             instance.id, instance.role, instance.ip
         ));
         let vm = Vm::boot(&cfg)?;
+        if instance.role == Role::Master {
+            let attacher = Attacher::start(
+                instance.id.clone(),
+                vm.monitor(),
+                at_boot,
+                self.ec2(),
+                self.rt.handle().clone(),
+                self.opts.dir.clone(),
+            );
+            self.attachers.insert(instance.id.clone(), attacher);
+        }
         self.vms.insert(instance.id.clone(), vm);
         Ok(())
     }
 
-    /// The master volume's ID and size in GiB.
-    fn master_volume(&self) -> Result<(String, i32)> {
-        let cfn = aws_sdk_cloudformation::Client::new(&self.conf);
+    /// The cluster's current data volume (tagged `slipway:etcd-data` and
+    /// not superseded, as the master finds it): its ID and size in GiB.
+    fn master_volume(&self) -> Result<Option<(String, i32)>> {
         let ec2 = self.ec2();
+        let cluster = self.config_value("cluster_name")?;
         self.rt.block_on(async {
-            let id = physical_id(&cfn, "MasterVolume").await?;
-            let v = ec2.describe_volumes().volume_ids(&id).send().await?;
-            let size = v.volumes().first().and_then(|v| v.size()).unwrap_or(8);
-            Ok((id, size))
+            let found = ec2
+                .describe_volumes()
+                .filters(
+                    aws_sdk_ec2::types::Filter::builder()
+                        .name("tag:slipway:etcd-data")
+                        .values(&cluster)
+                        .build(),
+                )
+                .send()
+                .await?;
+            Ok(found
+                .volumes()
+                .iter()
+                .find(|v| {
+                    !v.tags()
+                        .iter()
+                        .any(|t| t.key() == Some("slipway:superseded"))
+                })
+                .map(|v| {
+                    (
+                        v.volume_id().unwrap_or_default().to_owned(),
+                        v.size().unwrap_or(8),
+                    )
+                }))
         })
     }
 
-    /// The file behind an EBS volume: created blank once, kept across instances.
-    fn volume_file(&self, id: &str, gib: i32) -> Result<PathBuf> {
-        let path = self.opts.dir.join(format!("{id}.raw"));
-        if !path.exists() {
-            let f = std::fs::File::create(&path)?;
-            f.set_len(u64::try_from(gib)? << 30)?;
-        }
-        Ok(path)
+    /// The ID of the cluster's current data volume, if there is one.
+    pub fn master_volume_id(&self) -> Result<Option<String>> {
+        Ok(self.master_volume()?.map(|(id, _)| id))
+    }
+
+    /// An SSM parameter's value, as an administrator reads it.
+    pub fn parameter(&self, name: &str) -> Result<String> {
+        let ssm = aws_sdk_ssm::Client::new(&self.conf);
+        let got = self
+            .rt
+            .block_on(ssm.get_parameter().name(name).send())
+            .with_context(|| format!("reading the SSM parameter {name}"))?;
+        got.parameter()
+            .and_then(|p| p.value())
+            .map(str::to_owned)
+            .with_context(|| format!("the SSM parameter {name} has no value"))
     }
 
     /// The data volume's file (for scanning it at rest).
     pub fn master_volume_file(&self) -> Result<PathBuf> {
-        let (id, gib) = self.master_volume()?;
-        self.volume_file(&id, gib)
+        let (id, gib) = self
+            .master_volume()?
+            .context("no volume is tagged as the cluster's etcd data")?;
+        volume_file(&self.opts.dir, &id, gib)
+    }
+
+    /// Deletes a volume in EC2, detaching it first (forced: its instance
+    /// is gone): the volume is lost, as with its zone.
+    pub fn lose_volume(&self, id: &str) -> Result<()> {
+        let ec2 = self.ec2();
+        self.rt.block_on(async {
+            let _ = ec2.detach_volume().volume_id(id).force(true).send().await;
+            ec2.delete_volume().volume_id(id).send().await?;
+            anyhow::Ok(())
+        })?;
+        say(&format!("lost volume {id}"));
+        Ok(())
     }
 
     /// Kills an instance's VM and terminates it in EC2 without lowering the
     /// group's capacity, so its Auto Scaling group launches a replacement.
     pub fn terminate(&mut self, id: &str) -> Result<()> {
+        drop(self.attachers.remove(id));
         if let Some(vm) = self.vms.remove(id) {
             drop(vm);
         }
@@ -1044,6 +1228,9 @@ async fn create_stack(
         .template_body(body)
         .parameters(param("AdminCidr", "127.0.0.1/32"))
         .parameters(param("NodeCount", &nodes.to_string()))
+        // A backup every five minutes (the timer's period), so the test
+        // can wait for one newer than its objects before losing the master.
+        .parameters(param("EtcdBackupMinutes", "5"))
         // A release update replaces one node at a time, keeping the rest.
         .parameters(param(
             "NodeUpdateMinInService",
@@ -1084,6 +1271,16 @@ async fn settled(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_data_volume_device_names_are_plugged_in() {
+        for name in ["/dev/xvdf", "/dev/xvdg", "/dev/sdp"] {
+            assert!(is_data_device(name), "{name}");
+        }
+        for name in ["/dev/xvda", "/dev/sda1", "/dev/xvdq", "/dev/xvdff", "xvdf"] {
+            assert!(!is_data_device(name), "{name}");
+        }
+    }
 
     #[test]
     fn the_pace_stretches_waits_on_a_slow_run_only_and_within_bounds() {

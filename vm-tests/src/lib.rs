@@ -159,6 +159,10 @@ pub struct VmConfig {
     pub shell_socket: Option<PathBuf>,
     /// More NVMe disks (an EBS volume: serial = volume ID without the hyphen).
     pub disks: Vec<Disk>,
+    /// Empty PCIe root ports, each of which takes one disk attached while
+    /// the VM runs ([`Vm::plug_disk`]: an EBS volume attached to a running
+    /// instance, which Nitro presents as a hot-plugged NVMe controller).
+    pub hotplug_ports: u8,
 }
 
 /// The VM's network card.
@@ -192,6 +196,7 @@ impl VmConfig {
             nic: Nic::Isolated,
             shell_socket: None,
             disks: Vec::new(),
+            hotplug_ports: 0,
         }
     }
 
@@ -214,10 +219,16 @@ impl VmConfig {
             format!("systemd.extra-unit.{name}"),
             unit.as_bytes().to_vec(),
         ));
-        self.credentials.push((
-            "systemd.unit-dropin.multi-user.target".to_owned(),
-            format!("[Unit]\nWants={name}\n").into_bytes(),
-        ));
+        // One drop-in for the target (a credential's name is unique), which
+        // wants every test unit.
+        const TARGET: &str = "systemd.unit-dropin.multi-user.target";
+        match self.credentials.iter_mut().find(|(k, _)| k == TARGET) {
+            Some((_, text)) => text.extend_from_slice(format!("Wants={name}\n").as_bytes()),
+            None => self.credentials.push((
+                TARGET.to_owned(),
+                format!("[Unit]\nWants={name}\n").into_bytes(),
+            )),
+        }
         self
     }
 }
@@ -285,7 +296,22 @@ pub struct Vm {
     /// Every console line with when it first appeared (a watcher thread).
     timeline: std::sync::Arc<std::sync::Mutex<Vec<(Duration, String)>>>,
     watching: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    monitor: Monitor,
 }
+
+/// A handle on a VM's QEMU monitor (QMP) that other threads may hold:
+/// commands, and disks plugged in while the VM runs.
+#[derive(Debug, Clone)]
+pub struct Monitor {
+    name: String,
+    socket: PathBuf,
+    hotplug_ports: u8,
+    /// The serials of the disks plugged in, in port order.
+    plugged: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// The QEMU id prefix of the empty root ports disks are plugged into.
+const HOTPLUG_PORT: &str = "hotplug";
 
 /// Follows the console file, stamping each line with when it appeared.
 fn watch_console(
@@ -397,12 +423,18 @@ impl Vm {
                 .arg("-device")
                 .arg(format!("nvme,serial={},drive=disk{i}", d.serial));
         }
+        for port in 0..cfg.hotplug_ports {
+            cmd.arg("-device").arg(format!(
+                "pcie-root-port,id={HOTPLUG_PORT}{port},chassis={},slot={}",
+                port + 1,
+                port + 1
+            ));
+        }
         // The monitor, for an ACPI power-down as EC2 gives a terminating
-        // instance.
-        cmd.arg("-qmp").arg(format!(
-            "unix:{},server=on,wait=off",
-            workdir.path().join("qmp.sock").display()
-        ));
+        // instance, and for disks plugged in while the VM runs.
+        let qmp_socket = workdir.path().join("qmp.sock");
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()));
         if let Some(socket) = &cfg.shell_socket {
             cmd.arg("-chardev")
                 .arg(format!(
@@ -470,7 +502,29 @@ impl Vm {
             started,
             timeline,
             watching,
+            monitor: Monitor {
+                name: cfg.name.clone(),
+                socket: qmp_socket,
+                hotplug_ports: cfg.hotplug_ports,
+                plugged: std::sync::Arc::default(),
+            },
         })
+    }
+
+    /// A handle on the VM's monitor, for another thread.
+    pub fn monitor(&self) -> Monitor {
+        self.monitor.clone()
+    }
+
+    /// See [`Monitor::plug_disk`].
+    pub fn plug_disk(&self, disk: &Disk) -> Result<()> {
+        self.monitor.plug_disk(disk)
+    }
+
+    /// Runs one QEMU monitor command and returns its answer (the JSON line
+    /// holding `"return"`).
+    pub fn qmp(&self, command: &str) -> Result<String> {
+        self.monitor.qmp_with(command, &serde_json::Value::Null)
     }
 
     /// Everything the guest printed on its serial console so far.
@@ -568,31 +622,6 @@ impl Vm {
         Ok(Some(asked.elapsed()))
     }
 
-    /// Runs one QEMU monitor command and returns its answer (the JSON line
-    /// holding `"return"`).
-    pub fn qmp(&self, command: &str) -> Result<String> {
-        use std::io::{BufRead, Write};
-        let socket = self.workdir.path().join("qmp.sock");
-        let mut qmp = std::os::unix::net::UnixStream::connect(&socket)
-            .with_context(|| format!("connecting to {}", socket.display()))?;
-        qmp.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut lines = std::io::BufReader::new(qmp.try_clone()?).lines();
-        // The greeting, then one answer per command (events may come between).
-        lines.next().context("QMP said nothing")??;
-        let mut answer = String::new();
-        for command in ["qmp_capabilities", command] {
-            writeln!(qmp, "{{\"execute\": \"{command}\"}}")?;
-            answer = loop {
-                let line = lines.next().context("QMP closed")??;
-                ensure!(!line.contains("\"error\""), "QMP {command}: {line}");
-                if line.contains("\"return\"") {
-                    break line;
-                }
-            };
-        }
-        Ok(answer)
-    }
-
     /// The last `n` console lines, for failure messages, and whatever
     /// QEMU itself printed.
     pub fn tail(&self, n: usize) -> String {
@@ -654,6 +683,86 @@ impl Vm {
     }
 }
 
+impl Monitor {
+    /// Attaches `disk` to the running VM as a new NVMe controller on the
+    /// next free hot-plug port, as EBS attaches a volume to a running
+    /// instance; the guest's kernel sees it arrive (PCIe native hot-plug).
+    /// Plugging a serial already plugged does nothing.
+    pub fn plug_disk(&self, disk: &Disk) -> Result<()> {
+        let mut plugged = self
+            .plugged
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a thread plugging a disk panicked"))?;
+        if plugged.contains(&disk.serial) {
+            return Ok(());
+        }
+        let port = u8::try_from(plugged.len())?;
+        ensure!(
+            port < self.hotplug_ports,
+            "{}: no free hot-plug port for {} ({} configured, all taken)",
+            self.name,
+            disk.serial,
+            self.hotplug_ports
+        );
+        let node = format!("plugged{port}");
+        self.qmp_with(
+            "blockdev-add",
+            &serde_json::json!({
+                "driver": disk.format,
+                "node-name": node,
+                "file": {"driver": "file", "filename": disk.file},
+            }),
+        )?;
+        self.qmp_with(
+            "device_add",
+            &serde_json::json!({
+                "driver": "nvme",
+                "id": format!("{node}-nvme"),
+                "bus": format!("{HOTPLUG_PORT}{port}"),
+                "serial": disk.serial,
+                "drive": node,
+            }),
+        )?;
+        plugged.push(disk.serial.clone());
+        Ok(())
+    }
+
+    /// Runs one QEMU monitor command with `arguments` (none when null) and
+    /// returns its answer (the JSON line holding `"return"`).
+    pub fn qmp_with(&self, command: &str, arguments: &serde_json::Value) -> Result<String> {
+        use std::io::{BufRead, Write};
+        let socket = &self.socket;
+        let mut qmp = std::os::unix::net::UnixStream::connect(socket)
+            .with_context(|| format!("{}: connecting to {}", self.name, socket.display()))?;
+        qmp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut lines = std::io::BufReader::new(qmp.try_clone()?).lines();
+        // The greeting, then one answer per command (events may come between).
+        lines.next().context("QMP said nothing")??;
+        let mut answer = String::new();
+        let mut request = serde_json::json!({ "execute": command });
+        if !arguments.is_null() {
+            request["arguments"] = arguments.clone();
+        }
+        for (command, request) in [
+            (
+                "qmp_capabilities",
+                serde_json::json!({"execute": "qmp_capabilities"}),
+            ),
+            (command, request),
+        ] {
+            writeln!(qmp, "{request}")?;
+            answer = loop {
+                let line = lines.next().context("QMP closed")??;
+                ensure!(!line.contains("\"error\""), "QMP {command}: {line}");
+                if line.contains("\"return\"") {
+                    break line;
+                }
+            };
+        }
+        Ok(answer)
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         self.watching
@@ -666,6 +775,23 @@ impl Drop for Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_test_unit_is_wanted_by_the_one_drop_in_for_the_target() {
+        let cfg = VmConfig::new("t", PathBuf::from("/x"), "raw")
+            .with_test_unit("a.service", "")
+            .with_test_unit("b.service", "");
+        let dropins: Vec<_> = cfg
+            .credentials
+            .iter()
+            .filter(|(k, _)| k.starts_with("systemd.unit-dropin.multi-user.target"))
+            .collect();
+        assert_eq!(dropins.len(), 1);
+        assert_eq!(
+            String::from_utf8_lossy(&dropins[0].1),
+            "[Unit]\nWants=a.service\nWants=b.service\n"
+        );
+    }
 
     #[test]
     fn the_test_volumes_are_as_large_as_the_templates_default() {

@@ -139,11 +139,26 @@ fn critical_chain(units: &HashMap<String, UnitTimes>, unit: &str) -> Vec<String>
     chain
 }
 
+/// The serial of the disk the boot test plugs in while the VM runs.
+const PLUGGED_SERIAL: &str = "slipwayhotplug";
+
+/// A unit that waits for an NVMe controller with [`PLUGGED_SERIAL`] to
+/// arrive and prints its name and its namespace's size in sectors
+/// (`SLIPWAY-TEST-PLUGGED`).
+const PLUGGED_CHECK: &str = "[Unit]\nDescription=hot-plug check (test only)\n\n\
+    [Service]\nStandardOutput=journal+console\n\
+    ExecStart=/bin/sh -c 'until f=$$(grep -l slipwayhotplug /sys/class/nvme/*/serial 2>/dev/null); do sleep 1; done; \
+    c=$$(basename $$(dirname $$f)); \
+    until [ -e /sys/class/nvme/$$c/$${c}n1/size ]; do sleep 1; done; \
+    echo SLIPWAY-TEST-PLUGGED $$c $$(cat /sys/class/nvme/$$c/$${c}n1/size)'\n";
+
 #[test]
 fn image_boots_with_a_verity_read_only_root() -> Result<()> {
     let image = Image::locate()?;
-    let cfg = VmConfig::new("boot", image.qcow2(), "qcow2")
-        .with_test_unit("slipway-boot-analysis.service", BOOT_ANALYSIS);
+    let mut cfg = VmConfig::new("boot", image.qcow2(), "qcow2")
+        .with_test_unit("slipway-boot-analysis.service", BOOT_ANALYSIS)
+        .with_test_unit("slipway-plugged-check.service", PLUGGED_CHECK);
+    cfg.hotplug_ports = 1;
     let mut vm = Vm::boot(&cfg)?;
     let line = vm.wait_for(
         &[
@@ -270,6 +285,32 @@ fn image_boots_with_a_verity_read_only_root() -> Result<()> {
         line.contains("waiting for the instance metadata service"),
         "slipway-init did not go on to the metadata service: {line}\n{}",
         vm.tail(40)
+    );
+    // A volume attached to the running instance arrives as a new NVMe
+    // controller, which slipway-init's volume step waits for.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("plugged.raw");
+    fs::File::create(&file)?.set_len(1 << 30)?;
+    vm.plug_disk(&vm_tests::Disk {
+        file,
+        format: "raw",
+        serial: PLUGGED_SERIAL.to_owned(),
+    })?;
+    let plugged_at = vm.elapsed();
+    let line = vm.wait_for(&["SLIPWAY-TEST-PLUGGED"], BOOT_DEADLINE)?;
+    let sectors: u64 = line
+        .split_whitespace()
+        .last()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no size in {line:?}"))?;
+    ensure!(
+        sectors == (1 << 30) / 512,
+        "the plugged disk has {sectors} sectors, not 1 GiB's: {line}"
+    );
+    let seen = vm.seen("SLIPWAY-TEST-PLUGGED").unwrap_or_default();
+    eprintln!(
+        "a disk plugged in was seen by the guest {:.1}s later",
+        seen.saturating_sub(plugged_at).as_secs_f64()
     );
     // EC2 stops and terminates an instance with the ACPI power button: the
     // image shuts down cleanly on it (its units' stop actions run).

@@ -36,13 +36,25 @@
 //!    issued: none outside etcd's own data;
 //! 5. the masters' timer backed etcd up into the bucket: the newest
 //!    backup is an etcd snapshot whose bytes hash to the sha256 stored
-//!    with it.
+//!    with it;
+//! 6. the data volume is lost with the master: before the master is
+//!    killed (no shutdown, as when its zone goes), a backup newer than the
+//!    scenario 2 objects is waited for and more objects are made; then the
+//!    volume is deleted, and the replacement master, finding none,
+//!    restores the newest etcd backup into an empty volume (attached while
+//!    it runs: the harness plugs each attached volume into its VM), serves
+//!    every object the backup holds, says how many of the later ones it
+//!    has (the recovery point), records the restore in SSM, and the node,
+//!    untouched, is Ready with it. The recovery time is counted from the
+//!    replacement's launch: how long Auto Scaling takes to notice the
+//!    loss is not played.
 //!
 //! Two VMs at most run at once, under TCG. Consoles are kept in
 //! `target/vm-logs`, disks and the kubeconfig in the run directory.
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use slipway_init::pki::{Bundle, Identity, Validity};
+use slipway_init::steps::backup::Backup;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -59,6 +71,12 @@ const QUIET_BOTH_READY: Duration = Duration::from_secs(360);
 /// A replacement member back in service.
 const REPLACE_DEADLINE: Duration = Duration::from_secs(25 * 60);
 const OBJECTS: usize = 20;
+/// ConfigMaps made after the last backup before the master's loss.
+const LATE_OBJECTS: usize = 5;
+/// The masters back etcd up every five minutes here (the stack's
+/// `EtcdBackupMinutes`, on a five-minute timer): one newer than a given
+/// moment comes within ten.
+const BACKUP_DEADLINE: Duration = Duration::from_secs(11 * 60);
 /// How long a retiring member's guest has to shut down (its drain or its
 /// clean stop included) before the harness kills it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(9 * 60);
@@ -171,6 +189,13 @@ fn wait<T>(
         }
         std::thread::sleep(Duration::from_secs(5));
     }
+}
+
+/// How many ConfigMaps the API serves labelled `slipway-test=<label>`.
+fn configmaps(kubectl: &Kubectl, label: &str) -> Result<usize> {
+    let selector = format!("slipway-test={label}");
+    let out = kubectl.run(&["get", "configmaps", "-l", &selector, "-o", "name"])?;
+    Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
 }
 
 /// Ready endpoints behind the cluster's DNS Service.
@@ -996,6 +1021,7 @@ spec:
         ));
     }
     kubectl.apply(&cluster, &list)?;
+    let survivors_at = time::OffsetDateTime::now_utc();
     // A Deployment whose disruption budget must hold through the update:
     // two replicas, one on each member (it tolerates the master's taint).
     kubectl.apply(&cluster, &steady_deployment(&busybox))?;
@@ -1110,18 +1136,7 @@ spec:
         &cluster,
         "the replacement master serving the objects",
         REPLACE_DEADLINE,
-        || {
-            let out = kubectl.run(&[
-                "get",
-                "configmaps",
-                "-l",
-                "slipway-test=survivor",
-                "-o",
-                "name",
-            ])?;
-            let n = out.lines().filter(|l| !l.trim().is_empty()).count();
-            Ok(Some(n))
-        },
+        || Ok(Some(configmaps(&kubectl, "survivor")?)),
     )?;
     ensure!(
         count == OBJECTS,
@@ -1373,6 +1388,33 @@ spec:
             secret.as_bytes().to_vec(),
         ));
     }
+    // 6 (before the loss). A backup taken after the survivors were made,
+    // then objects the backup cannot hold.
+    let cluster_name = cluster.config_value("cluster_name")?;
+    let prefix = format!("{cluster_name}/etcd-backups/");
+    let backup_before_loss = wait(
+        &cluster,
+        "an etcd backup newer than the survivors",
+        BACKUP_DEADLINE,
+        || {
+            let newest = cluster
+                .list_keys(&prefix)?
+                .iter()
+                .filter_map(|k| Backup::from_key(&cluster_name, k, 0))
+                .max_by_key(|b| b.taken);
+            Ok(newest.filter(|b| b.taken > survivors_at))
+        },
+    )?;
+    let mut late = String::from("apiVersion: v1\nkind: List\nitems:\n");
+    for n in 0..LATE_OBJECTS {
+        late.push_str(&format!(
+            "- apiVersion: v1\n  kind: ConfigMap\n  metadata: {{name: late-{n}, labels: {{slipway-test: late}}}}\n"
+        ));
+    }
+    kubectl.apply(&cluster, &late)?;
+    // The master is lost at once (its VM killed, no shutdown), as with
+    // its zone.
+    let lost_at = time::OffsetDateTime::now_utc();
     cluster.terminate(&new_master.id)?;
     let scanning = Instant::now();
     for h in scan_file(&root_disk(&cluster, &new_master.id), &all)? {
@@ -1401,7 +1443,6 @@ spec:
     // 5. etcd backups: the masters' timer snapshotted etcd into the
     // bucket; the newest is a bbolt file (etcd's) whose bytes hash to the
     // sha256 stored with it.
-    let prefix = format!("{}/etcd-backups/", cluster.config_value("cluster_name")?);
     let backups = cluster.list_keys(&prefix)?;
     let newest = backups
         .last()
@@ -1422,6 +1463,70 @@ spec:
         backups.len(),
         bytes.len()
     );
+
+    // 6. The data volume is lost with the master. The replacement finds no
+    // volume, restores the newest etcd backup (there is no EBS snapshot:
+    // moto runs no Data Lifecycle Manager) into an empty one, and the
+    // cluster carries on: every object the backup holds is back; the
+    // objects made after it are the recovery point's loss. The node is
+    // not touched.
+    let lost = cluster
+        .master_volume_id()?
+        .context("no volume is tagged as the cluster's etcd data")?;
+    cluster.lose_volume(&lost)?;
+    let known: Vec<String> = vec![master.id.clone(), new_master.id.clone()];
+    let restoring = cluster.replacement(Role::Master, &known, REPLACE_DEADLINE)?;
+    let launched = Instant::now();
+    cluster.launch(&restoring)?;
+    let survivors = wait(
+        &cluster,
+        "the restored master serving the survivors",
+        REPLACE_DEADLINE,
+        || Ok(Some(configmaps(&kubectl, "survivor")?)),
+    )?;
+    let recovery_time = launched.elapsed();
+    ensure!(
+        survivors == OBJECTS,
+        "{survivors} of {OBJECTS} ConfigMaps came back from the backup"
+    );
+    let kept = configmaps(&kubectl, "late")?;
+    wait(
+        &cluster,
+        "the restored master and the untouched node Ready",
+        REPLACE_DEADLINE,
+        || {
+            let nodes = kubectl.nodes()?;
+            Ok((nodes.get(&new_node.id) == Some(&true)
+                && nodes.values().filter(|r| **r).count() == 2)
+                .then_some(()))
+        },
+    )?;
+    let back = launched.elapsed();
+    let record: serde_json::Value = serde_json::from_str(
+        &cluster.parameter(&format!("/slipway/{cluster_name}/etcd-restore"))?,
+    )?;
+    ensure!(
+        record["backup"] == backup_before_loss.key.as_str() && record["superseded"].is_null(),
+        "the restore record names {record}, not {}",
+        backup_before_loss.key
+    );
+    let behind = lost_at - backup_before_loss.taken;
+    eprintln!(
+        "[cluster] restored from {} (revision {}): {survivors} of {OBJECTS} earlier objects back, \
+         {kept} of {LATE_OBJECTS} made after it; the backup was {:.0}s older than the loss",
+        backup_before_loss.key,
+        backup_before_loss.revision,
+        behind.as_seconds_f64()
+    );
+    cluster.timing(
+        "scenario 6: volume lost, API serving the backup's objects (from the replacement's launch)",
+        recovery_time,
+    );
+    cluster.timing(
+        "scenario 6: volume lost, both members Ready (from the replacement's launch)",
+        back,
+    );
+    report_boot(&mut cluster, &restoring.id, "restoring master");
 
     eprintln!("[cluster] timings:");
     for (what, t) in &cluster.timings {
