@@ -1469,7 +1469,8 @@ spec:
     // moto runs no Data Lifecycle Manager) into an empty one, and the
     // cluster carries on: every object the backup holds is back; the
     // objects made after it are the recovery point's loss. The node is
-    // not touched.
+    // not touched: when it joined after the backup, the restored API has
+    // no Node for it, and its rejoin timer registers it again.
     let lost = cluster
         .master_volume_id()?
         .context("no volume is tagged as the cluster's etcd data")?;
@@ -1502,6 +1503,18 @@ spec:
         },
     )?;
     let back = launched.elapsed();
+    match cluster
+        .vms
+        .get(&new_node.id)
+        .and_then(|vm| vm.seen("was gone from the API"))
+    {
+        Some(t) => eprintln!(
+            "[cluster] the node joined after the backup: its Node, lost with the restore, \
+             was registered again by its rejoin timer {:.1}s after its QEMU start",
+            t.as_secs_f64()
+        ),
+        None => eprintln!("[cluster] the node's Node was in the backup"),
+    }
     let record: serde_json::Value = serde_json::from_str(
         &cluster.parameter(&format!("/slipway/{cluster_name}/etcd-restore"))?,
     )?;

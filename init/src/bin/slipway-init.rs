@@ -114,6 +114,12 @@ enum Command {
     /// FAILURE at the deadline, so a rolling update moves on only once the
     /// new node carries pods. A master does the same after its add-ons.
     Ready,
+    /// Register this member's Node again if the API lost it (a timer runs
+    /// it every minute): once this boot has seen the Node Ready, a Node the
+    /// API server no longer has (etcd restored from a backup taken before
+    /// it joined) restarts kubelet, which registers it again, since a
+    /// kubelet registers only as it starts.
+    Rejoin,
     /// Leave the cluster cleanly (a unit runs it as the instance shuts
     /// down): every member cordons its Node and evicts its pods,
     /// disruption budgets allowing, up to the `drain` deadline; a master
@@ -424,6 +430,16 @@ async fn arrive_or_leave(args: &Args, deadlines: Deadlines, arrive: bool) -> Res
     }
 }
 
+/// `rejoin`: this member's Node registered again if the API lost it.
+async fn rejoin(args: &Args, deadlines: Deadlines) -> Result<(), Ending> {
+    let ctx = context(args, deadlines).await?;
+    let report = steps::leave::rejoin(&ctx)
+        .await
+        .map_err(|e| Ending::retry(chain(&e)))?;
+    report.log();
+    Ok(())
+}
+
 /// The context of a command only a master runs; on a node, an error that
 /// says what only a master does.
 async fn master_context(args: &Args, deadlines: Deadlines, does: &str) -> Result<Context, Ending> {
@@ -555,6 +571,7 @@ fn main() -> ExitCode {
         Some(Command::Renew) => runtime.block_on(maintain(&args, deadlines, true)),
         Some(Command::Ready) => runtime.block_on(arrive_or_leave(&args, deadlines, true)),
         Some(Command::Leave) => runtime.block_on(arrive_or_leave(&args, deadlines, false)),
+        Some(Command::Rejoin) => runtime.block_on(rejoin(&args, deadlines)),
         Some(Command::Approve { interval, once }) => {
             runtime.block_on(approve(&args, deadlines, *interval, *once))
         }

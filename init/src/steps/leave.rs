@@ -33,6 +33,12 @@ use tokio::time::Instant;
 
 pub const READY_STEP: &str = "ready";
 pub const LEAVE_STEP: &str = "leave";
+pub const REJOIN_STEP: &str = "rejoin";
+
+/// Written on the tmpfs once this boot saw the member's Node Ready: from
+/// then on a missing Node means the API lost it (see [`rejoin`]), not
+/// that the kubelet has yet to register.
+pub const IN_SERVICE: &str = "in-service";
 
 /// The control plane's containers in the order a leaving master stops
 /// them: the API's clients first, etcd last.
@@ -91,6 +97,7 @@ pub async fn until_ready(
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
+    mark_in_service(ctx)?;
     let mut detail = format!("{object} Ready after {}s", started.elapsed().as_secs());
     if seen["metadata"]["annotations"][CORDON_ANNOTATION] == CORDONED_BY_LEAVE {
         let patch = serde_json::json!({
@@ -106,6 +113,77 @@ pub async fn until_ready(
         detail.push_str("; uncordoned (its last departure had cordoned it)");
     }
     Ok(detail)
+}
+
+fn mark_in_service(ctx: &Context) -> Result<(), StepError> {
+    let marker = ctx.paths.run.join(IN_SERVICE);
+    std::fs::create_dir_all(&ctx.paths.run)
+        .and_then(|()| std::fs::write(&marker, b""))
+        .map_err(|e| StepError::Invalid {
+            what: marker.display().to_string(),
+            message: e.to_string(),
+        })
+}
+
+/// Whether kubectl failed because the object does not exist (its
+/// `Error from server (NotFound)`), rather than for any other reason.
+fn is_not_found(e: &StepError) -> bool {
+    matches!(e, StepError::Invalid { message, .. } if message.contains("(NotFound)"))
+}
+
+/// Puts this member's Node back when the API lost it. A kubelet registers
+/// its Node once, at its start, and never again: when etcd is restored
+/// from a backup taken before the Node existed (a node that joined
+/// since), the kubelet goes on posting status for a Node the API no
+/// longer has, and the member is out of the cluster for good. So a timer
+/// asks, as the kubelet, whether the Node is there; once this boot has
+/// seen it Ready (earlier, its absence is the kubelet still registering),
+/// a `NotFound` restarts kubelet, which registers it again, and waits (up
+/// to `node-registers`) until it is back. An API server that does not
+/// answer is asked again at the next run.
+pub async fn rejoin(ctx: &Context) -> Result<Report, StepError> {
+    if !ctx.paths.run.join(IN_SERVICE).exists() {
+        return Ok(Report::already(
+            REJOIN_STEP,
+            "not yet in service this boot: nothing to check",
+        ));
+    }
+    let kubectl = kubelet_kubectl(ctx);
+    let object = format!("node/{}", own_node(ctx));
+    let get = || kubectl(&["get", &object, "--output=name"]);
+    match get() {
+        Ok(_) => Ok(Report::already(
+            REJOIN_STEP,
+            format!("{object} is in the API"),
+        )),
+        Err(e) if is_not_found(&e) => {
+            tracing::warn!(
+                step = REJOIN_STEP,
+                "{object} is gone from the API (etcd restored from a backup older than it?): \
+                 restarting kubelet to register it again"
+            );
+            let started = Instant::now();
+            ctx.runner
+                .run("systemctl", &["restart", "kubelet.service"])?;
+            retry::until(
+                &format!("{object} to be registered again"),
+                Backoff::new(ctx.deadlines.node_registers),
+                || async { Ok::<_, StepError>(get().ok()) },
+            )
+            .await
+            .map_err(|e| StepError::Wait(e.to_string()))?;
+            let detail = format!(
+                "{object} was gone from the API: kubelet restarted, registered again after {}s",
+                started.elapsed().as_secs()
+            );
+            tracing::warn!(step = REJOIN_STEP, "{detail}");
+            Ok(Report::changed(REJOIN_STEP, detail))
+        }
+        Err(e) => Ok(Report::already(
+            REJOIN_STEP,
+            format!("could not ask for {object} ({e}): asked again at the next run"),
+        )),
+    }
 }
 
 /// Whether a Node object's Ready condition is `True`.
@@ -483,6 +561,110 @@ mod tests {
         );
         let calls = host.calls.lock().unwrap().clone();
         assert_eq!(stops(&calls), STOP_ORDER, "{calls:?}");
+    }
+
+    /// The API server as `rejoin` sees it: this member's Node present or
+    /// not (a restart of kubelet registers it), or no answer at all.
+    #[derive(Debug, Clone, Default)]
+    struct Registry {
+        calls: Arc<Mutex<Vec<String>>>,
+        present: Arc<Mutex<bool>>,
+        api_down: bool,
+    }
+
+    impl Runner for Registry {
+        fn run_with_input(
+            &self,
+            program: &str,
+            args: &[&str],
+            _: Option<&Path>,
+        ) -> Result<String, StepError> {
+            let line = format!("{program} {}", args.join(" "));
+            self.calls.lock().unwrap().push(line.clone());
+            let mut present = self.present.lock().unwrap();
+            match program {
+                "systemctl" => *present = true,
+                _ if self.api_down => {
+                    return Err(StepError::Invalid {
+                        what: line,
+                        message: "exit status: 1: Unable to connect to the server".into(),
+                    })
+                }
+                _ if !*present => {
+                    return Err(StepError::Invalid {
+                        what: line,
+                        message: r#"exit status: 1: Error from server (NotFound): nodes "i-0123456789abcdef0" not found"#.into(),
+                    })
+                }
+                _ => {}
+            }
+            Ok("node/i-0123456789abcdef0\n".into())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_the_api_lost_is_registered_again_by_restarting_kubelet() {
+        let api = Registry::default();
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = crate::steps::test_context("node", Box::new(api.clone()), dir.path()).await;
+        // Before this boot saw its Node Ready, absence is the kubelet still
+        // registering: not asked at all.
+        let early = rejoin(&ctx).await.unwrap();
+        assert!(!early.changed, "{early:?}");
+        assert!(api.calls.lock().unwrap().is_empty());
+
+        mark_in_service(&ctx).unwrap();
+        let back = rejoin(&ctx).await.unwrap();
+        assert!(back.changed, "{back:?}");
+        assert!(back.detail.contains("registered again"), "{back:?}");
+        let calls = api.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls
+                .iter()
+                .filter(|c| *c == "systemctl restart kubelet.service")
+                .count(),
+            1,
+            "{calls:?}"
+        );
+        assert!(
+            calls[0].contains("get node/i-0123456789abcdef0"),
+            "{calls:?}"
+        );
+        assert!(
+            calls[0].contains("kubelet.conf"),
+            "as the kubelet: {calls:?}"
+        );
+
+        // Present: nothing restarted.
+        api.calls.lock().unwrap().clear();
+        let steady = rejoin(&ctx).await.unwrap();
+        assert!(!steady.changed, "{steady:?}");
+        assert!(!api
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c.starts_with("systemctl")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_api_server_that_does_not_answer_restarts_nothing() {
+        let api = Registry {
+            api_down: true,
+            ..Registry::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = crate::steps::test_context("node", Box::new(api.clone()), dir.path()).await;
+        mark_in_service(&ctx).unwrap();
+        let report = rejoin(&ctx).await.unwrap();
+        assert!(!report.changed, "{report:?}");
+        assert!(report.detail.contains("Unable to connect"), "{report:?}");
+        assert!(!api
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c.starts_with("systemctl")));
     }
 
     #[test]
