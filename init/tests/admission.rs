@@ -155,3 +155,89 @@ async fn requests_are_decided_by_what_ec2_says_stand_in_api_server() {
         ]
     );
 }
+
+/// kubectl as an API server holding `nodes` would answer the sweep.
+#[derive(Debug, Clone)]
+struct NodeList {
+    nodes: String,
+    calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl Runner for NodeList {
+    fn run_with_input(
+        &self,
+        program: &str,
+        args: &[&str],
+        _: Option<&std::path::Path>,
+    ) -> Result<String, StepError> {
+        assert_eq!(program, "kubectl");
+        let tail = args[3..].join(" ");
+        if tail == "get nodes --output=json" {
+            return Ok(self.nodes.clone());
+        }
+        self.calls.lock().unwrap().push(tail);
+        Ok(String::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_of_instances_ec2_no_longer_has_are_swept_stand_in_api_server() {
+    let w = world(4).await;
+    for i in 0..3 {
+        tag(&w, i, "demo", "node").await;
+    }
+    // Another cluster's running instance does not count as this one's.
+    tag(&w, 3, "other", "node").await;
+    let id = |i: usize| w.instances[i].id.clone();
+    w.aws
+        .ec2
+        .terminate_instances()
+        .instance_ids(id(1))
+        .send()
+        .await
+        .unwrap();
+    w.aws
+        .ec2
+        .stop_instances()
+        .instance_ids(id(2))
+        .send()
+        .await
+        .unwrap();
+    let never = "i-0fffffffffffffff0".to_owned();
+    let not_ready = |name: &str| {
+        serde_json::json!({
+            "metadata": {"name": name},
+            "status": {"conditions": [
+                {"type": "Ready", "status": "Unknown", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            ]},
+        })
+    };
+    let list = serde_json::json!({"items": [
+        not_ready(&id(0)), not_ready(&id(1)), not_ready(&id(2)), not_ready(&id(3)),
+        not_ready(&never), not_ready("ip-10-0-1-10"),
+    ]});
+    let api = NodeList {
+        nodes: list.to_string(),
+        calls: Arc::default(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctx = context(&w, "master", 0, dir.path());
+    ctx.runner = Box::new(api.clone());
+    let mut deleted = approver::sweep(&ctx, time::OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    deleted.sort();
+    // Terminated, another cluster's (not this cluster's instance) and
+    // never known go; running and stopped stay, and the master's.
+    let mut expected = vec![id(1), id(3), never];
+    expected.sort();
+    assert_eq!(deleted, expected);
+    let calls = api.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.starts_with("delete node/i-") && c.ends_with("--wait=false")),
+        "{calls:?}"
+    );
+}

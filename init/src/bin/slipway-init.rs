@@ -175,7 +175,10 @@ enum Command {
     /// certificate goes only to a running instance of the node group
     /// (never under the master's name); a serving certificate only to a
     /// node asking for itself with its own addresses. Everything else for
-    /// those signers is denied, with the reason in the journal.
+    /// those signers is denied, with the reason in the journal. About once
+    /// a minute it also deletes the Nodes of instances EC2 no longer has,
+    /// once NotReady for 5 minutes (never the master's, nor a stopped
+    /// node's).
     Approve {
         /// Seconds between passes.
         #[arg(long, default_value_t = 10)]
@@ -504,13 +507,24 @@ async fn approve(
     once: bool,
 ) -> Result<(), Ending> {
     let ctx = master_context(args, deadlines, "approves certificate requests").await?;
+    // The sweep of gone instances' Nodes runs about once a minute.
+    let sweep_every = (60 / interval.max(1)).max(1);
+    let mut pass = 0u64;
     loop {
-        match steps::approver::once(&ctx).await {
-            Ok(_) if once => return Ok(()),
-            Ok(_) => {}
+        let swept = if pass % sweep_every == 0 {
+            steps::approver::sweep(&ctx, time::OffsetDateTime::now_utc())
+                .await
+                .map(drop)
+        } else {
+            Ok(())
+        };
+        match steps::approver::once(&ctx).await.and(swept) {
+            Ok(()) if once => return Ok(()),
+            Ok(()) => {}
             Err(e) if once => return Err(Ending::retry(chain(&e))),
             Err(e) => tracing::warn!(step = steps::approver::STEP, "{}", chain(&e)),
         }
+        pass += 1;
         tokio::time::sleep(std::time::Duration::from_secs(interval.max(1))).await;
     }
 }

@@ -19,12 +19,19 @@
 //!
 //! Members are found by the tags the launch templates put on every
 //! instance (`slipway:cluster`, `slipway:role`).
+//!
+//! The approver also sweeps away the Nodes of instances that are gone
+//! ([`sweep`]): a node lost with its zone never leaves, and etcd restored
+//! from a backup brings back the Nodes of instances terminated since.
+//! Nothing else deletes them (there is no cloud controller manager).
 
 use super::{aws_err, Context, StepError};
 use crate::render::master_node_name;
 use aws_sdk_ec2::types::Filter;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 pub const STEP: &str = "approve";
 /// The AWS actions the approver calls.
@@ -284,6 +291,122 @@ pub async fn members(ctx: &Context) -> Result<Members, StepError> {
     Ok(members)
 }
 
+/// How long the Node of an instance EC2 no longer has must have been
+/// NotReady before the sweep deletes it.
+pub const SWEEP_AFTER: time::Duration = time::Duration::minutes(5);
+
+/// Whether `name` is an EC2 instance ID, as nodes are named.
+fn instance_named(name: &str) -> bool {
+    name.strip_prefix("i-")
+        .is_some_and(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The Nodes in `kubectl get nodes -o json` output that the sweep may
+/// delete if EC2 no longer has their instance: named like an instance,
+/// not the master, and NotReady (Ready `False` or `Unknown`) since
+/// [`SWEEP_AFTER`] before `now` at least. With how long, for the journal.
+pub fn long_not_ready(
+    json: &str,
+    master: &str,
+    now: OffsetDateTime,
+) -> Result<Vec<(String, time::Duration)>, StepError> {
+    let list: serde_json::Value = serde_json::from_str(json).map_err(|e| StepError::Invalid {
+        what: "the API's Nodes".into(),
+        message: e.to_string(),
+    })?;
+    let mut out = Vec::new();
+    for node in list["items"].as_array().into_iter().flatten() {
+        let name = node["metadata"]["name"].as_str().unwrap_or_default();
+        if name == master || !instance_named(name) {
+            continue;
+        }
+        let ready = node["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == "Ready");
+        let Some(ready) = ready.filter(|c| c["status"] != "True") else {
+            continue;
+        };
+        let since = ready["lastTransitionTime"]
+            .as_str()
+            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok());
+        if let Some(for_how_long) = since.map(|t| now - t).filter(|d| *d >= SWEEP_AFTER) {
+            out.push((name.to_owned(), for_how_long));
+        }
+    }
+    Ok(out)
+}
+
+/// This cluster's instances EC2 still has in any state but terminated: a
+/// stopped node keeps its Node (it lifts its own cordon when started).
+async fn existing_instances(ctx: &Context) -> Result<BTreeSet<String>, StepError> {
+    let cluster = &ctx.config.cluster_name;
+    let mut ids = BTreeSet::new();
+    let mut pages = ctx
+        .aws
+        .ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("tag:slipway:cluster")
+                .values(cluster)
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .set_values(Some(
+                    ["pending", "running", "shutting-down", "stopping", "stopped"]
+                        .map(str::to_owned)
+                        .to_vec(),
+                ))
+                .build(),
+        )
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_err(
+            "ec2:DescribeInstances",
+            format!("listing the instances of cluster {cluster}"),
+        ))?;
+        ids.extend(
+            page.reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .filter_map(|i| i.instance_id().map(str::to_owned)),
+        );
+    }
+    Ok(ids)
+}
+
+/// Deletes the Nodes of instances EC2 no longer has (terminated, or
+/// unknown to it) once they have been NotReady for [`SWEEP_AFTER`]; EC2 is
+/// asked only when such a Node exists. Returns the Nodes deleted.
+pub async fn sweep(ctx: &Context, now: OffsetDateTime) -> Result<Vec<String>, StepError> {
+    let kubectl = super::addons::kubectl(ctx);
+    let master = master_node_name(ctx.config.master_ip);
+    let candidates = long_not_ready(&kubectl(&["get", "nodes", "--output=json"])?, &master, now)?;
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let existing = existing_instances(ctx).await?;
+    let mut deleted = Vec::new();
+    for (node, for_how_long) in candidates {
+        if existing.contains(&node) {
+            continue;
+        }
+        kubectl(&["delete", &format!("node/{node}"), "--wait=false"])?;
+        tracing::warn!(
+            step = STEP,
+            "deleted node/{node}: NotReady for {}s and its instance is gone from EC2",
+            for_how_long.whole_seconds()
+        );
+        deleted.push(node);
+    }
+    Ok(deleted)
+}
+
 /// The pending requests in `kubectl get csr -o json` output.
 pub fn pending(json: &str) -> Result<Vec<Request>, StepError> {
     let invalid = |message: String| StepError::Invalid {
@@ -392,6 +515,43 @@ mod tests {
             },
         );
         m
+    }
+
+    #[test]
+    fn only_long_not_ready_instance_nodes_are_sweep_candidates() {
+        let now = OffsetDateTime::parse("2026-12-03T10:00:00Z", &Rfc3339).unwrap();
+        let node = |name: &str, status: &str, since: &str| {
+            serde_json::json!({
+                "metadata": {"name": name},
+                "status": {"conditions": [
+                    {"type": "MemoryPressure", "status": "False", "lastTransitionTime": "2026-12-01T00:00:00Z"},
+                    {"type": "Ready", "status": status, "lastTransitionTime": since},
+                ]},
+            })
+        };
+        let list = serde_json::json!({"items": [
+            node("i-0aaaaaaaaaaaaaaa1", "Unknown", "2026-12-03T09:50:00Z"),
+            node("i-0aaaaaaaaaaaaaaa2", "False", "2026-12-03T09:55:00Z"),
+            node("i-0aaaaaaaaaaaaaaa3", "Unknown", "2026-12-03T09:58:00Z"),
+            node("i-0aaaaaaaaaaaaaaa4", "True", "2026-12-03T08:00:00Z"),
+            node(MASTER, "Unknown", "2026-12-03T08:00:00Z"),
+            node("worker-1", "Unknown", "2026-12-03T08:00:00Z"),
+            node("i-0aaaaaaaaaaaaaaa5", "Unknown", "not a time"),
+        ]});
+        let found = long_not_ready(&list.to_string(), MASTER, now).unwrap();
+        assert_eq!(
+            found,
+            [
+                (
+                    "i-0aaaaaaaaaaaaaaa1".to_owned(),
+                    time::Duration::minutes(10)
+                ),
+                ("i-0aaaaaaaaaaaaaaa2".to_owned(), time::Duration::minutes(5)),
+            ]
+        );
+        assert!(long_not_ready("not json", MASTER, now).is_err());
+        assert!(!instance_named("i-"));
+        assert!(!instance_named("i-xyz"));
     }
 
     /// A PKCS#10 request for `cn` in `orgs`, naming `sans`.
