@@ -27,10 +27,12 @@ async fn tag(w: &World, instance: usize, cluster: &str, role: &str) {
         .unwrap();
 }
 
-/// kubectl as an API server with `csrs` pending would answer it.
-#[derive(Debug, Clone)]
+/// kubectl as an API server with `csrs` pending and holding `nodes`
+/// would answer it; every other call is recorded.
+#[derive(Debug, Clone, Default)]
 struct Api {
     csrs: String,
+    nodes: String,
     calls: Arc<Mutex<Vec<String>>>,
 }
 
@@ -45,6 +47,9 @@ impl Runner for Api {
         let tail = args[3..].join(" ");
         if tail == "get csr -o json" {
             return Ok(self.csrs.clone());
+        }
+        if tail == "get nodes --output=json" {
+            return Ok(self.nodes.clone());
         }
         self.calls.lock().unwrap().push(tail);
         Ok(String::new())
@@ -122,7 +127,7 @@ async fn requests_are_decided_by_what_ec2_says_stand_in_api_server() {
     ]});
     let api = Api {
         csrs: list.to_string(),
-        calls: Arc::default(),
+        ..Api::default()
     };
     let dir = tempfile::tempdir().unwrap();
     let mut ctx = context(&w, "master", 0, dir.path());
@@ -154,30 +159,6 @@ async fn requests_are_decided_by_what_ec2_says_stand_in_api_server() {
             "certificate approve renew",
         ]
     );
-}
-
-/// kubectl as an API server holding `nodes` would answer the sweep.
-#[derive(Debug, Clone)]
-struct NodeList {
-    nodes: String,
-    calls: Arc<Mutex<Vec<String>>>,
-}
-
-impl Runner for NodeList {
-    fn run_with_input(
-        &self,
-        program: &str,
-        args: &[&str],
-        _: Option<&std::path::Path>,
-    ) -> Result<String, StepError> {
-        assert_eq!(program, "kubectl");
-        let tail = args[3..].join(" ");
-        if tail == "get nodes --output=json" {
-            return Ok(self.nodes.clone());
-        }
-        self.calls.lock().unwrap().push(tail);
-        Ok(String::new())
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,9 +197,9 @@ async fn the_nodes_of_instances_ec2_no_longer_has_are_swept_stand_in_api_server(
         not_ready(&id(0)), not_ready(&id(1)), not_ready(&id(2)), not_ready(&id(3)),
         not_ready(&never), not_ready("ip-10-0-1-10"),
     ]});
-    let api = NodeList {
+    let api = Api {
         nodes: list.to_string(),
-        calls: Arc::default(),
+        ..Api::default()
     };
     let dir = tempfile::tempdir().unwrap();
     let mut ctx = context(&w, "master", 0, dir.path());

@@ -151,9 +151,12 @@ pub fn choose(
 }
 
 fn tag<'a>(volume: &'a Volume, key: &str) -> Option<&'a str> {
-    volume
-        .tags()
-        .iter()
+    tag_in(volume.tags(), key)
+}
+
+/// The value of `key` among a resource's tags.
+fn tag_in<'a>(tags: &'a [Tag], key: &str) -> Option<&'a str> {
+    tags.iter()
         .find(|t| t.key() == Some(key))
         .and_then(|t| t.value())
 }
@@ -624,7 +627,7 @@ async fn fresh_snapshot(ctx: &Context, old: &Volume) -> Result<Option<Snapshot>,
     let instance = &ctx.instance.id;
     let taken = snapshots(ctx).await?.into_iter().rev().find(|s| {
         s.volume_id() == Some(volume)
-            && snapshot_tag(s, FRESH_FOR_TAG) == Some(instance.as_str())
+            && tag_in(s.tags(), FRESH_FOR_TAG) == Some(instance.as_str())
             && matches!(
                 s.state(),
                 Some(SnapshotState::Pending | SnapshotState::Completed)
@@ -715,14 +718,6 @@ async fn take_snapshot(ctx: &Context, volume: &str) -> Result<String, StepError>
             what: STEP.into(),
             message: format!("EC2 started a snapshot of {volume} but named none"),
         })
-}
-
-fn snapshot_tag<'a>(snapshot: &'a Snapshot, key: &str) -> Option<&'a str> {
-    snapshot
-        .tags()
-        .iter()
-        .find(|t| t.key() == Some(key))
-        .and_then(|t| t.value())
 }
 
 /// Every volume that is, was or is becoming the cluster's etcd data.
