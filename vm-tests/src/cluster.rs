@@ -204,7 +204,10 @@ impl Attacher {
                         .attachments()
                         .iter()
                         .filter(|a| a.instance_id() == Some(instance.as_str()))
-                        .any(|a| a.device().is_some_and(is_data_device));
+                        .any(|a| {
+                            a.device()
+                                .is_some_and(slipway_init::steps::volume::is_data_device)
+                        });
                     if id.is_empty() || !data || plugged.contains(&serial) {
                         continue;
                     }
@@ -238,15 +241,6 @@ impl Attacher {
             thread: Some(thread),
         }
     }
-}
-
-/// Whether EC2's device name is one slipway-init attaches a data volume
-/// at (`/dev/xvdf` to `/dev/xvdp`, or their `/dev/sd` names), not the root's.
-fn is_data_device(name: &str) -> bool {
-    let letter = name
-        .strip_prefix("/dev/xvd")
-        .or_else(|| name.strip_prefix("/dev/sd"));
-    matches!(letter, Some(l) if l.len() == 1 && ("f"..="p").contains(&l))
 }
 
 impl Drop for Attacher {
@@ -1271,16 +1265,6 @@ async fn settled(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_data_volume_device_names_are_plugged_in() {
-        for name in ["/dev/xvdf", "/dev/xvdg", "/dev/sdp"] {
-            assert!(is_data_device(name), "{name}");
-        }
-        for name in ["/dev/xvda", "/dev/sda1", "/dev/xvdq", "/dev/xvdff", "xvdf"] {
-            assert!(!is_data_device(name), "{name}");
-        }
-    }
 
     #[test]
     fn the_pace_stretches_waits_on_a_slow_run_only_and_within_bounds() {

@@ -27,7 +27,7 @@
 
 use super::{aws_err, Context, StepError};
 use crate::render::master_node_name;
-use aws_sdk_ec2::types::Filter;
+use aws_sdk_ec2::types::{Filter, Instance};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use time::format_description::well_known::Rfc3339;
@@ -225,31 +225,48 @@ pub fn judge(req: &Request, members: &Members, master: &str) -> Verdict {
     Verdict::Approve(format!("{name} asks for its own addresses"))
 }
 
-/// This cluster's running and pending instances, from EC2 by their tags.
-pub async fn members(ctx: &Context) -> Result<Members, StepError> {
+/// This cluster's instances (by their `slipway:cluster` tag) in `states`.
+async fn instances(ctx: &Context, states: &[&str]) -> Result<Vec<Instance>, StepError> {
     let cluster = &ctx.config.cluster_name;
-    let filter = |name: &str, value: &str| Filter::builder().name(name).values(value).build();
-    let out = ctx
+    let mut found = Vec::new();
+    let mut pages = ctx
         .aws
         .ec2
         .describe_instances()
-        .filters(filter("tag:slipway:cluster", cluster))
+        .filters(
+            Filter::builder()
+                .name("tag:slipway:cluster")
+                .values(cluster)
+                .build(),
+        )
         .filters(
             Filter::builder()
                 .name("instance-state-name")
-                .values("running")
-                .values("pending")
+                .set_values(Some(states.iter().map(|s| (*s).to_owned()).collect()))
                 .build(),
         )
-        .send()
-        .await
-        .map_err(aws_err(
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_err(
             "ec2:DescribeInstances",
             format!("listing the instances of cluster {cluster}"),
         ))?;
+        found.extend(
+            page.reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .cloned(),
+        );
+    }
+    Ok(found)
+}
+
+/// This cluster's running and pending instances, from EC2 by their tags.
+pub async fn members(ctx: &Context) -> Result<Members, StepError> {
     let master = master_node_name(ctx.config.master_ip);
     let mut members = Members::new();
-    for instance in out.reservations().iter().flat_map(|r| r.instances()) {
+    for instance in &instances(ctx, &["running", "pending"]).await? {
         let Some(id) = instance.instance_id() else {
             continue;
         };
@@ -341,43 +358,12 @@ pub fn long_not_ready(
 /// This cluster's instances EC2 still has in any state but terminated: a
 /// stopped node keeps its Node (it lifts its own cordon when started).
 async fn existing_instances(ctx: &Context) -> Result<BTreeSet<String>, StepError> {
-    let cluster = &ctx.config.cluster_name;
-    let mut ids = BTreeSet::new();
-    let mut pages = ctx
-        .aws
-        .ec2
-        .describe_instances()
-        .filters(
-            Filter::builder()
-                .name("tag:slipway:cluster")
-                .values(cluster)
-                .build(),
-        )
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .set_values(Some(
-                    ["pending", "running", "shutting-down", "stopping", "stopped"]
-                        .map(str::to_owned)
-                        .to_vec(),
-                ))
-                .build(),
-        )
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(aws_err(
-            "ec2:DescribeInstances",
-            format!("listing the instances of cluster {cluster}"),
-        ))?;
-        ids.extend(
-            page.reservations()
-                .iter()
-                .flat_map(|r| r.instances())
-                .filter_map(|i| i.instance_id().map(str::to_owned)),
-        );
-    }
-    Ok(ids)
+    let states = ["pending", "running", "shutting-down", "stopping", "stopped"];
+    Ok(instances(ctx, &states)
+        .await?
+        .iter()
+        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .collect())
 }
 
 /// Deletes the Nodes of instances EC2 no longer has (terminated, or

@@ -232,6 +232,9 @@ mod tests {
     #[test]
     fn a_step_outlasts_the_waits_inside_it() {
         let d = Deadlines::default();
+        // The volume step's waits: a restore's fresh snapshot and its new
+        // volume, then a predecessor letting the volume go, the volume
+        // available, and its device.
         assert!(
             d.holder_stops + d.volume_available + d.snapshot + d.volume_available + d.volume_device
                 < d.step

@@ -255,16 +255,24 @@ async fn attach(ctx: &Context, volume_id: &str) -> Result<Option<String>, StepEr
 /// restore, the superseded volume may still be attached at `/dev/xvdf`
 /// when this instance reboots; the restored one then takes the next.
 pub fn free_device(used: &[String]) -> Option<String> {
-    let letter = |name: &str| {
-        name.strip_prefix("/dev/xvd")
-            .or_else(|| name.strip_prefix("/dev/sd"))
-            .map(str::to_owned)
-    };
-    let taken: Vec<String> = used.iter().filter_map(|u| letter(u)).collect();
+    let taken: Vec<&str> = used.iter().filter_map(|u| device_letter(u)).collect();
     DEVICE_LETTERS
         .map(String::from)
-        .find(|l| !taken.contains(l))
+        .find(|l| !taken.contains(&l.as_str()))
         .map(|l| format!("/dev/xvd{l}"))
+}
+
+/// The slot of an EC2 device name: what follows `/dev/xvd` or `/dev/sd`.
+fn device_letter(name: &str) -> Option<&str> {
+    name.strip_prefix("/dev/xvd")
+        .or_else(|| name.strip_prefix("/dev/sd"))
+}
+
+/// Whether EC2's device name is one a data volume is attached at
+/// (`/dev/xvdf` to `/dev/xvdp`, or their `/dev/sd` names), not a root's.
+pub fn is_data_device(name: &str) -> bool {
+    let mut chars = device_letter(name).unwrap_or_default().chars();
+    matches!((chars.next(), chars.next()), (Some(c), None) if DEVICE_LETTERS.contains(&c))
 }
 
 /// The device names this instance's volumes are attached at.
@@ -430,6 +438,16 @@ mod tests {
         let mut junk = vec![0u8; 4096];
         junk[3000] = 1;
         assert_eq!(probe(&junk), Contents::Other("unrecognised data"));
+    }
+
+    #[test]
+    fn only_data_volume_device_names_are_data_devices() {
+        for name in ["/dev/xvdf", "/dev/xvdg", "/dev/sdp"] {
+            assert!(is_data_device(name), "{name}");
+        }
+        for name in ["/dev/xvda", "/dev/sda1", "/dev/xvdq", "/dev/xvdff", "xvdf"] {
+            assert!(!is_data_device(name), "{name}");
+        }
     }
 
     #[test]
