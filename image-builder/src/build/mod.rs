@@ -222,6 +222,7 @@ fn cached_dir(
 ) -> Result<(), BuildError> {
     progress.stage(stage, || {
         if dir.exists() {
+            Cache::touch(dir);
             return Ok(((), Outcome::cached(note(dir))));
         }
         let parent = dir.parent().unwrap_or(Path::new("."));
@@ -236,6 +237,25 @@ fn cached_dir(
         fs::rename(&tmp, dir).map_err(fsio::at("renaming", dir))?;
         Ok(((), Outcome::built(note(dir))))
     })
+}
+
+/// Outputs kept per stage: a release and the next one built from the same
+/// tree (as the cluster test builds them), and one earlier pair.
+const KEEP_PER_STAGE: usize = 4;
+
+/// Drops the outputs of stages no recent build used, so a cache that sees a
+/// build per change stays the size of a few builds.
+fn prune_stages(cache: &Cache, progress: &Progress) {
+    for kind in ["rootfs", "root", "var", "esp"] {
+        match cache.prune(kind, KEEP_PER_STAGE) {
+            Ok(removed) if !removed.is_empty() => progress.note(&format!(
+                "cache: removed {} older {kind} entries",
+                removed.len()
+            )),
+            Ok(_) => {}
+            Err(e) => progress.note(&format!("cache: could not prune {kind}: {e}")),
+        }
+    }
 }
 
 fn verity_salt(spec: &Spec) -> Vec<u8> {
@@ -776,6 +796,7 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     let manifest_path = args.out.join("build-manifest.json");
     let json = serde_json::to_string_pretty(&manifest).unwrap_or_default();
     fs::write(&manifest_path, json + "\n").map_err(fsio::at("writing", &manifest_path))?;
+    prune_stages(&cache, &progress);
     eprintln!(
         "built {} {} in {:.1}s: {} (sha256 {}), root {} + verity {}, ESP {}",
         manifest.name,
