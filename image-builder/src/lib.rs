@@ -40,7 +40,10 @@ pub struct Cli {
 pub enum Command {
     /// Build the disk image (writes image.lock first if it does not exist).
     Build(Box<build::Args>),
-    /// Resolve the Debian package set and pin it in image.lock.
+    /// Pin the Debian package set (image.lock) and whatever payload entries
+    /// payload.lock lacks; with --payload-only, --check verifies every
+    /// payload pin against its source and --update moves an entry to
+    /// another release.
     Lock(lock::Args),
     /// Upload a built image as an EBS snapshot, register it as an AMI in
     /// --region (copying it to --copy-to), and render the release's

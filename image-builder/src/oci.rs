@@ -335,21 +335,7 @@ impl Client {
         if media == OCI_INDEX || media == DOCKER_LIST {
             let digest = sha256_of(&body);
             store(cache, &body, &digest, &image)?;
-            let doc: Value = serde_json::from_slice(&body).map_err(|e| OciError::Image {
-                image: image.clone(),
-                message: e.to_string(),
-            })?;
-            let child = doc["manifests"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == arch)
-                .and_then(|m| m["digest"].as_str())
-                .ok_or_else(|| OciError::Image {
-                    image: image.clone(),
-                    message: format!("the index has no linux/{arch} image"),
-                })?
-                .to_owned();
+            let child = platform_manifest(&body, &image, arch)?;
             index_digest = Some(digest);
             (media, body) = self.manifest(reference, &base, &repo, &child)?;
         }
@@ -389,6 +375,50 @@ impl Client {
             index_digest,
             blobs,
         })
+    }
+
+    /// Pushes `image` by digest and, under the target's tag, an index that
+    /// names it as the linux/`arch` image: a tag resolves to an index, as
+    /// upstream's multi-arch images do. Returns the index's digest.
+    pub fn push_indexed(
+        &self,
+        cache: &Cache,
+        target: &Reference,
+        image: &Pulled,
+        arch: &str,
+    ) -> Result<String, OciError> {
+        let by_digest = Reference {
+            tag: None,
+            digest: None,
+            ..target.clone()
+        };
+        self.push(cache, &by_digest, image)?;
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [{
+                "mediaType": image.manifest.media_type,
+                "digest": image.manifest.digest,
+                "size": image.manifest.size,
+                "platform": {"architecture": arch, "os": "linux"},
+            }],
+        });
+        let body = serde_json::to_vec(&index).unwrap_or_default();
+        let digest = sha256_of(&body);
+        store(cache, &body, &digest, &target.to_string())?;
+        let index = Pulled {
+            reference: target.to_string(),
+            manifest: Descriptor {
+                media_type: OCI_INDEX.to_owned(),
+                size: body.len() as u64,
+                digest: digest.clone(),
+                annotations: None,
+            },
+            index_digest: None,
+            blobs: Vec::new(),
+        };
+        self.push(cache, target, &index)?;
+        Ok(digest)
     }
 
     /// Pushes an image whose manifest and blobs are in the cache, tagging it `tag`.
@@ -455,6 +485,32 @@ fn describe(what: &str, e: ureq::Error) -> String {
         }
         ureq::Error::Transport(t) => format!("{what}: {t}"),
     }
+}
+
+/// Whether a manifest document is a multi-arch index.
+fn is_index(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body).is_ok_and(|doc| {
+        doc["mediaType"] == OCI_INDEX
+            || doc["mediaType"] == DOCKER_LIST
+            || (doc["mediaType"].is_null() && doc["manifests"].is_array())
+    })
+}
+
+/// The digest of an index's linux/`arch` image manifest.
+fn platform_manifest(index: &[u8], image: &str, arch: &str) -> Result<String, OciError> {
+    let fail = |message: String| OciError::Image {
+        image: image.to_owned(),
+        message,
+    };
+    let doc: Value = serde_json::from_slice(index).map_err(|e| fail(e.to_string()))?;
+    doc["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == arch)
+        .and_then(|m| m["digest"].as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| fail(format!("the index has no linux/{arch} image")))
 }
 
 /// Puts `bytes` into the cache under `digest` (`sha256:…`).
@@ -605,12 +661,28 @@ impl Pulled {
     /// The image as an earlier pull left it in the cache, read from its
     /// manifest there without touching a registry; `None` when the
     /// manifest or any blob is missing.
-    pub fn cached(cache: &Cache, reference: &str, digest: &str) -> Result<Option<Self>, OciError> {
+    ///
+    /// `digest` may name a multi-arch index; its linux/`arch` image is then
+    /// the one looked for, and the index is recorded as its origin.
+    pub fn cached(
+        cache: &Cache,
+        reference: &str,
+        digest: &str,
+        arch: &str,
+    ) -> Result<Option<Self>, OciError> {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
         let path = fetch::blob_path(cache, hex);
         let Ok(body) = std::fs::read(&path) else {
             return Ok(None);
         };
+        if is_index(&body) {
+            let child = platform_manifest(&body, reference, arch)?;
+            let pulled = Self::cached(cache, reference, &child, arch)?;
+            return Ok(pulled.map(|p| Self {
+                index_digest: Some(digest.to_owned()),
+                ..p
+            }));
+        }
         let (media_type, blobs) =
             manifest_blobs(&body, reference, &format!("cached manifest {digest}"))?;
         let present = |d: &Descriptor| {
@@ -809,7 +881,7 @@ mod tests {
         assert!(!img.layers().is_empty());
 
         // What a later build finds in the cache is the same image.
-        let cached = Pulled::cached(&cache, &img.reference, &img.manifest.digest)
+        let cached = Pulled::cached(&cache, &img.reference, &img.manifest.digest, "amd64")
             .unwrap()
             .unwrap();
         assert_eq!(
@@ -819,7 +891,8 @@ mod tests {
         assert!(Pulled::cached(
             &cache,
             &img.reference,
-            &format!("sha256:{}", "0".repeat(64))
+            &format!("sha256:{}", "0".repeat(64)),
+            "amd64"
         )
         .unwrap()
         .is_none());

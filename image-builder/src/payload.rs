@@ -80,7 +80,9 @@ pub struct LockedArtifact {
 #[serde(deny_unknown_fields)]
 pub struct LockedImage {
     pub reference: String,
-    /// The linux/amd64 image manifest's digest.
+    /// What the reference resolves to: the multi-arch index upstream
+    /// publishes (the build takes its linux/amd64 image, checking every
+    /// step), or the linux/amd64 image manifest itself.
     pub digest: String,
 }
 
@@ -99,9 +101,19 @@ impl Lock {
         read_toml(path)
     }
 
+    pub fn artifact(&self, name: &str, version: &str) -> Option<&LockedArtifact> {
+        self.artifacts
+            .iter()
+            .find(|p| p.name == name && p.version == version)
+    }
+
+    pub fn image(&self, reference: &str) -> Option<&LockedImage> {
+        self.images.iter().find(|p| p.reference == reference)
+    }
+
     pub fn to_toml(&self) -> String {
         let body = toml::to_string(self).unwrap_or_default();
-        format!("# The payload's pins: every host binary by sha256, every container image by\n# the digest of its linux/amd64 manifest. Written by the fixtures or by\n# `image-builder lock`; a build refuses bytes that do not match.\n\n{body}")
+        format!("# The payload's pins: every host binary by sha256, every container image by\n# the digest its tag resolves to (the multi-arch index, from which a build\n# takes linux/amd64). Written by the fixtures or by `image-builder lock`; a\n# build refuses bytes that do not match.\n\n{body}")
     }
 }
 
@@ -198,7 +210,7 @@ impl Inputs {
 }
 
 /// Each image reference once, in order.
-fn unique_references(images: &BTreeMap<String, String>) -> Vec<&String> {
+pub fn unique_references(images: &BTreeMap<String, String>) -> Vec<&String> {
     let mut refs: Vec<&String> = images.values().collect();
     refs.sort();
     refs.dedup();
@@ -240,7 +252,11 @@ pub struct RecordedArtifact {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordedImage {
     pub reference: String,
+    /// The linux/amd64 image manifest's digest.
     pub digest: String,
+    /// The multi-arch index it was resolved from, when pinned by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_digest: Option<String>,
     /// Manifest and config, as an OCI archive.
     pub archive: String,
     pub archive_sha256: String,
@@ -289,9 +305,7 @@ pub fn resolve(
     let mut record = Recorded::default();
     for a in artifacts {
         let pin = lock
-            .artifacts
-            .iter()
-            .find(|p| p.name == a.name && p.version == a.version)
+            .artifact(&a.name, &a.version)
             .ok_or_else(|| unpinned(format!("artifact {} {}", a.name, a.version)))?;
         let what = format!("{} {}", a.name, a.version);
         let url = mirrors.artifact_url(&a.url);
@@ -324,11 +338,9 @@ pub fn resolve(
     let client = mirrors.client();
     for reference in unique_references(images) {
         let pin = lock
-            .images
-            .iter()
-            .find(|p| &p.reference == reference)
+            .image(reference)
             .ok_or_else(|| unpinned(format!("image {reference}")))?;
-        let pulled = match oci::Pulled::cached(cache, reference, &pin.digest)? {
+        let pulled = match oci::Pulled::cached(cache, reference, &pin.digest, "amd64")? {
             Some(p) => p,
             None => {
                 note(&format!("pulling {reference}@{}", pin.digest));
@@ -337,9 +349,10 @@ pub fn resolve(
                 client.pull(cache, &r, "amd64")?
             }
         };
+        let digest = pulled.manifest.digest.clone();
         let archive = cache.entry(
             "images",
-            &format!("{}.config.tar", pin.digest.trim_start_matches("sha256:")),
+            &format!("{}.config.tar", digest.trim_start_matches("sha256:")),
         );
         if !archive.exists() {
             if let Some(dir) = archive.parent() {
@@ -375,7 +388,8 @@ pub fn resolve(
         }
         record.images.push(RecordedImage {
             reference: reference.clone(),
-            digest: pin.digest.clone(),
+            digest,
+            index_digest: pulled.index_digest.clone(),
             archive: format!("/{IMAGES_DIR}/{name}"),
             archive_sha256: sha.clone(),
             layers,
@@ -421,7 +435,7 @@ pub fn resolve(
 /// only when its entry's version or reference does), missing ones are
 /// resolved from the source: an artifact's sha256 by downloading it (and,
 /// when upstream publishes `<url>.sha256`, checking it against that), an
-/// image's digest by resolving its tag to the linux/amd64 manifest.
+/// image's digest by resolving its tag (to the index, when it names one).
 pub fn refresh(
     cache: &Cache,
     artifacts: &[Artifact],
@@ -430,31 +444,153 @@ pub fn refresh(
     mirrors: &Mirrors,
     note: &dyn Fn(&str),
 ) -> Result<Lock, PayloadError> {
-    let agent = fetch::agent();
+    let mut source = Source::new(cache, mirrors, note);
     let mut lock = Lock::default();
-    let mut by_url: BTreeMap<String, String> = BTreeMap::new();
     for a in artifacts {
-        if let Some(p) = old
-            .artifacts
-            .iter()
-            .find(|p| p.name == a.name && p.version == a.version)
-        {
-            lock.artifacts.push(p.clone());
-            continue;
+        let sha256 = match old.artifact(&a.name, &a.version) {
+            Some(p) => p.sha256.clone(),
+            None => source.artifact(a)?,
+        };
+        lock.artifacts.push(LockedArtifact {
+            name: a.name.clone(),
+            version: a.version.clone(),
+            sha256,
+        });
+    }
+    for reference in unique_references(images) {
+        let digest = match old.image(reference) {
+            Some(p) => p.digest.clone(),
+            None => source.image(reference)?,
+        };
+        lock.images.push(LockedImage {
+            reference: reference.clone(),
+            digest,
+        });
+    }
+    Ok(lock)
+}
+
+/// A payload entry whose source does not give what its pin says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mismatch {
+    /// The lock has no pin for the entry.
+    Unpinned { what: String },
+    /// The source gave other bytes (an artifact's sha256, the digest an
+    /// image's tag resolves to).
+    Differs {
+        what: String,
+        source: String,
+        expected: String,
+        actual: String,
+    },
+    /// The source could not be read.
+    Unreachable { what: String, message: String },
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unpinned { what } => write!(f, "{what}: no pin"),
+            Self::Differs {
+                what,
+                source,
+                expected,
+                actual,
+            } => write!(f, "{what}: {source} gives {actual}, pinned {expected}"),
+            Self::Unreachable { what, message } => write!(f, "{what}: {message}"),
         }
-        if let Some(sha256) = by_url.get(&a.url) {
-            // Another member of a download already resolved.
-            lock.artifacts.push(LockedArtifact {
-                name: a.name.clone(),
-                version: a.version.clone(),
-                sha256: sha256.clone(),
-            });
-            continue;
+    }
+}
+
+/// Downloads every artifact and resolves every image tag, as a refresh
+/// would, and compares each with its pin; returns every entry that differs
+/// (all of them, not only the first).
+pub fn check(
+    cache: &Cache,
+    artifacts: &[Artifact],
+    images: &BTreeMap<String, String>,
+    lock: &Lock,
+    mirrors: &Mirrors,
+    note: &dyn Fn(&str),
+) -> Vec<Mismatch> {
+    let mut source = Source::new(cache, mirrors, note);
+    let mut found = Vec::new();
+    let mut compare = |what: String,
+                       pinned: Option<&str>,
+                       got: Result<String, PayloadError>,
+                       from: String| {
+        match (pinned, got) {
+            (None, _) => found.push(Mismatch::Unpinned { what }),
+            (Some(_), Err(e)) => found.push(Mismatch::Unreachable {
+                what,
+                message: e.to_string(),
+            }),
+            (Some(expected), Ok(actual)) if expected != actual => found.push(Mismatch::Differs {
+                what,
+                source: from,
+                expected: expected.to_owned(),
+                actual,
+            }),
+            _ => {}
+        }
+    };
+    for a in artifacts {
+        let pin = lock
+            .artifact(&a.name, &a.version)
+            .map(|p| p.sha256.as_str());
+        let got = source.artifact(a);
+        compare(
+            format!("artifact {} {}", a.name, a.version),
+            pin,
+            got,
+            mirrors.artifact_url(&a.url),
+        );
+    }
+    for reference in unique_references(images) {
+        let pin = lock.image(reference).map(|p| p.digest.as_str());
+        let got = source.image(reference);
+        let from = match &mirrors.registry {
+            Some(m) => format!("{m} (mirroring {reference})"),
+            None => reference.clone(),
+        };
+        compare(format!("image {reference}"), pin, got, from);
+    }
+    found
+}
+
+/// Where a refresh or a check reads the payload from: each download once.
+struct Source<'a> {
+    cache: &'a Cache,
+    mirrors: &'a Mirrors,
+    note: &'a dyn Fn(&str),
+    agent: ureq::Agent,
+    client: oci::Client,
+    /// Downloads already hashed, by upstream URL (archives shared by members).
+    by_url: BTreeMap<String, String>,
+}
+
+impl<'a> Source<'a> {
+    fn new(cache: &'a Cache, mirrors: &'a Mirrors, note: &'a dyn Fn(&str)) -> Self {
+        Self {
+            cache,
+            mirrors,
+            note,
+            agent: fetch::agent(),
+            client: mirrors.client(),
+            by_url: BTreeMap::new(),
+        }
+    }
+
+    /// The sha256 of an artifact's download, checked against upstream's
+    /// `<url>.sha256` where there is one.
+    fn artifact(&mut self, a: &Artifact) -> Result<String, PayloadError> {
+        if let Some(sha256) = self.by_url.get(&a.url) {
+            return Ok(sha256.clone());
         }
         let what = format!("{} {}", a.name, a.version);
-        let url = mirrors.artifact_url(&a.url);
-        note(&format!("resolving {what} from {url}"));
-        let mut reader = fetch::open(&agent, &what, &url)?;
+        let url = self.mirrors.artifact_url(&a.url);
+        (self.note)(&format!("resolving {what} from {url}"));
+        let mut reader = fetch::open(&self.agent, &what, &url)?;
         let mut hash = sha2::Sha256::new();
         std::io::copy(&mut reader, &mut HashWriter(&mut hash)).map_err(|e| FetchError::Source {
             what: what.clone(),
@@ -462,7 +598,7 @@ pub fn refresh(
             message: e.to_string(),
         })?;
         let sha256 = hex::encode(sha2::Digest::finalize(hash));
-        if let Ok(mut published) = fetch::open(&agent, &what, &format!("{url}.sha256")) {
+        if let Ok(mut published) = fetch::open(&self.agent, &what, &format!("{url}.sha256")) {
             let mut text = String::new();
             let _ = std::io::Read::read_to_string(&mut published, &mut text);
             let upstream = text.split_whitespace().next().unwrap_or("");
@@ -476,27 +612,16 @@ pub fn refresh(
                 .into());
             }
         }
-        by_url.insert(a.url.clone(), sha256.clone());
-        lock.artifacts.push(LockedArtifact {
-            name: a.name.clone(),
-            version: a.version.clone(),
-            sha256,
-        });
+        self.by_url.insert(a.url.clone(), sha256.clone());
+        Ok(sha256)
     }
-    let client = mirrors.client();
-    for reference in unique_references(images) {
-        if let Some(p) = old.images.iter().find(|p| &p.reference == reference) {
-            lock.images.push(p.clone());
-            continue;
-        }
-        note(&format!("resolving {reference}"));
-        let pulled = client.pull(cache, &reference.parse()?, "amd64")?;
-        lock.images.push(LockedImage {
-            reference: reference.clone(),
-            digest: pulled.manifest.digest,
-        });
+
+    /// The digest an image's tag resolves to: its index when it names one.
+    fn image(&mut self, reference: &str) -> Result<String, PayloadError> {
+        (self.note)(&format!("resolving {reference}"));
+        let pulled = self.client.pull(self.cache, &reference.parse()?, "amd64")?;
+        Ok(pulled.index_digest.unwrap_or(pulled.manifest.digest))
     }
-    Ok(lock)
 }
 
 struct HashWriter<'a>(&'a mut sha2::Sha256);

@@ -119,6 +119,44 @@ fn a_multiarch_tag_resolves_to_the_platform_and_a_digest_pull_matches() {
 }
 
 #[test]
+fn an_image_pushed_with_its_index_is_found_again_through_the_index_digest() {
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let push_cache = Cache::at(dir.path().join("push"));
+    let name = format!("{}/coredns/coredns:v1.14.3", reg.host);
+    let img = oci::image_from_files(
+        &push_cache,
+        &name,
+        "amd64",
+        &[("/coredns", &b"coredns"[..], 0o755)],
+        &["/coredns"],
+    )
+    .unwrap();
+    let client = Client::new(None);
+    let index = client
+        .push_indexed(&push_cache, &name.parse().unwrap(), &img, "amd64")
+        .unwrap();
+    assert_ne!(index, img.manifest.digest);
+
+    // Pinned by the index, as upstream publishes its images.
+    let cache = Cache::at(dir.path().join("pull"));
+    let pinned: Reference = format!("{name}@{index}").parse().unwrap();
+    let pulled = client.pull(&cache, &pinned, "amd64").unwrap();
+    assert_eq!(pulled.manifest.digest, img.manifest.digest);
+    assert_eq!(pulled.index_digest.as_deref(), Some(index.as_str()));
+
+    // A later build finds the platform's image in its cache from the index.
+    let again = Pulled::cached(&cache, &name, &index, "amd64")
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.manifest.digest, img.manifest.digest);
+    assert_eq!(again.index_digest.as_deref(), Some(index.as_str()));
+    assert_eq!(again.blobs, img.blobs);
+    let err = Pulled::cached(&cache, &name, &index, "arm64").unwrap_err();
+    assert!(err.to_string().contains("no linux/arm64 image"), "{err}");
+}
+
+#[test]
 fn a_tampered_blob_is_refused_and_not_cached() {
     let reg = Registry::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -207,7 +245,7 @@ fn the_lock_refresh_pins_artifacts_and_images_from_their_sources() {
     use image_builder::payload::{self, Artifact, Lock, Mirrors};
     let reg = Registry::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (amd64, _, _) = push_multiarch(
+    let (_, _, index) = push_multiarch(
         &reg,
         &Cache::at(dir.path().join("push")),
         "etcd",
@@ -247,7 +285,8 @@ fn the_lock_refresh_pins_artifacts_and_images_from_their_sources() {
     )
     .unwrap();
     assert_eq!(lock.artifacts[0].sha256, sha);
-    assert_eq!(lock.images[0].digest, amd64.manifest.digest);
+    // The image by the index its tag names, as upstream publishes it.
+    assert_eq!(lock.images[0].digest, index);
 
     // Existing pins are kept as they are.
     let again = payload::refresh(

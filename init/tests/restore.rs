@@ -700,7 +700,7 @@ async fn a_mounted_empty_volume_is_filled_from_the_backup_once_and_a_bad_one_ref
     let mut ctx = master_in(&w, ZONE_A, &root.path().join("secrets")).await;
     ctx.paths.images = vm_tests::images::list_with_file(
         &root.path().join("images"),
-        "registry.k8s.io/etcd:3.6.16-0",
+        "registry.k8s.io/etcd:3.6.13-0",
         "/usr/local/bin/etcdutl",
         b"#!/bin/sh\n",
     )

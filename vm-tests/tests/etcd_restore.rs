@@ -135,7 +135,7 @@ async fn a_real_etcd_snapshot_is_restored_by_etcdutl_and_served_again() -> Resul
         paths: Paths {
             images: vm_tests::images::list_with_file(
                 &dir.path().join("images"),
-                "registry.k8s.io/etcd:3.6.16-0",
+                "registry.k8s.io/etcd:3.6.13-0",
                 "/usr/local/bin/etcdutl",
                 &std::fs::read(fixtures_bin("etcdutl"))?,
             )?,

@@ -13,6 +13,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod update;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(transparent)]
@@ -29,6 +31,18 @@ pub enum LockError {
     Resolve(String),
     #[error(transparent)]
     Payload(#[from] crate::payload::PayloadError),
+    #[error("--update: {0}")]
+    Update(String),
+    #[error("{lock}: {} of {total} payload entries differ from their source:{}", .found.len(), list(.found))]
+    Mismatched {
+        lock: String,
+        total: usize,
+        found: Vec<crate::payload::Mismatch>,
+    },
+}
+
+fn list(found: &[crate::payload::Mismatch]) -> String {
+    found.iter().map(|m| format!("\n  {m}")).collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +265,22 @@ pub struct Args {
     /// Only pin the payload (payload.lock), not the Debian packages.
     #[arg(long)]
     pub payload_only: bool,
+    /// Change no pin: download every payload artifact and resolve every
+    /// image from its source (or the mirrors), and fail, listing each one,
+    /// if any differs from its pin.
+    #[arg(long, requires = "payload_only")]
+    pub check: bool,
+    /// Move a payload entry to another release: NAME is an artifact's name
+    /// (every artifact from the same download moves with it) or a key of the
+    /// image list. Edits the spec or the image list, pins the new release,
+    /// and prints what changed. Repeatable.
+    #[arg(
+        long,
+        value_name = "NAME=VERSION",
+        requires = "payload_only",
+        conflicts_with = "check"
+    )]
+    pub update: Vec<update::Update>,
     #[command(flatten)]
     pub payload: crate::payload::Sources,
 }
@@ -274,6 +304,36 @@ fn lock_payload(
         lock: old,
         mirrors,
     } = payload::Inputs::load(spec, spec_dir, &args.payload)?;
+    if args.check {
+        let found = progress.stage("check payload", || {
+            let found = payload::check(
+                cache,
+                &spec.payload.artifacts,
+                &images,
+                &old,
+                &mirrors,
+                &|m| progress.note(m),
+            );
+            let n = format!("{} differ", found.len());
+            Ok::<_, LockError>((found, Outcome::built(n)))
+        })?;
+        let total = spec.payload.artifacts.len() + payload::unique_references(&images).len();
+        if !found.is_empty() {
+            return Err(LockError::Mismatched {
+                lock: path.display().to_string(),
+                total,
+                found,
+            });
+        }
+        eprintln!(
+            "{}: all {total} payload entries match their source",
+            path.display()
+        );
+        return Ok(());
+    }
+    if !args.update.is_empty() {
+        return update_payload(args, spec, cache, progress, &path, &old, &mirrors);
+    }
     let lock = progress.stage("resolve payload", || {
         payload::refresh(
             cache,
@@ -290,6 +350,86 @@ fn lock_payload(
     })?;
     fs::write(&path, lock.to_toml()).map_err(fsio::at("writing", &path))?;
     eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// `--update`: the spec and image list edited, the new releases pinned,
+/// and all three files written only once every pin is known.
+fn update_payload(
+    args: &Args,
+    spec: &Spec,
+    cache: &Cache,
+    progress: &Progress,
+    lock_path: &Path,
+    old: &crate::payload::Lock,
+    mirrors: &crate::payload::Mirrors,
+) -> Result<(), LockError> {
+    use crate::payload;
+    let read = |p: &Path| fs::read_to_string(p).map_err(fsio::at("reading", p));
+    let spec_text = read(&args.spec)?;
+    let images_path = spec
+        .payload
+        .images
+        .as_ref()
+        .map(|p| args.spec.parent().unwrap_or(Path::new(".")).join(p));
+    let images_text = images_path.as_deref().map(read).transpose()?;
+    let edited = update::apply(&spec_text, images_text.as_deref(), &args.update)
+        .map_err(LockError::Update)?;
+    let new_spec = Spec::parse(&edited.spec, &args.spec)?;
+    let new_images = match &edited.images {
+        Some(text) => {
+            toml::from_str(text).map_err(|e| LockError::Update(format!("the image list: {e}")))?
+        }
+        None => Default::default(),
+    };
+    let lock = progress.stage("resolve payload", || {
+        payload::refresh(
+            cache,
+            &new_spec.payload.artifacts,
+            &new_images,
+            old,
+            mirrors,
+            &|m| progress.note(m),
+        )
+        .map(|l| (l, Outcome::built(format!("{} moved", edited.changes.len()))))
+    })?;
+    let write = |p: &Path, text: &str| {
+        let tmp = Cache::temp_for(p);
+        fs::write(&tmp, text).map_err(fsio::at("writing", &tmp))?;
+        fs::rename(&tmp, p).map_err(fsio::at("renaming", p))
+    };
+    write(lock_path, &lock.to_toml())?;
+    write(&args.spec, &edited.spec)?;
+    if let (Some(path), Some(text)) = (&images_path, &edited.images) {
+        write(path, text)?;
+    }
+    for change in &edited.changes {
+        let digests = match change.what.strip_prefix("artifact ") {
+            Some(name) => (
+                old.artifact(name, &change.from).map(|p| p.sha256.clone()),
+                lock.artifact(name, &change.to).map(|p| p.sha256.clone()),
+            ),
+            None => (
+                old.image(&change.from).map(|p| p.digest.clone()),
+                lock.image(&change.to).map(|p| p.digest.clone()),
+            ),
+        };
+        let unpinned = || "(no pin)".to_owned();
+        println!(
+            "{change}\n    {} -> {}",
+            digests.0.unwrap_or_else(unpinned),
+            digests.1.unwrap_or_else(unpinned)
+        );
+    }
+    eprintln!(
+        "wrote {}, {}{}",
+        lock_path.display(),
+        args.spec.display(),
+        images_path
+            .filter(|_| edited.images.is_some())
+            .map(|p| format!(", {}", p.display()))
+            .unwrap_or_default()
+    );
     Ok(())
 }
 

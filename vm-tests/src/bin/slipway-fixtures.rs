@@ -4,7 +4,8 @@
 //! - `slipway-fixtures make BIN_DIR SPEC OUT` lays out an artifact mirror
 //!   (`OUT/artifacts/<upstream path>`, tarballs where upstream ships
 //!   tarballs), makes an OCI image for every entry of the spec's image list,
-//!   pushes them to Debian's docker-registry (storage in `OUT/registry`) and
+//!   pushes them, each tagged through a one-platform index as upstream tags
+//!   its images, to Debian's docker-registry (storage in `OUT/registry`) and
 //!   writes the pins of all of it to `OUT/payload.lock`;
 //! - `slipway-fixtures with-mirrors OUT -- COMMAND…` runs COMMAND with that
 //!   registry up and `SLIPWAY_ARTIFACT_MIRROR`, `SLIPWAY_REGISTRY_MIRROR` and
@@ -231,12 +232,16 @@ fn make(bins: &Path, spec_path: &Path, out: &Path) -> Result<()> {
             .map(|(d, b)| (d.as_str(), &b[..], 0o755))
             .collect();
         let image = oci::image_from_files(&cache, reference, "amd64", &layer, &[entry])?;
+        // Tagged through an index, as upstream publishes, and pinned by it.
         let target: Reference = reference.parse()?;
-        client.push(&cache, &target, &image)?;
-        eprintln!("pushed {reference} ({})", image.manifest.digest);
+        let index = client.push_indexed(&cache, &target, &image, "amd64")?;
+        eprintln!(
+            "pushed {reference} (index {index}, linux/amd64 {})",
+            image.manifest.digest
+        );
         lock.images.push(LockedImage {
             reference: reference.clone(),
-            digest: image.manifest.digest.clone(),
+            digest: index,
         });
     }
     std::fs::write(out.join("payload.lock"), lock.to_toml())?;
