@@ -349,10 +349,16 @@ pub fn resolve(
                 client.pull(cache, &r, "amd64")?
             }
         };
+        // The archive names the image, so it is kept per name and digest:
+        // two tags of the same bytes are two archives.
         let digest = pulled.manifest.digest.clone();
         let archive = cache.entry(
             "images",
-            &format!("{}.config.tar", digest.trim_start_matches("sha256:")),
+            &format!(
+                "{}-{}.config.tar",
+                digest.trim_start_matches("sha256:"),
+                crate::cache::sha256_bytes(reference.as_bytes())
+            ),
         );
         if !archive.exists() {
             if let Some(dir) = archive.parent() {

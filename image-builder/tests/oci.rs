@@ -423,3 +423,72 @@ fn bearer_token_auth_through_a_stand_in_token_service() {
     // One token, reused for the index, the manifest and both blobs.
     assert_eq!(tokens.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[test]
+fn two_tags_of_the_same_bytes_go_into_the_image_under_their_own_names() {
+    use image_builder::payload::{self, Lock, LockedImage, Mirrors};
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let push_cache = Cache::at(dir.path().join("push"));
+    let client = Client::new(None);
+    let img = oci::image_from_files(
+        &push_cache,
+        "ghcr.io/flannel-io/flannel-cni-plugin:v1",
+        "amd64",
+        &[("/flannel", &b"the same plugin"[..], 0o755)],
+        &["/flannel"],
+    )
+    .unwrap();
+    let mut lock = Lock::default();
+    let mut images = std::collections::BTreeMap::new();
+    for tag in ["v1.8.0-flannel1", "v1.9.1-flannel1"] {
+        let target = format!("{}/flannel-io/flannel-cni-plugin:{tag}", reg.host);
+        let index = client
+            .push_indexed(&push_cache, &target.parse().unwrap(), &img, "amd64")
+            .unwrap();
+        let reference = format!("ghcr.io/flannel-io/flannel-cni-plugin:{tag}");
+        images.insert(tag.to_owned(), reference.clone());
+        lock.images.push(LockedImage {
+            reference,
+            digest: index,
+        });
+    }
+    assert_eq!(lock.images[0].digest, lock.images[1].digest);
+    let mirrors = Mirrors {
+        artifacts: None,
+        registry: Some(format!("http://{}", reg.host)),
+    };
+    // One cache for both builds, as on a machine that built the older tag first.
+    let cache = Cache::at(dir.path().join("cache"));
+    for reference in images.values() {
+        let one = std::collections::BTreeMap::from([("cni".to_owned(), reference.clone())]);
+        let (files, record) = payload::resolve(
+            &cache,
+            &[],
+            &one,
+            &lock,
+            std::path::Path::new("payload.lock"),
+            &mirrors,
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(record.images[0].reference, *reference);
+        let archive = files
+            .iter()
+            .find(|f| f.dest.to_string_lossy().ends_with(".tar"))
+            .unwrap();
+        let mut tar = tar::Archive::new(std::fs::File::open(&archive.src).unwrap());
+        let mut index = String::new();
+        for entry in tar.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            if entry.path().unwrap().to_string_lossy() == "index.json" {
+                std::io::Read::read_to_string(&mut entry, &mut index).unwrap();
+            }
+        }
+        let index: serde_json::Value = serde_json::from_str(&index).unwrap();
+        assert_eq!(
+            index["manifests"][0]["annotations"][oci::CONTAINERD_NAME],
+            reference.as_str()
+        );
+    }
+}
