@@ -84,6 +84,33 @@ mod tests {
     use clap::Parser;
 
     #[test]
+    fn an_arm64_build_is_refused_saying_what_it_still_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().join("image.toml");
+        std::fs::write(
+            &spec,
+            "[image]\nname = \"x\"\nversion = \"1\"\nsource_date_epoch = 0\narch = \"arm64\"\n\
+             [debian]\nsuite = \"trixie\"\npackages = [\"systemd\"]\n\
+             [kernel]\ncmdline = \"ro\"\ninitrd_modules = []\n\
+             [overlay]\nunits = \"u\"\nmanifests = \"m\"\nbinaries = []\n",
+        )
+        .unwrap();
+        let cli = super::Cli::try_parse_from([
+            "image-builder",
+            "build",
+            "--spec",
+            spec.to_str().unwrap(),
+            "--out",
+            dir.path().join("out").to_str().unwrap(),
+        ])
+        .unwrap();
+        let err = super::run(cli).unwrap_err().to_string();
+        assert!(err.starts_with("image.arch = \"arm64\""), "{err}");
+        assert!(err.contains("Other architectures"), "{err}");
+        assert!(!dir.path().join("out").exists());
+    }
+
+    #[test]
     fn the_debian_lock_and_the_payload_lock_are_separate_flags() {
         let cli = super::Cli::try_parse_from([
             "image-builder",

@@ -43,7 +43,8 @@ pub enum PayloadError {
 pub struct Artifact {
     pub name: String,
     pub version: String,
-    /// Upstream URL (linux/amd64).
+    /// Upstream URL; `{arch}` in it stands for the architecture
+    /// (`…/bin/linux/{arch}/kubelet`).
     pub url: String,
     /// Where it goes in the image (absolute).
     pub install: PathBuf,
@@ -56,6 +57,13 @@ pub struct Artifact {
 
 fn default_mode() -> u32 {
     0o755
+}
+
+impl Artifact {
+    /// Where upstream serves the artifact for `arch`.
+    pub fn url_for(&self, arch: &str) -> String {
+        self.url.replace("{arch}", arch)
+    }
 }
 
 /// `payload.lock`: what every artifact and image must hash to.
@@ -73,6 +81,8 @@ pub struct Lock {
 pub struct LockedArtifact {
     pub name: String,
     pub version: String,
+    /// The architecture the download is for.
+    pub arch: String,
     pub sha256: String,
 }
 
@@ -101,10 +111,10 @@ impl Lock {
         read_toml(path)
     }
 
-    pub fn artifact(&self, name: &str, version: &str) -> Option<&LockedArtifact> {
+    pub fn artifact(&self, name: &str, version: &str, arch: &str) -> Option<&LockedArtifact> {
         self.artifacts
             .iter()
-            .find(|p| p.name == name && p.version == version)
+            .find(|p| p.name == name && p.version == version && p.arch == arch)
     }
 
     pub fn image(&self, reference: &str) -> Option<&LockedImage> {
@@ -113,7 +123,7 @@ impl Lock {
 
     pub fn to_toml(&self) -> String {
         let body = toml::to_string(self).unwrap_or_default();
-        format!("# The payload's pins: every host binary by sha256, every container image by\n# the digest its tag resolves to (the multi-arch index, from which a build\n# takes linux/amd64). Written by the fixtures or by `image-builder lock`; a\n# build refuses bytes that do not match.\n\n{body}")
+        format!("# The payload's pins: every host binary by sha256, every container image by\n# the digest its tag resolves to (the multi-arch index, from which a build\n# takes its architecture's image). Written by the fixtures or by\n# `image-builder lock`; a build refuses bytes that do not match.\n\n{body}")
     }
 }
 
@@ -290,12 +300,16 @@ pub fn archive_name(reference: &str) -> String {
 pub fn resolve(
     cache: &Cache,
     artifacts: &[Artifact],
-    images: &BTreeMap<String, String>,
-    lock: &Lock,
-    lock_path: &Path,
-    mirrors: &Mirrors,
+    inputs: &Inputs,
+    arch: &str,
     note: &dyn Fn(&str),
 ) -> Result<(Vec<PayloadFile>, Recorded), PayloadError> {
+    let Inputs {
+        images,
+        lock_path,
+        lock,
+        mirrors,
+    } = inputs;
     let unpinned = |what: String| PayloadError::Unpinned {
         what,
         lock: lock_path.display().to_string(),
@@ -304,11 +318,11 @@ pub fn resolve(
     let mut files = Vec::new();
     let mut record = Recorded::default();
     for a in artifacts {
+        let what = format!("{} {} {arch}", a.name, a.version);
         let pin = lock
-            .artifact(&a.name, &a.version)
-            .ok_or_else(|| unpinned(format!("artifact {} {}", a.name, a.version)))?;
-        let what = format!("{} {}", a.name, a.version);
-        let url = mirrors.artifact_url(&a.url);
+            .artifact(&a.name, &a.version, arch)
+            .ok_or_else(|| unpinned(format!("artifact {what}")))?;
+        let url = mirrors.artifact_url(&a.url_for(arch));
         if !fetch::blob_path(cache, &pin.sha256).exists() {
             note(&format!("fetching {what} from {url}"));
         }
@@ -340,13 +354,13 @@ pub fn resolve(
         let pin = lock
             .image(reference)
             .ok_or_else(|| unpinned(format!("image {reference}")))?;
-        let pulled = match oci::Pulled::cached(cache, reference, &pin.digest, "amd64")? {
+        let pulled = match oci::Pulled::cached(cache, reference, &pin.digest, arch)? {
             Some(p) => p,
             None => {
                 note(&format!("pulling {reference}@{}", pin.digest));
                 let mut r: Reference = reference.parse()?;
                 r.digest = Some(pin.digest.clone());
-                client.pull(cache, &r, "amd64")?
+                client.pull(cache, &r, arch)?
             }
         };
         // The archive names the image, so it is kept per name and digest:
@@ -448,25 +462,30 @@ pub fn refresh(
     images: &BTreeMap<String, String>,
     old: &Lock,
     mirrors: &Mirrors,
+    arches: &[&str],
     note: &dyn Fn(&str),
 ) -> Result<Lock, PayloadError> {
     let mut source = Source::new(cache, mirrors, note);
     let mut lock = Lock::default();
-    for a in artifacts {
-        let sha256 = match old.artifact(&a.name, &a.version) {
-            Some(p) => p.sha256.clone(),
-            None => source.artifact(a)?,
-        };
-        lock.artifacts.push(LockedArtifact {
-            name: a.name.clone(),
-            version: a.version.clone(),
-            sha256,
-        });
+    for arch in arches {
+        for a in artifacts {
+            let sha256 = match old.artifact(&a.name, &a.version, arch) {
+                Some(p) => p.sha256.clone(),
+                None => source.artifact(a, arch)?,
+            };
+            lock.artifacts.push(LockedArtifact {
+                name: a.name.clone(),
+                version: a.version.clone(),
+                arch: (*arch).to_owned(),
+                sha256,
+            });
+        }
     }
+    let platform = arches.first().copied().unwrap_or("amd64");
     for reference in unique_references(images) {
         let digest = match old.image(reference) {
             Some(p) => p.digest.clone(),
-            None => source.image(reference)?,
+            None => source.image(reference, platform)?,
         };
         lock.images.push(LockedImage {
             reference: reference.clone(),
@@ -517,6 +536,7 @@ pub fn check(
     images: &BTreeMap<String, String>,
     lock: &Lock,
     mirrors: &Mirrors,
+    arches: &[&str],
     note: &dyn Fn(&str),
 ) -> Vec<Mismatch> {
     let mut source = Source::new(cache, mirrors, note);
@@ -540,21 +560,24 @@ pub fn check(
             _ => {}
         }
     };
-    for a in artifacts {
-        let pin = lock
-            .artifact(&a.name, &a.version)
-            .map(|p| p.sha256.as_str());
-        let got = source.artifact(a);
-        compare(
-            format!("artifact {} {}", a.name, a.version),
-            pin,
-            got,
-            mirrors.artifact_url(&a.url),
-        );
+    for arch in arches {
+        for a in artifacts {
+            let pin = lock
+                .artifact(&a.name, &a.version, arch)
+                .map(|p| p.sha256.as_str());
+            let got = source.artifact(a, arch);
+            compare(
+                format!("artifact {} {} {arch}", a.name, a.version),
+                pin,
+                got,
+                mirrors.artifact_url(&a.url_for(arch)),
+            );
+        }
     }
+    let platform = arches.first().copied().unwrap_or("amd64");
     for reference in unique_references(images) {
         let pin = lock.image(reference).map(|p| p.digest.as_str());
-        let got = source.image(reference);
+        let got = source.image(reference, platform);
         let from = match &mirrors.registry {
             Some(m) => format!("{m} (mirroring {reference})"),
             None => reference.clone(),
@@ -589,12 +612,13 @@ impl<'a> Source<'a> {
 
     /// The sha256 of an artifact's download, checked against upstream's
     /// `<url>.sha256` where there is one.
-    fn artifact(&mut self, a: &Artifact) -> Result<String, PayloadError> {
-        if let Some(sha256) = self.by_url.get(&a.url) {
+    fn artifact(&mut self, a: &Artifact, arch: &str) -> Result<String, PayloadError> {
+        let upstream = a.url_for(arch);
+        if let Some(sha256) = self.by_url.get(&upstream) {
             return Ok(sha256.clone());
         }
-        let what = format!("{} {}", a.name, a.version);
-        let url = self.mirrors.artifact_url(&a.url);
+        let what = format!("{} {} {arch}", a.name, a.version);
+        let url = self.mirrors.artifact_url(&upstream);
         (self.note)(&format!("resolving {what} from {url}"));
         let mut reader = fetch::open(&self.agent, &what, &url)?;
         let mut hash = sha2::Sha256::new();
@@ -618,14 +642,15 @@ impl<'a> Source<'a> {
                 .into());
             }
         }
-        self.by_url.insert(a.url.clone(), sha256.clone());
+        self.by_url.insert(upstream, sha256.clone());
         Ok(sha256)
     }
 
-    /// The digest an image's tag resolves to: its index when it names one.
-    fn image(&mut self, reference: &str) -> Result<String, PayloadError> {
+    /// The digest an image's tag resolves to: its index when it names one
+    /// (whose `arch` image is pulled and checked).
+    fn image(&mut self, reference: &str, arch: &str) -> Result<String, PayloadError> {
         (self.note)(&format!("resolving {reference}"));
-        let pulled = self.client.pull(self.cache, &reference.parse()?, "amd64")?;
+        let pulled = self.client.pull(self.cache, &reference.parse()?, arch)?;
         Ok(pulled.index_digest.unwrap_or(pulled.manifest.digest))
     }
 }
@@ -722,29 +747,52 @@ mod tests {
     }
 
     #[test]
+    fn an_artifact_url_names_its_architecture() {
+        let a = Artifact {
+            name: "runc".into(),
+            version: "v1.4.3".into(),
+            url: "https://github.com/opencontainers/runc/releases/download/v1.4.3/runc.{arch}"
+                .into(),
+            install: "/usr/bin/runc".into(),
+            extract: None,
+            mode: 0o755,
+        };
+        assert!(a.url_for("arm64").ends_with("/v1.4.3/runc.arm64"));
+        let fixed = Artifact {
+            url: "https://example.com/tool".into(),
+            ..a
+        };
+        assert_eq!(fixed.url_for("arm64"), "https://example.com/tool");
+    }
+
+    #[test]
     fn an_unpinned_entry_stops_the_build_and_says_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
         let artifacts = [Artifact {
             name: "kubelet".into(),
-            version: "v1.37.2".into(),
-            url: "https://dl.k8s.io/release/v1.37.2/bin/linux/amd64/kubelet".into(),
+            version: "v1.36.3".into(),
+            url: "https://dl.k8s.io/release/v1.36.3/bin/linux/{arch}/kubelet".into(),
             install: "/usr/bin/kubelet".into(),
             extract: None,
             mode: 0o755,
         }];
+        let inputs = Inputs {
+            images: BTreeMap::new(),
+            lock_path: PathBuf::from("payload.lock"),
+            lock: Lock::default(),
+            mirrors: Mirrors::default(),
+        };
         let err = resolve(
             &Cache::at(dir.path().to_owned()),
             &artifacts,
-            &BTreeMap::new(),
-            &Lock::default(),
-            Path::new("payload.lock"),
-            &Mirrors::default(),
+            &inputs,
+            "arm64",
             &|_| {},
         )
         .unwrap_err()
         .to_string();
         assert!(
-            err.starts_with("artifact kubelet v1.37.2 has no pin in payload.lock"),
+            err.starts_with("artifact kubelet v1.36.3 arm64 has no pin in payload.lock"),
             "{err}"
         );
         assert!(err.contains("image-builder lock"), "{err}");

@@ -45,6 +45,10 @@ pub struct Payload {
     /// Host binaries.
     #[serde(default, rename = "artifact")]
     pub artifacts: Vec<crate::payload::Artifact>,
+    /// The architectures payload.lock pins artifacts for (default: the
+    /// image's own), so that building for another is one setting away.
+    #[serde(default)]
+    pub arches: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +69,20 @@ pub struct Image {
     pub esp_size_mib: u64,
     #[serde(default = "default_var_mib")]
     pub var_size_mib: u64,
+    /// The architecture built (Debian's name): `amd64`. `arm64` is accepted
+    /// and its payload pinned, but not yet built (see the README).
+    #[serde(default = "default_arch")]
+    pub arch: String,
+}
+
+/// The architectures a spec may name, in Debian's (and OCI's) spelling.
+pub const ARCHES: &[&str] = &["amd64", "arm64"];
+
+/// The architectures the builder can build today.
+pub const BUILT_ARCHES: &[&str] = &["amd64"];
+
+fn default_arch() -> String {
+    "amd64".to_owned()
 }
 
 fn default_esp_mib() -> u64 {
@@ -138,6 +156,16 @@ impl Spec {
         Ok(spec)
     }
 
+    /// The architectures payload.lock pins: `payload.arches`, else the
+    /// image's.
+    pub fn pinned_arches(&self) -> Vec<&str> {
+        if self.payload.arches.is_empty() {
+            vec![self.image.arch.as_str()]
+        } else {
+            self.payload.arches.iter().map(String::as_str).collect()
+        }
+    }
+
     /// Builds `version` instead of the spec's `image.version` (a release
     /// stamped by its pipeline), checked as the spec's own would be.
     pub fn override_version(&mut self, version: &str, path: &Path) -> Result<(), SpecError> {
@@ -177,6 +205,22 @@ impl Spec {
             return Err(invalid(
                 "image.disk_size_gib",
                 "must be between 1 and 16384",
+            ));
+        }
+        let known = |a: &String| ARCHES.contains(&a.as_str());
+        if !known(&self.image.arch) {
+            return Err(invalid("image.arch", "must be one of amd64, arm64"));
+        }
+        if let Some(bad) = self.payload.arches.iter().find(|a| !known(a)) {
+            return Err(invalid(
+                "payload.arches",
+                &format!("names {bad:?}; each must be one of amd64, arm64"),
+            ));
+        }
+        if !self.payload.arches.is_empty() && !self.payload.arches.contains(&self.image.arch) {
+            return Err(invalid(
+                "payload.arches",
+                &format!("must include image.arch ({})", self.image.arch),
             ));
         }
         if self.image.esp_size_mib < 32 {
@@ -291,6 +335,34 @@ binaries = ["slipway-init"]
         assert_eq!(spec.debian.variant, "minbase");
         assert_eq!(spec.image.var_size_mib, 256);
         assert_eq!(spec.image.disk_size_gib, Some(2));
+        assert_eq!(spec.image.arch, "amd64");
+        assert_eq!(spec.pinned_arches(), ["amd64"]);
+    }
+
+    #[test]
+    fn the_payload_may_be_pinned_for_more_architectures_than_the_image() {
+        let both = GOOD.replace(
+            "[overlay]",
+            "[payload]\narches = [\"amd64\", \"arm64\"]\n\n[overlay]",
+        );
+        assert_eq!(parse(&both).unwrap().pinned_arches(), ["amd64", "arm64"]);
+        let arm = both.replace("disk_size_gib = 2", "disk_size_gib = 2\narch = \"arm64\"");
+        assert_eq!(parse(&arm).unwrap().image.arch, "arm64");
+        let cases = [
+            (
+                GOOD.replace("disk_size_gib = 2", "arch = \"x86_64\""),
+                "image.arch",
+            ),
+            (both.replace("\"arm64\"]", "\"riscv64\"]"), "payload.arches"),
+            (
+                both.replace("[\"amd64\", \"arm64\"]", "[\"arm64\"]"),
+                "must include image.arch (amd64)",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err:?} should say {expected}");
+        }
     }
 
     #[test]

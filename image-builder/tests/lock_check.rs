@@ -37,7 +37,7 @@ images = "images.toml"
 [[payload.artifact]]
 name = "kubelet"
 version = "v1.36.3"
-url = "https://dl.k8s.io/release/v1.36.3/bin/linux/amd64/kubelet"
+url = "https://dl.k8s.io/release/v1.36.3/bin/linux/{arch}/kubelet"
 install = "/usr/bin/kubelet"
 
 [[payload.artifact]]
@@ -106,8 +106,8 @@ fn site() -> Site {
 
 fn write_lock(site: &Site, kubelet: &str) {
     let lock = format!(
-        "[[artifact]]\nname = \"kubelet\"\nversion = \"v1.36.3\"\nsha256 = \"{kubelet}\"\n\n\
-         [[artifact]]\nname = \"kubectl\"\nversion = \"v1.36.3\"\nsha256 = \"{}\"\n\n\
+        "[[artifact]]\nname = \"kubelet\"\nversion = \"v1.36.3\"\narch = \"amd64\"\nsha256 = \"{kubelet}\"\n\n\
+         [[artifact]]\nname = \"kubectl\"\nversion = \"v1.36.3\"\narch = \"amd64\"\nsha256 = \"{}\"\n\n\
          [[image]]\nreference = \"registry.k8s.io/etcd:3.6.13-0\"\ndigest = \"{}\"\n",
         site.kubectl, site.etcd_index
     );
@@ -185,7 +185,7 @@ fn a_source_serving_other_bytes_fails_the_check_naming_the_entry_and_both_digest
     );
     let kubelet = stderr
         .lines()
-        .find(|l| l.contains("artifact kubelet v1.36.3:"))
+        .find(|l| l.contains("artifact kubelet v1.36.3 amd64:"))
         .unwrap_or_else(|| panic!("{stderr}"));
     assert!(
         kubelet.contains(&format!("gives {}", site.kubelet)),
@@ -201,7 +201,10 @@ fn a_source_serving_other_bytes_fails_the_check_naming_the_entry_and_both_digest
         etcd.contains(&format!("pinned {}", site.etcd_index)),
         "{etcd}"
     );
-    assert!(!stderr.contains("artifact kubectl v1.36.3:"), "{stderr}");
+    assert!(
+        !stderr.contains("artifact kubectl v1.36.3 amd64:"),
+        "{stderr}"
+    );
     assert_eq!(
         lock_text(site.dir.path()),
         before,
@@ -226,12 +229,12 @@ fn an_unpinned_entry_and_an_unreachable_source_are_listed_too() {
 
     assert!(!ok, "{stderr}");
     assert!(
-        stderr.contains("artifact kubelet v1.36.3: no pin"),
+        stderr.contains("artifact kubelet v1.36.3 amd64: no pin"),
         "{stderr}"
     );
     let kubectl = stderr
         .lines()
-        .find(|l| l.contains("artifact kubectl v1.36.3:"))
+        .find(|l| l.contains("artifact kubectl v1.36.3 amd64:"))
         .unwrap_or_else(|| panic!("{stderr}"));
     assert!(kubectl.contains("kubectl"), "{kubectl}");
     assert!(stderr.contains("2 of 3 payload entries differ"), "{stderr}");
@@ -274,7 +277,7 @@ fn an_update_moves_one_entry_prints_both_pins_and_leaves_the_rest() {
     assert_eq!(
         stdout,
         format!(
-            "artifact kubelet: v1.36.3 -> v1.36.4\n    {} -> {newer_sha}\n",
+            "artifact kubelet: v1.36.3 -> v1.36.4\n    amd64 {} -> {newer_sha}\n",
             site.kubelet
         )
     );
@@ -283,17 +286,17 @@ fn an_update_moves_one_entry_prints_both_pins_and_leaves_the_rest() {
         spec,
         SPEC.replacen("version = \"v1.36.3\"", "version = \"v1.36.4\"", 1)
             .replacen(
-                "release/v1.36.3/bin/linux/amd64/kubelet",
-                "release/v1.36.4/bin/linux/amd64/kubelet",
+                "release/v1.36.3/bin/linux/{arch}/kubelet",
+                "release/v1.36.4/bin/linux/{arch}/kubelet",
                 1
             )
     );
     let lock = image_builder::payload::Lock::load(&dir.join("payload.lock")).unwrap();
     assert_eq!(
-        lock.artifact("kubelet", "v1.36.4").unwrap().sha256,
+        lock.artifact("kubelet", "v1.36.4", "amd64").unwrap().sha256,
         newer_sha
     );
-    assert!(lock.artifact("kubelet", "v1.36.3").is_none());
+    assert!(lock.artifact("kubelet", "v1.36.3", "amd64").is_none());
     let old: image_builder::payload::Lock = toml::from_str(&lock_before).unwrap();
     assert_eq!(lock.artifacts[1], old.artifacts[1], "kubectl's pin moved");
     assert_eq!(lock.images, old.images, "the image's pin moved");
@@ -310,7 +313,7 @@ fn an_update_whose_release_cannot_be_fetched_changes_no_file() {
 
     let (ok, _, stderr) = update(&site, "kubelet=v1.99.0");
     assert!(!ok);
-    assert!(stderr.contains("kubelet v1.99.0"), "{stderr}");
+    assert!(stderr.contains("kubelet v1.99.0 amd64"), "{stderr}");
     let (ok, _, stderr) = update(&site, "kubelte=v1.36.4");
     assert!(!ok);
     assert!(

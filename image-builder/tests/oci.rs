@@ -281,6 +281,7 @@ fn the_lock_refresh_pins_artifacts_and_images_from_their_sources() {
         &images,
         &Lock::default(),
         &mirrors,
+        &["amd64"],
         &|_| {},
     )
     .unwrap();
@@ -295,6 +296,7 @@ fn the_lock_refresh_pins_artifacts_and_images_from_their_sources() {
         &images,
         &lock,
         &Mirrors::default(),
+        &["amd64"],
         &|_| {},
     )
     .unwrap();
@@ -312,6 +314,7 @@ fn the_lock_refresh_pins_artifacts_and_images_from_their_sources() {
         &images,
         &Lock::default(),
         &mirrors,
+        &["amd64"],
         &|_| {},
     )
     .unwrap_err();

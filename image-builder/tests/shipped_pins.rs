@@ -65,21 +65,23 @@ fn shipped() -> Shipped {
 /// it, and a pin no entry uses.
 fn differences(s: &Shipped) -> Vec<String> {
     let mut found = Vec::new();
-    for a in &s.spec.payload.artifacts {
-        let what = format!("artifact {} {}", a.name, a.version);
-        let pin = s
-            .lock
-            .artifacts
-            .iter()
-            .find(|p| p.name == a.name && p.version == a.version);
+    for (a, arch) in s.spec.payload.artifacts.iter().flat_map(|a| {
+        s.spec
+            .pinned_arches()
+            .into_iter()
+            .map(move |arch| (a, arch))
+    }) {
+        let what = format!("artifact {} {} {arch}", a.name, a.version);
+        let pin = s.lock.artifact(&a.name, &a.version, arch);
+        let url = a.url_for(arch);
         let published = s
             .published
             .artifact
             .iter()
-            .find(|p| p.url == a.url && p.arch == "amd64");
+            .find(|p| p.url == url && p.arch == arch);
         match (pin, published) {
             (None, _) => found.push(format!("{what} has no pin")),
-            (_, None) => found.push(format!("{what}: nothing published for {}", a.url)),
+            (_, None) => found.push(format!("{what}: nothing published for {url}")),
             (Some(pin), Some(p)) if pin.sha256 != p.sha256 => found.push(format!(
                 "{what}: pinned {}, published {} ({} {})",
                 pin.sha256, p.sha256, p.name, p.version
@@ -106,16 +108,16 @@ fn differences(s: &Shipped) -> Vec<String> {
         }
     }
     for pin in &s.lock.artifacts {
-        let used = s
-            .spec
-            .payload
-            .artifacts
-            .iter()
-            .any(|a| a.name == pin.name && a.version == pin.version);
+        let used = s.spec.pinned_arches().contains(&pin.arch.as_str())
+            && s.spec
+                .payload
+                .artifacts
+                .iter()
+                .any(|a| a.name == pin.name && a.version == pin.version);
         if !used {
             found.push(format!(
-                "pin for artifact {} {} is not in the spec",
-                pin.name, pin.version
+                "pin for artifact {} {} {} is not in the spec",
+                pin.name, pin.version, pin.arch
             ));
         }
     }
@@ -132,7 +134,9 @@ fn differences(s: &Shipped) -> Vec<String> {
 
 #[test]
 fn every_shipped_pin_is_the_published_one() {
-    let found = differences(&shipped());
+    let s = shipped();
+    assert_eq!(s.spec.pinned_arches(), ["amd64", "arm64"]);
+    let found = differences(&s);
     assert!(found.is_empty(), "{found:#?}");
 }
 

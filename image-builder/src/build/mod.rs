@@ -65,6 +65,12 @@ pub enum BuildError {
     StaleLock { lock: PathBuf, spec: PathBuf },
     #[error(transparent)]
     Payload(#[from] crate::payload::PayloadError),
+    #[error(
+        "image.arch = {0:?}: its payload is pinned, but the builder makes amd64 images only \
+         (an {0} image needs its Debian packages, kernel and EFI stub, the node binaries \
+         built for it, and an AMI registered as such; README: \"Other architectures\")"
+    )]
+    Arch(String),
 }
 
 /// Arguments of `image-builder build`.
@@ -330,23 +336,16 @@ fn resolve_payload(
     overlay: &mut Overlay,
 ) -> Result<crate::payload::Recorded, BuildError> {
     use crate::payload;
-    let payload::Inputs {
-        images,
-        lock_path,
-        lock,
-        mirrors,
-    } = payload::Inputs::load(spec, spec_dir, &args.payload)?;
-    if spec.payload.artifacts.is_empty() && images.is_empty() {
+    let inputs = payload::Inputs::load(spec, spec_dir, &args.payload)?;
+    if spec.payload.artifacts.is_empty() && inputs.images.is_empty() {
         return Ok(payload::Recorded::default());
     }
     progress.stage("payload", || {
         let (files, record) = payload::resolve(
             cache,
             &spec.payload.artifacts,
-            &images,
-            &lock,
-            &lock_path,
-            &mirrors,
+            &inputs,
+            &spec.image.arch,
             &|m| progress.note(m),
         )?;
         let bytes: u64 = files
@@ -369,6 +368,9 @@ pub fn run(args: &Args) -> Result<Manifest, BuildError> {
     let mut spec = Spec::load(&args.spec)?;
     if let Some(version) = &args.image_version {
         spec.override_version(version, &args.spec)?;
+    }
+    if !crate::spec::BUILT_ARCHES.contains(&spec.image.arch.as_str()) {
+        return Err(BuildError::Arch(spec.image.arch.clone()));
     }
     let spec_text = fs::read_to_string(&args.spec).map_err(fsio::at("reading", &args.spec))?;
     let spec_dir = args

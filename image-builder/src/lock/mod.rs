@@ -312,12 +312,14 @@ fn lock_payload(
                 &images,
                 &old,
                 &mirrors,
+                &spec.pinned_arches(),
                 &|m| progress.note(m),
             );
             let n = format!("{} differ", found.len());
             Ok::<_, LockError>((found, Outcome::built(n)))
         })?;
-        let total = spec.payload.artifacts.len() + payload::unique_references(&images).len();
+        let total = spec.payload.artifacts.len() * spec.pinned_arches().len()
+            + payload::unique_references(&images).len();
         if !found.is_empty() {
             return Err(LockError::Mismatched {
                 lock: path.display().to_string(),
@@ -341,6 +343,7 @@ fn lock_payload(
             &images,
             &old,
             &mirrors,
+            &spec.pinned_arches(),
             &|m| progress.note(m),
         )
         .map(|l| {
@@ -389,6 +392,7 @@ fn update_payload(
             &new_images,
             old,
             mirrors,
+            &new_spec.pinned_arches(),
             &|m| progress.note(m),
         )
         .map(|l| (l, Outcome::built(format!("{} moved", edited.changes.len()))))
@@ -403,23 +407,31 @@ fn update_payload(
     if let (Some(path), Some(text)) = (&images_path, &edited.images) {
         write(path, text)?;
     }
+    let unpinned = || "(no pin)".to_owned();
     for change in &edited.changes {
-        let digests = match change.what.strip_prefix("artifact ") {
-            Some(name) => (
-                old.artifact(name, &change.from).map(|p| p.sha256.clone()),
-                lock.artifact(name, &change.to).map(|p| p.sha256.clone()),
+        println!("{change}");
+        match change.what.strip_prefix("artifact ") {
+            Some(name) => {
+                for arch in new_spec.pinned_arches() {
+                    let before = old.artifact(name, &change.from, arch);
+                    let after = lock.artifact(name, &change.to, arch);
+                    println!(
+                        "    {arch} {} -> {}",
+                        before.map(|p| p.sha256.clone()).unwrap_or_else(unpinned),
+                        after.map(|p| p.sha256.clone()).unwrap_or_else(unpinned)
+                    );
+                }
+            }
+            None => println!(
+                "    {} -> {}",
+                old.image(&change.from)
+                    .map(|p| p.digest.clone())
+                    .unwrap_or_else(unpinned),
+                lock.image(&change.to)
+                    .map(|p| p.digest.clone())
+                    .unwrap_or_else(unpinned)
             ),
-            None => (
-                old.image(&change.from).map(|p| p.digest.clone()),
-                lock.image(&change.to).map(|p| p.digest.clone()),
-            ),
-        };
-        let unpinned = || "(no pin)".to_owned();
-        println!(
-            "{change}\n    {} -> {}",
-            digests.0.unwrap_or_else(unpinned),
-            digests.1.unwrap_or_else(unpinned)
-        );
+        }
     }
     eprintln!(
         "wrote {}, {}{}",

@@ -173,12 +173,14 @@ fn make(bins: &Path, spec_path: &Path, out: &Path) -> Result<()> {
         artifacts: Some(format!("file://{}", out.join("artifacts").display())),
         registry: None,
     };
-    let mut by_url: BTreeMap<&str, Vec<&image_builder::payload::Artifact>> = BTreeMap::new();
+    // The binaries here are built for the image's architecture only.
+    let arch = spec.image.arch.as_str();
+    let mut by_url: BTreeMap<String, Vec<&image_builder::payload::Artifact>> = BTreeMap::new();
     for a in &spec.payload.artifacts {
-        by_url.entry(a.url.as_str()).or_default().push(a);
+        by_url.entry(a.url_for(arch)).or_default().push(a);
     }
     for (url, arts) in by_url {
-        let local = mirrors.artifact_url(url);
+        let local = mirrors.artifact_url(&url);
         let path = PathBuf::from(local.trim_start_matches("file://"));
         let bytes = if arts.iter().all(|a| a.extract.is_none()) && arts.len() == 1 {
             let file = arts[0].install.file_name().context("install path")?;
@@ -202,6 +204,7 @@ fn make(bins: &Path, spec_path: &Path, out: &Path) -> Result<()> {
             lock.artifacts.push(LockedArtifact {
                 name: a.name.clone(),
                 version: a.version.clone(),
+                arch: arch.to_owned(),
                 sha256: sha.clone(),
             });
         }
@@ -231,12 +234,12 @@ fn make(bins: &Path, spec_path: &Path, out: &Path) -> Result<()> {
             .iter()
             .map(|(d, b)| (d.as_str(), &b[..], 0o755))
             .collect();
-        let image = oci::image_from_files(&cache, reference, "amd64", &layer, &[entry])?;
+        let image = oci::image_from_files(&cache, reference, arch, &layer, &[entry])?;
         // Tagged through an index, as upstream publishes, and pinned by it.
         let target: Reference = reference.parse()?;
-        let index = client.push_indexed(&cache, &target, &image, "amd64")?;
+        let index = client.push_indexed(&cache, &target, &image, arch)?;
         eprintln!(
-            "pushed {reference} (index {index}, linux/amd64 {})",
+            "pushed {reference} (index {index}, linux/{arch} {})",
             image.manifest.digest
         );
         lock.images.push(LockedImage {
