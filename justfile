@@ -84,6 +84,11 @@ build-next: build
 publish region copy_to="": compile
     {{builder}} publish --out {{out}} --region {{region}} {{ if copy_to != "" { "--copy-to " + copy_to } else { "" } }}
 
+# The production path: build out/ from upstream's payload checked against payload.lock, then publish it.
+release region copy_to="": deps compile
+    SLIPWAY_PAYLOAD_LOCK={{justfile_directory()}}/payload.lock {{builder}} build --spec image.toml --out {{out}} --bin-dir {{image_bins}} \
+        --region {{region}} {{ if copy_to != "" { "--copy-to " + copy_to } else { "" } }}
+
 # Build the Kubernetes payload from source with Go, make and push its images, pin them.
 fixtures: deps
     vm-tests/fixtures/build-go.sh {{fixtures_dir}}/out
