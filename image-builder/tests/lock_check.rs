@@ -114,10 +114,14 @@ fn write_lock(site: &Site, kubelet: &str) {
     std::fs::write(site.dir.path().join("payload.lock"), lock).unwrap();
 }
 
-fn check(site: &Site) -> (bool, String) {
+/// `image-builder lock --payload-only ARGS…` over the site, through its
+/// mirrors: whether it succeeded, its stdout and its stderr.
+fn lock(site: &Site, args: &[&str]) -> (bool, String, String) {
     let dir = site.dir.path();
     let out = Command::new(env!("CARGO_BIN_EXE_image-builder"))
-        .args(["lock", "--payload-only", "--check", "--spec"])
+        .args(["lock", "--payload-only"])
+        .args(args)
+        .arg("--spec")
         .arg(dir.join("image.toml"))
         .arg("--cache-dir")
         .arg(dir.join("cache"))
@@ -130,8 +134,18 @@ fn check(site: &Site) -> (bool, String) {
         .unwrap();
     (
         out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+fn check(site: &Site) -> (bool, String) {
+    let (ok, _, stderr) = lock(site, &["--check"]);
+    (ok, stderr)
+}
+
+fn update(site: &Site, request: &str) -> (bool, String, String) {
+    lock(site, &["--update", request])
 }
 
 fn lock_text(dir: &Path) -> String {
@@ -238,27 +252,6 @@ fn an_unpinned_entry_and_an_unreachable_source_are_listed_too() {
         .unwrap_or_else(|| panic!("{stderr}"));
     assert!(kubectl.contains("kubectl"), "{kubectl}");
     assert!(stderr.contains("2 of 3 payload entries differ"), "{stderr}");
-}
-
-fn update(site: &Site, request: &str) -> (bool, String, String) {
-    let dir = site.dir.path();
-    let out = Command::new(env!("CARGO_BIN_EXE_image-builder"))
-        .args(["lock", "--payload-only", "--update", request, "--spec"])
-        .arg(dir.join("image.toml"))
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .arg("--artifact-mirror")
-        .arg(format!("file://{}", dir.join("mirror").display()))
-        .arg("--registry-mirror")
-        .arg(format!("http://{}", site.registry.host))
-        .env_remove("SLIPWAY_PAYLOAD_LOCK")
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]
