@@ -429,7 +429,7 @@ fn bearer_token_auth_through_a_stand_in_token_service() {
 
 #[test]
 fn two_tags_of_the_same_bytes_go_into_the_image_under_their_own_names() {
-    use image_builder::payload::{self, Lock, LockedImage, Mirrors};
+    use image_builder::payload::{self, Inputs, Lock, LockedImage, Mirrors};
     let reg = Registry::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let push_cache = Cache::at(dir.path().join("push"));
@@ -464,17 +464,13 @@ fn two_tags_of_the_same_bytes_go_into_the_image_under_their_own_names() {
     // One cache for both builds, as on a machine that built the older tag first.
     let cache = Cache::at(dir.path().join("cache"));
     for reference in images.values() {
-        let one = std::collections::BTreeMap::from([("cni".to_owned(), reference.clone())]);
-        let (files, record) = payload::resolve(
-            &cache,
-            &[],
-            &one,
-            &lock,
-            std::path::Path::new("payload.lock"),
-            &mirrors,
-            &|_| {},
-        )
-        .unwrap();
+        let inputs = Inputs {
+            images: std::collections::BTreeMap::from([("cni".to_owned(), reference.clone())]),
+            lock_path: "payload.lock".into(),
+            lock: lock.clone(),
+            mirrors: mirrors.clone(),
+        };
+        let (files, record) = payload::resolve(&cache, &[], &inputs, "amd64", &|_| {}).unwrap();
         assert_eq!(record.images[0].reference, *reference);
         let archive = files
             .iter()
