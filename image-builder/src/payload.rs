@@ -522,7 +522,15 @@ impl std::fmt::Display for Mismatch {
                 expected,
                 actual,
             } => write!(f, "{what}: {source} gives {actual}, pinned {expected}"),
-            Self::Unreachable { what, message } => write!(f, "{what}: {message}"),
+            Self::Unreachable { what, message } => {
+                // The source's error usually names the entry already.
+                let named = what.split_once(' ').map_or("", |(_, name)| name);
+                let detail = message
+                    .strip_prefix(named)
+                    .and_then(|m| m.strip_prefix(": "))
+                    .unwrap_or(message);
+                write!(f, "{what}: {detail}")
+            }
         }
     }
 }

@@ -250,7 +250,8 @@ fn an_unpinned_entry_and_an_unreachable_source_are_listed_too() {
         .lines()
         .find(|l| l.contains("artifact kubectl v1.36.3 amd64:"))
         .unwrap_or_else(|| panic!("{stderr}"));
-    assert!(kubectl.contains("kubectl"), "{kubectl}");
+    assert!(kubectl.contains("No such file"), "{kubectl}");
+    assert_eq!(kubectl.matches("kubectl v1.36.3").count(), 1, "{kubectl}");
     assert!(stderr.contains("2 of 3 payload entries differ"), "{stderr}");
 }
 
