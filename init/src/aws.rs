@@ -77,6 +77,7 @@ pub struct Clients {
     pub cfn: aws_sdk_cloudformation::Client,
     pub autoscaling: aws_sdk_autoscaling::Client,
     pub ssm: aws_sdk_ssm::Client,
+    pub route53: aws_sdk_route53::Client,
     pub region: String,
 }
 
@@ -126,6 +127,7 @@ impl Clients {
             cfn: aws_sdk_cloudformation::Client::new(&conf),
             autoscaling: aws_sdk_autoscaling::Client::new(&conf),
             ssm: aws_sdk_ssm::Client::new(&conf),
+            route53: aws_sdk_route53::Client::new(&conf),
             region,
         }
     }

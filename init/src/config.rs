@@ -5,6 +5,7 @@
 //! never panics.
 
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::str::FromStr;
@@ -116,10 +117,12 @@ struct Raw {
     role: Role,
     cluster_name: String,
     secrets_bucket: String,
-    master_ip: String,
+    api_name: String,
     pod_cidr: String,
     service_cidr: String,
     master_eip_allocation: Option<String>,
+    master_dns_zone: Option<String>,
+    master_addresses: Option<BTreeMap<String, String>>,
     master_restore: Option<bool>,
     master_renew_before_days: Option<u32>,
     master_token_hours: Option<u32>,
@@ -137,6 +140,11 @@ struct Raw {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MasterConfig {
     pub eip_allocation: String,
+    /// The Route 53 private hosted zone holding `api_name`'s record.
+    pub dns_zone: String,
+    /// The address reserved for the master in each zone its group spans:
+    /// a master takes its own zone's and points `api_name` at it.
+    pub addresses: BTreeMap<String, Ipv4Addr>,
     /// This boot may start a fresh etcd on a blank volume although the
     /// cluster's PKI exists (a deliberate restore); off by default.
     pub restore: bool,
@@ -246,8 +254,10 @@ pub struct StackConfig {
     pub role: Role,
     pub cluster_name: String,
     pub secrets_bucket: String,
-    /// The master's stable private IP: the API endpoint for kubelets.
-    pub master_ip: Ipv4Addr,
+    /// The API server's name inside the VPC, which every kubelet and
+    /// kube-proxy dials: a record in a private hosted zone that each master
+    /// points at its own zone's reserved address.
+    pub api_name: String,
     pub pod_cidr: Cidr,
     pub service_cidr: Cidr,
     pub master: Option<MasterConfig>,
@@ -333,6 +343,74 @@ fn check_bucket(value: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// A DNS name of lowercase labels, as Route 53 stores it (no trailing dot).
+fn check_dns_name(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if value.len() <= 253 && value.split('.').count() >= 2 && value.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{value:?} is not a DNS name of two or more lowercase labels"),
+        ))
+    }
+}
+
+/// A Route 53 hosted zone ID (upper-case letters and digits, as in
+/// `Z0123456789ABC`, without the `/hostedzone/` prefix).
+fn check_zone_id(value: &str) -> Result<(), ConfigError> {
+    let ok = (1..=32).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "master_dns_zone",
+            format!("{value:?} is not a Route 53 hosted zone ID (upper-case letters and digits)"),
+        ))
+    }
+}
+
+/// The master's reserved address per zone: valid, distinct, and outside
+/// the pod and service networks.
+fn master_addresses(
+    raw: BTreeMap<String, String>,
+    networks: &[Cidr],
+) -> Result<BTreeMap<String, Ipv4Addr>, ConfigError> {
+    let key = "master_addresses";
+    if raw.is_empty() {
+        return Err(invalid(
+            key,
+            "names no zone; the master needs an address in each zone it may run in",
+        ));
+    }
+    let mut out = BTreeMap::new();
+    for (zone, text) in raw {
+        let ip: Ipv4Addr = text
+            .parse()
+            .map_err(|_| invalid(key, format!("{zone}: {text:?} is not an IPv4 address")))?;
+        if networks.iter().any(|n| n.contains(ip)) {
+            return Err(invalid(
+                key,
+                format!("{zone}: {ip} lies inside the pod or service network"),
+            ));
+        }
+        if let Some((other, _)) = out.iter().find(|(_, a)| **a == ip) {
+            return Err(invalid(key, format!("{zone} and {other} share {ip}")));
+        }
+        out.insert(zone, ip);
+    }
+    Ok(out)
+}
+
 /// A TOML error as one line: where, the offending line, and what is wrong.
 fn describe(text: &str, e: &toml::de::Error) -> String {
     let Some(span) = e.span() else {
@@ -361,12 +439,7 @@ impl StackConfig {
     fn validate(raw: Raw) -> Result<Self, ConfigError> {
         check_dns_label("cluster_name", &raw.cluster_name, 40)?;
         check_bucket(&raw.secrets_bucket)?;
-        let master_ip: Ipv4Addr = raw.master_ip.parse().map_err(|_| {
-            invalid(
-                "master_ip",
-                format!("{:?} is not an IPv4 address", raw.master_ip),
-            )
-        })?;
+        check_dns_name("api_name", &raw.api_name)?;
         let pod_cidr: Cidr = raw.pod_cidr.parse().map_err(|e| invalid("pod_cidr", e))?;
         let service_cidr: Cidr = raw
             .service_cidr
@@ -390,12 +463,6 @@ impl StackConfig {
                 format!("{service_cidr} overlaps pod_cidr {pod_cidr}"),
             ));
         }
-        if pod_cidr.contains(master_ip) || service_cidr.contains(master_ip) {
-            return Err(invalid(
-                "master_ip",
-                format!("{master_ip} lies inside the pod or service network"),
-            ));
-        }
         let master = match raw.role {
             Role::Master => {
                 let eip = raw.master_eip_allocation.ok_or(ConfigError::Missing {
@@ -403,8 +470,22 @@ impl StackConfig {
                     role: Role::Master,
                 })?;
                 check_id("master_eip_allocation", &eip, "eipalloc-")?;
+                let dns_zone = raw.master_dns_zone.ok_or(ConfigError::Missing {
+                    key: "master_dns_zone",
+                    role: Role::Master,
+                })?;
+                check_zone_id(&dns_zone)?;
+                let addresses = master_addresses(
+                    raw.master_addresses.ok_or(ConfigError::Missing {
+                        key: "master_addresses",
+                        role: Role::Master,
+                    })?,
+                    &[pod_cidr, service_cidr],
+                )?;
                 Some(MasterConfig {
                     eip_allocation: eip,
+                    dns_zone,
+                    addresses,
                     restore: raw.master_restore.unwrap_or(false),
                     renew_before_days: renew_before_days(raw.master_renew_before_days)?,
                     token_hours: token_hours(raw.master_token_hours)?,
@@ -418,6 +499,8 @@ impl StackConfig {
             }
             Role::Node => {
                 if raw.master_eip_allocation.is_some()
+                    || raw.master_dns_zone.is_some()
+                    || raw.master_addresses.is_some()
                     || raw.master_restore.is_some()
                     || raw.master_renew_before_days.is_some()
                     || raw.master_token_hours.is_some()
@@ -478,7 +561,7 @@ impl StackConfig {
             role: raw.role,
             cluster_name: raw.cluster_name,
             secrets_bucket: raw.secrets_bucket,
-            master_ip,
+            api_name: raw.api_name,
             pod_cidr,
             service_cidr,
             master,
@@ -506,17 +589,19 @@ mod tests {
 role = "master"
 cluster_name = "demo"
 secrets_bucket = "demo-secrets-0123"
-master_ip = "10.0.1.10"
+api_name = "api.demo.slipway.internal"
 pod_cidr = "10.244.0.0/16"
 service_cidr = "10.96.0.0/12"
 master_eip_allocation = "eipalloc-0123456789abcdef0"
+master_dns_zone = "Z0123456789ABCDEFGHIJ"
+master_addresses = { "us-east-1a" = "10.0.1.10", "us-east-1b" = "10.0.2.10" }
 "#;
 
     fn node() -> String {
         MASTER
             .replace("role = \"master\"", "role = \"node\"")
             .lines()
-            .filter(|l| !l.starts_with("master_eip"))
+            .filter(|l| !l.starts_with("master_"))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -553,6 +638,13 @@ master_eip_allocation = "eipalloc-0123456789abcdef0"
         assert_eq!(c.api_service_ip(), Ipv4Addr::new(10, 96, 0, 1));
         assert_eq!(c.dns_service_ip(), Ipv4Addr::new(10, 96, 0, 10));
         assert!(!c.master.as_ref().unwrap().restore);
+        assert_eq!(c.api_name, "api.demo.slipway.internal");
+        let m = c.master.as_ref().unwrap();
+        assert_eq!(m.dns_zone, "Z0123456789ABCDEFGHIJ");
+        assert_eq!(
+            m.addresses.get("us-east-1b"),
+            Some(&Ipv4Addr::new(10, 0, 2, 10))
+        );
         let restore = format!("{MASTER}master_restore = true\n");
         let c = StackConfig::parse(restore.as_bytes()).unwrap();
         assert!(c.master.unwrap().restore);
@@ -610,8 +702,21 @@ master_eip_allocation = "eipalloc-0123456789abcdef0"
             (drop("role"), "role"),
             (drop("cluster_name"), "cluster_name"),
             (drop("secrets_bucket"), "secrets_bucket"),
-            (drop("master_ip"), "master_ip"),
+            (drop("api_name"), "api_name"),
             (drop("master_eip_allocation"), "master_eip_allocation"),
+            (drop("master_dns_zone"), "master_dns_zone"),
+            (drop("master_addresses"), "master_addresses"),
+            (m("api.demo.slipway.internal", "API.demo"), "api_name"),
+            (m("api.demo.slipway.internal", "localhost"), "api_name"),
+            (m("Z0123456789ABCDEFGHIJ", "zone-1"), "master_dns_zone"),
+            (m("\"10.0.2.10\"", "\"10.0.1.10\""), "share 10.0.1.10"),
+            (
+                m(
+                    r#"{ "us-east-1a" = "10.0.1.10", "us-east-1b" = "10.0.2.10" }"#,
+                    "{}",
+                ),
+                "names no zone",
+            ),
             (m("role = \"master\"", "role = \"worker\""), "worker"),
             (m("role = \"master\"", "role = 7"), "role"),
             (
@@ -623,13 +728,16 @@ master_eip_allocation = "eipalloc-0123456789abcdef0"
                 "cluster_name",
             ),
             (m("demo-secrets-0123", "Demo..Secrets"), "secrets_bucket"),
-            (m("10.0.1.10", "10.0.1.300"), "master_ip"),
+            (m("10.0.1.10", "10.0.1.300"), "us-east-1a"),
             (m("10.244.0.0/16", "10.244.0.0"), "pod_cidr"),
             (m("10.244.0.0/16", "10.244.0.0/33"), "pod_cidr"),
             (m("10.244.0.0/16", "10.244.1.0/16"), "host bits"),
             (m("10.244.0.0/16", "10.96.0.0/16"), "overlaps"),
             (m("10.96.0.0/12", "10.96.0.0/30"), "service_cidr"),
-            (m("10.0.1.10", "10.96.0.5"), "master_ip"),
+            (
+                m("10.0.1.10", "10.96.0.5"),
+                "inside the pod or service network",
+            ),
             (
                 m("eipalloc-0123456789abcdef0", "eip-123"),
                 "master_eip_allocation",

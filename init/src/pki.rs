@@ -66,9 +66,31 @@ pub struct Bundle {
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub cluster_name: String,
-    pub master_ip: Ipv4Addr,
+    /// The API's name inside the VPC, which kubelets dial.
+    pub api_name: String,
+    /// Every address the stack reserves for a master (one per zone): the
+    /// certificates are shared by the masters of every zone.
+    pub master_ips: Vec<Ipv4Addr>,
     pub public_ip: Option<Ipv4Addr>,
     pub api_service_ip: Ipv4Addr,
+}
+
+impl Identity {
+    /// What a stack's certificates must name; `public_ip` is the master's
+    /// Elastic IP once it holds it.
+    pub fn of(config: &crate::config::StackConfig, public_ip: Option<Ipv4Addr>) -> Self {
+        Self {
+            cluster_name: config.cluster_name.clone(),
+            api_name: config.api_name.clone(),
+            master_ips: config
+                .master
+                .iter()
+                .flat_map(|m| m.addresses.values().copied())
+                .collect(),
+            public_ip,
+            api_service_ip: config.api_service_ip(),
+        }
+    }
 }
 
 /// When certificates are issued and how long they last: the clock is an
@@ -261,10 +283,19 @@ const KUBECONFIGS: &[(&str, &str, &[&str], bool)] = &[
 ];
 
 /// Where an administrator reaches the API server: the Elastic IP (the
-/// stack's API endpoint) once the master holds it, else the master's
-/// stable private IP.
+/// stack's API endpoint) once the master holds it, else the API's name
+/// inside the VPC.
 pub fn admin_server(id: &Identity) -> String {
-    format!("https://{}:6443", id.public_ip.unwrap_or(id.master_ip))
+    match id.public_ip {
+        Some(ip) => format!("https://{ip}:6443"),
+        None => member_server(id),
+    }
+}
+
+/// Where the cluster's members reach the API server: its name inside the
+/// VPC, which follows the master from zone to zone.
+pub fn member_server(id: &Identity) -> String {
+    format!("https://{}:6443", id.api_name)
 }
 
 /// The `server:` of a kubeconfig.
@@ -285,15 +316,18 @@ fn wanted_sans(stem: &str, id: &Identity) -> Result<Vec<SanType>, PkiError> {
                 dns("kubernetes.default.svc")?,
                 dns("kubernetes.default.svc.cluster.local")?,
                 dns("localhost")?,
+                dns(&id.api_name)?,
                 ip(id.api_service_ip),
-                ip(id.master_ip),
                 ip(Ipv4Addr::LOCALHOST),
             ];
+            sans.extend(id.master_ips.iter().copied().map(ip));
             sans.extend(id.public_ip.map(ip));
             sans
         }
         "etcd/server" | "etcd/peer" => {
-            vec![dns("localhost")?, ip(id.master_ip), ip(Ipv4Addr::LOCALHOST)]
+            let mut sans = vec![dns("localhost")?, ip(Ipv4Addr::LOCALHOST)];
+            sans.extend(id.master_ips.iter().copied().map(ip));
+            sans
         }
         _ => Vec::new(),
     })
@@ -470,8 +504,8 @@ impl Bundle {
         files.insert(ENCRYPTION_KEY.into(), encryption_key()?);
 
         let local = "https://127.0.0.1:6443";
-        // Kubelets use the stable private IP; administrators the Elastic IP.
-        let public = format!("https://{}:6443", id.master_ip);
+        // Kubelets use the API's name; administrators the Elastic IP.
+        let public = member_server(id);
         let admin = admin_server(id);
         for &(file, user, orgs, remote) in KUBECONFIGS {
             let (cert, key) = leaf(
@@ -533,9 +567,10 @@ impl Bundle {
     }
 
     /// This bundle brought up to date for `id`: what a bundle of an older
-    /// release lacks (the Secrets encryption key) added, and `admin.conf`
-    /// pointed at [`admin_server`] (the Elastic IP, once known); `None`
-    /// when nothing changes.
+    /// release lacks (the Secrets encryption key) added, `admin.conf`
+    /// pointed at [`admin_server`] (the Elastic IP, once known) and the
+    /// kubelets' bootstrap kubeconfig at [`member_server`]; `None` when
+    /// nothing changes.
     pub fn completed(&self, id: &Identity) -> Result<Option<Bundle>, PkiError> {
         let mut bundle = self.clone();
         if !bundle.files.contains_key(ENCRYPTION_KEY) {
@@ -543,15 +578,19 @@ impl Bundle {
                 .files
                 .insert(ENCRYPTION_KEY.to_owned(), encryption_key()?);
         }
-        let admin = self.get("admin.conf")?;
-        let wanted = admin_server(id);
-        if let Some(server) = kubeconfig_server(admin).filter(|s| *s != wanted) {
-            let updated = admin.replacen(
-                &format!("server: {server}"),
-                &format!("server: {wanted}"),
-                1,
-            );
-            bundle.files.insert("admin.conf".to_owned(), updated);
+        for (file, wanted) in [
+            ("admin.conf", admin_server(id)),
+            ("bootstrap-kubelet.conf", member_server(id)),
+        ] {
+            let text = self.get(file)?;
+            if let Some(server) = kubeconfig_server(text).filter(|s| *s != wanted) {
+                let updated = text.replacen(
+                    &format!("server: {server}"),
+                    &format!("server: {wanted}"),
+                    1,
+                );
+                bundle.files.insert(file.to_owned(), updated);
+            }
         }
         Ok((bundle != *self).then_some(bundle))
     }
@@ -676,7 +715,8 @@ mod tests {
     pub(super) fn identity() -> Identity {
         Identity {
             cluster_name: "demo".into(),
-            master_ip: Ipv4Addr::new(10, 0, 1, 10),
+            api_name: "api.demo.slipway.internal".into(),
+            master_ips: vec![Ipv4Addr::new(10, 0, 1, 10), Ipv4Addr::new(10, 0, 2, 10)],
             public_ip: Some(Ipv4Addr::new(203, 0, 113, 7)),
             api_service_ip: Ipv4Addr::new(10, 96, 0, 1),
         }
@@ -711,9 +751,12 @@ mod tests {
         let b = Bundle::generate(&id).unwrap();
         let admin = b.get("admin.conf").unwrap();
         assert_eq!(kubeconfig_server(admin), Some("https://203.0.113.7:6443"));
-        // Kubelets keep the stable private IP.
+        // Kubelets dial the API's name.
         let boot = b.get("bootstrap-kubelet.conf").unwrap();
-        assert_eq!(kubeconfig_server(boot), Some("https://10.0.1.10:6443"));
+        assert_eq!(
+            kubeconfig_server(boot),
+            Some("https://api.demo.slipway.internal:6443")
+        );
         // A bundle made before the address was known (or by an older
         // release) is pointed at it, and nothing else changes.
         let before = Bundle::generate(&Identity {
@@ -723,7 +766,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             kubeconfig_server(before.get("admin.conf").unwrap()),
-            Some("https://10.0.1.10:6443")
+            Some("https://api.demo.slipway.internal:6443")
         );
         let after = before.completed(&id).unwrap().expect("admin.conf updated");
         assert_eq!(
@@ -736,6 +779,41 @@ mod tests {
             }
         }
         assert!(after.completed(&id).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_old_bundle_sends_kubelets_to_the_apis_name_and_reissues_what_lacks_it() {
+        let id = identity();
+        // A bundle of a release whose kubelets dialled the master's address.
+        let mut old = Bundle::generate(&id).unwrap();
+        let boot = old.get("bootstrap-kubelet.conf").unwrap().replacen(
+            "server: https://api.demo.slipway.internal:6443",
+            "server: https://10.0.1.250:6443",
+            1,
+        );
+        old.files.insert("bootstrap-kubelet.conf".into(), boot);
+        let done = old.completed(&id).unwrap().expect("the kubeconfig updated");
+        assert_eq!(
+            kubeconfig_server(done.get("bootstrap-kubelet.conf").unwrap()),
+            Some("https://api.demo.slipway.internal:6443")
+        );
+        // Its certificates named one address and no name: the API server's
+        // and etcd's are due at once, however far their end.
+        let narrow = Identity {
+            api_name: "api.old.slipway.internal".into(),
+            master_ips: vec![Ipv4Addr::new(10, 0, 1, 250)],
+            ..id.clone()
+        };
+        let issued = Bundle::generate(&narrow).unwrap();
+        let due: Vec<String> = issued
+            .due(&id, OffsetDateTime::now_utc(), Duration::days(1))
+            .unwrap()
+            .into_iter()
+            .map(|d| d.file)
+            .collect();
+        for stem in ["apiserver.crt", "etcd/server.crt", "etcd/peer.crt"] {
+            assert!(due.iter().any(|f| f == stem), "{stem} not due: {due:?}");
+        }
     }
 
     #[test]

@@ -200,7 +200,7 @@ impl Templates {
         ctx.insert("cluster_name", &config.cluster_name);
         ctx.insert("node_name", &inputs.node_name);
         ctx.insert("node_ip", &inputs.node_ip.map(|ip| ip.to_string()));
-        ctx.insert("master_ip", &config.master_ip.to_string());
+        ctx.insert("api_name", &config.api_name);
         ctx.insert("pod_cidr", &config.pod_cidr.to_string());
         ctx.insert("service_cidr", &config.service_cidr.to_string());
         ctx.insert("dns_service_ip", &config.dns_service_ip().to_string());

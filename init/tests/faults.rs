@@ -44,12 +44,11 @@ async fn a_master_and_a_node_boot_with_30_percent_of_calls_failing() {
         let (mroot, nroot) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let mpaths = master_root(&w, mroot.path());
         let mut master = context(&w, "master", 0, &mpaths.secrets);
-        master.config.master_ip = stable.parse().unwrap();
+        reserve(&mut master, &stable);
         master.paths = mpaths;
         master.runner = Box::new(FileDevices::default());
         master.aws = through(&w, "master", &proxy).await;
         let mut node = context(&w, "node", 1, &nroot.path().join("srv/kubernetes"));
-        node.config.master_ip = stable.parse().unwrap();
         node.paths = Paths {
             manifests: manifests_dir(),
             ..Paths::under(nroot.path())
@@ -60,7 +59,7 @@ async fn a_master_and_a_node_boot_with_30_percent_of_calls_failing() {
         let (m, n) = tokio::join!(steps::bootstrap(&master), steps::bootstrap(&node));
         let m = m.unwrap_or_else(|e| panic!("seed {seed}: master: {e}\n{}", proxy.summary()));
         let n = n.unwrap_or_else(|e| panic!("seed {seed}: node: {e}\n{}", proxy.summary()));
-        assert_eq!(m.len(), 6, "{m:?}");
+        assert_eq!(m.len(), 7, "{m:?}");
         assert_eq!(n.len(), 3, "{n:?}");
         assert!(n[1].detail.contains("fetched the node bundle"), "{n:?}");
 

@@ -20,6 +20,7 @@ use vm_tests::iam::{resolve, stack_names, template_policies, ACCOUNT};
 use vm_tests::policy::{evaluate, evaluate_key, Decision, Request};
 
 const CLUSTER: &str = "demo";
+use vm_tests::iam::API_ZONE;
 const VOLUME: &str = "vol-0123456789abcdef0";
 const ALLOCATION: &str = "eipalloc-0123456789abcdef0";
 const MASTER_ROLE: &str = "slipway-MasterRole-ABC";
@@ -273,6 +274,16 @@ fn boot_requests(member: &Member, role: Role, action: &str) -> Option<Vec<Reques
         "s3:DeleteObject" => vec![r(&object(BACKUP), None)],
         "s3:ListBucket" => vec![r(&format!("arn:aws:s3:::{BUCKET}"), None)
             .with("s3:prefix", &format!("{CLUSTER}/etcd-backups/"))],
+        "route53:ChangeResourceRecordSets" => {
+            vec![api_record(r(&zone_arn(API_ZONE), None), &api_name(), "A")]
+        }
+        "cloudformation:DescribeStacks" => vec![r(
+            &arn(
+                "cloudformation",
+                "stack/slipway/00000000-0000-0000-0000-000000000000",
+            ),
+            None,
+        )],
         "cloudformation:SignalResource" => vec![r(
             &arn(
                 "cloudformation",
@@ -292,6 +303,27 @@ fn boot_requests(member: &Member, role: Role, action: &str) -> Option<Vec<Reques
         )],
         _ => return None,
     })
+}
+
+/// A hosted zone's ARN (Route 53's are global: no region, no account).
+fn zone_arn(id: &str) -> String {
+    format!("arn:aws:route53:::hostedzone/{id}")
+}
+
+/// The API's name inside the VPC, as the template writes it.
+fn api_name() -> String {
+    format!("api.{CLUSTER}.slipway.internal")
+}
+
+/// A change of one record, `name` of type `kind`, as Route 53 describes
+/// it to IAM.
+fn api_record(request: Request, name: &str, kind: &str) -> Request {
+    request
+        .with_set(
+            "route53:ChangeResourceRecordSetsNormalizedRecordNames",
+            &[name],
+        )
+        .with_set("route53:ChangeResourceRecordSetsRecordTypes", &[kind])
 }
 
 /// The SSM parameter that records `cluster`'s restores.
@@ -427,6 +459,52 @@ fn each_member_is_refused_what_only_the_other_calls_and_what_nobody_calls_own_ev
             }
         }
     }
+}
+
+#[test]
+fn the_master_may_point_the_apis_name_and_nothing_else_in_dns_own_evaluator() {
+    let stack = Stack::deploy(&template(), &[]);
+    let change = |zone: &str, name: &str, kind: &str| {
+        let req = MASTER.request("route53:ChangeResourceRecordSets", &zone_arn(zone), None);
+        api_record(req, name, kind)
+    };
+    assert_eq!(
+        stack.decide(Role::Master, &change(API_ZONE, &api_name(), "A")),
+        Decision::Allow
+    );
+    for (what, req) in [
+        (
+            "another name",
+            change(API_ZONE, "www.demo.slipway.internal", "A"),
+        ),
+        ("another type", change(API_ZONE, &api_name(), "TXT")),
+        ("another zone", change("Z9999999999OTHER", &api_name(), "A")),
+        (
+            "the name and another",
+            MASTER
+                .request(
+                    "route53:ChangeResourceRecordSets",
+                    &zone_arn(API_ZONE),
+                    None,
+                )
+                .with_set(
+                    "route53:ChangeResourceRecordSetsNormalizedRecordNames",
+                    &[api_name().as_str(), "mail.demo.slipway.internal"],
+                )
+                .with_set("route53:ChangeResourceRecordSetsRecordTypes", &["A"]),
+        ),
+    ] {
+        assert_ne!(stack.decide(Role::Master, &req), Decision::Allow, "{what}");
+    }
+    let node = NODE.request(
+        "route53:ChangeResourceRecordSets",
+        &zone_arn(API_ZONE),
+        None,
+    );
+    assert_ne!(
+        stack.decide(Role::Node, &api_record(node, &api_name(), "A")),
+        Decision::Allow
+    );
 }
 
 #[test]

@@ -11,6 +11,7 @@ use slipway_init::config::StackConfig;
 use slipway_init::render::{master_node_name, Inputs, RenderError, Rendered, Target, Templates};
 use std::path::{Path, PathBuf};
 
+const MASTER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 1, 10);
 const TOKEN: &str = "abcdef.0123456789abcdef";
 const EXPIRES: &str = "2027-01-16T08:00:00Z";
 const KEY: &str = "c2xpcHdheS10ZXN0LWVuY3J5cHRpb24ta2V5LTMyYnk=";
@@ -21,12 +22,12 @@ fn manifests() -> PathBuf {
 
 fn config(role: &str) -> StackConfig {
     let master = if role == "master" {
-        "master_eip_allocation = \"eipalloc-0123456789abcdef0\"\n"
+        "master_eip_allocation = \"eipalloc-0123456789abcdef0\"\nmaster_dns_zone = \"Z0123456789\"\nmaster_addresses = { \"us-east-1a\" = \"10.0.1.10\" }\n"
     } else {
         ""
     };
     let text = format!(
-        "role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"demo-secrets\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\n{master}"
+        "role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"demo-secrets\"\napi_name = \"api.demo.slipway.internal\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\n{master}"
     );
     StackConfig::parse(text.as_bytes()).unwrap()
 }
@@ -39,11 +40,11 @@ fn render(role: &str) -> Vec<Rendered> {
         .render(&Inputs {
             config: &config,
             node_name: if master {
-                master_node_name(config.master_ip)
+                master_node_name(MASTER_IP)
             } else {
                 "i-0123456789abcdef0".into()
             },
-            node_ip: master.then_some(config.master_ip),
+            node_ip: master.then_some(MASTER_IP),
             pki: PathBuf::from("/srv/kubernetes/pki"),
             bootstrap_token: master.then_some(TOKEN),
             token_expires: master.then_some(EXPIRES),

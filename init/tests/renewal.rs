@@ -19,7 +19,8 @@ use time::{Duration, OffsetDateTime};
 fn identity() -> Identity {
     Identity {
         cluster_name: "demo".into(),
-        master_ip: "10.0.1.10".parse().unwrap(),
+        api_name: "api.demo.slipway.internal".into(),
+        master_ips: vec!["10.0.1.10".parse().unwrap(), "10.0.2.10".parse().unwrap()],
         public_ip: None,
         api_service_ip: "10.96.0.1".parse().unwrap(),
     }

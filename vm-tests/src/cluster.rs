@@ -25,6 +25,7 @@
 //! - instances are "launched" by booting a VM with a fresh root disk made
 //!   from the snapshot, and "terminated" by killing it.
 
+mod resolver;
 mod rolling;
 
 pub use rolling::{Retired, Rolled, RollingUpdate};
@@ -32,11 +33,12 @@ pub use rolling::{Retired, Rolled, RollingUpdate};
 use crate::faults::{FaultProxy, Kind, Plan};
 use crate::iam::Identity;
 use crate::moto::Moto;
-use crate::net::{Forward, Lan, IMDS_ADDR};
+use crate::net::{Forward, Lan, Target, IMDS_ADDR};
 use crate::{imds::Imds, Disk, Image, Nic, Vm, VmConfig};
 use anyhow::{bail, ensure, Context, Result};
 use base64::Engine;
 use image_builder::publish::Release;
+use resolver::Resolver;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -276,6 +278,8 @@ pub struct Cluster {
     // they talk to.
     attachers: BTreeMap<String, Attacher>,
     pub vms: BTreeMap<String, Vm>,
+    /// Route 53's private zone, answered in the network.
+    resolver: Resolver,
     pub opts: Options,
     rt: tokio::runtime::Runtime,
     conf: aws_config::SdkConfig,
@@ -417,6 +421,7 @@ impl Cluster {
             plan = plan.and_first_of_each();
         }
         let faults = FaultProxy::start(&moto.endpoint, plan)?;
+        let resolver = Resolver::start(faults.records(), lan.names());
         let proxy_addr: SocketAddr = faults.endpoint.trim_start_matches("http://").parse()?;
         let forward_aws = lan.forward_in(SocketAddr::from((router, AWS_PORT)), proxy_addr)?;
         let imds = Imds::serve(lan.listen(SocketAddr::from((IMDS_ADDR, 80)))?, [])?;
@@ -437,6 +442,7 @@ impl Cluster {
             user_data: BTreeMap::new(),
             attachers: BTreeMap::new(),
             vms: BTreeMap::new(),
+            resolver,
             forwards: Vec::new(),
             api: None,
             _forward_aws: forward_aws,
@@ -808,6 +814,36 @@ impl Cluster {
         Ok(())
     }
 
+    /// Has the master group launch its next instance outside `lost` (in
+    /// the stack's subnet of another zone), as Auto Scaling does when a
+    /// zone of the group is down; returns that zone. A stand-in: moto
+    /// launches every instance of a group in its first subnet and knows no
+    /// zone's health, so the test narrows the group to the other subnet.
+    pub fn masters_leave_zone(&self, lost: &str) -> Result<String> {
+        let cfn = aws_sdk_cloudformation::Client::new(&self.conf);
+        let asg = aws_sdk_autoscaling::Client::new(&self.conf);
+        let ec2 = self.ec2();
+        self.rt.block_on(async {
+            let group = physical_id(&cfn, "MasterGroup").await?;
+            let subnets = ec2.describe_subnets().send().await?;
+            let (subnet, zone) = subnets
+                .subnets()
+                .iter()
+                .filter_map(|s| Some((s.subnet_id()?, s.availability_zone()?)))
+                .find(|(_, zone)| *zone != lost)
+                .with_context(|| format!("the stack has no subnet outside {lost}"))?;
+            asg.update_auto_scaling_group()
+                .auto_scaling_group_name(&group)
+                .vpc_zone_identifier(subnet)
+                .send()
+                .await?;
+            say(&format!(
+                "{group} launches in {zone} ({subnet}) from now on"
+            ));
+            anyhow::Ok(zone.to_owned())
+        })
+    }
+
     /// Waits for the Auto Scaling group to put a new instance of `role` in
     /// service (one not in `known`).
     pub fn replacement(
@@ -832,13 +868,33 @@ impl Cluster {
         }
     }
 
+    /// Where `port` on the master is now: at the address the API's name
+    /// has (the master's in its zone), asked at each connection.
+    fn master_target(&self, port: u16) -> Result<Target> {
+        let name = self.config_value("api_name")?;
+        let records = std::sync::Arc::clone(&self.resolver.records);
+        Ok(std::sync::Arc::new(move || {
+            Resolver::lookup(&records, &name).map(|ip| SocketAddr::from((ip, port)))
+        }))
+    }
+
+    /// The address the API's name has now: the current master's.
+    pub fn master_address(&self) -> Result<Ipv4Addr> {
+        let name = self.config_value("api_name")?;
+        Resolver::lookup(&self.resolver.records, &name)
+            .with_context(|| format!("{name} has no A record in the stack's hosted zone"))
+    }
+
     /// The administrator's kubeconfig from the secrets bucket, pointed at a
-    /// loopback forwarder to the master's stable IP; written to the run
-    /// directory, and its path returned.
+    /// loopback forwarder to the master (wherever the API's name points);
+    /// written to the run directory, and its path returned.
     pub fn kubeconfig(&mut self) -> Result<PathBuf> {
-        let master_ip: Ipv4Addr = self.config_value("master_ip")?.parse()?;
         if self.api.is_none() {
-            self.api = Some(self.lan.forward_out(SocketAddr::from((master_ip, 6443)))?);
+            let to = self.master_target(6443)?;
+            self.api = Some(
+                self.lan
+                    .forward_out_to(SocketAddr::from(([127, 0, 0, 1], 0)), to)?,
+            );
         }
         let local = self
             .api
@@ -955,10 +1011,13 @@ impl Cluster {
             .with_context(|| format!("`{key}` is not in the master's user data"))
     }
 
-    /// A loopback port forwarded to `port` on the master's stable IP.
+    /// A loopback port forwarded to `port` on the master (wherever the
+    /// API's name points).
     pub fn forward_to_master(&mut self, port: u16) -> Result<SocketAddr> {
-        let ip: Ipv4Addr = self.config_value("master_ip")?.parse()?;
-        let f = self.lan.forward_out(SocketAddr::from((ip, port)))?;
+        let to = self.master_target(port)?;
+        let f = self
+            .lan
+            .forward_out_to(SocketAddr::from(([127, 0, 0, 1], 0)), to)?;
         let local = f.local;
         self.forwards.push(f);
         Ok(local)
@@ -977,10 +1036,8 @@ impl Cluster {
             .trim_start_matches("https://")
             .parse()
             .with_context(|| format!("ApiEndpoint {endpoint}"))?;
-        let master_ip: Ipv4Addr = self.config_value("master_ip")?.parse()?;
-        let f = self
-            .lan
-            .forward_out_at(eip, SocketAddr::from((master_ip, 6443)))?;
+        let to = self.master_target(6443)?;
+        let f = self.lan.forward_out_to(eip, to)?;
         self.forwards.push(f);
         Ok(eip)
     }

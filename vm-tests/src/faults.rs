@@ -191,6 +191,8 @@ struct Shared {
     states: Mutex<Vec<HeldState>>,
     /// The actions whose first request got its fault (`first_of_each`).
     firsts: Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// The A records as the Route 53 changes moto accepted left them.
+    records: Records,
     /// Numbers the request IDs of injected errors.
     next_id: AtomicU64,
 }
@@ -242,6 +244,9 @@ impl Shared {
 }
 
 /// A running proxy on a loopback port; stops when dropped.
+/// A records by name (without the final dot).
+pub type Records = Arc<Mutex<BTreeMap<String, std::net::Ipv4Addr>>>;
+
 #[derive(Debug)]
 pub struct FaultProxy {
     shared: Arc<Shared>,
@@ -251,6 +256,14 @@ pub struct FaultProxy {
 }
 
 impl FaultProxy {
+    /// The A records the members' Route 53 changes made, as moto accepted
+    /// them (kept up to date as more pass): how the test learns the API's
+    /// name without asking moto's Route 53, which refuses signed GETs
+    /// while IAM is enforced.
+    pub fn records(&self) -> Records {
+        Arc::clone(&self.shared.records)
+    }
+
     /// Proxies to `upstream` (`http://127.0.0.1:PORT`, moto's endpoint) from
     /// a free loopback port.
     pub fn start(upstream: &str, plan: Plan) -> Result<Self> {
@@ -276,6 +289,7 @@ impl FaultProxy {
             seen: Mutex::default(),
             firsts: Mutex::default(),
             states: Mutex::default(),
+            records: Records::default(),
             next_id: AtomicU64::new(0),
         });
         // A client that hangs up, or a moto that does, fails this request
@@ -506,6 +520,13 @@ fn forward(
             head.extend_from_slice(&line);
         }
     }
+    let accepted = head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200");
+    if service == "route53" && action == "ChangeResourceRecordSets" && accepted {
+        apply_changes(
+            &String::from_utf8_lossy(&req.body),
+            &mut lock(&shared.records),
+        );
+    }
     let held = held_states(shared, service, action);
     if held.is_empty() {
         head.extend_from_slice(b"Connection: close\r\n\r\n");
@@ -535,6 +556,40 @@ fn forward(
         body.len()
     )?;
     client.flush()
+}
+
+/// The text of every `<tag>…</tag>` in `xml`, in order.
+fn elements<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find(&open) {
+        let after = &rest[start + open.len()..];
+        let Some(end) = after.find(&close) else { break };
+        out.push(&after[..end]);
+        rest = &after[end + close.len()..];
+    }
+    out
+}
+
+/// Applies a ChangeResourceRecordSets request's A-record changes.
+fn apply_changes(body: &str, records: &mut BTreeMap<String, std::net::Ipv4Addr>) {
+    for change in elements(body, "Change") {
+        let first = |tag| elements(change, tag).first().copied().unwrap_or_default();
+        if first("Type") != "A" {
+            continue;
+        }
+        let name = first("Name").trim_end_matches('.').to_owned();
+        match (first("Action"), first("Value").parse()) {
+            ("DELETE", _) => {
+                records.remove(&name);
+            }
+            ("CREATE" | "UPSERT", Ok(ip)) => {
+                records.insert(name, ip);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// How a service spells its errors.
@@ -830,6 +885,8 @@ impl Request {
                 params.insert("Key".to_owned(), decode(key));
             }
             action
+        } else if service == "route53" {
+            route53_action(&self.method, path)
         } else {
             params
                 .get("Action")
@@ -838,6 +895,19 @@ impl Request {
         };
         (service, action, params)
     }
+}
+
+/// Route 53's REST API action for a request: the few the members call.
+fn route53_action(method: &str, path: &str) -> String {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        ("POST", [_, "hostedzone", _, "rrset"]) => "ChangeResourceRecordSets",
+        ("GET", [_, "hostedzone", _, "rrset"]) => "ListResourceRecordSets",
+        ("GET", [_, "change", _]) => "GetChange",
+        ("GET", [_, "hostedzone"]) => "ListHostedZones",
+        _ => "Unknown",
+    }
+    .to_owned()
 }
 
 /// The service in a SigV4 credential (`AKID/20240101/us-east-1/ec2/aws4_request`).
@@ -977,6 +1047,63 @@ mod tests {
         );
         let body: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(body["__type"], "ThrottlingException");
+    }
+
+    #[test]
+    fn accepted_route53_changes_set_and_delete_a_records() {
+        let batch = |action: &str, kind: &str, ip: &str| {
+            format!("<?xml version=\"1.0\"?><ChangeResourceRecordSetsRequest><ChangeBatch><Comment>c</Comment><Changes><Change><Action>{action}</Action><ResourceRecordSet><Name>api.demo.slipway.internal.</Name><Type>{kind}</Type><TTL>30</TTL><ResourceRecords><ResourceRecord><Value>{ip}</Value></ResourceRecord></ResourceRecords></ResourceRecordSet></Change></Changes></ChangeBatch></ChangeResourceRecordSetsRequest>")
+        };
+        let mut records = BTreeMap::new();
+        apply_changes(&batch("UPSERT", "A", "10.0.1.250"), &mut records);
+        apply_changes(&batch("UPSERT", "TXT", "\"x\""), &mut records);
+        assert_eq!(
+            records.get("api.demo.slipway.internal"),
+            Some(&"10.0.1.250".parse().unwrap())
+        );
+        apply_changes(&batch("UPSERT", "A", "10.0.2.250"), &mut records);
+        assert_eq!(records.len(), 1);
+        assert_eq!(
+            records.get("api.demo.slipway.internal"),
+            Some(&"10.0.2.250".parse().unwrap())
+        );
+        apply_changes(&batch("DELETE", "A", "10.0.2.250"), &mut records);
+        assert!(records.is_empty());
+    }
+
+    #[test]
+    fn route53_actions_follow_method_and_path_and_its_throttling_is_query_shaped() {
+        let auth = "Authorization: AWS4-HMAC-SHA256 Credential=k/20240101/us-east-1/route53/aws4_request, Signature=0\r\n";
+        let req = |method: &str, path: &str| {
+            parse(&format!(
+                "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n"
+            ))
+        };
+        for (method, path, action) in [
+            (
+                "POST",
+                "/2013-04-01/hostedzone/Z0123/rrset/",
+                "ChangeResourceRecordSets",
+            ),
+            (
+                "GET",
+                "/2013-04-01/hostedzone/Z0123/rrset",
+                "ListResourceRecordSets",
+            ),
+            ("GET", "/2013-04-01/change/C0123", "GetChange"),
+            ("DELETE", "/2013-04-01/hostedzone/Z0123", "Unknown"),
+        ] {
+            let (service, got, _) = req(method, path).identify();
+            assert_eq!(
+                (service.as_str(), got.as_str()),
+                ("route53", action),
+                "{method} {path}"
+            );
+        }
+        let r = req("POST", "/2013-04-01/hostedzone/Z0123/rrset/");
+        let answer = String::from_utf8(error_answer(&r, "route53", Kind::Throttle, "id")).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+        assert!(answer.contains("<Code>Throttling</Code>"), "{answer}");
     }
 
     #[test]

@@ -264,6 +264,17 @@ fn form_encode(value: &str) -> String {
 
 /// A plain HTTP/1.1 POST with `Connection: close`: status and body.
 fn post(endpoint: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Result<(u16, String)> {
+    http("POST", endpoint, path, headers, body)
+}
+
+/// A plain HTTP/1.1 request with `Connection: close`: status and body.
+pub(crate) fn http(
+    method: &str,
+    endpoint: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<(u16, String)> {
     let host = endpoint
         .strip_prefix("http://")
         .with_context(|| format!("{endpoint}: only http:// is spoken here"))?
@@ -271,7 +282,7 @@ fn post(endpoint: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Res
     let mut stream = TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
     let mut request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
     );
     for (k, v) in headers {
@@ -459,6 +470,10 @@ fn substitute(text: &str, lookup: &dyn Fn(&str) -> Result<String>) -> Result<Str
     Ok(out)
 }
 
+/// The hosted zone ID the policies name for the stack's `ApiZone` (moto
+/// makes its own; the policy evaluation uses this one).
+pub const API_ZONE: &str = "Z0123456789EXAMPLE";
+
 /// The names the template's role policies refer to, for a stack `stack`
 /// of cluster `cluster` whose secrets bucket is `bucket`.
 pub fn stack_names(
@@ -479,6 +494,7 @@ pub fn stack_names(
             ),
         ),
         ("ClusterName", cluster.to_owned()),
+        ("ApiZone", API_ZONE.to_owned()),
         ("SecretsBucket", bucket.to_owned()),
         ("SecretsBucket.Arn", format!("arn:aws:s3:::{bucket}")),
     ]

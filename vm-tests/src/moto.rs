@@ -83,6 +83,31 @@ impl Moto {
     }
 }
 
+impl Moto {
+    /// Every A record of moto's hosted zones (name without the final dot,
+    /// first address), from moto's own model rather than Route 53's API:
+    /// moto refuses Route 53's signed GETs once IAM is enforced (it
+    /// computes another signature for them). The dump holds every model,
+    /// so this is for a test's one look, not for polling.
+    pub fn a_records(&self) -> Result<std::collections::BTreeMap<String, std::net::Ipv4Addr>> {
+        let (status, body) =
+            crate::iam::http("GET", &self.endpoint, "/moto-api/data.json", &[], "")?;
+        anyhow::ensure!(status == 200, "moto's model dump: {status}");
+        let data: serde_json::Value = serde_json::from_str(&body)?;
+        Ok(data["route53"]["RecordSet"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["type"] == "A")
+            .filter_map(|r| {
+                let name = r["name"].as_str()?.trim_end_matches('.').to_owned();
+                let ip = r["records"].as_array()?.first()?.as_str()?.parse().ok()?;
+                Some((name, ip))
+            })
+            .collect())
+    }
+}
+
 impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();

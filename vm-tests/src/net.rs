@@ -1,8 +1,9 @@
 //! A private network for a cluster of VMs: a network namespace the test
 //! creates, holding a bridge with the VPC subnets' router addresses, one tap
-//! per VM, a DHCP server (Debian's dnsmasq) that hands each VM the private
-//! IP its EC2 instance has, and TCP forwarders across the namespace border
-//! (the AWS endpoint into it, the API server and etcd out of it).
+//! per VM, a DHCP and DNS server (Debian's dnsmasq) that hands each VM the
+//! private IP its EC2 instance has and answers for the names the test
+//! gives it (see [`Names`]), and TCP forwarders across the namespace
+//! border (the AWS endpoint into it, the API server and etcd out of it).
 //!
 //! Nothing in the namespace has a route anywhere else: a guest reaches the
 //! bridge, the addresses the test put there, and the other guests.
@@ -127,6 +128,16 @@ pub enum Side {
     Lan,
 }
 
+/// Where a forwarder connects: asked at each connection, so a target that
+/// moves (the master, from zone to zone) is followed; `None` refuses the
+/// connection.
+pub type Target = Arc<dyn Fn() -> Option<SocketAddr> + Send + Sync>;
+
+/// A [`Target`] that never moves.
+pub fn fixed(to: SocketAddr) -> Target {
+    Arc::new(move || Some(to))
+}
+
 /// A TCP forwarder from a listener on one side of the namespace border to
 /// an address on the other. Stops accepting when dropped.
 #[derive(Debug)]
@@ -140,7 +151,7 @@ impl Forward {
         host: File,
         lan: File,
         listen: (Side, SocketAddr),
-        to: (Side, SocketAddr),
+        to: (Side, Target),
     ) -> Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
@@ -169,8 +180,9 @@ impl Forward {
                     break;
                 }
                 let Ok(client) = client else { continue };
+                let Some(target) = (to.1)() else { continue };
                 let Ok(upstream) =
-                    TcpStream::connect_timeout(&to.1, std::time::Duration::from_secs(5))
+                    TcpStream::connect_timeout(&target, std::time::Duration::from_secs(5))
                 else {
                     continue;
                 };
@@ -211,6 +223,32 @@ pub struct Port {
     pub ip: Ipv4Addr,
 }
 
+/// The names the network's DNS server answers for (a hosts file that
+/// dnsmasq reads again on SIGHUP). Cheap to clone and send to a thread.
+#[derive(Debug, Clone)]
+pub struct Names {
+    file: PathBuf,
+    server: Option<u32>,
+}
+
+impl Names {
+    /// Answers each name with its address from now on, and no other name.
+    pub fn set(&self, names: &std::collections::BTreeMap<String, Ipv4Addr>) -> Result<()> {
+        let text: String = names
+            .iter()
+            .map(|(name, ip)| format!("{ip} {name}\n"))
+            .collect();
+        let tmp = self.file.with_extension("new");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.file)?;
+        if let Some(pid) = self.server {
+            // SAFETY: signalling the network's own dnsmasq, our child.
+            unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        }
+        Ok(())
+    }
+}
+
 /// The private network: namespace, bridge, DHCP.
 #[derive(Debug)]
 pub struct Lan {
@@ -248,12 +286,25 @@ impl Lan {
             taps: AtomicUsize::new(0),
         };
         std::fs::write(lan.hosts_file(), "")?;
+        std::fs::write(lan.names_file(), "")?;
         lan.start_dhcp()?;
         Ok(lan)
     }
 
     fn hosts_file(&self) -> PathBuf {
         self.dir.join("dhcp-hosts")
+    }
+
+    fn names_file(&self) -> PathBuf {
+        self.dir.join("dns-names")
+    }
+
+    /// A handle that sets the names the network's DNS server answers for.
+    pub fn names(&self) -> Names {
+        Names {
+            file: self.names_file(),
+            server: self.dhcp.as_ref().map(Child::id),
+        }
     }
 
     fn start_dhcp(&mut self) -> Result<()> {
@@ -277,6 +328,7 @@ impl Lan {
             self.dir.join("dhcp-leases").display()
         ))
         .arg(format!("--dhcp-hostsfile={}", self.hosts_file().display()))
+        .arg(format!("--addn-hosts={}", self.names_file().display()))
         .arg(format!(
             "--log-facility={}",
             self.dir.join("dnsmasq.log").display()
@@ -286,8 +338,10 @@ impl Lan {
             let net = Ipv4Addr::from(u32::from(router) - 1);
             cmd.arg(format!("--dhcp-range={net},static,{mask},12h"));
         }
-        // The resolver is on the router too; it knows no names, like a VPC
-        // resolver with no internet behind it.
+        // The resolver is on the router too. Like a VPC's resolver with no
+        // internet behind it, it knows only the private zone's names the
+        // test gives it (see `Names`); they are answered with TTL 0, so
+        // the guests never hold on to an old address.
         let child = crate::die_with_parent(&mut cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -335,7 +389,7 @@ impl Lan {
             File::open("/proc/thread-self/ns/net")?,
             self.ns.file()?,
             (Side::Lan, listen),
-            (Side::Host, to),
+            (Side::Host, fixed(to)),
         )
     }
 
@@ -347,6 +401,12 @@ impl Lan {
     /// Forwards `listen` on the test's side (a loopback address) to `to`
     /// inside the network.
     pub fn forward_out_at(&self, listen: SocketAddr, to: SocketAddr) -> Result<Forward> {
+        self.forward_out_to(listen, fixed(to))
+    }
+
+    /// Forwards `listen` on the test's side (a loopback address) to
+    /// wherever `to` says at each connection, inside the network.
+    pub fn forward_out_to(&self, listen: SocketAddr, to: Target) -> Result<Forward> {
         anyhow::ensure!(
             listen.ip().is_loopback(),
             "{listen} is not a loopback address: the test talks to nothing else"

@@ -612,12 +612,7 @@ fn serial(bundle: &Bundle, file: &str) -> Result<String> {
 fn backdate(cluster: &Cluster) -> Result<String> {
     let config =
         slipway_init::config::StackConfig::parse(cluster.user_data(Role::Master).as_bytes())?;
-    let id = Identity {
-        cluster_name: config.cluster_name.clone(),
-        master_ip: config.master_ip,
-        public_ip: None,
-        api_service_ip: config.api_service_ip(),
-    };
+    let id = Identity::of(&config, None);
     let back = Validity::at(time::OffsetDateTime::now_utc() - time::Duration::days(300));
     let every_leaf = time::Duration::days(100_000);
     let mut old = bundle(cluster)?
@@ -961,7 +956,7 @@ spec:
     let api = cluster.forward_to_master(6443)?;
     let master_name = format!(
         "ip-{}",
-        cluster.config_value("master_ip")?.replace('.', "-")
+        cluster.master_address()?.to_string().replace('.', "-")
     );
     for (probe, name) in [
         ("probe-master", master_name.as_str()),
@@ -1412,8 +1407,9 @@ spec:
         ));
     }
     kubectl.apply(&cluster, &late)?;
-    // The master is lost at once (its VM killed, no shutdown), as with
-    // its zone.
+    // The master is lost at once (its VM killed, no shutdown) with its
+    // zone: the group's next master starts in the other zone.
+    let other_zone = cluster.masters_leave_zone(&new_master.az)?;
     let lost_at = time::OffsetDateTime::now_utc();
     cluster.terminate(&new_master.id)?;
     let scanning = Instant::now();
@@ -1477,6 +1473,11 @@ spec:
     cluster.lose_volume(&lost)?;
     let known: Vec<String> = vec![master.id.clone(), new_master.id.clone()];
     let restoring = cluster.replacement(Role::Master, &known, REPLACE_DEADLINE)?;
+    ensure!(
+        restoring.az == other_zone && restoring.az != new_master.az,
+        "the replacement master runs in {}, not in {other_zone}",
+        restoring.az
+    );
     let launched = Instant::now();
     cluster.launch(&restoring)?;
     let survivors = wait(

@@ -121,9 +121,11 @@ async fn a_real_etcd_snapshot_is_restored_by_etcdutl_and_served_again() -> Resul
     // The master's fill, with the real etcdutl.
     let config = format!(
         "role = \"master\"\ncluster_name = \"demo\"\nsecrets_bucket = \"{BUCKET}\"\n\
-         master_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\n\
+         api_name = \"api.demo.slipway.internal\"\npod_cidr = \"10.244.0.0/16\"\n\
          service_cidr = \"10.96.0.0/12\"\n\
-         master_eip_allocation = \"eipalloc-0123456789abcdef0\"\n"
+         master_eip_allocation = \"eipalloc-0123456789abcdef0\"\n\
+         master_dns_zone = \"Z0123456789\"\n\
+         master_addresses = {{ \"us-east-1b\" = \"10.0.1.10\" }}\n"
     );
     let ctx = Context {
         config: StackConfig::parse(config.as_bytes())?,

@@ -122,7 +122,7 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     // itself), once its kubelet has registered the node; and its release
     // label, which a replacement master's kubelet does not put on the Node
     // its predecessor registered under the same name.
-    let name = super::leave::own_node(ctx);
+    let name = super::leave::own_node(ctx)?;
     let node = format!("node/{name}");
     let release = crate::render::image_release(&ctx.paths.etc)
         .map(|r| format!("{}={r}", crate::render::RELEASE_LABEL));

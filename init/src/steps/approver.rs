@@ -264,7 +264,8 @@ async fn instances(ctx: &Context, states: &[&str]) -> Result<Vec<Instance>, Step
 
 /// This cluster's running and pending instances, from EC2 by their tags.
 pub async fn members(ctx: &Context) -> Result<Members, StepError> {
-    let master = master_node_name(ctx.config.master_ip);
+    let master_ip = ctx.master_ip()?;
+    let master = master_node_name(master_ip);
     let mut members = Members::new();
     for instance in &instances(ctx, &["running", "pending"]).await? {
         let Some(id) = instance.instance_id() else {
@@ -299,7 +300,7 @@ pub async fn members(ctx: &Context) -> Result<Members, StepError> {
             Some("node") => {
                 members.insert(id.to_owned(), m);
             }
-            Some("master") if m.addresses.contains(&IpAddr::V4(ctx.config.master_ip)) => {
+            Some("master") if m.addresses.contains(&IpAddr::V4(master_ip)) => {
                 members.insert(master.clone(), m);
             }
             _ => {}
@@ -319,12 +320,12 @@ fn instance_named(name: &str) -> bool {
 }
 
 /// The Nodes in `kubectl get nodes -o json` output that the sweep may
-/// delete if EC2 no longer has their instance: named like an instance,
-/// not the master, and NotReady (Ready `False` or `Unknown`) since
+/// delete: those `swept` names (named like an instance, or like a master
+/// in another zone) and NotReady (Ready `False` or `Unknown`) since
 /// [`SWEEP_AFTER`] before `now` at least. With how long, for the journal.
 pub fn long_not_ready(
     json: &str,
-    master: &str,
+    swept: impl Fn(&str) -> bool,
     now: OffsetDateTime,
 ) -> Result<Vec<(String, time::Duration)>, StepError> {
     let list: serde_json::Value = serde_json::from_str(json).map_err(|e| StepError::Invalid {
@@ -334,7 +335,7 @@ pub fn long_not_ready(
     let mut out = Vec::new();
     for node in list["items"].as_array().into_iter().flatten() {
         let name = node["metadata"]["name"].as_str().unwrap_or_default();
-        if name == master || !instance_named(name) {
+        if !swept(name) {
             continue;
         }
         let ready = node["status"]["conditions"]
@@ -366,26 +367,51 @@ async fn existing_instances(ctx: &Context) -> Result<BTreeSet<String>, StepError
         .collect())
 }
 
-/// Deletes the Nodes of instances EC2 no longer has (terminated, or
-/// unknown to it) once they have been NotReady for [`SWEEP_AFTER`]; EC2 is
-/// asked only when such a Node exists. Returns the Nodes deleted.
+/// The Node names of the masters of the other zones: a master that ran
+/// there before this one moved the cluster to this zone.
+pub fn other_masters(ctx: &Context) -> Result<Vec<String>, StepError> {
+    let mine = ctx.master_ip()?;
+    Ok(ctx
+        .config
+        .master
+        .iter()
+        .flat_map(|m| m.addresses.values())
+        .filter(|ip| **ip != mine)
+        .map(|ip| master_node_name(*ip))
+        .collect())
+}
+
+/// Deletes, once they have been NotReady for [`SWEEP_AFTER`], the Nodes of
+/// instances EC2 no longer has (terminated, or unknown to it), and those
+/// of the masters of other zones (the group runs one master, and it is
+/// this one). EC2 is asked only when an instance's Node is a candidate.
+/// Returns the Nodes deleted.
 pub async fn sweep(ctx: &Context, now: OffsetDateTime) -> Result<Vec<String>, StepError> {
     let kubectl = super::addons::kubectl(ctx);
-    let master = master_node_name(ctx.config.master_ip);
-    let candidates = long_not_ready(&kubectl(&["get", "nodes", "--output=json"])?, &master, now)?;
+    let masters = other_masters(ctx)?;
+    let swept = |name: &str| instance_named(name) || masters.iter().any(|m| m == name);
+    let candidates = long_not_ready(&kubectl(&["get", "nodes", "--output=json"])?, swept, now)?;
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
-    let existing = existing_instances(ctx).await?;
+    let existing = if candidates.iter().any(|(n, _)| instance_named(n)) {
+        existing_instances(ctx).await?
+    } else {
+        BTreeSet::new()
+    };
     let mut deleted = Vec::new();
     for (node, for_how_long) in candidates {
-        if existing.contains(&node) {
+        let why = if !instance_named(&node) {
+            "a master of another zone, and this master has taken over"
+        } else if existing.contains(&node) {
             continue;
-        }
+        } else {
+            "its instance is gone from EC2"
+        };
         kubectl(&["delete", &format!("node/{node}"), "--wait=false"])?;
         tracing::warn!(
             step = STEP,
-            "deleted node/{node}: NotReady for {}s and its instance is gone from EC2",
+            "deleted node/{node}: NotReady for {}s and {why}",
             for_how_long.whole_seconds()
         );
         deleted.push(node);
@@ -444,7 +470,7 @@ pub async fn once(ctx: &Context) -> Result<Vec<(String, Verdict)>, StepError> {
         return Ok(Vec::new());
     }
     let members = members(ctx).await?;
-    let master = master_node_name(ctx.config.master_ip);
+    let master = master_node_name(ctx.master_ip()?);
     let mut decided = Vec::new();
     for req in mine {
         let verdict = judge(req, &members, &master);
@@ -521,10 +547,13 @@ mod tests {
             node("i-0aaaaaaaaaaaaaaa3", "Unknown", "2026-12-03T09:58:00Z"),
             node("i-0aaaaaaaaaaaaaaa4", "True", "2026-12-03T08:00:00Z"),
             node(MASTER, "Unknown", "2026-12-03T08:00:00Z"),
+            node("ip-10-0-2-10", "Unknown", "2026-12-03T09:54:00Z"),
             node("worker-1", "Unknown", "2026-12-03T08:00:00Z"),
             node("i-0aaaaaaaaaaaaaaa5", "Unknown", "not a time"),
         ]});
-        let found = long_not_ready(&list.to_string(), MASTER, now).unwrap();
+        let other_master = "ip-10-0-2-10";
+        let swept = |n: &str| instance_named(n) || n == other_master;
+        let found = long_not_ready(&list.to_string(), swept, now).unwrap();
         assert_eq!(
             found,
             [
@@ -533,9 +562,10 @@ mod tests {
                     time::Duration::minutes(10)
                 ),
                 ("i-0aaaaaaaaaaaaaaa2".to_owned(), time::Duration::minutes(5)),
+                ("ip-10-0-2-10".to_owned(), time::Duration::minutes(6)),
             ]
         );
-        assert!(long_not_ready("not json", MASTER, now).is_err());
+        assert!(long_not_ready("not json", swept, now).is_err());
         assert!(!instance_named("i-"));
         assert!(!instance_named("i-xyz"));
     }

@@ -54,10 +54,10 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
     let templates = Templates::load(&ctx.paths.manifests)?;
     let pki = ctx.paths.secrets.join("pki");
     let master = config.role == Role::Master;
-    let node_name = if master {
-        render::master_node_name(config.master_ip)
-    } else {
-        ctx.instance.id.clone()
+    let master_ip = if master { Some(ctx.master_ip()?) } else { None };
+    let node_name = match master_ip {
+        Some(ip) => render::master_node_name(ip),
+        None => ctx.instance.id.clone(),
     };
     let token = if master {
         Some(bundle.get("bootstrap-token")?)
@@ -67,7 +67,7 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
     let files = templates.render(&Inputs {
         config,
         node_name: node_name.clone(),
-        node_ip: master.then_some(config.master_ip),
+        node_ip: master_ip,
         pki: pki.clone(),
         bootstrap_token: token,
         token_expires: if master {
@@ -95,9 +95,9 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
         // (the renewal restarts kubelet to read it).
         let path = kubelet_conf(ctx);
         if kubelet_conf_due(&path, renew_window(ctx))? {
-            let server = format!("https://{}:6443", config.master_ip);
-            let kubeconfig =
-                bundle.kubelet_kubeconfig(&node_name, &server, &config.cluster_name)?;
+            // Its own API server, wherever the API's name points yet.
+            let server = "https://127.0.0.1:6443";
+            let kubeconfig = bundle.kubelet_kubeconfig(&node_name, server, &config.cluster_name)?;
             written += usize::from(write_if_changed(&path, &kubeconfig, 0o600)?);
         }
     }

@@ -63,14 +63,14 @@ fn kubelet_kubectl(ctx: &Context) -> impl Fn(&[&str]) -> Result<String, StepErro
 pub const CORDON_ANNOTATION: &str = "slipway/cordoned-by";
 const CORDONED_BY_LEAVE: &str = "leave";
 
-/// This member's Node name: the master's is fixed by its address (a
-/// replacement registers under its predecessor's), a node's is its
-/// instance ID.
-pub fn own_node(ctx: &Context) -> String {
-    match ctx.config.role {
-        Role::Master => crate::render::master_node_name(ctx.config.master_ip),
+/// This member's Node name: the master's is fixed by its zone's address
+/// (a replacement in the same zone registers under its predecessor's), a
+/// node's is its instance ID.
+pub fn own_node(ctx: &Context) -> Result<String, StepError> {
+    Ok(match ctx.config.role {
+        Role::Master => crate::render::master_node_name(ctx.master_ip()?),
         Role::Node => ctx.instance.id.clone(),
-    }
+    })
 }
 
 /// Waits (up to `node-ready`) until `node` is Ready in the API, then lifts
@@ -149,7 +149,7 @@ pub async fn rejoin(ctx: &Context) -> Result<Report, StepError> {
         ));
     }
     let kubectl = kubelet_kubectl(ctx);
-    let object = format!("node/{}", own_node(ctx));
+    let object = format!("node/{}", own_node(ctx)?);
     let get = || kubectl(&["get", &object, "--output=name"]);
     match get() {
         Ok(_) => Ok(Report::already(
@@ -205,7 +205,7 @@ pub async fn ready(ctx: &Context) -> Result<Report, StepError> {
         ));
     }
     let kubectl = kubelet_kubectl(ctx);
-    let detail = until_ready(ctx, &kubectl, &own_node(ctx)).await?;
+    let detail = until_ready(ctx, &kubectl, &own_node(ctx)?).await?;
     Ok(Report::changed(READY_STEP, detail))
 }
 
@@ -263,7 +263,7 @@ fn pods_to_move(
 /// Returns what it did.
 async fn drain(ctx: &Context) -> Result<String, StepError> {
     let kubectl = kubelet_kubectl(ctx);
-    let node = own_node(ctx);
+    let node = own_node(ctx)?;
     let node = node.as_str();
     let cordon = serde_json::json!({
         "metadata": {"annotations": {CORDON_ANNOTATION: CORDONED_BY_LEAVE}},
@@ -403,7 +403,14 @@ pub async fn leave(ctx: &Context) -> Result<Report, StepError> {
                 tracing::warn!(step = LEAVE_STEP, "{e}; stopping all the same");
                 format!("not drained ({e})")
             });
-            format!("{drained}; {}", stop_control_plane(ctx).await?)
+            let stopped = stop_control_plane(ctx).await?;
+            // The API's record goes only with the stack; failing to look
+            // does not hold the departure back.
+            let record = super::api_record::leave(ctx).await.unwrap_or_else(|e| {
+                tracing::warn!(step = LEAVE_STEP, "{e}");
+                format!("the API's record left as it is ({e})")
+            });
+            format!("{drained}; {stopped}; {record}")
         }
     };
     Ok(Report::changed(LEAVE_STEP, detail))

@@ -3,6 +3,7 @@
 //! and can run again after a crash, a reboot or an instance replacement.
 
 pub mod addons;
+pub mod api_record;
 pub mod approver;
 pub mod attempts;
 pub mod backup;
@@ -142,6 +143,38 @@ pub struct Context {
     pub deadlines: Deadlines,
 }
 
+impl Context {
+    /// This master's address: the one its stack reserves in the master's
+    /// zone. The API server, etcd and the master's Node use it.
+    pub fn master_ip(&self) -> Result<std::net::Ipv4Addr, StepError> {
+        let zone = &self.instance.availability_zone;
+        let master = self
+            .config
+            .master
+            .as_ref()
+            .ok_or_else(|| StepError::Invalid {
+                what: "master_addresses".into(),
+                message: "only a master has a reserved address".into(),
+            })?;
+        master
+            .addresses
+            .get(zone)
+            .copied()
+            .ok_or_else(|| StepError::Refused {
+                what: "master_addresses".into(),
+                message: format!(
+                    "this master runs in {zone}, but its stack reserves an address only in {}",
+                    master
+                        .addresses
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
     /// An AWS call that failed after the retries of [`crate::aws::CallPolicy`].
@@ -258,11 +291,13 @@ pub fn calls(role: Role) -> Vec<&'static str> {
             volume::CALLS,
             eip::CALLS,
             private_ip::CALLS,
+            api_record::CALLS,
             secrets::MASTER_CALLS,
             signal::CALLS,
             attempts::CALLS,
             approver::CALLS,
             backup::CALLS,
+            api_record::LEAVE_CALLS,
         ],
         Role::Node => &[
             srcdest::CALLS,
@@ -318,6 +353,7 @@ pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, Failed> {
             let (r, public_ip) = bounded(ctx, eip::STEP, eip::run(ctx)).await?;
             record(r);
             record(bounded(ctx, private_ip::STEP, private_ip::run(ctx)).await?);
+            record(bounded(ctx, api_record::STEP, api_record::run(ctx)).await?);
             let pki = secrets::master(ctx, Some(public_ip));
             let (r, bundle) = bounded(ctx, secrets::STEP, pki).await?;
             record(r);
@@ -341,11 +377,11 @@ pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, Failed> {
 #[cfg(test)]
 pub(crate) async fn test_context(role: &str, runner: Box<dyn Runner>, root: &Path) -> Context {
     let master = if role == "master" {
-        "master_eip_allocation = \"eipalloc-0123456789abcdef0\"\n"
+        "master_eip_allocation = \"eipalloc-0123456789abcdef0\"\nmaster_dns_zone = \"Z0123456789\"\nmaster_addresses = { \"us-east-1a\" = \"10.0.1.10\", \"us-east-1b\" = \"10.0.2.10\" }\n"
     } else {
         ""
     };
-    let text = format!("role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"b-1\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\n{master}");
+    let text = format!("role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"b-1\"\napi_name = \"api.demo.slipway.internal\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\n{master}");
     Context {
         config: crate::config::StackConfig::parse(text.as_bytes()).unwrap(),
         instance: Instance {

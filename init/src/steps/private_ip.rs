@@ -1,4 +1,5 @@
-//! The master's stable private IP: the address every kubelet talks to.
+//! The master's stable private IP: the address its stack reserves in the
+//! master's zone, which the API's name points at (see `api_record`).
 //! Assigned to this instance's primary network interface (taken from a
 //! dead predecessor if need be) and configured on the host interface.
 
@@ -17,7 +18,7 @@ pub fn default_interface(route_table: &str) -> Option<String> {
 }
 
 pub async fn run(ctx: &Context) -> Result<Report, StepError> {
-    let ip = ctx.config.master_ip.to_string();
+    let ip = ctx.master_ip()?.to_string();
     let id = &ctx.instance.id;
     let described = ctx
         .aws

@@ -384,8 +384,9 @@ pub async fn fill(ctx: &Context, mount: &Path, key: &str) -> Result<Option<Strin
     std::fs::create_dir_all(&ctx.paths.run).map_err(io(&ctx.paths.run))?;
     let etcdutl = ctx.paths.run.join("etcdutl");
     super::images::extract(&ctx.paths.images, "etcd", ETCDUTL_IN_IMAGE, &etcdutl)?;
-    let name = crate::render::master_node_name(ctx.config.master_ip);
-    let peer = format!("https://{}:2380", ctx.config.master_ip);
+    let ip = ctx.master_ip()?;
+    let name = crate::render::master_node_name(ip);
+    let peer = format!("https://{ip}:2380");
     ctx.runner.run(
         &etcdutl.to_string_lossy(),
         &[

@@ -192,12 +192,7 @@ pub async fn master_outcome(
 ) -> Result<Outcome, StepError> {
     let cluster = &ctx.config.cluster_name;
     let key = pki_key(cluster);
-    let id = Identity {
-        cluster_name: cluster.clone(),
-        master_ip: ctx.config.master_ip,
-        public_ip,
-        api_service_ip: ctx.config.api_service_ip(),
-    };
+    let id = Identity::of(&ctx.config, public_ip);
     let (shared, mut detail, generated) = match get(ctx, &key).await? {
         Some(object) => {
             let bundle = parse(&key, &object.body)?;

@@ -32,6 +32,8 @@ pub struct World {
     pub instances: Vec<Instance>,
     pub bucket: String,
     pub volume: String,
+    /// The private hosted zone the API's name lives in.
+    pub zone: String,
 }
 
 /// The stack template in the source tree, as JSON.
@@ -102,6 +104,19 @@ pub async fn world_with(instances: usize, template: &serde_json::Value) -> World
         .send()
         .await
         .expect("bucket");
+    let zone = aws
+        .route53
+        .create_hosted_zone()
+        .name("demo.slipway.internal")
+        .caller_reference("demo")
+        .send()
+        .await
+        .expect("hosted zone")
+        .hosted_zone()
+        .expect("zone")
+        .id()
+        .trim_start_matches("/hostedzone/")
+        .to_owned();
     World {
         moto,
         aws,
@@ -114,6 +129,7 @@ pub async fn world_with(instances: usize, template: &serde_json::Value) -> World
         instances,
         bucket,
         volume: "vol-0123456789abcdef0".into(),
+        zone,
     }
 }
 
@@ -129,18 +145,31 @@ pub async fn ami(aws: &Clients) -> String {
     images.images()[0].image_id().expect("ami").to_owned()
 }
 
+/// The API's name in the tests' stack config.
+pub const API_NAME: &str = "api.demo.slipway.internal";
+
+/// Makes `ip` the master's reserved address in `ctx`'s zone.
+pub fn reserve(ctx: &mut Context, ip: &str) {
+    let zone = ctx.instance.availability_zone.clone();
+    let master = ctx.config.master.as_mut().expect("a master's config");
+    master.addresses.insert(zone, ip.parse().unwrap());
+}
+
 pub fn config(w: &World, role: &str) -> StackConfig {
     StackConfig::parse(config_text(w, role).as_bytes()).expect("config")
 }
 
 pub fn config_text(w: &World, role: &str) -> String {
     let master = if role == "master" {
-        format!("master_eip_allocation = \"{}\"\n", w.alloc)
+        format!(
+            "master_eip_allocation = \"{}\"\nmaster_dns_zone = \"{}\"\nmaster_addresses = {{ \"{REGION}a\" = \"10.0.1.10\", \"{REGION}b\" = \"10.0.2.10\" }}\n",
+            w.alloc, w.zone
+        )
     } else {
         String::new()
     };
     format!(
-        "role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"{}\"\nmaster_ip = \"10.0.1.10\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\nregion = \"{REGION}\"\n{master}",
+        "role = \"{role}\"\ncluster_name = \"demo\"\nsecrets_bucket = \"{}\"\napi_name = \"{API_NAME}\"\npod_cidr = \"10.244.0.0/16\"\nservice_cidr = \"10.96.0.0/12\"\nregion = \"{REGION}\"\n{master}",
         w.bucket
     )
 }
@@ -414,12 +443,10 @@ pub fn master_root(w: &World, root: &std::path::Path) -> Paths {
 
 /// What a first master leaves for nodes: `<cluster>/node.json` from a fresh PKI.
 pub async fn publish_node_bundle(w: &World) {
-    let pki = slipway_init::pki::Bundle::generate(&slipway_init::pki::Identity {
-        cluster_name: "demo".into(),
-        master_ip: "10.0.1.10".parse().unwrap(),
-        public_ip: None,
-        api_service_ip: "10.96.0.1".parse().unwrap(),
-    })
+    let pki = slipway_init::pki::Bundle::generate(&slipway_init::pki::Identity::of(
+        &config(w, "master"),
+        None,
+    ))
     .unwrap();
     let body = serde_json::to_vec(&pki.node_bundle().unwrap()).unwrap();
     w.aws
