@@ -445,3 +445,51 @@ fn the_binary_rejects_a_bad_config_by_name_and_exit_code() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apis_name_follows_the_master_across_zones_and_goes_only_with_the_stack() {
+    let w = world(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctx = context(&w, "master", 0, dir.path());
+    for (zone, ip) in [("us-east-1a", "10.0.1.10"), ("us-east-1b", "10.0.2.10")] {
+        ctx.instance.availability_zone = zone.into();
+        let report = steps::api_record::run(&ctx).await.unwrap();
+        assert!(report.detail.contains(ip), "{report:?}");
+        let records = w.moto.a_records().unwrap();
+        assert_eq!(records.get(API_NAME), Some(&ip.parse().unwrap()), "{zone}");
+    }
+    // A zone the stack reserves no address in is refused by name.
+    ctx.instance.availability_zone = "us-east-1c".into();
+    let err = steps::api_record::run(&ctx).await.unwrap_err();
+    assert!(err.to_string().contains("us-east-1c"), "{err}");
+    ctx.instance.availability_zone = "us-east-1b".into();
+
+    // A departure while the stack stands keeps the record for the next
+    // master (the master asks CloudFormation, as its role allows). moto
+    // misreads CreateStack's signature, so that call goes unenforced (and
+    // may answer a retry with AlreadyExists: the master's DescribeStacks
+    // below fails if there is no stack).
+    w.moto.relax_iam(100).unwrap();
+    let _ = w
+        .aws
+        .cfn
+        .create_stack()
+        .stack_name("slipway")
+        .template_body(
+            r#"{"Resources": {"P": {"Type": "AWS::SSM::Parameter", "Properties": {"Type": "String", "Value": "x"}}}}"#,
+        )
+        .send()
+        .await;
+    w.moto.enforce_iam().unwrap();
+    ctx.config.signal = Some(slipway_init::config::Signal {
+        stack: "slipway".into(),
+        resource: "MasterGroup".into(),
+    });
+    let said = steps::api_record::leave(&ctx).await.unwrap();
+    assert!(said.contains("kept"), "{said}");
+    assert!(w.moto.a_records().unwrap().contains_key(API_NAME));
+    // With the stack going, the record goes with the values it was set to
+    // (moto, like Route 53, deletes a record only given them).
+    steps::api_record::delete(&ctx).await.unwrap();
+    assert!(!w.moto.a_records().unwrap().contains_key(API_NAME));
+}

@@ -84,8 +84,8 @@ impl Moto {
 }
 
 impl Moto {
-    /// Every A record of moto's hosted zones (name without the final dot,
-    /// first address), from moto's own model rather than Route 53's API:
+    /// Every A record of moto's hosted zones now (name without the final
+    /// dot, first address), from moto's own model rather than Route 53's API:
     /// moto refuses Route 53's signed GETs once IAM is enforced (it
     /// computes another signature for them). The dump holds every model,
     /// so this is for a test's one look, not for polling.
@@ -94,17 +94,40 @@ impl Moto {
             crate::iam::http("GET", &self.endpoint, "/moto-api/data.json", &[], "")?;
         anyhow::ensure!(status == 200, "moto's model dump: {status}");
         let data: serde_json::Value = serde_json::from_str(&body)?;
-        Ok(data["route53"]["RecordSet"]
+        // Every record set moto ever made stays in the dump; each zone's
+        // accepted changes, replayed in order, say which are current.
+        let mut records = std::collections::BTreeMap::new();
+        let zones = data["route53"]["FakeZone"]
             .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|r| r["type"] == "A")
-            .filter_map(|r| {
-                let name = r["name"].as_str()?.trim_end_matches('.').to_owned();
-                let ip = r["records"].as_array()?.first()?.as_str()?.parse().ok()?;
-                Some((name, ip))
-            })
-            .collect())
+            .cloned()
+            .unwrap_or_default();
+        for change in zones
+            .iter()
+            .flat_map(|z| z["rr_changes"].as_array().cloned().unwrap_or_default())
+        {
+            let set = &change["ResourceRecordSet"];
+            if set["Type"] != "A" {
+                continue;
+            }
+            let name = set["Name"]
+                .as_str()
+                .unwrap_or_default()
+                .trim_end_matches('.')
+                .to_owned();
+            let ip = set["ResourceRecords"][0]["Value"]
+                .as_str()
+                .and_then(|v| v.parse().ok());
+            match (change["Action"].as_str(), ip) {
+                (Some("DELETE"), _) => {
+                    records.remove(&name);
+                }
+                (Some("CREATE" | "UPSERT"), Some(ip)) => {
+                    records.insert(name, ip);
+                }
+                _ => {}
+            }
+        }
+        Ok(records)
     }
 }
 

@@ -134,6 +134,14 @@ async fn stack_deleting(ctx: &Context) -> Result<bool, StepError> {
     }))
 }
 
+/// Deletes the record this master set (Route 53 deletes a record only
+/// given its current values: this master's address and [`TTL`]).
+pub async fn delete(ctx: &Context) -> Result<(), StepError> {
+    let ip = ctx.master_ip()?;
+    let why = format!("{} left with its stack", ctx.instance.id);
+    send(ctx, ChangeAction::Delete, ip, &why).await
+}
+
 /// At a master's departure: deletes the record if the stack is being
 /// deleted (so CloudFormation can delete the zone), and otherwise leaves
 /// it for the next master. Says what it did.
@@ -141,9 +149,7 @@ pub async fn leave(ctx: &Context) -> Result<String, StepError> {
     if !stack_deleting(ctx).await? {
         return Ok(format!("{} kept for the next master", ctx.config.api_name));
     }
-    let ip = ctx.master_ip()?;
-    let why = format!("{} left with its stack", ctx.instance.id);
-    send(ctx, ChangeAction::Delete, ip, &why).await?;
+    delete(ctx).await?;
     Ok(format!(
         "{} deleted (the stack is being deleted)",
         ctx.config.api_name
