@@ -825,7 +825,16 @@ impl Cluster {
         let ec2 = self.ec2();
         self.rt.block_on(async {
             let group = physical_id(&cfn, "MasterGroup").await?;
-            let subnets = ec2.describe_subnets().send().await?;
+            // The stack's own subnets (moto's default VPC has more).
+            let mut ids = Vec::new();
+            for logical in ["SubnetA", "SubnetB"] {
+                ids.push(physical_id(&cfn, logical).await?);
+            }
+            let subnets = ec2
+                .describe_subnets()
+                .set_subnet_ids(Some(ids))
+                .send()
+                .await?;
             let (subnet, zone) = subnets
                 .subnets()
                 .iter()

@@ -1410,6 +1410,7 @@ spec:
     // The master is lost at once (its VM killed, no shutdown) with its
     // zone: the group's next master starts in the other zone.
     let other_zone = cluster.masters_leave_zone(&new_master.az)?;
+    let address_before = cluster.master_address()?;
     let lost_at = time::OffsetDateTime::now_utc();
     cluster.terminate(&new_master.id)?;
     let scanning = Instant::now();
@@ -1487,6 +1488,14 @@ spec:
         || Ok(Some(configmaps(&kubectl, "survivor")?)),
     )?;
     let recovery_time = launched.elapsed();
+    let address_after = cluster.master_address()?;
+    ensure!(
+        address_after != address_before,
+        "the API's name still points at {address_before} in the lost zone"
+    );
+    eprintln!(
+        "[cluster] the API's name moved from {address_before} to {address_after} ({other_zone})"
+    );
     ensure!(
         survivors == OBJECTS,
         "{survivors} of {OBJECTS} ConfigMaps came back from the backup"
