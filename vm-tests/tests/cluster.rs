@@ -37,10 +37,14 @@
 //! 5. the masters' timer backed etcd up into the bucket: the newest
 //!    backup is an etcd snapshot whose bytes hash to the sha256 stored
 //!    with it;
-//! 6. the data volume is lost with the master: before the master is
-//!    killed (no shutdown, as when its zone goes), a backup newer than the
-//!    scenario 2 objects is waited for and more objects are made; then the
-//!    volume is deleted, and the replacement master, finding none,
+//! 6. the data volume is lost with the master's zone: before the master
+//!    is killed (no shutdown, as when its zone goes), a backup newer than
+//!    the scenario 2 objects is waited for and more objects are made; then
+//!    the volume is deleted, the master group narrowed to the other zone's
+//!    subnet (moto launches in a group's first subnet: the stand-in for
+//!    Auto Scaling avoiding a lost zone), and the replacement master
+//!    starts there, points the API's name at that zone's address, finds
+//!    no volume,
 //!    restores the newest etcd backup into an empty volume (attached while
 //!    it runs: the harness plugs each attached volume into its VM), serves
 //!    every object the backup holds, says how many of the later ones it
