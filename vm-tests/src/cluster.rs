@@ -900,10 +900,7 @@ impl Cluster {
     pub fn kubeconfig(&mut self) -> Result<PathBuf> {
         if self.api.is_none() {
             let to = self.master_target(6443)?;
-            self.api = Some(
-                self.lan
-                    .forward_out_to(SocketAddr::from(([127, 0, 0, 1], 0)), to)?,
-            );
+            self.api = Some(self.lan.forward_out(to)?);
         }
         let local = self
             .api
@@ -1024,9 +1021,7 @@ impl Cluster {
     /// API's name points).
     pub fn forward_to_master(&mut self, port: u16) -> Result<SocketAddr> {
         let to = self.master_target(port)?;
-        let f = self
-            .lan
-            .forward_out_to(SocketAddr::from(([127, 0, 0, 1], 0)), to)?;
+        let f = self.lan.forward_out(to)?;
         let local = f.local;
         self.forwards.push(f);
         Ok(local)
@@ -1046,7 +1041,7 @@ impl Cluster {
             .parse()
             .with_context(|| format!("ApiEndpoint {endpoint}"))?;
         let to = self.master_target(6443)?;
-        let f = self.lan.forward_out_to(eip, to)?;
+        let f = self.lan.forward_out_at(eip, to)?;
         self.forwards.push(f);
         Ok(eip)
     }

@@ -243,10 +243,10 @@ impl Shared {
     }
 }
 
-/// A running proxy on a loopback port; stops when dropped.
 /// A records by name (without the final dot).
 pub type Records = Arc<Mutex<BTreeMap<String, std::net::Ipv4Addr>>>;
 
+/// A running proxy on a loopback port; stops when dropped.
 #[derive(Debug)]
 pub struct FaultProxy {
     shared: Arc<Shared>,
@@ -576,19 +576,39 @@ fn elements<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
 fn apply_changes(body: &str, records: &mut BTreeMap<String, std::net::Ipv4Addr>) {
     for change in elements(body, "Change") {
         let first = |tag| elements(change, tag).first().copied().unwrap_or_default();
-        if first("Type") != "A" {
-            continue;
+        apply_change(
+            records,
+            first("Action"),
+            first("Type"),
+            first("Name"),
+            first("Value"),
+        );
+    }
+}
+
+/// One Route 53 change (action, record type, name, first value) applied
+/// to `records`, as Route 53 applies it to the A records: CREATE and
+/// UPSERT set the name's address, DELETE removes it; other types are not
+/// kept.
+pub(crate) fn apply_change(
+    records: &mut BTreeMap<String, std::net::Ipv4Addr>,
+    action: &str,
+    kind: &str,
+    name: &str,
+    value: &str,
+) {
+    if kind != "A" {
+        return;
+    }
+    let name = name.trim_end_matches('.').to_owned();
+    match (action, value.parse()) {
+        ("DELETE", _) => {
+            records.remove(&name);
         }
-        let name = first("Name").trim_end_matches('.').to_owned();
-        match (first("Action"), first("Value").parse()) {
-            ("DELETE", _) => {
-                records.remove(&name);
-            }
-            ("CREATE" | "UPSERT", Ok(ip)) => {
-                records.insert(name, ip);
-            }
-            _ => {}
+        ("CREATE" | "UPSERT", Ok(ip)) => {
+            records.insert(name, ip);
         }
+        _ => {}
     }
 }
 

@@ -97,35 +97,21 @@ impl Moto {
         // Every record set moto ever made stays in the dump; each zone's
         // accepted changes, replayed in order, say which are current.
         let mut records = std::collections::BTreeMap::new();
-        let zones = data["route53"]["FakeZone"]
+        let changes = data["route53"]["FakeZone"]
             .as_array()
-            .cloned()
-            .unwrap_or_default();
-        for change in zones
-            .iter()
-            .flat_map(|z| z["rr_changes"].as_array().cloned().unwrap_or_default())
-        {
+            .into_iter()
+            .flatten()
+            .flat_map(|z| z["rr_changes"].as_array().into_iter().flatten());
+        for change in changes {
             let set = &change["ResourceRecordSet"];
-            if set["Type"] != "A" {
-                continue;
-            }
-            let name = set["Name"]
-                .as_str()
-                .unwrap_or_default()
-                .trim_end_matches('.')
-                .to_owned();
-            let ip = set["ResourceRecords"][0]["Value"]
-                .as_str()
-                .and_then(|v| v.parse().ok());
-            match (change["Action"].as_str(), ip) {
-                (Some("DELETE"), _) => {
-                    records.remove(&name);
-                }
-                (Some("CREATE" | "UPSERT"), Some(ip)) => {
-                    records.insert(name, ip);
-                }
-                _ => {}
-            }
+            let text = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_default();
+            crate::faults::apply_change(
+                &mut records,
+                &text(&change["Action"]),
+                &text(&set["Type"]),
+                &text(&set["Name"]),
+                &text(&set["ResourceRecords"][0]["Value"]),
+            );
         }
         Ok(records)
     }

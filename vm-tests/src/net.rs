@@ -134,7 +134,7 @@ pub enum Side {
 pub type Target = Arc<dyn Fn() -> Option<SocketAddr> + Send + Sync>;
 
 /// A [`Target`] that never moves.
-pub fn fixed(to: SocketAddr) -> Target {
+fn fixed(to: SocketAddr) -> Target {
     Arc::new(move || Some(to))
 }
 
@@ -223,6 +223,15 @@ pub struct Port {
     pub ip: Ipv4Addr,
 }
 
+/// Has the network's dnsmasq (process `server`, if it runs) read its hosts
+/// files again, as it does on SIGHUP.
+fn reload(server: Option<u32>) {
+    if let Some(pid) = server {
+        // SAFETY: signalling the network's own dnsmasq, our child process.
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+    }
+}
+
 /// The names the network's DNS server answers for (a hosts file that
 /// dnsmasq reads again on SIGHUP). Cheap to clone and send to a thread.
 #[derive(Debug, Clone)]
@@ -241,10 +250,7 @@ impl Names {
         let tmp = self.file.with_extension("new");
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, &self.file)?;
-        if let Some(pid) = self.server {
-            // SAFETY: signalling the network's own dnsmasq, our child.
-            unsafe { libc::kill(pid as i32, libc::SIGHUP) };
-        }
+        reload(self.server);
         Ok(())
     }
 }
@@ -374,11 +380,7 @@ impl Lan {
             .open(self.hosts_file())?;
         writeln!(hosts, "{mac},{ip}")?;
         drop(hosts);
-        // dnsmasq rereads its hosts file on SIGHUP.
-        if let Some(child) = &self.dhcp {
-            // SAFETY: signalling our own child process.
-            unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
-        }
+        reload(self.dhcp.as_ref().map(Child::id));
         Ok(Port { tap, mac, ip })
     }
 
@@ -393,20 +395,15 @@ impl Lan {
         )
     }
 
-    /// Forwards a loopback port on the test's side to `to` inside the network.
-    pub fn forward_out(&self, to: SocketAddr) -> Result<Forward> {
+    /// Forwards a loopback port on the test's side to wherever `to` says at
+    /// each connection, inside the network.
+    pub fn forward_out(&self, to: Target) -> Result<Forward> {
         self.forward_out_at(SocketAddr::from(([127, 0, 0, 1], 0)), to)
-    }
-
-    /// Forwards `listen` on the test's side (a loopback address) to `to`
-    /// inside the network.
-    pub fn forward_out_at(&self, listen: SocketAddr, to: SocketAddr) -> Result<Forward> {
-        self.forward_out_to(listen, fixed(to))
     }
 
     /// Forwards `listen` on the test's side (a loopback address) to
     /// wherever `to` says at each connection, inside the network.
-    pub fn forward_out_to(&self, listen: SocketAddr, to: Target) -> Result<Forward> {
+    pub fn forward_out_at(&self, listen: SocketAddr, to: Target) -> Result<Forward> {
         anyhow::ensure!(
             listen.ip().is_loopback(),
             "{listen} is not a loopback address: the test talks to nothing else"

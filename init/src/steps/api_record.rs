@@ -12,6 +12,7 @@
 //! change.
 
 use super::{aws_err, Context, Report, StepError};
+use aws_sdk_cloudformation::types::StackStatus;
 use aws_sdk_route53::types::{
     Change, ChangeAction, ChangeBatch, ResourceRecord, ResourceRecordSet, RrType,
 };
@@ -30,11 +31,15 @@ pub const LEAVE_CALLS: &[&str] = &[
 /// replacement in another zone a client may still dial the old address.
 pub const TTL: i64 = 30;
 
-fn change(action: ChangeAction, name: &str, ip: Ipv4Addr) -> Result<Change, StepError> {
-    let invalid = |e: aws_sdk_route53::error::BuildError| StepError::Invalid {
+/// A request the SDK's builders refused (a required field missing).
+fn invalid(e: aws_sdk_route53::error::BuildError) -> StepError {
+    StepError::Invalid {
         what: STEP.into(),
         message: e.to_string(),
-    };
+    }
+}
+
+fn change(action: ChangeAction, name: &str, ip: Ipv4Addr) -> Result<Change, StepError> {
     let record = ResourceRecordSet::builder()
         .name(name)
         .r#type(RrType::A)
@@ -78,10 +83,7 @@ async fn send(
         .comment(why)
         .changes(change(action.clone(), name, ip)?)
         .build()
-        .map_err(|e| StepError::Invalid {
-            what: STEP.into(),
-            message: e.to_string(),
-        })?;
+        .map_err(invalid)?;
     ctx.aws
         .route53
         .change_resource_record_sets()
@@ -128,10 +130,10 @@ async fn stack_deleting(ctx: &Context) -> Result<bool, StepError> {
             "cloudformation:DescribeStacks",
             format!("looking up stack {}", signal.stack),
         ))?;
-    Ok(out.stacks().iter().any(|s| {
-        s.stack_status()
-            .is_some_and(|st| st.as_str() == "DELETE_IN_PROGRESS")
-    }))
+    Ok(out
+        .stacks()
+        .iter()
+        .any(|s| s.stack_status() == Some(&StackStatus::DeleteInProgress)))
 }
 
 /// Deletes the record this master set (Route 53 deletes a record only
