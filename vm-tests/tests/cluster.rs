@@ -1067,12 +1067,7 @@ spec:
             );
             // Drained first (its pods moved to the node under their
             // budgets), then stopped cleanly.
-            ensure!(
-                retired.console.contains(" drained: ")
-                    && retired.console.contains("kubelet stopped, then"),
-                "the master's console shows no drain and clean leave:\n{}",
-                vm_tests::last_lines(&retired.console, 30)
-            );
+            retired.left_cleanly(&[" drained: ", "kubelet stopped, then"])?;
             // 4 (master's disks). Scanned while nothing has them open.
             let scanning = Instant::now();
             for h in scan_file(&root_disk(cluster, &retired.id), &needles)? {
@@ -1273,17 +1268,12 @@ spec:
             // It cordoned itself and moved the budgeted Deployment's pod
             // through the eviction API; the rest of its drain is reported
             // (it ends at its deadline if the API server stops answering).
-            ensure!(
-                retired
-                    .console
-                    .contains(&format!("cordoned node/{}", retired.id))
-                    && retired.console.contains("evicted default/steady-"),
-                "node {} did not cordon itself and evict steady's pod:\n{}",
-                retired.id,
-                vm_tests::last_lines(&retired.console, 30)
-            );
+            retired.left_cleanly(&[
+                &format!("cordoned node/{}", retired.id),
+                "evicted default/steady-",
+            ])?;
             let drained = retired
-                .console
+                .departure()
                 .lines()
                 .find(|l| l.contains(" drained: ") || l.contains("pods still here"))
                 .unwrap_or("(no end of drain reported)");

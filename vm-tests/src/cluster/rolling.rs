@@ -47,6 +47,67 @@ pub struct Retired {
     pub shutdown: Option<Duration>,
     /// Its console, to the end.
     pub console: String,
+    /// Where in `console` its shutdown began (the power button).
+    pub departure_from: usize,
+}
+
+/// What a guest kernel prints as it dies of a fault (the emulator's, as
+/// seen under TCG: an oops while patching its own code, a double fault).
+const KERNEL_FAULTS: &[&str] = &[
+    "Kernel panic - not syncing",
+    "Oops: ",
+    "int3: ",
+    "double fault: ",
+    "general protection fault",
+    "invalid opcode: ",
+    "BUG: unable to handle",
+];
+
+impl Retired {
+    /// What its console printed from the power button on.
+    pub fn departure(&self) -> &str {
+        self.console.get(self.departure_from..).unwrap_or("")
+    }
+
+    /// The first line of its departure in which the guest's kernel died of
+    /// a fault, if it did.
+    pub fn kernel_fault(&self) -> Option<&str> {
+        self.departure()
+            .lines()
+            .find(|l| KERNEL_FAULTS.iter().any(|f| l.contains(f)))
+    }
+
+    /// Ok if its departure printed every one of `markers` (what leaving
+    /// cleanly logs); otherwise an error naming what did not show and the
+    /// departure's slipway lines, as an emulator fault if its kernel died.
+    pub fn left_cleanly(&self, markers: &[&str]) -> Result<()> {
+        let missing: Vec<&str> = markers
+            .iter()
+            .copied()
+            .filter(|m| !self.departure().contains(m))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let ours: Vec<&str> = self
+            .departure()
+            .lines()
+            .filter(|l| l.contains("slipway") || l.contains("leave"))
+            .collect();
+        let shown = if ours.is_empty() {
+            crate::last_lines(self.departure(), 30)
+        } else {
+            crate::last_lines(&ours.join("\n"), 30)
+        };
+        match self.kernel_fault() {
+            Some(fault) => bail!(
+                "{}: {} left no {missing:?}: its kernel died as it shut down ({fault})\n{shown}",
+                super::EMULATOR_FAULT,
+                self.id
+            ),
+            None => bail!("{} left no {missing:?} on its console:\n{shown}", self.id),
+        }
+    }
 }
 
 /// An instance a rolling update replaced, and its replacement.
@@ -412,6 +473,7 @@ impl Cluster {
     ) -> Result<Vec<Retired>> {
         let mut retired = Vec::new();
         for i in instances {
+            let departure_from = self.vms.get(&i.id).map_or(0, |vm| vm.console().len());
             let shutdown = match self.vms.get_mut(&i.id) {
                 Some(vm) => vm.power_down(grace)?,
                 None => None,
@@ -433,6 +495,7 @@ impl Cluster {
                 id: i.id.clone(),
                 shutdown,
                 console,
+                departure_from,
             });
         }
         Ok(retired)
@@ -579,6 +642,41 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn retired(before: &str, departure: &str) -> Retired {
+        Retired {
+            id: "i-1".into(),
+            shutdown: Some(Duration::from_secs(27)),
+            console: format!("{before}{departure}"),
+            departure_from: before.len(),
+        }
+    }
+
+    #[test]
+    fn a_departure_is_judged_by_what_it_printed_after_the_power_button() {
+        let boot = "[ 1.0] slipway-init[9]: cordoned node/i-1 (an earlier boot's)\n";
+        let clean = "[ 90.0] slipway-init[77]: cordoned node/i-1\n\
+                     [ 91.0] slipway-init[77]: evicted default/steady-x\n";
+        let markers = ["cordoned node/i-1", "evicted default/steady-"];
+        assert!(retired(boot, clean).left_cleanly(&markers).is_ok());
+
+        // What the boot printed does not count.
+        let silent = retired(boot, "[ 90.0] reboot: Power down\n");
+        let e = silent.left_cleanly(&markers).unwrap_err().to_string();
+        assert!(e.contains("evicted default/steady-"), "{e}");
+        assert!(!e.contains(crate::cluster::EMULATOR_FAULT), "{e}");
+        assert_eq!(silent.kernel_fault(), None);
+
+        // A kernel that died on the way out is the emulator's fault.
+        let died = retired(
+            boot,
+            "[ 90.0] slipway-init[77]: leaving\n[ 91.0] Oops: int3: 0000 [#1] PREEMPT SMP\n",
+        );
+        let e = died.left_cleanly(&markers).unwrap_err().to_string();
+        assert!(e.starts_with(crate::cluster::EMULATOR_FAULT), "{e}");
+        assert!(e.contains("slipway-init[77]: leaving"), "{e}");
+        assert!(died.kernel_fault().unwrap().contains("Oops: int3"));
+    }
 
     #[test]
     fn pause_times_and_batches_read_as_the_group_would() {
