@@ -64,9 +64,16 @@ const KERNEL_FAULTS: &[&str] = &[
 ];
 
 impl Retired {
-    /// What its console printed from the power button on.
+    /// What its console printed from the power button on. (The console
+    /// is read lossily: a character still being written when the button
+    /// was pressed may have grown since, so the cut moves back to the
+    /// nearest character boundary.)
     pub fn departure(&self) -> &str {
-        self.console.get(self.departure_from..).unwrap_or("")
+        let mut from = self.departure_from.min(self.console.len());
+        while !self.console.is_char_boundary(from) {
+            from -= 1;
+        }
+        &self.console[from..]
     }
 
     /// The first line of its departure in which the guest's kernel died of
@@ -676,6 +683,11 @@ mod tests {
         assert!(e.starts_with(crate::cluster::EMULATOR_FAULT), "{e}");
         assert!(e.contains("slipway-init[77]: leaving"), "{e}");
         assert!(died.kernel_fault().unwrap().contains("Oops: int3"));
+
+        // A cut inside a character (one read half-way through writing it).
+        let mut cut = retired("boot ●", "[ 90.0] reboot: Power down\n");
+        cut.departure_from -= 1;
+        assert!(cut.departure().starts_with('●'), "{}", cut.departure());
     }
 
     #[test]
