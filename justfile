@@ -68,7 +68,7 @@ compile:
         {{CARGO_TARGET_DIR}}/initrd/{{image_target}}/release/slipway-initrd {{image_bins}}/
 
 # Build the default image into out/ (disk.raw, disk.qcow2, build-manifest.json).
-build: deps compile fixtures
+build: deps compile-with-payload fixtures
     {{with_fixtures}} {{builder}} build --spec image.toml --out {{out}} --bin-dir {{image_bins}}
 
 # Build the next release the cluster test rolls its cluster to: the same
@@ -88,6 +88,23 @@ publish region copy_to="": compile
 release region copy_to="": deps compile
     SLIPWAY_PAYLOAD_LOCK={{justfile_directory()}}/payload.lock {{builder}} build --spec image.toml --out {{out}} --bin-dir {{image_bins}} \
         --region {{region}} {{ if copy_to != "" { "--copy-to " + copy_to } else { "" } }}
+
+# `compile` while the Go payload builds (`just fixtures` then finds it
+# built): on an empty cache each takes about 17 minutes here, and rustc
+# spends long stretches on a single core (the AWS SDK's largest crates),
+# which the Go build fills. Go's lines are prefixed `[go]`.
+compile-with-payload: deps
+    #!/usr/bin/env bash
+    set -euo pipefail
+    # A job of its own (process group), so a failed compile stops it whole.
+    set -m
+    ( set -o pipefail; vm-tests/fixtures/build-go.sh {{fixtures_dir}}/out 2>&1 | sed -u 's/^/[go] /' ) &
+    go=$!
+    if ! {{just_executable()}} --justfile {{justfile()}} compile; then
+        kill -- -"$go" 2>/dev/null || true
+        exit 1
+    fi
+    wait "$go"
 
 # Build the Kubernetes payload from source with Go, make and push its images, pin them.
 fixtures: deps
