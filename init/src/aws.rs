@@ -7,7 +7,7 @@
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, Region};
+use aws_config::Region;
 use std::time::Duration;
 
 /// How every AWS call of a boot is retried and bounded.
@@ -103,7 +103,7 @@ impl Clients {
         policy: CallPolicy,
         credentials: Option<aws_sdk_ec2::config::Credentials>,
     ) -> Self {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        let mut loader = crate::sdk::config_loader()
             .retry_config(policy.retry_config())
             .timeout_config(policy.timeout_config());
         if let Some(c) = credentials {

@@ -19,6 +19,8 @@ pub mod pki;
 pub mod render;
 #[cfg(feature = "node")]
 pub mod retry;
+#[cfg(feature = "sdk")]
+pub mod sdk;
 #[cfg(feature = "node")]
 pub mod steps;
 pub mod verity;

@@ -343,7 +343,7 @@ impl Cluster {
             .build()?;
         let moto = Moto::start()?;
         let conf = rt.block_on(
-            aws_config::defaults(aws_config::BehaviorVersion::latest())
+            slipway_init::sdk::config_loader()
                 .region(aws_config::Region::new(REGION))
                 .endpoint_url(&moto.endpoint)
                 .load(),
@@ -387,7 +387,7 @@ impl Cluster {
         let administrator = moto.administrator()?;
         moto.enforce_iam()?;
         let conf = rt.block_on(
-            aws_config::defaults(aws_config::BehaviorVersion::latest())
+            slipway_init::sdk::config_loader()
                 .region(aws_config::Region::new(REGION))
                 .endpoint_url(&moto.endpoint)
                 .credentials_provider(administrator.credentials())

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)] // test glue: a failed setup should stop the test
 
 use aws_config::retry::RetryConfig;
-use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_config::{Region, SdkConfig};
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -21,7 +21,7 @@ const REGION: &str = "us-east-1";
 /// short backoffs so a test with many faults stays quick.
 async fn sdk(endpoint: &str, attempts: u32) -> SdkConfig {
     vm_tests::moto::fake_credentials();
-    aws_config::defaults(BehaviorVersion::latest())
+    slipway_init::sdk::config_loader()
         .region(Region::new(REGION))
         .endpoint_url(endpoint)
         .retry_config(

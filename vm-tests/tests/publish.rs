@@ -381,7 +381,7 @@ async fn the_template_lints_clean_and_creates_a_stack_on_the_mapped_ami() {
         String::from_utf8_lossy(&checkov.stderr)
     );
 
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+    let conf = slipway_init::sdk::config_loader()
         .region(aws_config::Region::new(HOME))
         .endpoint_url(&moto.endpoint)
         .load()

@@ -187,7 +187,7 @@ pub struct Clients {
 impl Clients {
     pub async fn new(region: &str, endpoint: Option<&str>) -> Self {
         use aws_config::retry::RetryConfig;
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        let mut loader = slipway_init::sdk::config_loader()
             .region(aws_config::Region::new(region.to_owned()))
             // Block uploads meet throttling on big disks: back off and retry.
             .retry_config(RetryConfig::standard().with_max_attempts(8));

@@ -210,7 +210,7 @@ impl World {
 
     /// An SDK config for the test's own calls to services `Clients` lacks.
     pub async fn administrator_config(&self) -> aws_config::SdkConfig {
-        aws_config::defaults(aws_config::BehaviorVersion::latest())
+        slipway_init::sdk::config_loader()
             .region(aws_config::Region::new(REGION))
             .endpoint_url(&self.moto.endpoint)
             .credentials_provider(self.administrator.credentials())
