@@ -17,6 +17,8 @@ image_env := "PATH=" + justfile_directory() + "/.cargo:$PATH RUSTC_WORKSPACE_WRA
 builder := CARGO_TARGET_DIR / "release/image-builder"
 # The payload built from source, its registry storage and its pins.
 fixtures_dir := cache / "fixtures"
+# Builds the payload's binaries from source with Go (cached per version).
+build_go := "vm-tests/fixtures/build-go.sh " + fixtures_dir + "/out"
 # Runs a command with the fixtures' registry up and the mirrors pointing at them.
 with_fixtures := "cargo run -q -p vm-tests --bin slipway-fixtures -- with-mirrors " + fixtures_dir + " --"
 out := "out"
@@ -99,7 +101,7 @@ compile-with-payload: deps
     set -euo pipefail
     # A job of its own (process group), so a failed compile stops it whole.
     set -m
-    ( set -o pipefail; vm-tests/fixtures/build-go.sh {{fixtures_dir}}/out 2>&1 | sed -u 's/^/[go] /' ) &
+    ( set -o pipefail; {{build_go}} 2>&1 | sed -u 's/^/[go] /' ) &
     go=$!
     if ! {{just_executable()}} --justfile {{justfile()}} compile; then
         kill -- -"$go" 2>/dev/null || true
@@ -109,7 +111,7 @@ compile-with-payload: deps
 
 # Build the Kubernetes payload from source with Go, make and push its images, pin them.
 fixtures: deps
-    vm-tests/fixtures/build-go.sh {{fixtures_dir}}/out
+    {{build_go}}
     cargo run -q -p vm-tests --bin slipway-fixtures -- make {{fixtures_dir}}/out/bin image.toml {{fixtures_dir}}
 
 # Re-resolve the Debian package set and rewrite image.lock.

@@ -88,21 +88,21 @@ impl Retired {
     /// cleanly logs); otherwise an error naming what did not show and the
     /// departure's slipway lines, as an emulator fault if its kernel died.
     pub fn left_cleanly(&self, markers: &[&str]) -> Result<()> {
+        let departure = self.departure();
         let missing: Vec<&str> = markers
             .iter()
             .copied()
-            .filter(|m| !self.departure().contains(m))
+            .filter(|m| !departure.contains(m))
             .collect();
         if missing.is_empty() {
             return Ok(());
         }
-        let ours: Vec<&str> = self
-            .departure()
+        let ours: Vec<&str> = departure
             .lines()
             .filter(|l| l.contains("slipway") || l.contains("leave"))
             .collect();
         let shown = if ours.is_empty() {
-            crate::last_lines(self.departure(), 30)
+            crate::last_lines(departure, 30)
         } else {
             crate::last_lines(&ours.join("\n"), 30)
         };
