@@ -6,7 +6,7 @@
 //! |---------------------|--------------------------------------|---------|
 //! | `host/kubelet.yaml` | `/etc/kubernetes/kubelet.yaml`       | all     |
 //! | `host/kubelet.env`  | `/etc/kubernetes/kubelet.env`        | all     |
-//! | `static/*.yaml`     | `/etc/kubernetes/manifests/`         | masters |
+//! | `static/*.yaml`     | `/etc/kubernetes/manifests/` (the API server's clients held in `/etc/kubernetes/manifests-held/` until it answers) | masters |
 //! | `control-plane/*.yaml` | `<secrets>/control-plane/` (tmpfs: the API server's authentication, admission, audit and encryption configuration; the last holds the Secrets key) | masters |
 //! | `addons/*.yaml`     | `<secrets>/addons/` (tmpfs: holds the bootstrap token) | masters |
 //!
@@ -38,6 +38,18 @@ pub enum RenderError {
 /// Below the secrets tmpfs: the API server's configuration files.
 pub const CONTROL_PLANE_DIR: &str = "control-plane";
 
+/// Below `/etc`: the static pods the kubelet runs.
+pub const STATIC_PODS: &str = "kubernetes/manifests";
+/// Below `/etc`: where the static pods in [`AFTER_API`] wait, at each boot,
+/// until the API server answers.
+pub const HELD_PODS: &str = "kubernetes/manifests-held";
+/// The static pods that only talk to the API server. Started beside it on a
+/// slow machine, they take CPU from its start, then give up waiting for it
+/// and exit, and the kubelet's back-off holds them for minutes after it is
+/// up. So each boot hands them to the kubelet only once it answers
+/// ([`release_held_pods`]).
+pub const AFTER_API: &[&str] = &["kube-controller-manager.yaml", "kube-scheduler.yaml"];
+
 /// Where a rendered file goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -53,6 +65,50 @@ pub struct Rendered {
     /// Relative to the target's root (`kubernetes/manifests/etcd.yaml`).
     pub path: PathBuf,
     pub content: String,
+}
+
+impl Rendered {
+    /// Where the file goes below `root` (its target's root): a static pod
+    /// of [`AFTER_API`] is held until [`release_held_pods`] hands it over,
+    /// and written in place once this boot has done so.
+    pub fn destination(&self, root: &Path) -> PathBuf {
+        let in_place = root.join(&self.path);
+        let held = self.path.parent() == Some(Path::new(STATIC_PODS))
+            && self
+                .path
+                .file_name()
+                .is_some_and(|name| AFTER_API.iter().any(|a| name == *a));
+        match self.path.file_name() {
+            Some(name) if held && !in_place.exists() => root.join(HELD_PODS).join(name),
+            _ => in_place,
+        }
+    }
+}
+
+/// Hands the held static pods (see [`AFTER_API`]) below `etc` to the
+/// kubelet; returns the names of those it moved (none when this boot
+/// already did, or on a node).
+pub fn release_held_pods(etc: &Path) -> std::io::Result<Vec<String>> {
+    let held = etc.join(HELD_PODS);
+    let entries = match std::fs::read_dir(&held) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut names: Vec<std::ffi::OsString> = entries
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    let pods = etc.join(STATIC_PODS);
+    std::fs::create_dir_all(&pods)?;
+    let mut moved = Vec::new();
+    for name in names {
+        // Within /etc's one file system: the kubelet sees the whole file
+        // appear at once.
+        std::fs::rename(held.join(&name), pods.join(&name))?;
+        moved.push(name.to_string_lossy().into_owned());
+    }
+    Ok(moved)
 }
 
 /// The templates and the image list, loaded once.
@@ -162,7 +218,7 @@ impl Templates {
             ),
         ];
         for (sub, target, below) in [
-            ("static", Target::Etc, "kubernetes/manifests"),
+            ("static", Target::Etc, STATIC_PODS),
             ("control-plane", Target::Secrets, CONTROL_PLANE_DIR),
             ("addons", Target::Secrets, "addons"),
         ] {

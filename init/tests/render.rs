@@ -8,7 +8,10 @@
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use slipway_init::config::StackConfig;
-use slipway_init::render::{master_node_name, Inputs, RenderError, Rendered, Target, Templates};
+use slipway_init::render::{
+    master_node_name, release_held_pods, Inputs, RenderError, Rendered, Target, Templates,
+    AFTER_API, HELD_PODS, STATIC_PODS,
+};
 use std::path::{Path, PathBuf};
 
 const MASTER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 0, 1, 10);
@@ -514,4 +517,43 @@ fn a_malformed_token_is_named_by_its_fingerprint_never_its_value() {
         err.contains(&slipway_init::pki::fingerprint(secret)),
         "{err}"
     );
+}
+
+#[test]
+fn the_api_servers_clients_start_only_once_it_answers() {
+    let etc = tempfile::tempdir().unwrap();
+    let write = |files: &[Rendered]| {
+        for f in files.iter().filter(|f| f.target == Target::Etc) {
+            let path = f.destination(etc.path());
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, &f.content).unwrap();
+        }
+    };
+    let listed = |dir: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(etc.path().join(dir))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let files = render("master");
+    write(&files);
+    assert_eq!(listed(STATIC_PODS), ["etcd.yaml", "kube-apiserver.yaml"]);
+    assert_eq!(listed(HELD_PODS), AFTER_API);
+
+    let released = release_held_pods(etc.path()).unwrap();
+    assert_eq!(released, AFTER_API);
+    assert_eq!(listed(STATIC_PODS).len(), 4);
+    assert!(listed(HELD_PODS).is_empty());
+    // Rendered again in the same boot (slipway-init run once more): what
+    // the kubelet already runs is updated in place, nothing is held again.
+    write(&files);
+    assert!(listed(HELD_PODS).is_empty());
+    assert!(release_held_pods(etc.path()).unwrap().is_empty());
+    // A node holds nothing, and has nothing to release.
+    let node = tempfile::tempdir().unwrap();
+    assert!(release_held_pods(node.path()).unwrap().is_empty());
 }

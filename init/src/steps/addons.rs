@@ -86,8 +86,8 @@ pub fn retire_tokens(ctx: &Context) -> Result<Vec<String>, StepError> {
     Ok(retired)
 }
 
-/// Waits for the API server (up to `api-server`), applies the add-ons,
-/// labels the master's Node once its kubelet registered it (up to
+/// Waits for the API server (up to `api-server`), hands the kubelet the
+/// static pods held until it answers, applies the add-ons, labels the master's Node once its kubelet registered it (up to
 /// `node-registers`), and waits for that Node to be Ready (up to
 /// `node-ready`), lifting the cordon its predecessor's departure left.
 pub async fn run(ctx: &Context) -> Result<Report, StepError> {
@@ -104,6 +104,23 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
+    let released =
+        crate::render::release_held_pods(&ctx.paths.etc).map_err(|e| StepError::Invalid {
+            what: ctx
+                .paths
+                .etc
+                .join(crate::render::HELD_PODS)
+                .display()
+                .to_string(),
+            message: e.to_string(),
+        })?;
+    if !released.is_empty() {
+        tracing::info!(
+            step = STEP,
+            "the API server is ready; the kubelet now runs {}",
+            released.join(", ")
+        );
+    }
     tracing::info!(step = STEP, "the API server is ready; applying the add-ons");
     let out = kubectl(&[
         "apply",

@@ -88,7 +88,7 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
             Target::Etc => (&ctx.paths.etc, 0o644),
             Target::Secrets => (&ctx.paths.secrets, 0o600),
         };
-        written += usize::from(write_if_changed(&root.join(&f.path), &f.content, mode)?);
+        written += usize::from(write_if_changed(&f.destination(root), &f.content, mode)?);
     }
     if master {
         // Signed here at the first boot and again when it nears its end
