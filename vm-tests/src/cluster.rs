@@ -1070,6 +1070,173 @@ impl Cluster {
     pub fn aws_endpoint(&self) -> &str {
         &self.moto.endpoint
     }
+
+    /// Runs `command` as root in `id`'s guest, through the test-only shell
+    /// on its `/dev/hvc0`, with the local AWS as the units see it
+    /// (`SLIPWAY_AWS_ENDPOINT`), and returns what it printed. Fails when the
+    /// command exits non-zero, or has not finished within `deadline`.
+    pub fn run_in_guest(&self, id: &str, command: &str, deadline: Duration) -> Result<String> {
+        let socket = self.opts.dir.join(format!("{id}.shell"));
+        let command = format!("SLIPWAY_AWS_ENDPOINT={} {command}", self.aws_in_lan);
+        shell::run(&socket, &command, deadline).with_context(|| format!("in {id}: {command}"))
+    }
+}
+
+/// A guest's root shell, driven over the Unix socket QEMU serves it on.
+mod shell {
+    use anyhow::{bail, Context, Result};
+    use std::io::{ErrorKind, Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    pub fn run(socket: &Path, command: &str, deadline: Duration) -> Result<String> {
+        let started = Instant::now();
+        let mut stream = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                // The socket appears once QEMU runs.
+                Err(_) if started.elapsed() < deadline => {
+                    std::thread::sleep(Duration::from_secs(1))
+                }
+                Err(e) => return Err(e).context(format!("connecting to {}", socket.display())),
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_millis(300)))?;
+        // What the console printed before this (a prompt, a login) is not
+        // this command's.
+        let mut buf = Vec::new();
+        read_some(&mut stream, &mut buf)?;
+        buf.clear();
+        let tag = format!(
+            "{:x}",
+            started.elapsed().as_nanos() ^ u128::from(std::process::id())
+        );
+        // The marker is split on the typed line, so its echo never matches.
+        writeln!(
+            stream,
+            "{{ {command} ; }} 2>&1 </dev/null; echo \"SLIPWAY-SHELL\"\"-{tag}:$?\""
+        )?;
+        let marker = format!("SLIPWAY-SHELL-{tag}:");
+        loop {
+            read_some(&mut stream, &mut buf)?;
+            let text = String::from_utf8_lossy(&buf);
+            if let Some(at) = text.find(&marker) {
+                let rest = &text[at + marker.len()..];
+                let code: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                if rest.len() > code.len() && !code.is_empty() {
+                    // After the echo of the typed line, if the console echoes.
+                    let start = text[..at].rfind(&format!("-{tag}:$?")).map_or(0, |typed| {
+                        text[typed..at].find('\n').map_or(at, |n| typed + n + 1)
+                    });
+                    let output = plain(&text[start..at]);
+                    if code != "0" {
+                        bail!("exited {code}: {}", output.trim());
+                    }
+                    return Ok(output);
+                }
+            }
+            if started.elapsed() >= deadline {
+                bail!(
+                    "not finished within {deadline:?}; it printed: {}",
+                    String::from_utf8_lossy(&buf).trim()
+                );
+            }
+        }
+    }
+
+    /// `text` without carriage returns and terminal escapes (bash's
+    /// bracketed-paste switches).
+    fn plain(text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\r' => {}
+                '\u{1b}' => {
+                    // CSI: ESC [ parameters, then a final letter.
+                    if chars.next() == Some('[') {
+                        for c in chars.by_ref() {
+                            if c.is_ascii_alphabetic() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.trim_start_matches('\n').to_owned()
+    }
+
+    /// Whatever the shell has printed until it pauses.
+    fn read_some(stream: &mut UnixStream, buf: &mut Vec<u8>) -> Result<()> {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match stream.read(&mut chunk) {
+                Ok(0) => bail!("the guest's shell closed"),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Ok(())
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::os::fd::OwnedFd;
+        use std::os::unix::net::UnixListener;
+        use std::process::{Command, Stdio};
+
+        /// A shell behind a socket, as QEMU serves a guest's console; a
+        /// real terminal would also echo what is typed.
+        fn serve(socket: &Path) -> std::thread::JoinHandle<()> {
+            let listener = UnixListener::bind(socket).unwrap();
+            std::thread::spawn(move || {
+                while let Ok((stream, _)) = listener.accept() {
+                    let input = OwnedFd::from(stream.try_clone().unwrap());
+                    let output = OwnedFd::from(stream);
+                    let mut shell = Command::new("bash")
+                        .args(["--norc", "--noprofile"])
+                        .stdin(Stdio::from(input))
+                        .stdout(Stdio::from(output))
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap();
+                    // One command per connection is all a test sends.
+                    std::thread::spawn(move || shell.wait());
+                }
+            })
+        }
+
+        #[test]
+        fn a_command_run_in_a_guest_gives_its_output_or_its_failure() {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("guest.shell");
+            let _server = serve(&socket);
+            let wait = Duration::from_secs(20);
+            let out = run(
+                &socket,
+                "printf '\\033[?2004lone\\r\\n'; echo two >&2",
+                wait,
+            )
+            .unwrap();
+            assert_eq!(out.lines().collect::<Vec<_>>(), ["one", "two"]);
+            let err = run(&socket, "echo no such backup; false", wait).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("exited 1: no such backup"),
+                "{err:#}"
+            );
+            let err = run(&socket, "sleep 5", Duration::from_secs(1)).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("not finished within"),
+                "{err:#}"
+            );
+        }
+    }
 }
 
 /// Publishes `image` to moto as `image-builder publish` does, into `out`

@@ -84,10 +84,22 @@ const BACKUP_DEADLINE: Duration = Duration::from_secs(11 * 60);
 /// How long a retiring member's guest has to shut down (its drain or its
 /// clean stop included) before the harness kills it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(9 * 60);
-/// A test-only drop-in: under TCG a busy master's API server can stop
-/// answering for a minute or more, longer than the product's two-minute
-/// drain allows, so the members here drain for up to five.
-const DRAIN_UNDER_TCG: &str = "[Service]\nExecStop=\nExecStop=/usr/bin/slipway-init leave --deadline drain=300\nTimeoutStopSec=8min\n";
+/// Under TCG a busy master's API server can stop answering for a minute
+/// or more, longer than the product's two-minute drain allows, so the
+/// members here drain for up to five, stretched by the run's pace once it
+/// is known ([`pace_departure`]).
+const DRAIN_UNDER_TCG: Duration = Duration::from_secs(5 * 60);
+/// What a member's clean stop may take after its drain.
+const STOP_AFTER_DRAIN: Duration = Duration::from_secs(3 * 60);
+
+/// A test-only drop-in for slipway-leave.service: its drain deadline.
+fn leave_dropin(drain: Duration) -> String {
+    format!(
+        "[Service]\nExecStop=\nExecStop=/usr/bin/slipway-init leave --deadline drain={}\nTimeoutStopSec={}\n",
+        drain.as_secs(),
+        (drain + STOP_AFTER_DRAIN).as_secs()
+    )
+}
 /// bbolt's magic number (little-endian) after the first page's header:
 /// what every etcd snapshot starts with.
 const BOLT_MAGIC: [u8; 4] = [0xed, 0xda, 0x0c, 0xed];
@@ -395,10 +407,33 @@ impl Sampler {
 
 /// Launches each instance with the drain deadline stretched for TCG.
 fn launch_all(cluster: &mut Cluster, instances: &[Instance]) -> Result<()> {
+    let dropin = leave_dropin(DRAIN_UNDER_TCG);
     for i in instances {
-        cluster.launch_with(i, &[("slipway-leave.service", DRAIN_UNDER_TCG)])?;
+        cluster.launch_with(i, &[("slipway-leave.service", &dropin)])?;
     }
     Ok(())
+}
+
+/// Stretches a running member's drain deadline by the run's pace, which
+/// its launch came too early to know: a drop-in after the launch's,
+/// through the guest's shell. A member that cannot be reached keeps its
+/// launch's deadline, and the run says so.
+fn pace_departure(cluster: &Cluster, id: &str) {
+    let dir = "/run/systemd/system/slipway-leave.service.d";
+    let dropin = leave_dropin(cluster.paced(DRAIN_UNDER_TCG)).replace('\n', "\\n");
+    let command = format!(
+        "mkdir -p {dir} && printf '{dropin}' > {dir}/zz-paced.conf && systemctl daemon-reload"
+    );
+    match cluster.run_in_guest(id, &command, cluster.paced(Duration::from_secs(120))) {
+        Ok(_) => eprintln!(
+            "[cluster] {id} drains for up to {:.0}s when it leaves",
+            cluster.paced(DRAIN_UNDER_TCG).as_secs_f64()
+        ),
+        Err(e) => eprintln!(
+            "[cluster] WARNING: {id} keeps its launch's drain deadline ({}s): {e:#}",
+            DRAIN_UNDER_TCG.as_secs()
+        ),
+    }
 }
 
 /// Where a member's boot spent its time, from its console.
@@ -827,6 +862,9 @@ fn a_cluster_rolls_to_the_next_release_losing_nothing_update_played_by_the_harne
     // A cold control plane is what a busy machine slows down most: the
     // waits from here follow the pace of the bring-up.
     cluster.set_pace("both members Ready", both_ready, QUIET_BOTH_READY);
+    for member in [&master, &node] {
+        pace_departure(&cluster, &member.id);
+    }
 
     // A Secret (encrypted before it reaches etcd) and a ConfigMap (not
     // encrypted: the control that shows the scan reads etcd's data), each
@@ -1055,15 +1093,16 @@ spec:
     let first_token = node_token(&cluster)?;
     let mut backdated = String::new();
     sampler.phase("the master's batch");
+    let grace = cluster.paced(SHUTDOWN_GRACE);
     let rolled = cluster.roll(
         "MasterGroup",
         Role::Master,
-        SHUTDOWN_GRACE,
+        grace,
         &[],
         &mut |cluster, retired| {
             ensure!(
                 retired.shutdown.is_some(),
-                "the master did not shut down within {SHUTDOWN_GRACE:?}"
+                "the master did not shut down within {grace:?}"
             );
             // Drained first (its pods moved to the node under their
             // budgets), then stopped cleanly.
@@ -1254,15 +1293,16 @@ spec:
         "the node group does not wait: {policy:?}"
     );
     sampler.phase("the node group's batch");
+    let grace = cluster.paced(SHUTDOWN_GRACE);
     let rolled = cluster.roll(
         "NodeGroup",
         Role::Node,
-        SHUTDOWN_GRACE,
+        grace,
         &[],
         &mut |cluster, retired| {
             ensure!(
                 retired.shutdown.is_some(),
-                "node {} did not shut down within {SHUTDOWN_GRACE:?}",
+                "node {} did not shut down within {grace:?}",
                 retired.id
             );
             // It cordoned itself and moved the budgeted Deployment's pod
@@ -1378,9 +1418,32 @@ spec:
         ));
     }
     // 6 (before the loss). A backup taken after the survivors were made,
-    // then objects the backup cannot hold.
+    // then objects the backup cannot hold. The timer has taken backups by
+    // now (see 5); this one is taken at once with the admin command, as a
+    // person would before a risky change, rather than waited for.
     let cluster_name = cluster.config_value("cluster_name")?;
     let prefix = format!("{cluster_name}/etcd-backups/");
+    ensure!(
+        !cluster.list_keys(&prefix)?.is_empty(),
+        "the masters' timer took no etcd backup before scenario 6"
+    );
+    let asked = Instant::now();
+    match cluster.run_in_guest(
+        &new_master.id,
+        "slipway-init backup --now",
+        cluster.paced(Duration::from_secs(180)),
+    ) {
+        Ok(said) => {
+            eprintln!(
+                "[cluster] {}",
+                said.lines().last().unwrap_or_default().trim()
+            );
+            cluster.timing("scenario 6: a backup taken now", asked.elapsed());
+        }
+        Err(e) => {
+            eprintln!("[cluster] WARNING: no backup taken now, waiting for the timer's: {e:#}")
+        }
+    }
     let backup_before_loss = wait(
         &cluster,
         "an etcd backup newer than the survivors",
@@ -1431,8 +1494,8 @@ spec:
         scan_time,
     );
 
-    // 5. etcd backups: the masters' timer snapshotted etcd into the
-    // bucket; the newest is a bbolt file (etcd's) whose bytes hash to the
+    // 5. etcd backups: the masters' timer (and, in 6, the admin command)
+    // snapshotted etcd into the bucket; the newest is a bbolt file (etcd's) whose bytes hash to the
     // sha256 stored with it.
     let backups = cluster.list_keys(&prefix)?;
     let newest = backups
