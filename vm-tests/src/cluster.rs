@@ -68,7 +68,7 @@ const GUEST_PANIC: &str = "Kernel panic - not syncing";
 /// two vCPUs, or a guest that stopped printing anything at all.
 pub const EMULATOR_FAULT: &str = "EMULATOR-FAULT";
 /// How long a member's console may stay silent before the guest counts as
-/// frozen: the status unit prints every minute, and a guest that has
+/// frozen: the status unit prints every two minutes, and a guest that has
 /// frozen under emulation never prints again.
 const GUEST_SILENCE: Duration = Duration::from_secs(8 * 60);
 /// Port moto answers on inside the network (on the first subnet's router).
@@ -78,11 +78,13 @@ const FAULT_SEED: u64 = 20;
 
 /// A test-only unit (handed in as a credential, not in the image) that
 /// prints the containers, the last words of exited API server and etcd
-/// containers and kubelet's latest complaints to the console every
-/// minute, so a failed run's kept console says where a member was.
+/// containers and kubelet's latest complaints to the console every two
+/// minutes, so a failed run's kept console says where a member was. (Its
+/// crictl and journalctl cost a loaded master about 5 s of CPU a run
+/// under emulation.)
 const STATUS_UNIT: &str = "[Unit]\nDescription=cluster test status (test only)\nAfter=kubelet.service\n\n\
 [Service]\nStandardOutput=journal+console\n\
-ExecStart=/bin/sh -c 'while sleep 60; do \
+ExecStart=/bin/sh -c 'while sleep 120; do \
 crictl --runtime-endpoint unix:///run/containerd/containerd.sock ps -a 2>/dev/null | tail -n +2 | sed \"s/^/SLIPWAY-TEST-STATUS crictl: /\"; \
 systemctl --no-pager --failed --plain --no-legend 2>&1 | sed \"s/^/SLIPWAY-TEST-STATUS failed: /\"; \
 for c in $$(crictl --runtime-endpoint unix:///run/containerd/containerd.sock ps -a -q --state exited --name \"kube-apiserver|etcd\" 2>/dev/null | head -n 2); do \
