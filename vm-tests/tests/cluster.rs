@@ -77,10 +77,10 @@ const REPLACE_DEADLINE: Duration = Duration::from_secs(25 * 60);
 const OBJECTS: usize = 20;
 /// ConfigMaps made after the last backup before the master's loss.
 const LATE_OBJECTS: usize = 5;
-/// The masters back etcd up every five minutes here (the stack's
-/// `EtcdBackupMinutes`, on a five-minute timer): one newer than a given
-/// moment comes within ten.
-const BACKUP_DEADLINE: Duration = Duration::from_secs(11 * 60);
+/// The masters back etcd up every 15 minutes (the stack's default
+/// `EtcdBackupMinutes`, on a five-minute timer): when the admin command's
+/// backup fails, one newer than a given moment comes within twenty.
+const BACKUP_DEADLINE: Duration = Duration::from_secs(21 * 60);
 /// How long a retiring member's guest has to shut down (its drain or its
 /// clean stop included) before the harness kills it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(9 * 60);
@@ -1326,7 +1326,20 @@ spec:
             Ok(())
         },
     )?;
-    sampler.phase("after the update");
+    // The budget is judged over the update's batches, whose evictions it
+    // governs. Afterwards nothing evicts; a busy master's API server that
+    // lets the Nodes' leases lapse can still mark pods unready for a while
+    // (seen during a backup under TCG), which no budget prevents.
+    let held = sampler.stop();
+    eprintln!("[cluster] steady's available replicas through the update: {held}");
+    ensure!(
+        held.answered >= 10,
+        "the API answered too few samples to judge the disruption budget: {held}"
+    );
+    ensure!(
+        held.lowest().is_some_and(|n| n >= STEADY_MIN_AVAILABLE),
+        "the disruption budget did not hold through the update: {held}"
+    );
     let new_nodes: Vec<Instance> = rolled.iter().map(|r| r.new.clone()).collect();
     // It signalled once its kubelet saw it Ready; the test's view (through
     // a busy API server) follows within minutes.
@@ -1376,16 +1389,6 @@ spec:
         REPLACE_DEADLINE,
         || Ok((available(&kubectl)? == Some(STEADY_REPLICAS)).then_some(())),
     )?;
-    let held = sampler.stop();
-    eprintln!("[cluster] steady's available replicas through the update: {held}");
-    ensure!(
-        held.answered >= 10,
-        "the API answered too few samples to judge the disruption budget: {held}"
-    );
-    ensure!(
-        held.lowest().is_some_and(|n| n >= STEADY_MIN_AVAILABLE),
-        "the disruption budget did not hold through the update: {held}"
-    );
     // The master's departure cordoned the Node its replacement registers
     // under again; the replacement lifted that cordon. (The nodes that
     // left keep their NotReady Node objects: nothing deletes them.)
