@@ -73,13 +73,14 @@ impl Rendered {
     /// and written in place once this boot has done so.
     pub fn destination(&self, root: &Path) -> PathBuf {
         let in_place = root.join(&self.path);
-        let held = self.path.parent() == Some(Path::new(STATIC_PODS))
-            && self
-                .path
-                .file_name()
-                .is_some_and(|name| AFTER_API.iter().any(|a| name == *a));
         match self.path.file_name() {
-            Some(name) if held && !in_place.exists() => root.join(HELD_PODS).join(name),
+            Some(name)
+                if self.path.parent() == Some(Path::new(STATIC_PODS))
+                    && AFTER_API.iter().any(|a| name == *a)
+                    && !in_place.exists() =>
+            {
+                root.join(HELD_PODS).join(name)
+            }
             _ => in_place,
         }
     }

@@ -80,7 +80,7 @@ const FAULT_SEED: u64 = 20;
 /// prints the containers, the last words of exited API server and etcd
 /// containers and kubelet's latest complaints to the console every two
 /// minutes, so a failed run's kept console says where a member was. (Its
-/// crictl and journalctl cost a loaded master about 5 s of CPU a run
+/// crictl and journalctl cost a loaded master 4 to 9 s of CPU a run
 /// under emulation.)
 const STATUS_UNIT: &str = "[Unit]\nDescription=cluster test status (test only)\nAfter=kubelet.service\n\n\
 [Service]\nStandardOutput=journal+console\n\
@@ -1110,9 +1110,15 @@ mod shell {
         let mut buf = Vec::new();
         read_some(&mut stream, &mut buf)?;
         buf.clear();
+        // Unique to this command, so output left from an earlier one
+        // never ends it.
         let tag = format!(
-            "{:x}",
-            started.elapsed().as_nanos() ^ u128::from(std::process::id())
+            "{:x}-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+            std::process::id()
         );
         // The marker is split on the typed line, so its echo never matches.
         writeln!(

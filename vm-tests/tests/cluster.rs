@@ -420,14 +420,15 @@ fn launch_all(cluster: &mut Cluster, instances: &[Instance]) -> Result<()> {
 /// launch's deadline, and the run says so.
 fn pace_departure(cluster: &Cluster, id: &str) {
     let dir = "/run/systemd/system/slipway-leave.service.d";
-    let dropin = leave_dropin(cluster.paced(DRAIN_UNDER_TCG)).replace('\n', "\\n");
+    let drain = cluster.paced(DRAIN_UNDER_TCG);
+    let dropin = leave_dropin(drain).replace('\n', "\\n");
     let command = format!(
         "mkdir -p {dir} && printf '{dropin}' > {dir}/zz-paced.conf && systemctl daemon-reload"
     );
     match cluster.run_in_guest(id, &command, cluster.paced(Duration::from_secs(120))) {
         Ok(_) => eprintln!(
-            "[cluster] {id} drains for up to {:.0}s when it leaves",
-            cluster.paced(DRAIN_UNDER_TCG).as_secs_f64()
+            "[cluster] {id} drains for up to {}s when it leaves",
+            drain.as_secs()
         ),
         Err(e) => eprintln!(
             "[cluster] WARNING: {id} keeps its launch's drain deadline ({}s): {e:#}",
@@ -1498,8 +1499,8 @@ spec:
     );
 
     // 5. etcd backups: the masters' timer (and, in 6, the admin command)
-    // snapshotted etcd into the bucket; the newest is a bbolt file (etcd's) whose bytes hash to the
-    // sha256 stored with it.
+    // snapshotted etcd into the bucket; the newest is a bbolt file
+    // (etcd's) whose bytes hash to the sha256 stored with it.
     let backups = cluster.list_keys(&prefix)?;
     let newest = backups
         .last()

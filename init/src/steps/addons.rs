@@ -87,9 +87,10 @@ pub fn retire_tokens(ctx: &Context) -> Result<Vec<String>, StepError> {
 }
 
 /// Waits for the API server (up to `api-server`), hands the kubelet the
-/// static pods held until it answers, applies the add-ons, labels the master's Node once its kubelet registered it (up to
-/// `node-registers`), and waits for that Node to be Ready (up to
-/// `node-ready`), lifting the cordon its predecessor's departure left.
+/// static pods held until it answers, applies the add-ons, labels the
+/// master's Node once its kubelet registered it (up to `node-registers`),
+/// and waits for that Node to be Ready (up to `node-ready`), lifting the
+/// cordon its predecessor's departure left.
 pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     if ctx.config.role != Role::Master {
         return Ok(Report::already(STEP, "nothing to apply on a node"));
@@ -114,14 +115,15 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
                 .to_string(),
             message: e.to_string(),
         })?;
-    if !released.is_empty() {
-        tracing::info!(
-            step = STEP,
-            "the API server is ready; the kubelet now runs {}",
-            released.join(", ")
-        );
-    }
-    tracing::info!(step = STEP, "the API server is ready; applying the add-ons");
+    let started = if released.is_empty() {
+        String::new()
+    } else {
+        format!("; the kubelet now runs {}", released.join(", "))
+    };
+    tracing::info!(
+        step = STEP,
+        "the API server is ready{started}; applying the add-ons"
+    );
     let out = kubectl(&[
         "apply",
         "--server-side",
