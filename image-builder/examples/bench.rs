@@ -4,7 +4,7 @@
 //! and the bytes a publish uploads, each beside the previous run's.
 //! Runs the real `image-builder` binary against a scratch copy of the spec.
 
-use image_builder::build::Manifest;
+use image_builder::manifest::Manifest;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;

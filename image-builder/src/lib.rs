@@ -7,6 +7,7 @@ pub mod debian;
 pub mod fetch;
 pub mod fsio;
 pub mod lock;
+pub mod manifest;
 pub mod oci;
 pub mod payload;
 pub mod progress;
@@ -39,7 +40,7 @@ pub struct Cli {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Build the disk image (writes image.lock first if it does not exist).
-    Build(Box<build::Args>),
+    Build(Box<BuildArgs>),
     /// Pin the Debian package set (image.lock) and whatever payload entries
     /// payload.lock lacks; with --payload-only, --check verifies every
     /// payload pin against its source and --update moves an entry to
@@ -51,6 +52,31 @@ pub enum Command {
     Publish(publish::Args),
 }
 
+/// `image-builder build`: the build's arguments, and where to publish it.
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub build: build::Args,
+    /// Publish the image once built (see `image-builder publish`).
+    #[command(flatten)]
+    pub publish: publish::Target,
+}
+
+impl BuildArgs {
+    /// The template a publish renders: `--template`, else the spec's
+    /// `cfn/template.yaml`.
+    pub fn template(&self) -> std::path::PathBuf {
+        self.publish.template.clone().unwrap_or_else(|| {
+            let dir = self
+                .build
+                .spec
+                .parent()
+                .unwrap_or(std::path::Path::new("."));
+            dir.join("cfn/template.yaml")
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -58,25 +84,9 @@ pub enum Error {
     #[error(transparent)]
     Lock(#[from] lock::LockError),
     #[error(transparent)]
+    Manifest(#[from] manifest::ManifestError),
+    #[error(transparent)]
     Publish(#[from] publish::PublishError),
-}
-
-pub fn run(cli: Cli) -> Result<(), Error> {
-    match cli.command {
-        Command::Build(args) => {
-            build::run(&args)?;
-            if args.publish.region.is_some() {
-                let template = args.publish.template.clone().unwrap_or_else(|| {
-                    let dir = args.spec.parent().unwrap_or(std::path::Path::new("."));
-                    dir.join("cfn/template.yaml")
-                });
-                publish::publish(&args.out, &args.publish, &template)?;
-            }
-        }
-        Command::Lock(args) => lock::run(&args)?,
-        Command::Publish(args) => publish::run(&args).map(drop)?,
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -104,7 +114,10 @@ mod tests {
             dir.path().join("out").to_str().unwrap(),
         ])
         .unwrap();
-        let err = super::run(cli).unwrap_err().to_string();
+        let super::Command::Build(args) = cli.command else {
+            panic!("not a build");
+        };
+        let err = crate::build::run(&args.build).unwrap_err().to_string();
         assert!(err.starts_with("image.arch = \"arm64\""), "{err}");
         assert!(err.contains("Other architectures"), "{err}");
         assert!(!dir.path().join("out").exists());
@@ -125,11 +138,11 @@ mod tests {
             panic!("not a build");
         };
         assert_eq!(
-            args.lock.as_deref(),
+            args.build.lock.as_deref(),
             Some(std::path::Path::new("image.lock"))
         );
         assert_eq!(
-            args.payload.payload_lock.as_deref(),
+            args.build.payload.payload_lock.as_deref(),
             Some(std::path::Path::new("pins.lock"))
         );
     }

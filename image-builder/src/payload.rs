@@ -227,12 +227,13 @@ pub fn unique_references(images: &BTreeMap<String, String>) -> Vec<&String> {
     refs
 }
 
-/// A file the payload puts into the image.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A file the payload puts into the image; keyed by `key`, read from `src`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PayloadFile {
     /// Relative to the image root.
     pub dest: PathBuf,
     /// In the cache.
+    #[serde(skip)]
     pub src: PathBuf,
     pub mode: u32,
     /// What identifies the content (a sha256, or an archive's and a member's).

@@ -1277,12 +1277,11 @@ fn publish(
         endpoint_url: Some(moto.endpoint.clone()),
     };
     let template = crate::workspace_dir().join("cfn/template.yaml");
-    let release = {
-        let (out, template) = (out.to_owned(), template.clone());
-        std::thread::spawn(move || image_builder::publish::publish(&out, &target, &template))
-            .join()
-            .map_err(|_| anyhow::anyhow!("publish panicked"))??
-    };
+    let built = image_builder::manifest::Built::read(out)?;
+    let release = rt.block_on(async {
+        let clients = image_builder::publish::Clients::for_target(&target).await?;
+        image_builder::publish::publish(&built, &clients, &target, &template).await
+    })?;
     rt.block_on(read_back(moto, &release, disk))?;
     let ami = release.amis.get(REGION).context("no AMI in the region")?;
     disks.insert(ami.clone(), disk.to_owned());

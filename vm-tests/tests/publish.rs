@@ -80,12 +80,13 @@ fn template_source() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../cfn/template.yaml")
 }
 
-/// Runs publish on its own thread (it owns a runtime of its own).
-fn publish(out: &Path, target: &Target) -> Result<Release, publish::PublishError> {
-    let (out, target) = (out.to_owned(), target.clone());
-    std::thread::spawn(move || publish::publish(&out, &target, &template_source()))
-        .join()
-        .unwrap()
+/// Publishes a build directory as `image-builder publish` does: the disk
+/// checked against its manifest in one read, then clients for the target's
+/// regions.
+async fn publish(out: &Path, target: &Target) -> Result<Release, publish::PublishError> {
+    let built = image_builder::manifest::Built::read(out).expect("the build reads back");
+    let clients = publish::Clients::for_target(target).await?;
+    publish::publish(&built, &clients, target, &template_source()).await
 }
 
 async fn count(moto: &Moto, region: &str) -> (usize, usize) {
@@ -106,7 +107,7 @@ async fn the_uploaded_snapshot_reads_back_as_the_disk() {
     let image = built_image();
     let out = scratch_out(&image);
     let moto = Moto::start().unwrap();
-    let release = publish(out.path(), &target(&moto, &[])).unwrap();
+    let release = publish(out.path(), &target(&moto, &[])).await.unwrap();
     let upload = release.upload.clone().unwrap();
     eprintln!(
         "uploaded {} blocks, {:.1} MiB of a {:.0} MiB disk in {:.2}s ({:.1} MiB/s)",
@@ -174,7 +175,7 @@ async fn amis_in_three_regions_then_nothing_new_then_a_clash_is_refused() {
     let image = built_image();
     let out = scratch_out(&image);
     let moto = Moto::start().unwrap();
-    let first = publish(out.path(), &target(&moto, &COPIES)).unwrap();
+    let first = publish(out.path(), &target(&moto, &COPIES)).await.unwrap();
     let regions: Vec<&str> = first.amis.keys().map(String::as_str).collect();
     assert_eq!(regions, ["ap-southeast-2", "eu-west-1", "us-east-1"]);
     for (region, ami) in &first.amis {
@@ -219,7 +220,7 @@ async fn amis_in_three_regions_then_nothing_new_then_a_clash_is_refused() {
     for r in first.amis.keys() {
         before.push(count(&moto, r).await);
     }
-    let second = publish(out.path(), &target(&moto, &COPIES)).unwrap();
+    let second = publish(out.path(), &target(&moto, &COPIES)).await.unwrap();
     assert_eq!(second.amis, first.amis);
     assert!(second.upload.is_none(), "the second run uploaded again");
     let mut after = Vec::new();
@@ -244,7 +245,9 @@ async fn amis_in_three_regions_then_nothing_new_then_a_clash_is_refused() {
         manifest.to_string(),
     )
     .unwrap();
-    let err = publish(other.path(), &target(&moto, &COPIES)).unwrap_err();
+    let err = publish(other.path(), &target(&moto, &COPIES))
+        .await
+        .unwrap_err();
     let msg = err.to_string();
     assert!(
         matches!(err, publish::PublishError::VersionClash { .. }),
@@ -269,7 +272,7 @@ async fn a_failed_publish_deletes_what_it_created() {
     // snapshot and the image were created, and both must go.
     let mut t = target(&moto, &[]);
     t.ssm_prefix = Some("/aws/slipway".into());
-    let err = publish(out.path(), &t).unwrap_err();
+    let err = publish(out.path(), &t).await.unwrap_err();
     let msg = err.to_string();
     assert!(
         msg.contains("writing SSM parameter /aws/slipway/0.1.0/image-id"),
@@ -319,7 +322,7 @@ async fn a_release_that_skips_a_kubernetes_minor_is_refused_before_any_upload() 
     let mut t = target(&moto, &[]);
     let two_behind = format!("v{}.{}.0", ships.major, ships.minor - 2);
     t.current_kubernetes = Some(two_behind.clone());
-    let msg = publish(out.path(), &t).unwrap_err().to_string();
+    let msg = publish(out.path(), &t).await.unwrap_err().to_string();
     assert!(
         msg.contains(&format!("cannot be updated to {ships}")),
         "{msg}"
@@ -332,7 +335,7 @@ async fn a_release_that_skips_a_kubernetes_minor_is_refused_before_any_upload() 
     assert_eq!(count(&moto, HOME).await, before, "something was uploaded");
     // One minor behind is the supported step.
     t.current_kubernetes = Some(format!("v{}.{}.9", ships.major, ships.minor - 1));
-    let release = publish(out.path(), &t).unwrap();
+    let release = publish(out.path(), &t).await.unwrap();
     assert_eq!(release.kubernetes, ships.to_string());
 }
 
@@ -340,7 +343,7 @@ async fn a_release_that_skips_a_kubernetes_minor_is_refused_before_any_upload() 
 async fn the_template_lints_clean_and_creates_a_stack_on_the_mapped_ami() {
     let out = small_build(&built_image(), b"a disk for the stack");
     let moto = Moto::start().unwrap();
-    let release = publish(out.path(), &target(&moto, &[])).unwrap();
+    let release = publish(out.path(), &target(&moto, &[])).await.unwrap();
     let template_path = out.path().join("template.json");
 
     // cfn-lint, pinned in vm-tests/requirements.txt: no errors, no warnings,

@@ -1,69 +1,96 @@
-//! The EFI system partition: a FAT filesystem made in memory (no mkfs, no
-//! mounting) holding the UKI as the removable-media boot path, with a fixed
-//! volume ID and timestamps so it is reproducible.
+//! The ESP stage: the boot chain. An initramfs (`slipway-initrd` and the
+//! kernel modules it loads), the Unified Kernel Image (systemd's EFI stub
+//! with the kernel, initramfs, command line and os-release as PE sections),
+//! and the FAT filesystem of the EFI system partition that holds it.
 
-use std::io::{Cursor, Write};
+use super::overlay;
+use super::rootfs::{self, RootfsOutput};
+use super::stage::{Content, Made, Stage};
+use super::{fat, uki, BuildError};
+use crate::fsio;
+use crate::progress::{self, Progress};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::path::Path;
 
-#[derive(Debug, thiserror::Error)]
-pub enum EspError {
-    #[error("the UKI is {uki} bytes, too large for a {esp} byte ESP; raise image.esp_size_mib")]
-    TooLarge { uki: u64, esp: u64 },
-    #[error("building the ESP: {0}")]
-    Fat(#[from] std::io::Error),
+/// The partition's image and the UKI on it, in the stage's directory.
+pub const IMAGE: &str = "esp.img";
+pub const UKI: &str = "uki.efi";
+/// systemd's EFI stub, in the rootfs.
+const STUB: &str = "usr/lib/systemd/boot/efi/linuxx64.efi.stub";
+
+/// Every input of the ESP stage.
+#[derive(Debug, Serialize)]
+pub struct Esp<'a> {
+    /// The kernel, its modules, the EFI stub and the packages' os-release.
+    pub rootfs: &'a Made<RootfsOutput>,
+    /// The initramfs's `/init`.
+    pub initrd: &'a Content,
+    /// Modules the initramfs loads (their dependencies come along).
+    pub modules: &'a [String],
+    /// The kernel command line, the root hash included.
+    pub cmdline: String,
+    /// The image's name and version, for the UKI's os-release.
+    pub release: &'a str,
+    pub size: u64,
+    pub volume_id: u32,
+    pub source_date_epoch: u64,
 }
 
-/// A FAT image of `size` bytes with `uki` at `EFI/BOOT/BOOTX64.EFI`.
-pub fn build(size: u64, volume_id: u32, uki: &[u8]) -> Result<Vec<u8>, EspError> {
-    if uki.len() as u64 + (4 << 20) > size {
-        return Err(EspError::TooLarge {
-            uki: uki.len() as u64,
-            esp: size,
-        });
-    }
-    let mut disk = Cursor::new(vec![0u8; size as usize]);
-    fatfs::format_volume(
-        &mut disk,
-        fatfs::FormatVolumeOptions::new()
-            .volume_id(volume_id)
-            .volume_label(*b"ESP        "),
-    )?;
-    {
-        let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new())?;
-        let boot = fs.root_dir().create_dir("EFI")?.create_dir("BOOT")?;
-        let mut f = boot.create_file("BOOTX64.EFI")?;
-        f.truncate()?;
-        f.write_all(uki)?;
-        f.flush()?;
-    }
-    Ok(disk.into_inner())
+/// What the ESP stage made.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EspOutput {
+    pub uki_bytes: u64,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Read;
+impl Stage for Esp<'_> {
+    const NAME: &'static str = "esp";
+    const KIND: &'static str = "esp";
+    type Output = EspOutput;
 
-    #[test]
-    fn the_uki_can_be_read_back_and_output_is_stable() {
-        let uki = vec![0x5a; 100_000];
-        let a = build(32 << 20, 0x1234, &uki).unwrap();
-        assert_eq!(a, build(32 << 20, 0x1234, &uki).unwrap());
-        let mut cur = Cursor::new(a);
-        let fs = fatfs::FileSystem::new(&mut cur, fatfs::FsOptions::new()).unwrap();
-        let mut back = Vec::new();
-        fs.root_dir()
-            .open_file("EFI/BOOT/BOOTX64.EFI")
-            .unwrap()
-            .read_to_end(&mut back)
-            .unwrap();
-        assert_eq!(back, uki);
+    fn make(&self, dir: &Path, _: &Progress) -> Result<EspOutput, BuildError> {
+        let tree = self.rootfs.file(rootfs::TREE);
+        let kernel_version = &self.rootfs.output.kernel;
+        let initramfs = uki::initramfs(
+            &tree,
+            kernel_version,
+            &self.initrd.read()?,
+            self.modules,
+            self.source_date_epoch,
+        )?;
+        let stub_path = tree.join(STUB);
+        let stub = fs::read(&stub_path).map_err(fsio::at(
+            "reading the EFI stub (is systemd-boot-efi in debian.packages?)",
+            &stub_path,
+        ))?;
+        let kernel_path = tree.join("boot").join(format!("vmlinuz-{kernel_version}"));
+        let kernel = fs::read(&kernel_path).map_err(fsio::at("reading", &kernel_path))?;
+        let os_release_path = tree.join("usr/lib/os-release");
+        let packages_os_release =
+            fs::read_to_string(&os_release_path).map_err(fsio::at("reading", &os_release_path))?;
+        let os_release = overlay::image_os_release(&packages_os_release, self.release);
+        let image = uki::add_sections(
+            &stub,
+            &[
+                (".osrel", os_release.as_bytes()),
+                (".cmdline", self.cmdline.as_bytes()),
+                (".uname", kernel_version.as_bytes()),
+                (".initrd", &initramfs),
+                (".linux", &kernel),
+            ],
+            &stub_path,
+        )?;
+        let uki_path = dir.join(UKI);
+        fs::write(&uki_path, &image).map_err(fsio::at("writing", &uki_path))?;
+        let esp = fat::build(self.size, self.volume_id, &image)?;
+        let esp_path = dir.join(IMAGE);
+        fs::write(&esp_path, esp).map_err(fsio::at("writing", &esp_path))?;
+        Ok(EspOutput {
+            uki_bytes: image.len() as u64,
+        })
     }
 
-    #[test]
-    fn an_oversized_uki_is_refused() {
-        assert!(matches!(
-            build(4 << 20, 1, &[0; 10]),
-            Err(EspError::TooLarge { .. })
-        ));
+    fn note(&self, output: &EspOutput) -> String {
+        format!("UKI {}", progress::bytes(output.uki_bytes))
     }
 }

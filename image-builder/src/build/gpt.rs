@@ -3,6 +3,7 @@
 //! end. Identities (disk and partition GUIDs) are given, so output is
 //! reproducible.
 
+use crate::manifest::DataMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
@@ -166,13 +167,28 @@ fn header(
     h
 }
 
-/// Writes the whole disk to `path` as a sparse file of `disk_size` bytes.
+/// A disk as written: where its partitions landed, and what the writer
+/// saw of every byte on the way.
+#[derive(Debug)]
+pub struct Written {
+    pub placed: Vec<Placed>,
+    /// The whole disk's sha256 (hex).
+    pub sha256: String,
+    /// Each partition's sha256 (its content and the zeros after it).
+    pub partition_sha256: Vec<String>,
+    /// The [`DATA_BLOCK`]s that hold anything but zeros.
+    pub data_blocks: Vec<u64>,
+}
+
+/// Writes the whole disk to `path` as a sparse file of `disk_size` bytes,
+/// front to back, hashing and mapping it as it goes: the disk is never read
+/// back.
 pub fn write(
     path: &Path,
     disk_guid: Guid,
     parts: &[Partition<'_>],
     disk_size: u64,
-) -> Result<Vec<Placed>, GptError> {
+) -> Result<Written, GptError> {
     let io_err = |source| GptError::Io {
         path: path.display().to_string(),
         source,
@@ -205,79 +221,97 @@ pub fn write(
     mbr[511] = 0xaa;
 
     let _ = std::fs::remove_file(path);
-    let mut f = File::create(path).map_err(io_err)?;
-    f.set_len(disk_size).map_err(io_err)?;
-    let mut put = |lba: u64, bytes: &[u8]| -> io::Result<()> {
-        f.seek(SeekFrom::Start(lba * SECTOR))?;
-        f.write_all(bytes)
+    let file = File::create(path).map_err(io_err)?;
+    file.set_len(disk_size).map_err(io_err)?;
+    let mut disk = Sink {
+        file,
+        map: DataMap::default(),
     };
-    put(0, &mbr).map_err(io_err)?;
-    put(
-        1,
-        &header(disk_guid, 1, last_lba, 2, last_usable, entries_crc),
-    )
-    .map_err(io_err)?;
-    put(2, &entries).map_err(io_err)?;
-    put(backup_entries, &entries).map_err(io_err)?;
-    put(
-        last_lba,
-        &header(
-            disk_guid,
-            last_lba,
-            1,
-            backup_entries,
-            last_usable,
-            entries_crc,
-        ),
-    )
-    .map_err(io_err)?;
+    disk.data(&mbr).map_err(io_err)?;
+    disk.data(&header(disk_guid, 1, last_lba, 2, last_usable, entries_crc))
+        .map_err(io_err)?;
+    disk.data(&entries).map_err(io_err)?;
 
+    let mut partition_sha256 = Vec::with_capacity(parts.len());
     for (p, at) in parts.iter().zip(&placed) {
-        let Some(src) = p.content else { continue };
-        let mut input = File::open(src).map_err(io_err)?;
-        let len = input.metadata().map_err(io_err)?.len();
-        if len > at.size() {
-            return Err(GptError::ContentTooLarge {
-                label: p.label.to_owned(),
-                len,
-                size: at.size(),
-            });
+        disk.zeros_to(at.offset()).map_err(io_err)?;
+        let mut hash = DataMap::default();
+        if let Some(src) = p.content {
+            let mut input = File::open(src).map_err(io_err)?;
+            let len = input.metadata().map_err(io_err)?.len();
+            if len > at.size() {
+                return Err(GptError::ContentTooLarge {
+                    label: p.label.to_owned(),
+                    len,
+                    size: at.size(),
+                });
+            }
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = input.read(&mut buf).map_err(io_err)?;
+                if n == 0 {
+                    break;
+                }
+                hash.update(&buf[..n]);
+                disk.data(&buf[..n]).map_err(io_err)?;
+            }
         }
-        f.seek(SeekFrom::Start(at.offset())).map_err(io_err)?;
-        copy_sparse(&mut input, &mut f).map_err(io_err)?;
+        hash.zeros(at.size() - hash.position());
+        partition_sha256.push(hash.finish().0);
     }
-    Ok(placed)
+    disk.zeros_to(backup_entries * SECTOR).map_err(io_err)?;
+    disk.data(&entries).map_err(io_err)?;
+    disk.data(&header(
+        disk_guid,
+        last_lba,
+        1,
+        backup_entries,
+        last_usable,
+        entries_crc,
+    ))
+    .map_err(io_err)?;
+    let (sha256, data_blocks) = disk.map.finish();
+    Ok(Written {
+        placed,
+        sha256,
+        partition_sha256,
+        data_blocks,
+    })
 }
 
-/// Copies `from` into `to` at its current position, seeking over all-zero
-/// blocks so the disk stays sparse.
-fn copy_sparse(from: &mut File, to: &mut File) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = from.read(&mut buf[filled..])?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        if filled == 0 {
-            return Ok(());
-        }
-        for chunk in buf[..filled].chunks(4096) {
+/// The disk file, written front to back, and its running hash and map.
+struct Sink {
+    file: File,
+    map: DataMap,
+}
+
+impl Sink {
+    /// Writes `bytes` at the current position, seeking over all-zero 4 KiB
+    /// chunks so the file stays sparse.
+    fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.map.update(bytes);
+        for chunk in bytes.chunks(4096) {
             if chunk.iter().all(|&b| b == 0) {
-                to.seek(SeekFrom::Current(chunk.len() as i64))?;
+                self.file.seek(SeekFrom::Current(chunk.len() as i64))?;
             } else {
-                to.write_all(chunk)?;
+                self.file.write_all(chunk)?;
             }
         }
+        Ok(())
+    }
+
+    /// Moves on to `offset` over zeros (the file is already that long).
+    fn zeros_to(&mut self, offset: u64) -> io::Result<()> {
+        self.map.zeros(offset - self.map.position());
+        self.file.seek(SeekFrom::Start(offset))?;
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::DATA_BLOCK;
 
     #[test]
     fn guids_print_and_parse() {
@@ -325,11 +359,21 @@ mod tests {
         ];
         let disk = dir.path().join("disk");
         let size = 8 << 20;
-        let placed = write(&disk, Guid::derive("disk"), &parts, size).unwrap();
+        let written = write(&disk, Guid::derive("disk"), &parts, size).unwrap();
+        let placed = &written.placed;
         assert_eq!(placed[0].first_lba, 2048);
         assert_eq!(placed[1].first_lba, 4096);
         let bytes = std::fs::read(&disk).unwrap();
         assert_eq!(bytes.len() as u64, size);
+        // What the writer saw is what it wrote: the disk, each partition's
+        // region, and the blocks with data (the tables and the content).
+        assert_eq!(written.sha256, crate::cache::sha256_bytes(&bytes));
+        for (p, sha256) in placed.iter().zip(&written.partition_sha256) {
+            let region = &bytes[p.offset() as usize..(p.offset() + p.size()) as usize];
+            assert_eq!(*sha256, crate::cache::sha256_bytes(region), "{}", p.label);
+        }
+        let last = size / DATA_BLOCK - 1;
+        assert_eq!(written.data_blocks, [0, 2, last]);
         let primary = &bytes[512..1024];
         let backup = &bytes[bytes.len() - 512..];
         assert_eq!(&primary[..8], b"EFI PART");

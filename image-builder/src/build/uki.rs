@@ -96,7 +96,7 @@ pub fn resolve_modules(
 pub fn initramfs(
     root: &Path,
     kver: &str,
-    init_bin: &Path,
+    init: &[u8],
     modules: &[String],
     mtime: u64,
 ) -> Result<Vec<u8>, UkiError> {
@@ -113,7 +113,7 @@ pub fn initramfs(
     }
     c.char_device("dev/console", 0o600, 5, 1);
     c.char_device("dev/null", 0o666, 1, 3);
-    c.file("init", 0o755, &read(init_bin)?);
+    c.file("init", 0o755, init);
     let mut order = String::new();
     for f in &files {
         let name = f.rsplit('/').next().unwrap_or(f);

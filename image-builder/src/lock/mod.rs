@@ -168,16 +168,13 @@ pub fn parse_status(text: &str) -> Vec<Installed> {
 }
 
 /// The mmdebstrap invocation shared by resolution and the rootfs build.
-pub fn mmdebstrap(spec: &Spec) -> Result<Command, ToolError> {
+pub fn mmdebstrap(source_date_epoch: u64) -> Result<Command, ToolError> {
     tools::require(&[tools::NEWUIDMAP])?;
     let mut cmd = tools::command(tools::MMDEBSTRAP)?;
     cmd.arg("--mode=unshare")
         .arg("--format=directory")
         .arg("--quiet")
-        .env(
-            "SOURCE_DATE_EPOCH",
-            spec.image.source_date_epoch.to_string(),
-        );
+        .env("SOURCE_DATE_EPOCH", source_date_epoch.to_string());
     Ok(cmd)
 }
 
@@ -198,7 +195,7 @@ pub fn resolve(
         spec.debian.suite
     ));
     let result = (|| {
-        let mut cmd = mmdebstrap(spec)?;
+        let mut cmd = mmdebstrap(spec.image.source_date_epoch)?;
         cmd.arg(format!("--variant={}", spec.debian.variant))
             .arg(format!("--include={}", spec.debian.packages.join(",")))
             .arg("--skip=cleanup/apt/cache,essential/unlink")

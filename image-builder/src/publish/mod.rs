@@ -16,7 +16,7 @@ pub mod skew;
 pub mod snapshot;
 pub mod template;
 
-use crate::build::{FileDigest, Manifest};
+use crate::manifest::{Built, FileDigest, Manifest};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -62,6 +62,16 @@ pub struct Args {
     pub target: Target,
 }
 
+impl Args {
+    /// `--template`, else `cfn/template.yaml` here.
+    pub fn template(&self) -> PathBuf {
+        self.target
+            .template
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("cfn/template.yaml"))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error(transparent)]
@@ -81,12 +91,6 @@ pub enum PublishError {
     },
     #[error("the template breaks the security rules: {0}")]
     Rules(String),
-    #[error("{path} has sha256 {actual}, but the build manifest says {expected}: rebuild before publishing")]
-    DiskChanged {
-        path: String,
-        expected: String,
-        actual: String,
-    },
     #[error("publishing needs --region")]
     NoRegion,
     #[error("{0}")]
@@ -185,6 +189,23 @@ pub struct Clients {
 }
 
 impl Clients {
+    /// Clients for the target's regions: `--region` first, then each
+    /// `--copy-to` region once.
+    pub async fn for_target(target: &Target) -> Result<Vec<Self>, PublishError> {
+        let home = target.region.clone().ok_or(PublishError::NoRegion)?;
+        let mut regions = vec![home];
+        for r in &target.copy_to {
+            if !regions.contains(r) {
+                regions.push(r.clone());
+            }
+        }
+        let mut clients = Vec::with_capacity(regions.len());
+        for r in &regions {
+            clients.push(Self::new(r, target.endpoint_url.as_deref()).await);
+        }
+        Ok(clients)
+    }
+
     pub async fn new(region: &str, endpoint: Option<&str>) -> Self {
         use aws_config::retry::RetryConfig;
         let mut loader = slipway_init::sdk::config_loader()
@@ -235,51 +256,22 @@ impl Created {
     }
 }
 
-fn sha256_file(path: &Path) -> Result<String, PublishError> {
-    Ok(crate::cache::sha256_file(path).map_err(crate::fsio::at("hashing", path))?)
-}
-
-/// Publishes the build in `out` (see the module docs).
-pub fn run(args: &Args) -> Result<Release, PublishError> {
-    let template = args
-        .target
-        .template
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("cfn/template.yaml"));
-    publish(&args.out, &args.target, &template)
-}
-
-/// The same, with the template source resolved (`build` passes its own).
-pub fn publish(out: &Path, target: &Target, template: &Path) -> Result<Release, PublishError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| PublishError::Invalid(format!("starting the async runtime: {e}")))?;
-    runtime.block_on(publish_async(out, target, template))
-}
-
-async fn publish_async(
-    out: &Path,
+/// Publishes a build (see the module docs) with `clients`, the home
+/// region's first. The disk is read once, for the upload, and only its
+/// data blocks; nothing is uploaded for a region that has the AMI already.
+pub async fn publish(
+    built: &Built,
+    clients: &[Clients],
     target: &Target,
     template_source: &Path,
 ) -> Result<Release, PublishError> {
-    let home = target.region.clone().ok_or(PublishError::NoRegion)?;
-    let manifest_path = out.join("build-manifest.json");
-    let manifest: Manifest = serde_json::from_slice(
-        &std::fs::read(&manifest_path).map_err(crate::fsio::at("reading", &manifest_path))?,
-    )
-    .map_err(|e| PublishError::Invalid(format!("{}: {e}", manifest_path.display())))?;
-    let disk = out.join(&manifest.disk.file);
-    eprintln!("checking {} against the build manifest", disk.display());
-    let actual = sha256_file(&disk)?;
-    if actual != manifest.disk.sha256 {
-        return Err(PublishError::DiskChanged {
-            path: disk.display().to_string(),
-            expected: manifest.disk.sha256.clone(),
-            actual,
-        });
-    }
-    let kubernetes = kubernetes_version(&manifest)?;
+    let home = clients
+        .first()
+        .ok_or(PublishError::NoRegion)?
+        .region
+        .clone();
+    let manifest = &built.manifest;
+    let kubernetes = kubernetes_version(manifest)?;
     if let Some(current) = &target.current_kubernetes {
         let current = skew::Version::parse(current).map_err(PublishError::Invalid)?;
         skew::check(current, kubernetes).map_err(PublishError::Invalid)?;
@@ -299,21 +291,9 @@ async fn publish_async(
         disk_sha256: manifest.disk.sha256.clone(),
         architecture: ami::Architecture::X86_64,
     };
-    let mut regions = vec![home.clone()];
-    for r in &target.copy_to {
-        if !regions.contains(r) {
-            regions.push(r.clone());
-        }
-    }
-    let endpoint = target.endpoint_url.as_deref();
-    let mut clients = Vec::new();
-    for r in &regions {
-        clients.push(Clients::new(r, endpoint).await);
-    }
-
     // Look before creating anything: a clash anywhere stops the run here.
     let mut amis = BTreeMap::new();
-    for c in &clients {
+    for c in clients {
         if let Some(existing) = ami::find(&c.ec2, &id.name).await? {
             let image = ami::reuse(&existing, &id, &c.region)?;
             eprintln!("{}: reusing {image} ({})", c.region, id.name);
@@ -323,9 +303,9 @@ async fn publish_async(
 
     let mut created = Created::default();
     let result = async {
-        let upload = create_missing(&clients, &id, &disk, target, &mut amis, &mut created).await?;
+        let upload = create_missing(clients, &id, built, target, &mut amis, &mut created).await?;
         if let Some(prefix) = &target.ssm_prefix {
-            for c in &clients {
+            for c in clients {
                 write_parameters(c, prefix, &id.version, &amis[&c.region]).await?;
             }
         }
@@ -344,7 +324,7 @@ async fn publish_async(
     };
 
     let rendered = template::render(template_source, versions, &amis)?;
-    let template_path = out.join("template.json");
+    let template_path = built.out.join("template.json");
     std::fs::write(&template_path, &rendered)
         .map_err(crate::fsio::at("writing", &template_path))?;
     let release = Release {
@@ -361,7 +341,7 @@ async fn publish_async(
         },
         upload,
     };
-    let release_path = out.join("release.json");
+    let release_path = built.out.join("release.json");
     let mut text =
         serde_json::to_string_pretty(&release).map_err(|e| PublishError::Invalid(e.to_string()))?;
     text.push('\n');
@@ -425,7 +405,7 @@ pub fn update_command(region: &str, template: &Path, template_bytes: usize) -> S
 async fn create_missing(
     clients: &[Clients],
     id: &ami::Identity,
-    disk: &Path,
+    built: &Built,
     target: &Target,
     amis: &mut BTreeMap<String, String>,
     created: &mut Created,
@@ -437,7 +417,8 @@ async fn create_missing(
         let uploaded = snapshot::upload(
             &home.ebs,
             &home.ec2,
-            disk,
+            &built.disk(),
+            &built.data_blocks,
             &format!("{} disk (sha256 {})", id.name, id.disk_sha256),
             &id.tags(),
             target.upload_concurrency,

@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The EBS direct APIs' block size (fixed by the service).
-pub const BLOCK_SIZE: u64 = 512 * 1024;
+/// The EBS direct APIs' block size (fixed by the service): the unit of the
+/// build's data map.
+pub const BLOCK_SIZE: u64 = crate::manifest::DATA_BLOCK;
 const GIB: u64 = 1 << 30;
 
 /// What an upload did.
@@ -75,16 +76,19 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 /// Uploads `disk` as a new snapshot and waits until EC2 reports it completed.
-/// `on_snapshot` learns the ID as soon as it exists, so a failed upload can
-/// be cleaned up.
+/// Only `blocks` (ascending indices, the disk's data map) are read and
+/// sent. `on_snapshot` learns the ID as soon as it exists, so a failed
+/// upload can be cleaned up.
+#[allow(clippy::too_many_arguments)]
 pub async fn upload(
     ebs: &aws_sdk_ebs::Client,
     ec2: &aws_sdk_ec2::Client,
     disk: &Path,
+    blocks: &[u64],
     description: &str,
     tags: &[(String, String)],
     concurrency: usize,
-    on_snapshot: &mut dyn FnMut(&str),
+    on_snapshot: &mut (dyn FnMut(&str) + Send),
 ) -> Result<Uploaded, PublishError> {
     let start = Instant::now();
     let file = std::fs::File::open(disk).map_err(crate::fsio::at("opening", disk))?;
@@ -98,8 +102,14 @@ pub async fn upload(
             disk.display()
         )));
     }
-    eprintln!("scanning {} for data blocks", disk.display());
-    let blocks = nonzero_blocks(disk)?;
+    if let Some(&last) = blocks.last() {
+        if last >= size.div_ceil(BLOCK_SIZE) {
+            return Err(PublishError::Invalid(format!(
+                "{} has no block {last}: its data map is not this disk's",
+                disk.display()
+            )));
+        }
+    }
     let total = blocks.len();
 
     let started = ebs
@@ -138,7 +148,7 @@ pub async fn upload(
     let permits = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut digests = Vec::with_capacity(total);
-    for &index in &blocks {
+    for &index in blocks {
         let permit = Arc::clone(&permits)
             .acquire_owned()
             .await
@@ -210,7 +220,7 @@ pub async fn upload(
     wait_completed(ec2, &snapshot_id).await?;
     let uploaded = Uploaded {
         snapshot_id,
-        blocks_sent: blocks,
+        blocks_sent: blocks.to_vec(),
         bytes_sent: sent_bytes.load(Ordering::Relaxed),
         disk_bytes: size,
         seconds,
