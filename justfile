@@ -119,10 +119,11 @@ lock: compile
     {{builder}} lock --spec image.toml --payload-lock {{justfile_directory()}}/payload.lock
 
 # The fast tier for the inner loop: rustfmt, clippy, unit tests and the
-# integration tests against moto and a local registry; no image, no VM.
+# integration tests against moto and a local registry (publishing on
+# synthetic builds included); no image, no VM.
 check: deps lint
     cargo test --workspace --exclude vm-tests
-    cargo test -p vm-tests --lib --bins --test faults
+    cargo test -p vm-tests --lib --bins --test faults --test release
 
 # Everything: unit and moto tests, then every test of the built image.
 test: build

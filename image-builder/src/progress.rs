@@ -2,21 +2,25 @@
 //! per-stage timings that go into the build manifest for machines.
 
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
+use std::future::Future;
 use std::io::Write;
+use std::sync::Mutex;
 use std::time::Instant;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageTiming {
     pub stage: String,
     pub seconds: f64,
     pub cached: bool,
+    /// What the stage reported (a size, what it read).
+    #[serde(default)]
+    pub note: String,
 }
 
 #[derive(Debug)]
 pub struct Progress {
     start: Instant,
-    stages: RefCell<Vec<StageTiming>>,
+    stages: Mutex<Vec<StageTiming>>,
 }
 
 impl Default for Progress {
@@ -52,7 +56,7 @@ impl Progress {
     pub fn new() -> Self {
         Self {
             start: Instant::now(),
-            stages: RefCell::new(Vec::new()),
+            stages: Mutex::new(Vec::new()),
         }
     }
 
@@ -62,11 +66,32 @@ impl Progress {
         name: &str,
         f: impl FnOnce() -> Result<(T, Outcome), E>,
     ) -> Result<T, E> {
-        eprintln!("[{:>6.1}s] {name} …", self.start.elapsed().as_secs_f64());
-        let t0 = Instant::now();
+        let t0 = self.begin(name);
         let (value, outcome) = f()?;
+        self.end(name, t0, outcome);
+        Ok(value)
+    }
+
+    /// The same for a stage that awaits.
+    pub async fn stage_async<T, E>(
+        &self,
+        name: &str,
+        f: impl Future<Output = Result<(T, Outcome), E>>,
+    ) -> Result<T, E> {
+        let t0 = self.begin(name);
+        let (value, outcome) = f.await?;
+        self.end(name, t0, outcome);
+        Ok(value)
+    }
+
+    fn begin(&self, name: &str) -> Instant {
+        eprintln!("[{:>6.1}s] {name} …", self.start.elapsed().as_secs_f64());
+        Instant::now()
+    }
+
+    fn end(&self, name: &str, t0: Instant, outcome: Outcome) {
         let seconds = t0.elapsed().as_secs_f64();
-        let how = if outcome.cached { "cached" } else { "built" };
+        let how = if outcome.cached { "cached" } else { "done" };
         let sep = if outcome.note.is_empty() { "" } else { ", " };
         eprintln!(
             "[{:>6.1}s] {name}: {how} in {seconds:.2}s{sep}{}",
@@ -74,12 +99,15 @@ impl Progress {
             outcome.note
         );
         let _ = std::io::stderr().flush();
-        self.stages.borrow_mut().push(StageTiming {
-            stage: name.to_owned(),
-            seconds,
-            cached: outcome.cached,
-        });
-        Ok(value)
+        self.stages
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(StageTiming {
+                stage: name.to_owned(),
+                seconds,
+                cached: outcome.cached,
+                note: outcome.note,
+            });
     }
 
     /// A line of progress inside a long stage.
@@ -88,7 +116,10 @@ impl Progress {
     }
 
     pub fn timings(&self) -> Vec<StageTiming> {
-        self.stages.borrow().clone()
+        self.stages
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     pub fn elapsed(&self) -> f64 {

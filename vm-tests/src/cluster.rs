@@ -39,7 +39,6 @@ use anyhow::{bail, ensure, Context, Result};
 use base64::Engine;
 use image_builder::publish::Release;
 use resolver::Resolver;
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -1299,73 +1298,16 @@ async fn read_back(moto: &Moto, release: &Release, dest: &Path) -> Result<()> {
     say(&format!(
         "reading {snapshot} back through the EBS direct APIs"
     ));
-    let sha = read_snapshot(&moto.endpoint, snapshot, dest).await?;
+    let c = image_builder::publish::Clients::new(REGION, Some(&moto.endpoint)).await;
+    let sha = image_builder::publish::snapshot::download(&c.ebs, snapshot, dest)
+        .await?
+        .sha256;
     ensure!(
         sha == release.disk_sha256,
         "the snapshot reads back as sha256 {sha}, the published disk is {}",
         release.disk_sha256
     );
     Ok(())
-}
-
-/// Reads every block of `snapshot` into `dest` (sparse where the snapshot
-/// has no block) and returns the sha256 of the whole disk.
-async fn read_snapshot(endpoint: &str, snapshot: &str, dest: &Path) -> Result<String> {
-    use image_builder::publish::snapshot::BLOCK_SIZE;
-    let c = image_builder::publish::Clients::new(REGION, Some(endpoint)).await;
-    let mut blocks = BTreeMap::new();
-    let mut next: Option<String> = None;
-    let volume_size_gib;
-    loop {
-        let page = c
-            .ebs
-            .list_snapshot_blocks()
-            .snapshot_id(snapshot)
-            .set_next_token(next.clone())
-            .send()
-            .await?;
-        for b in page.blocks() {
-            blocks.insert(
-                u64::try_from(b.block_index().unwrap_or_default())?,
-                b.block_token().unwrap_or_default().to_owned(),
-            );
-        }
-        next = page.next_token().map(str::to_owned);
-        if next.is_none() {
-            volume_size_gib = page.volume_size().unwrap_or_default();
-            break;
-        }
-    }
-    let size = u64::try_from(volume_size_gib)? << 30;
-    ensure!(size > 0, "{snapshot} has no volume size");
-    let file = std::fs::File::create(dest)?;
-    file.set_len(size)?;
-    let mut hash = Sha256::new();
-    let zero = vec![0u8; usize::try_from(BLOCK_SIZE)?];
-    for index in 0..size / BLOCK_SIZE {
-        match blocks.get(&index) {
-            Some(token) => {
-                let block = c
-                    .ebs
-                    .get_snapshot_block()
-                    .snapshot_id(snapshot)
-                    .block_index(i32::try_from(index)?)
-                    .block_token(token)
-                    .send()
-                    .await?;
-                let data = block.block_data.collect().await?.into_bytes();
-                ensure!(
-                    data.len() == zero.len(),
-                    "block {index} is {} bytes",
-                    data.len()
-                );
-                std::os::unix::fs::FileExt::write_all_at(&file, &data, index * BLOCK_SIZE)?;
-                hash.update(&data);
-            }
-            None => hash.update(&zero),
-        }
-    }
-    Ok(hex::encode(hash.finalize()))
 }
 
 /// What the template's intrinsics name in the stack as created.

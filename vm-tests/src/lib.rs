@@ -18,6 +18,7 @@ pub mod moto;
 pub mod net;
 pub mod policy;
 pub mod registry;
+pub mod releases;
 pub mod server;
 
 use anyhow::{bail, ensure, Context, Result};

@@ -17,6 +17,7 @@ pub mod snapshot;
 pub mod template;
 
 use crate::manifest::{Built, FileDigest, Manifest};
+use crate::progress::{self, Outcome, Progress, StageTiming};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -168,6 +169,9 @@ pub struct Release {
     pub template: FileDigest,
     /// Present when this run uploaded the disk.
     pub upload: Option<UploadStats>,
+    /// The publish's steps, timed, with what each read or made.
+    #[serde(default)]
+    pub stages: Vec<StageTiming>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -271,6 +275,7 @@ pub async fn publish(
         .region
         .clone();
     let manifest = &built.manifest;
+    let progress = Progress::new();
     let kubernetes = kubernetes_version(manifest)?;
     if let Some(current) = &target.current_kubernetes {
         let current = skew::Version::parse(current).map_err(PublishError::Invalid)?;
@@ -303,7 +308,16 @@ pub async fn publish(
 
     let mut created = Created::default();
     let result = async {
-        let upload = create_missing(clients, &id, built, target, &mut amis, &mut created).await?;
+        let upload = create_missing(
+            clients,
+            &id,
+            built,
+            target,
+            &progress,
+            &mut amis,
+            &mut created,
+        )
+        .await?;
         if let Some(prefix) = &target.ssm_prefix {
             for c in clients {
                 write_parameters(c, prefix, &id.version, &amis[&c.region]).await?;
@@ -323,10 +337,18 @@ pub async fn publish(
         }
     };
 
-    let rendered = template::render(template_source, versions, &amis)?;
     let template_path = built.out.join("template.json");
-    std::fs::write(&template_path, &rendered)
-        .map_err(crate::fsio::at("writing", &template_path))?;
+    let rendered = progress.stage("template", || {
+        let rendered = template::render(template_source, versions, &amis)?;
+        std::fs::write(&template_path, &rendered)
+            .map_err(crate::fsio::at("writing", &template_path))?;
+        let note = format!(
+            "{} AMIs, {}",
+            amis.len(),
+            progress::bytes(rendered.len() as u64)
+        );
+        Ok::<_, PublishError>((rendered, Outcome::built(note)))
+    })?;
     let release = Release {
         name: manifest.name.clone(),
         image_version: id.version.clone(),
@@ -340,6 +362,7 @@ pub async fn publish(
             sha256: crate::cache::sha256_bytes(rendered.as_bytes()),
         },
         upload,
+        stages: progress.timings(),
     };
     let release_path = built.out.join("release.json");
     let mut text =
@@ -407,6 +430,7 @@ async fn create_missing(
     id: &ami::Identity,
     built: &Built,
     target: &Target,
+    progress: &Progress,
     amis: &mut BTreeMap<String, String>,
     created: &mut Created,
 ) -> Result<Option<UploadStats>, PublishError> {
@@ -414,25 +438,41 @@ async fn create_missing(
     let mut upload = None;
     if !amis.contains_key(&home.region) {
         let mut snapshot_id = None;
-        let uploaded = snapshot::upload(
-            &home.ebs,
-            &home.ec2,
-            &built.disk(),
-            &built.data_blocks,
-            &format!("{} disk (sha256 {})", id.name, id.disk_sha256),
-            &id.tags(),
-            target.upload_concurrency,
-            &mut |s| snapshot_id = Some(s.to_owned()),
-        )
-        .await;
+        let uploaded = progress
+            .stage_async("upload", async {
+                let uploaded = snapshot::upload(
+                    &home.ebs,
+                    &home.ec2,
+                    &built.disk(),
+                    &built.data_blocks,
+                    &format!("{} disk (sha256 {})", id.name, id.disk_sha256),
+                    &id.tags(),
+                    target.upload_concurrency,
+                    &mut |s| snapshot_id = Some(s.to_owned()),
+                )
+                .await?;
+                let note = format!(
+                    "{} of the disk's {} blocks read and sent, {}",
+                    uploaded.blocks_sent.len(),
+                    uploaded.disk_bytes / snapshot::BLOCK_SIZE,
+                    progress::bytes(uploaded.bytes_sent)
+                );
+                Ok::<_, PublishError>((uploaded, Outcome::built(note)))
+            })
+            .await;
         if let Some(s) = snapshot_id {
             created.snapshots.push((home.clone(), s));
         }
         let uploaded = uploaded?;
-        let image = ami::register(&home.ec2, id, &uploaded.snapshot_id).await?;
-        created.images.push((home.clone(), image.clone()));
-        ami::wait_available(&home.ec2, &image).await?;
-        eprintln!("{}: registered {image} ({})", home.region, id.name);
+        let image = progress
+            .stage_async("register", async {
+                let image = ami::register(&home.ec2, id, &uploaded.snapshot_id).await?;
+                created.images.push((home.clone(), image.clone()));
+                ami::wait_available(&home.ec2, &image).await?;
+                let note = format!("{image} in {}", home.region);
+                Ok::<_, PublishError>((image, Outcome::built(note)))
+            })
+            .await?;
         upload = Some(UploadStats {
             snapshot_id: uploaded.snapshot_id.clone(),
             blocks_sent: uploaded.blocks_sent.len(),
@@ -537,6 +577,12 @@ mod tests {
                 // Without exact float parsing this comes back one bit off.
                 seconds: 21.955126495000002,
             }),
+            stages: vec![StageTiming {
+                stage: "upload".into(),
+                seconds: 1.5,
+                cached: false,
+                note: "1 of the disk's 2048 blocks read and sent, 512.0 KiB".into(),
+            }],
         };
         let text = serde_json::to_string_pretty(&release).unwrap();
         assert_eq!(serde_json::from_str::<Release>(&text).unwrap(), release);

@@ -236,6 +236,94 @@ pub async fn upload(
     Ok(uploaded)
 }
 
+/// What a download read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downloaded {
+    /// The sha256 (hex) of the whole volume, zeros included.
+    pub sha256: String,
+    pub size: u64,
+    /// Indices of the blocks the snapshot holds, ascending.
+    pub blocks: Vec<u64>,
+}
+
+/// Reads `snapshot` back through the EBS direct APIs into `dest`, a sparse
+/// file of the volume's size (blocks the snapshot lacks stay holes), and
+/// hashes the whole volume on the way.
+pub async fn download(
+    ebs: &aws_sdk_ebs::Client,
+    snapshot: &str,
+    dest: &Path,
+) -> Result<Downloaded, PublishError> {
+    let mut tokens = std::collections::BTreeMap::new();
+    let mut next: Option<String> = None;
+    let volume_gib = loop {
+        let page = ebs
+            .list_snapshot_blocks()
+            .snapshot_id(snapshot)
+            .set_next_token(next.clone())
+            .send()
+            .await
+            .map_err(sdk_err(format!("listing the blocks of {snapshot}")))?;
+        for b in page.blocks() {
+            let index = b.block_index().and_then(|i| u64::try_from(i).ok());
+            if let (Some(index), Some(token)) = (index, b.block_token()) {
+                tokens.insert(index, token.to_owned());
+            }
+        }
+        next = page.next_token().map(str::to_owned);
+        if next.is_none() {
+            break page.volume_size().and_then(|g| u64::try_from(g).ok());
+        }
+    };
+    let size = volume_gib.unwrap_or(0) * GIB;
+    if size == 0 {
+        return Err(PublishError::Invalid(format!(
+            "{snapshot} has no volume size"
+        )));
+    }
+    let file = std::fs::File::create(dest).map_err(crate::fsio::at("creating", dest))?;
+    file.set_len(size)
+        .map_err(crate::fsio::at("sizing", dest))?;
+    let mut hash = Sha256::new();
+    let zero = vec![0u8; BLOCK_SIZE as usize];
+    for index in 0..size / BLOCK_SIZE {
+        let Some(token) = tokens.get(&index) else {
+            hash.update(&zero);
+            continue;
+        };
+        let block = ebs
+            .get_snapshot_block()
+            .snapshot_id(snapshot)
+            .block_index(i32::try_from(index).unwrap_or(i32::MAX))
+            .block_token(token)
+            .send()
+            .await
+            .map_err(sdk_err(format!("reading block {index} of {snapshot}")))?;
+        let data = block
+            .block_data
+            .collect()
+            .await
+            .map_err(|e| {
+                PublishError::Invalid(format!("reading block {index} of {snapshot}: {e}"))
+            })?
+            .into_bytes();
+        if data.len() != zero.len() {
+            return Err(PublishError::Invalid(format!(
+                "block {index} of {snapshot} is {} bytes",
+                data.len()
+            )));
+        }
+        file.write_all_at(&data, index * BLOCK_SIZE)
+            .map_err(crate::fsio::at("writing", dest))?;
+        hash.update(&data);
+    }
+    Ok(Downloaded {
+        sha256: hex::encode(hash.finalize()),
+        size,
+        blocks: tokens.into_keys().collect(),
+    })
+}
+
 fn flatten<T>(
     joined: Result<Result<T, PublishError>, tokio::task::JoinError>,
 ) -> Result<T, PublishError> {
