@@ -5,7 +5,7 @@
 
 use crate::cache::{self, Cache};
 use crate::fsio;
-use crate::lock::{Lock, LockedPackage};
+use crate::lockfile::{Lock, LockedPackage};
 use crate::tools::{self, ToolError};
 use std::fs;
 use std::io::{self, Write};

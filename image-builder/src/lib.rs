@@ -7,6 +7,7 @@ pub mod debian;
 pub mod fetch;
 pub mod fsio;
 pub mod lock;
+pub mod lockfile;
 pub mod manifest;
 pub mod oci;
 pub mod payload;

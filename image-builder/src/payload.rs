@@ -10,6 +10,7 @@ use crate::cache::Cache;
 use crate::fetch::{self, FetchError};
 use crate::fsio::{self, PathError};
 use crate::oci::{self, OciError, Reference};
+use crate::spec::Artifact;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use std::collections::BTreeMap;
@@ -35,35 +36,6 @@ pub enum PayloadError {
          or build against the fixtures (`just fixtures`)"
     )]
     Unpinned { what: String, lock: String },
-}
-
-/// One host binary, as the spec lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Artifact {
-    pub name: String,
-    pub version: String,
-    /// Upstream URL; `{arch}` in it stands for the architecture
-    /// (`…/bin/linux/{arch}/kubelet`).
-    pub url: String,
-    /// Where it goes in the image (absolute).
-    pub install: PathBuf,
-    /// For a `.tar.gz` download: the member to install (`bin/containerd`).
-    #[serde(default)]
-    pub extract: Option<String>,
-    #[serde(default = "default_mode")]
-    pub mode: u32,
-}
-
-fn default_mode() -> u32 {
-    0o755
-}
-
-impl Artifact {
-    /// Where upstream serves the artifact for `arch`.
-    pub fn url_for(&self, arch: &str) -> String {
-        self.url.replace("{arch}", arch)
-    }
 }
 
 /// `payload.lock`: what every artifact and image must hash to.

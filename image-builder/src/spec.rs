@@ -2,7 +2,7 @@
 //! disk is laid out. Parsing is strict: an unknown key or a bad value is an
 //! error that names the key.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +44,7 @@ pub struct Payload {
     pub images: Option<PathBuf>,
     /// Host binaries.
     #[serde(default, rename = "artifact")]
-    pub artifacts: Vec<crate::payload::Artifact>,
+    pub artifacts: Vec<Artifact>,
     /// The architectures payload.lock pins artifacts for (default: the
     /// image's own), so that building for another is one setting away.
     #[serde(default)]
@@ -285,6 +285,35 @@ impl Spec {
             }
         }
         Ok(())
+    }
+}
+
+/// One host binary, as the spec lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    pub name: String,
+    pub version: String,
+    /// Upstream URL; `{arch}` in it stands for the architecture
+    /// (`…/bin/linux/{arch}/kubelet`).
+    pub url: String,
+    /// Where it goes in the image (absolute).
+    pub install: PathBuf,
+    /// For a `.tar.gz` download: the member to install (`bin/containerd`).
+    #[serde(default)]
+    pub extract: Option<String>,
+    #[serde(default = "default_mode")]
+    pub mode: u32,
+}
+
+fn default_mode() -> u32 {
+    0o755
+}
+
+impl Artifact {
+    /// Where upstream serves the artifact for `arch`.
+    pub fn url_for(&self, arch: &str) -> String {
+        self.url.replace("{arch}", arch)
     }
 }
 

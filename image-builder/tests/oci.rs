@@ -242,7 +242,8 @@ fn a_mirror_serves_images_under_their_upstream_names() {
 
 #[test]
 fn the_lock_refresh_pins_artifacts_and_images_from_their_sources() {
-    use image_builder::payload::{self, Artifact, Lock, Mirrors};
+    use image_builder::payload::{self, Lock, Mirrors};
+    use image_builder::spec::Artifact;
     let reg = Registry::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (_, _, index) = push_multiarch(

@@ -28,7 +28,8 @@ pub mod var;
 use crate::cache::Cache;
 use crate::debian::{self, DebianError};
 use crate::fsio;
-use crate::lock::{self, Lock, LockError};
+use crate::lock::{self, LockError};
+use crate::lockfile::{self, Lock, LockFileError};
 use crate::manifest::{self, Built, Manifest, PackageInfo, VerityInfo};
 use crate::progress::{self, Outcome, Progress};
 use crate::spec::{Spec, SpecError};
@@ -49,6 +50,8 @@ pub enum BuildError {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error(transparent)]
+    LockFile(#[from] LockFileError),
     #[error(transparent)]
     Debian(#[from] DebianError),
     #[error(transparent)]
@@ -134,7 +137,7 @@ fn ensure_lock(
     cache: &Cache,
     progress: &Progress,
 ) -> Result<Lock, BuildError> {
-    let path = lock::lock_path(&args.spec, args.lock.as_deref());
+    let path = lockfile::lock_path(&args.spec, args.lock.as_deref());
     if path.exists() {
         let lock = Lock::load(&path)?;
         if !lock.is_current_for(spec) {

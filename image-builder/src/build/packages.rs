@@ -5,7 +5,7 @@
 use super::BuildError;
 use crate::cache::Cache;
 use crate::debian;
-use crate::lock::Lock;
+use crate::lockfile::Lock;
 use crate::progress::{Outcome, Progress};
 
 /// Fetches the locked packages the cache lacks; `mirror` is asked for only

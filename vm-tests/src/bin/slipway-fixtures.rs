@@ -175,7 +175,7 @@ fn make(bins: &Path, spec_path: &Path, out: &Path) -> Result<()> {
     };
     // The binaries here are built for the image's architecture only.
     let arch = spec.image.arch.as_str();
-    let mut by_url: BTreeMap<String, Vec<&image_builder::payload::Artifact>> = BTreeMap::new();
+    let mut by_url: BTreeMap<String, Vec<&image_builder::spec::Artifact>> = BTreeMap::new();
     for a in &spec.payload.artifacts {
         by_url.entry(a.url_for(arch)).or_default().push(a);
     }
