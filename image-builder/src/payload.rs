@@ -13,13 +13,13 @@ use crate::oci::{self, OciError, Reference};
 use crate::spec::Artifact;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
+use slipway_init::contract::{self, ListedImage};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Where the images go in the image: per image an archive of its manifest
 /// and config, and every layer once under `blobs/sha256/`, which
 /// containerd's content store refers to at boot instead of copying.
-pub const IMAGES_DIR: &str = "usr/share/slipway/images";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
@@ -247,11 +247,8 @@ pub struct RecordedImage {
     pub layers: Vec<RecordedLayer>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordedLayer {
-    pub digest: String,
-    pub size: u64,
-}
+/// A layer as the manifest and the image list record it.
+pub use slipway_init::contract::ListedLayer as RecordedLayer;
 
 /// A file name for an image's archive: its reference made path-safe.
 pub fn archive_name(reference: &str) -> String {
@@ -288,6 +285,7 @@ pub fn resolve(
         lock: lock_path.display().to_string(),
     };
     let agent = fetch::agent();
+    let images_dir = contract::in_tree(contract::IMAGES_DIR);
     let mut files = Vec::new();
     let mut record = Recorded::default();
     for a in artifacts {
@@ -364,7 +362,7 @@ pub fn resolve(
         let mut layers = Vec::new();
         for layer in pulled.layers() {
             let hex = layer.digest.trim_start_matches("sha256:");
-            let dest = Path::new(IMAGES_DIR).join("blobs/sha256").join(hex);
+            let dest = images_dir.join(contract::BLOBS).join(hex);
             // Images share layers; the image carries each once.
             if !files.iter().any(|f: &PayloadFile| f.dest == dest) {
                 files.push(PayloadFile {
@@ -383,12 +381,12 @@ pub fn resolve(
             reference: reference.clone(),
             digest,
             index_digest: pulled.index_digest.clone(),
-            archive: format!("/{IMAGES_DIR}/{name}"),
+            archive: format!("{}/{name}", contract::IMAGES_DIR),
             archive_sha256: sha.clone(),
             layers,
         });
         files.push(PayloadFile {
-            dest: Path::new(IMAGES_DIR).join(name),
+            dest: images_dir.join(name),
             src: archive,
             mode: 0o644,
             key: sha,
@@ -396,16 +394,14 @@ pub fn resolve(
     }
     if !record.images.is_empty() {
         // The list slipway-init imports at boot: archive, name and layers.
-        let list: Vec<serde_json::Value> = record
+        let list: Vec<ListedImage> = record
             .images
             .iter()
-            .map(|i| {
-                serde_json::json!({
-                    "archive": i.archive,
-                    "reference": i.reference,
-                    "digest": i.digest,
-                    "layers": i.layers,
-                })
+            .map(|i| ListedImage {
+                archive: i.archive.clone(),
+                digest: i.digest.clone(),
+                layers: i.layers.clone(),
+                reference: i.reference.clone(),
             })
             .collect();
         let text = serde_json::to_string_pretty(&list).unwrap_or_default() + "\n";
@@ -415,7 +411,7 @@ pub fn resolve(
             fetch::admit(cache, text.as_bytes(), &sha, "the image list", "(memory)")?;
         }
         files.push(PayloadFile {
-            dest: Path::new(IMAGES_DIR).join("images.json"),
+            dest: contract::in_tree(contract::IMAGE_LIST).to_owned(),
             src: path,
             mode: 0o644,
             key: sha,

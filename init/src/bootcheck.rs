@@ -74,7 +74,7 @@ impl BootCheck {
                 .is_ok_and(|u| u.trim() == layout::DM_ROOT_UUID)
         });
         let root_read_only = root.is_some_and(|m| m.options.iter().any(|o| o == "ro"));
-        let secrets_tmpfs = visible(&mounts, "/srv/kubernetes").is_some_and(|m| {
+        let secrets_tmpfs = visible(&mounts, crate::contract::SECRETS_DIR).is_some_and(|m| {
             m.fstype == "tmpfs" && m.super_options.iter().any(|o| o == "mode=700")
         });
         let probe = var.join("tmp/.slipway-write-probe");

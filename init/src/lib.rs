@@ -7,6 +7,7 @@ pub mod aws;
 pub mod bootcheck;
 #[cfg(feature = "node")]
 pub mod config;
+pub mod contract;
 pub mod dm;
 pub mod grow;
 #[cfg(feature = "node")]

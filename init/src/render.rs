@@ -198,7 +198,7 @@ fn sorted_files(dir: &Path) -> Result<Vec<PathBuf>, RenderError> {
 
 impl Templates {
     pub fn load(dir: &Path) -> Result<Self, RenderError> {
-        let images_path = dir.join("images.toml");
+        let images_path = dir.join(crate::contract::IMAGE_NAMES);
         let images: BTreeMap<String, String> =
             toml::from_str(&read(&images_path)?).map_err(|e| RenderError::Images {
                 path: images_path.display().to_string(),

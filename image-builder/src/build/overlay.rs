@@ -11,6 +11,7 @@ use crate::fsio;
 use crate::spec::Spec;
 use crate::tools;
 use serde::Serialize;
+use slipway_init::contract;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -231,7 +232,7 @@ impl Overlay {
         for src in files_under(&manifests)? {
             let rel = src.strip_prefix(&manifests).unwrap_or(&src).to_owned();
             files.push(OverlayFile::new(
-                PathBuf::from("usr/share/slipway/manifests").join(rel),
+                contract::in_tree(contract::MANIFESTS_DIR).join(rel),
                 &src,
                 0o644,
             )?);
@@ -239,7 +240,8 @@ impl Overlay {
         Ok(Self {
             files,
             links,
-            dirs: vec![(PathBuf::from("srv/kubernetes"), 0o700)],
+            // The secrets' tmpfs mounts here; its mode holds until it does.
+            dirs: vec![(contract::in_tree(contract::SECRETS_DIR).to_owned(), 0o700)],
             payload,
         })
     }

@@ -95,7 +95,7 @@ enum Command {
     /// pin them (needs no stack config).
     Images {
         /// The list the image build wrote.
-        #[arg(long, default_value = steps::images::LIST)]
+        #[arg(long, default_value = slipway_init::contract::IMAGE_LIST)]
         list: PathBuf,
     },
     /// Master only: wait for the API server, apply the add-ons, signal the stack.

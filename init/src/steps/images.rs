@@ -16,33 +16,17 @@
 //! through the symlink (and so through dm-verity).
 
 use super::{Report, Runner, StepError};
+use crate::contract::{self, ListedImage};
 use std::path::Path;
 use std::time::Instant;
 
 pub const STEP: &str = "images";
-/// The list the image build writes next to the archives.
-pub const LIST: &str = "/usr/share/slipway/images/images.json";
 /// containerd's local content store (its root is `/var/lib/containerd`).
 pub const CONTENT_STORE: &str = "/var/lib/containerd/io.containerd.content.v1.content";
 /// containerd's namespace for Kubernetes (the CRI plugin's).
 const NAMESPACE: &str = "k8s.io";
 /// The label the CRI plugin reports as `pinned`.
 const PINNED: &str = "io.cri-containerd.pinned=pinned";
-
-#[derive(Debug, serde::Deserialize)]
-struct Entry {
-    archive: String,
-    reference: String,
-    digest: String,
-    #[serde(default)]
-    layers: Vec<Layer>,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct Layer {
-    digest: String,
-    size: u64,
-}
 
 /// Imports every image the list names (paths below `root`) and pins it;
 /// `content` is containerd's content store directory.
@@ -76,7 +60,7 @@ pub fn import(
                 .strip_prefix("sha256:")
                 .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
                 .ok_or_else(|| invalid(list, format!("layer digest {:?}", layer.digest)))?;
-            let file = images_dir.join("blobs/sha256").join(hex);
+            let file = images_dir.join(contract::BLOBS).join(hex);
             if link(&file, &blobs.join(hex)).map_err(|m| invalid(&blobs.join(hex), m))? {
                 linked += 1;
             }
@@ -128,7 +112,10 @@ pub fn extract(list: &Path, repository: &str, path: &str, dest: &Path) -> Result
         ".wh.{}",
         wanted.file_name().unwrap_or_default().to_string_lossy()
     ));
-    let blobs = list.parent().unwrap_or(Path::new("/")).join("blobs/sha256");
+    let blobs = list
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(contract::BLOBS);
     for layer in entry.layers.iter().rev() {
         let blob = blobs.join(layer.digest.trim_start_matches("sha256:"));
         let file = std::fs::File::open(&blob).map_err(|e| invalid(&blob, e.to_string()))?;
@@ -186,7 +173,7 @@ fn invalid(what: &Path, message: String) -> StepError {
 }
 
 /// The images the image build listed.
-fn read_list(list: &Path) -> Result<Vec<Entry>, StepError> {
+fn read_list(list: &Path) -> Result<Vec<ListedImage>, StepError> {
     let text = std::fs::read_to_string(list).map_err(|e| invalid(list, e.to_string()))?;
     serde_json::from_str(&text).map_err(|e| invalid(list, e.to_string()))
 }
@@ -253,7 +240,7 @@ mod tests {
 
     /// An image directory with two images sharing layer A.
     fn images(dir: &Path) -> PathBuf {
-        let images = dir.join("usr/share/slipway/images");
+        let images = dir.join(contract::in_tree(contract::IMAGES_DIR));
         std::fs::create_dir_all(images.join("blobs/sha256")).unwrap();
         for hex in [A, B] {
             std::fs::write(images.join("blobs/sha256").join(hex), hex).unwrap();
@@ -289,7 +276,8 @@ mod tests {
         );
         let blob = |hex: &str| {
             dir.path()
-                .join("usr/share/slipway/images/blobs/sha256")
+                .join(contract::in_tree(contract::IMAGES_DIR))
+                .join(contract::BLOBS)
                 .join(hex)
         };
         for hex in [A, B] {
@@ -346,7 +334,8 @@ mod tests {
         let list = images(dir.path());
         std::fs::remove_file(
             dir.path()
-                .join("usr/share/slipway/images/blobs/sha256")
+                .join(contract::in_tree(contract::IMAGES_DIR))
+                .join(contract::BLOBS)
                 .join(B),
         )
         .unwrap();

@@ -60,15 +60,15 @@ pub struct Paths {
 impl Default for Paths {
     fn default() -> Self {
         Self {
-            secrets: PathBuf::from("/srv/kubernetes"),
+            secrets: PathBuf::from(crate::contract::SECRETS_DIR),
             nvme_class: PathBuf::from("/sys/class/nvme"),
             dev: PathBuf::from("/dev"),
             proc: PathBuf::from("/proc"),
             etcd_data: PathBuf::from("/var/lib/etcd"),
             etc: PathBuf::from("/etc"),
-            manifests: PathBuf::from("/usr/share/slipway/manifests"),
+            manifests: PathBuf::from(crate::contract::MANIFESTS_DIR),
             run: PathBuf::from("/run/slipway"),
-            images: PathBuf::from(images::LIST),
+            images: PathBuf::from(crate::contract::IMAGE_LIST),
         }
     }
 }
