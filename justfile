@@ -184,9 +184,8 @@ repro: deps fixtures
         git clone -q "{{justfile_directory()}}" "${src[$side]}"
         {{just_executable()}} --justfile "${src[$side]}/justfile" compile
         sha256sum {{image_bins}}/* | sed "s|{{image_bins}}/||" > "$work/$side/bins.sha256"
-        # Share only the downloaded packages; every stage is rebuilt from scratch.
+        # Share only the downloads; every stage is rebuilt from scratch.
         mkdir -p "$work/$side/cache"
-        ln -s "{{cache}}/debs" "$work/$side/cache/debs"
         ln -s "{{cache}}/blobs" "$work/$side/cache/blobs"
         {{with_fixtures}} env -C "${src[$side]}" {{builder}} build --spec image.toml \
             --out "$work/$side/out" --bin-dir {{image_bins}} --cache-dir "$work/$side/cache"

@@ -1,6 +1,7 @@
-//! The build cache: a directory of content-addressed entries (Debian
-//! packages by sha256, stage outputs by the hash of their inputs). Entries
-//! appear atomically: written under a temporary name, then renamed.
+//! The build cache: a directory of content-addressed entries (every
+//! download by its sha256 in `blobs/sha256/`, stage outputs by the hash of
+//! their inputs). Entries appear atomically: written under a temporary
+//! name, then renamed.
 //!
 //! Stage outputs are keyed by everything that went into them, so every
 //! change to the node binary or the spec leaves a new set behind. A build

@@ -1,22 +1,23 @@
 //! Debian packages: which mirror to use (this machine's apt configuration
-//! unless told otherwise), fetching pinned `.deb`s into the cache with their
-//! sha256 checked, and a flat local repository that holds exactly the locked
-//! packages, so a build never sees a version the lock does not name.
+//! unless told otherwise), fetching pinned `.deb`s into the cache's content
+//! store with their sha256 checked (through the one downloader, `fetch`),
+//! and a flat local repository that holds exactly the locked packages, so a
+//! build never sees a version the lock does not name.
 
-use crate::cache::{self, Cache};
+use crate::cache::Cache;
+use crate::fetch::{self, FetchError};
 use crate::fsio;
 use crate::lockfile::{Lock, LockedPackage};
 use crate::tools::{self, ToolError};
 use std::fs;
-use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DebianError {
     #[error("no Debian mirror configured: pass --mirror, set SLIPWAY_DEBIAN_MIRROR or debian.mirror in the spec, or configure one for apt in /etc/apt/sources.list(.d)")]
     NoMirror,
-    #[error("downloading {url}: {message}")]
-    Download { url: String, message: String },
+    #[error(transparent)]
+    Fetch(FetchError),
     #[error("{package} {version}: expected sha256 {expected}, got {actual} (from {source_desc}); the lock and the mirror disagree, run `image-builder lock` to re-resolve")]
     Digest {
         package: String,
@@ -86,32 +87,36 @@ pub fn resolve_mirror(cli: Option<&str>, spec: Option<&str>) -> Result<String, D
         .ok_or(DebianError::NoMirror)
 }
 
-/// Where a package lives in the cache: by its sha256, whatever its name.
+/// Where a package lives in the cache: the content store, by its sha256.
 pub fn cached_deb(cache: &Cache, pkg: &LockedPackage) -> PathBuf {
-    cache.entry("debs", &format!("{}.deb", pkg.sha256))
+    fetch::blob_path(cache, &pkg.sha256)
 }
 
-/// Puts `src` into the cache after checking its digest against the lock.
-pub fn adopt(cache: &Cache, pkg: &LockedPackage, src: &Path) -> Result<PathBuf, DebianError> {
-    let actual = cache::sha256_file(src).map_err(fsio::at("hashing", src))?;
-    if actual != pkg.sha256 {
-        return Err(DebianError::Digest {
+/// A download's digest mismatch said as the lock's disagreement it is.
+fn disagreement(pkg: &LockedPackage, e: FetchError) -> DebianError {
+    match e {
+        FetchError::Digest {
+            url,
+            expected,
+            actual,
+            ..
+        } => DebianError::Digest {
             package: pkg.name.clone(),
             version: pkg.version.clone(),
-            expected: pkg.sha256.clone(),
+            expected,
             actual,
-            source_desc: src.display().to_string(),
-        });
+            source_desc: url,
+        },
+        other => DebianError::Fetch(other),
     }
-    let dest = cached_deb(cache, pkg);
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
-    if fs::hard_link(src, &dest).is_err() && !dest.exists() {
-        let tmp = Cache::temp_for(&dest);
-        fs::copy(src, &tmp).map_err(fsio::at("copying into the cache", &tmp))?;
-        fs::rename(&tmp, &dest).map_err(fsio::at("renaming", &dest))?;
-    }
-    Ok(dest)
+}
+
+/// Puts `src` into the cache, checking its digest against the lock.
+pub fn adopt(cache: &Cache, pkg: &LockedPackage, src: &Path) -> Result<PathBuf, DebianError> {
+    let file = fs::File::open(src).map_err(fsio::at("reading", src))?;
+    let what = format!("{} {}", pkg.name, pkg.version);
+    fetch::admit(cache, file, &pkg.sha256, &what, &src.display().to_string())
+        .map_err(|e| disagreement(pkg, e))
 }
 
 /// Downloads every locked package missing from the cache, checking each
@@ -127,9 +132,8 @@ pub fn fetch_missing(
         .iter()
         .filter(|p| !cached_deb(cache, p).exists())
         .collect();
-    let agent = crate::fetch::agent();
+    let agent = fetch::agent();
     for (i, pkg) in missing.iter().enumerate() {
-        let url = format!("{mirror}/{}", pkg.path);
         progress(&format!(
             "fetching {}/{} {} {}",
             i + 1,
@@ -137,38 +141,9 @@ pub fn fetch_missing(
             pkg.name,
             pkg.version
         ));
-        let dest = cached_deb(cache, pkg);
-        let dir = dest.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
-        let tmp = Cache::temp_for(&dest);
-        let download = |message: String| DebianError::Download {
-            url: url.clone(),
-            message,
-        };
         let what = format!("{} {}", pkg.name, pkg.version);
-        let mut reader =
-            crate::fetch::open(&agent, &what, &url).map_err(|e| download(e.to_string()))?;
-        let mut out = fs::File::create(&tmp).map_err(fsio::at("creating", &tmp))?;
-        io::copy(&mut reader, &mut out).map_err(|e| download(e.to_string()))?;
-        out.flush().map_err(fsio::at("writing", &tmp))?;
-        let result = adopt(cache, pkg, &tmp);
-        let _ = fs::remove_file(&tmp);
-        result.map_err(|e| match e {
-            DebianError::Digest {
-                package,
-                version,
-                expected,
-                actual,
-                ..
-            } => DebianError::Digest {
-                package,
-                version,
-                expected,
-                actual,
-                source_desc: url.clone(),
-            },
-            other => other,
-        })?;
+        let url = format!("{mirror}/{}", pkg.path);
+        fetch::fetch(cache, &agent, &what, &url, &pkg.sha256).map_err(|e| disagreement(pkg, e))?;
     }
     Ok(missing.len())
 }
