@@ -7,9 +7,9 @@
 #![allow(clippy::unwrap_used)] // test glue: a failed setup should stop the test
 
 use image_builder::cache::Cache;
-use image_builder::oci::{self, Client};
 use std::path::Path;
 use std::process::Command;
+use vm_tests::push::Pusher;
 use vm_tests::registry::Registry;
 
 const SPEC: &str = r#"
@@ -77,7 +77,7 @@ fn site() -> Site {
         sums.push(image_builder::cache::sha256_bytes(body.as_bytes()));
     }
     let cache = Cache::at(dir.path().join("push"));
-    let image = oci::image_from_files(
+    let image = vm_tests::push::image_from_files(
         &cache,
         "registry.k8s.io/etcd:3.6.13-0",
         "amd64",
@@ -85,7 +85,7 @@ fn site() -> Site {
         &["etcd"],
     )
     .unwrap();
-    let etcd_index = Client::new(None)
+    let etcd_index = Pusher::direct()
         .push_indexed(
             &cache,
             &format!("{}/etcd:3.6.13-0", registry.host).parse().unwrap(),
@@ -171,7 +171,7 @@ fn a_source_serving_other_bytes_fails_the_check_naming_the_entry_and_both_digest
     let before = lock_text(site.dir.path());
     // And the image's tag moved to another index.
     let cache = Cache::at(site.dir.path().join("push"));
-    let moved = oci::image_from_files(
+    let moved = vm_tests::push::image_from_files(
         &cache,
         "registry.k8s.io/etcd:3.6.13-0",
         "amd64",
@@ -179,7 +179,7 @@ fn a_source_serving_other_bytes_fails_the_check_naming_the_entry_and_both_digest
         &["etcd"],
     )
     .unwrap();
-    let moved_index = Client::new(None)
+    let moved_index = Pusher::direct()
         .push_indexed(
             &cache,
             &format!("{}/etcd:3.6.13-0", site.registry.host)

@@ -8,6 +8,7 @@
 use image_builder::cache::Cache;
 use image_builder::fetch;
 use image_builder::oci::{self, Client, Descriptor, Mirror, OciError, Pulled, Reference};
+use vm_tests::push::Pusher;
 use vm_tests::registry::Registry;
 
 fn push_multiarch(
@@ -16,14 +17,14 @@ fn push_multiarch(
     repo: &str,
     tag: &str,
 ) -> (Pulled, Pulled, String) {
-    let client = Client::new(None);
+    let pusher = Pusher::direct();
     let mut children = Vec::new();
     for (arch, content) in [
         ("amd64", &b"etcd for amd64"[..]),
         ("arm64", &b"etcd for arm64"[..]),
     ] {
         let name = format!("{}/{repo}:{tag}-{arch}", reg.host);
-        let img = oci::image_from_files(
+        let img = vm_tests::push::image_from_files(
             cache,
             &name,
             arch,
@@ -31,7 +32,7 @@ fn push_multiarch(
             &["etcd"],
         )
         .unwrap();
-        client.push(cache, &name.parse().unwrap(), &img).unwrap();
+        pusher.push(cache, &name.parse().unwrap(), &img).unwrap();
         children.push((arch, img));
     }
     let index = serde_json::json!({
@@ -62,7 +63,7 @@ fn push_multiarch(
         index_digest: None,
         blobs: vec![],
     };
-    client
+    pusher
         .push(cache, &name.parse().unwrap(), &index_image)
         .unwrap();
     let mut it = children.into_iter().map(|(_, i)| i);
@@ -124,7 +125,7 @@ fn an_image_pushed_with_its_index_is_found_again_through_the_index_digest() {
     let dir = tempfile::tempdir().unwrap();
     let push_cache = Cache::at(dir.path().join("push"));
     let name = format!("{}/coredns/coredns:v1.14.3", reg.host);
-    let img = oci::image_from_files(
+    let img = vm_tests::push::image_from_files(
         &push_cache,
         &name,
         "amd64",
@@ -132,8 +133,7 @@ fn an_image_pushed_with_its_index_is_found_again_through_the_index_digest() {
         &["/coredns"],
     )
     .unwrap();
-    let client = Client::new(None);
-    let index = client
+    let index = Pusher::direct()
         .push_indexed(&push_cache, &name.parse().unwrap(), &img, "amd64")
         .unwrap();
     assert_ne!(index, img.manifest.digest);
@@ -141,7 +141,7 @@ fn an_image_pushed_with_its_index_is_found_again_through_the_index_digest() {
     // Pinned by the index, as upstream publishes its images.
     let cache = Cache::at(dir.path().join("pull"));
     let pinned: Reference = format!("{name}@{index}").parse().unwrap();
-    let pulled = client.pull(&cache, &pinned, "amd64").unwrap();
+    let pulled = Client::new(None).pull(&cache, &pinned, "amd64").unwrap();
     assert_eq!(pulled.manifest.digest, img.manifest.digest);
     assert_eq!(pulled.index_digest.as_deref(), Some(index.as_str()));
 
@@ -434,8 +434,8 @@ fn two_tags_of_the_same_bytes_go_into_the_image_under_their_own_names() {
     let reg = Registry::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let push_cache = Cache::at(dir.path().join("push"));
-    let client = Client::new(None);
-    let img = oci::image_from_files(
+    let pusher = Pusher::direct();
+    let img = vm_tests::push::image_from_files(
         &push_cache,
         "ghcr.io/flannel-io/flannel-cni-plugin:v1",
         "amd64",
@@ -447,7 +447,7 @@ fn two_tags_of_the_same_bytes_go_into_the_image_under_their_own_names() {
     let mut images = std::collections::BTreeMap::new();
     for tag in ["v1.8.0-flannel1", "v1.9.1-flannel1"] {
         let target = format!("{}/flannel-io/flannel-cni-plugin:{tag}", reg.host);
-        let index = client
+        let index = pusher
             .push_indexed(&push_cache, &target.parse().unwrap(), &img, "amd64")
             .unwrap();
         let reference = format!("ghcr.io/flannel-io/flannel-cni-plugin:{tag}");
@@ -491,4 +491,91 @@ fn two_tags_of_the_same_bytes_go_into_the_image_under_their_own_names() {
             reference.as_str()
         );
     }
+}
+
+#[test]
+fn archives_are_deterministic_and_name_the_image() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::at(dir.path().join("cache"));
+    let img = vm_tests::push::image_from_files(
+        &cache,
+        "registry.k8s.io/pause:3.10.1",
+        "amd64",
+        &[("/pause", b"#!", 0o755)],
+        &["/pause"],
+    )
+    .unwrap();
+    let (a, b) = (dir.path().join("a.tar"), dir.path().join("b.tar"));
+    oci::write_archive(&cache, &img, &a, oci::Layers::Included).unwrap();
+    let again = vm_tests::push::image_from_files(
+        &cache,
+        "registry.k8s.io/pause:3.10.1",
+        "amd64",
+        &[("/pause", b"#!", 0o755)],
+        &["/pause"],
+    )
+    .unwrap();
+    oci::write_archive(&cache, &again, &b, oci::Layers::Included).unwrap();
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let mut ar = tar::Archive::new(std::fs::File::open(&a).unwrap());
+    let mut names = Vec::new();
+    let mut index = String::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        if name == "index.json" {
+            e.read_to_string(&mut index).unwrap();
+        }
+        names.push(name);
+    }
+    assert_eq!(&names[..2], ["oci-layout", "index.json"]);
+    assert_eq!(names.len(), 5);
+    let index: serde_json::Value = serde_json::from_str(&index).unwrap();
+    assert_eq!(
+        index["manifests"][0]["annotations"][oci::CONTAINERD_NAME],
+        "registry.k8s.io/pause:3.10.1"
+    );
+    assert_eq!(
+        index["manifests"][0]["digest"],
+        img.manifest.digest.as_str()
+    );
+
+    // Without its layers: manifest and config only, same index.
+    let c = dir.path().join("c.tar");
+    oci::write_archive(&cache, &img, &c, oci::Layers::Outside).unwrap();
+    let mut ar = tar::Archive::new(std::fs::File::open(&c).unwrap());
+    let names: Vec<String> = ar
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    let hex = |d: &Descriptor| format!("blobs/sha256/{}", &d.digest[7..]);
+    assert_eq!(
+        names,
+        [
+            "oci-layout".to_owned(),
+            "index.json".to_owned(),
+            hex(&img.manifest),
+            hex(&img.blobs[0])
+        ]
+    );
+    assert!(!img.layers().is_empty());
+
+    // What a later build finds in the cache is the same image.
+    let cached = Pulled::cached(&cache, &img.reference, &img.manifest.digest, "amd64")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (&cached.manifest.digest, &cached.blobs),
+        (&img.manifest.digest, &img.blobs)
+    );
+    assert!(Pulled::cached(
+        &cache,
+        &img.reference,
+        &format!("sha256:{}", "0".repeat(64)),
+        "amd64"
+    )
+    .unwrap()
+    .is_none());
 }

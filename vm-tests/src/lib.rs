@@ -17,6 +17,7 @@ pub mod imds;
 pub mod moto;
 pub mod net;
 pub mod policy;
+pub mod push;
 pub mod registry;
 pub mod releases;
 pub mod server;

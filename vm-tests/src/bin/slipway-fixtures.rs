@@ -15,12 +15,13 @@
 
 use anyhow::{bail, Context, Result};
 use image_builder::cache::Cache;
-use image_builder::oci::{self, Client, Reference};
+use image_builder::oci::Reference;
 use image_builder::payload::{Lock, LockedArtifact, LockedImage, Mirrors};
 use image_builder::spec::Spec;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use vm_tests::push::{self, Pusher};
 use vm_tests::registry::Registry;
 
 /// What goes into each fixture image: (path in the image, binary) and the entrypoint.
@@ -216,9 +217,7 @@ fn make(bins: &Path, spec_path: &Path, out: &Path) -> Result<()> {
         None => BTreeMap::new(),
     };
     let registry = Registry::start_with(Some(&out.join("registry")))?;
-    let client = Client::new(Some(oci::Mirror {
-        base: format!("http://{}", registry.host),
-    }));
+    let pusher = Pusher::to(&format!("http://{}", registry.host));
     let cache = Cache::at(out.join("cache"));
     for (name, reference) in &images {
         let (files, entry) =
@@ -234,10 +233,10 @@ fn make(bins: &Path, spec_path: &Path, out: &Path) -> Result<()> {
             .iter()
             .map(|(d, b)| (d.as_str(), &b[..], 0o755))
             .collect();
-        let image = oci::image_from_files(&cache, reference, arch, &layer, &[entry])?;
+        let image = push::image_from_files(&cache, reference, arch, &layer, &[entry])?;
         // Tagged through an index, as upstream publishes, and pinned by it.
         let target: Reference = reference.parse()?;
-        let index = client.push_indexed(&cache, &target, &image, arch)?;
+        let index = pusher.push_indexed(&cache, &target, &image, arch)?;
         eprintln!(
             "pushed {reference} (index {index}, linux/{arch} {})",
             image.manifest.digest
