@@ -378,7 +378,9 @@ impl Client {
     }
 }
 
-fn describe(what: &str, e: ureq::Error) -> String {
+/// What a failed registry request said: its status and the start of its
+/// body, or the transport's error.
+pub fn describe(what: &str, e: ureq::Error) -> String {
     match e {
         ureq::Error::Status(code, resp) => {
             let body = resp.into_string().unwrap_or_default();

@@ -498,25 +498,21 @@ fn archives_are_deterministic_and_name_the_image() {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::at(dir.path().join("cache"));
-    let img = vm_tests::push::image_from_files(
-        &cache,
-        "registry.k8s.io/pause:3.10.1",
-        "amd64",
-        &[("/pause", b"#!", 0o755)],
-        &["/pause"],
-    )
-    .unwrap();
+    // The same image made twice gives the same archive.
+    let pause = || {
+        vm_tests::push::image_from_files(
+            &cache,
+            "registry.k8s.io/pause:3.10.1",
+            "amd64",
+            &[("/pause", b"#!", 0o755)],
+            &["/pause"],
+        )
+        .unwrap()
+    };
+    let img = pause();
     let (a, b) = (dir.path().join("a.tar"), dir.path().join("b.tar"));
     oci::write_archive(&cache, &img, &a, oci::Layers::Included).unwrap();
-    let again = vm_tests::push::image_from_files(
-        &cache,
-        "registry.k8s.io/pause:3.10.1",
-        "amd64",
-        &[("/pause", b"#!", 0o755)],
-        &["/pause"],
-    )
-    .unwrap();
-    oci::write_archive(&cache, &again, &b, oci::Layers::Included).unwrap();
+    oci::write_archive(&cache, &pause(), &b, oci::Layers::Included).unwrap();
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     let mut ar = tar::Archive::new(std::fs::File::open(&a).unwrap());
     let mut names = Vec::new();

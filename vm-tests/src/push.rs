@@ -25,18 +25,8 @@ fn sha256_of(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-/// What a failed request said, status and body included.
 fn describe(what: &str, e: ureq::Error) -> anyhow::Error {
-    match e {
-        ureq::Error::Status(code, resp) => {
-            let body = resp.into_string().unwrap_or_default();
-            anyhow!(
-                "{what}: HTTP {code} {}",
-                body.trim().chars().take(200).collect::<String>()
-            )
-        }
-        ureq::Error::Transport(t) => anyhow!("{what}: {t}"),
-    }
+    anyhow!(oci::describe(what, e))
 }
 
 impl Pusher {
