@@ -17,7 +17,9 @@ pub const FILE: &str = "build-manifest.json";
 
 /// The unit a disk's data is mapped in: the EBS direct APIs' block, so a
 /// snapshot upload sends exactly the blocks the map lists.
-pub const DATA_BLOCK: u64 = 512 * 1024;
+pub const DATA_BLOCK: u64 = DATA_BLOCK_LEN as u64;
+/// The same, as a buffer's length.
+pub const DATA_BLOCK_LEN: usize = 512 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileDigest {
@@ -157,7 +159,7 @@ impl Built {
         let disk = out.join(&manifest.disk.file);
         let mut file = fs::File::open(&disk).map_err(fsio::at("reading", &disk))?;
         let mut map = DataMap::default();
-        let mut buf = vec![0u8; DATA_BLOCK as usize];
+        let mut buf = vec![0u8; DATA_BLOCK_LEN];
         loop {
             let n = read_full(&mut file, &mut buf).map_err(fsio::at("reading", &disk))?;
             if n == 0 {
@@ -219,7 +221,9 @@ impl DataMap {
         let mut at = 0;
         while at < bytes.len() {
             let block = (self.pos + at as u64) / DATA_BLOCK;
-            let block_end = ((block + 1) * DATA_BLOCK - self.pos) as usize;
+            // At most a block away.
+            let block_end =
+                usize::try_from((block + 1) * DATA_BLOCK - self.pos).unwrap_or(usize::MAX);
             let chunk = &bytes[at..block_end.min(bytes.len())];
             if self.blocks.last() != Some(&block) && chunk.iter().any(|&b| b != 0) {
                 self.blocks.push(block);
@@ -234,9 +238,9 @@ impl DataMap {
         static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         let mut left = len;
         while left > 0 {
-            let n = left.min(ZEROS.len() as u64);
-            self.hash.update(&ZEROS[..n as usize]);
-            left -= n;
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(ZEROS.len());
+            self.hash.update(&ZEROS[..n]);
+            left -= n as u64;
         }
         self.pos += len;
     }
@@ -257,7 +261,7 @@ mod tests {
 
     #[test]
     fn a_data_map_hashes_every_byte_and_maps_only_blocks_with_data() {
-        let block = DATA_BLOCK as usize;
+        let block = DATA_BLOCK_LEN;
         let mut disk = vec![0u8; 5 * block];
         disk[block + 7] = 1; // block 1
         disk[3 * block - 1] = 2; // the last byte of block 2

@@ -7,7 +7,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-const DM_IOCTL_LEN: usize = 312;
+const DM_IOCTL_LEN: usize = DM_IOCTL_LEN_U32 as usize;
+/// The same as the header's `data_start` holds it.
+const DM_IOCTL_LEN_U32: u32 = 312;
 const DM_TARGET_SPEC_LEN: usize = 40;
 const DM_READONLY_FLAG: u32 = 1 << 0;
 
@@ -35,6 +37,8 @@ pub enum DmError {
     },
     #[error("device-mapper name {0:?} or uuid is too long")]
     NameTooLong(String),
+    #[error("a device-mapper request of {0} bytes: too large for its header")]
+    TooLarge(usize),
 }
 
 /// One table line: `length` sectors of `target` starting at sector 0.
@@ -53,8 +57,9 @@ fn header(name: &str, uuid: &str, flags: u32, payload_len: usize) -> Result<Vec<
     let total = DM_IOCTL_LEN + payload_len;
     let mut buf = vec![0u8; total];
     buf[0..4].copy_from_slice(&4u32.to_ne_bytes()); // interface version 4.0.0
-    buf[12..16].copy_from_slice(&(total as u32).to_ne_bytes()); // data_size
-    buf[16..20].copy_from_slice(&(DM_IOCTL_LEN as u32).to_ne_bytes()); // data_start
+    let data_size = u32::try_from(total).map_err(|_| DmError::TooLarge(total))?;
+    buf[12..16].copy_from_slice(&data_size.to_ne_bytes()); // data_size
+    buf[16..20].copy_from_slice(&DM_IOCTL_LEN_U32.to_ne_bytes()); // data_start
     buf[28..32].copy_from_slice(&flags.to_ne_bytes());
     buf[48..48 + name.len()].copy_from_slice(name.as_bytes());
     buf[176..176 + uuid.len()].copy_from_slice(uuid.as_bytes());

@@ -14,7 +14,9 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-pub const SECTOR: u64 = 512;
+pub const SECTOR: u64 = SECTOR_LEN as u64;
+/// The same, as a buffer's length.
+const SECTOR_LEN: usize = 512;
 /// Partitions end on a 1 MiB boundary, as the builder places them.
 const ALIGN_SECTORS: u64 = (1 << 20) / SECTOR;
 const SIGNATURE: &[u8; 8] = b"EFI PART";
@@ -92,14 +94,14 @@ pub fn extend_last_partition(
     type_guid: [u8; 16],
 ) -> Result<Option<Grown>, GrowError> {
     let disk_sectors = disk_bytes / SECTOR;
-    let mut header = vec![0u8; SECTOR as usize];
+    let mut header = vec![0u8; SECTOR_LEN];
     disk.seek(SeekFrom::Start(SECTOR))?;
     disk.read_exact(&mut header)?;
     if &header[..8] != SIGNATURE {
         return Err(GrowError::BadHeader("no signature"));
     }
     let header_len = u32_at(&header, 12) as usize;
-    if !(92..=SECTOR as usize).contains(&header_len) {
+    if !(92..=SECTOR_LEN).contains(&header_len) {
         return Err(GrowError::BadHeader("impossible header size"));
     }
     let mut check = header.clone();
@@ -174,7 +176,7 @@ pub fn extend_last_partition(
     disk.write_all(&backup)?;
     disk.sync_data()?;
     // The protective MBR's partition covers the disk (capped at 2 TiB).
-    let mut mbr = vec![0u8; SECTOR as usize];
+    let mut mbr = vec![0u8; SECTOR_LEN];
     disk.seek(SeekFrom::Start(0))?;
     disk.read_exact(&mut mbr)?;
     if mbr[446 + 4] == 0xee {
@@ -270,7 +272,8 @@ pub fn grow_var_partition(var: &Path, type_guid: [u8; 16]) -> Result<Option<Grow
     let mut arg = BlkpgIoctlArg {
         op: BLKPG_RESIZE_PARTITION,
         flags: 0,
-        datalen: std::mem::size_of::<BlkpgPartition>() as libc::c_int,
+        datalen: libc::c_int::try_from(std::mem::size_of::<BlkpgPartition>())
+            .unwrap_or(libc::c_int::MAX),
         data: std::ptr::addr_of_mut!(part).cast(),
     };
     // SAFETY: `arg` and the partition it points to outlive the call and

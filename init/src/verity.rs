@@ -50,7 +50,9 @@ impl Superblock {
         sb[64..68].copy_from_slice(&BLOCK_SIZE.to_le_bytes());
         sb[68..72].copy_from_slice(&BLOCK_SIZE.to_le_bytes());
         sb[72..80].copy_from_slice(&self.data_blocks.to_le_bytes());
-        sb[80..82].copy_from_slice(&(self.salt.len() as u16).to_le_bytes());
+        let salt_len = u16::try_from(self.salt.len())
+            .map_err(|_| VerityError::Unsupported(format!("a {}-byte salt", self.salt.len())))?;
+        sb[80..82].copy_from_slice(&salt_len.to_le_bytes());
         sb[88..88 + self.salt.len()].copy_from_slice(&self.salt);
         Ok(sb)
     }
@@ -208,7 +210,7 @@ mod tests {
 
     fn sample(blocks: usize) -> Vec<u8> {
         (0..blocks * BLOCK_SIZE as usize)
-            .map(|i| (i % 251) as u8)
+            .map(|i| u8::try_from(i % 251).unwrap())
             .collect()
     }
 

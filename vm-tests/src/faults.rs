@@ -217,7 +217,7 @@ impl Shared {
         }
         Some(match plan.kinds.len() {
             0 => Kind::Throttle,
-            n => plan.kinds[(rng.next_u64() % n as u64) as usize],
+            n => plan.kinds[usize::try_from(rng.next_u64() % n as u64).unwrap_or(0)],
         })
     }
 
@@ -471,7 +471,8 @@ fn reset(stream: TcpStream) {
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             std::ptr::from_ref(&linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::linger>())
+                .unwrap_or(libc::socklen_t::MAX),
         );
     }
     drop(stream);
@@ -826,7 +827,8 @@ fn read_chunked(r: &mut impl BufRead, out: &mut Vec<u8>) -> io::Result<()> {
         }
         // The chunk and its CRLF.
         let start = out.len();
-        out.resize(start + size as usize + 2, 0);
+        let size = usize::try_from(size).map_err(|_| invalid("request body too large"))?;
+        out.resize(start + size + 2, 0);
         r.read_exact(&mut out[start..])?;
     }
 }

@@ -20,7 +20,11 @@ pub fn build(size: u64, volume_id: u32, uki: &[u8]) -> Result<Vec<u8>, FatError>
             esp: size,
         });
     }
-    let mut disk = Cursor::new(vec![0u8; size as usize]);
+    let too_large = || FatError::TooLarge {
+        uki: uki.len() as u64,
+        esp: size,
+    };
+    let mut disk = Cursor::new(vec![0u8; usize::try_from(size).map_err(|_| too_large())?]);
     fatfs::format_volume(
         &mut disk,
         fatfs::FormatVolumeOptions::new()

@@ -10,9 +10,11 @@ use std::path::Path;
 
 pub const SECTOR: u64 = 512;
 pub const ALIGN: u64 = 1 << 20;
-const ENTRIES: u64 = 128;
-const ENTRY_LEN: u64 = 128;
-const ENTRY_SECTORS: u64 = ENTRIES * ENTRY_LEN / SECTOR;
+const ENTRIES: u32 = 128;
+const ENTRY_LEN: u32 = 128;
+/// The entry array's bytes (16 KiB).
+const TABLE_BYTES: usize = ENTRIES as usize * ENTRY_LEN as usize;
+const ENTRY_SECTORS: u64 = TABLE_BYTES as u64 / SECTOR;
 
 /// A GUID in its textual form, e.g. `c12a7328-f81f-11d2-ba4b-00a0c93ec93b`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,8 +161,8 @@ fn header(
     h[48..56].copy_from_slice(&last_usable.to_le_bytes());
     h[56..72].copy_from_slice(&disk_guid.on_disk());
     h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
-    h[80..84].copy_from_slice(&(ENTRIES as u32).to_le_bytes());
-    h[84..88].copy_from_slice(&(ENTRY_LEN as u32).to_le_bytes());
+    h[80..84].copy_from_slice(&ENTRIES.to_le_bytes());
+    h[84..88].copy_from_slice(&ENTRY_LEN.to_le_bytes());
     h[88..92].copy_from_slice(&entries_crc.to_le_bytes());
     let crc = crc32fast::hash(&h[..92]);
     h[16..20].copy_from_slice(&crc.to_le_bytes());
@@ -199,9 +201,11 @@ pub fn write(
     let backup_entries = last_lba - ENTRY_SECTORS;
     let last_usable = backup_entries - 1;
 
-    let mut entries = vec![0u8; (ENTRIES * ENTRY_LEN) as usize];
-    for (i, (p, at)) in parts.iter().zip(&placed).enumerate() {
-        let e = &mut entries[i * ENTRY_LEN as usize..(i + 1) * ENTRY_LEN as usize];
+    let mut entries = vec![0u8; TABLE_BYTES];
+    for (e, (p, at)) in entries
+        .chunks_exact_mut(ENTRY_LEN as usize)
+        .zip(parts.iter().zip(&placed))
+    {
         e[0..16].copy_from_slice(&p.type_guid.on_disk());
         e[16..32].copy_from_slice(&p.guid.on_disk());
         e[32..40].copy_from_slice(&at.first_lba.to_le_bytes());
@@ -369,7 +373,8 @@ mod tests {
         // region, and the blocks with data (the tables and the content).
         assert_eq!(written.sha256, crate::cache::sha256_bytes(&bytes));
         for (p, sha256) in placed.iter().zip(&written.partition_sha256) {
-            let region = &bytes[p.offset() as usize..(p.offset() + p.size()) as usize];
+            let start = usize::try_from(p.offset()).unwrap();
+            let region = &bytes[start..start + usize::try_from(p.size()).unwrap()];
             assert_eq!(*sha256, crate::cache::sha256_bytes(region), "{}", p.label);
         }
         let last = size / DATA_BLOCK - 1;

@@ -203,15 +203,16 @@ pub fn add_sections(
         put_u32(&mut header, 20, fits(raw_ptr)?);
         put_u32(&mut header, 36, 0x4000_0040); // initialised data, readable
         out[s..s + 40].copy_from_slice(&header);
-        out.resize(raw_ptr as usize, 0);
+        out.resize(fits(raw_ptr)? as usize, 0);
         out.extend_from_slice(data);
-        out.resize((raw_ptr + raw_size) as usize, 0);
+        out.resize(fits(raw_ptr + raw_size)? as usize, 0);
         raw_ptr += raw_size;
         init_data += raw_size;
         next_va = (next_va + data.len() as u64).next_multiple_of(section_align);
     }
     let total = nsections + sections.len();
-    out[coff + 2..coff + 4].copy_from_slice(&(total as u16).to_le_bytes());
+    let total = u16::try_from(total).map_err(|_| bad("too many sections"))?;
+    out[coff + 2..coff + 4].copy_from_slice(&total.to_le_bytes());
     put_u32(
         &mut out,
         opt + 8,

@@ -21,6 +21,16 @@ use std::time::{Duration, Instant};
 pub const BLOCK_SIZE: u64 = crate::manifest::DATA_BLOCK;
 const GIB: u64 = 1 << 30;
 
+/// The block size as the EBS APIs' `DataLength` takes it.
+const BLOCK_LEN_I32: i32 = 512 * 1024;
+const _: () = assert!(BLOCK_LEN_I32 as u64 == BLOCK_SIZE);
+
+/// A block's index as the EBS APIs take it.
+fn block_index(index: u64) -> Result<i32, PublishError> {
+    i32::try_from(index)
+        .map_err(|_| PublishError::Invalid(format!("block {index}: past the APIs' indices")))
+}
+
 /// What an upload did.
 #[derive(Debug, Clone)]
 pub struct Uploaded {
@@ -45,7 +55,7 @@ pub fn nonzero_blocks(disk: &Path) -> Result<Vec<u64>, PublishError> {
         .metadata()
         .map_err(crate::fsio::at("reading the size of", disk))?
         .len();
-    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    let mut buf = vec![0u8; crate::manifest::DATA_BLOCK_LEN];
     let mut out = Vec::new();
     for index in 0..size.div_ceil(BLOCK_SIZE) {
         let n =
@@ -157,14 +167,14 @@ pub async fn upload(
         let (done, sent_bytes) = (Arc::clone(&done), Arc::clone(&sent_bytes));
         tasks.spawn(async move {
             let _permit = permit;
-            let mut buf = vec![0u8; BLOCK_SIZE as usize];
+            let mut buf = vec![0u8; crate::manifest::DATA_BLOCK_LEN];
             read_block(&file, index, size, &mut buf)
                 .map_err(|e| PublishError::Invalid(format!("reading block {index}: {e}")))?;
             let digest: [u8; 32] = Sha256::digest(&buf).into();
             ebs.put_snapshot_block()
                 .snapshot_id(&id)
-                .block_index(index as i32)
-                .data_length(BLOCK_SIZE as i32)
+                .block_index(block_index(index)?)
+                .data_length(BLOCK_LEN_I32)
                 .checksum(b64(&digest))
                 .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
                 .block_data(ByteStream::from(buf))
@@ -210,7 +220,10 @@ pub async fn upload(
     }
     ebs.complete_snapshot()
         .snapshot_id(&snapshot_id)
-        .changed_blocks_count(total as i32)
+        .changed_blocks_count(
+            i32::try_from(total)
+                .map_err(|_| PublishError::Invalid(format!("{total} blocks: too many")))?,
+        )
         .checksum(b64(&aggregate.finalize()))
         .checksum_algorithm(ChecksumAlgorithm::ChecksumAlgorithmSha256)
         .checksum_aggregation_method(ChecksumAggregationMethod::ChecksumAggregationLinear)
@@ -285,7 +298,7 @@ pub async fn download(
     file.set_len(size)
         .map_err(crate::fsio::at("sizing", dest))?;
     let mut hash = Sha256::new();
-    let zero = vec![0u8; BLOCK_SIZE as usize];
+    let zero = vec![0u8; crate::manifest::DATA_BLOCK_LEN];
     for index in 0..size / BLOCK_SIZE {
         let Some(token) = tokens.get(&index) else {
             hash.update(&zero);
@@ -294,7 +307,7 @@ pub async fn download(
         let block = ebs
             .get_snapshot_block()
             .snapshot_id(snapshot)
-            .block_index(i32::try_from(index).unwrap_or(i32::MAX))
+            .block_index(block_index(index)?)
             .block_token(token)
             .send()
             .await

@@ -70,8 +70,8 @@ pub async fn world_with(instances: usize, template: &serde_json::Value) -> World
         .ec2
         .run_instances()
         .image_id(ami)
-        .min_count(instances as i32)
-        .max_count(instances as i32)
+        .min_count(i32::try_from(instances).unwrap())
+        .max_count(i32::try_from(instances).unwrap())
         .send()
         .await
         .expect("run instances");
