@@ -200,9 +200,11 @@ repro: deps fixtures
     [ "$a" = "$b" ] || { echo "NOT reproducible"; exit 1; }
     echo "reproducible: two checkouts give the same binaries and disk sha256 $a"
 
-# Build timings (cold, overlay-only, no-op) stage by stage, and sizes.
-bench: deps compile fixtures
-    {{with_fixtures}} cargo run --release -q -p image-builder --example bench -- --builder {{builder}} --bin-dir {{image_bins}}
+# Build timings (cold, overlay-only, no-op) stage by stage, and sizes;
+# with `baseline=PATH` (another image-builder binary, e.g. built from an
+# earlier commit) the same builds with it first, and each time's ratio.
+bench baseline="": deps compile fixtures
+    {{with_fixtures}} cargo run --release -q -p image-builder --example bench -- --builder {{builder}} --bin-dir {{image_bins}} --baseline "{{baseline}}"
 
 # rustfmt and clippy, warnings as errors.
 lint:

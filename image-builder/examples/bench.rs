@@ -1,8 +1,11 @@
-//! `just bench`: times a cold build (empty stage cache, package cache
-//! filled), an overlay-only rebuild (one unit file changed) and a no-op
-//! rebuild, stage by stage, and reports the sizes of root, ESP and disk
-//! and the bytes a publish uploads, each beside the previous run's.
-//! Runs the real `image-builder` binary against a scratch copy of the spec.
+//! `just bench`: times a cold build (empty stage cache, downloads cached),
+//! an overlay-only rebuild (one unit file changed) and a no-op rebuild,
+//! stage by stage, and reports the sizes of root, ESP and disk and the
+//! bytes a publish uploads, each beside the previous run's. Runs the real
+//! `image-builder` binary against a scratch copy of the spec. Given
+//! `--baseline PATH` (another build of `image-builder`, e.g. from an earlier
+//! commit), it runs the same three builds with it first, on the same
+//! machine in the same run, and prints each time beside the baseline's.
 
 use image_builder::manifest::Manifest;
 use std::fs;
@@ -64,12 +67,22 @@ fn build(
     Ok((secs, m))
 }
 
-fn main() -> Result<(), String> {
-    let builder = PathBuf::from(arg("--builder").ok_or("--builder PATH is required")?);
-    let bin_dir = PathBuf::from(arg("--bin-dir").ok_or("--bin-dir DIR is required")?);
+/// The three builds' wall times and the manifests of the first two.
+struct Timed {
+    cold: f64,
+    overlay: f64,
+    noop: f64,
+    m_cold: Manifest,
+    m_overlay: Manifest,
+    /// The scratch copy (spec, cache, out), kept while it is read.
+    scratch: tempfile::TempDir,
+}
+
+/// A cold, an overlay-only and a no-op build with `builder` in a scratch
+/// copy of the repository's spec whose stage cache starts empty.
+fn three_builds(builder: &Path, bin_dir: &Path, label: &str) -> Result<Timed, String> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let user_cache = image_builder::cache::Cache::locate(None);
-
     let scratch = tempfile::tempdir().map_err(|e| e.to_string())?;
     let s = scratch.path();
     for f in ["image.toml", "image.lock"] {
@@ -78,37 +91,98 @@ fn main() -> Result<(), String> {
     for d in ["units", "manifests", "rootfs"] {
         copy_dir(&repo.join(d), &s.join(d)).map_err(|e| format!("{d}: {e}"))?;
     }
-    // A fresh stage cache that shares only the downloads (packages, payload blobs).
+    // A fresh stage cache that shares only the downloads (the content
+    // store; `debs/` too, where an older builder kept its packages).
     let cache = s.join("cache");
     fs::create_dir_all(&cache).map_err(|e| e.to_string())?;
-    std::os::unix::fs::symlink(user_cache.root().join("debs"), cache.join("debs"))
-        .map_err(|e| e.to_string())?;
-    std::os::unix::fs::symlink(user_cache.root().join("blobs"), cache.join("blobs"))
-        .map_err(|e| e.to_string())?;
+    for shared in ["blobs", "debs"] {
+        if user_cache.root().join(shared).exists() {
+            std::os::unix::fs::symlink(user_cache.root().join(shared), cache.join(shared))
+                .map_err(|e| e.to_string())?;
+        }
+    }
     let spec = s.join("image.toml");
     let out = s.join("out");
 
-    eprintln!("== cold build (package cache filled, no stage cached)");
-    let (cold, m_cold) = build(&builder, &spec, &out, &bin_dir, &cache)?;
+    eprintln!("== {label}: cold build (downloads cached, no stage cached)");
+    let (cold, m_cold) = build(builder, &spec, &out, bin_dir, &cache)?;
     let unit = s.join("units/slipway-init.service");
     let mut text = fs::read_to_string(&unit).map_err(|e| e.to_string())?;
     text.push_str("# bench: overlay change\n");
     fs::write(&unit, text).map_err(|e| e.to_string())?;
-    eprintln!("== overlay-only rebuild (one unit changed)");
-    let (overlay, m_overlay) = build(&builder, &spec, &out, &bin_dir, &cache)?;
-    eprintln!("== no-op rebuild");
-    let (noop, _) = build(&builder, &spec, &out, &bin_dir, &cache)?;
+    eprintln!("== {label}: overlay-only rebuild (one unit changed)");
+    let (overlay, m_overlay) = build(builder, &spec, &out, bin_dir, &cache)?;
+    eprintln!("== {label}: no-op rebuild");
+    let (noop, _) = build(builder, &spec, &out, bin_dir, &cache)?;
+    Ok(Timed {
+        cold,
+        overlay,
+        noop,
+        m_cold,
+        m_overlay,
+        scratch,
+    })
+}
 
-    println!("\n{:<18} {:>10} {:>14}", "stage", "cold (s)", "overlay (s)");
-    for t in &m_cold.stages {
-        let o = m_overlay.stages.iter().find(|x| x.stage == t.stage);
+fn print_stages(label: &str, t: &Timed) {
+    println!(
+        "\n{label}\n{:<18} {:>10} {:>14}",
+        "stage", "cold (s)", "overlay (s)"
+    );
+    for c in &t.m_cold.stages {
+        let o = t.m_overlay.stages.iter().find(|x| x.stage == c.stage);
         let o = o.map_or("-".to_owned(), |o| {
             format!("{:.2}{}", o.seconds, if o.cached { " c" } else { "" })
         });
-        println!("{:<18} {:>10.2} {:>14}", t.stage, t.seconds, o);
+        println!("{:<18} {:>10.2} {:>14}", c.stage, c.seconds, o);
     }
-    println!("{:<18} {:>10.2} {:>14.2}", "total (wall)", cold, overlay);
-    println!("no-op rebuild (wall): {noop:.2} s");
+    println!(
+        "{:<18} {:>10.2} {:>14.2}",
+        "total (wall)", t.cold, t.overlay
+    );
+    println!("no-op rebuild (wall): {:.2} s", t.noop);
+}
+
+fn main() -> Result<(), String> {
+    let builder = PathBuf::from(arg("--builder").ok_or("--builder PATH is required")?);
+    let bin_dir = PathBuf::from(arg("--bin-dir").ok_or("--bin-dir DIR is required")?);
+    let baseline = arg("--baseline")
+        .filter(|b| !b.is_empty())
+        .map(PathBuf::from);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+
+    let before = match &baseline {
+        Some(b) => Some(three_builds(b, &bin_dir, "baseline")?),
+        None => None,
+    };
+    let now = three_builds(&builder, &bin_dir, "this builder")?;
+    if let Some(before) = &before {
+        print_stages(
+            &format!(
+                "baseline ({})",
+                baseline
+                    .as_ref()
+                    .map_or(String::new(), |b| b.display().to_string())
+            ),
+            before,
+        );
+    }
+    print_stages("this builder", &now);
+    if let Some(before) = &before {
+        println!(
+            "\n{:<24} {:>10} {:>10} {:>6}",
+            "wall time (s)", "this", "baseline", "ratio"
+        );
+        for (name, this, base) in [
+            ("cold build", now.cold, before.cold),
+            ("overlay-only rebuild", now.overlay, before.overlay),
+            ("no-op rebuild", now.noop, before.noop),
+        ] {
+            println!("{name:<24} {this:>10.2} {base:>10.2} {:>6.2}", this / base);
+        }
+    }
+    let m_cold = &now.m_cold;
+    let out = now.scratch.path().join("out");
     let part = |label: &str| {
         m_cold
             .partitions
