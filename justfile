@@ -176,12 +176,15 @@ repro: deps fixtures
     if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
         echo "note: uncommitted changes are left out (the clones hold HEAD)" >&2
     fi
+    # One commit for both clones, whatever HEAD does meanwhile.
+    rev=$(git -C "{{justfile_directory()}}" rev-parse HEAD)
     work=$(mktemp -d "{{cache}}/repro.XXXXXX")
     trap 'rm -rf "$work"' EXIT
     declare -A src=([a]="$work/a/src" [b]="$work/b/a-checkout-somewhere-else")
     for side in a b; do
         echo "== build $side from ${src[$side]}" >&2
         git clone -q "{{justfile_directory()}}" "${src[$side]}"
+        git -C "${src[$side]}" checkout -q "$rev"
         {{just_executable()}} --justfile "${src[$side]}/justfile" compile
         sha256sum {{image_bins}}/* | sed "s|{{image_bins}}/||" > "$work/$side/bins.sha256"
         # Share only the downloads; every stage is rebuilt from scratch.
@@ -198,7 +201,7 @@ repro: deps fixtures
     b=$(jq -r .disk.sha256 "$work/b/out/build-manifest.json")
     echo "build a: $a"; echo "build b: $b"
     [ "$a" = "$b" ] || { echo "NOT reproducible"; exit 1; }
-    echo "reproducible: two checkouts give the same binaries and disk sha256 $a"
+    echo "reproducible: two checkouts of $rev give the same binaries and disk sha256 $a"
 
 # Build timings (cold, overlay-only, no-op) stage by stage, and sizes;
 # with `baseline=PATH` (another image-builder binary, e.g. built from an
