@@ -197,7 +197,10 @@ fn up_to_date(out: &Path, inputs: &str) -> Option<Manifest> {
         fs::metadata(out.join(&f.file))
             .is_ok_and(|md| md.len() == f.size && md.modified().is_ok_and(|t| t <= written))
     };
-    (m.inputs == inputs && intact(&m.disk) && intact(&m.qcow2)).then_some(m)
+    // A manifest without a data map is an older builder's: its publish
+    // would have nothing to send.
+    let mapped = !m.data_blocks.is_empty();
+    (m.inputs == inputs && mapped && intact(&m.disk) && intact(&m.qcow2)).then_some(m)
 }
 
 /// The spec, with `--image-version` applied and its architecture checked.

@@ -112,13 +112,21 @@ pub async fn upload(
             disk.display()
         )));
     }
-    if let Some(&last) = blocks.last() {
-        if last >= size.div_ceil(BLOCK_SIZE) {
+    match blocks.last() {
+        // A disk always holds its partition table: an empty map is no map.
+        None => {
+            return Err(PublishError::Invalid(format!(
+                "{}: its data map is empty, so nothing would be sent",
+                disk.display()
+            )))
+        }
+        Some(&last) if last >= size.div_ceil(BLOCK_SIZE) => {
             return Err(PublishError::Invalid(format!(
                 "{} has no block {last}: its data map is not this disk's",
                 disk.display()
             )));
         }
+        Some(_) => {}
     }
     let total = blocks.len();
 
