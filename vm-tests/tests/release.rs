@@ -21,6 +21,8 @@ async fn amis_in_three_regions_then_nothing_new_then_a_clash_is_refused() {
     let first = publish(out.path(), &target(&moto, &COPIES)).await.unwrap();
     let regions: Vec<&str> = first.amis.keys().map(String::as_str).collect();
     assert_eq!(regions, ["ap-southeast-2", "eu-west-1", "us-east-1"]);
+    let steps = |r: &Release| -> Vec<String> { r.stages.iter().map(|s| s.stage.clone()).collect() };
+    assert_eq!(steps(&first), ["upload", "register", "copies", "template"]);
     for (region, ami) in &first.amis {
         let c = publish::Clients::new(region, Some(&moto.endpoint)).await;
         let found = publish::ami::find(&c.ec2, "slipway-0.1.0")
@@ -66,6 +68,11 @@ async fn amis_in_three_regions_then_nothing_new_then_a_clash_is_refused() {
     let second = publish(out.path(), &target(&moto, &COPIES)).await.unwrap();
     assert_eq!(second.amis, first.amis);
     assert!(second.upload.is_none(), "the second run uploaded again");
+    assert_eq!(
+        steps(&second),
+        ["template"],
+        "the second run did more than render"
+    );
     let mut after = Vec::new();
     for r in first.amis.keys() {
         after.push(count(&moto, r).await.unwrap());

@@ -499,28 +499,37 @@ async fn create_missing(
             }
         });
     }
-    let mut first_error = None;
-    while let Some(joined) = copies.join_next().await {
-        let (c, image, ready) =
-            joined.map_err(|e| PublishError::Invalid(format!("a copy task failed: {e}")))?;
-        if let Some(image) = &image {
-            created.images.push((c.clone(), image.clone()));
-        }
-        match (image, ready) {
-            (Some(image), Ok(())) => {
-                eprintln!("{}: copied {image}", c.region);
-                amis.insert(c.region.clone(), image);
-            }
-            (_, Err(e)) => {
-                first_error.get_or_insert(e);
-            }
-            (None, Ok(())) => {}
-        }
+    if copies.is_empty() {
+        return Ok(upload);
     }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(upload),
-    }
+    let regions = copies.len();
+    progress
+        .stage_async("copies", async {
+            let mut first_error = None;
+            while let Some(joined) = copies.join_next().await {
+                let (c, image, ready) = joined
+                    .map_err(|e| PublishError::Invalid(format!("a copy task failed: {e}")))?;
+                if let Some(image) = &image {
+                    created.images.push((c.clone(), image.clone()));
+                }
+                match (image, ready) {
+                    (Some(image), Ok(())) => {
+                        eprintln!("{}: copied {image}", c.region);
+                        amis.insert(c.region.clone(), image);
+                    }
+                    (_, Err(e)) => {
+                        first_error.get_or_insert(e);
+                    }
+                    (None, Ok(())) => {}
+                }
+            }
+            match first_error {
+                Some(e) => Err(e),
+                None => Ok(((), Outcome::built(format!("to {regions} regions")))),
+            }
+        })
+        .await?;
+    Ok(upload)
 }
 
 async fn write_parameters(
