@@ -550,16 +550,27 @@ fn scan_file(file: &Path, needles: &[(String, Vec<u8>)]) -> Result<Vec<String>> 
     Ok(hits)
 }
 
-/// Scans the files of an ext4 volume (mounted read-only on a loop device),
-/// except etcd's data directory, where the cluster's objects belong.
+/// Scans the files of an ext4 volume, except etcd's data directory, where
+/// the cluster's objects belong. The volume may come from a VM killed
+/// mid-write, so the files are read from a sparse copy whose journal the
+/// mount replays: the view the next instance's mount would have (a mount
+/// without replay can list names whose inodes the journal already freed).
 fn scan_volume(volume: &Path, needles: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+    let work = tempfile::tempdir_in(volume.parent().unwrap_or(Path::new(".")))?;
+    let copy = work.path().join("volume.raw");
+    let status = Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(volume)
+        .arg(&copy)
+        .status()?;
+    ensure!(status.success(), "copying {}", volume.display());
     let mnt = tempfile::tempdir()?;
     let status = Command::new("mount")
-        .args(["-o", "ro,noload,loop"])
-        .arg(volume)
+        .args(["-o", "loop"])
+        .arg(&copy)
         .arg(mnt.path())
         .status()?;
-    ensure!(status.success(), "mounting {}", volume.display());
+    ensure!(status.success(), "mounting a copy of {}", volume.display());
     let result = (|| {
         let mut hits = Vec::new();
         let (mut files, mut etcd_files) = (0, 0);
