@@ -175,8 +175,8 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     /// kubectl as the API server would answer it: not ready `n` times;
-    /// the master's Node NotReady when first asked, then Ready under the
-    /// cordon its predecessor's departure left.
+    /// the first wait for the master's Node timing out, the second
+    /// finding it Ready under the cordon its predecessor's departure left.
     #[derive(Debug, Clone, Default)]
     struct Kubectl {
         not_ready: Arc<Mutex<usize>>,
@@ -201,14 +201,19 @@ mod tests {
                     message: "connection refused".into(),
                 });
             }
-            if line.contains("get node/") {
+            if line.contains("wait --for=condition=Ready") {
                 let mut asked = self.node_asked.lock().unwrap();
                 *asked += 1;
-                let ready = if *asked == 1 { "False" } else { "True" };
+                if *asked == 1 {
+                    return Err(StepError::Invalid {
+                        what: line,
+                        message: "timed out waiting for the condition on nodes/ip-10-0-1-10".into(),
+                    });
+                }
                 return Ok(format!(
                     r#"{{"metadata": {{"annotations": {{"slipway/cordoned-by": "leave"}}}},
                         "spec": {{"unschedulable": true}},
-                        "status": {{"conditions": [{{"type": "Ready", "status": "{ready}"}}]}}}}"#
+                        "status": {{"conditions": [{{"type": "Ready", "status": "True"}}]}}}}"#
                 ));
             }
             if line.contains("get secrets") {
@@ -279,8 +284,10 @@ mod tests {
                 // Its release too: a replacement master's kubelet keeps
                 // the labels of the Node it registers under again.
                 "label --overwrite node/ip-10-0-1-10 node-role.kubernetes.io/control-plane= slipway/release=0.2.0",
-                "get node/ip-10-0-1-10 --output=json",
-                "get node/ip-10-0-1-10 --output=json",
+                // One watch each, within the deadline (node-ready is
+                // 900 s; the first slice timed out).
+                "wait --for=condition=Ready --timeout=50s node/ip-10-0-1-10 --output=json",
+                "wait --for=condition=Ready --timeout=50s node/ip-10-0-1-10 --output=json",
                 r#"patch node/ip-10-0-1-10 --type=merge --patch={"metadata":{"annotations":{"slipway/cordoned-by":null}},"spec":{"unschedulable":false}}"#,
             ]
         );

@@ -73,6 +73,10 @@ pub fn own_node(ctx: &Context) -> Result<String, StepError> {
     })
 }
 
+/// The longest one `kubectl wait` watches for a Node: shorter than the
+/// request timeout every kubectl call carries.
+const WAIT_SLICE: Duration = Duration::from_secs(50);
+
 /// Waits (up to `node-ready`) until `node` is Ready in the API, then lifts
 /// the cordon its last departure left on it, if any: a master replaced
 /// under the same name, or an instance stopped and started again. Returns
@@ -84,11 +88,22 @@ pub async fn until_ready(
 ) -> Result<String, StepError> {
     let object = format!("node/{node}");
     let started = Instant::now();
+    let deadline = ctx.deadlines.node_ready;
     let seen = retry::until(
         &format!("waiting for {object} to be Ready"),
-        Backoff::new(ctx.deadlines.node_ready),
+        Backoff::new(deadline),
         || async {
-            let found = kubectl(&["get", &object, "--output=json"])
+            // One watch rather than a poll: a kubectl run costs seconds of
+            // CPU on an emulated or small instance, and the wait can last
+            // minutes. A slice ends before kubectl's request timeout and
+            // within the deadline; a Node not registered yet fails at once
+            // and is asked for again after the back-off.
+            let slice = deadline
+                .saturating_sub(started.elapsed())
+                .clamp(Duration::from_secs(1), WAIT_SLICE);
+            let timeout = format!("--timeout={}s", slice.as_secs());
+            let wait = ["wait", "--for=condition=Ready", &timeout, &object];
+            let found = kubectl(&[&wait[..], &["--output=json"]].concat())
                 .ok()
                 .and_then(|out| serde_json::from_str::<serde_json::Value>(&out).ok())
                 .filter(is_ready);
@@ -607,6 +622,44 @@ mod tests {
             }
             Ok("node/i-0123456789abcdef0\n".into())
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_never_gets_ready_is_watched_in_slices_within_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ctx = context("node", Host::default(), dir.path()).await;
+        ctx.deadlines.set("node-ready=70").unwrap();
+        let asked = Mutex::new(Vec::new());
+        let kubectl = |args: &[&str]| {
+            asked.lock().unwrap().push(args.join(" "));
+            Err(StepError::Invalid {
+                what: "kubectl wait".into(),
+                message: "timed out waiting for the condition".into(),
+            })
+        };
+        let err = until_ready(&ctx, &kubectl, "i-0123456789abcdef0")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("to be Ready"), "{err}");
+        let timeouts: Vec<u64> = asked
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|line| {
+                assert!(
+                    line.starts_with("wait --for=condition=Ready --timeout=")
+                        && line.ends_with(" node/i-0123456789abcdef0 --output=json"),
+                    "{line}"
+                );
+                let t = line.split("--timeout=").nth(1).unwrap();
+                t.split('s').next().unwrap().parse().unwrap()
+            })
+            .collect();
+        // Every watch shorter than kubectl's request timeout, the later
+        // ones cut to what is left of the 70 s.
+        assert_eq!(timeouts.first(), Some(&50), "{timeouts:?}");
+        assert!(timeouts.windows(2).all(|w| w[1] <= w[0]), "{timeouts:?}");
+        assert!(timeouts.last().is_some_and(|t| *t < 20), "{timeouts:?}");
     }
 
     #[tokio::test(start_paused = true)]
