@@ -210,11 +210,12 @@ mod tests {
                         message: "timed out waiting for the condition on nodes/ip-10-0-1-10".into(),
                     });
                 }
-                return Ok(format!(
-                    r#"{{"metadata": {{"annotations": {{"slipway/cordoned-by": "leave"}}}},
-                        "spec": {{"unschedulable": true}},
-                        "status": {{"conditions": [{{"type": "Ready", "status": "True"}}]}}}}"#
-                ));
+                return Ok(
+                    r#"{"metadata": {"annotations": {"slipway/cordoned-by": "leave"}},
+                        "spec": {"unschedulable": true},
+                        "status": {"conditions": [{"type": "Ready", "status": "True"}]}}"#
+                        .into(),
+                );
             }
             if line.contains("get secrets") {
                 // The current token, one from before tokens expired, and
