@@ -248,10 +248,27 @@ pub struct Signal {
     pub resource: String,
 }
 
+/// What a member is: a master, with the settings only a master has, or a
+/// node, which has none of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Member {
+    Master(MasterConfig),
+    Node,
+}
+
+impl Member {
+    pub fn role(&self) -> Role {
+        match self {
+            Member::Master(_) => Role::Master,
+            Member::Node => Role::Node,
+        }
+    }
+}
+
 /// A validated stack config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StackConfig {
-    pub role: Role,
+    pub member: Member,
     pub cluster_name: String,
     pub secrets_bucket: String,
     /// The API server's name inside the VPC, which every kubelet and
@@ -260,7 +277,6 @@ pub struct StackConfig {
     pub api_name: String,
     pub pod_cidr: Cidr,
     pub service_cidr: Cidr,
-    pub master: Option<MasterConfig>,
     pub region: Option<String>,
     pub signal: Option<Signal>,
 }
@@ -463,7 +479,7 @@ impl StackConfig {
                 format!("{service_cidr} overlaps pod_cidr {pod_cidr}"),
             ));
         }
-        let master = match raw.role {
+        let member = match raw.role {
             Role::Master => {
                 let eip = raw.master_eip_allocation.ok_or(ConfigError::Missing {
                     key: "master_eip_allocation",
@@ -482,7 +498,7 @@ impl StackConfig {
                     })?,
                     &[pod_cidr, service_cidr],
                 )?;
-                Some(MasterConfig {
+                Member::Master(MasterConfig {
                     eip_allocation: eip,
                     dns_zone,
                     addresses,
@@ -514,7 +530,7 @@ impl StackConfig {
                         "is only for a master; a node must not name the master's address or settings",
                     ));
                 }
-                None
+                Member::Node
             }
         };
         if let Some(region) = &raw.region {
@@ -558,16 +574,29 @@ impl StackConfig {
             }
         };
         Ok(Self {
-            role: raw.role,
+            member,
             cluster_name: raw.cluster_name,
             secrets_bucket: raw.secrets_bucket,
             api_name: raw.api_name,
             pod_cidr,
             service_cidr,
-            master,
             region: raw.region,
             signal,
         })
+    }
+
+    pub fn role(&self) -> Role {
+        self.member.role()
+    }
+
+    /// Every address the stack reserves for a master, one per zone (none
+    /// in a node's config).
+    pub fn master_addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        let addresses = match &self.member {
+            Member::Master(m) => Some(m.addresses.values().copied()),
+            Member::Node => None,
+        };
+        addresses.into_iter().flatten()
     }
 
     /// The first service IP: the `kubernetes` Service's ClusterIP.
@@ -584,6 +613,13 @@ impl StackConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn master(c: &StackConfig) -> &MasterConfig {
+        match &c.member {
+            Member::Master(m) => m,
+            Member::Node => panic!("a node's config"),
+        }
+    }
 
     pub const MASTER: &str = r#"
 role = "master"
@@ -610,11 +646,7 @@ master_addresses = { "us-east-1a" = "10.0.1.10", "us-east-1b" = "10.0.2.10" }
     fn the_restore_source_defaults_to_the_newest_and_takes_either_kind() {
         let from = |extra: &str| {
             let text = MASTER.replace("role = \"master\"", &format!("role = \"master\"\n{extra}"));
-            StackConfig::parse(text.as_bytes())
-                .unwrap()
-                .master
-                .unwrap()
-                .restore_from
+            master(&StackConfig::parse(text.as_bytes()).unwrap()).restore_from
         };
         assert_eq!(from(""), RestoreFrom::Newest);
         assert_eq!(
@@ -630,16 +662,13 @@ master_addresses = { "us-east-1a" = "10.0.1.10", "us-east-1b" = "10.0.2.10" }
     #[test]
     fn a_master_config_parses() {
         let c = StackConfig::parse(MASTER.as_bytes()).unwrap();
-        assert_eq!(c.role, Role::Master);
-        assert_eq!(
-            c.master.as_ref().unwrap().eip_allocation,
-            "eipalloc-0123456789abcdef0"
-        );
+        assert_eq!(c.role(), Role::Master);
+        assert_eq!(master(&c).eip_allocation, "eipalloc-0123456789abcdef0");
         assert_eq!(c.api_service_ip(), Ipv4Addr::new(10, 96, 0, 1));
         assert_eq!(c.dns_service_ip(), Ipv4Addr::new(10, 96, 0, 10));
-        assert!(!c.master.as_ref().unwrap().restore);
+        assert!(!master(&c).restore);
         assert_eq!(c.api_name, "api.demo.slipway.internal");
-        let m = c.master.as_ref().unwrap();
+        let m = master(&c);
         assert_eq!(m.dns_zone, "Z0123456789ABCDEFGHIJ");
         assert_eq!(
             m.addresses.get("us-east-1b"),
@@ -647,23 +676,23 @@ master_addresses = { "us-east-1a" = "10.0.1.10", "us-east-1b" = "10.0.2.10" }
         );
         let restore = format!("{MASTER}master_restore = true\n");
         let c = StackConfig::parse(restore.as_bytes()).unwrap();
-        assert!(c.master.unwrap().restore);
+        assert!(master(&c).restore);
         let window = format!("{MASTER}master_renew_before_days = 120\n");
         let c = StackConfig::parse(window.as_bytes()).unwrap();
-        assert_eq!(c.master.unwrap().renew_before_days, 120);
+        assert_eq!(master(&c).renew_before_days, 120);
         let c = StackConfig::parse(MASTER.as_bytes()).unwrap();
-        assert_eq!(c.master.unwrap().token_hours, 24);
+        assert_eq!(master(&c).token_hours, 24);
         let hours = format!("{MASTER}master_token_hours = 6\n");
         let c = StackConfig::parse(hours.as_bytes()).unwrap();
-        assert_eq!(c.master.unwrap().token_hours, 6);
+        assert_eq!(master(&c).token_hours, 6);
         let c = StackConfig::parse(MASTER.as_bytes()).unwrap();
-        assert_eq!(c.master.unwrap().backups, Backups::default());
+        assert_eq!(master(&c).backups, Backups::default());
         let backups = format!(
             "{MASTER}master_backup_minutes = 0\nmaster_backups_kept = 3\nmaster_backup_days = 30\n"
         );
         let c = StackConfig::parse(backups.as_bytes()).unwrap();
         assert_eq!(
-            c.master.unwrap().backups,
+            master(&c).backups,
             Backups {
                 every_minutes: 0,
                 keep_last: 3,
@@ -675,8 +704,8 @@ master_addresses = { "us-east-1a" = "10.0.1.10", "us-east-1b" = "10.0.2.10" }
     #[test]
     fn a_node_config_parses() {
         let c = StackConfig::parse(node().as_bytes()).unwrap();
-        assert_eq!(c.role, Role::Node);
-        assert!(c.master.is_none());
+        assert_eq!(c.role(), Role::Node);
+        assert_eq!(c.member, Member::Node);
     }
 
     /// Each malformed config, and a word its error must contain.

@@ -82,11 +82,7 @@ impl Identity {
         Self {
             cluster_name: config.cluster_name.clone(),
             api_name: config.api_name.clone(),
-            master_ips: config
-                .master
-                .iter()
-                .flat_map(|m| m.addresses.values().copied())
-                .collect(),
+            master_ips: config.master_addresses().collect(),
             public_ip,
             api_service_ip: config.api_service_ip(),
         }

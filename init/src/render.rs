@@ -253,7 +253,7 @@ impl Templates {
     pub fn render(&self, inputs: &Inputs<'_>) -> Result<Vec<Rendered>, RenderError> {
         let config = inputs.config;
         let mut ctx = tera::Context::new();
-        ctx.insert("role", &config.role.to_string());
+        ctx.insert("role", &config.role().to_string());
         ctx.insert("cluster_name", &config.cluster_name);
         ctx.insert("node_name", &inputs.node_name);
         ctx.insert("node_ip", &inputs.node_ip.map(|ip| ip.to_string()));
@@ -286,7 +286,7 @@ impl Templates {
         }
         let mut out = Vec::new();
         for (name, target, path, only_for) in &self.outputs {
-            if only_for.is_some_and(|r| r != config.role) {
+            if only_for.is_some_and(|r| r != config.role()) {
                 continue;
             }
             let content = self

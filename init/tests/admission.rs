@@ -99,7 +99,7 @@ async fn members_are_this_clusters_running_instances_by_tag() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&w, "master", 0, dir.path());
-    let members = approver::members(&ctx).await.unwrap();
+    let members = approver::members(&common::as_master(&ctx)).await.unwrap();
     let ids: Vec<&String> = members.keys().collect();
     assert_eq!(ids, [&w.instances[0].id], "{members:?}");
     let me = &members[&w.instances[0].id];
@@ -132,7 +132,7 @@ async fn requests_are_decided_by_what_ec2_says_stand_in_api_server() {
     let dir = tempfile::tempdir().unwrap();
     let mut ctx = context(&w, "master", 0, dir.path());
     ctx.runner = Box::new(api.clone());
-    let decided = approver::once(&ctx).await.unwrap();
+    let decided = approver::once(&common::as_master(&ctx)).await.unwrap();
     let verdicts: Vec<(&str, bool)> = decided
         .iter()
         .map(|(n, v)| (n.as_str(), matches!(v, Verdict::Approve(_))))
@@ -204,7 +204,7 @@ async fn the_nodes_of_instances_ec2_no_longer_has_are_swept_stand_in_api_server(
     let dir = tempfile::tempdir().unwrap();
     let mut ctx = context(&w, "master", 0, dir.path());
     ctx.runner = Box::new(api.clone());
-    let mut deleted = approver::sweep(&ctx, time::OffsetDateTime::now_utc())
+    let mut deleted = approver::sweep(&common::as_master(&ctx), time::OffsetDateTime::now_utc())
         .await
         .unwrap();
     deleted.sort();

@@ -16,7 +16,9 @@ async fn first_master_generates_and_a_second_boot_downloads_the_same_ca() {
     let w = world(1).await;
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&w, "master", 0, &dir.path().join("srv/kubernetes"));
-    let (first, bundle) = secrets::master(&ctx, None).await.unwrap();
+    let (first, bundle) = secrets::master(&common::as_master(&ctx), None)
+        .await
+        .unwrap();
     assert!(first.changed, "{first:?}");
     assert!(first.detail.starts_with("generated"));
     let stored = object(&w, &secrets::pki_key("demo"))
@@ -38,7 +40,9 @@ async fn first_master_generates_and_a_second_boot_downloads_the_same_ca() {
     // The next boot (a reboot or a replacement) must not regenerate.
     let again = tempfile::tempdir().unwrap();
     let ctx2 = context(&w, "master", 0, &again.path().join("srv/kubernetes"));
-    let (second, bundle2) = secrets::master(&ctx2, None).await.unwrap();
+    let (second, bundle2) = secrets::master(&common::as_master(&ctx2), None)
+        .await
+        .unwrap();
     assert!(!second.changed, "{second:?}");
     assert_eq!(
         bundle.ca_fingerprint().unwrap(),
@@ -71,16 +75,16 @@ async fn elastic_ip_and_source_dest_check_are_set_and_idempotent() {
     let old = context(&w, "master", 0, dir.path());
     let new = context(&w, "master", 1, dir.path());
 
-    let (r, ip) = steps::eip::run(&old).await.unwrap();
+    let (r, ip) = steps::eip::run(&common::as_master(&old)).await.unwrap();
     assert!(r.changed && !r.detail.contains("taken over"), "{r:?}");
     let (holder, public_ip) = eip_holder(&w).await;
     assert_eq!(holder.as_deref(), Some(old.instance.id.as_str()));
     assert_eq!(public_ip, ip.to_string());
-    let (r, _) = steps::eip::run(&old).await.unwrap();
+    let (r, _) = steps::eip::run(&common::as_master(&old)).await.unwrap();
     assert!(!r.changed, "{r:?}");
 
     // A replacement master takes the address over.
-    let (r, _) = steps::eip::run(&new).await.unwrap();
+    let (r, _) = steps::eip::run(&common::as_master(&new)).await.unwrap();
     assert!(r.changed && r.detail.contains(&old.instance.id), "{r:?}");
     assert_eq!(
         eip_holder(&w).await.0.as_deref(),
@@ -114,7 +118,7 @@ async fn a_node_waits_for_its_bundle_then_downloads_it() {
     let waiting = secrets::node(&node, Duration::from_secs(60));
     let late_master = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        secrets::master(&master, None).await
+        secrets::master(&common::as_master(&master), None).await
     };
     let (node_result, master_result) = tokio::join!(waiting, late_master);
     let (_, master_bundle) = master_result.unwrap();
@@ -158,7 +162,9 @@ async fn the_master_path_writes_secrets_only_below_the_tmpfs() {
         manifests: manifests_dir(),
         ..Paths::under(root.path())
     };
-    let (_, bundle) = secrets::master(&ctx, None).await.unwrap();
+    let (_, bundle) = secrets::master(&common::as_master(&ctx), None)
+        .await
+        .unwrap();
     // Rendering puts the token into the add-ons and a key into the
     // kubelet's kubeconfig: both must stay on the tmpfs too.
     steps::configure::run(&ctx, &bundle).unwrap();
@@ -238,7 +244,9 @@ async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
         }
     });
     let first = make(0);
-    let report = steps::volume::run(&first, &mount_point).await.unwrap();
+    let report = steps::volume::run(&common::as_master(&first), &mount_point)
+        .await
+        .unwrap();
     appear.await.unwrap();
     assert!(
         report.detail.contains("attached") && report.detail.contains("formatted"),
@@ -255,13 +263,15 @@ async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
     let uuid = ext4_uuid(&device);
 
     // A reboot: nothing to attach, nothing to format.
-    let report = steps::volume::run(&make(0), &mount_point).await.unwrap();
+    let report = steps::volume::run(&common::as_master(&make(0)), &mount_point)
+        .await
+        .unwrap();
     assert!(!report.detail.contains("formatted"), "{report:?}");
     assert_eq!(ext4_uuid(&device), uuid);
 
     // A second master may not take the volume from a running one: it
     // waits for it to stop, and refuses at the deadline…
-    let err = steps::volume::run(&make(1), &mount_point)
+    let err = steps::volume::run(&common::as_master(&make(1)), &mount_point)
         .await
         .unwrap_err()
         .to_string();
@@ -276,7 +286,9 @@ async fn the_data_volume_is_attached_formatted_once_and_taken_over() {
         .send()
         .await
         .unwrap();
-    let report = steps::volume::run(&make(1), &mount_point).await.unwrap();
+    let report = steps::volume::run(&common::as_master(&make(1)), &mount_point)
+        .await
+        .unwrap();
     assert!(
         report
             .detail
@@ -453,15 +465,21 @@ async fn the_apis_name_follows_the_master_across_zones_and_goes_only_with_the_st
     let mut ctx = context(&w, "master", 0, dir.path());
     for (zone, ip) in [("us-east-1a", "10.0.1.10"), ("us-east-1b", "10.0.2.10")] {
         ctx.instance.availability_zone = zone.into();
-        let report = steps::api_record::run(&ctx).await.unwrap();
+        let report = steps::api_record::run(&common::as_master(&ctx))
+            .await
+            .unwrap();
         assert!(report.detail.contains(ip), "{report:?}");
         let records = w.moto.a_records().unwrap();
         assert_eq!(records.get(API_NAME), Some(&ip.parse().unwrap()), "{zone}");
     }
-    // A zone the stack reserves no address in is refused by name.
+    // A zone the stack reserves no address in is refused by name, before
+    // any master's step runs.
     ctx.instance.availability_zone = "us-east-1c".into();
-    let err = steps::api_record::run(&ctx).await.unwrap_err();
-    assert!(err.to_string().contains("us-east-1c"), "{err}");
+    let err = steps::Master::of(&ctx).unwrap_err();
+    assert!(
+        err.is_permanent() && err.to_string().contains("us-east-1c"),
+        "{err}"
+    );
     ctx.instance.availability_zone = "us-east-1b".into();
 
     // A departure while the stack stands keeps the record for the next
@@ -485,11 +503,15 @@ async fn the_apis_name_follows_the_master_across_zones_and_goes_only_with_the_st
         stack: "slipway".into(),
         resource: "MasterGroup".into(),
     });
-    let said = steps::api_record::leave(&ctx).await.unwrap();
+    let said = steps::api_record::leave(&common::as_master(&ctx))
+        .await
+        .unwrap();
     assert!(said.contains("kept"), "{said}");
     assert!(w.moto.a_records().unwrap().contains_key(API_NAME));
     // With the stack going, the record goes with the values it was set to
     // (moto, like Route 53, deletes a record only given them).
-    steps::api_record::delete(&ctx).await.unwrap();
+    steps::api_record::delete(&common::as_master(&ctx))
+        .await
+        .unwrap();
     assert!(!w.moto.a_records().unwrap().contains_key(API_NAME));
 }

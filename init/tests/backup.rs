@@ -92,7 +92,9 @@ async fn backups_are_taken_when_due_checksummed_and_pruned_to_the_retention() {
             put_backup(&w, t, 1, b"old", &sha256(b"old")).await;
         }
     }
-    let report = backup::run(&ctx, now, false).await.unwrap();
+    let report = backup::run(&common::as_master(&ctx), now, false)
+        .await
+        .unwrap();
     assert!(report.changed, "{report:?}");
     assert!(
         report.detail.contains("etcd at revision 4242 to s3://")
@@ -143,12 +145,12 @@ async fn backups_are_taken_when_due_checksummed_and_pruned_to_the_retention() {
     assert!(!etcd.data.join(backup::SNAPSHOT_FILE).exists());
 
     // Not due 10 minutes later; due at 15, with the revision etcd is at.
-    let report = backup::run(&ctx, now + Duration::minutes(10), false)
+    let report = backup::run(&common::as_master(&ctx), now + Duration::minutes(10), false)
         .await
         .unwrap();
     assert!(!report.changed, "{report:?}");
     assert!(report.detail.contains("10 min old"), "{}", report.detail);
-    let report = backup::run(&ctx, now + Duration::minutes(15), false)
+    let report = backup::run(&common::as_master(&ctx), now + Duration::minutes(15), false)
         .await
         .unwrap();
     assert!(report.changed, "{report:?}");

@@ -278,7 +278,9 @@ async fn hand_over() -> (World, tempfile::TempDir, FaultProxy, Context, Context)
         ctx
     };
     let old = make(0, w.clients("master"));
-    let first = volume::run(&old, &paths.etcd_data).await.unwrap();
+    let first = volume::run(&common::as_master(&old), &paths.etcd_data)
+        .await
+        .unwrap();
     assert!(first.detail.contains("formatted"), "{first:?}");
     let new = make(1, through(&w, "master", &proxy).await);
     (w, root, proxy, old, new)
@@ -329,7 +331,9 @@ async fn a_master_waits_for_a_running_predecessor_to_stop_and_takes_the_volume_w
             .unwrap();
     });
     let started = Instant::now();
-    let report = volume::run(&new, &paths.etcd_data).await.unwrap();
+    let report = volume::run(&common::as_master(&new), &paths.etcd_data)
+        .await
+        .unwrap();
     stopper.await.unwrap();
     assert!(started.elapsed() >= Duration::from_secs(10));
     taken_over_without_force(&w, &proxy, &old, &new, &report).await;
@@ -353,7 +357,9 @@ async fn a_blank_volume_is_refused_while_the_clusters_pki_exists() {
         .send()
         .await
         .unwrap();
-    let err = volume::run(&ctx, &paths.etcd_data).await.unwrap_err();
+    let err = volume::run(&common::as_master(&ctx), &paths.etcd_data)
+        .await
+        .unwrap_err();
     assert!(matches!(err, StepError::Refused { .. }), "{err}");
     assert!(err.is_permanent());
     assert!(
@@ -366,8 +372,10 @@ async fn a_blank_volume_is_refused_while_the_clusters_pki_exists() {
         volume::Contents::Blank
     );
     // A restore, said so in the stack config, may start afresh.
-    ctx.config.master.as_mut().unwrap().restore = true;
-    let report = volume::run(&ctx, &paths.etcd_data).await.unwrap();
+    common::settings(&mut ctx.config).restore = true;
+    let report = volume::run(&common::as_master(&ctx), &paths.etcd_data)
+        .await
+        .unwrap();
     assert!(report.detail.contains("formatted"), "{report:?}");
 }
 
@@ -391,7 +399,9 @@ async fn a_predecessor_left_stopping_for_40s_is_waited_for_stand_in_state_from_t
         64,
         started + Duration::from_secs(40),
     );
-    let report = volume::run(&new, &paths.etcd_data).await.unwrap();
+    let report = volume::run(&common::as_master(&new), &paths.etcd_data)
+        .await
+        .unwrap();
     let waited = started.elapsed();
     assert!(waited >= Duration::from_secs(40), "{waited:?}");
     assert!(waited < Duration::from_secs(90), "{waited:?}");

@@ -32,7 +32,10 @@ async fn a_grant_taken_out_of_the_template_fails_its_step_naming_the_action_moto
     let w = world_with(1, &without("MasterRole", "ec2:AssociateAddress")).await;
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&w, "master", 0, dir.path());
-    let err = steps::eip::run(&ctx).await.unwrap_err().to_string();
+    let err = steps::eip::run(&common::as_master(&ctx))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("ec2:AssociateAddress"), "{err}");
     assert!(err.contains("AccessDenied"), "{err}");
     // Nothing was associated.
@@ -44,7 +47,7 @@ async fn a_grant_taken_out_of_the_template_fails_its_step_naming_the_action_moto
     // With the template as it is, the same step passes.
     let w = world(1).await;
     let ctx = context(&w, "master", 0, dir.path());
-    steps::eip::run(&ctx).await.unwrap();
+    steps::eip::run(&common::as_master(&ctx)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +55,9 @@ async fn a_node_reads_its_bundle_and_nothing_else_of_the_clusters_moto_iam() {
     let w = world(1).await;
     let dir = tempfile::tempdir().unwrap();
     let master = context(&w, "master", 0, &dir.path().join("srv/kubernetes"));
-    secrets::master(&master, None).await.unwrap();
+    secrets::master(&common::as_master(&master), None)
+        .await
+        .unwrap();
 
     let node = w.clients("node");
     let read = |key: String| {

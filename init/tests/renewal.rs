@@ -65,12 +65,14 @@ async fn a_master_renews_a_bundle_inside_the_window_and_stores_it() {
     let old = seed(&w, 335).await;
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&w, "master", 0, dir.path());
-    let status = renewal::status(&ctx, OffsetDateTime::now_utc())
+    let status = renewal::status(&common::as_master(&ctx), OffsetDateTime::now_utc())
         .await
         .unwrap();
     assert_eq!(status.matches("due for renewal").count(), 11, "{status}");
     assert!(status.contains("last renewal: never"), "{status}");
-    let (report, bundle) = secrets::master(&ctx, None).await.unwrap();
+    let (report, bundle) = secrets::master(&common::as_master(&ctx), None)
+        .await
+        .unwrap();
     assert!(report.changed, "{report:?}");
     assert!(
         report.detail.contains("renewed 11 certificates"),
@@ -102,7 +104,9 @@ async fn a_master_renews_a_bundle_inside_the_window_and_stores_it() {
     // The next boot finds nothing due and writes nothing.
     let again = tempfile::tempdir().unwrap();
     let ctx = context(&w, "master", 0, again.path());
-    let (report, bundle) = secrets::master(&ctx, None).await.unwrap();
+    let (report, bundle) = secrets::master(&common::as_master(&ctx), None)
+        .await
+        .unwrap();
     assert!(!report.changed, "{report:?}");
     assert_eq!(bundle, now);
 }
@@ -113,7 +117,9 @@ async fn certificates_far_from_their_end_are_kept_and_an_old_token_replaced() {
     let old = seed(&w, 100).await;
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&w, "master", 0, dir.path());
-    let (report, bundle) = secrets::master(&ctx, None).await.unwrap();
+    let (report, bundle) = secrets::master(&common::as_master(&ctx), None)
+        .await
+        .unwrap();
     assert!(report.changed, "{report:?}");
     assert!(!report.detail.contains("renewed"), "{}", report.detail);
     assert!(
@@ -142,7 +148,9 @@ async fn certificates_far_from_their_end_are_kept_and_an_old_token_replaced() {
         bundle.get("bootstrap-kubelet.conf").unwrap()
     );
     // Within its first half-life, nothing changes at the next boot.
-    let (report, again) = secrets::master(&ctx, None).await.unwrap();
+    let (report, again) = secrets::master(&common::as_master(&ctx), None)
+        .await
+        .unwrap();
     assert!(!report.changed, "{report:?}");
     assert_eq!(again, bundle);
 }
@@ -313,7 +321,7 @@ async fn the_daily_renewal_restarts_the_control_plane_in_order_stand_in_runtime(
     let root = tempfile::tempdir().unwrap();
     let (ctx, plane, old) = running_master(&w, root.path()).await;
 
-    let report = renewal::run(&ctx).await.unwrap();
+    let report = renewal::run(&common::as_master(&ctx)).await.unwrap();
     assert!(report.changed, "{report:?}");
     assert_eq!(
         *plane.calls.lock().unwrap(),
@@ -343,7 +351,7 @@ async fn the_daily_renewal_restarts_the_control_plane_in_order_stand_in_runtime(
         .join("kubernetes/manifests/etcd.yaml")
         .exists());
 
-    let status = renewal::status(&ctx, OffsetDateTime::now_utc())
+    let status = renewal::status(&common::as_master(&ctx), OffsetDateTime::now_utc())
         .await
         .unwrap();
     assert_eq!(status.matches("  ok\n").count(), 12, "{status}");
@@ -366,22 +374,21 @@ async fn the_daily_renewal_restarts_the_control_plane_in_order_stand_in_runtime(
 
     // The next day nothing is due and nothing restarts.
     plane.calls.lock().unwrap().clear();
-    let report = renewal::run(&ctx).await.unwrap();
+    let report = renewal::run(&common::as_master(&ctx)).await.unwrap();
     assert!(!report.changed, "{report:?}");
     assert!(plane.calls.lock().unwrap().is_empty());
     assert_eq!(stored_bundle(&w).await, now);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_has_nothing_to_renew() {
+async fn a_node_has_no_masters_view_to_renew_with() {
+    // The renewal takes a master's view; a node's context has none (its
+    // `slipway-init renew` says there is nothing to renew and stops).
     let w = world(1).await;
     let root = tempfile::tempdir().unwrap();
-    let plane = ControlPlane::default();
-    let mut ctx = context(&w, "node", 0, root.path());
-    ctx.runner = Box::new(plane.clone());
-    let report = renewal::run(&ctx).await.unwrap();
-    assert!(!report.changed);
-    assert!(plane.calls.lock().unwrap().is_empty());
+    let ctx = context(&w, "node", 0, root.path());
+    let err = slipway_init::steps::Master::of(&ctx).unwrap_err();
+    assert!(err.to_string().contains("only a master"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,14 +397,14 @@ async fn a_renewal_that_died_before_the_restarts_is_finished_by_the_next_run() {
     let root = tempfile::tempdir().unwrap();
     let (ctx, plane, _) = running_master(&w, root.path()).await;
     *plane.fail_stop_of.lock().unwrap() = Some("etcd");
-    let err = renewal::run(&ctx).await.unwrap_err();
+    let err = renewal::run(&common::as_master(&ctx)).await.unwrap_err();
     assert!(err.to_string().contains("the runtime went away"), "{err}");
     let renewed = stored_bundle(&w).await;
     assert!(renewed.renewed.is_some(), "the bucket holds the renewal");
 
     // The bucket has nothing due any more; the restarts are still owed.
     plane.calls.lock().unwrap().clear();
-    let report = renewal::run(&ctx).await.unwrap();
+    let report = renewal::run(&common::as_master(&ctx)).await.unwrap();
     assert!(report.changed, "{report:?}");
     let calls = plane.calls.lock().unwrap().clone();
     assert_eq!(
@@ -408,7 +415,12 @@ async fn a_renewal_that_died_before_the_restarts_is_finished_by_the_next_run() {
     assert_eq!(stored_bundle(&w).await, renewed);
     // And then nothing is owed.
     plane.calls.lock().unwrap().clear();
-    assert!(!renewal::run(&ctx).await.unwrap().changed);
+    assert!(
+        !renewal::run(&common::as_master(&ctx))
+            .await
+            .unwrap()
+            .changed
+    );
     assert!(plane.calls.lock().unwrap().is_empty());
 }
 
@@ -418,7 +430,7 @@ async fn a_renewal_that_died_halfway_through_the_restarts_goes_on_from_there() {
     let root = tempfile::tempdir().unwrap();
     let (ctx, plane, _) = running_master(&w, root.path()).await;
     *plane.fail_stop_of.lock().unwrap() = Some("kube-apiserver");
-    let err = renewal::run(&ctx).await.unwrap_err();
+    let err = renewal::run(&common::as_master(&ctx)).await.unwrap_err();
     assert!(err.to_string().contains("the runtime went away"), "{err}");
     assert!(plane
         .calls
@@ -429,7 +441,7 @@ async fn a_renewal_that_died_halfway_through_the_restarts_goes_on_from_there() {
     // etcd already serves the new certificates: the next run starts at
     // the API server and never stops etcd again.
     plane.calls.lock().unwrap().clear();
-    let report = renewal::run(&ctx).await.unwrap();
+    let report = renewal::run(&common::as_master(&ctx)).await.unwrap();
     assert!(report.changed, "{report:?}");
     let calls = plane.calls.lock().unwrap().clone();
     assert_eq!(
@@ -459,7 +471,7 @@ async fn an_api_server_slow_to_get_ready_is_waited_for_again_never_restarted_aga
     let (mut ctx, plane, _) = running_master(&w, root.path()).await;
     ctx.deadlines.restart = std::time::Duration::from_secs(3);
     *plane.not_ready.lock().unwrap() = true;
-    let err = renewal::run(&ctx).await.unwrap_err();
+    let err = renewal::run(&common::as_master(&ctx)).await.unwrap_err();
     assert!(err.to_string().contains("ready"), "{err}");
     let calls = plane.calls.lock().unwrap().clone();
     assert!(
@@ -475,7 +487,7 @@ async fn an_api_server_slow_to_get_ready_is_waited_for_again_never_restarted_aga
     // for it again, stops nothing it already restarted, and goes on.
     plane.calls.lock().unwrap().clear();
     *plane.not_ready.lock().unwrap() = false;
-    let report = renewal::run(&ctx).await.unwrap();
+    let report = renewal::run(&common::as_master(&ctx)).await.unwrap();
     assert!(report.changed, "{report:?}");
     let calls = plane.calls.lock().unwrap().clone();
     assert_eq!(
@@ -496,7 +508,9 @@ async fn an_older_releases_bundle_gains_the_secrets_key_once_and_keeps_it() {
     store(&w, &old).await;
     let dir = tempfile::tempdir().unwrap();
     let ctx = context(&w, "master", 0, dir.path());
-    let (report, bundle) = secrets::master(&ctx, None).await.unwrap();
+    let (report, bundle) = secrets::master(&common::as_master(&ctx), None)
+        .await
+        .unwrap();
     assert!(report.changed, "{report:?}");
     let key = bundle
         .get(slipway_init::pki::ENCRYPTION_KEY)
@@ -510,7 +524,9 @@ async fn an_older_releases_bundle_gains_the_secrets_key_once_and_keeps_it() {
     // The next boot keeps that key: a new one would leave Secrets unreadable.
     let again = tempfile::tempdir().unwrap();
     let ctx = context(&w, "master", 0, again.path());
-    let (report, bundle) = secrets::master(&ctx, None).await.unwrap();
+    let (report, bundle) = secrets::master(&common::as_master(&ctx), None)
+        .await
+        .unwrap();
     assert!(!report.changed, "{report:?}");
     assert_eq!(bundle.get(slipway_init::pki::ENCRYPTION_KEY).unwrap(), key);
 }

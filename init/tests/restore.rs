@@ -211,14 +211,14 @@ async fn a_master_in_another_zone_restores_the_newest_snapshot_and_the_tag_moves
 
     // A master in the volume's own zone uses it, snapshots or not.
     let here = master_in(&w, ZONE_A, secrets.path()).await;
-    let found = restore::locate(&here).await.unwrap();
+    let found = restore::locate(&common::as_master(&here)).await.unwrap();
     assert_eq!(
         (found.volume_id.as_str(), found.restored),
         (old.as_str(), None)
     );
 
     let there = master_in(&w, ZONE_B, secrets.path()).await;
-    let restored = restore::locate(&there).await.unwrap();
+    let restored = restore::locate(&common::as_master(&there)).await.unwrap();
     let new = describe(&w, &restored.volume_id).await;
     let said = restored.restored.unwrap();
     assert!(said.contains(&newest) && said.contains(&old), "{said}");
@@ -252,12 +252,12 @@ async fn a_master_in_another_zone_restores_the_newest_snapshot_and_the_tag_moves
     assert_eq!(r["resumed"], false);
 
     // The next boot in zone b finds the restored volume and does nothing.
-    let again = restore::locate(&there).await.unwrap();
+    let again = restore::locate(&common::as_master(&there)).await.unwrap();
     assert_eq!(again.volume_id, restored.volume_id);
     assert!(again.restored.is_none());
     // And a master back in zone a does not take the superseded volume:
     // the cluster's volume is now in b, so it would restore in turn.
-    let back = restore::locate(&here).await.unwrap();
+    let back = restore::locate(&common::as_master(&here)).await.unwrap();
     assert_ne!(back.volume_id, old);
     assert_eq!(cluster_volumes(&w).await.len(), 3);
 }
@@ -284,7 +284,7 @@ async fn a_restore_stopped_halfway_is_resumed_without_a_second_volume() {
         .await
         .unwrap();
 
-    let resumed = restore::locate(&there).await.unwrap();
+    let resumed = restore::locate(&common::as_master(&there)).await.unwrap();
     assert_eq!(resumed.volume_id, started);
     assert!(
         resumed.restored.unwrap().contains("finished restoring"),
@@ -310,7 +310,10 @@ async fn without_a_snapshot_or_a_backup_a_master_in_another_zone_refuses_and_cha
     let secrets = tempfile::tempdir().unwrap();
     let old = held_in_lost_zone(&w, ZONE_A, secrets.path()).await;
     let there = master_in(&w, ZONE_B, secrets.path()).await;
-    let err = restore::locate(&there).await.unwrap_err().to_string();
+    let err = restore::locate(&common::as_master(&there))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains(&old) && err.contains(ZONE_A) && err.contains(ZONE_B),
         "{err}"
@@ -328,7 +331,10 @@ async fn without_a_snapshot_or_a_backup_a_master_in_another_zone_refuses_and_cha
 
     // Two volumes tagged as the cluster's are a person's mistake: refused.
     let second = data_volume_in(&w, ZONE_B).await;
-    let err = restore::locate(&there).await.unwrap_err().to_string();
+    let err = restore::locate(&common::as_master(&there))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains(&old) && err.contains(&second), "{err}");
 }
 
@@ -415,7 +421,7 @@ async fn a_person_rolls_back_to_a_named_snapshot_after_a_dry_run() {
 
     let (ok, said) = run(cmd(), &["--snapshot", &older, "--yes"]);
     assert!(ok && said.contains(&master.instance.id), "{said}");
-    let current = restore::locate(&master).await.unwrap();
+    let current = restore::locate(&common::as_master(&master)).await.unwrap();
     assert!(
         current.restored.is_none(),
         "the next boot finds it in place"
@@ -457,7 +463,9 @@ async fn a_person_rolls_back_to_a_named_snapshot_after_a_dry_run() {
         .set_len(64 << 20)
         .unwrap();
     let mount_point = sys.path().join("var/lib/etcd");
-    steps::volume::run(&ctx, &mount_point).await.unwrap();
+    steps::volume::run(&common::as_master(&ctx), &mount_point)
+        .await
+        .unwrap();
     let attachments = |v: &Volume| -> Vec<(String, String)> {
         v.attachments()
             .iter()
@@ -496,7 +504,7 @@ async fn an_etcd_backup_newer_than_the_snapshots_is_restored_into_an_empty_volum
     let newest = etcd_backup(&w, OffsetDateTime::now_utc() + MINUTE, 4242, b"b").await;
 
     let there = master_in(&w, ZONE_B, secrets.path()).await;
-    let restored = restore::locate(&there).await.unwrap();
+    let restored = restore::locate(&common::as_master(&there)).await.unwrap();
     assert_eq!(restored.fill_from.as_deref(), Some(newest.as_str()));
     let new = describe(&w, &restored.volume_id).await;
     assert_eq!(new.availability_zone(), Some(ZONE_B));
@@ -524,7 +532,7 @@ async fn an_etcd_backup_newer_than_the_snapshots_is_restored_into_an_empty_volum
 
     // Its next boot finds it in place, still to be filled until etcd's
     // data directory is on it.
-    let again = restore::locate(&there).await.unwrap();
+    let again = restore::locate(&common::as_master(&there)).await.unwrap();
     assert_eq!(again.volume_id, restored.volume_id);
     assert!(again.restored.is_none());
     assert_eq!(again.fill_from.as_deref(), Some(newest.as_str()));
@@ -538,8 +546,8 @@ async fn the_setting_prefers_the_volume_snapshot_over_a_newer_etcd_backup() {
     let snap = snapshot(&w, &old, "demo").await;
     etcd_backup(&w, OffsetDateTime::now_utc() + MINUTE, 7, b"b").await;
     let mut there = master_in(&w, ZONE_B, secrets.path()).await;
-    there.config.master.as_mut().unwrap().restore_from = RestoreFrom::VolumeSnapshot;
-    let restored = restore::locate(&there).await.unwrap();
+    common::settings(&mut there.config).restore_from = RestoreFrom::VolumeSnapshot;
+    let restored = restore::locate(&common::as_master(&there)).await.unwrap();
     assert_eq!(restored.fill_from, None);
     let new = describe(&w, &restored.volume_id).await;
     assert_eq!(new.snapshot_id(), Some(snap.as_str()));
@@ -552,8 +560,8 @@ async fn with_only_an_etcd_backup_the_restore_uses_it_whatever_the_setting() {
     // The volume is gone and no snapshot was ever taken.
     let key = etcd_backup(&w, OffsetDateTime::now_utc(), 9, b"c").await;
     let mut there = master_in(&w, ZONE_B, secrets.path()).await;
-    there.config.master.as_mut().unwrap().restore_from = RestoreFrom::VolumeSnapshot;
-    let restored = restore::locate(&there).await.unwrap();
+    common::settings(&mut there.config).restore_from = RestoreFrom::VolumeSnapshot;
+    let restored = restore::locate(&common::as_master(&there)).await.unwrap();
     assert_eq!(restored.fill_from.as_deref(), Some(key.as_str()));
     let new = describe(&w, &restored.volume_id).await;
     assert_eq!(new.size(), Some(restore::DEFAULT_VOLUME_GIB));
@@ -570,7 +578,7 @@ async fn when_the_old_zone_answers_a_fresh_snapshot_of_the_volume_is_restored() 
     etcd_backup(&w, OffsetDateTime::now_utc() - MINUTE, 7, b"b").await;
 
     let there = master_in(&w, ZONE_B, secrets.path()).await;
-    let restored = restore::locate(&there).await.unwrap();
+    let restored = restore::locate(&common::as_master(&there)).await.unwrap();
     assert_eq!(restored.fill_from, None, "not from the etcd backup");
     let new = describe(&w, &restored.volume_id).await;
     let fresh = new.snapshot_id().unwrap().to_owned();
@@ -632,7 +640,7 @@ async fn a_reboot_after_the_fresh_snapshot_waits_for_it_rather_than_taking_anoth
         .snapshot_id()
         .unwrap()
         .to_owned();
-    let restored = restore::locate(&there).await.unwrap();
+    let restored = restore::locate(&common::as_master(&there)).await.unwrap();
     let new = describe(&w, &restored.volume_id).await;
     assert_eq!(new.snapshot_id(), Some(started.as_str()));
     assert_eq!(snapshots_of(&w, &old).await.len(), 1, "no second snapshot");
@@ -645,8 +653,8 @@ async fn preferring_etcd_backups_takes_no_fresh_snapshot() {
     let old = data_volume_in(&w, ZONE_A).await;
     let key = etcd_backup(&w, OffsetDateTime::now_utc() - MINUTE, 9, b"c").await;
     let mut there = master_in(&w, ZONE_B, secrets.path()).await;
-    there.config.master.as_mut().unwrap().restore_from = RestoreFrom::EtcdBackup;
-    let restored = restore::locate(&there).await.unwrap();
+    common::settings(&mut there.config).restore_from = RestoreFrom::EtcdBackup;
+    let restored = restore::locate(&common::as_master(&there)).await.unwrap();
     assert_eq!(restored.fill_from.as_deref(), Some(key.as_str()));
     assert!(snapshots_of(&w, &old).await.is_empty());
 }
@@ -712,7 +720,7 @@ async fn a_mounted_empty_volume_is_filled_from_the_backup_once_and_a_bad_one_ref
     std::fs::create_dir_all(&mount).unwrap();
 
     // A backup whose bytes do not match its sha256: refused, nothing made.
-    let err = restore::fill(&ctx, &mount, &bad)
+    let err = restore::fill(&common::as_master(&ctx), &mount, &bad)
         .await
         .unwrap_err()
         .to_string();
@@ -723,7 +731,10 @@ async fn a_mounted_empty_volume_is_filled_from_the_backup_once_and_a_bad_one_ref
     // A staging directory left by a boot cut short is started over.
     std::fs::create_dir_all(mount.join("data.restoring/member")).unwrap();
     std::fs::write(mount.join("data.restoring/member/half"), b"").unwrap();
-    let said = restore::fill(&ctx, &mount, &good).await.unwrap().unwrap();
+    let said = restore::fill(&common::as_master(&ctx), &mount, &good)
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         said.contains("4242") && said.contains("sha256 checked"),
         "{said}"
@@ -758,7 +769,12 @@ async fn a_mounted_empty_volume_is_filled_from_the_backup_once_and_a_bad_one_ref
     )));
 
     // Once filled, never again.
-    assert_eq!(restore::fill(&ctx, &mount, &good).await.unwrap(), None);
+    assert_eq!(
+        restore::fill(&common::as_master(&ctx), &mount, &good)
+            .await
+            .unwrap(),
+        None
+    );
     assert_eq!(etcdutl.calls.lock().unwrap().len(), 1);
 }
 
@@ -797,7 +813,7 @@ async fn a_person_restores_a_named_etcd_backup_into_an_empty_volume() {
 
     let (ok, said) = run(cmd(), &["--backup", &key, "--yes"]);
     assert!(ok, "{said}");
-    let current = restore::locate(&master).await.unwrap();
+    let current = restore::locate(&common::as_master(&master)).await.unwrap();
     assert_eq!(current.fill_from.as_deref(), Some(key.as_str()));
     let new = describe(&w, &current.volume_id).await;
     assert_eq!(new.availability_zone(), Some(ZONE_A));

@@ -14,7 +14,7 @@ use anyhow::{ensure, Context as _, Result};
 use sha2::{Digest, Sha256};
 use slipway_init::aws::Clients;
 use slipway_init::config::StackConfig;
-use slipway_init::steps::{backup, restore, Context, Deadlines, Instance, Paths, System};
+use slipway_init::steps::{backup, restore, Context, Deadlines, Instance, Master, Paths, System};
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -148,7 +148,7 @@ async fn a_real_etcd_snapshot_is_restored_by_etcdutl_and_served_again() -> Resul
     };
     let mount = dir.path().join("volume");
     std::fs::create_dir_all(&mount)?;
-    let said = restore::fill(&ctx, &mount, &key)
+    let said = restore::fill(&Master::of(&ctx)?, &mount, &key)
         .await?
         .context("nothing was filled")?;
     println!("{said}");

@@ -8,9 +8,10 @@
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use slipway_init::aws::CallPolicy;
 use slipway_init::bootcheck::BootCheck;
+use slipway_init::config::Member;
 use slipway_init::imds::Imds;
 use slipway_init::steps::attempts::{self, Attempts, Next, FINAL_EXIT};
-use slipway_init::steps::{self, Context, Deadlines, Instance, Paths};
+use slipway_init::steps::{self, Context, Deadlines, Instance, Master, Paths, Report};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -288,7 +289,7 @@ async fn context(args: &Args, deadlines: Deadlines) -> Result<Context, ContextEr
     tracing::info!(
         step = "config",
         "{} of cluster {} (instance {} in {})",
-        config.role,
+        config.role(),
         config.cluster_name,
         instance.id,
         instance.availability_zone
@@ -346,9 +347,7 @@ async fn attempt(args: &Args, deadlines: Deadlines, addons: bool) -> Result<(), 
         }
     };
     let result = if addons {
-        steps::bounded(&ctx, steps::addons::STEP, steps::addons::run(&ctx))
-            .await
-            .map(|r| r.log())
+        add_ons(&ctx).await
     } else {
         steps::bootstrap(&ctx).await.map(|_| ())
     };
@@ -357,7 +356,7 @@ async fn attempt(args: &Args, deadlines: Deadlines, addons: bool) -> Result<(), 
             attempts.succeeded();
             // A master is in service once its add-ons are applied; a node
             // only once it is Ready (`slipway-init ready` signals for it).
-            if addons && ctx.config.role == slipway_init::config::Role::Master {
+            if addons && ctx.config.member != Member::Node {
                 signal(&ctx, true).await;
             }
             return Ok(());
@@ -384,19 +383,38 @@ async fn attempt(args: &Args, deadlines: Deadlines, addons: bool) -> Result<(), 
     })
 }
 
+/// `addons`: a master's add-ons step; a node has none.
+async fn add_ons(ctx: &Context) -> Result<(), steps::Failed> {
+    let step = steps::addons::STEP;
+    if ctx.config.member == Member::Node {
+        Report::already(step, "nothing to apply on a node").log();
+        return Ok(());
+    }
+    let master = Master::of(ctx).map_err(|source| steps::Failed { step, source })?;
+    let report = steps::bounded(ctx, step, steps::addons::run(&master)).await?;
+    report.log();
+    Ok(())
+}
+
 /// `renew` or `certs`: one run, no attempt counting (the timer runs the
 /// renewal again the next hour; the window leaves weeks of such hours).
 async fn maintain(args: &Args, deadlines: Deadlines, renew: bool) -> Result<(), Ending> {
     let ctx = context(args, deadlines).await?;
     if renew {
         let step = steps::renewal::STEP;
-        let report = steps::bounded(&ctx, step, steps::renewal::run(&ctx))
+        if ctx.config.member == Member::Node {
+            Report::already(step, "a node holds no certificate of the cluster's bundle").log();
+            return Ok(());
+        }
+        let master = as_master(&ctx, "renews the cluster's certificates")?;
+        let report = steps::bounded(&ctx, step, steps::renewal::run(&master))
             .await
             .map_err(|failed| Ending::retry(chain(&failed)))?;
         report.log();
     } else {
+        let master = as_master(&ctx, "holds the cluster's certificates")?;
         let now = time::OffsetDateTime::now_utc();
-        let text = steps::renewal::status(&ctx, now)
+        let text = steps::renewal::status(&master, now)
             .await
             .map_err(|e| Ending::retry(chain(&e)))?;
         print!("{text}");
@@ -416,7 +434,7 @@ async fn arrive_or_leave(args: &Args, deadlines: Deadlines, arrive: bool) -> Res
         return Ok(());
     }
     // Only a node signals here (a master does after its add-ons).
-    let node = ctx.config.role == slipway_init::config::Role::Node;
+    let node = ctx.config.member == Member::Node;
     match steps::leave::ready(&ctx).await {
         Ok(report) => {
             report.log();
@@ -443,19 +461,19 @@ async fn rejoin(args: &Args, deadlines: Deadlines) -> Result<(), Ending> {
     Ok(())
 }
 
-/// The context of a command only a master runs; on a node, an error that
-/// says what only a master does.
-async fn master_context(args: &Args, deadlines: Deadlines, does: &str) -> Result<Context, Ending> {
-    let ctx = context(args, deadlines).await?;
-    if ctx.config.role != slipway_init::config::Role::Master {
+/// The master's view of the context of a command only a master runs; on a
+/// node, an error that says what only a master does.
+fn as_master<'a>(ctx: &'a Context, does: &str) -> Result<Master<'a>, Ending> {
+    if ctx.config.member == Member::Node {
         return Err(Ending::last(format!("only a master {does}")));
     }
-    Ok(ctx)
+    Master::of(ctx).map_err(|e| Ending::last(chain(&e)))
 }
 
 /// `backup`: one backup when due (or now), or the list of them.
 async fn backup(args: &Args, deadlines: Deadlines, now: bool, list: bool) -> Result<(), Ending> {
-    let ctx = master_context(args, deadlines, "backs etcd up").await?;
+    let ctx = context(args, deadlines).await?;
+    let ctx = as_master(&ctx, "backs etcd up")?;
     if list {
         let backups = steps::backup::list(&ctx)
             .await
@@ -480,7 +498,8 @@ async fn restore(
     named: Option<&str>,
     yes: bool,
 ) -> Result<(), Ending> {
-    let ctx = master_context(args, deadlines, "restores its data volume").await?;
+    let ctx = context(args, deadlines).await?;
+    let ctx = as_master(&ctx, "restores its data volume")?;
     let failed = |e: steps::StepError| Ending::retry(chain(&e));
     match named {
         None => {
@@ -506,7 +525,8 @@ async fn approve(
     interval: u64,
     once: bool,
 ) -> Result<(), Ending> {
-    let ctx = master_context(args, deadlines, "approves certificate requests").await?;
+    let ctx = context(args, deadlines).await?;
+    let ctx = as_master(&ctx, "approves certificate requests")?;
     // The sweep of gone instances' Nodes runs about once a minute.
     let sweep_every = (60 / interval.max(1)).max(1);
     let mut pass = 0u64;

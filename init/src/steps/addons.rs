@@ -3,8 +3,7 @@
 //! Server-side apply under one field manager makes every boot's apply a
 //! no-op when nothing changed, and heals what a crash left half-done.
 
-use super::{Context, Report, StepError};
-use crate::config::Role;
+use super::{Context, Master, Report, StepError};
 use crate::retry::{self, Backoff};
 
 pub const STEP: &str = "addons";
@@ -91,10 +90,7 @@ pub fn retire_tokens(ctx: &Context) -> Result<Vec<String>, StepError> {
 /// master's Node once its kubelet registered it (up to `node-registers`),
 /// and waits for that Node to be Ready (up to `node-ready`), lifting the
 /// cordon its predecessor's departure left.
-pub async fn run(ctx: &Context) -> Result<Report, StepError> {
-    if ctx.config.role != Role::Master {
-        return Ok(Report::already(STEP, "nothing to apply on a node"));
-    }
+pub async fn run(ctx: &Master<'_>) -> Result<Report, StepError> {
     let dir = ctx.paths.secrets.join("addons");
     let dir = dir.to_string_lossy();
     let kubectl = kubectl(ctx);
@@ -141,7 +137,7 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
     // itself), once its kubelet has registered the node; and its release
     // label, which a replacement master's kubelet does not put on the Node
     // its predecessor registered under the same name.
-    let name = super::leave::own_node(ctx)?;
+    let name = crate::render::master_node_name(ctx.ip);
     let node = format!("node/{name}");
     let release = crate::render::image_release(&ctx.paths.etc)
         .map(|r| format!("{}={r}", crate::render::RELEASE_LABEL));
@@ -252,7 +248,7 @@ mod tests {
         let pki = ctx.paths.secrets.join("pki");
         std::fs::create_dir_all(&pki).unwrap();
         std::fs::write(pki.join("bootstrap-token"), "abcdef.0123456789abcdef").unwrap();
-        let report = run(&ctx).await.unwrap();
+        let report = run(&Master::of(&ctx).unwrap()).await.unwrap();
         let secrets = ctx.paths.secrets.display().to_string();
         assert_eq!(
             report.detail,
@@ -300,7 +296,7 @@ mod tests {
         *kubectl.not_ready.lock().unwrap() = usize::MAX;
         let mut ctx = context("master", kubectl.clone()).await;
         ctx.deadlines.set("api-server=1").unwrap();
-        let err = run(&ctx).await.unwrap_err();
+        let err = run(&Master::of(&ctx).unwrap()).await.unwrap_err();
         assert!(
             err.to_string()
                 .contains("waiting for the API server to be ready: still not ready"),
@@ -312,13 +308,5 @@ mod tests {
             .unwrap()
             .iter()
             .any(|c| c.contains("apply")));
-    }
-
-    #[tokio::test]
-    async fn a_node_applies_nothing() {
-        let kubectl = Kubectl::default();
-        let ctx = context("node", kubectl.clone()).await;
-        assert!(!run(&ctx).await.unwrap().changed);
-        assert!(kubectl.calls.lock().unwrap().is_empty());
     }
 }

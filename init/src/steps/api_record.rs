@@ -11,7 +11,7 @@
 //! master that is merely replaced leaves it in place for its successor to
 //! change.
 
-use super::{aws_err, Context, Report, StepError};
+use super::{aws_err, Master, Report, StepError};
 use aws_sdk_cloudformation::types::StackStatus;
 use aws_sdk_route53::types::{
     Change, ChangeAction, ChangeBatch, ResourceRecord, ResourceRecordSet, RrType,
@@ -59,25 +59,13 @@ fn change(action: ChangeAction, name: &str, ip: Ipv4Addr) -> Result<Change, Step
         .map_err(invalid)
 }
 
-/// The master's hosted zone; a node has none.
-fn zone(ctx: &Context) -> Result<&str, StepError> {
-    ctx.config
-        .master
-        .as_ref()
-        .map(|m| m.dns_zone.as_str())
-        .ok_or_else(|| StepError::Invalid {
-            what: STEP.into(),
-            message: "only a master keeps the API's record".into(),
-        })
-}
-
 async fn send(
-    ctx: &Context,
+    ctx: &Master<'_>,
     action: ChangeAction,
     ip: Ipv4Addr,
     why: &str,
 ) -> Result<(), StepError> {
-    let zone = zone(ctx)?;
+    let zone = &ctx.settings.dns_zone;
     let name = &ctx.config.api_name;
     let batch = ChangeBatch::builder()
         .comment(why)
@@ -103,8 +91,8 @@ async fn send(
 /// replacement in the same zone changes nothing and one in another zone
 /// moves the name. (Reading the record first would cost a grant and a call
 /// for no different outcome.)
-pub async fn run(ctx: &Context) -> Result<Report, StepError> {
-    let ip = ctx.master_ip()?;
+pub async fn run(ctx: &Master<'_>) -> Result<Report, StepError> {
+    let ip = ctx.ip;
     let name = &ctx.config.api_name;
     let why = format!("{} took over the API", ctx.instance.id);
     send(ctx, ChangeAction::Upsert, ip, &why).await?;
@@ -115,7 +103,7 @@ pub async fn run(ctx: &Context) -> Result<Report, StepError> {
 }
 
 /// Whether the stack this master belongs to is being deleted.
-async fn stack_deleting(ctx: &Context) -> Result<bool, StepError> {
+async fn stack_deleting(ctx: &super::Context) -> Result<bool, StepError> {
     let Some(signal) = &ctx.config.signal else {
         return Ok(false);
     };
@@ -138,8 +126,8 @@ async fn stack_deleting(ctx: &Context) -> Result<bool, StepError> {
 
 /// Deletes the record this master set (Route 53 deletes a record only
 /// given its current values: this master's address and [`TTL`]).
-pub async fn delete(ctx: &Context) -> Result<(), StepError> {
-    let ip = ctx.master_ip()?;
+pub async fn delete(ctx: &Master<'_>) -> Result<(), StepError> {
+    let ip = ctx.ip;
     let why = format!("{} left with its stack", ctx.instance.id);
     send(ctx, ChangeAction::Delete, ip, &why).await
 }
@@ -147,7 +135,7 @@ pub async fn delete(ctx: &Context) -> Result<(), StepError> {
 /// At a master's departure: deletes the record if the stack is being
 /// deleted (so CloudFormation can delete the zone), and otherwise leaves
 /// it for the next master. Says what it did.
-pub async fn leave(ctx: &Context) -> Result<String, StepError> {
+pub async fn leave(ctx: &Master<'_>) -> Result<String, StepError> {
     if !stack_deleting(ctx).await? {
         return Ok(format!("{} kept for the next master", ctx.config.api_name));
     }

@@ -25,7 +25,7 @@
 //! from a backup brings back the Nodes of instances terminated since.
 //! Nothing else deletes them (there is no cloud controller manager).
 
-use super::{aws_err, Context, StepError};
+use super::{aws_err, Context, Master, StepError};
 use crate::render::master_node_name;
 use aws_sdk_ec2::types::{Filter, Instance};
 use std::collections::{BTreeMap, BTreeSet};
@@ -263,8 +263,8 @@ async fn instances(ctx: &Context, states: &[&str]) -> Result<Vec<Instance>, Step
 }
 
 /// This cluster's running and pending instances, from EC2 by their tags.
-pub async fn members(ctx: &Context) -> Result<Members, StepError> {
-    let master_ip = ctx.master_ip()?;
+pub async fn members(ctx: &Master<'_>) -> Result<Members, StepError> {
+    let master_ip = ctx.ip;
     let master = master_node_name(master_ip);
     let mut members = Members::new();
     for instance in &instances(ctx, &["running", "pending"]).await? {
@@ -369,16 +369,13 @@ async fn existing_instances(ctx: &Context) -> Result<BTreeSet<String>, StepError
 
 /// The Node names of the masters of the other zones: a master that ran
 /// there before this one moved the cluster to this zone.
-pub fn other_masters(ctx: &Context) -> Result<Vec<String>, StepError> {
-    let mine = ctx.master_ip()?;
-    Ok(ctx
-        .config
-        .master
-        .iter()
-        .flat_map(|m| m.addresses.values())
-        .filter(|ip| **ip != mine)
+pub fn other_masters(ctx: &Master<'_>) -> Vec<String> {
+    ctx.settings
+        .addresses
+        .values()
+        .filter(|ip| **ip != ctx.ip)
         .map(|ip| master_node_name(*ip))
-        .collect())
+        .collect()
 }
 
 /// Deletes, once they have been NotReady for [`SWEEP_AFTER`], the Nodes of
@@ -386,9 +383,9 @@ pub fn other_masters(ctx: &Context) -> Result<Vec<String>, StepError> {
 /// of the masters of other zones (the group runs one master, and it is
 /// this one). EC2 is asked only when an instance's Node is a candidate.
 /// Returns the Nodes deleted.
-pub async fn sweep(ctx: &Context, now: OffsetDateTime) -> Result<Vec<String>, StepError> {
+pub async fn sweep(ctx: &Master<'_>, now: OffsetDateTime) -> Result<Vec<String>, StepError> {
     let kubectl = super::addons::kubectl(ctx);
-    let masters = other_masters(ctx)?;
+    let masters = other_masters(ctx);
     let swept = |name: &str| instance_named(name) || masters.iter().any(|m| m == name);
     let candidates = long_not_ready(&kubectl(&["get", "nodes", "--output=json"])?, swept, now)?;
     if candidates.is_empty() {
@@ -459,7 +456,7 @@ pub fn pending(json: &str) -> Result<Vec<Request>, StepError> {
 }
 
 /// One pass: decides every pending request. Returns what it decided.
-pub async fn once(ctx: &Context) -> Result<Vec<(String, Verdict)>, StepError> {
+pub async fn once(ctx: &Master<'_>) -> Result<Vec<(String, Verdict)>, StepError> {
     let kubectl = super::addons::kubectl(ctx);
     let requests = pending(&kubectl(&["get", "csr", "-o", "json"])?)?;
     let mine: Vec<&Request> = requests
@@ -470,7 +467,7 @@ pub async fn once(ctx: &Context) -> Result<Vec<(String, Verdict)>, StepError> {
         return Ok(Vec::new());
     }
     let members = members(ctx).await?;
-    let master = master_node_name(ctx.master_ip()?);
+    let master = master_node_name(ctx.ip);
     let mut decided = Vec::new();
     for req in mine {
         let verdict = judge(req, &members, &master);

@@ -14,8 +14,8 @@
 //! bytes do not hash to the sha256 stored with it.
 
 use super::renewal::{crictl, running};
-use super::{aws_err, Context, Report, StepError};
-use crate::config::{Backups, Role};
+use super::{aws_err, Context, Master, Report, StepError};
+use crate::config::Backups;
 use aws_sdk_s3::primitives::ByteStream;
 use sha2::{Digest, Sha256};
 use std::io::Read;
@@ -323,21 +323,10 @@ async fn prune(
     Ok(gone.len())
 }
 
-fn policy(ctx: &Context) -> Backups {
-    ctx.config
-        .master
-        .as_ref()
-        .map(|m| m.backups)
-        .unwrap_or_default()
-}
-
 /// Takes a backup when one is due (or at once with `now`), then applies
 /// the retention.
-pub async fn run(ctx: &Context, at: OffsetDateTime, force: bool) -> Result<Report, StepError> {
-    if ctx.config.role != Role::Master {
-        return Ok(Report::already(STEP, "a node holds no etcd"));
-    }
-    let policy = policy(ctx);
+pub async fn run(ctx: &Master<'_>, at: OffsetDateTime, force: bool) -> Result<Report, StepError> {
+    let policy = ctx.settings.backups;
     let mut backups = list(ctx).await?;
     if !force && !due(backups.last(), at, &policy) {
         let detail = match backups.last() {

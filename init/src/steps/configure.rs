@@ -3,8 +3,8 @@
 //! kubelet's own kubeconfig. Everything is rewritten at every boot from the
 //! templates; files whose content is unchanged are left alone.
 
-use super::{Context, Report, StepError};
-use crate::config::{Role, RENEW_BEFORE_DAYS};
+use super::{Context, Master, Report, StepError};
+use crate::config::{MasterConfig, Member};
 use crate::pki::{self, Bundle, PkiError};
 use crate::render::{self, Inputs, Target, Templates};
 use std::path::{Path, PathBuf};
@@ -27,14 +27,9 @@ pub fn kubelet_conf(ctx: &Context) -> PathBuf {
     ctx.paths.secrets.join("kubelet.conf")
 }
 
-/// How close to their end this master's certificates are renewed.
-pub fn renew_window(ctx: &Context) -> time::Duration {
-    let days = ctx
-        .config
-        .master
-        .as_ref()
-        .map_or(RENEW_BEFORE_DAYS, |m| m.renew_before_days);
-    time::Duration::days(i64::from(days))
+/// How close to their end a master's certificates are renewed.
+pub fn renew_window(settings: &MasterConfig) -> time::Duration {
+    time::Duration::days(i64::from(settings.renew_before_days))
 }
 
 /// Whether the kubeconfig at `path` is missing or its certificate ends
@@ -53,8 +48,12 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
     let config = &ctx.config;
     let templates = Templates::load(&ctx.paths.manifests)?;
     let pki = ctx.paths.secrets.join("pki");
-    let master = config.role == Role::Master;
-    let master_ip = if master { Some(ctx.master_ip()?) } else { None };
+    let as_master = match &config.member {
+        Member::Master(_) => Some(Master::of(ctx)?),
+        Member::Node => None,
+    };
+    let master_ip = as_master.map(|m| m.ip);
+    let master = as_master.is_some();
     let node_name = match master_ip {
         Some(ip) => render::master_node_name(ip),
         None => ctx.instance.id.clone(),
@@ -90,11 +89,11 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
         };
         written += usize::from(write_if_changed(&f.destination(root), &f.content, mode)?);
     }
-    if master {
+    if let Some(m) = as_master {
         // Signed here at the first boot and again when it nears its end
         // (the renewal restarts kubelet to read it).
         let path = kubelet_conf(ctx);
-        if kubelet_conf_due(&path, renew_window(ctx))? {
+        if kubelet_conf_due(&path, renew_window(m.settings))? {
             // Its own API server, wherever the API's name points yet.
             let server = "https://127.0.0.1:6443";
             let kubeconfig = bundle.kubelet_kubeconfig(&node_name, server, &config.cluster_name)?;

@@ -1,7 +1,7 @@
 //! Associates the master's Elastic IP with this instance, taking it over
 //! from a dead predecessor if need be.
 
-use super::{aws_err, Context, Report, StepError};
+use super::{aws_err, Master, Report, StepError};
 use std::net::Ipv4Addr;
 
 pub const STEP: &str = "elastic-ip";
@@ -9,14 +9,8 @@ pub const STEP: &str = "elastic-ip";
 pub const CALLS: &[&str] = &["ec2:DescribeAddresses", "ec2:AssociateAddress"];
 
 /// Returns the report and the address's public IP.
-pub async fn run(ctx: &Context) -> Result<(Report, Ipv4Addr), StepError> {
-    let Some(master) = &ctx.config.master else {
-        return Err(StepError::Invalid {
-            what: STEP.into(),
-            message: "only a master holds the Elastic IP".into(),
-        });
-    };
-    let alloc = &master.eip_allocation;
+pub async fn run(ctx: &Master<'_>) -> Result<(Report, Ipv4Addr), StepError> {
+    let alloc = &ctx.settings.eip_allocation;
     let id = &ctx.instance.id;
     let found = ctx
         .aws

@@ -25,8 +25,8 @@
 //! evict only pods bound to its Node and change only that Node.
 
 use super::renewal::{crictl, running};
-use super::{Context, Report, StepError};
-use crate::config::Role;
+use super::{Context, Master, Report, StepError};
+use crate::config::Member;
 use crate::retry::{self, Backoff};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -67,9 +67,9 @@ const CORDONED_BY_LEAVE: &str = "leave";
 /// (a replacement in the same zone registers under its predecessor's), a
 /// node's is its instance ID.
 pub fn own_node(ctx: &Context) -> Result<String, StepError> {
-    Ok(match ctx.config.role {
-        Role::Master => crate::render::master_node_name(ctx.master_ip()?),
-        Role::Node => ctx.instance.id.clone(),
+    Ok(match ctx.config.member {
+        Member::Master(_) => crate::render::master_node_name(Master::of(ctx)?.ip),
+        Member::Node => ctx.instance.id.clone(),
     })
 }
 
@@ -213,7 +213,7 @@ fn is_ready(node: &serde_json::Value) -> bool {
 /// Waits (up to `node-ready`) until this node is Ready in the API. On a
 /// master there is nothing to wait for here (its add-ons step waits).
 pub async fn ready(ctx: &Context) -> Result<Report, StepError> {
-    if ctx.config.role != Role::Node {
+    if let Member::Master(_) = ctx.config.member {
         return Ok(Report::already(
             READY_STEP,
             "a master is in service once its add-ons are applied and it is Ready",
@@ -409,9 +409,10 @@ async fn stop_control_plane(ctx: &Context) -> Result<String, StepError> {
 
 /// Leaves the cluster cleanly (see the module's docs).
 pub async fn leave(ctx: &Context) -> Result<Report, StepError> {
-    let detail = match ctx.config.role {
-        Role::Node => drain(ctx).await?,
-        Role::Master => {
+    let detail = match ctx.config.member {
+        Member::Node => drain(ctx).await?,
+        Member::Master(_) => {
+            let master = Master::of(ctx)?;
             // A drain that cannot finish does not keep etcd from a clean
             // stop: the master goes either way, and its volume with it.
             let drained = drain(ctx).await.unwrap_or_else(|e| {
@@ -421,7 +422,7 @@ pub async fn leave(ctx: &Context) -> Result<Report, StepError> {
             let stopped = stop_control_plane(ctx).await?;
             // The API's record goes only with the stack; failing to look
             // does not hold the departure back.
-            let record = super::api_record::leave(ctx).await.unwrap_or_else(|e| {
+            let record = super::api_record::leave(&master).await.unwrap_or_else(|e| {
                 tracing::warn!(step = LEAVE_STEP, "{e}");
                 format!("the API's record left as it is ({e})")
             });

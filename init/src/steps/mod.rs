@@ -21,9 +21,10 @@ pub mod srcdest;
 pub mod volume;
 
 use crate::aws::Clients;
-use crate::config::{Role, StackConfig};
+use crate::config::{MasterConfig, Member, Role, StackConfig};
 pub use deadlines::Deadlines;
 use std::future::Future;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 /// The instance this boot runs on.
@@ -143,20 +144,30 @@ pub struct Context {
     pub deadlines: Deadlines,
 }
 
-impl Context {
-    /// This master's address: the one its stack reserves in the master's
-    /// zone. The API server, etcd and the master's Node use it.
-    pub fn master_ip(&self) -> Result<std::net::Ipv4Addr, StepError> {
-        let zone = &self.instance.availability_zone;
-        let master = self
-            .config
-            .master
-            .as_ref()
-            .ok_or_else(|| StepError::Invalid {
-                what: "master_addresses".into(),
-                message: "only a master has a reserved address".into(),
-            })?;
-        master
+/// A master's context: the context, the settings only a master has, and
+/// the address its stack reserves in this master's zone. Made once where a
+/// master's work begins ([`Master::of`]); the steps only a master runs take
+/// it, so none of them asks for the role. Reads through to the context.
+#[derive(Debug, Clone, Copy)]
+pub struct Master<'a> {
+    pub ctx: &'a Context,
+    pub settings: &'a MasterConfig,
+    /// The address the API server, etcd and the master's Node use.
+    pub ip: Ipv4Addr,
+}
+
+impl<'a> Master<'a> {
+    /// The master's view of `ctx`; an error on a node, or when the stack
+    /// reserves no address in this instance's zone.
+    pub fn of(ctx: &'a Context) -> Result<Self, StepError> {
+        let Member::Master(settings) = &ctx.config.member else {
+            return Err(StepError::Invalid {
+                what: "role".into(),
+                message: "this is a node; only a master does this".into(),
+            });
+        };
+        let zone = &ctx.instance.availability_zone;
+        let ip = settings
             .addresses
             .get(zone)
             .copied()
@@ -164,14 +175,23 @@ impl Context {
                 what: "master_addresses".into(),
                 message: format!(
                     "this master runs in {zone}, but its stack reserves an address only in {}",
-                    master
+                    settings
                         .addresses
                         .keys()
                         .cloned()
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
-            })
+            })?;
+        Ok(Self { ctx, settings, ip })
+    }
+}
+
+impl std::ops::Deref for Master<'_> {
+    type Target = Context;
+
+    fn deref(&self) -> &Context {
+        self.ctx
     }
 }
 
@@ -346,15 +366,20 @@ pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, Failed> {
         reports.push(r);
     };
     record(bounded(ctx, srcdest::STEP, srcdest::run(ctx)).await?);
-    match ctx.config.role {
+    match ctx.config.role() {
         Role::Master => {
-            let volume = volume::run(ctx, &ctx.paths.etcd_data);
+            let master = Master::of(ctx).map_err(|source| Failed {
+                step: "config",
+                source,
+            })?;
+            let m = &master;
+            let volume = volume::run(m, &ctx.paths.etcd_data);
             record(bounded(ctx, volume::STEP, volume).await?);
-            let (r, public_ip) = bounded(ctx, eip::STEP, eip::run(ctx)).await?;
+            let (r, public_ip) = bounded(ctx, eip::STEP, eip::run(m)).await?;
             record(r);
-            record(bounded(ctx, private_ip::STEP, private_ip::run(ctx)).await?);
-            record(bounded(ctx, api_record::STEP, api_record::run(ctx)).await?);
-            let pki = secrets::master(ctx, Some(public_ip));
+            record(bounded(ctx, private_ip::STEP, private_ip::run(m)).await?);
+            record(bounded(ctx, api_record::STEP, api_record::run(m)).await?);
+            let pki = secrets::master(m, Some(public_ip));
             let (r, bundle) = bounded(ctx, secrets::STEP, pki).await?;
             record(r);
             let render = async { configure::run(ctx, &bundle) };

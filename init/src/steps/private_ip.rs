@@ -3,7 +3,7 @@
 //! Assigned to this instance's primary network interface (taken from a
 //! dead predecessor if need be) and configured on the host interface.
 
-use super::{aws_err, Context, Report, StepError};
+use super::{aws_err, Master, Report, StepError};
 
 pub const STEP: &str = "private-ip";
 /// The AWS actions this step calls (checked against the template's grants).
@@ -17,8 +17,8 @@ pub fn default_interface(route_table: &str) -> Option<String> {
     })
 }
 
-pub async fn run(ctx: &Context) -> Result<Report, StepError> {
-    let ip = ctx.master_ip()?.to_string();
+pub async fn run(ctx: &Master<'_>) -> Result<Report, StepError> {
+    let ip = ctx.ip.to_string();
     let id = &ctx.instance.id;
     let described = ctx
         .aws

@@ -12,8 +12,7 @@
 //! Leaf keys survive a renewal, so the order is for a calm restart rather
 //! than for trust: old and new certificates verify alike throughout.
 
-use super::{configure, eip, secrets, Context, Report, StepError};
-use crate::config::Role;
+use super::{configure, eip, secrets, Context, Master, Report, StepError};
 use crate::pki::{self, Certificate};
 use crate::retry::{self, Backoff};
 use time::OffsetDateTime;
@@ -62,13 +61,7 @@ pub(crate) fn crictl(ctx: &Context, args: &[&str]) -> Result<String, StepError> 
     ctx.runner.run("crictl", &all)
 }
 
-pub async fn run(ctx: &Context) -> Result<Report, StepError> {
-    if ctx.config.role != Role::Master {
-        return Ok(Report::already(
-            STEP,
-            "a node holds no certificate of the cluster's bundle",
-        ));
-    }
+pub async fn run(ctx: &Master<'_>) -> Result<Report, StepError> {
     // The Elastic IP's address is one of the API server certificate's names.
     let (r, public_ip) = eip::run(ctx).await?;
     r.log();
@@ -235,7 +228,7 @@ async fn api_ready(ctx: &Context) -> Result<(), StepError> {
 /// client certificate, when it has one) with its end and the days left,
 /// the bootstrap token, and the time of the last renewal: what
 /// `slipway-init certs` prints.
-pub async fn status(ctx: &Context, now: OffsetDateTime) -> Result<String, StepError> {
+pub async fn status(ctx: &Master<'_>, now: OffsetDateTime) -> Result<String, StepError> {
     let bundle = secrets::shared(ctx)
         .await?
         .ok_or_else(|| StepError::Invalid {
@@ -248,7 +241,7 @@ pub async fn status(ctx: &Context, now: OffsetDateTime) -> Result<String, StepEr
         let (cert, _) = pki::kubeconfig_credentials("kubelet.conf", &text)?;
         certs.push(pki::certificate("kubelet.conf (this master)", &cert)?);
     }
-    let window = configure::renew_window(ctx);
+    let window = configure::renew_window(ctx.settings);
     let mut out = format!(
         "{:<28} {:<44} {:<10} {:>6}  {}\n",
         "FILE", "SUBJECT", "EXPIRES", "LEFT", "STATE"

@@ -35,7 +35,7 @@
 
 use super::backup::{stamp, Backup};
 use super::volume::STEP;
-use super::{aws_err, Context, StepError};
+use super::{aws_err, Context, Master, StepError};
 use crate::config::RestoreFrom;
 use crate::retry::{self, Backoff};
 use aws_sdk_ec2::types::{
@@ -259,7 +259,7 @@ pub fn decide(
 
 /// The cluster's data volume for a master in this instance's zone,
 /// restoring one when the current volume is elsewhere or gone.
-pub async fn locate(ctx: &Context) -> Result<Located, StepError> {
+pub async fn locate(ctx: &Master<'_>) -> Result<Located, StepError> {
     let own_zone = ctx.instance.availability_zone.as_str();
     let pairs = |vs: &[Volume]| -> Vec<(String, String)> {
         vs.iter()
@@ -300,11 +300,7 @@ pub async fn locate(ctx: &Context) -> Result<Located, StepError> {
                 || "no volume is tagged as the cluster's".to_owned(),
                 |v| format!("the cluster's volume {} is in {}", id(v), zone(v)),
             );
-            let from = ctx
-                .config
-                .master
-                .as_ref()
-                .map_or(RestoreFrom::default(), |m| m.restore_from);
+            let from = ctx.settings.restore_from;
             let fresh = match current.first() {
                 Some(v) if from != RestoreFrom::EtcdBackup => fresh_snapshot(ctx, v).await?,
                 _ => None,
@@ -363,7 +359,7 @@ const BUMP_REVISION: &str = "1000000000";
 /// this master's address, which then becomes etcd's data directory in one
 /// rename. Does nothing once the data directory exists; a boot cut short
 /// starts the staging over. `None` when there was nothing to do.
-pub async fn fill(ctx: &Context, mount: &Path, key: &str) -> Result<Option<String>, StepError> {
+pub async fn fill(ctx: &Master<'_>, mount: &Path, key: &str) -> Result<Option<String>, StepError> {
     let data = mount.join(ETCD_DATA_DIR);
     if data.exists() {
         return Ok(None);
@@ -384,7 +380,7 @@ pub async fn fill(ctx: &Context, mount: &Path, key: &str) -> Result<Option<Strin
     std::fs::create_dir_all(&ctx.paths.run).map_err(io(&ctx.paths.run))?;
     let etcdutl = ctx.paths.run.join("etcdutl");
     super::images::extract(&ctx.paths.images, "etcd", ETCDUTL_IN_IMAGE, &etcdutl)?;
-    let ip = ctx.master_ip()?;
+    let ip = ctx.ip;
     let name = crate::render::master_node_name(ip);
     let peer = format!("https://{ip}:2380");
     ctx.runner.run(

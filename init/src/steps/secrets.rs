@@ -5,7 +5,7 @@
 //! writing the bundle back only over the version it read. Nodes wait for
 //! their (smaller) bundle. What arrives is written only below the tmpfs.
 
-use super::{aws_err, Context, Report, StepError};
+use super::{aws_err, Context, Master, Report, StepError};
 use crate::pki::{self, Bundle, Due, Identity, Validity};
 use crate::retry::{self, Backoff};
 use aws_sdk_s3::error::ProvideErrorMetadata;
@@ -178,7 +178,7 @@ pub struct Outcome {
 /// bootstrap token when they are due. Returns the report and the bundle
 /// now on the tmpfs.
 pub async fn master(
-    ctx: &Context,
+    ctx: &Master<'_>,
     public_ip: Option<Ipv4Addr>,
 ) -> Result<(Report, Bundle), StepError> {
     let outcome = master_outcome(ctx, public_ip).await?;
@@ -187,7 +187,7 @@ pub async fn master(
 
 /// [`master`], saying what changed in the bundle.
 pub async fn master_outcome(
-    ctx: &Context,
+    ctx: &Master<'_>,
     public_ip: Option<Ipv4Addr>,
 ) -> Result<Outcome, StepError> {
     let cluster = &ctx.config.cluster_name;
@@ -291,12 +291,11 @@ pub async fn master_outcome(
 }
 
 /// Lifetimes from now, the token's from the stack config.
-fn validity(ctx: &Context) -> Validity {
-    let mut v = Validity::now();
-    if let Some(m) = &ctx.config.master {
-        v.token = time::Duration::hours(i64::from(m.token_hours));
+fn validity(ctx: &Master<'_>) -> Validity {
+    Validity {
+        token: time::Duration::hours(i64::from(ctx.settings.token_hours)),
+        ..Validity::now()
     }
-    v
 }
 
 /// The cluster's bundle as the bucket holds it, if it exists (masters only).
@@ -337,12 +336,12 @@ struct Maintained {
 /// once, the one that loses reads the winner's bundle, in which nothing is
 /// due any more, and uses it.
 async fn maintain(
-    ctx: &Context,
+    ctx: &Master<'_>,
     key: &str,
     id: &Identity,
     mut shared: Shared,
 ) -> Result<Maintained, StepError> {
-    let window = super::configure::renew_window(ctx);
+    let window = super::configure::renew_window(ctx.settings);
     for _ in 0..RENEWAL_RACES {
         let validity = validity(ctx);
         let renewal = shared.bundle.renew(id, &validity, window)?;

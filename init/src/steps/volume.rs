@@ -4,7 +4,7 @@
 //! wait for its NVMe device (the controller serial carries the volume ID),
 //! format it only when it is blank, and mount it where etcd keeps its data.
 
-use super::{aws_err, Context, Report, StepError};
+use super::{aws_err, Context, Master, Report, StepError};
 use crate::bootcheck::parse_mountinfo;
 use crate::retry::{self, Backoff};
 use aws_sdk_ec2::types::{Instance, InstanceStateName, VolumeState};
@@ -313,13 +313,12 @@ fn read_head(device: &Path) -> Result<Vec<u8>, StepError> {
 /// one: formatting it would start an empty etcd under the old CA, so the
 /// boot stops unless the stack config says this boot is a restore.
 async fn refuse_blank_if_the_cluster_exists(
-    ctx: &Context,
-    master: &crate::config::MasterConfig,
+    ctx: &Master<'_>,
     volume_id: &str,
     device: &Path,
 ) -> Result<(), StepError> {
     let key = super::secrets::pki_key(&ctx.config.cluster_name);
-    if master.restore || !super::secrets::exists(ctx, &key).await? {
+    if ctx.settings.restore || !super::secrets::exists(ctx, &key).await? {
         return Ok(());
     }
     Err(StepError::Refused {
@@ -336,13 +335,7 @@ async fn refuse_blank_if_the_cluster_exists(
 }
 
 /// Attaches, formats if blank, and mounts the volume at `mount_point`.
-pub async fn run(ctx: &Context, mount_point: &Path) -> Result<Report, StepError> {
-    let Some(master) = &ctx.config.master else {
-        return Err(StepError::Refused {
-            what: STEP.into(),
-            message: "only a master has a data volume".into(),
-        });
-    };
+pub async fn run(ctx: &Master<'_>, mount_point: &Path) -> Result<Report, StepError> {
     let located = super::restore::locate(ctx).await?;
     let volume_id = &located.volume_id;
     let attached = attach(ctx, volume_id).await?;
@@ -385,7 +378,7 @@ pub async fn run(ctx: &Context, mount_point: &Path) -> Result<Report, StepError>
         Contents::Blank => {
             // A volume made empty for an etcd backup is blank on purpose.
             if located.fill_from.is_none() {
-                refuse_blank_if_the_cluster_exists(ctx, master, volume_id, &device).await?;
+                refuse_blank_if_the_cluster_exists(ctx, volume_id, &device).await?;
             }
             ctx.runner
                 .run("mkfs.ext4", &["-q", "-L", LABEL, &device.to_string_lossy()])?;

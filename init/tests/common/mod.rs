@@ -9,8 +9,8 @@
 #![allow(dead_code, clippy::unwrap_used)] // test glue, each test binary uses a part
 
 use slipway_init::aws::{CallPolicy, Clients};
-use slipway_init::config::StackConfig;
-use slipway_init::steps::{Context, Deadlines, Instance, Paths, Runner, StepError, System};
+use slipway_init::config::{MasterConfig, Member, StackConfig};
+use slipway_init::steps::{Context, Deadlines, Instance, Master, Paths, Runner, StepError, System};
 use vm_tests::iam::Identity;
 use vm_tests::moto::Moto;
 
@@ -151,8 +151,22 @@ pub const API_NAME: &str = "api.demo.slipway.internal";
 /// Makes `ip` the master's reserved address in `ctx`'s zone.
 pub fn reserve(ctx: &mut Context, ip: &str) {
     let zone = ctx.instance.availability_zone.clone();
-    let master = ctx.config.master.as_mut().expect("a master's config");
-    master.addresses.insert(zone, ip.parse().unwrap());
+    settings(&mut ctx.config)
+        .addresses
+        .insert(zone, ip.parse().unwrap());
+}
+
+/// A master's view of `ctx`, which the test made a master's.
+pub fn as_master(ctx: &Context) -> Master<'_> {
+    Master::of(ctx).expect("a master's context")
+}
+
+/// The master's settings in a master's config, to change.
+pub fn settings(config: &mut StackConfig) -> &mut MasterConfig {
+    match &mut config.member {
+        Member::Master(m) => m,
+        Member::Node => panic!("a node's config"),
+    }
 }
 
 pub fn config(w: &World, role: &str) -> StackConfig {
@@ -250,9 +264,10 @@ pub async fn two_masters_at_once(
         context(w, "master", 0, a.path()),
         context(w, "master", 1, b.path()),
     );
+    let (ma, mb) = (as_master(&ca), as_master(&cb));
     let (ra, rb) = tokio::join!(
-        slipway_init::steps::secrets::master(&ca, None),
-        slipway_init::steps::secrets::master(&cb, None)
+        slipway_init::steps::secrets::master(&ma, None),
+        slipway_init::steps::secrets::master(&mb, None)
     );
     let ((ra, ba), (rb, bb)) = (ra.unwrap(), rb.unwrap());
     [(ra, ba, a), (rb, bb, b)]
