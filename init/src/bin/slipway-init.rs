@@ -179,7 +179,8 @@ enum Command {
     /// those signers is denied, with the reason in the journal. About once
     /// a minute it also deletes the Nodes of instances EC2 no longer has,
     /// once NotReady for 5 minutes (never the master's, nor a stopped
-    /// node's).
+    /// node's). The loop starts once this boot's add-ons step has seen the
+    /// API server answer; `--once` does not wait.
     Approve {
         /// Seconds between passes.
         #[arg(long, default_value_t = 10)]
@@ -390,8 +391,10 @@ async fn add_ons(ctx: &Context) -> Result<(), steps::Failed> {
         Report::already(step, "nothing to apply on a node").log();
         return Ok(());
     }
-    let master = Master::of(ctx).map_err(|source| steps::Failed { step, source })?;
-    let report = steps::bounded(ctx, step, steps::addons::run(&master)).await?;
+    let failed = |source| steps::Failed { step, source };
+    let master = Master::of(ctx).map_err(failed)?;
+    let api = steps::addons::Readyz::local(ctx).map_err(failed)?;
+    let report = steps::bounded(ctx, step, steps::addons::run(&master, &api)).await?;
     report.log();
     Ok(())
 }
@@ -527,6 +530,9 @@ async fn approve(
 ) -> Result<(), Ending> {
     let ctx = context(args, deadlines).await?;
     let ctx = as_master(&ctx, "approves certificate requests")?;
+    if !once {
+        steps::approver::until_api_answered(&ctx).await;
+    }
     // The sweep of gone instances' Nodes runs about once a minute.
     let sweep_every = (60 / interval.max(1)).max(1);
     let mut pass = 0u64;

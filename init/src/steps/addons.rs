@@ -5,8 +5,66 @@
 
 use super::{Context, Master, Report, StepError};
 use crate::retry::{self, Backoff};
+use std::time::Duration;
 
 pub const STEP: &str = "addons";
+
+/// Where the master's API server answers for itself.
+pub const LOCAL_READYZ: &str = "https://127.0.0.1:6443/readyz";
+
+/// Written in this boot's run directory once the API server answered, for
+/// the approver, which has nothing to do before (see
+/// [`super::approver::until_api_answered`]).
+pub const API_ANSWERED: &str = "api-answered";
+
+/// The master's own API server, asked in-process whether it is ready. The
+/// wait for it asks every few seconds for minutes while the API server
+/// starts, and a kubectl run costs seconds of CPU on a slow or emulated
+/// instance, CPU the API server's start needs. Anonymous, as the API server
+/// allows for its health endpoints; only the cluster's CA is trusted.
+#[derive(Debug, Clone)]
+pub struct Readyz {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Readyz {
+    /// The API server at `url` (its `/readyz`), trusting `ca_pem` alone.
+    pub fn new(url: &str, ca_pem: &[u8]) -> Result<Self, StepError> {
+        let invalid = |e: reqwest::Error| StepError::Invalid {
+            what: format!("a client for {url}"),
+            message: crate::error_chain(&e, ": "),
+        };
+        let ca = reqwest::Certificate::from_pem(ca_pem).map_err(invalid)?;
+        let http = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(invalid)?;
+        Ok(Self {
+            http,
+            url: url.to_owned(),
+        })
+    }
+
+    /// This master's API server, trusting the CA on the tmpfs.
+    pub fn local(ctx: &Context) -> Result<Self, StepError> {
+        let path = ctx.paths.secrets.join("pki/ca.crt");
+        let pem = std::fs::read(&path).map_err(|e| StepError::Invalid {
+            what: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::new(LOCAL_READYZ, &pem)
+    }
+
+    /// Whether it answers that it is ready.
+    pub async fn ready(&self) -> bool {
+        let answer = self.http.get(&self.url).send().await;
+        answer.is_ok_and(|r| r.status().is_success())
+    }
+}
 
 /// Every kubectl call's own bound: a busy API server answers slowly, a
 /// stuck one must not hold the step past its deadlines.
@@ -90,17 +148,24 @@ pub fn retire_tokens(ctx: &Context) -> Result<Vec<String>, StepError> {
 /// master's Node once its kubelet registered it (up to `node-registers`),
 /// and waits for that Node to be Ready (up to `node-ready`), lifting the
 /// cordon its predecessor's departure left.
-pub async fn run(ctx: &Master<'_>) -> Result<Report, StepError> {
+pub async fn run(ctx: &Master<'_>, api: &Readyz) -> Result<Report, StepError> {
     let dir = ctx.paths.secrets.join("addons");
     let dir = dir.to_string_lossy();
     let kubectl = kubectl(ctx);
     retry::until(
         "waiting for the API server to be ready",
         Backoff::new(ctx.deadlines.api_server),
-        || async { Ok::<_, StepError>(kubectl(&["get", "--raw=/readyz"]).ok()) },
+        || async { Ok::<_, StepError>(api.ready().await.then_some(())) },
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
+    let answered = ctx.paths.run.join(API_ANSWERED);
+    std::fs::create_dir_all(&ctx.paths.run)
+        .and_then(|()| std::fs::write(&answered, b""))
+        .map_err(|e| StepError::Invalid {
+            what: answered.display().to_string(),
+            message: e.to_string(),
+        })?;
     let released =
         crate::render::release_held_pods(&ctx.paths.etc).map_err(|e| StepError::Invalid {
             what: ctx
@@ -169,13 +234,13 @@ mod tests {
     use crate::steps::{Paths, Runner};
     use std::path::Path;
     use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// kubectl as the API server would answer it: not ready `n` times;
-    /// the first wait for the master's Node timing out, the second
-    /// finding it Ready under the cordon its predecessor's departure left.
+    /// kubectl as the API server would answer it: the first wait for the
+    /// master's Node timing out, the second finding it Ready under the
+    /// cordon its predecessor's departure left.
     #[derive(Debug, Clone, Default)]
     struct Kubectl {
-        not_ready: Arc<Mutex<usize>>,
         node_asked: Arc<Mutex<usize>>,
         calls: Arc<Mutex<Vec<String>>>,
     }
@@ -189,14 +254,6 @@ mod tests {
         ) -> Result<String, StepError> {
             let line = format!("{program} {}", args.join(" "));
             self.calls.lock().unwrap().push(line.clone());
-            let mut left = self.not_ready.lock().unwrap();
-            if line.contains("/readyz") && *left > 0 {
-                *left -= 1;
-                return Err(StepError::Invalid {
-                    what: line,
-                    message: "connection refused".into(),
-                });
-            }
             if line.contains("wait --for=condition=Ready") {
                 let mut asked = self.node_asked.lock().unwrap();
                 *asked += 1;
@@ -227,15 +284,80 @@ mod tests {
         }
     }
 
+    /// A stand-in for the API server's health endpoint: HTTPS on loopback
+    /// with a certificate for 127.0.0.1 from a CA of its own, answering
+    /// each request with the next of `statuses` (the last one from then
+    /// on). Returns the probe of it, trusting that CA, and the paths asked.
+    async fn stand_in(statuses: &[u16]) -> (Readyz, Arc<Mutex<Vec<String>>>) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let (log, mut left) = (asked.clone(), statuses.to_vec());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&request);
+                log.lock()
+                    .unwrap()
+                    .push(line.lines().next().unwrap_or("").to_owned());
+                let status = if left.len() > 1 {
+                    left.remove(0)
+                } else {
+                    left[0]
+                };
+                let body = if status == 200 { "ok" } else { "not ready" };
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        let url = format!("https://127.0.0.1:{port}/readyz");
+        (Readyz::new(&url, ca.pem().as_bytes()).unwrap(), asked)
+    }
+
     async fn context(role: &str, runner: Kubectl) -> Context {
         // Never called: no AWS traffic in these tests.
         crate::steps::test_context(role, Box::new(runner), Path::new("/nonexistent")).await
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn waits_for_the_api_applies_server_side_then_waits_for_its_node() {
         let kubectl = Kubectl::default();
-        *kubectl.not_ready.lock().unwrap() = 2;
+        let (api, asked) = stand_in(&[500, 500, 200]).await;
         let mut ctx = context("master", kubectl.clone()).await;
         let dir = tempfile::tempdir().unwrap();
         ctx.paths = Paths::under(dir.path());
@@ -248,14 +370,20 @@ mod tests {
         let pki = ctx.paths.secrets.join("pki");
         std::fs::create_dir_all(&pki).unwrap();
         std::fs::write(pki.join("bootstrap-token"), "abcdef.0123456789abcdef").unwrap();
-        let report = run(&Master::of(&ctx).unwrap()).await.unwrap();
+        let report = run(&Master::of(&ctx).unwrap(), &api).await.unwrap();
+        // Asked until it answered ready, then nothing was applied before.
+        assert_eq!(*asked.lock().unwrap(), ["GET /readyz HTTP/1.1"; 3]);
+        assert!(ctx.paths.run.join(API_ANSWERED).exists());
         let secrets = ctx.paths.secrets.display().to_string();
-        assert_eq!(
-            report.detail,
-            format!(
+        assert!(
+            report.detail.starts_with(&format!(
                 "applied 2 objects from {secrets}/addons; labelled node/ip-10-0-1-10; \
-                 node/ip-10-0-1-10 Ready after 0s; uncordoned (its last departure had cordoned it)"
-            )
+                 node/ip-10-0-1-10 Ready after "
+            )) && report
+                .detail
+                .ends_with("; uncordoned (its last departure had cordoned it)"),
+            "{}",
+            report.detail
         );
         let prefix =
             format!("kubectl --kubeconfig {secrets}/pki/super-admin.conf --request-timeout=60s");
@@ -269,9 +397,6 @@ mod tests {
         assert_eq!(
             calls,
             [
-                "get --raw=/readyz",
-                "get --raw=/readyz",
-                "get --raw=/readyz",
                 &format!("apply --server-side --force-conflicts --field-manager=slipway -f {secrets}/addons"),
                 "delete --ignore-not-found clusterrolebinding/slipway:node-autoapprove-bootstrap",
                 "delete --ignore-not-found clusterrolebinding/slipway:node-autoapprove-certificate-rotation",
@@ -291,22 +416,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_api_that_never_answers_fails_at_the_deadline() {
+    async fn an_api_that_never_answers_ready_fails_at_the_deadline() {
         let kubectl = Kubectl::default();
-        *kubectl.not_ready.lock().unwrap() = usize::MAX;
+        let (api, asked) = stand_in(&[500]).await;
         let mut ctx = context("master", kubectl.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        ctx.paths = Paths::under(dir.path());
         ctx.deadlines.set("api-server=1").unwrap();
-        let err = run(&Master::of(&ctx).unwrap()).await.unwrap_err();
+        let err = run(&Master::of(&ctx).unwrap(), &api).await.unwrap_err();
         assert!(
             err.to_string()
                 .contains("waiting for the API server to be ready: still not ready"),
             "{err}"
         );
-        assert!(!kubectl
-            .calls
-            .lock()
+        assert!(!asked.lock().unwrap().is_empty());
+        assert!(kubectl.calls.lock().unwrap().is_empty());
+        assert!(!ctx.paths.run.join(API_ANSWERED).exists());
+    }
+
+    #[tokio::test]
+    async fn a_server_whose_certificate_the_cluster_ca_did_not_sign_is_not_ready() {
+        let (api, asked) = stand_in(&[200]).await;
+        let other_ca = rcgen::CertificateParams::new(Vec::<String>::new())
             .unwrap()
-            .iter()
-            .any(|c| c.contains("apply")));
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let distrusting = Readyz::new(&api.url, other_ca.pem().as_bytes()).unwrap();
+        assert!(!distrusting.ready().await);
+        assert!(asked.lock().unwrap().is_empty(), "a request was sent");
+        assert!(api.ready().await);
     }
 }

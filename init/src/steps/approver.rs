@@ -455,6 +455,36 @@ pub fn pending(json: &str) -> Result<Vec<Request>, StepError> {
     Ok(out)
 }
 
+/// How often the approver looks for the add-ons step's word that the API
+/// server answers.
+const ANSWERED_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits until this boot's add-ons step has seen the API server answer
+/// (its [`super::addons::API_ANSWERED`] file): before that, every pass
+/// would start a kubectl that can only fail, on the CPU the API server's
+/// start needs, and no kubelet can have asked for anything. Returns at
+/// once when the API answered earlier in this boot (the approver
+/// restarted).
+pub async fn until_api_answered(ctx: &Context) {
+    let answered = ctx.paths.run.join(super::addons::API_ANSWERED);
+    if answered.exists() {
+        return;
+    }
+    tracing::info!(
+        step = STEP,
+        "waiting for the add-ons step to see the API server answer"
+    );
+    let started = tokio::time::Instant::now();
+    while !answered.exists() {
+        tokio::time::sleep(ANSWERED_POLL).await;
+    }
+    tracing::info!(
+        step = STEP,
+        "the API server answers ({}s): deciding requests",
+        started.elapsed().as_secs()
+    );
+}
+
 /// One pass: decides every pending request. Returns what it decided.
 pub async fn once(ctx: &Master<'_>) -> Result<Vec<(String, Verdict)>, StepError> {
     let kubectl = super::addons::kubectl(ctx);
@@ -504,6 +534,28 @@ mod tests {
 
     const MASTER: &str = "ip-10-0-1-10";
     const NODE: &str = "i-0123456789abcdef0";
+
+    #[tokio::test(start_paused = true)]
+    async fn the_approver_starts_once_the_add_ons_step_saw_the_api_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = Box::new(crate::steps::System);
+        let ctx = crate::steps::test_context("master", runner, dir.path()).await;
+        let answered = ctx.paths.run.join(crate::steps::addons::API_ANSWERED);
+        let started = tokio::time::Instant::now();
+        let waiting = until_api_answered(&ctx);
+        let answering = async {
+            tokio::time::sleep(std::time::Duration::from_secs(95)).await;
+            std::fs::create_dir_all(&ctx.paths.run).unwrap();
+            std::fs::write(&answered, b"").unwrap();
+        };
+        tokio::join!(waiting, answering);
+        let waited = started.elapsed().as_secs();
+        assert!((95..=97).contains(&waited), "{waited}");
+        // An approver restarted later in the boot does not wait.
+        let again = tokio::time::Instant::now();
+        until_api_answered(&ctx).await;
+        assert_eq!(again.elapsed().as_secs(), 0);
+    }
 
     fn members() -> Members {
         let mut m = Members::new();
