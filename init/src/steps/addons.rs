@@ -159,13 +159,7 @@ pub async fn run(ctx: &Master<'_>, api: &Readyz) -> Result<Report, StepError> {
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
-    let answered = ctx.paths.run.join(API_ANSWERED);
-    std::fs::create_dir_all(&ctx.paths.run)
-        .and_then(|()| std::fs::write(&answered, b""))
-        .map_err(|e| StepError::Invalid {
-            what: answered.display().to_string(),
-            message: e.to_string(),
-        })?;
+    super::mark(ctx, API_ANSWERED)?;
     let released =
         crate::render::release_held_pods(&ctx.paths.etc).map_err(|e| StepError::Invalid {
             what: ctx

@@ -112,7 +112,7 @@ pub async fn until_ready(
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
-    mark_in_service(ctx)?;
+    super::mark(ctx, IN_SERVICE)?;
     let mut detail = format!("{object} Ready after {}s", started.elapsed().as_secs());
     if seen["metadata"]["annotations"][CORDON_ANNOTATION] == CORDONED_BY_LEAVE {
         let patch = serde_json::json!({
@@ -128,16 +128,6 @@ pub async fn until_ready(
         detail.push_str("; uncordoned (its last departure had cordoned it)");
     }
     Ok(detail)
-}
-
-fn mark_in_service(ctx: &Context) -> Result<(), StepError> {
-    let marker = ctx.paths.run.join(IN_SERVICE);
-    std::fs::create_dir_all(&ctx.paths.run)
-        .and_then(|()| std::fs::write(&marker, b""))
-        .map_err(|e| StepError::Invalid {
-            what: marker.display().to_string(),
-            message: e.to_string(),
-        })
 }
 
 /// Whether kubectl failed because the object does not exist (its
@@ -674,7 +664,7 @@ mod tests {
         assert!(!early.changed, "{early:?}");
         assert!(api.calls.lock().unwrap().is_empty());
 
-        mark_in_service(&ctx).unwrap();
+        crate::steps::mark(&ctx, IN_SERVICE).unwrap();
         let back = rejoin(&ctx).await.unwrap();
         assert!(back.changed, "{back:?}");
         assert!(back.detail.contains("registered again"), "{back:?}");
@@ -716,7 +706,7 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let ctx = crate::steps::test_context("node", Box::new(api.clone()), dir.path()).await;
-        mark_in_service(&ctx).unwrap();
+        crate::steps::mark(&ctx, IN_SERVICE).unwrap();
         let report = rejoin(&ctx).await.unwrap();
         assert!(!report.changed, "{report:?}");
         assert!(report.detail.contains("Unable to connect"), "{report:?}");

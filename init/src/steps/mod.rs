@@ -335,6 +335,18 @@ pub fn calls(role: Role) -> Vec<&'static str> {
     all
 }
 
+/// Leaves the empty file `name` in this boot's run directory: a word from
+/// one step to another unit of the same boot.
+pub(crate) fn mark(ctx: &Context, name: &str) -> Result<(), StepError> {
+    let marker = ctx.paths.run.join(name);
+    std::fs::create_dir_all(&ctx.paths.run)
+        .and_then(|()| std::fs::write(&marker, b""))
+        .map_err(|e| StepError::Invalid {
+            what: marker.display().to_string(),
+            message: e.to_string(),
+        })
+}
+
 /// Runs one step within the `step` deadline, naming it if it fails.
 pub async fn bounded<T>(
     ctx: &Context,
