@@ -480,6 +480,9 @@ async fn the_apis_name_follows_the_master_across_zones_and_goes_only_with_the_st
         err.is_permanent() && err.to_string().contains("us-east-1c"),
         "{err}"
     );
+    // So is the work both roles do: the master's Node name, its configure.
+    let err = steps::leave::own_node(&ctx).unwrap_err();
+    assert!(err.to_string().contains("us-east-1c"), "{err}");
     ctx.instance.availability_zone = "us-east-1b".into();
 
     // A departure while the stack stands keeps the record for the next

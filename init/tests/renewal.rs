@@ -389,6 +389,10 @@ async fn a_node_has_no_masters_view_to_renew_with() {
     let ctx = context(&w, "node", 0, root.path());
     let err = slipway_init::steps::Master::of(&ctx).unwrap_err();
     assert!(err.to_string().contains("only a master"), "{err}");
+    // Work both roles do finds no master's view on a node either.
+    assert!(slipway_init::steps::Master::if_master(&ctx)
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

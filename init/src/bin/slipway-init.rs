@@ -387,12 +387,11 @@ async fn attempt(args: &Args, deadlines: Deadlines, addons: bool) -> Result<(), 
 /// `addons`: a master's add-ons step; a node has none.
 async fn add_ons(ctx: &Context) -> Result<(), steps::Failed> {
     let step = steps::addons::STEP;
-    if ctx.config.member == Member::Node {
+    let failed = |source| steps::Failed { step, source };
+    let Some(master) = Master::if_master(ctx).map_err(failed)? else {
         Report::already(step, "nothing to apply on a node").log();
         return Ok(());
-    }
-    let failed = |source| steps::Failed { step, source };
-    let master = Master::of(ctx).map_err(failed)?;
+    };
     let api = steps::addons::Readyz::local(ctx).map_err(failed)?;
     let report = steps::bounded(ctx, step, steps::addons::run(&master, &api)).await?;
     report.log();
@@ -405,11 +404,11 @@ async fn maintain(args: &Args, deadlines: Deadlines, renew: bool) -> Result<(), 
     let ctx = context(args, deadlines).await?;
     if renew {
         let step = steps::renewal::STEP;
-        if ctx.config.member == Member::Node {
+        let master = Master::if_master(&ctx).map_err(|e| Ending::last(chain(&e)))?;
+        let Some(master) = master else {
             Report::already(step, "a node holds no certificate of the cluster's bundle").log();
             return Ok(());
-        }
-        let master = as_master(&ctx, "renews the cluster's certificates")?;
+        };
         let report = steps::bounded(&ctx, step, steps::renewal::run(&master))
             .await
             .map_err(|failed| Ending::retry(chain(&failed)))?;
@@ -467,10 +466,9 @@ async fn rejoin(args: &Args, deadlines: Deadlines) -> Result<(), Ending> {
 /// The master's view of the context of a command only a master runs; on a
 /// node, an error that says what only a master does.
 fn as_master<'a>(ctx: &'a Context, does: &str) -> Result<Master<'a>, Ending> {
-    if ctx.config.member == Member::Node {
-        return Err(Ending::last(format!("only a master {does}")));
-    }
-    Master::of(ctx).map_err(|e| Ending::last(chain(&e)))
+    Master::if_master(ctx)
+        .map_err(|e| Ending::last(chain(&e)))?
+        .ok_or_else(|| Ending::last(format!("only a master {does}")))
 }
 
 /// `backup`: one backup when due (or now), or the list of them.

@@ -4,7 +4,7 @@
 //! templates; files whose content is unchanged are left alone.
 
 use super::{Context, Master, Report, StepError};
-use crate::config::{MasterConfig, Member};
+use crate::config::MasterConfig;
 use crate::pki::{self, Bundle, PkiError};
 use crate::render::{self, Inputs, Target, Templates};
 use std::path::{Path, PathBuf};
@@ -48,37 +48,24 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
     let config = &ctx.config;
     let templates = Templates::load(&ctx.paths.manifests)?;
     let pki = ctx.paths.secrets.join("pki");
-    let as_master = match &config.member {
-        Member::Master(_) => Some(Master::of(ctx)?),
-        Member::Node => None,
-    };
-    let master_ip = as_master.map(|m| m.ip);
-    let master = as_master.is_some();
-    let node_name = match master_ip {
-        Some(ip) => render::master_node_name(ip),
-        None => ctx.instance.id.clone(),
-    };
-    let token = if master {
-        Some(bundle.get("bootstrap-token")?)
-    } else {
-        None
+    let master = Master::if_master(ctx)?;
+    let node_name = super::leave::own_node(ctx)?;
+    // What only a master's templates use.
+    let (token, encryption_key) = match master {
+        Some(_) => (
+            Some(bundle.get("bootstrap-token")?),
+            Some(bundle.get(pki::ENCRYPTION_KEY)?),
+        ),
+        None => (None, None),
     };
     let files = templates.render(&Inputs {
         config,
         node_name: node_name.clone(),
-        node_ip: master_ip,
+        node_ip: master.map(|m| m.ip),
         pki: pki.clone(),
         bootstrap_token: token,
-        token_expires: if master {
-            bundle.token_expires.as_deref()
-        } else {
-            None
-        },
-        encryption_key: if master {
-            Some(bundle.get(pki::ENCRYPTION_KEY)?)
-        } else {
-            None
-        },
+        token_expires: master.and(bundle.token_expires.as_deref()),
+        encryption_key,
         release: render::image_release(&ctx.paths.etc),
     })?;
     let mut written = 0;
@@ -89,7 +76,7 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
         };
         written += usize::from(write_if_changed(&f.destination(root), &f.content, mode)?);
     }
-    if let Some(m) = as_master {
+    if let Some(m) = master {
         // Signed here at the first boot and again when it nears its end
         // (the renewal restarts kubelet to read it).
         let path = kubelet_conf(ctx);

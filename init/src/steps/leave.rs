@@ -67,9 +67,9 @@ const CORDONED_BY_LEAVE: &str = "leave";
 /// (a replacement in the same zone registers under its predecessor's), a
 /// node's is its instance ID.
 pub fn own_node(ctx: &Context) -> Result<String, StepError> {
-    Ok(match ctx.config.member {
-        Member::Master(_) => crate::render::master_node_name(Master::of(ctx)?.ip),
-        Member::Node => ctx.instance.id.clone(),
+    Ok(match Master::if_master(ctx)? {
+        Some(master) => crate::render::master_node_name(master.ip),
+        None => ctx.instance.id.clone(),
     })
 }
 
@@ -399,10 +399,9 @@ async fn stop_control_plane(ctx: &Context) -> Result<String, StepError> {
 
 /// Leaves the cluster cleanly (see the module's docs).
 pub async fn leave(ctx: &Context) -> Result<Report, StepError> {
-    let detail = match ctx.config.member {
-        Member::Node => drain(ctx).await?,
-        Member::Master(_) => {
-            let master = Master::of(ctx)?;
+    let detail = match Master::if_master(ctx)? {
+        None => drain(ctx).await?,
+        Some(master) => {
             // A drain that cannot finish does not keep etcd from a clean
             // stop: the master goes either way, and its volume with it.
             let drained = drain(ctx).await.unwrap_or_else(|e| {

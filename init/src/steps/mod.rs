@@ -160,11 +160,18 @@ impl<'a> Master<'a> {
     /// The master's view of `ctx`; an error on a node, or when the stack
     /// reserves no address in this instance's zone.
     pub fn of(ctx: &'a Context) -> Result<Self, StepError> {
+        Self::if_master(ctx)?.ok_or_else(|| StepError::Invalid {
+            what: "role".into(),
+            message: "this is a node; only a master does this".into(),
+        })
+    }
+
+    /// The master's view of `ctx`, or `None` on a node: for the work both
+    /// roles do, each its own way. An error when the stack reserves no
+    /// address in this master's zone.
+    pub fn if_master(ctx: &'a Context) -> Result<Option<Self>, StepError> {
         let Member::Master(settings) = &ctx.config.member else {
-            return Err(StepError::Invalid {
-                what: "role".into(),
-                message: "this is a node; only a master does this".into(),
-            });
+            return Ok(None);
         };
         let zone = &ctx.instance.availability_zone;
         let ip = settings
@@ -183,7 +190,7 @@ impl<'a> Master<'a> {
                         .join(", ")
                 ),
             })?;
-        Ok(Self { ctx, settings, ip })
+        Ok(Some(Self { ctx, settings, ip }))
     }
 }
 
@@ -378,13 +385,12 @@ pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, Failed> {
         reports.push(r);
     };
     record(bounded(ctx, srcdest::STEP, srcdest::run(ctx)).await?);
-    match ctx.config.role() {
-        Role::Master => {
-            let master = Master::of(ctx).map_err(|source| Failed {
-                step: "config",
-                source,
-            })?;
-            let m = &master;
+    let master = Master::if_master(ctx).map_err(|source| Failed {
+        step: "config",
+        source,
+    })?;
+    match master {
+        Some(ref m) => {
             let volume = volume::run(m, &ctx.paths.etcd_data);
             record(bounded(ctx, volume::STEP, volume).await?);
             let (r, public_ip) = bounded(ctx, eip::STEP, eip::run(m)).await?;
@@ -397,7 +403,7 @@ pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, Failed> {
             let render = async { configure::run(ctx, &bundle) };
             record(bounded(ctx, configure::STEP, render).await?);
         }
-        Role::Node => {
+        None => {
             let fetch = secrets::node(ctx, ctx.deadlines.node_bundle);
             let (r, bundle) = bounded(ctx, secrets::STEP, fetch).await?;
             record(r);
