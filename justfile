@@ -125,19 +125,22 @@ check: deps lint
     cargo test --workspace --exclude vm-tests
     cargo test -p vm-tests --lib --bins --test faults --test release
 
-# Everything: unit and moto tests, then every test of the built image.
-test: build
+# Each image is built once: the tests of the images run through recipes
+# without dependencies of their own, which `build-next` has met.
+# Everything: unit and moto tests, then every test of the built images.
+test: build-next
     cargo test --workspace --exclude vm-tests
-    just vm-test
+    just _image-tests
+    just _cluster-test
 
 # The tests of the built image against `out/`: its publication to moto,
 # then in QEMU boot, tamper, payload and the release update against moto
 # (two at a time), then the cluster, which runs its two VMs alone (TCG;
 # SLIPWAY_VM_ACCEL=kvm opts in to KVM).
+# The tests of the built images, in QEMU and against moto (no unit tests).
 vm-test: build-next
-    SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} SLIPWAY_NEXT_IMAGE_DIR={{justfile_directory()}}/{{next_out}} \
-        cargo test -p vm-tests -- --nocapture --test-threads=2 --skip a_cluster_rolls
-    just cluster-test
+    just _image-tests
+    just _cluster-test
 
 # The cluster in QEMU against moto, IAM enforced: bring-up, node admission,
 # the hardened control plane, a release update to out-next/ (the master
@@ -146,7 +149,17 @@ vm-test: build-next
 # rest (30-50 minutes under TCG here; needs root for its network namespace).
 # A guest kernel that panics or freezes under TCG (an emulator fault the
 # test names EMULATOR-FAULT) earns one more attempt; nothing else does.
+# The cluster test alone: two VMs in QEMU against moto, 20-50 minutes.
 cluster-test: build-next
+    just _cluster-test
+
+# Every test of the built images but the cluster's, two at a time.
+_image-tests:
+    SLIPWAY_IMAGE_DIR={{justfile_directory()}}/{{out}} SLIPWAY_NEXT_IMAGE_DIR={{justfile_directory()}}/{{next_out}} \
+        cargo test -p vm-tests -- --nocapture --test-threads=2 --skip a_cluster_rolls
+
+# The cluster test, once more on an emulator fault (see `cluster-test`).
+_cluster-test:
     #!/usr/bin/env bash
     set -euo pipefail
     log=$(mktemp)
