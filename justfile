@@ -93,9 +93,9 @@ release region copy_to="": deps compile
 
 # `compile` while the Go payload builds (`just fixtures` then finds it
 # built): rustc spends long stretches on a single core (the AWS SDK's
-# largest crates), which the Go build fills. On an empty cache here the
-# two took 29.2 minutes together, against 34.5 one after the other
-# (README, "A fresh machine"). Go's lines are prefixed `[go]`.
+# largest crates), which the Go build fills. On a fresh machine here the
+# two took 23.4 minutes together (README, "A fresh machine"). Go's lines
+# are prefixed `[go]`.
 compile-with-payload: deps
     #!/usr/bin/env bash
     set -euo pipefail
