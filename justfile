@@ -125,9 +125,10 @@ check: deps lint
     cargo test --workspace --exclude vm-tests
     cargo test -p vm-tests --lib --bins --test faults --test release
 
+# Everything: unit and moto tests, then every test of the built images.
 # Each image is built once: the tests of the images run through recipes
 # without dependencies of their own, which `build-next` has met.
-# Everything: unit and moto tests, then every test of the built images.
+[doc("Everything: unit and moto tests, then every test of the built images.")]
 test: build-next
     cargo test --workspace --exclude vm-tests
     just _image-tests
@@ -137,7 +138,7 @@ test: build-next
 # then in QEMU boot, tamper, payload and the release update against moto
 # (two at a time), then the cluster, which runs its two VMs alone (TCG;
 # SLIPWAY_VM_ACCEL=kvm opts in to KVM).
-# The tests of the built images, in QEMU and against moto (no unit tests).
+[doc("The tests of the built images, in QEMU and against moto (no unit tests).")]
 vm-test: build-next
     just _image-tests
     just _cluster-test
@@ -146,10 +147,10 @@ vm-test: build-next
 # the hardened control plane, a release update to out-next/ (the master
 # replaced, then the node, each leaving cleanly; the harness plays the
 # rolling update moto does not perform), certificate renewal, secrets at
-# rest (30-50 minutes under TCG here; needs root for its network namespace).
+# rest (19-50 minutes under TCG here; needs root for its network namespace).
 # A guest kernel that panics or freezes under TCG (an emulator fault the
 # test names EMULATOR-FAULT) earns one more attempt; nothing else does.
-# The cluster test alone: two VMs in QEMU against moto, 20-50 minutes.
+[doc("The cluster test alone: two VMs in QEMU against moto, 19-50 minutes.")]
 cluster-test: build-next
     just _cluster-test
 
