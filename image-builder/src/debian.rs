@@ -119,17 +119,21 @@ pub fn adopt(cache: &Cache, pkg: &LockedPackage, src: &Path) -> Result<PathBuf, 
         .map_err(|e| disagreement(pkg, e))
 }
 
-/// Downloads every locked package missing from the cache, checking each
-/// sha256 before it is admitted. Returns how many were fetched.
+/// Every package the lock pins: the image's, then the build's tools.
+pub fn locked(lock: &Lock) -> impl Iterator<Item = &LockedPackage> {
+    lock.packages.iter().chain(&lock.tools)
+}
+
+/// Downloads every locked package (the build's tools included) missing
+/// from the cache, checking each sha256 before it is admitted. Returns how
+/// many were fetched.
 pub fn fetch_missing(
     cache: &Cache,
     lock: &Lock,
     mirror: &str,
     progress: impl Fn(&str),
 ) -> Result<usize, DebianError> {
-    let missing: Vec<&LockedPackage> = lock
-        .packages
-        .iter()
+    let missing: Vec<&LockedPackage> = locked(lock)
         .filter(|p| !cached_deb(cache, p).exists())
         .collect();
     let agent = fetch::agent();

@@ -40,10 +40,6 @@ pub const NEWUIDMAP: Tool = Tool {
     program: "newuidmap",
     package: "uidmap",
 };
-pub const MKFS_EROFS: Tool = Tool {
-    program: "mkfs.erofs",
-    package: "erofs-utils",
-};
 pub const MKFS_EXT4: Tool = Tool {
     program: "mkfs.ext4",
     package: "e2fsprogs",
@@ -59,9 +55,7 @@ pub const DPKG_DEB: Tool = Tool {
 
 /// Every tool `build` needs, checked up front so a build fails in its first
 /// second rather than after the slow stages.
-pub const BUILD_TOOLS: &[Tool] = &[
-    MMDEBSTRAP, NEWUIDMAP, MKFS_EROFS, MKFS_EXT4, QEMU_IMG, DPKG_DEB,
-];
+pub const BUILD_TOOLS: &[Tool] = &[MMDEBSTRAP, NEWUIDMAP, MKFS_EXT4, QEMU_IMG, DPKG_DEB];
 
 fn on_path(program: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();

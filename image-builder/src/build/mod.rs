@@ -19,6 +19,7 @@ pub mod gpt;
 pub mod overlay;
 pub mod packages;
 pub mod payload;
+pub mod pinned_tools;
 pub mod root;
 pub mod rootfs;
 pub mod stage;
@@ -74,6 +75,8 @@ pub enum BuildError {
     Io(#[from] crate::fsio::PathError),
     #[error("{lock} does not match {spec} (its package list or suite changed); run `image-builder lock` to re-resolve")]
     StaleLock { lock: PathBuf, spec: PathBuf },
+    #[error("{lock} pins no build tools (the mkfs.erofs the root filesystem is written with); run `image-builder lock --tools-only` to pin them and keep every other pin")]
+    NoTools { lock: PathBuf },
     #[error(transparent)]
     Payload(#[from] crate::payload::PayloadError),
     #[error(
@@ -146,6 +149,9 @@ fn ensure_lock(
                 spec: args.spec.clone(),
             });
         }
+        if !lock.has_tools() {
+            return Err(BuildError::NoTools { lock: path });
+        }
         return Ok(lock);
     }
     let mirror = debian::resolve_mirror(args.mirror.as_deref(), spec.debian.mirror.as_deref())?;
@@ -171,6 +177,7 @@ fn prune_stages(cache: &Cache, progress: &Progress) {
     use stage::Stage;
     for kind in [
         rootfs::Rootfs::KIND,
+        pinned_tools::PinnedTools::KIND,
         root::Root::KIND,
         var::Var::KIND,
         esp::Esp::KIND,
@@ -222,6 +229,7 @@ struct Inputs<'a> {
     spec: &'a str,
     release: &'a str,
     rootfs: &'a rootfs::Rootfs<'a>,
+    tools: &'a pinned_tools::PinnedTools<'a>,
     overlay: &'a Overlay,
     initrd: &'a Content,
 }
@@ -262,12 +270,17 @@ pub fn run(args: &Args) -> Result<Built, BuildError> {
         source_date_epoch: epoch,
         cache: &cache,
     };
+    let build_tools = pinned_tools::PinnedTools {
+        packages: &lock.tools,
+        cache: &cache,
+    };
     let inputs = stage::digest(
         "build",
         &Inputs {
             spec: &spec_text,
             release: &release,
             rootfs: &rootfs,
+            tools: &build_tools,
             overlay: &overlay,
             initrd: &initrd,
         },
@@ -297,6 +310,7 @@ pub fn run(args: &Args) -> Result<Built, BuildError> {
         &progress,
     )?;
     let rootfs = stage::run(&cache, &progress, &rootfs)?;
+    let build_tools = stage::run(&cache, &progress, &build_tools)?;
     let salt = Sha256::digest(format!("{identity}:verity-salt").as_bytes());
     let root = stage::run(
         &cache,
@@ -304,6 +318,7 @@ pub fn run(args: &Args) -> Result<Built, BuildError> {
         &root::Root {
             rootfs: &rootfs,
             overlay: &overlay,
+            tools: &build_tools,
             release: &release,
             source_date_epoch: epoch,
             uuid: uuid("root-fs"),

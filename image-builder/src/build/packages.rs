@@ -1,6 +1,6 @@
-//! The packages stage: every .deb the lock names, in the cache by its
-//! sha256 (fetched from the mirror only when missing, and checked against
-//! the lock).
+//! The packages stage: every .deb the lock names (the image's and the
+//! build's tools), in the cache by its sha256 (fetched from the mirror only
+//! when missing, and checked against the lock).
 
 use super::BuildError;
 use crate::cache::Cache;
@@ -17,10 +17,8 @@ pub fn fetch(
     progress: &Progress,
 ) -> Result<(), BuildError> {
     progress.stage("packages", || {
-        let total = lock.packages.len();
-        let missing = lock
-            .packages
-            .iter()
+        let total = debian::locked(lock).count();
+        let missing = debian::locked(lock)
             .filter(|p| !debian::cached_deb(cache, p).exists())
             .count();
         if missing == 0 {

@@ -5,7 +5,9 @@
 use crate::cache::{self, Cache};
 use crate::debian::{self, DebianError};
 use crate::fsio;
-use crate::lockfile::{inputs_digest, lock_path, Lock, LockFileError, LockedPackage};
+use crate::lockfile::{
+    inputs_digest, lock_path, Lock, LockFileError, LockedPackage, TOOL_PACKAGES,
+};
 use crate::progress::{Outcome, Progress};
 use crate::spec::{Spec, SpecError};
 use crate::tools::{self, ToolError};
@@ -107,23 +109,20 @@ pub fn mmdebstrap(source_date_epoch: u64) -> Result<Command, ToolError> {
     Ok(cmd)
 }
 
-/// Resolves the package set against `mirror` and fills the deb cache.
+/// Resolves the package set and the build's tools against `mirror`, and
+/// fills the deb cache.
 pub fn resolve(
     spec: &Spec,
     mirror: &str,
     cache: &Cache,
     progress: &Progress,
 ) -> Result<Lock, LockError> {
-    let work = cache.entry("tmp", &format!("lock-{}", std::process::id()));
-    let debs = work.join("debs");
-    let _ = fs::remove_dir_all(&work);
-    fs::create_dir_all(&debs).map_err(fsio::at("creating", &debs))?;
     progress.note(&format!(
         "resolving {} packages of {} from {mirror}",
         spec.debian.packages.len(),
         spec.debian.suite
     ));
-    let result = (|| {
+    let packages = in_workspace(cache, "lock", |work, debs| {
         let mut cmd = mmdebstrap(spec.image.source_date_epoch)?;
         cmd.arg(format!("--variant={}", spec.debian.variant))
             .arg(format!("--include={}", spec.debian.packages.join(",")))
@@ -142,35 +141,131 @@ pub fn resolve(
         tools::run(&mut cmd)?;
         let status_path = work.join("status");
         let status = fs::read_to_string(&status_path).map_err(fsio::at("reading", &status_path))?;
-        let mut packages = Vec::new();
-        for p in parse_status(&status) {
-            let file = debs.join(archive_name(&p.name, &p.version, &p.arch));
-            let meta = fs::metadata(&file).map_err(|_| {
-                LockError::Resolve(format!(
-                    "{} {} is installed but its .deb was not kept",
-                    p.name, p.version
-                ))
-            })?;
-            let locked = LockedPackage {
-                path: pool_path(&p.name, &p.source, &p.version, &p.arch),
-                sha256: cache::sha256_file(&file).map_err(fsio::at("hashing", &file))?,
-                size: meta.len(),
-                name: p.name,
-                version: p.version,
-                arch: p.arch,
-            };
-            debian::adopt(cache, &locked, &file)?;
-            packages.push(locked);
-        }
-        packages.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Lock {
-            inputs: inputs_digest(spec),
-            suite: spec.debian.suite.clone(),
-            packages,
-        })
-    })();
+        parse_status(&status)
+            .into_iter()
+            .map(|p| {
+                let file = debs.join(archive_name(&p.name, &p.version, &p.arch));
+                pin(cache, p, &file)
+            })
+            .collect()
+    })?;
+    Ok(Lock {
+        inputs: inputs_digest(spec),
+        suite: spec.debian.suite.clone(),
+        packages,
+        tools: resolve_tools(spec, mirror, cache, progress)?,
+    })
+}
+
+/// Resolves [`TOOL_PACKAGES`] in the spec's suite with every package they
+/// depend on (libc included: the build runs them with their own loader),
+/// and fills the deb cache.
+pub fn resolve_tools(
+    spec: &Spec,
+    mirror: &str,
+    cache: &Cache,
+    progress: &Progress,
+) -> Result<Vec<LockedPackage>, LockError> {
+    progress.note(&format!(
+        "resolving the build's tools ({}) of {}",
+        TOOL_PACKAGES.join(", "),
+        spec.debian.suite
+    ));
+    in_workspace(cache, "tools", |work, _| {
+        // `extract` installs nothing, so apt downloads the whole closure;
+        // with no tar inside to copy them out, the .debs are read where
+        // apt left them in the tree.
+        let root = work.join("root");
+        let mut cmd = mmdebstrap(spec.image.source_date_epoch)?;
+        cmd.arg("--variant=extract")
+            .arg(format!("--include={}", TOOL_PACKAGES.join(",")))
+            .arg("--skip=cleanup/apt/cache")
+            .arg(&spec.debian.suite)
+            .arg(&root)
+            .arg(mirror);
+        tools::run(&mut cmd)?;
+        let debs = root.join("var/cache/apt/archives");
+        let mut files: Vec<PathBuf> = fs::read_dir(&debs)
+            .map_err(fsio::at("listing", &debs))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|file| {
+                let fields = tools::run(
+                    tools::command(tools::DPKG_DEB)?
+                        .arg("--field")
+                        .arg(file)
+                        .args(["Package", "Version", "Architecture", "Source"]),
+                )?;
+                let p = parse_control(&fields).ok_or_else(|| {
+                    LockError::Resolve(format!("{}: no package name or version", file.display()))
+                })?;
+                pin(cache, p, file)
+            })
+            .collect()
+    })
+}
+
+/// Runs `f` with a fresh work directory and a `debs` directory inside it,
+/// removed afterwards; the pinned packages come back sorted by name.
+fn in_workspace(
+    cache: &Cache,
+    what: &str,
+    f: impl FnOnce(&Path, &Path) -> Result<Vec<LockedPackage>, LockError>,
+) -> Result<Vec<LockedPackage>, LockError> {
+    let work = cache.entry("tmp", &format!("{what}-{}", std::process::id()));
+    let debs = work.join("debs");
     let _ = fs::remove_dir_all(&work);
-    result
+    fs::create_dir_all(&debs).map_err(fsio::at("creating", &debs))?;
+    let result = f(&work, &debs);
+    let _ = fs::remove_dir_all(&work);
+    let mut packages = result?;
+    packages.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(packages)
+}
+
+/// Pins a package from the `.deb` apt kept for it, and adopts the file
+/// into the cache.
+fn pin(cache: &Cache, p: Installed, file: &Path) -> Result<LockedPackage, LockError> {
+    let meta = fs::metadata(file).map_err(|_| {
+        LockError::Resolve(format!(
+            "{} {} was resolved but its .deb was not kept",
+            p.name, p.version
+        ))
+    })?;
+    let locked = LockedPackage {
+        path: pool_path(&p.name, &p.source, &p.version, &p.arch),
+        sha256: cache::sha256_file(file).map_err(fsio::at("hashing", file))?,
+        size: meta.len(),
+        name: p.name,
+        version: p.version,
+        arch: p.arch,
+    };
+    debian::adopt(cache, &locked, file)?;
+    Ok(locked)
+}
+
+/// Reads one package's control fields (`dpkg-deb --field`'s output).
+fn parse_control(text: &str) -> Option<Installed> {
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(": ")))
+            .map(str::trim)
+    };
+    let name = field("Package")?.to_owned();
+    Some(Installed {
+        version: field("Version")?.to_owned(),
+        arch: field("Architecture")?.to_owned(),
+        source: field("Source")
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or(&name)
+            .to_owned(),
+        name,
+    })
 }
 
 /// Arguments of `image-builder lock`.
@@ -189,8 +284,12 @@ pub struct Args {
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
     /// Only pin the payload (payload.lock), not the Debian packages.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tools_only")]
     pub payload_only: bool,
+    /// Only pin the build's own tools (mkfs.erofs and its libraries) again,
+    /// keeping the image's package pins and the payload's as they are.
+    #[arg(long)]
+    pub tools_only: bool,
     /// Change no pin: download every payload artifact and resolve every
     /// image from its source (or the mirrors), and fail, listing each one,
     /// if any differs from its pin.
@@ -379,18 +478,35 @@ pub fn run(args: &Args) -> Result<(), LockError> {
     }
     let mirror = debian::resolve_mirror(args.mirror.as_deref(), spec.debian.mirror.as_deref())?;
     let progress = Progress::new();
+    let path = lock_path(&args.spec, args.lock.as_deref());
+    if args.tools_only {
+        let mut lock = Lock::load(&path)?;
+        lock.tools = progress.stage("resolve tools", || {
+            resolve_tools(&spec, &mirror, &cache, &progress).map(|t| {
+                let n = format!("{} packages", t.len());
+                (t, Outcome::built(n))
+            })
+        })?;
+        lock.save(&path)?;
+        eprintln!(
+            "wrote {} ({} tool packages)",
+            path.display(),
+            lock.tools.len()
+        );
+        return Ok(());
+    }
     let lock = progress.stage("resolve packages", || {
         resolve(&spec, &mirror, &cache, &progress).map(|l| {
             let n = format!("{} packages", l.packages.len());
             (l, Outcome::built(n))
         })
     })?;
-    let path = lock_path(&args.spec, args.lock.as_deref());
     lock.save(&path)?;
     eprintln!(
-        "wrote {} ({} packages)",
+        "wrote {} ({} packages, {} tool packages)",
         path.display(),
-        lock.packages.len()
+        lock.packages.len(),
+        lock.tools.len()
     );
     lock_payload(args, &spec, &cache, &progress)
 }
@@ -434,6 +550,19 @@ mod tests {
     }
 
     #[test]
+    fn control_fields_name_the_package_and_its_source() {
+        let with_source = "Package: libzstd1\nVersion: 1.5.7+dfsg-1\nArchitecture: amd64\nSource: libzstd (1.5.7+dfsg-1)\n";
+        let p = parse_control(with_source).unwrap();
+        assert_eq!(
+            (p.name.as_str(), p.version.as_str(), p.source.as_str()),
+            ("libzstd1", "1.5.7+dfsg-1", "libzstd")
+        );
+        let own_source = "Package: erofs-utils\nVersion: 1.8.6-1\nArchitecture: amd64\n";
+        assert_eq!(parse_control(own_source).unwrap().source, "erofs-utils");
+        assert!(parse_control("Version: 1\n").is_none());
+    }
+
+    #[test]
     fn lock_round_trips_and_detects_staleness() {
         let dir = tempfile::tempdir().unwrap();
         let lock = Lock {
@@ -447,10 +576,26 @@ mod tests {
                 sha256: "00".repeat(32),
                 size: 1,
             }],
+            tools: vec![LockedPackage {
+                name: "erofs-utils".into(),
+                version: "1.8.6-1".into(),
+                arch: "amd64".into(),
+                path: "pool/main/e/erofs-utils/erofs-utils_1.8.6-1_amd64.deb".into(),
+                sha256: "11".repeat(32),
+                size: 2,
+            }],
         };
         let p = dir.path().join("image.lock");
         lock.save(&p).unwrap();
-        assert_eq!(Lock::load(&p).unwrap(), lock);
+        let loaded = Lock::load(&p).unwrap();
+        assert_eq!(loaded, lock);
+        assert!(loaded.has_tools());
+        // A lock from before the build pinned its tools still loads, and
+        // says what it lacks.
+        let text = fs::read_to_string(&p).unwrap();
+        let before = &text[..text.find("[[tool]]").unwrap()];
+        fs::write(&p, before).unwrap();
+        assert!(!Lock::load(&p).unwrap().has_tools());
         fs::write(&p, "garbage = [").unwrap();
         assert!(Lock::load(&p)
             .unwrap_err()
