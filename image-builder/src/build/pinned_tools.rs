@@ -40,7 +40,9 @@ pub struct ToolsOutput {
 
 impl Stage for PinnedTools<'_> {
     const NAME: &'static str = "build tools";
-    const KIND: &'static str = "tools";
+    /// Not `tools`: the cache's `tools/` holds programs CI installs, which
+    /// pruning this stage's entries would remove.
+    const KIND: &'static str = "build-tools";
     type Output = ToolsOutput;
 
     fn make(&self, dir: &Path, _: &Progress) -> Result<ToolsOutput, BuildError> {
