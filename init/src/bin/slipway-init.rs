@@ -183,7 +183,7 @@ enum Command {
     /// API server answer; `--once` does not wait.
     Approve {
         /// Seconds between passes.
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 5)]
         interval: u64,
         /// One pass, then exit.
         #[arg(long)]
@@ -535,14 +535,18 @@ async fn approve(
     let sweep_every = (60 / interval.max(1)).max(1);
     let mut pass = 0u64;
     loop {
-        let swept = if pass % sweep_every == 0 {
-            steps::approver::sweep(&ctx, time::OffsetDateTime::now_utc())
-                .await
-                .map(drop)
-        } else {
-            Ok(())
-        };
-        match steps::approver::once(&ctx).await.and(swept) {
+        let result = async {
+            // The lists are read in-process: a pass costs next to no CPU.
+            let api = steps::addons::LocalApi::local(&ctx)?;
+            if pass % sweep_every == 0 {
+                let nodes = api.get(steps::approver::NODES).await?;
+                steps::approver::sweep(&ctx, &nodes, time::OffsetDateTime::now_utc()).await?;
+            }
+            let csrs = api.get(steps::approver::CSRS).await?;
+            steps::approver::once(&ctx, &csrs).await
+        }
+        .await;
+        match result.map(drop) {
             Ok(()) if once => return Ok(()),
             Ok(()) => {}
             Err(e) if once => return Err(Ending::retry(chain(&e))),

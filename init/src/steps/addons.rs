@@ -66,6 +66,103 @@ impl Readyz {
     }
 }
 
+/// Where the master's API server answers for itself, as its super-admin.
+pub const LOCAL_API: &str = "https://127.0.0.1:6443";
+
+/// The master's own API server, read in-process as its super-admin (the
+/// kubeconfig on the tmpfs): for the approver's lists every few seconds,
+/// each of which would cost a kubectl run, about two seconds of CPU under
+/// emulation, while the control plane and the add-ons start on the same
+/// CPUs. Writes stay with kubectl.
+#[derive(Debug, Clone)]
+pub struct LocalApi {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl LocalApi {
+    /// The API server at `base`, trusting `ca_pem` alone, with the client
+    /// certificate and key in `identity_pem`.
+    pub fn new(base: &str, ca_pem: &[u8], identity_pem: &[u8]) -> Result<Self, StepError> {
+        let invalid = |e: reqwest::Error| StepError::Invalid {
+            what: format!("a client for {base}"),
+            message: crate::error_chain(&e, ": "),
+        };
+        let http = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem).map_err(invalid)?)
+            .identity(reqwest::Identity::from_pem(identity_pem).map_err(invalid)?)
+            .no_proxy()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(invalid)?;
+        Ok(Self {
+            http,
+            base: base.to_owned(),
+        })
+    }
+
+    /// This master's API server, as the super-admin kubeconfig on the tmpfs
+    /// names it (read again each time, so a renewed certificate is used).
+    pub fn local(ctx: &Context) -> Result<Self, StepError> {
+        let read = |name: &str| {
+            let path = ctx.paths.secrets.join("pki").join(name);
+            std::fs::read(&path).map_err(|e| StepError::Invalid {
+                what: path.display().to_string(),
+                message: e.to_string(),
+            })
+        };
+        let conf = String::from_utf8_lossy(&read("super-admin.conf")?).into_owned();
+        let identity = identity(&conf).ok_or_else(|| StepError::Invalid {
+            what: "pki/super-admin.conf".into(),
+            message: "no client certificate and key data".into(),
+        })?;
+        Self::new(LOCAL_API, &read("ca.crt")?, &identity)
+    }
+
+    /// The body of a successful GET of `path` (`/api/v1/nodes`).
+    pub async fn get(&self, path: &str) -> Result<String, StepError> {
+        let url = format!("{}{path}", self.base);
+        let failed = |message: String| StepError::Invalid {
+            what: format!("GET {url}"),
+            message,
+        };
+        let answer = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| failed(crate::error_chain(&e, ": ")))?;
+        let status = answer.status();
+        let body = answer
+            .text()
+            .await
+            .map_err(|e| failed(crate::error_chain(&e, ": ")))?;
+        if !status.is_success() {
+            let mut message = format!("{status}: {body}");
+            message.truncate(300);
+            return Err(failed(message));
+        }
+        Ok(body)
+    }
+}
+
+/// A kubeconfig's embedded client certificate and key, as one PEM text.
+fn identity(kubeconfig: &str) -> Option<Vec<u8>> {
+    let data = |key: &str| {
+        kubeconfig
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|v| crate::pki::b64_decode(v.trim()))
+    };
+    let mut pem = data("client-certificate-data:")?;
+    if !pem.ends_with(b"\n") {
+        pem.push(b'\n');
+    }
+    pem.extend(data("client-key-data:")?);
+    Some(pem)
+}
+
 /// Every kubectl call's own bound: a busy API server answers slowly, a
 /// stuck one must not hold the step past its deadlines.
 pub const REQUEST_TIMEOUT: &str = "--request-timeout=60s";
@@ -188,9 +285,10 @@ pub async fn run(ctx: &Master<'_>, api: &Readyz) -> Result<Report, StepError> {
         &dir,
     ])?;
     let objects = out.lines().filter(|l| !l.trim().is_empty()).count();
-    for object in WITHDRAWN {
-        kubectl(&["delete", "--ignore-not-found", object])?;
-    }
+    // One kubectl run for all of them.
+    let mut withdraw = vec!["delete", "--ignore-not-found"];
+    withdraw.extend_from_slice(WITHDRAWN);
+    kubectl(&withdraw)?;
     retire_tokens(ctx)?;
     // The master's role label (a kubelet may not set node-role labels on
     // itself), once its kubelet has registered the node; and its release
@@ -283,6 +381,14 @@ mod tests {
     /// each request with the next of `statuses` (the last one from then
     /// on). Returns the probe of it, trusting that CA, and the paths asked.
     async fn stand_in(statuses: &[u16]) -> (Readyz, Arc<Mutex<Vec<String>>>) {
+        let (base, ca, asked) = server(statuses).await;
+        let url = format!("{base}/readyz");
+        (Readyz::new(&url, ca.as_bytes()).unwrap(), asked)
+    }
+
+    /// The stand-in's server: its base URL, its CA (PEM) and the request
+    /// lines it was sent.
+    async fn server(statuses: &[u16]) -> (String, String, Arc<Mutex<Vec<String>>>) {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -339,8 +445,51 @@ mod tests {
                 let _ = tls.shutdown().await;
             }
         });
-        let url = format!("https://127.0.0.1:{port}/readyz");
-        (Readyz::new(&url, ca.pem().as_bytes()).unwrap(), asked)
+        (format!("https://127.0.0.1:{port}"), ca.pem(), asked)
+    }
+
+    /// A client identity as the PKI writes kubeconfigs: its own CA's
+    /// certificate for `cn`, and the key.
+    fn kubeconfig_for(cn: &str) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = crate::pki::subject(cn, &["system:masters"]);
+        let cert = params.self_signed(&key).unwrap();
+        crate::pki::kubeconfig(
+            "demo",
+            LOCAL_API,
+            "unused",
+            cn,
+            &crate::pki::KubeAuth::Cert {
+                cert: &cert.pem(),
+                key: &key.serialize_pem(),
+            },
+        )
+    }
+
+    #[test]
+    fn the_identity_is_the_kubeconfigs_certificate_then_its_key() {
+        let conf = kubeconfig_for("kubernetes-super-admin");
+        let pem = String::from_utf8(identity(&conf).unwrap()).unwrap();
+        let cert = pem.find("-----BEGIN CERTIFICATE-----").unwrap();
+        let key = pem.find("-----BEGIN PRIVATE KEY-----").unwrap();
+        assert!(cert < key, "{pem}");
+        assert!(reqwest::Identity::from_pem(pem.as_bytes()).is_ok());
+        assert!(identity("apiVersion: v1\n").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_list_is_read_in_process_and_an_error_answer_is_an_error() {
+        let (base, ca, asked) = server(&[200, 403]).await;
+        let conf = kubeconfig_for("kubernetes-super-admin");
+        let api = LocalApi::new(&base, ca.as_bytes(), &identity(&conf).unwrap()).unwrap();
+        assert_eq!(api.get("/api/v1/nodes").await.unwrap(), "ok");
+        let err = api.get("/api/v1/nodes").await.unwrap_err().to_string();
+        assert!(
+            err.contains("/api/v1/nodes") && err.contains("403"),
+            "{err}"
+        );
+        assert_eq!(*asked.lock().unwrap(), ["GET /api/v1/nodes HTTP/1.1"; 2]);
     }
 
     async fn context(role: &str, runner: Kubectl) -> Context {
@@ -392,8 +541,8 @@ mod tests {
             calls,
             [
                 &format!("apply --server-side --force-conflicts --field-manager=slipway -f {secrets}/addons"),
-                "delete --ignore-not-found clusterrolebinding/slipway:node-autoapprove-bootstrap",
-                "delete --ignore-not-found clusterrolebinding/slipway:node-autoapprove-certificate-rotation",
+                "delete --ignore-not-found clusterrolebinding/slipway:node-autoapprove-bootstrap \
+                 clusterrolebinding/slipway:node-autoapprove-certificate-rotation",
                 "--namespace=kube-system get secrets --field-selector=type=bootstrap.kubernetes.io/token --output=json",
                 // Only the token that never expires and is not the current one.
                 "--namespace=kube-system delete secret --ignore-not-found bootstrap-token-old000",

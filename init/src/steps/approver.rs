@@ -383,11 +383,16 @@ pub fn other_masters(ctx: &Master<'_>) -> Vec<String> {
 /// of the masters of other zones (the group runs one master, and it is
 /// this one). EC2 is asked only when an instance's Node is a candidate.
 /// Returns the Nodes deleted.
-pub async fn sweep(ctx: &Master<'_>, now: OffsetDateTime) -> Result<Vec<String>, StepError> {
+/// `nodes` is the Node list as the API server gives it ([`NODES`]).
+pub async fn sweep(
+    ctx: &Master<'_>,
+    nodes: &str,
+    now: OffsetDateTime,
+) -> Result<Vec<String>, StepError> {
     let kubectl = super::addons::kubectl(ctx);
     let masters = other_masters(ctx);
     let swept = |name: &str| instance_named(name) || masters.iter().any(|m| m == name);
-    let candidates = long_not_ready(&kubectl(&["get", "nodes", "--output=json"])?, swept, now)?;
+    let candidates = long_not_ready(nodes, swept, now)?;
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
@@ -416,7 +421,7 @@ pub async fn sweep(ctx: &Master<'_>, now: OffsetDateTime) -> Result<Vec<String>,
     Ok(deleted)
 }
 
-/// The pending requests in `kubectl get csr -o json` output.
+/// The pending requests in a request list.
 pub fn pending(json: &str) -> Result<Vec<Request>, StepError> {
     let invalid = |message: String| StepError::Invalid {
         what: "the API's certificate signing requests".into(),
@@ -485,10 +490,16 @@ pub async fn until_api_answered(ctx: &Context) {
     );
 }
 
-/// One pass: decides every pending request. Returns what it decided.
-pub async fn once(ctx: &Master<'_>) -> Result<Vec<(String, Verdict)>, StepError> {
+/// The API paths of the lists a pass reads (in-process, through
+/// [`super::addons::LocalApi`]).
+pub const CSRS: &str = "/apis/certificates.k8s.io/v1/certificatesigningrequests";
+pub const NODES: &str = "/api/v1/nodes";
+
+/// One pass: decides every pending request in `csrs`, the request list as
+/// the API server gives it ([`CSRS`]). Returns what it decided.
+pub async fn once(ctx: &Master<'_>, csrs: &str) -> Result<Vec<(String, Verdict)>, StepError> {
     let kubectl = super::addons::kubectl(ctx);
-    let requests = pending(&kubectl(&["get", "csr", "-o", "json"])?)?;
+    let requests = pending(csrs)?;
     let mine: Vec<&Request> = requests
         .iter()
         .filter(|r| r.signer == CLIENT_SIGNER || r.signer == SERVING_SIGNER)
