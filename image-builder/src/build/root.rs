@@ -22,7 +22,7 @@ pub const HASH_TREE: &str = "root.verity";
 
 /// How the root filesystem is compressed: LZMA at level 3 in 64 KiB
 /// clusters. Measured on this tree (1.07 GB of files, 571 MB of them the
-/// pre-pulled images' layers; README, "The root filesystem's compression"):
+/// pre-pulled images' layers; README, "What a build produces"):
 /// lz4hc writes 490 MiB, zstd 316 MiB at level 9 in 256 KiB clusters,
 /// LZMA 293 MiB at level 3 and 277 MiB at level 6 (three times the time to
 /// write). LZMA costs the most to read back; the cost is measured in the

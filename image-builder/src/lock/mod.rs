@@ -122,7 +122,9 @@ pub fn resolve(
         spec.debian.packages.len(),
         spec.debian.suite
     ));
-    let packages = in_workspace(cache, "lock", |work, debs| {
+    let packages = in_workspace(cache, "lock", |work| {
+        let debs = work.join("debs");
+        fs::create_dir_all(&debs).map_err(fsio::at("creating", &debs))?;
         let mut cmd = mmdebstrap(spec.image.source_date_epoch)?;
         cmd.arg(format!("--variant={}", spec.debian.variant))
             .arg(format!("--include={}", spec.debian.packages.join(",")))
@@ -171,7 +173,7 @@ pub fn resolve_tools(
         TOOL_PACKAGES.join(", "),
         spec.debian.suite
     ));
-    in_workspace(cache, "tools", |work, _| {
+    in_workspace(cache, "tools", |work| {
         // `extract` installs nothing, so apt downloads the whole closure;
         // with no tar inside to copy them out, the .debs are read where
         // apt left them in the tree.
@@ -210,18 +212,17 @@ pub fn resolve_tools(
     })
 }
 
-/// Runs `f` with a fresh work directory and a `debs` directory inside it,
-/// removed afterwards; the pinned packages come back sorted by name.
+/// Runs `f` with a fresh work directory, removed afterwards; the pinned
+/// packages come back sorted by name.
 fn in_workspace(
     cache: &Cache,
     what: &str,
-    f: impl FnOnce(&Path, &Path) -> Result<Vec<LockedPackage>, LockError>,
+    f: impl FnOnce(&Path) -> Result<Vec<LockedPackage>, LockError>,
 ) -> Result<Vec<LockedPackage>, LockError> {
     let work = cache.entry("tmp", &format!("{what}-{}", std::process::id()));
-    let debs = work.join("debs");
     let _ = fs::remove_dir_all(&work);
-    fs::create_dir_all(&debs).map_err(fsio::at("creating", &debs))?;
-    let result = f(&work, &debs);
+    fs::create_dir_all(&work).map_err(fsio::at("creating", &work))?;
+    let result = f(&work);
     let _ = fs::remove_dir_all(&work);
     let mut packages = result?;
     packages.sort_by(|a, b| a.name.cmp(&b.name));

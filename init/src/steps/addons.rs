@@ -31,32 +31,15 @@ pub struct Readyz {
 impl Readyz {
     /// The API server at `url` (its `/readyz`), trusting `ca_pem` alone.
     pub fn new(url: &str, ca_pem: &[u8]) -> Result<Self, StepError> {
-        let invalid = |e: reqwest::Error| StepError::Invalid {
-            what: format!("a client for {url}"),
-            message: crate::error_chain(&e, ": "),
-        };
-        let ca = reqwest::Certificate::from_pem(ca_pem).map_err(invalid)?;
-        let http = reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca)
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(invalid)?;
         Ok(Self {
-            http,
+            http: cluster_client(url, ca_pem, None, Duration::from_secs(10))?,
             url: url.to_owned(),
         })
     }
 
     /// This master's API server, trusting the CA on the tmpfs.
     pub fn local(ctx: &Context) -> Result<Self, StepError> {
-        let path = ctx.paths.secrets.join("pki/ca.crt");
-        let pem = std::fs::read(&path).map_err(|e| StepError::Invalid {
-            what: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        Self::new(LOCAL_READYZ, &pem)
+        Self::new(LOCAL_READYZ, &read_pki(ctx, "ca.crt")?)
     }
 
     /// Whether it answers that it is ready.
@@ -84,20 +67,9 @@ impl LocalApi {
     /// The API server at `base`, trusting `ca_pem` alone, with the client
     /// certificate and key in `identity_pem`.
     pub fn new(base: &str, ca_pem: &[u8], identity_pem: &[u8]) -> Result<Self, StepError> {
-        let invalid = |e: reqwest::Error| StepError::Invalid {
-            what: format!("a client for {base}"),
-            message: crate::error_chain(&e, ": "),
-        };
-        let http = reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem).map_err(invalid)?)
-            .identity(reqwest::Identity::from_pem(identity_pem).map_err(invalid)?)
-            .no_proxy()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(invalid)?;
+        let timeout = Duration::from_secs(60);
         Ok(Self {
-            http,
+            http: cluster_client(base, ca_pem, Some(identity_pem), timeout)?,
             base: base.to_owned(),
         })
     }
@@ -105,19 +77,12 @@ impl LocalApi {
     /// This master's API server, as the super-admin kubeconfig on the tmpfs
     /// names it (read again each time, so a renewed certificate is used).
     pub fn local(ctx: &Context) -> Result<Self, StepError> {
-        let read = |name: &str| {
-            let path = ctx.paths.secrets.join("pki").join(name);
-            std::fs::read(&path).map_err(|e| StepError::Invalid {
-                what: path.display().to_string(),
-                message: e.to_string(),
-            })
-        };
-        let conf = String::from_utf8_lossy(&read("super-admin.conf")?).into_owned();
+        let conf = String::from_utf8_lossy(&read_pki(ctx, "super-admin.conf")?).into_owned();
         let identity = identity(&conf).ok_or_else(|| StepError::Invalid {
             what: "pki/super-admin.conf".into(),
             message: "no client certificate and key data".into(),
         })?;
-        Self::new(LOCAL_API, &read("ca.crt")?, &identity)
+        Self::new(LOCAL_API, &read_pki(ctx, "ca.crt")?, &identity)
     }
 
     /// The body of a successful GET of `path` (`/api/v1/nodes`).
@@ -145,6 +110,39 @@ impl LocalApi {
         }
         Ok(body)
     }
+}
+
+/// An HTTPS client for the API server at `url` that trusts `ca_pem` alone,
+/// never goes through a proxy, and presents `identity_pem` (certificate and
+/// key) when given one.
+fn cluster_client(
+    url: &str,
+    ca_pem: &[u8],
+    identity_pem: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<reqwest::Client, StepError> {
+    let invalid = |e: reqwest::Error| StepError::Invalid {
+        what: format!("a client for {url}"),
+        message: crate::error_chain(&e, ": "),
+    };
+    let mut builder = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem).map_err(invalid)?)
+        .no_proxy()
+        .timeout(timeout);
+    if let Some(pem) = identity_pem {
+        builder = builder.identity(reqwest::Identity::from_pem(pem).map_err(invalid)?);
+    }
+    builder.build().map_err(invalid)
+}
+
+/// A file of the master's PKI on the tmpfs.
+fn read_pki(ctx: &Context, name: &str) -> Result<Vec<u8>, StepError> {
+    let path = ctx.paths.secrets.join("pki").join(name);
+    std::fs::read(&path).map_err(|e| StepError::Invalid {
+        what: path.display().to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// A kubeconfig's embedded client certificate and key, as one PEM text.
