@@ -2,7 +2,9 @@
 //! device or state, an instance's state, a bucket's contents): poll with
 //! exponential backoff until the check answers, fails, or the deadline
 //! passes. Time is read from tokio's clock, the one it sleeps on, so a
-//! test with a paused clock moves through the wait without spinning.
+//! test with a paused clock moves through the wait without spinning. A
+//! wait that lasts says so once a minute, so a console shows what a slow
+//! boot or departure is waiting for.
 
 use std::future::Future;
 use std::time::Duration;
@@ -20,6 +22,10 @@ pub enum WaitError<E: std::error::Error + 'static> {
     },
 }
 
+/// How often a wait that lasts says it still waits (a drain's own loop
+/// says it as often).
+pub(crate) const SAY_EVERY: Duration = Duration::from_secs(60);
+
 /// Backoff schedule: starts at `first`, doubles up to `max`.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -33,6 +39,15 @@ impl Backoff {
         Self {
             first: Duration::from_millis(200),
             max: Duration::from_secs(10),
+            deadline,
+        }
+    }
+
+    /// No back-off: every `interval`, for what costs next to nothing to ask.
+    pub fn every(interval: Duration, deadline: Duration) -> Self {
+        Self {
+            first: interval,
+            max: interval,
             deadline,
         }
     }
@@ -52,6 +67,7 @@ where
 {
     let start = Instant::now();
     let mut delay = backoff.first;
+    let mut said = start;
     loop {
         match check().await {
             Ok(Some(v)) => return Ok(v),
@@ -69,6 +85,10 @@ where
                 what: what.to_owned(),
                 waited,
             });
+        }
+        if said.elapsed() >= SAY_EVERY {
+            said = Instant::now();
+            tracing::info!("{what}: not yet after {}s", waited.as_secs());
         }
         let remaining = backoff.deadline - waited;
         tokio::time::sleep(delay.min(remaining)).await;

@@ -50,6 +50,39 @@ pub fn workspace_dir() -> PathBuf {
         .unwrap_or(crate_dir)
 }
 
+/// Where the consoles of stopped VMs are kept: `vm-logs` in cargo's
+/// target dir, which outlives the checkout when it is set outside it (the
+/// justfile keeps it in the cache), so a CI run's consoles can be read
+/// after its clone is gone; `target/vm-logs` in the workspace otherwise.
+pub fn vm_logs_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_dir().join("target"))
+        .join("vm-logs")
+}
+
+/// How long a kept console stays: long enough to read a CI run's after
+/// it, short enough that the directory does not grow run after run.
+const KEEP_LOGS_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Removes the files in `dir` last written more than `age` ago.
+fn prune_logs(dir: &Path, age: Duration) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|e| e > age);
+        if old {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// A program `just fixtures` built from source (kubectl, etcdctl, …).
 pub fn fixtures_bin(name: &str) -> PathBuf {
     cache_dir().join("fixtures/out/bin").join(name)
@@ -624,6 +657,26 @@ impl Vm {
         Ok(Some(asked.elapsed()))
     }
 
+    /// How long since QEMU started: the clock [`Vm::seen`] reads.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The longest stretch without a new console line from `since` (on
+    /// the [`Vm::uptime`] clock) until now, its end included.
+    pub fn longest_silence_since(&self, since: Duration) -> Duration {
+        let Ok(timeline) = self.timeline.lock() else {
+            return Duration::ZERO;
+        };
+        let mut last = since;
+        let mut longest = Duration::ZERO;
+        for (at, _) in timeline.iter().filter(|(at, _)| *at >= since) {
+            longest = longest.max(at.saturating_sub(last));
+            last = *at;
+        }
+        longest.max(self.started.elapsed().saturating_sub(last))
+    }
+
     /// The last `n` console lines, for failure messages, and whatever
     /// QEMU itself printed.
     pub fn tail(&self, n: usize) -> String {
@@ -643,11 +696,12 @@ impl Vm {
         tail
     }
 
-    /// Keeps the console log (and QEMU's messages, if it printed any)
-    /// under `target/vm-logs` for a person to read.
+    /// Keeps the console log (and QEMU's messages, if it printed any) in
+    /// [`vm_logs_dir`] for a person to read.
     pub fn keep_log(&self) -> Option<PathBuf> {
-        let dir = workspace_dir().join("target/vm-logs");
+        let dir = vm_logs_dir();
         fs::create_dir_all(&dir).ok()?;
+        prune_logs(&dir, KEEP_LOGS_FOR);
         let dest = dir.join(format!("{}.log", self.name));
         fs::copy(&self.serial, &dest).ok()?;
         if fs::metadata(&self.qemu_log).is_ok_and(|m| m.len() > 0) {

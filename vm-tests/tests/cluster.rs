@@ -29,7 +29,9 @@
 //!    as it powers down, its replacement joins under a new name and
 //!    signals once Ready; every member's tag and Node label then name the
 //!    new release, none is left cordoned, and a Deployment's disruption
-//!    budget held throughout (sampled whenever the API answered);
+//!    budget held throughout (sampled whenever the API answered; a
+//!    replica whose Node's status lapsed under a busy API server counts,
+//!    unless that Node was cordoned by its member's departure);
 //! 4. every persistent disk the dead instances leave behind (the
 //!    replacement master's too, stopped at the end after its renewal) is
 //!    scanned for the cluster's private keys and every bootstrap token
@@ -54,7 +56,8 @@
 //!    loss is not played.
 //!
 //! Two VMs at most run at once, under TCG. Consoles are kept in
-//! `target/vm-logs`, disks and the kubeconfig in the run directory.
+//! `vm-logs` in cargo's target dir, disks and the kubeconfig in the run
+//! directory.
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use slipway_init::pki::{Bundle, Identity, Validity};
@@ -311,6 +314,74 @@ fn available(kubectl: &Kubectl) -> Result<Option<i64>> {
         .map(|n| n.trim().parse().unwrap_or(0)))
 }
 
+/// One look at `steady` for its budget: replicas Ready, and replicas that
+/// run on a Node whose status lapsed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Sample {
+    ready: i64,
+    lapsed: i64,
+}
+
+impl Sample {
+    fn counted(self) -> i64 {
+        self.ready + self.lapsed
+    }
+}
+
+/// The replicas of `steady` that count for its budget, or `None` when the
+/// API does not answer (see [`count_for_budget`]).
+fn budget_sample(kubectl: &Kubectl) -> Option<Sample> {
+    let out = kubectl
+        .run(&["get", "nodes,pods", "--namespace=default", "--output=json"])
+        .ok()?;
+    let list: serde_json::Value = serde_json::from_str(&out).ok()?;
+    Some(count_for_budget(list["items"].as_array()?))
+}
+
+/// Counts, among Nodes and pods, `steady`'s replicas that are Ready, and
+/// apart those Running on a Node whose Ready condition is `Unknown` and
+/// that is not cordoned. Under TCG a master's API server can be too busy
+/// to record a member's lease for 40 s; the node controller then marks
+/// that member's pods unready though they run on, which no budget
+/// governs. A member that leaves cordons its Node before it evicts, so a
+/// departed member's pods never count that way; a pod being deleted never
+/// counts at all.
+fn count_for_budget(items: &[serde_json::Value]) -> Sample {
+    let status = |object: &serde_json::Value, kind: &str| {
+        object["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == kind)
+            .and_then(|c| c["status"].as_str())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let lapsed: std::collections::BTreeSet<&str> = items
+        .iter()
+        .filter(|i| i["kind"] == "Node")
+        .filter(|n| status(n, "Ready") == "Unknown" && n["spec"]["unschedulable"] != true)
+        .filter_map(|n| n["metadata"]["name"].as_str())
+        .collect();
+    let mut sample = Sample::default();
+    for pod in items.iter().filter(|i| {
+        i["kind"] == "Pod"
+            && i["metadata"]["labels"]["app"] == "steady"
+            && i["metadata"]["deletionTimestamp"].is_null()
+    }) {
+        if status(pod, "Ready") == "True" {
+            sample.ready += 1;
+        } else if pod["status"]["phase"] == "Running"
+            && pod["spec"]["nodeName"]
+                .as_str()
+                .is_some_and(|n| lapsed.contains(n))
+        {
+            sample.lapsed += 1;
+        }
+    }
+    sample
+}
+
 /// `steady`'s availability sampled every few seconds on a thread of its
 /// own, for as long as the update runs.
 struct Sampler {
@@ -327,17 +398,22 @@ struct Held {
     answered: usize,
     /// Samples taken while the API did not answer (the master replaced).
     unanswered: usize,
+    /// Samples that counted a replica on a Node whose status lapsed.
+    lapsed: usize,
     /// Each change of what was seen: seconds since the sampler started,
-    /// the update's phase then, and the replicas available (`None`: the
-    /// API did not answer), so a failure says when the budget broke.
-    changes: Vec<(u64, &'static str, Option<i64>)>,
+    /// the update's phase then, and the replicas counted (`None`: the API
+    /// did not answer), so a failure says when the budget broke.
+    changes: Vec<(u64, &'static str, Option<Sample>)>,
 }
 
 impl Held {
-    /// The fewest replicas available in a sample the API answered (every
+    /// The fewest replicas counted in a sample the API answered (every
     /// value seen is among the changes).
     fn lowest(&self) -> Option<i64> {
-        self.changes.iter().filter_map(|(_, _, n)| *n).min()
+        self.changes
+            .iter()
+            .filter_map(|(_, _, n)| n.map(Sample::counted))
+            .min()
     }
 }
 
@@ -345,14 +421,19 @@ impl std::fmt::Display for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "at least {:?} in {} samples the API answered ({} while it did not); seen:",
+            "at least {:?} in {} samples the API answered ({} while it did not; {} \
+             counting replicas on a Node whose status lapsed); seen:",
             self.lowest(),
             self.answered,
-            self.unanswered
+            self.unanswered,
+            self.lapsed
         )?;
         for (at, phase, n) in &self.changes {
             match n {
-                Some(n) => write!(f, " {at}s {n} ({phase});")?,
+                Some(Sample { ready, lapsed: 0 }) => write!(f, " {at}s {ready} ({phase});")?,
+                Some(Sample { ready, lapsed }) => {
+                    write!(f, " {at}s {ready} + {lapsed} on a lapsed Node ({phase});")?
+                }
                 None => write!(f, " {at}s no answer ({phase});")?,
             }
         }
@@ -373,9 +454,12 @@ impl Sampler {
             let started = Instant::now();
             let mut held = Held::default();
             while !stopping.load(std::sync::atomic::Ordering::SeqCst) {
-                let seen = available(&kubectl).ok().flatten();
+                let seen = budget_sample(&kubectl);
                 match seen {
-                    Some(_) => held.answered += 1,
+                    Some(sample) => {
+                        held.answered += 1;
+                        held.lapsed += usize::from(sample.lapsed > 0);
+                    }
                     None => held.unanswered += 1,
                 }
                 let phase = *phase_now.lock().unwrap_or_else(|e| e.into_inner());
@@ -460,6 +544,113 @@ fn report_boot(cluster: &mut Cluster, id: &str, label: &str) {
     for (what, t) in found {
         cluster.timing(&format!("{what} (after QEMU start)"), t);
     }
+}
+
+/// The guest's clock, its pod sandboxes and its containers, as one shell
+/// command prints them for [`container_timeline`], after a line of its own
+/// (which the echoed command does not hold: the shell joins the quotes);
+/// crictl's warnings (it has no config file) would cut into the JSON.
+const CONTAINERS: &str = "echo SLIPWAY-''TIMELINE; cut -d' ' -f1 /proc/uptime; date +%s.%N; \
+    crictl --runtime-endpoint unix:///run/containerd/containerd.sock pods -o json 2>/dev/null; \
+    crictl --runtime-endpoint unix:///run/containerd/containerd.sock ps -a -o json 2>/dev/null";
+
+/// When each pod sandbox and container of a member was created, in
+/// seconds after QEMU started: where the time between kubelet's start and
+/// a Ready Node went (which static pod started when, how long flannel
+/// took to follow the add-ons).
+fn report_containers(cluster: &Cluster, id: &str, label: &str) {
+    let Some(firmware) = cluster.vms.get(id).and_then(|vm| vm.seen("Linux version")) else {
+        return;
+    };
+    let printed =
+        match cluster.run_in_guest(id, CONTAINERS, cluster.paced(Duration::from_secs(120))) {
+            Ok(out) => out,
+            Err(e) => {
+                eprintln!("[cluster] WARNING: {label}'s containers not read: {e:#}");
+                return;
+            }
+        };
+    match container_timeline(&printed) {
+        Ok(events) => {
+            for (since_kernel, what) in events {
+                let t = firmware.as_secs_f64() + since_kernel;
+                eprintln!("[cluster] {label}: {what} created (after QEMU start): {t:.1}s");
+            }
+        }
+        Err(e) => eprintln!("[cluster] WARNING: {label}'s containers not understood: {e:#}"),
+    }
+}
+
+/// Each sandbox's and container's creation in seconds after the guest's
+/// kernel started, in order, from what [`CONTAINERS`] printed after its
+/// first line: the uptime and the wall clock (which place the kernel's
+/// start on the wall clock), then crictl's two JSON lists (times in
+/// nanoseconds since the epoch).
+fn container_timeline(printed: &str) -> Result<Vec<(f64, String)>> {
+    let (_, after) = printed
+        .rsplit_once("SLIPWAY-TIMELINE\n")
+        .or_else(|| printed.rsplit_once("SLIPWAY-TIMELINE\r\n"))
+        .context("no timeline marker")?;
+    let after = after.replace("\r\n", "\n");
+    let mut lines = after.splitn(3, '\n');
+    let mut number = |what: &str| -> Result<f64> {
+        let line = lines.next().with_context(|| format!("no {what}"))?;
+        line.trim()
+            .parse()
+            .with_context(|| format!("{what} {line:?}"))
+    };
+    let uptime = number("uptime")?;
+    let now = number("wall clock")?;
+    let kernel_started = now - uptime;
+    let rest = lines.next().context("no crictl output")?;
+    let mut lists = serde_json::Deserializer::from_str(rest).into_iter::<serde_json::Value>();
+    let mut next = |what: &str| -> Result<serde_json::Value> {
+        lists
+            .next()
+            .with_context(|| format!("no {what} list"))?
+            .with_context(|| format!("the {what} list"))
+    };
+    let pods = next("pod")?;
+    let containers = next("container")?;
+    let created = |item: &serde_json::Value| -> Option<f64> {
+        let ns = &item["createdAt"];
+        let ns = ns
+            .as_str()
+            .map_or_else(|| ns.as_f64(), |s| s.parse().ok())?;
+        Some(ns / 1e9 - kernel_started)
+    };
+    let name =
+        |item: &serde_json::Value| item["metadata"]["name"].as_str().unwrap_or("?").to_owned();
+    let mut sandboxes = BTreeMap::new();
+    let mut events = Vec::new();
+    for pod in pods["items"]
+        .as_array()
+        .context("no items in the pod list")?
+    {
+        sandboxes.insert(pod["id"].as_str().unwrap_or_default().to_owned(), name(pod));
+        if let Some(t) = created(pod) {
+            events.push((t, format!("pod {}", name(pod))));
+        }
+    }
+    let listed = containers["containers"]
+        .as_array()
+        .context("no containers in the container list")?;
+    for c in listed {
+        let pod = sandboxes
+            .get(c["podSandboxId"].as_str().unwrap_or_default())
+            .map_or("?", String::as_str);
+        let attempt = c["metadata"]["attempt"].as_u64().unwrap_or(0);
+        let retried = if attempt > 0 {
+            format!(" (attempt {})", attempt + 1)
+        } else {
+            String::new()
+        };
+        if let Some(t) = created(c) {
+            events.push((t, format!("container {pod}/{}{retried}", name(c))));
+        }
+    }
+    events.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(events)
 }
 
 /// Asks for a privileged pod in the default namespace until the API
@@ -1056,6 +1247,7 @@ spec:
     // ends after its own Node is Ready) has surely said it is done.
     report_boot(&mut cluster, &master.id, "master");
     report_boot(&mut cluster, &node.id, "node");
+    report_containers(&cluster, &master.id, "master");
 
     // 2. The release update: the stack moves to the next release; its
     // groups roll as the template's UpdatePolicy says (the harness plays
@@ -1112,13 +1304,10 @@ spec:
         grace,
         &[],
         &mut |cluster, retired| {
-            ensure!(
-                retired.shutdown.is_some(),
-                "the master did not shut down within {grace:?}"
-            );
             // Drained first (its pods moved to the node under their
             // budgets), then stopped cleanly.
             retired.left_cleanly(&[" drained: ", "kubelet stopped, then"])?;
+            retired.shut_down(grace)?;
             // 4 (master's disks). Scanned while nothing has them open.
             let scanning = Instant::now();
             for h in scan_file(&root_disk(cluster, &retired.id), &needles)? {
@@ -1312,11 +1501,6 @@ spec:
         grace,
         &[],
         &mut |cluster, retired| {
-            ensure!(
-                retired.shutdown.is_some(),
-                "node {} did not shut down within {grace:?}",
-                retired.id
-            );
             // It cordoned itself and moved the budgeted Deployment's pod
             // through the eviction API; the rest of its drain is reported
             // (it ends at its deadline if the API server stops answering).
@@ -1324,6 +1508,7 @@ spec:
                 &format!("cordoned node/{}", retired.id),
                 "evicted default/steady-",
             ])?;
+            retired.shut_down(grace)?;
             let drained = retired
                 .departure()
                 .lines()
@@ -1341,7 +1526,9 @@ spec:
     // The budget is judged over the update's batches, whose evictions it
     // governs. Afterwards nothing evicts; a busy master's API server that
     // lets the Nodes' leases lapse can still mark pods unready for a while
-    // (seen during a backup under TCG), which no budget prevents.
+    // (seen during a backup under TCG), which no budget prevents: during
+    // the batches too, so a replica on a Node whose status lapsed counts
+    // (see `count_for_budget`).
     let held = sampler.stop();
     eprintln!("[cluster] steady's available replicas through the update: {held}");
     ensure!(
@@ -1655,4 +1842,88 @@ spec:
         );
     }
     Ok(())
+}
+
+#[test]
+fn a_members_containers_are_placed_after_its_kernel_start_in_order() {
+    // Kernel started at 1000.0 on the wall clock; crictl's times are ns.
+    let printed = "{ echo SLIPWAY-''TIMELINE; cut; } \nSLIPWAY-TIMELINE\r\n12.50\n1012.50\n\
+        {\"items\": [{\"id\": \"p1\", \"metadata\": {\"name\": \"etcd-m\"}, \"createdAt\": \"1004000000000\"}]}\n\
+        {\"containers\": [\
+          {\"podSandboxId\": \"p1\", \"metadata\": {\"name\": \"etcd\", \"attempt\": 1}, \"createdAt\": \"1009500000000\"},\
+          {\"podSandboxId\": \"p1\", \"metadata\": {\"name\": \"etcd\", \"attempt\": 0}, \"createdAt\": \"1005000000000\"}]}\n";
+    let events = container_timeline(printed).unwrap();
+    let shown: Vec<(String, &str)> = events
+        .iter()
+        .map(|(t, what)| (format!("{t:.1}"), what.as_str()))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("4.0".into(), "pod etcd-m"),
+            ("5.0".into(), "container etcd-m/etcd"),
+            ("9.5".into(), "container etcd-m/etcd (attempt 2)")
+        ]
+    );
+    assert!(container_timeline("SLIPWAY-TIMELINE\n12.5\nnot a clock\n{}").is_err());
+    assert!(container_timeline("12.5\n1012.5\n{}").is_err());
+}
+
+#[test]
+fn a_replica_counts_for_its_budget_when_ready_or_when_only_its_nodes_status_lapsed() {
+    let node = |name: &str, ready: &str, cordoned: bool| {
+        serde_json::json!({"kind": "Node", "metadata": {"name": name},
+            "spec": {"unschedulable": cordoned},
+            "status": {"conditions": [{"type": "Ready", "status": ready}]}})
+    };
+    let pod = |node: &str, ready: &str, deleting: bool| {
+        let mut p = serde_json::json!({"kind": "Pod",
+            "metadata": {"name": "steady-x", "labels": {"app": "steady"}},
+            "spec": {"nodeName": node},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": ready}]}});
+        if deleting {
+            p["metadata"]["deletionTimestamp"] = "2026-12-05T12:00:00Z".into();
+        }
+        p
+    };
+    let count = |items: Vec<serde_json::Value>| count_for_budget(&items);
+    // Both Ready; another app's pod is not counted.
+    let mut other = pod("a", "True", false);
+    other["metadata"]["labels"]["app"] = "web".into();
+    assert_eq!(
+        count(vec![
+            node("a", "True", false),
+            pod("a", "True", false),
+            pod("b", "True", false),
+            other
+        ]),
+        Sample {
+            ready: 2,
+            lapsed: 0
+        }
+    );
+    // Unready on a Node whose status lapsed: counted apart.
+    let lapsed = count(vec![
+        node("a", "Unknown", false),
+        pod("a", "False", false),
+        pod("b", "True", false),
+    ]);
+    assert_eq!(
+        lapsed,
+        Sample {
+            ready: 1,
+            lapsed: 1
+        }
+    );
+    assert_eq!(lapsed.counted(), 2);
+    // Unready on a Ready Node, on a cordoned (departed) Node, or being
+    // deleted: not counted.
+    for items in [
+        vec![node("a", "True", false), pod("a", "False", false)],
+        vec![node("a", "Unknown", true), pod("a", "False", false)],
+        vec![node("a", "Unknown", false), pod("a", "True", true)],
+        vec![pod("a", "False", false)],
+    ] {
+        assert_eq!(count(items.clone()).counted(), 0, "{items:?}");
+    }
 }

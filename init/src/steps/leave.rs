@@ -282,6 +282,8 @@ async fn drain(ctx: &Context) -> Result<String, StepError> {
     let started = Instant::now();
     let mut cordoned = false;
     let mut evicted = 0usize;
+    // When the drain last said which pods it waits for.
+    let mut said: Option<Instant> = None;
     loop {
         // A busy or briefly unreachable API server is asked again, until
         // the deadline.
@@ -310,14 +312,24 @@ async fn drain(ctx: &Context) -> Result<String, StepError> {
                 started.elapsed().as_secs()
             ));
         }
+        let names: Vec<String> = left.iter().map(|(ns, n, _)| format!("{ns}/{n}")).collect();
         if started.elapsed() >= ctx.deadlines.drain {
-            let names: Vec<String> = left.iter().map(|(ns, n, _)| format!("{ns}/{n}")).collect();
             return Err(StepError::Wait(format!(
                 "node/{node}: {} pods still here at the `drain` deadline ({}s): {}",
                 left.len(),
                 ctx.deadlines.drain.as_secs(),
                 names.join(", ")
             )));
+        }
+        if said.map_or(true, |at| at.elapsed() >= retry::SAY_EVERY) {
+            said = Some(Instant::now());
+            tracing::info!(
+                step = LEAVE_STEP,
+                "{} pods still on node/{node} after {}s: {}",
+                left.len(),
+                started.elapsed().as_secs(),
+                names.join(", ")
+            );
         }
         for (namespace, name, leaving) in &left {
             if *leaving {
@@ -382,10 +394,12 @@ async fn stop_control_plane(ctx: &Context) -> Result<String, StepError> {
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
+    tracing::info!(step = LEAVE_STEP, "kubelet stopped");
     let mut stopped = Vec::new();
     for name in STOP_ORDER {
         for id in running(ctx, name)? {
             crictl(ctx, &["stop", "--timeout", STOP_GRACE, &id])?;
+            tracing::info!(step = LEAVE_STEP, "{name} stopped");
             stopped.push(*name);
         }
     }

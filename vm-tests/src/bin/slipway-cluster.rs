@@ -80,7 +80,10 @@ fn main() -> Result<()> {
             cluster.launch(&i)?;
         }
     }
-    eprintln!("[cluster] booting; under TCG this takes 5-15 minutes (consoles in target/vm-logs once stopped)");
+    eprintln!(
+        "[cluster] booting; under TCG this takes 5-15 minutes (consoles in {} once stopped)",
+        vm_tests::vm_logs_dir().display()
+    );
     let start = Instant::now();
     let kubeconfig = loop {
         if STOP.load(Ordering::SeqCst) {

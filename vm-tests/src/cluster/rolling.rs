@@ -49,6 +49,8 @@ pub struct Retired {
     pub console: String,
     /// Where in `console` its shutdown began (the power button).
     pub departure_from: usize,
+    /// The longest its console printed nothing from the power button on.
+    pub silence: Duration,
 }
 
 /// What a guest kernel prints as it dies of a fault (the emulator's, as
@@ -84,9 +86,38 @@ impl Retired {
             .find(|l| KERNEL_FAULTS.iter().any(|f| l.contains(f)))
     }
 
+    /// Why its guest counts as frozen or dead by the emulator's fault, if
+    /// it does: its kernel died of a fault, or its console printed nothing
+    /// for as long as a live guest never is silent (a departure logs at
+    /// least every minute or so).
+    pub fn emulator_fault(&self) -> Option<String> {
+        if let Some(fault) = self.kernel_fault() {
+            return Some(format!("its kernel died as it shut down ({fault})"));
+        }
+        (self.silence >= super::GUEST_SILENCE).then(|| {
+            format!(
+                "its console printed nothing for {}s as it shut down",
+                self.silence.as_secs()
+            )
+        })
+    }
+
+    /// Ok if its guest powered off within the `grace` it had, the one
+    /// [`super::Cluster::retire`] gave it; an emulator fault if it froze.
+    pub fn shut_down(&self, grace: Duration) -> Result<()> {
+        if self.shutdown.is_some() {
+            return Ok(());
+        }
+        match self.emulator_fault() {
+            Some(why) => bail!("{}: {}: {why}", super::EMULATOR_FAULT, self.id),
+            None => bail!("{} did not shut down within {grace:?}", self.id),
+        }
+    }
+
     /// Ok if its departure printed every one of `markers` (what leaving
-    /// cleanly logs); otherwise an error naming what did not show and the
-    /// departure's slipway lines, as an emulator fault if its kernel died.
+    /// cleanly logs); otherwise an error naming what did not show, the
+    /// departure's slipway lines and its last lines, as an emulator fault
+    /// if its guest froze or its kernel died.
     pub fn left_cleanly(&self, markers: &[&str]) -> Result<()> {
         let departure = self.departure();
         let missing: Vec<&str> = markers
@@ -101,14 +132,15 @@ impl Retired {
             .lines()
             .filter(|l| l.contains("slipway") || l.contains("leave"))
             .collect();
-        let shown = if ours.is_empty() {
-            crate::last_lines(departure, 30)
-        } else {
-            crate::last_lines(&ours.join("\n"), 30)
-        };
-        match self.kernel_fault() {
-            Some(fault) => bail!(
-                "{}: {} left no {missing:?}: its kernel died as it shut down ({fault})\n{shown}",
+        let shown = format!(
+            "{}\n--- the departure's last lines (its longest silence: {}s) ---\n{}",
+            crate::last_lines(&ours.join("\n"), 30),
+            self.silence.as_secs(),
+            crate::last_lines(departure, 15)
+        );
+        match self.emulator_fault() {
+            Some(why) => bail!(
+                "{}: {} left no {missing:?}: {why}\n{shown}",
                 super::EMULATOR_FAULT,
                 self.id
             ),
@@ -481,9 +513,13 @@ impl Cluster {
         let mut retired = Vec::new();
         for i in instances {
             let departure_from = self.vms.get(&i.id).map_or(0, |vm| vm.console().len());
-            let shutdown = match self.vms.get_mut(&i.id) {
-                Some(vm) => vm.power_down(grace)?,
-                None => None,
+            let (shutdown, silence) = match self.vms.get_mut(&i.id) {
+                Some(vm) => {
+                    let button = vm.uptime();
+                    let took = vm.power_down(grace)?;
+                    (took, vm.longest_silence_since(button))
+                }
+                None => (None, Duration::ZERO),
             };
             let mut console = String::new();
             if let Some(vm) = self.vms.remove(&i.id) {
@@ -503,6 +539,7 @@ impl Cluster {
                 shutdown,
                 console,
                 departure_from,
+                silence,
             });
         }
         Ok(retired)
@@ -656,6 +693,7 @@ mod tests {
             shutdown: Some(Duration::from_secs(27)),
             console: format!("{before}{departure}"),
             departure_from: before.len(),
+            silence: Duration::from_secs(40),
         }
     }
 
@@ -683,6 +721,27 @@ mod tests {
         assert!(e.starts_with(crate::cluster::EMULATOR_FAULT), "{e}");
         assert!(e.contains("slipway-init[77]: leaving"), "{e}");
         assert!(died.kernel_fault().unwrap().contains("Oops: int3"));
+
+        // A guest that froze on the way out (a live one prints at least
+        // every minute or so) is the emulator's fault too, killed or not.
+        let mut froze = retired(boot, "[ 90.0] slipway-init[77]: slipway-init starting\n");
+        froze.silence = crate::cluster::GUEST_SILENCE + Duration::from_secs(1);
+        let e = froze.left_cleanly(&markers).unwrap_err().to_string();
+        assert!(e.starts_with(crate::cluster::EMULATOR_FAULT), "{e}");
+        assert!(e.contains("printed nothing for 481s"), "{e}");
+        froze.shutdown = None;
+        let e = froze.shut_down(Duration::from_secs(540)).unwrap_err();
+        assert!(e.to_string().starts_with(crate::cluster::EMULATOR_FAULT));
+        let mut killed = retired(boot, clean);
+        killed.shutdown = None;
+        let e = killed.shut_down(Duration::from_secs(540)).unwrap_err();
+        assert!(
+            !e.to_string().contains(crate::cluster::EMULATOR_FAULT),
+            "{e}"
+        );
+        assert!(retired(boot, clean)
+            .shut_down(Duration::from_secs(540))
+            .is_ok());
 
         // A cut inside a character (one read half-way through writing it).
         let mut cut = retired("boot ●", "[ 90.0] reboot: Power down\n");
