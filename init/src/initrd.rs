@@ -14,6 +14,10 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// The secrets' tmpfs's options: srv-kubernetes.mount's, which the boot
+/// check holds the mount to.
+pub const SECRETS_TMPFS: &str = "mode=0700,size=64m";
+
 const DEVICE_DEADLINE: Duration = Duration::from_secs(60);
 const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 
@@ -280,8 +284,18 @@ fn assemble(params: &BootParams) -> Result<(), InitrdError> {
         0,
         &format!("lowerdir=/sysroot/etc,upperdir={o}/upper,workdir={o}/work"),
     )?;
+    // The secrets' tmpfs, as srv-kubernetes.mount describes it: mounted
+    // here, a system call, it is not a mount(8) run at the head of
+    // slipway-init's critical chain; systemd finds it mounted.
+    mount(
+        "tmpfs",
+        &format!("/sysroot{}", crate::contract::SECRETS_DIR),
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        SECRETS_TMPFS,
+    )?;
     say(&format!(
-        "root, /var and /etc ready in {} ms",
+        "root, /var, /etc and the secrets' tmpfs ready in {} ms",
         t0.elapsed().as_millis()
     ));
     Ok(())
@@ -448,6 +462,25 @@ mod tests {
     use super::*;
 
     const HASH: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn the_secrets_tmpfs_is_mounted_as_its_unit_describes_it() {
+        let unit = include_str!("../../units/srv-kubernetes.mount");
+        let field = |key: &str| {
+            unit.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_default()
+        };
+        assert_eq!(field("Where="), crate::contract::SECRETS_DIR);
+        assert_eq!(field("Type="), "tmpfs");
+        let mut in_unit: Vec<&str> = field("Options=").split(',').collect();
+        let mut here: Vec<&str> = SECRETS_TMPFS.split(',').collect();
+        // The flags the mount call passes (MS_NOSUID, MS_NODEV, MS_NOEXEC).
+        here.extend(["nosuid", "nodev", "noexec"]);
+        in_unit.sort_unstable();
+        here.sort_unstable();
+        assert_eq!(in_unit, here);
+    }
 
     #[test]
     fn cmdline_gives_root_hash_and_init() {
