@@ -264,9 +264,12 @@ fn paths(args: &Args) -> Paths {
 }
 
 /// The stack config and this instance's identity, from the flags or IMDS.
-async fn context(args: &Args, deadlines: Deadlines) -> Result<Context, ContextError> {
-    let imds = Imds::new(&args.imds_endpoint, deadlines.metadata)
-        .map_err(|e| ContextError::Transient(chain(&e)))?;
+/// The stack config: the file `--config` names, or the instance's user
+/// data.
+async fn stack_config(
+    args: &Args,
+    imds: &Imds,
+) -> Result<slipway_init::config::StackConfig, ContextError> {
     let bytes = match &args.config {
         Some(path) => std::fs::read(path)
             .map_err(|e| ContextError::Config(format!("reading {}: {e}", path.display())))?,
@@ -275,8 +278,14 @@ async fn context(args: &Args, deadlines: Deadlines) -> Result<Context, ContextEr
             .await
             .map_err(|e| ContextError::Transient(chain(&e)))?,
     };
-    let config = slipway_init::config::StackConfig::parse(&bytes)
-        .map_err(|e| ContextError::Config(e.to_string()))?;
+    slipway_init::config::StackConfig::parse(&bytes)
+        .map_err(|e| ContextError::Config(e.to_string()))
+}
+
+async fn context(args: &Args, deadlines: Deadlines) -> Result<Context, ContextError> {
+    let imds = Imds::new(&args.imds_endpoint, deadlines.metadata)
+        .map_err(|e| ContextError::Transient(chain(&e)))?;
+    let config = stack_config(args, &imds).await?;
     let instance = match (&args.instance_id, &args.availability_zone) {
         (Some(id), Some(az)) => Instance {
             id: id.clone(),
@@ -393,7 +402,8 @@ async fn add_ons(ctx: &Context) -> Result<(), steps::Failed> {
         return Ok(());
     };
     let api = steps::addons::Readyz::local(ctx).map_err(failed)?;
-    let report = steps::bounded(ctx, step, steps::addons::run(&master, &api)).await?;
+    let local = steps::addons::LocalApi::local(ctx).map_err(failed)?;
+    let report = steps::bounded(ctx, step, steps::addons::run(&master, &api, &local)).await?;
     report.log();
     Ok(())
 }

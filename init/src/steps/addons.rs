@@ -5,6 +5,7 @@
 
 use super::{Context, Master, Report, StepError};
 use crate::retry::{self, Backoff};
+use serde::Deserialize;
 use std::time::Duration;
 
 pub const STEP: &str = "addons";
@@ -52,11 +53,11 @@ impl Readyz {
 /// Where the master's API server answers for itself, as its super-admin.
 pub const LOCAL_API: &str = "https://127.0.0.1:6443";
 
-/// The master's own API server, read in-process as its super-admin (the
-/// kubeconfig on the tmpfs): for the approver's lists every few seconds,
-/// each of which would cost a kubectl run, about two seconds of CPU under
-/// emulation, while the control plane and the add-ons start on the same
-/// CPUs. Writes stay with kubectl.
+/// The master's own API server, spoken to in-process as its super-admin
+/// (the kubeconfig on the tmpfs): for the add-ons and the approver's lists
+/// every few seconds, each of which would cost a kubectl run, about two
+/// seconds of CPU under emulation, while the control plane and the add-ons
+/// start on the same CPUs. The approver's decisions stay with kubectl.
 #[derive(Debug, Clone)]
 pub struct LocalApi {
     http: reqwest::Client,
@@ -87,14 +88,75 @@ impl LocalApi {
 
     /// The body of a successful GET of `path` (`/api/v1/nodes`).
     pub async fn get(&self, path: &str) -> Result<String, StepError> {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    /// The body of a successful JSON merge patch of the object at `path`.
+    pub async fn merge_patch(
+        &self,
+        path: &str,
+        patch: &serde_json::Value,
+    ) -> Result<String, StepError> {
+        let body = ("application/merge-patch+json", patch.to_string());
+        self.send(reqwest::Method::PATCH, path, Some(body)).await
+    }
+
+    /// Applies `object` server-side as the add-ons' field manager, taking
+    /// over fields another manager set, as `kubectl apply --server-side
+    /// --force-conflicts --field-manager=slipway` does; unknown or
+    /// duplicate fields are refused.
+    pub async fn apply(&self, object: &serde_json::Value) -> Result<String, StepError> {
+        let path = object_path(object).map_err(|message| StepError::Invalid {
+            what: "an add-on".into(),
+            message,
+        })?;
+        let query =
+            format!("{path}?fieldManager={FIELD_MANAGER}&force=true&fieldValidation=Strict");
+        let body = ("application/apply-patch+yaml", object.to_string());
+        self.send(reqwest::Method::PATCH, &query, Some(body)).await
+    }
+
+    /// Deletes the object at `path`; one that is not there is no error.
+    /// Returns whether there was one.
+    pub async fn delete(&self, path: &str) -> Result<bool, StepError> {
+        let answer = self
+            .exchange(reqwest::Method::DELETE, path, None, true)
+            .await?;
+        Ok(answer.is_some())
+    }
+
+    /// The body of a successful answer to `method` on `path`.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, String)>,
+    ) -> Result<String, StepError> {
+        let answer = self.exchange(method, path, body, false).await?;
+        Ok(answer.unwrap_or_default())
+    }
+
+    /// The body of a successful answer to `method` on `path`, or `None`
+    /// when the object is not there and `absent_is_fine`.
+    async fn exchange(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, String)>,
+        absent_is_fine: bool,
+    ) -> Result<Option<String>, StepError> {
         let url = format!("{}{path}", self.base);
         let failed = |message: String| StepError::Invalid {
-            what: format!("GET {url}"),
+            what: format!("{method} {url}"),
             message,
         };
-        let answer = self
-            .http
-            .get(&url)
+        let mut request = self.http.request(method.clone(), &url);
+        if let Some((content_type, body)) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(body);
+        }
+        let answer = request
             .send()
             .await
             .map_err(|e| failed(crate::error_chain(&e, ": ")))?;
@@ -103,12 +165,15 @@ impl LocalApi {
             .text()
             .await
             .map_err(|e| failed(crate::error_chain(&e, ": ")))?;
+        if status == reqwest::StatusCode::NOT_FOUND && absent_is_fine {
+            return Ok(None);
+        }
         if !status.is_success() {
             let mut message = format!("{status}: {body}");
             message.truncate(300);
             return Err(failed(message));
         }
-        Ok(body)
+        Ok(Some(body))
     }
 }
 
@@ -168,16 +233,130 @@ pub const REQUEST_TIMEOUT: &str = "--request-timeout=60s";
 /// The rendered add-on that holds the bootstrap token's Secret.
 pub const TOKEN_FILE: &str = "10-bootstrap.yaml";
 
-const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane=";
+const CONTROL_PLANE_LABEL: &str = "node-role.kubernetes.io/control-plane";
+
+/// The master's Node's labels, as a merge patch: its role, and its image's
+/// release when the image names one.
+fn master_labels(release: Option<&str>) -> serde_json::Value {
+    let mut labels = serde_json::Map::new();
+    labels.insert(CONTROL_PLANE_LABEL.into(), "".into());
+    if let Some(release) = release {
+        labels.insert(crate::render::RELEASE_LABEL.into(), release.into());
+    }
+    serde_json::json!({"metadata": {"labels": labels}})
+}
+
+/// How the master waits for its own API server, asked in-process: every
+/// second. A question costs next to nothing, and a back-off grown to ten
+/// seconds would let the boot wait on it up to as long after the answer
+/// came.
+fn every_second(deadline: Duration) -> Backoff {
+    Backoff::every(Duration::from_secs(1), deadline)
+}
 
 /// Objects earlier releases applied that this one must not leave behind:
 /// the bindings that had the controller manager approve every
 /// bootstrapper's and every kubelet's certificate request (the approver
 /// decides those now).
 const WITHDRAWN: &[&str] = &[
-    "clusterrolebinding/slipway:node-autoapprove-bootstrap",
-    "clusterrolebinding/slipway:node-autoapprove-certificate-rotation",
+    "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/slipway:node-autoapprove-bootstrap",
+    "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/slipway:node-autoapprove-certificate-rotation",
 ];
+
+/// The field manager that owns what the add-ons set.
+const FIELD_MANAGER: &str = "slipway";
+
+/// The kinds the add-ons hold, where the API serves them: API version,
+/// kind, resource, and whether an object of it lives in a namespace. The
+/// API's discovery would say the same at the cost of requests at every
+/// boot; a kind added to the add-ons and missing here fails the unit test
+/// that reads them, not a boot.
+const KINDS: &[(&str, &str, &str, bool)] = &[
+    ("v1", "Namespace", "namespaces", false),
+    ("v1", "ServiceAccount", "serviceaccounts", true),
+    ("v1", "ConfigMap", "configmaps", true),
+    ("v1", "Secret", "secrets", true),
+    ("v1", "Service", "services", true),
+    ("apps/v1", "DaemonSet", "daemonsets", true),
+    ("apps/v1", "Deployment", "deployments", true),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "ClusterRole",
+        "clusterroles",
+        false,
+    ),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "ClusterRoleBinding",
+        "clusterrolebindings",
+        false,
+    ),
+    ("rbac.authorization.k8s.io/v1", "Role", "roles", true),
+    (
+        "rbac.authorization.k8s.io/v1",
+        "RoleBinding",
+        "rolebindings",
+        true,
+    ),
+];
+
+/// The API path of `object` (`/apis/apps/v1/namespaces/kube-system/daemonsets/kube-proxy`);
+/// a namespaced object without a namespace is in `default`, as kubectl
+/// would put it.
+fn object_path(object: &serde_json::Value) -> Result<String, String> {
+    fn field(v: &serde_json::Value) -> Option<&str> {
+        v.as_str().filter(|s| !s.is_empty())
+    }
+    let version = field(&object["apiVersion"]).ok_or("no apiVersion")?;
+    let kind = field(&object["kind"]).ok_or("no kind")?;
+    let name = field(&object["metadata"]["name"])
+        .ok_or_else(|| format!("a {kind} without metadata.name"))?;
+    let (_, _, resource, namespaced) = KINDS
+        .iter()
+        .find(|(v, k, _, _)| *v == version && *k == kind)
+        .ok_or_else(|| format!("{version} {kind} {name}: not a kind the add-ons step knows"))?;
+    let group = match version {
+        "v1" => "/api/v1".to_owned(),
+        _ => format!("/apis/{version}"),
+    };
+    Ok(if *namespaced {
+        let namespace = field(&object["metadata"]["namespace"]).unwrap_or("default");
+        format!("{group}/namespaces/{namespace}/{resource}/{name}")
+    } else {
+        format!("{group}/{resource}/{name}")
+    })
+}
+
+/// Every object of the rendered add-ons in `dir`: its `.yaml` files in
+/// name order, each file's documents in order (as `kubectl apply -f`
+/// takes them), each checked to have a known place in the API before
+/// anything is applied.
+pub fn read_addons(dir: &std::path::Path) -> Result<Vec<serde_json::Value>, StepError> {
+    let invalid = |what: &std::path::Path, message: String| StepError::Invalid {
+        what: what.display().to_string(),
+        message,
+    };
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| invalid(dir, e.to_string()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let mut objects = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(|e| invalid(&file, e.to_string()))?;
+        for document in serde_yaml_ng::Deserializer::from_str(&text) {
+            let object = serde_json::Value::deserialize(document)
+                .map_err(|e| invalid(&file, e.to_string()))?;
+            if object.is_null() {
+                continue;
+            }
+            object_path(&object).map_err(|message| invalid(&file, message))?;
+            objects.push(object);
+        }
+    }
+    Ok(objects)
+}
 
 /// kubectl as the master's control plane uses it: the super-admin
 /// kubeconfig on the tmpfs, every request bounded.
@@ -239,17 +418,19 @@ pub fn retire_tokens(ctx: &Context) -> Result<Vec<String>, StepError> {
 }
 
 /// Waits for the API server (up to `api-server`), hands the kubelet the
-/// static pods held until it answers, applies the add-ons, labels the
+/// static pods held until it answers, applies the add-ons and withdraws
+/// what earlier releases applied (in-process, through `local`), labels the
 /// master's Node once its kubelet registered it (up to `node-registers`),
-/// and waits for that Node to be Ready (up to `node-ready`), lifting the
-/// cordon its predecessor's departure left.
-pub async fn run(ctx: &Master<'_>, api: &Readyz) -> Result<Report, StepError> {
+/// retires tokens that never expire, and waits for that Node to be Ready
+/// (up to `node-ready`), lifting the cordon its predecessor's departure
+/// left.
+pub async fn run(ctx: &Master<'_>, api: &Readyz, local: &LocalApi) -> Result<Report, StepError> {
     let dir = ctx.paths.secrets.join("addons");
     let dir = dir.to_string_lossy();
     let kubectl = kubectl(ctx);
     retry::until(
         "waiting for the API server to be ready",
-        Backoff::new(ctx.deadlines.api_server),
+        every_second(ctx.deadlines.api_server),
         || async { Ok::<_, StepError>(api.ready().await.then_some(())) },
     )
     .await
@@ -274,34 +455,33 @@ pub async fn run(ctx: &Master<'_>, api: &Readyz) -> Result<Report, StepError> {
         step = STEP,
         "the API server is ready{started}; applying the add-ons"
     );
-    let out = kubectl(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "--field-manager=slipway",
-        "-f",
-        &dir,
-    ])?;
-    let objects = out.lines().filter(|l| !l.trim().is_empty()).count();
-    // One kubectl run for all of them.
-    let mut withdraw = vec!["delete", "--ignore-not-found"];
-    withdraw.extend_from_slice(WITHDRAWN);
-    kubectl(&withdraw)?;
-    retire_tokens(ctx)?;
+    // In-process, each object one request: no kubectl run (seconds of CPU
+    // under emulation) while the controller manager and the scheduler
+    // start.
+    let objects = read_addons(std::path::Path::new(dir.as_ref()))?;
+    for object in &objects {
+        local.apply(object).await?;
+    }
+    for path in WITHDRAWN {
+        local.delete(path).await?;
+    }
     // The master's role label (a kubelet may not set node-role labels on
     // itself), once its kubelet has registered the node; and its release
     // label, which a replacement master's kubelet does not put on the Node
     // its predecessor registered under the same name.
+    // Patched in-process, the patch failing until the kubelet registered
+    // the Node: asked every second, the wait ends when the Node appears.
     let name = crate::render::master_node_name(ctx.ip);
     let node = format!("node/{name}");
-    let release = crate::render::image_release(&ctx.paths.etc)
-        .map(|r| format!("{}={r}", crate::render::RELEASE_LABEL));
-    let mut label = vec!["label", "--overwrite", node.as_str(), CONTROL_PLANE_LABEL];
-    label.extend(release.as_deref());
+    let path = format!("/api/v1/nodes/{name}");
+    let labels = master_labels(crate::render::image_release(&ctx.paths.etc).as_deref());
     retry::until(
         &format!("waiting for {node} to register"),
-        Backoff::new(ctx.deadlines.node_registers),
-        || async { Ok::<_, StepError>(kubectl(&label).ok().map(|_| ())) },
+        every_second(ctx.deadlines.node_registers),
+        || async {
+            let patched = local.merge_patch(&path, &labels).await;
+            Ok::<_, StepError>(patched.ok().map(drop))
+        },
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
@@ -309,12 +489,17 @@ pub async fn run(ctx: &Master<'_>, api: &Readyz) -> Result<Report, StepError> {
         step = STEP,
         "{node} registered and labelled; waiting for it to be Ready"
     );
+    // Two kubectl runs, while the kubelet starts the network's pods.
+    retire_tokens(ctx)?;
     // In service means able to carry pods: a rolling update that moved on
     // to the nodes before this would find nowhere for their pods to go.
     let ready = super::leave::until_ready(ctx, &kubectl, &name).await?;
     Ok(Report::changed(
         STEP,
-        format!("applied {objects} objects from {dir}; labelled {node}; {ready}"),
+        format!(
+            "applied {} objects from {dir}; labelled {node}; {ready}",
+            objects.len()
+        ),
     ))
 }
 
@@ -384,6 +569,15 @@ mod tests {
         (Readyz::new(&url, ca.as_bytes()).unwrap(), asked)
     }
 
+    /// The stand-in as both the probe of it and its super-admin's client.
+    async fn stand_ins(statuses: &[u16]) -> (Readyz, LocalApi, Arc<Mutex<Vec<String>>>) {
+        let (base, ca, asked) = server(statuses).await;
+        let api = Readyz::new(&format!("{base}/readyz"), ca.as_bytes()).unwrap();
+        let conf = kubeconfig_for("kubernetes-super-admin");
+        let local = LocalApi::new(&base, ca.as_bytes(), &identity(&conf).unwrap()).unwrap();
+        (api, local, asked)
+    }
+
     /// The stand-in's server: its base URL, its CA (PEM) and the request
     /// lines it was sent.
     async fn server(statuses: &[u16]) -> (String, String, Arc<Mutex<Vec<String>>>) {
@@ -425,10 +619,33 @@ mod tests {
                         Ok(n) => request.extend_from_slice(&buf[..n]),
                     }
                 }
-                let line = String::from_utf8_lossy(&request);
-                log.lock()
-                    .unwrap()
-                    .push(line.lines().next().unwrap_or("").to_owned());
+                // The request line; with a body, its type and the body too.
+                let end = request
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map_or(request.len(), |p| p + 4);
+                let head = String::from_utf8_lossy(&request[..end]).into_owned();
+                let header = |name: &str| {
+                    head.lines().find_map(|l| {
+                        let (key, value) = l.split_once(':')?;
+                        key.eq_ignore_ascii_case(name)
+                            .then(|| value.trim().to_owned())
+                    })
+                };
+                let length: usize = header("content-length").map_or(0, |v| v.parse().unwrap());
+                let mut body = request[end..].to_vec();
+                while body.len() < length {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => body.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let mut logged = head.lines().next().unwrap_or("").to_owned();
+                if length > 0 {
+                    let kind = header("content-type").unwrap_or_default();
+                    logged = format!("{logged} {kind} {}", String::from_utf8_lossy(&body));
+                }
+                log.lock().unwrap().push(logged);
                 let status = if left.len() > 1 {
                     left.remove(0)
                 } else {
@@ -466,6 +683,97 @@ mod tests {
     }
 
     #[test]
+    fn an_object_is_applied_where_the_api_serves_its_kind() {
+        let path = |object: serde_json::Value| object_path(&object);
+        assert_eq!(
+            path(
+                serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                "metadata": {"name": "kube-proxy", "namespace": "kube-system"}})
+            ),
+            Ok("/apis/apps/v1/namespaces/kube-system/daemonsets/kube-proxy".into())
+        );
+        assert_eq!(
+            path(
+                serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRole", "metadata": {"name": "slipway:flannel"}})
+            ),
+            Ok("/apis/rbac.authorization.k8s.io/v1/clusterroles/slipway:flannel".into())
+        );
+        assert_eq!(
+            path(serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "settings"}})),
+            Ok("/api/v1/namespaces/default/configmaps/settings".into())
+        );
+        let job = path(serde_json::json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "once"}}));
+        assert_eq!(
+            job,
+            Err("batch/v1 Job once: not a kind the add-ons step knows".into())
+        );
+        let nameless = path(serde_json::json!({"apiVersion": "v1", "kind": "Secret"}));
+        assert_eq!(nameless, Err("a Secret without metadata.name".into()));
+    }
+
+    #[test]
+    fn every_kind_the_add_ons_hold_has_a_place_in_the_api() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/addons");
+        let mut seen = 0;
+        for file in std::fs::read_dir(&dir).unwrap() {
+            let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
+            // Templates: only their documents' top-level lines are read.
+            for document in text.split("\n---") {
+                let top = |key: &str| {
+                    document
+                        .lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .map(|v| v.trim().to_owned())
+                };
+                let (Some(version), Some(kind)) = (top("apiVersion:"), top("kind:")) else {
+                    continue;
+                };
+                let object = serde_json::json!({"apiVersion": version, "kind": kind,
+                    "metadata": {"name": "a", "namespace": "b"}});
+                assert!(object_path(&object).is_ok(), "{version} {kind}");
+                seen += 1;
+            }
+        }
+        assert!(seen >= 19, "{seen} objects in {}", dir.display());
+    }
+
+    #[test]
+    fn add_ons_of_an_unknown_kind_are_refused_before_any_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n";
+        std::fs::write(dir.path().join("10-a.yaml"), ok).unwrap();
+        std::fs::write(dir.path().join("README"), "not an add-on").unwrap();
+        assert_eq!(read_addons(dir.path()).unwrap().len(), 1);
+        let job = "---\napiVersion: batch/v1\nkind: Job\nmetadata:\n  name: once\n";
+        std::fs::write(dir.path().join("20-b.yaml"), job).unwrap();
+        let err = read_addons(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("20-b.yaml") && err.contains("batch/v1 Job once"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_masters_labels_are_its_role_and_its_release_when_it_has_one() {
+        assert_eq!(
+            master_labels(Some("0.2.0")),
+            serde_json::json!({"metadata": {"labels": {
+                "node-role.kubernetes.io/control-plane": "",
+                "slipway/release": "0.2.0",
+            }}})
+        );
+        assert_eq!(
+            master_labels(None),
+            serde_json::json!({"metadata": {"labels": {
+                "node-role.kubernetes.io/control-plane": "",
+            }}})
+        );
+    }
+
+    #[test]
     fn the_identity_is_the_kubeconfigs_certificate_then_its_key() {
         let conf = kubeconfig_for("kubernetes-super-admin");
         let pem = String::from_utf8(identity(&conf).unwrap()).unwrap();
@@ -498,10 +806,23 @@ mod tests {
     #[tokio::test]
     async fn waits_for_the_api_applies_server_side_then_waits_for_its_node() {
         let kubectl = Kubectl::default();
-        let (api, asked) = stand_in(&[500, 500, 200]).await;
+        // Not ready twice, ready; two objects applied; one withdrawn
+        // object gone already, the other deleted; the Node not registered
+        // yet, then registered.
+        let answers = [500, 500, 200, 200, 200, 404, 200, 404, 200];
+        let (api, local, asked) = stand_ins(&answers).await;
         let mut ctx = context("master", kubectl.clone()).await;
         let dir = tempfile::tempdir().unwrap();
         ctx.paths = Paths::under(dir.path());
+        let addons = ctx.paths.secrets.join("addons");
+        std::fs::create_dir_all(&addons).unwrap();
+        std::fs::write(
+            addons.join("30-flannel.yaml"),
+            "# comment\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: kube-flannel\n\
+             ---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: flannel\n  \
+             namespace: kube-flannel\n---\n",
+        )
+        .unwrap();
         std::fs::create_dir_all(&ctx.paths.etc).unwrap();
         std::fs::write(
             ctx.paths.etc.join("os-release"),
@@ -511,9 +832,42 @@ mod tests {
         let pki = ctx.paths.secrets.join("pki");
         std::fs::create_dir_all(&pki).unwrap();
         std::fs::write(pki.join("bootstrap-token"), "abcdef.0123456789abcdef").unwrap();
-        let report = run(&Master::of(&ctx).unwrap(), &api).await.unwrap();
-        // Asked until it answered ready, then nothing was applied before.
-        assert_eq!(*asked.lock().unwrap(), ["GET /readyz HTTP/1.1"; 3]);
+        let report = run(&Master::of(&ctx).unwrap(), &api, &local).await.unwrap();
+        // Asked until it answered ready, then nothing was applied before;
+        // the add-ons applied server-side, in order; the Node patched
+        // until it was there.
+        let ready = "GET /readyz HTTP/1.1";
+        let apply = "fieldManager=slipway&force=true&fieldValidation=Strict HTTP/1.1 \
+                     application/apply-patch+yaml";
+        let namespace = format!(
+            "PATCH /api/v1/namespaces/kube-flannel?{apply} \
+             {{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\"metadata\":{{\"name\":\"kube-flannel\"}}}}"
+        );
+        let account = format!(
+            "PATCH /api/v1/namespaces/kube-flannel/serviceaccounts/flannel?{apply} \
+             {{\"apiVersion\":\"v1\",\"kind\":\"ServiceAccount\",\
+             \"metadata\":{{\"name\":\"flannel\",\"namespace\":\"kube-flannel\"}}}}"
+        );
+        let withdrawn = |name: &str| {
+            format!("DELETE /apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{name} HTTP/1.1")
+        };
+        let label = "PATCH /api/v1/nodes/ip-10-0-1-10 HTTP/1.1 application/merge-patch+json \
+             {\"metadata\":{\"labels\":{\"node-role.kubernetes.io/control-plane\":\"\",\
+             \"slipway/release\":\"0.2.0\"}}}";
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [
+                ready.to_owned(),
+                ready.to_owned(),
+                ready.to_owned(),
+                namespace,
+                account,
+                withdrawn("slipway:node-autoapprove-bootstrap"),
+                withdrawn("slipway:node-autoapprove-certificate-rotation"),
+                label.to_owned(),
+                label.to_owned(),
+            ]
+        );
         assert!(ctx.paths.run.join(API_ANSWERED).exists());
         let secrets = ctx.paths.secrets.display().to_string();
         assert!(
@@ -538,15 +892,9 @@ mod tests {
         assert_eq!(
             calls,
             [
-                &format!("apply --server-side --force-conflicts --field-manager=slipway -f {secrets}/addons"),
-                "delete --ignore-not-found clusterrolebinding/slipway:node-autoapprove-bootstrap \
-                 clusterrolebinding/slipway:node-autoapprove-certificate-rotation",
                 "--namespace=kube-system get secrets --field-selector=type=bootstrap.kubernetes.io/token --output=json",
                 // Only the token that never expires and is not the current one.
                 "--namespace=kube-system delete secret --ignore-not-found bootstrap-token-old000",
-                // Its release too: a replacement master's kubelet keeps
-                // the labels of the Node it registers under again.
-                "label --overwrite node/ip-10-0-1-10 node-role.kubernetes.io/control-plane= slipway/release=0.2.0",
                 // One watch each, within the deadline (node-ready is
                 // 900 s; the first slice timed out).
                 "wait --for=condition=Ready --timeout=50s node/ip-10-0-1-10 --output=json",
@@ -559,12 +907,14 @@ mod tests {
     #[tokio::test]
     async fn an_api_that_never_answers_ready_fails_at_the_deadline() {
         let kubectl = Kubectl::default();
-        let (api, asked) = stand_in(&[500]).await;
+        let (api, local, asked) = stand_ins(&[500]).await;
         let mut ctx = context("master", kubectl.clone()).await;
         let dir = tempfile::tempdir().unwrap();
         ctx.paths = Paths::under(dir.path());
         ctx.deadlines.set("api-server=1").unwrap();
-        let err = run(&Master::of(&ctx).unwrap(), &api).await.unwrap_err();
+        let err = run(&Master::of(&ctx).unwrap(), &api, &local)
+            .await
+            .unwrap_err();
         assert!(
             err.to_string()
                 .contains("waiting for the API server to be ready: still not ready"),
