@@ -18,8 +18,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Where the images go in the image: per image an archive of its manifest
-/// and config, and every layer once under `blobs/sha256/`, which
-/// containerd's content store refers to at boot instead of copying.
+/// and config, and every layer once, unpacked under `layers/`, which
+/// containerd's overlayfs snapshotter takes at boot as the layer's
+/// snapshot instead of unpacking it.
 
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
@@ -210,6 +211,9 @@ pub struct PayloadFile {
     pub mode: u32,
     /// What identifies the content (a sha256, or an archive's and a member's).
     pub key: String,
+    /// `src` is an image's layer, to be unpacked as the directory `dest`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unpacked: bool,
 }
 
 /// What the build manifest records about the payload.
@@ -243,7 +247,7 @@ pub struct RecordedImage {
     /// Manifest and config, as an OCI archive.
     pub archive: String,
     pub archive_sha256: String,
-    /// The layers, each at `blobs/sha256/<hex>` next to the archives.
+    /// The layers, each unpacked at `layers/<hex>` next to the archives.
     pub layers: Vec<RecordedLayer>,
 }
 
@@ -318,6 +322,7 @@ pub fn resolve(
             src,
             mode: a.mode,
             key,
+            unpacked: false,
         });
     }
     let client = mirrors.client();
@@ -362,14 +367,15 @@ pub fn resolve(
         let mut layers = Vec::new();
         for layer in pulled.layers() {
             let hex = layer.digest.trim_start_matches("sha256:");
-            let dest = images_dir.join(contract::BLOBS).join(hex);
+            let dest = images_dir.join(contract::LAYERS).join(hex);
             // Images share layers; the image carries each once.
             if !files.iter().any(|f: &PayloadFile| f.dest == dest) {
                 files.push(PayloadFile {
                     dest,
                     src: fetch::blob_path(cache, hex),
-                    mode: 0o644,
+                    mode: 0o755,
                     key: hex.to_owned(),
+                    unpacked: true,
                 });
             }
             layers.push(RecordedLayer {
@@ -390,6 +396,7 @@ pub fn resolve(
             src: archive,
             mode: 0o644,
             key: sha,
+            unpacked: false,
         });
     }
     if !record.images.is_empty() {
@@ -415,6 +422,7 @@ pub fn resolve(
             src: path,
             mode: 0o644,
             key: sha,
+            unpacked: false,
         });
     }
     Ok((files, record))

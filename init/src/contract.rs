@@ -13,10 +13,12 @@ pub const MANIFESTS_DIR: &str = "/usr/share/slipway/manifests";
 /// (`name = "reference"`).
 pub const IMAGE_NAMES: &str = "images.toml";
 /// The pre-pulled images: an OCI archive (manifest and config) per image,
-/// and the layers once each under [`BLOBS`].
+/// and the layers once each, unpacked, under [`LAYERS`].
 pub const IMAGES_DIR: &str = "/usr/share/slipway/images";
-/// In [`IMAGES_DIR`]: the layers, by digest.
-pub const BLOBS: &str = "blobs/sha256";
+/// In [`IMAGES_DIR`]: each layer unpacked as overlayfs stacks it (its
+/// whiteouts overlayfs's), in a directory named by the layer's digest's
+/// hex: what containerd's overlayfs snapshotter would have made of it.
+pub const LAYERS: &str = "layers";
 /// The list of the pre-pulled images ([`ListedImage`]s, as JSON).
 pub const IMAGE_LIST: &str = "/usr/share/slipway/images/images.json";
 /// Where the cluster's secrets live at run time: a tmpfs, never a disk.
@@ -31,7 +33,7 @@ pub struct ListedImage {
     pub archive: String,
     /// The linux/amd64 image manifest's digest.
     pub digest: String,
-    /// Its layers, each at `IMAGES_DIR/BLOBS/<hex>`.
+    /// Its layers, each unpacked at `IMAGES_DIR/LAYERS/<hex>`.
     #[serde(default)]
     pub layers: Vec<ListedLayer>,
     pub reference: String,

@@ -7,6 +7,8 @@ pub mod aws;
 pub mod bootcheck;
 #[cfg(feature = "node")]
 pub mod config;
+#[cfg(feature = "node")]
+pub mod containerd;
 pub mod contract;
 pub mod dm;
 pub mod grow;

@@ -16,6 +16,7 @@ pub mod disk;
 pub mod esp;
 pub mod fat;
 pub mod gpt;
+pub mod layer;
 pub mod overlay;
 pub mod packages;
 pub mod payload;

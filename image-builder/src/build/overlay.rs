@@ -257,8 +257,13 @@ impl Overlay {
             if let Some(dir) = dest.parent() {
                 fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
             }
-            let _ = fs::remove_file(&dest);
-            fs::copy(&p.src, &dest).map_err(fsio::at("copying", &p.src))?;
+            if p.unpacked {
+                let _ = fs::remove_dir_all(&dest);
+                super::layer::unpack(&p.src, &dest)?;
+            } else {
+                let _ = fs::remove_file(&dest);
+                fs::copy(&p.src, &dest).map_err(fsio::at("copying", &p.src))?;
+            }
             fs::set_permissions(&dest, fs::Permissions::from_mode(p.mode))
                 .map_err(fsio::at("chmod", &dest))?;
         }

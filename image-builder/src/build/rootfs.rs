@@ -26,6 +26,8 @@ pub enum RootfsError {
     Io(#[from] crate::fsio::PathError),
     #[error("overlay binary {path} does not exist; build it first (cargo build --release) or pass --bin-dir")]
     MissingBinary { path: PathBuf },
+    #[error("unpacking the image layer {path}: {message}")]
+    Layer { path: PathBuf, message: String },
 }
 
 /// Paths removed from the installed tree: host leftovers, caches, logs, and

@@ -98,6 +98,9 @@ enum Command {
         /// The list the image build wrote.
         #[arg(long, default_value = slipway_init::contract::IMAGE_LIST)]
         list: PathBuf,
+        /// containerd's API socket.
+        #[arg(long, default_value = steps::images::SOCKET)]
+        containerd: PathBuf,
     },
     /// Master only: wait for the API server, apply the add-ons, signal the stack.
     Addons,
@@ -612,10 +615,10 @@ fn main() -> ExitCode {
             }
             runtime.block_on(attempt(&args, deadlines, false))
         }
-        Some(Command::Images { list }) => {
+        Some(Command::Images { list, containerd }) => {
             let root = args.root.clone().unwrap_or_else(|| PathBuf::from("/"));
-            let content = root.join(steps::images::CONTENT_STORE.trim_start_matches('/'));
-            steps::images::import(&steps::System, list, &root, &content)
+            runtime
+                .block_on(steps::images::import(list, &root, containerd))
                 .map(|r| r.log())
                 .map_err(|e| Ending::retry(chain(&e)))
         }
