@@ -230,6 +230,22 @@ fn the_control_plane_carries_the_stacks_networks() {
     let net: serde_json::Value =
         serde_json::from_str(cm["data"]["net-conf.json"].as_str().unwrap()).unwrap();
     assert_eq!(net["Network"], "10.244.0.0/16");
+    // flanneld reaches the API server by its name, as kube-proxy does,
+    // not through the Service address kube-proxy's rules make work.
+    let ds = flannel.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let env = &ds["spec"]["template"]["spec"]["containers"][0]["env"];
+    let var = |name: &str| {
+        env.as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(
+        var("KUBERNETES_SERVICE_HOST"),
+        Some("api.demo.slipway.internal".into())
+    );
+    assert_eq!(var("KUBERNETES_SERVICE_PORT"), Some("6443".into()));
     let boot = docs(file(&files, "addons/10-bootstrap.yaml"));
     assert_eq!(boot[0]["metadata"]["name"], "bootstrap-token-abcdef");
     assert_eq!(boot[0]["stringData"]["token-secret"], "0123456789abcdef");
