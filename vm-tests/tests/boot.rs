@@ -22,6 +22,31 @@ const NOT_AT_BOOT: &[&str] = &[
     "systemd-hwdb-update.service",
 ];
 
+/// The modules the image blacklists (`rootfs/usr/lib/modprobe.d`), read
+/// from the workspace the image was built from.
+fn blacklisted_modules() -> Result<Vec<String>> {
+    let path = vm_tests::workspace_dir().join("rootfs/usr/lib/modprobe.d/slipway.conf");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let names: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("blacklist "))
+        .map(|n| n.trim().to_owned())
+        .collect();
+    ensure!(
+        !names.is_empty(),
+        "no blacklisted modules in {}",
+        path.display()
+    );
+    Ok(names)
+}
+
+/// The seconds after the kernel started of a `short-monotonic` journal
+/// line (`[   29.363910] host unit[pid]: …`).
+fn monotonic(line: &str) -> Option<f64> {
+    let (stamp, _) = line.trim_start().strip_prefix('[')?.split_once(']')?;
+    stamp.trim().parse().ok()
+}
+
 /// The units the image masks (links to /dev/null in the overlay's
 /// `etc/systemd/system`), read from the workspace the image was built from.
 fn masked_units() -> Result<Vec<String>> {
@@ -44,7 +69,10 @@ fn masked_units() -> Result<Vec<String>> {
 /// here), systemd-analyze's blame (`SLIPWAY-TEST-BLAME`), what
 /// systemd-sysusers would still create (`SLIPWAY-TEST-SYSUSERS`) and two
 /// of the kernel's on-demand device nodes (`SLIPWAY-TEST-NODE`), and the
-/// size of `/var`'s filesystem in MiB (`SLIPWAY-TEST-VAR-MIB`). It sleeps
+/// size of `/var`'s filesystem in MiB (`SLIPWAY-TEST-VAR-MIB`), networkd's
+/// line for the moment it took the network interface over (`SLIPWAY-TEST-NET`,
+/// waited for up to a minute) and the loaded modules (`SLIPWAY-TEST-MODULE`).
+/// It sleeps
 /// first, so that its own processes do not slow the boot it measures
 /// (`$$` is systemd's escape for the shell's `$`).
 const BOOT_ANALYSIS: &str = "[Unit]\nDescription=boot analysis (test only)\n\n\
@@ -57,6 +85,10 @@ const BOOT_ANALYSIS: &str = "[Unit]\nDescription=boot analysis (test only)\n\n\
     systemd-sysusers --dry-run 2>&1 | sed \"s/^/SLIPWAY-TEST-SYSUSERS /\"; \
     ls -l /dev/net/tun /dev/loop-control 2>&1 | sed \"s/^/SLIPWAY-TEST-NODE /\"; \
     df -B1M --output=size /var | tail -n 1 | sed \"s/^ */SLIPWAY-TEST-VAR-MIB /\"; \
+    for i in $$(seq 30); do journalctl -b -u systemd-networkd --no-pager | grep -q \"Configuring with\" && break; sleep 2; done; \
+    journalctl -b -o short-monotonic --no-pager -u systemd-networkd | grep -m1 \"Configuring with\" \
+    | sed \"s/^/SLIPWAY-TEST-NET /\"; \
+    cut -d\" \" -f1 /proc/modules | sed \"s/^/SLIPWAY-TEST-MODULE /\"; \
     echo SLIPWAY-TEST-ANALYSED'\n";
 
 /// A unit's ordering and when it started and became active (µs after the
@@ -255,6 +287,34 @@ fn image_boots_with_a_verity_read_only_root() -> Result<()> {
         nodes.len() == 2 && nodes.iter().all(|l| l.starts_with('c')),
         "the kernel's on-demand device nodes are missing: {nodes:?}"
     );
+    // The network interface's driver comes with the initramfs, and udev
+    // loads no driver for what an instance never uses: networkd takes the
+    // interface over as soon as udev has named it.
+    let configured = lines("SLIPWAY-TEST-NET ")
+        .first()
+        .and_then(|l| monotonic(l))
+        .with_context(|| {
+            format!(
+                "networkd did not take the interface over within a minute\n{}",
+                vm.tail(40)
+            )
+        })?;
+    eprintln!("networkd took the network interface over {configured:.1}s after the kernel started");
+    vm_tests::figures::record(&[(
+        "boot: network interface configured (after the kernel)",
+        Duration::from_secs_f64(configured),
+    )]);
+    let loaded = lines("SLIPWAY-TEST-MODULE ");
+    ensure!(
+        loaded.iter().any(|m| m == "virtio_net"),
+        "the analysis listed no virtio_net among the loaded modules: {loaded:?}"
+    );
+    for module in blacklisted_modules()? {
+        ensure!(
+            !loaded.contains(&module),
+            "{module} was loaded at boot though the image blacklists it"
+        );
+    }
     // The image's disk is only as large as its content; /var grew at
     // boot to the end of the volume the instance was given.
     let disk_mib = image.manifest["disk"]["size"].as_u64().unwrap_or(0) >> 20;
