@@ -121,7 +121,11 @@ lock: compile
 # The fast tier for the inner loop: rustfmt, clippy, unit tests and the
 # integration tests against moto and a local registry (publishing on
 # synthetic builds included); no image, no VM.
+[doc("The fast tier: rustfmt, clippy, unit and moto tests; no image, no VM.")]
 check: deps lint
+    # The image import's test runs the payload's own containerd: built from
+    # source once per version, found built afterwards.
+    {{build_go}}
     cargo test --workspace --exclude vm-tests
     cargo test -p vm-tests --lib --bins --test faults --test release
 

@@ -36,7 +36,13 @@ impl Containerd {
         )
         .unwrap();
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new(vm_tests::fixtures_bin("containerd"))
+        let program = vm_tests::fixtures_bin("containerd");
+        assert!(
+            program.exists(),
+            "{} is missing: build the payload first (`just check` and `just fixtures` do)",
+            program.display()
+        );
+        let child = Command::new(program)
             .arg("--config")
             .arg(&config)
             .stdout(log.try_clone().unwrap())
