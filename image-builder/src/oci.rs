@@ -3,7 +3,8 @@
 //! token auth, plain HTTP for loopback registries), every manifest and blob
 //! checked against its digest on the way into the cache; push (for the test
 //! fixtures); and deterministic OCI archives (`oci-layout` + `index.json` +
-//! `blobs/`, as a tar) that `ctr images import` loads at boot.
+//! `blobs/`, as a tar) whose manifest and config slipway-init hands to
+//! containerd at boot.
 
 use crate::cache::Cache;
 use crate::fetch::{self, FetchError};

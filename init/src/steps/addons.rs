@@ -426,7 +426,6 @@ pub fn retire_tokens(ctx: &Context) -> Result<Vec<String>, StepError> {
 /// left.
 pub async fn run(ctx: &Master<'_>, api: &Readyz, local: &LocalApi) -> Result<Report, StepError> {
     let dir = ctx.paths.secrets.join("addons");
-    let dir = dir.to_string_lossy();
     let kubectl = kubectl(ctx);
     retry::until(
         "waiting for the API server to be ready",
@@ -458,7 +457,7 @@ pub async fn run(ctx: &Master<'_>, api: &Readyz, local: &LocalApi) -> Result<Rep
     // In-process, each object one request: no kubectl run (seconds of CPU
     // under emulation) while the controller manager and the scheduler
     // start.
-    let objects = read_addons(std::path::Path::new(dir.as_ref()))?;
+    let objects = read_addons(&dir)?;
     for object in &objects {
         local.apply(object).await?;
     }
@@ -497,8 +496,9 @@ pub async fn run(ctx: &Master<'_>, api: &Readyz, local: &LocalApi) -> Result<Rep
     Ok(Report::changed(
         STEP,
         format!(
-            "applied {} objects from {dir}; labelled {node}; {ready}",
-            objects.len()
+            "applied {} objects from {}; labelled {node}; {ready}",
+            objects.len(),
+            dir.display()
         ),
     ))
 }
