@@ -37,6 +37,7 @@ impl Runner for Etcd {
             [_, _, "ps", .., "^etcd$", "--quiet"] => Ok("etcd-1\n".into()),
             [_, _, "exec", "--sync", _, "etcd-1", "etcdctl", rest @ ..] => {
                 assert!(rest.iter().any(|a| a.ends_with("healthcheck-client.key")));
+                assert!(rest.iter().any(|a| a.starts_with("--dial-timeout=")));
                 let mut revision = self.revision.lock().unwrap();
                 if rest.ends_with(&["endpoint", "status", "--write-out=json"]) {
                     return Ok(format!(
