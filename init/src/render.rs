@@ -46,8 +46,12 @@ pub const HELD_PODS: &str = "kubernetes/manifests-held";
 /// The static pods that only talk to the API server. Started beside it on a
 /// slow machine, they take CPU from its start, then give up waiting for it
 /// and exit, and the kubelet's back-off holds them for minutes after it is
-/// up. So each boot hands them to the kubelet only once it answers
-/// ([`release_held_pods`]).
+/// up. So each boot hands them to the kubelet only once it is ready
+/// ([`release_held_pods`]). Handed over at its first answer
+/// instead (serving, its RBAC bootstrap still running), their start took
+/// the CPU that bootstrap needed: it was ready 55 s after that answer
+/// rather than 25 s, and the controller manager exited once for want of
+/// `/healthz` (README, "What the API server waits on").
 pub const AFTER_API: &[&str] = &["kube-controller-manager.yaml", "kube-scheduler.yaml"];
 
 /// Where a rendered file goes.

@@ -531,9 +531,11 @@ fn report_boot(cluster: &mut Cluster, id: &str, label: &str) {
         ("slipway-init starts", "SLIPWAY-BOOT-CHECK"),
         ("slipway-init done", "step=\"configure\""),
         ("images imported", "imported and pinned"),
+        ("API server answers (not ready)", "the API server answers"),
         ("API server ready", "the API server is ready"),
         ("own Node registered", "registered and labelled"),
         ("API server ready, add-ons applied", "done: applied"),
+        ("its Node Ready", "Ready after "),
     ];
     let mut found = Vec::new();
     for (what, marker) in marks {
@@ -1248,6 +1250,7 @@ spec:
     report_boot(&mut cluster, &master.id, "master");
     report_boot(&mut cluster, &node.id, "node");
     report_containers(&cluster, &master.id, "master");
+    report_containers(&cluster, &node.id, "node");
 
     // 2. The release update: the stack moves to the next release; its
     // groups roll as the template's UpdatePolicy says (the harness plays

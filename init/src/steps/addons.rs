@@ -45,9 +45,63 @@ impl Readyz {
 
     /// Whether it answers that it is ready.
     pub async fn ready(&self) -> bool {
-        let answer = self.http.get(&self.url).send().await;
-        answer.is_ok_and(|r| r.status().is_success())
+        self.readiness().await == Readiness::Ready
     }
+
+    /// What it answers: ready, or which of its checks still fail.
+    pub async fn readiness(&self) -> Readiness {
+        let Ok(answer) = self.http.get(&self.url).send().await else {
+            return Readiness::Silent;
+        };
+        if answer.status().is_success() {
+            return Readiness::Ready;
+        }
+        let status = answer.status().as_u16();
+        let checks = failing_checks(&answer.text().await.unwrap_or_default());
+        Readiness::Failing { status, checks }
+    }
+}
+
+/// What the API server answered when asked whether it is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// No answer: nothing listens yet, or no TLS handshake finished.
+    Silent,
+    /// It serves, but answers `status`: these of its checks fail
+    /// (post-start hooks, the informers' sync, etcd), as `/readyz` names
+    /// them, or none is named (anonymous requests are forbidden until its
+    /// RBAC bootstrap made the role that allows them).
+    Failing {
+        status: u16,
+        checks: Vec<String>,
+    },
+    Ready,
+}
+
+impl std::fmt::Display for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Silent => f.write_str("the API server does not answer"),
+            Self::Failing { status, checks } if checks.is_empty() => {
+                write!(f, "the API server answers, not ready (HTTP {status})")
+            }
+            Self::Failing { checks, .. } => write!(
+                f,
+                "the API server answers, not ready: {}",
+                checks.join(", ")
+            ),
+            Self::Ready => f.write_str("the API server is ready"),
+        }
+    }
+}
+
+/// The checks a `/readyz` answer marks as failing (`[-]name failed: …`).
+fn failing_checks(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("[-]"))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Where the master's API server answers for itself, as its super-admin.
@@ -418,7 +472,7 @@ pub fn retire_tokens(ctx: &Context) -> Result<Vec<String>, StepError> {
 }
 
 /// Waits for the API server (up to `api-server`), hands the kubelet the
-/// static pods held until it answers, applies the add-ons and withdraws
+/// static pods held until it is ready, applies the add-ons and withdraws
 /// what earlier releases applied (in-process, through `local`), labels the
 /// master's Node once its kubelet registered it (up to `node-registers`),
 /// retires tokens that never expire, and waits for that Node to be Ready
@@ -427,10 +481,21 @@ pub fn retire_tokens(ctx: &Context) -> Result<Vec<String>, StepError> {
 pub async fn run(ctx: &Master<'_>, api: &Readyz, local: &LocalApi) -> Result<Report, StepError> {
     let dir = ctx.paths.secrets.join("addons");
     let kubectl = kubectl(ctx);
+    // Each change of what it answers is logged: when it began to serve,
+    // and which of its start's checks held it back for how long.
+    let seen = std::cell::RefCell::new(Readiness::Silent);
     retry::until(
         "waiting for the API server to be ready",
         every_second(ctx.deadlines.api_server),
-        || async { Ok::<_, StepError>(api.ready().await.then_some(())) },
+        || async {
+            let now = api.readiness().await;
+            if now != Readiness::Ready && now != *seen.borrow() {
+                tracing::info!("{now}");
+            }
+            let ready = now == Readiness::Ready;
+            *seen.borrow_mut() = now;
+            Ok::<_, StepError>(ready.then_some(()))
+        },
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
@@ -651,7 +716,12 @@ mod tests {
                 } else {
                     left[0]
                 };
-                let body = if status == 200 { "ok" } else { "not ready" };
+                let body = if status == 200 {
+                    "ok"
+                } else {
+                    "[+]ping ok\n[-]poststarthook/rbac/bootstrap-roles failed: reason withheld\n\
+                     [-]informer-sync failed: reason withheld\nreadyz check failed\n"
+                };
                 let answer = format!(
                     "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                     body.len()
@@ -912,9 +982,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         ctx.paths = Paths::under(dir.path());
         ctx.deadlines.set("api-server=1").unwrap();
+        let held = ctx.paths.etc.join(crate::render::HELD_PODS);
+        std::fs::create_dir_all(&held).unwrap();
+        std::fs::write(held.join("kube-scheduler.yaml"), "kind: Pod\n").unwrap();
         let err = run(&Master::of(&ctx).unwrap(), &api, &local)
             .await
             .unwrap_err();
+        // It answered, never ready: the held pods stay held.
+        let started = ctx.paths.etc.join(crate::render::STATIC_PODS);
+        assert!(!started.join("kube-scheduler.yaml").exists());
+        assert!(held.join("kube-scheduler.yaml").exists());
         assert!(
             err.to_string()
                 .contains("waiting for the API server to be ready: still not ready"),
@@ -933,8 +1010,29 @@ mod tests {
             .self_signed(&rcgen::KeyPair::generate().unwrap())
             .unwrap();
         let distrusting = Readyz::new(&api.url, other_ca.pem().as_bytes()).unwrap();
-        assert!(!distrusting.ready().await);
+        assert_eq!(distrusting.readiness().await, Readiness::Silent);
         assert!(asked.lock().unwrap().is_empty(), "a request was sent");
         assert!(api.ready().await);
+    }
+
+    #[tokio::test]
+    async fn a_server_not_yet_ready_names_the_checks_that_fail() {
+        let (api, _) = stand_in(&[500, 200]).await;
+        let failing = api.readiness().await;
+        assert_eq!(
+            failing,
+            Readiness::Failing {
+                status: 500,
+                checks: vec![
+                    "poststarthook/rbac/bootstrap-roles".into(),
+                    "informer-sync".into()
+                ]
+            }
+        );
+        assert_eq!(
+            failing.to_string(),
+            "the API server answers, not ready: poststarthook/rbac/bootstrap-roles, informer-sync"
+        );
+        assert_eq!(api.readiness().await, Readiness::Ready);
     }
 }
