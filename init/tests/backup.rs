@@ -44,6 +44,12 @@ impl Runner for Etcd {
                         "[{{\"Endpoint\":\"https://127.0.0.1:2379\",\"Status\":{{\"header\":{{\"revision\":{revision}}}}}}}]\n\n"
                     ));
                 }
+                // etcdctl bounds a snapshot by --command-timeout only when
+                // it is given: the snapshot keeps crictl's exec timeout.
+                assert!(
+                    !rest.iter().any(|a| a.starts_with("--command-timeout")),
+                    "{rest:?}"
+                );
                 let [.., "snapshot", "save", path] = rest else {
                     panic!("unexpected etcdctl call: {rest:?}");
                 };

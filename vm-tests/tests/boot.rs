@@ -72,9 +72,8 @@ fn masked_units() -> Result<Vec<String>> {
 /// size of `/var`'s filesystem in MiB (`SLIPWAY-TEST-VAR-MIB`), networkd's
 /// line for the moment it took the network interface over (`SLIPWAY-TEST-NET`,
 /// waited for up to a minute) and the loaded modules (`SLIPWAY-TEST-MODULE`).
-/// It sleeps
-/// first, so that its own processes do not slow the boot it measures
-/// (`$$` is systemd's escape for the shell's `$`).
+/// It sleeps first, so that its own processes do not slow the boot it
+/// measures (`$$` is systemd's escape for the shell's `$`).
 const BOOT_ANALYSIS: &str = "[Unit]\nDescription=boot analysis (test only)\n\n\
     [Service]\nType=oneshot\nStandardOutput=journal+console\n\
     ExecStart=/bin/sh -c 'sleep 20; \

@@ -531,7 +531,10 @@ fn report_boot(cluster: &mut Cluster, id: &str, label: &str) {
         ("slipway-init starts", "SLIPWAY-BOOT-CHECK"),
         ("slipway-init done", "step=\"configure\""),
         ("images imported", "imported and pinned"),
-        ("API server answers (not ready)", "the API server answers"),
+        (
+            "API server answers (not ready)",
+            "the API server answers, not ready",
+        ),
         ("API server ready", "the API server is ready"),
         ("own Node registered", "registered and labelled"),
         ("API server ready, add-ons applied", "done: applied"),

@@ -1034,5 +1034,14 @@ mod tests {
             "the API server answers, not ready: poststarthook/rbac/bootstrap-roles, informer-sync"
         );
         assert_eq!(api.readiness().await, Readiness::Ready);
+        // Forbidden to anonymous requests, it names no check.
+        let forbidden = Readiness::Failing {
+            status: 403,
+            checks: failing_checks("forbidden: User \"system:anonymous\""),
+        };
+        assert_eq!(
+            forbidden.to_string(),
+            "the API server answers, not ready (HTTP 403)"
+        );
     }
 }

@@ -38,10 +38,13 @@ pub const SNAPSHOT_FILE: &str = "slipway-backup.db";
 const ETCD_DATA_IN_CONTAINER: &str = "/var/lib/etcd";
 /// How long etcd gets to write a snapshot.
 const SNAPSHOT_SECONDS: &str = "600";
-/// etcdctl's own limits. Its defaults (2 s to connect, 5 s a request)
-/// are shorter than a TLS handshake takes on a master busy starting its
-/// add-ons under emulation, where a backup failed for want of them.
-const ETCDCTL_TIMEOUTS: [&str; 2] = ["--dial-timeout=30s", "--command-timeout=120s"];
+/// How long etcdctl gets to connect, and a request (not the snapshot,
+/// which etcdctl bounds only when the flag is given) to be answered. Its
+/// defaults (2 s, 5 s) are shorter than a TLS handshake takes on a master
+/// busy starting its add-ons under emulation, where a backup failed for
+/// want of them.
+const DIAL_TIMEOUT: &str = "--dial-timeout=30s";
+const REQUEST_TIMEOUT: &str = "--command-timeout=120s";
 /// The object metadata that holds a backup's sha256 (hex).
 const SHA256_META: &str = "sha256";
 /// The object metadata that holds etcd's revision when it was taken.
@@ -214,14 +217,17 @@ fn etcdctl(ctx: &Context, args: &[&str]) -> Result<String, StepError> {
         &cert,
         &key,
     ];
-    all.extend_from_slice(&ETCDCTL_TIMEOUTS);
+    all.push(DIAL_TIMEOUT);
     all.extend_from_slice(args);
     crictl(ctx, &all)
 }
 
 /// etcd's current revision, from `endpoint status`.
 fn revision(ctx: &Context) -> Result<u64, StepError> {
-    let out = etcdctl(ctx, &["endpoint", "status", "--write-out=json"])?;
+    let out = etcdctl(
+        ctx,
+        &[REQUEST_TIMEOUT, "endpoint", "status", "--write-out=json"],
+    )?;
     let invalid = |message: String| StepError::Invalid {
         what: "etcd's endpoint status".into(),
         message,
