@@ -344,6 +344,44 @@ fn usages(p: &mut CertificateParams, usage: Usage) {
     };
 }
 
+/// A CA to sign with, from its certificate and key (PEM).
+fn ca_from_pem(crt: &str, key: &str) -> Result<Ca, PkiError> {
+    let key = KeyPair::from_pem(key).map_err(gen_err("loading a CA key"))?;
+    let params =
+        CertificateParams::from_ca_cert_pem(crt).map_err(gen_err("loading a CA certificate"))?;
+    // Re-signing the same subject with the same key yields an issuer
+    // whose signatures verify against the original CA certificate.
+    let cert = params.self_signed(&key).map_err(gen_err("loading a CA"))?;
+    Ok(Ca { cert, key })
+}
+
+/// The certificate (PEM) for a kubelet's client certificate request
+/// (`csr`, PKCS#10 PEM), signed by the CA `ca_crt`/`ca_key` as the
+/// controller manager's `kube-apiserver-client-kubelet` signer signs it:
+/// the request's subject and key, no SANs, client authentication, a
+/// leaf's lifetime. Whether the request deserves it is the approver's
+/// judgement, made before.
+pub fn sign_kubelet_client(
+    csr: &str,
+    ca_crt: &str,
+    ca_key: &str,
+    validity: &Validity,
+) -> Result<String, PkiError> {
+    const WHAT: &str = "a kubelet's client certificate";
+    let ca = ca_from_pem(ca_crt, ca_key)?;
+    let mut request =
+        rcgen::CertificateSigningRequestParams::from_pem(csr).map_err(gen_err(WHAT))?;
+    let subject = request.params.distinguished_name.clone();
+    let mut p = params("", &[], validity.now, validity.leaf)?;
+    p.distinguished_name = subject;
+    usages(&mut p, Usage::Client);
+    request.params = p;
+    let cert = request
+        .signed_by(&ca.cert, &ca.key)
+        .map_err(gen_err(WHAT))?;
+    Ok(cert.pem())
+}
+
 /// A new key and a certificate for it, signed by `ca`: (cert PEM, key PEM).
 fn leaf(
     ca: &Ca,
@@ -607,14 +645,10 @@ impl Bundle {
 
     /// A CA loaded back from the bundle to sign with, by its stem.
     fn load_ca(&self, stem: &str) -> Result<Ca, PkiError> {
-        let key = KeyPair::from_pem(self.get(&format!("{stem}.key"))?)
-            .map_err(gen_err("loading a CA key"))?;
-        let params = CertificateParams::from_ca_cert_pem(self.get(&format!("{stem}.crt"))?)
-            .map_err(gen_err("loading a CA certificate"))?;
-        // Re-signing the same subject with the same key yields an issuer
-        // whose signatures verify against the original CA certificate.
-        let cert = params.self_signed(&key).map_err(gen_err("loading a CA"))?;
-        Ok(Ca { cert, key })
+        ca_from_pem(
+            self.get(&format!("{stem}.crt"))?,
+            self.get(&format!("{stem}.key"))?,
+        )
     }
 
     /// A kubeconfig for a master's own kubelet (`system:node:<name>`),

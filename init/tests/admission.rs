@@ -120,6 +120,16 @@ async fn requests_are_decided_by_what_ec2_says_stand_in_api_server() {
     let dir = tempfile::tempdir().unwrap();
     let mut ctx = context(&w, "master", 0, dir.path());
     ctx.runner = Box::new(api.clone());
+    // The master's CA, which signs the approved client requests.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::default();
+    ca.distinguished_name = slipway_init::pki::subject("kubernetes", &[]);
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_crt = ca.self_signed(&ca_key).unwrap();
+    let pki = ctx.paths.secrets.join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    std::fs::write(pki.join("ca.crt"), ca_crt.pem()).unwrap();
+    std::fs::write(pki.join("ca.key"), ca_key.serialize_pem()).unwrap();
     let decided = approver::once(&common::as_master(&ctx), &list.to_string())
         .await
         .unwrap();
@@ -138,17 +148,70 @@ async fn requests_are_decided_by_what_ec2_says_stand_in_api_server() {
             ("renew", true),
         ]
     );
+    // Each approved client request is signed here too, its certificate
+    // set through the status subresource; serving ones are left to the
+    // controller manager.
+    let calls = api.calls.lock().unwrap().clone();
+    let patch = "patch certificatesigningrequest";
+    let shown: Vec<&str> = calls
+        .iter()
+        .map(|c| c.split(" --patch ").next().unwrap())
+        .collect();
     assert_eq!(
-        *api.calls.lock().unwrap(),
+        shown,
         [
             "certificate approve join",
+            &format!("{patch} join --subresource=status --type=merge"),
             "certificate deny foreign",
             "certificate deny master",
             "certificate approve serve",
             "certificate deny serve-other",
             "certificate approve renew",
+            &format!("{patch} renew --subresource=status --type=merge"),
         ]
     );
+    let body: serde_json::Value =
+        serde_json::from_str(calls[1].split(" --patch ").nth(1).unwrap()).unwrap();
+    let pem = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        body["status"]["certificate"].as_str().unwrap(),
+    )
+    .unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let ca_der = ca_crt.der().to_vec();
+    let (_, ca_parsed) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
+    cert.verify_signature(Some(ca_parsed.public_key())).unwrap();
+    assert_eq!(cert.issuer(), ca_parsed.subject());
+    let cn = cert.subject().iter_common_name().next().unwrap();
+    assert_eq!(cn.as_str().unwrap(), node);
+    let org = cert.subject().iter_organization().next().unwrap();
+    assert_eq!(org.as_str().unwrap(), "system:nodes");
+    assert!(cert.subject_alternative_name().unwrap().is_none());
+    let eku = cert.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.client_auth && !eku.server_auth, "{eku:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_left_unsigned_without_the_ca_is_still_approved_stand_in_api_server() {
+    let w = world(1).await;
+    tag(&w, 0, "demo", "node").await;
+    let node = format!("system:node:{}", w.instances[0].id);
+    let list = serde_json::json!({"items": [
+        csr("join", CLIENT_SIGNER, "system:bootstrap:abcdef", &node, &[]),
+    ]});
+    let api = Api::default();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ctx = context(&w, "master", 0, dir.path());
+    ctx.runner = Box::new(api.clone());
+    let decided = approver::once(&common::as_master(&ctx), &list.to_string())
+        .await
+        .unwrap();
+    assert!(
+        matches!(decided[..], [(_, Verdict::Approve(_))]),
+        "{decided:?}"
+    );
+    assert_eq!(*api.calls.lock().unwrap(), ["certificate approve join"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

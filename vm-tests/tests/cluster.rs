@@ -521,6 +521,33 @@ fn pace_departure(cluster: &Cluster, id: &str) {
     }
 }
 
+/// Who signed the node's client certificate: the master's approver
+/// (which signs what it approves), or the controller manager's signer when
+/// it got there first. Reported, not asserted: which is first is a race
+/// the approver is content to lose.
+fn report_join_signer(cluster: &Cluster, master: &str, node: &str) {
+    let console = cluster
+        .vms
+        .get(master)
+        .map(|vm| vm.console())
+        .unwrap_or_default();
+    let joined = format!(": {node} is a running instance");
+    let name = console
+        .lines()
+        .filter(|l| l.contains(&joined))
+        .find_map(|l| l.split("approved ").nth(1)?.split_whitespace().next());
+    let Some(name) = name else {
+        eprintln!("[cluster] WARNING: the master's console shows no approval for {node}");
+        return;
+    };
+    let by = if console.contains(&format!("signed {name} with the cluster CA")) {
+        "the master's approver"
+    } else {
+        "the controller manager"
+    };
+    eprintln!("[cluster] the node's client certificate ({name}) was signed by {by}");
+}
+
 /// Where a member's boot spent its time, from its console.
 fn report_boot(cluster: &mut Cluster, id: &str, label: &str) {
     let Some(vm) = cluster.vms.get(id) else {
@@ -536,8 +563,8 @@ fn report_boot(cluster: &mut Cluster, id: &str, label: &str) {
             "the API server answers, not ready",
         ),
         ("API server ready", "the API server is ready"),
+        ("API server ready, add-ons applied", "the add-ons applied: "),
         ("own Node registered", "registered and labelled"),
-        ("API server ready, add-ons applied", "done: applied"),
         ("its Node Ready", "Ready after "),
     ];
     let mut found = Vec::new();
@@ -1067,6 +1094,7 @@ fn a_cluster_rolls_to_the_next_release_losing_nothing_update_played_by_the_harne
     );
     let both_ready = scenario.elapsed();
     cluster.timing("scenario 1: both Ready", both_ready);
+    report_join_signer(&cluster, &master.id, &node.id);
     // A cold control plane is what a busy machine slows down most: the
     // waits from here follow the pace of the bring-up.
     cluster.set_pace("both members Ready", both_ready, QUIET_BOTH_READY);

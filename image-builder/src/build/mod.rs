@@ -322,6 +322,7 @@ pub fn run(args: &Args) -> Result<Built, BuildError> {
             tools: &build_tools,
             release: &release,
             source_date_epoch: epoch,
+            compression: &root::COMPRESSION,
             uuid: uuid("root-fs"),
             salt: hex::encode(salt),
         },

@@ -529,6 +529,12 @@ pub async fn run(ctx: &Master<'_>, api: &Readyz, local: &LocalApi) -> Result<Rep
     for path in WITHDRAWN {
         local.delete(path).await?;
     }
+    tracing::info!(
+        step = STEP,
+        "the add-ons applied: {} objects from {}",
+        objects.len(),
+        dir.display()
+    );
     // The master's role label (a kubelet may not set node-role labels on
     // itself), once its kubelet has registered the node; and its release
     // label, which a replacement master's kubelet does not put on the Node

@@ -16,6 +16,10 @@
 //!   name itself).
 //! - Anything else for those signers is denied, with the reason in the
 //!   journal; requests for other signers are not this approver's business.
+//! - An approved client request is also signed here, with the cluster CA
+//!   the master holds, as the controller manager's signer would sign it:
+//!   a joining node need not wait for the controller manager to start
+//!   ([`sign`]). Serving certificates are left to the controller manager.
 //!
 //! Members are found by the tags the launch templates put on every
 //! instance (`slipway:cluster`, `slipway:role`).
@@ -521,6 +525,9 @@ pub async fn once(ctx: &Master<'_>, csrs: &str) -> Result<Vec<(String, Verdict)>
                     req.name,
                     req.username
                 );
+                if req.signer == CLIENT_SIGNER {
+                    sign(ctx, &kubectl, req);
+                }
             }
             Verdict::Deny(why) => {
                 kubectl(&["certificate", "deny", &req.name])?;
@@ -536,6 +543,48 @@ pub async fn once(ctx: &Master<'_>, csrs: &str) -> Result<Vec<(String, Verdict)>
         decided.push((req.name.clone(), verdict));
     }
     Ok(decided)
+}
+
+/// Signs an approved kubelet client request with the cluster CA, as the
+/// controller manager's signer would: on a first boot a node's kubelet
+/// asks while the controller manager is still starting (about 50 s under
+/// emulation), and its Node, its DaemonSet pods and so its Ready waited on
+/// that signer. Signing here is only a head start: a request left
+/// unsigned (the CA unreadable, the patch refused, the controller manager
+/// first) is the controller manager's to sign, so a failure is logged and
+/// nothing more.
+fn sign(ctx: &Master<'_>, kubectl: &impl Fn(&[&str]) -> Result<String, StepError>, req: &Request) {
+    let pki = ctx.paths.secrets.join("pki");
+    let read = |name: &str| {
+        let path = pki.join(name);
+        std::fs::read_to_string(&path).map_err(|e| StepError::Invalid {
+            what: path.display().to_string(),
+            message: e.to_string(),
+        })
+    };
+    let signed = read("ca.crt").and_then(|crt| {
+        let key = read("ca.key")?;
+        let pem =
+            crate::pki::sign_kubelet_client(&req.pem, &crt, &key, &crate::pki::Validity::now())?;
+        let patch = serde_json::json!({"status": {"certificate": crate::pki::b64(pem)}});
+        kubectl(&[
+            "patch",
+            "certificatesigningrequest",
+            &req.name,
+            "--subresource=status",
+            "--type=merge",
+            "--patch",
+            &patch.to_string(),
+        ])
+    });
+    match signed {
+        Ok(_) => tracing::info!(step = STEP, "signed {} with the cluster CA", req.name),
+        Err(e) => tracing::info!(
+            step = STEP,
+            "{} not signed here, left to the controller manager's signer: {e}",
+            req.name
+        ),
+    }
 }
 
 #[cfg(test)]
