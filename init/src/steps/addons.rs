@@ -256,7 +256,7 @@ fn cluster_client(
 }
 
 /// A file of the master's PKI on the tmpfs.
-fn read_pki(ctx: &Context, name: &str) -> Result<Vec<u8>, StepError> {
+pub(crate) fn read_pki(ctx: &Context, name: &str) -> Result<Vec<u8>, StepError> {
     let path = ctx.paths.secrets.join("pki").join(name);
     std::fs::read(&path).map_err(|e| StepError::Invalid {
         what: path.display().to_string(),

@@ -547,20 +547,15 @@ pub async fn once(ctx: &Master<'_>, csrs: &str) -> Result<Vec<(String, Verdict)>
 
 /// Signs an approved kubelet client request with the cluster CA, as the
 /// controller manager's signer would: on a first boot a node's kubelet
-/// asks while the controller manager is still starting (about 50 s under
-/// emulation), and its Node, its DaemonSet pods and so its Ready waited on
-/// that signer. Signing here is only a head start: a request left
+/// asks while the controller manager is still starting (under emulation
+/// its Node registered 57 s after the API server was ready), and its Node,
+/// its DaemonSet pods and so its Ready waited on that signer. Signing here is only a head start: a request left
 /// unsigned (the CA unreadable, the patch refused, the controller manager
 /// first) is the controller manager's to sign, so a failure is logged and
 /// nothing more.
 fn sign(ctx: &Master<'_>, kubectl: &impl Fn(&[&str]) -> Result<String, StepError>, req: &Request) {
-    let pki = ctx.paths.secrets.join("pki");
     let read = |name: &str| {
-        let path = pki.join(name);
-        std::fs::read_to_string(&path).map_err(|e| StepError::Invalid {
-            what: path.display().to_string(),
-            message: e.to_string(),
-        })
+        super::addons::read_pki(ctx, name).map(|b| String::from_utf8_lossy(&b).into_owned())
     };
     let signed = read("ca.crt").and_then(|crt| {
         let key = read("ca.key")?;
