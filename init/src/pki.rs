@@ -16,7 +16,8 @@ use time::{Duration, OffsetDateTime};
 mod renew;
 mod token;
 pub use renew::{
-    certificate, day, kubeconfig_credentials, timestamp, Certificate, Due, Renewal, Why, CA_WARNING,
+    certificate, day, kubeconfig_credentials, kubeconfig_token, timestamp, Certificate, Due,
+    Renewal, Why, CA_WARNING,
 };
 pub use token::{token_id, Rotation};
 

@@ -78,18 +78,20 @@ const FAULT_SEED: u64 = 20;
 /// A test-only unit (handed in as a credential, not in the image) that
 /// prints the containers, the last words of exited API server and etcd
 /// containers and kubelet's latest complaints to the console every two
-/// minutes, so a failed run's kept console says where a member was. (Its
-/// crictl and journalctl cost a loaded master 4 to 9 s of CPU a run
-/// under emulation.)
+/// minutes, so a failed run's kept console says where a member was. Its
+/// crictl and journalctl cost a loaded master 4 to 9 s of CPU a run under
+/// emulation, so the first run waits five minutes: the bring-up the
+/// timings measure has the members' CPU to itself, and its own lines keep
+/// the console from falling silent meanwhile.
 const STATUS_UNIT: &str = "[Unit]\nDescription=cluster test status (test only)\nAfter=kubelet.service\n\n\
 [Service]\nStandardOutput=journal+console\n\
-ExecStart=/bin/sh -c 'while sleep 120; do \
+ExecStart=/bin/sh -c 'sleep 300; while :; do \
 crictl --runtime-endpoint unix:///run/containerd/containerd.sock ps -a 2>/dev/null | tail -n +2 | sed \"s/^/SLIPWAY-TEST-STATUS crictl: /\"; \
 systemctl --no-pager --failed --plain --no-legend 2>&1 | sed \"s/^/SLIPWAY-TEST-STATUS failed: /\"; \
 for c in $$(crictl --runtime-endpoint unix:///run/containerd/containerd.sock ps -a -q --state exited --name \"kube-apiserver|etcd\" 2>/dev/null | head -n 2); do \
 crictl --runtime-endpoint unix:///run/containerd/containerd.sock logs --tail 3 $$c 2>&1 | cut -c1-400 | sed \"s/^/SLIPWAY-TEST-STATUS exited $$c: /\"; done; \
 journalctl -q -u kubelet -n 300 --no-pager 2>&1 | grep -E \" E[0-9]{4} |rror|ailed\" | grep -v -e \"mirror pod\" -e \"config path\" | tail -n 4 | sed \"s/.*err=//\" | cut -c1-600 | sed \"s/^/SLIPWAY-TEST-STATUS kubelet: /\"; \
-done'\n";
+sleep 120; done'\n";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {

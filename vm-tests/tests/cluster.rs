@@ -558,6 +558,7 @@ fn report_boot(cluster: &mut Cluster, id: &str, label: &str) {
         ("slipway-init starts", "SLIPWAY-BOOT-CHECK"),
         ("slipway-init done", "step=\"configure\""),
         ("images imported", "imported and pinned"),
+        ("admitted: its kubelet starts", "admits the bootstrap token"),
         (
             "API server answers (not ready)",
             "the API server answers, not ready",

@@ -362,7 +362,7 @@ async fn attempt(args: &Args, deadlines: Deadlines, addons: bool) -> Result<(), 
     let result = if addons {
         add_ons(&ctx).await
     } else {
-        steps::bootstrap(&ctx).await.map(|_| ())
+        boot(&ctx).await
     };
     let failed = match result {
         Ok(()) => {
@@ -394,6 +394,20 @@ async fn attempt(args: &Args, deadlines: Deadlines, addons: bool) -> Result<(), 
             Ending::last(line)
         }
     })
+}
+
+/// The boot steps; then a node waits for the cluster to admit it before
+/// its kubelet starts, a wait that ends the boot either way.
+async fn boot(ctx: &Context) -> Result<(), steps::Failed> {
+    steps::bootstrap(ctx).await?;
+    if ctx.config.member == Member::Node {
+        let step = steps::admission::STEP;
+        steps::admission::run(ctx)
+            .await
+            .map_err(|source| steps::Failed { step, source })?
+            .log();
+    }
+    Ok(())
 }
 
 /// `addons`: a master's add-ons step; a node has none.

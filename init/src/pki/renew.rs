@@ -103,6 +103,17 @@ fn kubeconfig_field<'a>(text: &'a str, field: &str) -> Option<&'a str> {
         .find_map(|l| l.trim().strip_prefix(field)?.strip_prefix(": "))
 }
 
+/// The API server and bearer token of a kubeconfig we wrote with a token
+/// (a node's bootstrap kubeconfig).
+pub fn kubeconfig_token(file: &str, text: &str) -> Result<(String, String), PkiError> {
+    let field = |name: &str| {
+        kubeconfig_field(text, name)
+            .map(|v| v.trim().to_owned())
+            .ok_or_else(|| unreadable(file, format!("no {name}")))
+    };
+    Ok((field("server")?, field("token")?))
+}
+
 /// The client certificate and key a kubeconfig embeds, as PEM.
 pub fn kubeconfig_credentials(file: &str, text: &str) -> Result<(String, String), PkiError> {
     let decode = |field: &str| {

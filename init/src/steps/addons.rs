@@ -234,7 +234,7 @@ impl LocalApi {
 /// An HTTPS client for the API server at `url` that trusts `ca_pem` alone,
 /// never goes through a proxy, and presents `identity_pem` (certificate and
 /// key) when given one.
-fn cluster_client(
+pub(crate) fn cluster_client(
     url: &str,
     ca_pem: &[u8],
     identity_pem: Option<&[u8]>,
@@ -577,10 +577,10 @@ pub async fn run(ctx: &Master<'_>, api: &Readyz, local: &LocalApi) -> Result<Rep
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::steps::stand_in;
     use crate::steps::{Paths, Runner};
     use std::path::Path;
     use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// kubectl as the API server would answer it: the first wait for the
     /// master's Node timing out, the second finding it Ready under the
@@ -635,108 +635,18 @@ mod tests {
     /// each request with the next of `statuses` (the last one from then
     /// on). Returns the probe of it, trusting that CA, and the paths asked.
     async fn stand_in(statuses: &[u16]) -> (Readyz, Arc<Mutex<Vec<String>>>) {
-        let (base, ca, asked) = server(statuses).await;
+        let (base, ca, asked) = stand_in::api_server(statuses).await;
         let url = format!("{base}/readyz");
         (Readyz::new(&url, ca.as_bytes()).unwrap(), asked)
     }
 
     /// The stand-in as both the probe of it and its super-admin's client.
     async fn stand_ins(statuses: &[u16]) -> (Readyz, LocalApi, Arc<Mutex<Vec<String>>>) {
-        let (base, ca, asked) = server(statuses).await;
+        let (base, ca, asked) = stand_in::api_server(statuses).await;
         let api = Readyz::new(&format!("{base}/readyz"), ca.as_bytes()).unwrap();
         let conf = kubeconfig_for("kubernetes-super-admin");
         let local = LocalApi::new(&base, ca.as_bytes(), &identity(&conf).unwrap()).unwrap();
         (api, local, asked)
-    }
-
-    /// The stand-in's server: its base URL, its CA (PEM) and the request
-    /// lines it was sent.
-    async fn server(statuses: &[u16]) -> (String, String, Arc<Mutex<Vec<String>>>) {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = ca.self_signed(&ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let asked = Arc::new(Mutex::new(Vec::new()));
-        let (log, mut left) = (asked.clone(), statuses.to_vec());
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    continue;
-                };
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                // The request line; with a body, its type and the body too.
-                let end = request
-                    .windows(4)
-                    .position(|w| w == b"\r\n\r\n")
-                    .map_or(request.len(), |p| p + 4);
-                let head = String::from_utf8_lossy(&request[..end]).into_owned();
-                let header = |name: &str| {
-                    head.lines().find_map(|l| {
-                        let (key, value) = l.split_once(':')?;
-                        key.eq_ignore_ascii_case(name)
-                            .then(|| value.trim().to_owned())
-                    })
-                };
-                let length: usize = header("content-length").map_or(0, |v| v.parse().unwrap());
-                let mut body = request[end..].to_vec();
-                while body.len() < length {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => body.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let mut logged = head.lines().next().unwrap_or("").to_owned();
-                if length > 0 {
-                    let kind = header("content-type").unwrap_or_default();
-                    logged = format!("{logged} {kind} {}", String::from_utf8_lossy(&body));
-                }
-                log.lock().unwrap().push(logged);
-                let status = if left.len() > 1 {
-                    left.remove(0)
-                } else {
-                    left[0]
-                };
-                let body = if status == 200 {
-                    "ok"
-                } else {
-                    "[+]ping ok\n[-]poststarthook/rbac/bootstrap-roles failed: reason withheld\n\
-                     [-]informer-sync failed: reason withheld\nreadyz check failed\n"
-                };
-                let answer = format!(
-                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tls.write_all(answer.as_bytes()).await;
-                let _ = tls.shutdown().await;
-            }
-        });
-        (format!("https://127.0.0.1:{port}"), ca.pem(), asked)
     }
 
     /// A client identity as the PKI writes kubeconfigs: its own CA's
@@ -862,7 +772,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_list_is_read_in_process_and_an_error_answer_is_an_error() {
-        let (base, ca, asked) = server(&[200, 403]).await;
+        let (base, ca, asked) = stand_in::api_server(&[200, 403]).await;
         let conf = kubeconfig_for("kubernetes-super-admin");
         let api = LocalApi::new(&base, ca.as_bytes(), &identity(&conf).unwrap()).unwrap();
         assert_eq!(api.get("/api/v1/nodes").await.unwrap(), "ok");

@@ -28,6 +28,9 @@ pub struct Deadlines {
     pub snapshot: Duration,
     /// A node: the first master publishes the node bundle.
     pub node_bundle: Duration,
+    /// A node: the API server admits its bootstrap token (past it, the
+    /// kubelet starts anyway).
+    pub admission: Duration,
     /// A master: its API server (a static pod) answers `/readyz`.
     pub api_server: Duration,
     /// A master: its kubelet registers the master's Node object.
@@ -52,6 +55,7 @@ impl Default for Deadlines {
             volume_device: min(2),
             snapshot: min(10),
             node_bundle: min(20),
+            admission: min(10),
             api_server: min(15),
             node_registers: min(10),
             restart: min(5),
@@ -73,7 +77,7 @@ pub enum DeadlineError {
 }
 
 impl Deadlines {
-    fn slots(&mut self) -> [(&'static str, &'static str, &mut Duration); 12] {
+    fn slots(&mut self) -> [(&'static str, &'static str, &mut Duration); 13] {
         [
             (
                 "metadata",
@@ -104,6 +108,11 @@ impl Deadlines {
                 "node-bundle",
                 "a node: the master publishes the node bundle",
                 &mut self.node_bundle,
+            ),
+            (
+                "admission",
+                "a node: the API server admits its bootstrap token (then its kubelet starts anyway)",
+                &mut self.admission,
             ),
             (
                 "api-server",
@@ -196,7 +205,7 @@ mod tests {
         assert_eq!(d.node_bundle, Duration::from_secs(3));
         assert_eq!(d.metadata, Deadlines::default().metadata);
         let rows = d.rows();
-        assert_eq!(rows.len(), 12);
+        assert_eq!(rows.len(), 13);
         assert!(rows
             .iter()
             .any(|r| r.name == "holder-stops" && r.value == Duration::from_secs(7)));

@@ -3,6 +3,7 @@
 //! and can run again after a crash, a reboot or an instance replacement.
 
 pub mod addons;
+pub mod admission;
 pub mod api_record;
 pub mod approver;
 pub mod attempts;
@@ -18,6 +19,8 @@ pub mod restore;
 pub mod secrets;
 pub mod signal;
 pub mod srcdest;
+#[cfg(test)]
+pub(crate) mod stand_in;
 pub mod volume;
 
 use crate::aws::Clients;
