@@ -423,6 +423,14 @@ async fn the_binary_reads_config_and_identity_from_the_metadata_service() {
         .exists());
     assert!(!root.path().join("srv/kubernetes/pki/ca.key").exists());
     assert!(!root.path().join("etc/kubernetes/manifests").exists());
+    // No API server admitted the node: the boot went on past the wait's
+    // deadline, for the kubelet to ask on its own.
+    assert!(
+        stderr.contains(&format!("{NO_API_SERVER} to admit this node"))
+            || stderr.contains("the API server does not answer"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("not admitted after"), "{stderr}");
 }
 
 #[test]

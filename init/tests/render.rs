@@ -307,7 +307,13 @@ fn a_node_gets_only_host_config_under_its_instance_id() {
         "{env}"
     );
     assert!(!env.contains("control-plane"), "{env}");
+    // A node runs no static pods, so its kubelet watches no directory.
+    let kubelet = &docs(file(&files, "kubernetes/kubelet.yaml"))[0];
+    assert!(kubelet.get("staticPodPath").is_none(), "{kubelet:?}");
+    assert_eq!(kubelet["cgroupDriver"], "systemd");
     let master = render("master");
+    let kubelet = &docs(file(&master, "kubernetes/kubelet.yaml"))[0];
+    assert_eq!(kubelet["staticPodPath"], "/etc/kubernetes/manifests");
     let env = &file(&master, "kubernetes/kubelet.env").content;
     assert!(env.contains("--node-ip=10.0.1.10"), "{env}");
     assert!(

@@ -377,44 +377,67 @@ pub async fn bounded<T>(
     }
 }
 
-/// Runs this boot's AWS and secrets steps for the configured role, in
-/// order, logging one line per step; stops at the first failure. Every
-/// step is idempotent, so running it all again continues where a failed
-/// attempt stopped.
+/// Runs this boot's AWS and secrets steps for the configured role, logging
+/// one line per step as it ends; stops at the first failure. The
+/// source/destination check, the instance's own, runs beside the first
+/// step that waits (a master's data volume, a node's bundle), and either
+/// one's failure ends the other where it is. The rest run
+/// in order: a master takes over its address and name only once its
+/// predecessor let go of the volume, and generates a PKI only once the
+/// volume told whether the cluster had one. Every step is idempotent, so
+/// running it all again continues where a failed attempt stopped.
 pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, Failed> {
-    let mut reports = Vec::new();
-    let mut record = |r: Report| {
-        r.log();
-        reports.push(r);
-    };
-    record(bounded(ctx, srcdest::STEP, srcdest::run(ctx)).await?);
     let master = Master::if_master(ctx).map_err(|source| Failed {
         step: "config",
         source,
     })?;
+    // Boxed: side by side, the two steps' futures would otherwise sit on
+    // the stack of whatever polls the boot (the SDK's futures are large).
+    let srcdest = Box::pin(logged(
+        bounded(ctx, srcdest::STEP, srcdest::run(ctx)),
+        |r| r,
+    ));
+    let mut reports = Vec::new();
     match master {
         Some(ref m) => {
             let volume = volume::run(m, &ctx.paths.etcd_data);
-            record(bounded(ctx, volume::STEP, volume).await?);
-            let (r, public_ip) = bounded(ctx, eip::STEP, eip::run(m)).await?;
-            record(r);
-            record(bounded(ctx, private_ip::STEP, private_ip::run(m)).await?);
-            record(bounded(ctx, api_record::STEP, api_record::run(m)).await?);
+            let volume = Box::pin(logged(bounded(ctx, volume::STEP, volume), |r| r));
+            let (srcdest, volume) = tokio::try_join!(srcdest, volume)?;
+            reports.extend([srcdest, volume]);
+            let eip = logged(bounded(ctx, eip::STEP, eip::run(m)), |(r, _)| r);
+            let (r, public_ip) = eip.await?;
+            reports.push(r);
+            let private_ip = bounded(ctx, private_ip::STEP, private_ip::run(m));
+            reports.push(logged(private_ip, |r| r).await?);
+            let api_record = bounded(ctx, api_record::STEP, api_record::run(m));
+            reports.push(logged(api_record, |r| r).await?);
             let pki = secrets::master(m, Some(public_ip));
-            let (r, bundle) = bounded(ctx, secrets::STEP, pki).await?;
-            record(r);
+            let (r, bundle) = logged(bounded(ctx, secrets::STEP, pki), |(r, _)| r).await?;
+            reports.push(r);
             let render = async { configure::run(ctx, &bundle) };
-            record(bounded(ctx, configure::STEP, render).await?);
+            reports.push(logged(bounded(ctx, configure::STEP, render), |r| r).await?);
         }
         None => {
             let fetch = secrets::node(ctx, ctx.deadlines.node_bundle);
-            let (r, bundle) = bounded(ctx, secrets::STEP, fetch).await?;
-            record(r);
+            let fetch = Box::pin(logged(bounded(ctx, secrets::STEP, fetch), |(r, _)| r));
+            let (srcdest, (r, bundle)) = tokio::try_join!(srcdest, fetch)?;
+            reports.extend([srcdest, r]);
             let render = async { configure::run(ctx, &bundle) };
-            record(bounded(ctx, configure::STEP, render).await?);
+            reports.push(logged(bounded(ctx, configure::STEP, render), |r| r).await?);
         }
     }
     Ok(reports)
+}
+
+/// A step's outcome, its report logged as soon as it ends (steps that run
+/// side by side log in the order they end).
+async fn logged<T>(
+    step: impl Future<Output = Result<T, Failed>>,
+    report: impl FnOnce(&T) -> &Report,
+) -> Result<T, Failed> {
+    let done = step.await?;
+    report(&done).log();
+    Ok(done)
 }
 
 /// A context for unit tests: a member of `role` in cluster `demo`, its

@@ -457,13 +457,24 @@ pub fn master_root(w: &World, root: &std::path::Path) -> Paths {
 }
 
 /// What a first master leaves for nodes: `<cluster>/node.json` from a fresh PKI.
+/// Where the node bundles of these tests say the API server is: port 1 on
+/// loopback, where nothing listens.
+pub const NO_API_SERVER: &str = "https://127.0.0.1:1";
+
 pub async fn publish_node_bundle(w: &World) {
     let pki = slipway_init::pki::Bundle::generate(&slipway_init::pki::Identity::of(
         &config(w, "master"),
         None,
     ))
     .unwrap();
-    let body = serde_json::to_vec(&pki.node_bundle().unwrap()).unwrap();
+    let mut node = pki.node_bundle().unwrap();
+    // No API server: the bootstrap kubeconfig names a loopback port nothing
+    // listens on, so a node's admission wait asks nothing beyond this host.
+    let conf = node.files.get_mut("bootstrap-kubelet.conf").unwrap();
+    let server = "server: https://api.demo.slipway.internal:6443";
+    assert!(conf.contains(server), "{conf}");
+    *conf = conf.replace(server, &format!("server: {NO_API_SERVER}"));
+    let body = serde_json::to_vec(&node).unwrap();
     w.aws
         .s3
         .put_object()
@@ -486,6 +497,8 @@ pub fn boot_command(
 ) -> std::process::Command {
     let mut boot = std::process::Command::new(env!("CARGO_BIN_EXE_slipway-init"));
     boot.envs(who.env()).args(["--aws-endpoint", aws]);
+    // A node's admission wait gives up at once: no API server answers.
+    boot.args(["--deadline", "admission=3"]);
     boot.args(["--no-boot-check", "--imds-endpoint", imds, "--root"])
         .arg(root)
         .arg("--manifests")
