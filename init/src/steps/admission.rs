@@ -64,17 +64,10 @@ pub struct Bootstrap {
 impl Bootstrap {
     /// From the bootstrap kubeconfig and CA the node bundle wrote.
     pub fn from_bundle(ctx: &Context) -> Result<Self, StepError> {
-        let pki = ctx.paths.secrets.join("pki");
-        let conf = pki.join("bootstrap-kubelet.conf");
-        let read = |path: &std::path::Path| {
-            std::fs::read(path).map_err(|e| StepError::Invalid {
-                what: path.display().to_string(),
-                message: e.to_string(),
-            })
-        };
-        let text = String::from_utf8_lossy(&read(&conf)?).into_owned();
-        let (server, token) = crate::pki::kubeconfig_token(&conf.display().to_string(), &text)?;
-        Self::new(&server, &read(&pki.join("ca.crt"))?, &token)
+        let conf = "bootstrap-kubelet.conf";
+        let text = String::from_utf8_lossy(&super::addons::read_pki(ctx, conf)?).into_owned();
+        let (server, token) = crate::pki::kubeconfig_token(conf, &text)?;
+        Self::new(&server, &super::addons::read_pki(ctx, "ca.crt")?, &token)
     }
 
     /// The API server at `server`, trusting `ca_pem` alone.

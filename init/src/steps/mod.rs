@@ -397,40 +397,41 @@ pub async fn bootstrap(ctx: &Context) -> Result<Vec<Report>, Failed> {
         bounded(ctx, srcdest::STEP, srcdest::run(ctx)),
         |r| r,
     ));
-    let mut reports = Vec::new();
     match master {
         Some(ref m) => {
             let volume = volume::run(m, &ctx.paths.etcd_data);
             let volume = Box::pin(logged(bounded(ctx, volume::STEP, volume), |r| r));
             let (srcdest, volume) = tokio::try_join!(srcdest, volume)?;
-            reports.extend([srcdest, volume]);
-            let eip = logged(bounded(ctx, eip::STEP, eip::run(m)), |(r, _)| r);
-            let (r, public_ip) = eip.await?;
-            reports.push(r);
-            let private_ip = bounded(ctx, private_ip::STEP, private_ip::run(m));
-            reports.push(logged(private_ip, |r| r).await?);
-            let api_record = bounded(ctx, api_record::STEP, api_record::run(m));
-            reports.push(logged(api_record, |r| r).await?);
+            let mut reports = vec![srcdest, volume];
+            let mut record = |r: Report| {
+                r.log();
+                reports.push(r);
+            };
+            let (r, public_ip) = bounded(ctx, eip::STEP, eip::run(m)).await?;
+            record(r);
+            record(bounded(ctx, private_ip::STEP, private_ip::run(m)).await?);
+            record(bounded(ctx, api_record::STEP, api_record::run(m)).await?);
             let pki = secrets::master(m, Some(public_ip));
-            let (r, bundle) = logged(bounded(ctx, secrets::STEP, pki), |(r, _)| r).await?;
-            reports.push(r);
+            let (r, bundle) = bounded(ctx, secrets::STEP, pki).await?;
+            record(r);
             let render = async { configure::run(ctx, &bundle) };
-            reports.push(logged(bounded(ctx, configure::STEP, render), |r| r).await?);
+            record(bounded(ctx, configure::STEP, render).await?);
+            Ok(reports)
         }
         None => {
             let fetch = secrets::node(ctx, ctx.deadlines.node_bundle);
             let fetch = Box::pin(logged(bounded(ctx, secrets::STEP, fetch), |(r, _)| r));
             let (srcdest, (r, bundle)) = tokio::try_join!(srcdest, fetch)?;
-            reports.extend([srcdest, r]);
             let render = async { configure::run(ctx, &bundle) };
-            reports.push(logged(bounded(ctx, configure::STEP, render), |r| r).await?);
+            let configured = bounded(ctx, configure::STEP, render).await?;
+            configured.log();
+            Ok(vec![srcdest, r, configured])
         }
     }
-    Ok(reports)
 }
 
-/// A step's outcome, its report logged as soon as it ends (steps that run
-/// side by side log in the order they end).
+/// A step that runs beside another, its report logged as soon as it ends
+/// (the two log in the order they end).
 async fn logged<T>(
     step: impl Future<Output = Result<T, Failed>>,
     report: impl FnOnce(&T) -> &Report,

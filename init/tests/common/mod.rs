@@ -456,11 +456,11 @@ pub fn master_root(w: &World, root: &std::path::Path) -> Paths {
     paths
 }
 
-/// What a first master leaves for nodes: `<cluster>/node.json` from a fresh PKI.
 /// Where the node bundles of these tests say the API server is: port 1 on
 /// loopback, where nothing listens.
 pub const NO_API_SERVER: &str = "https://127.0.0.1:1";
 
+/// What a first master leaves for nodes: `<cluster>/node.json` from a fresh PKI.
 pub async fn publish_node_bundle(w: &World) {
     let pki = slipway_init::pki::Bundle::generate(&slipway_init::pki::Identity::of(
         &config(w, "master"),
