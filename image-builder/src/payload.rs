@@ -10,7 +10,7 @@ use crate::cache::Cache;
 use crate::fetch::{self, FetchError};
 use crate::fsio::{self, PathError};
 use crate::oci::{self, OciError, Reference};
-use crate::spec::Artifact;
+use crate::spec::{Artifact, Payload};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use slipway_init::contract::{self, ListedImage};
@@ -221,6 +221,22 @@ pub struct PayloadFile {
 pub struct Recorded {
     pub artifacts: Vec<RecordedArtifact>,
     pub images: Vec<RecordedImage>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_files: Vec<RecordedImageFile>,
+}
+
+/// A host file taken out of one of the images.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedImageFile {
+    /// The image's reference.
+    pub image: String,
+    /// The layer it came from (the topmost that holds it).
+    pub layer: String,
+    /// Its path in the image.
+    pub member: String,
+    pub file_sha256: String,
+    /// Where it is installed.
+    pub path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -270,10 +286,11 @@ pub fn archive_name(reference: &str) -> String {
 }
 
 /// Fetches every artifact and image (from the cache when there), checks
-/// each against its pin, and returns the files to install and the record.
+/// each against its pin, and returns the files to install (the files taken
+/// out of images among them) and the record.
 pub fn resolve(
     cache: &Cache,
-    artifacts: &[Artifact],
+    payload: &Payload,
     inputs: &Inputs,
     arch: &str,
     note: &dyn Fn(&str),
@@ -292,7 +309,7 @@ pub fn resolve(
     let images_dir = contract::in_tree(contract::IMAGES_DIR);
     let mut files = Vec::new();
     let mut record = Recorded::default();
-    for a in artifacts {
+    for a in &payload.artifacts {
         let what = format!("{} {} {arch}", a.name, a.version);
         let pin = lock
             .artifact(&a.name, &a.version, arch)
@@ -326,6 +343,7 @@ pub fn resolve(
         });
     }
     let client = mirrors.client();
+    let mut layers_of = BTreeMap::new();
     for reference in unique_references(images) {
         let pin = lock
             .image(reference)
@@ -383,6 +401,7 @@ pub fn resolve(
                 size: layer.size,
             });
         }
+        layers_of.insert(reference, pulled.layers().to_vec());
         record.images.push(RecordedImage {
             reference: reference.clone(),
             digest,
@@ -396,6 +415,32 @@ pub fn resolve(
             src: archive,
             mode: 0o644,
             key: sha,
+            unpacked: false,
+        });
+    }
+    for f in &payload.image_files {
+        let reference = images.get(&f.image).ok_or_else(|| PayloadError::File {
+            path: "payload.image_file".into(),
+            message: format!(
+                "{}: the image list has no image of that name (it has {})",
+                f.image,
+                images.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+        let what = format!("{} in {reference}", f.path);
+        let (layer, src, file_sha256) = from_layers(cache, &layers_of[reference], &f.path, &what)?;
+        record.image_files.push(RecordedImageFile {
+            image: reference.clone(),
+            layer,
+            member: f.path.clone(),
+            file_sha256: file_sha256.clone(),
+            path: f.install.display().to_string(),
+        });
+        files.push(PayloadFile {
+            dest: f.install.strip_prefix("/").unwrap_or(&f.install).to_owned(),
+            src,
+            mode: f.mode,
+            key: file_sha256,
             unpacked: false,
         });
     }
@@ -677,18 +722,78 @@ fn extract(
     member: &str,
     what: &str,
 ) -> Result<(PathBuf, String), PayloadError> {
+    match find_member(cache, archive, sha256, member, what)? {
+        Member::Found(path, sha) => Ok((path, sha)),
+        Member::Absent | Member::Deleted => Err(PayloadError::File {
+            path: archive.display().to_string(),
+            message: format!("{what}: the archive has no member {member}"),
+        }),
+    }
+}
+
+/// A file of an image, from the topmost of its `layers` (base first) that
+/// holds it or deletes it, as a container would see it; returns the
+/// layer's digest, the file extracted into the cache and its sha256.
+fn from_layers(
+    cache: &Cache,
+    layers: &[oci::Descriptor],
+    path: &str,
+    what: &str,
+) -> Result<(String, PathBuf, String), PayloadError> {
+    let member = path.trim_start_matches('/');
+    for layer in layers.iter().rev() {
+        let hex = layer.digest.trim_start_matches("sha256:");
+        let blob = fetch::blob_path(cache, hex);
+        match find_member(cache, &blob, hex, member, what)? {
+            Member::Found(file, sha) => return Ok((layer.digest.clone(), file, sha)),
+            Member::Deleted => {
+                return Err(PayloadError::File {
+                    path: blob.display().to_string(),
+                    message: format!("{what}: layer {} deletes it", layer.digest),
+                })
+            }
+            Member::Absent => {}
+        }
+    }
+    Err(PayloadError::File {
+        path: "payload.image_file".into(),
+        message: format!("{what}: no layer of the image holds it"),
+    })
+}
+
+/// What a tar holds under a member's name.
+enum Member {
+    /// Extracted into the cache, with its sha256.
+    Found(PathBuf, String),
+    /// A whiteout (an image layer's deletion of it).
+    Deleted,
+    Absent,
+}
+
+/// Looks for `member` in a tar in the cache, gzip-compressed or not (whose
+/// sha256 is `sha256`); a regular file is extracted once into the cache.
+fn find_member(
+    cache: &Cache,
+    archive: &Path,
+    sha256: &str,
+    member: &str,
+    what: &str,
+) -> Result<Member, PayloadError> {
     let dest = cache.entry("extracted", &format!("{sha256}/{member}"));
     if dest.exists() {
         let sha = sha256_once(&dest)?;
-        return Ok((dest, sha));
+        return Ok(Member::Found(dest, sha));
     }
     let fail = |message: String| PayloadError::File {
         path: archive.display().to_string(),
         message: format!("{what}: {message}"),
     };
-    let file = std::fs::File::open(archive).map_err(fsio::at("opening", archive))?;
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
-    let wanted = member.trim_start_matches("./");
+    let mut tar = tar::Archive::new(crate::build::layer::open(archive).map_err(fail)?);
+    let wanted = Path::new(member.trim_start_matches("./"));
+    let whiteout = wanted.parent().unwrap_or(Path::new("")).join(format!(
+        ".wh.{}",
+        wanted.file_name().unwrap_or_default().to_string_lossy()
+    ));
     for entry in tar.entries().map_err(|e| fail(e.to_string()))? {
         let mut entry = entry.map_err(|e| fail(e.to_string()))?;
         let path = entry
@@ -696,8 +801,15 @@ fn extract(
             .map_err(|e| fail(e.to_string()))?
             .to_string_lossy()
             .into_owned();
-        if path.trim_start_matches("./") != wanted {
+        let path = Path::new(path.trim_start_matches("./"));
+        if path == whiteout {
+            return Ok(Member::Deleted);
+        }
+        if path != wanted {
             continue;
+        }
+        if !entry.header().entry_type().is_file() {
+            return Err(fail(format!("{member} is not a regular file")));
         }
         let dir = dest.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(fsio::at("creating", dir))?;
@@ -706,9 +818,9 @@ fn extract(
         std::io::copy(&mut entry, &mut out).map_err(|e| fail(e.to_string()))?;
         std::fs::rename(&tmp, &dest).map_err(fsio::at("renaming", &dest))?;
         let sha = sha256_once(&dest)?;
-        return Ok((dest, sha));
+        return Ok(Member::Found(dest, sha));
     }
-    Err(fail(format!("the archive has no member {member}")))
+    Ok(Member::Absent)
 }
 
 #[cfg(test)]
@@ -767,9 +879,13 @@ mod tests {
             lock: Lock::default(),
             mirrors: Mirrors::default(),
         };
+        let payload = Payload {
+            artifacts: artifacts.to_vec(),
+            ..Payload::default()
+        };
         let err = resolve(
             &Cache::at(dir.path().to_owned()),
-            &artifacts,
+            &payload,
             &inputs,
             "arm64",
             &|_| {},
@@ -805,5 +921,99 @@ mod tests {
             archive_name("registry.k8s.io/coredns/coredns:v1.15.0"),
             "registry.k8s.io_coredns_coredns_v1.15.0.tar"
         );
+    }
+
+    /// A layer of `(path, content)` entries (an empty content and a
+    /// `.wh.` name make a whiteout), gzip-compressed or not, stored in the
+    /// cache as a blob.
+    fn layer(cache: &Cache, gzip: bool, entries: &[(&str, &[u8])]) -> oci::Descriptor {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (path, data) in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_mode(0o755);
+            h.set_size(data.len() as u64);
+            tar.append_data(&mut h, path, *data).unwrap();
+        }
+        let mut bytes = tar.into_inner().unwrap();
+        if gzip {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut gz, &bytes).unwrap();
+            bytes = gz.finish().unwrap();
+        }
+        let hex = crate::cache::sha256_bytes(&bytes);
+        let blob = fetch::blob_path(cache, &hex);
+        std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
+        std::fs::write(&blob, &bytes).unwrap();
+        oci::Descriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            digest: format!("sha256:{hex}"),
+            size: bytes.len() as u64,
+            annotations: None,
+        }
+    }
+
+    #[test]
+    fn a_file_comes_from_the_topmost_layer_that_holds_it_or_deletes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::at(dir.path().to_owned());
+        // Compressed and not, as registries hold them.
+        let base = layer(&cache, true, &[("flannel", b"base"), ("bin/sh", b"sh")]);
+        let top = layer(&cache, false, &[("flannel", b"top")]);
+        let unrelated = layer(&cache, true, &[("etc/motd", b"hi")]);
+        let layers = [base.clone(), top.clone(), unrelated];
+        let (digest, file, sha) = from_layers(&cache, &layers, "/flannel", "the plugin").unwrap();
+        assert_eq!(digest, top.digest);
+        assert_eq!(std::fs::read(&file).unwrap(), b"top");
+        assert_eq!(sha, crate::cache::sha256_bytes(b"top"));
+        // A file only the base holds comes from the base.
+        let (digest, file, _) = from_layers(&cache, &layers, "/bin/sh", "sh").unwrap();
+        assert_eq!(
+            (digest, std::fs::read(&file).unwrap()),
+            (base.digest.clone(), b"sh".to_vec())
+        );
+
+        let deleted = layer(&cache, false, &[(".wh.flannel", b"")]);
+        let err = from_layers(
+            &cache,
+            &[base.clone(), deleted.clone()],
+            "/flannel",
+            "the plugin",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(&format!("the plugin: layer {} deletes it", deleted.digest)),
+            "{err}"
+        );
+        let err = from_layers(&cache, &[base], "/opt/bin/flanneld", "flanneld")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("flanneld: no layer of the image holds it"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_directory_is_not_taken_for_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::at(dir.path().to_owned());
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        tar.append_data(&mut h, "flannel/", std::io::empty())
+            .unwrap();
+        let bytes = tar.into_inner().unwrap().finish().unwrap();
+        let blob = dir.path().join("layer.tar.gz");
+        std::fs::write(&blob, bytes).unwrap();
+        let err = extract(&cache, &blob, "abc", "flannel", "the plugin")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("flannel is not a regular file"), "{err}");
     }
 }

@@ -45,6 +45,9 @@ pub struct Payload {
     /// Host binaries.
     #[serde(default, rename = "artifact")]
     pub artifacts: Vec<Artifact>,
+    /// Host files taken out of the images in the list.
+    #[serde(default, rename = "image_file")]
+    pub image_files: Vec<ImageFile>,
     /// The architectures payload.lock pins artifacts for (default: the
     /// image's own), so that building for another is one setting away.
     #[serde(default)]
@@ -284,8 +287,38 @@ impl Spec {
                 ));
             }
         }
+        for f in &self.payload.image_files {
+            if !Path::new(&f.path).is_absolute() || f.path.ends_with('/') {
+                return Err(invalid(
+                    "payload.image_file",
+                    &format!("{}: path must name a file by its absolute path", f.image),
+                ));
+            }
+            if !f.install.is_absolute() || f.install.components().any(|c| c.as_os_str() == "..") {
+                return Err(invalid(
+                    "payload.image_file",
+                    &format!("{}: install must be an absolute path without `..`", f.image),
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// A file installed on the host from one of the payload's images, for a
+/// program upstream ships only as an image: the image's pin pins the file,
+/// and no container has to copy it onto the host at every boot.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageFile {
+    /// The image's name in the image list (`flannel-cni-plugin`).
+    pub image: String,
+    /// The file's absolute path inside the image (`/flannel`).
+    pub path: String,
+    /// Where it goes on the host (absolute).
+    pub install: PathBuf,
+    #[serde(default = "default_mode")]
+    pub mode: u32,
 }
 
 /// One host binary, as the spec lists it.

@@ -471,7 +471,8 @@ fn two_tags_of_the_same_bytes_go_into_the_image_under_their_own_names() {
             lock: lock.clone(),
             mirrors: mirrors.clone(),
         };
-        let (files, record) = payload::resolve(&cache, &[], &inputs, "amd64", &|_| {}).unwrap();
+        let (files, record) =
+            payload::resolve(&cache, &Default::default(), &inputs, "amd64", &|_| {}).unwrap();
         assert_eq!(record.images[0].reference, *reference);
         let archive = files
             .iter()
@@ -491,6 +492,86 @@ fn two_tags_of_the_same_bytes_go_into_the_image_under_their_own_names() {
             reference.as_str()
         );
     }
+}
+
+#[test]
+fn a_host_file_is_taken_out_of_its_pinned_image() {
+    use image_builder::payload::{self, Inputs, Lock, LockedImage, Mirrors};
+    use image_builder::spec::{ImageFile, Payload};
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let push_cache = Cache::at(dir.path().join("push"));
+    let reference = "ghcr.io/flannel-io/flannel-cni-plugin:v1.9.1-flannel1";
+    let img = vm_tests::push::image_from_files(
+        &push_cache,
+        reference,
+        "amd64",
+        &[
+            ("/flannel", &b"the plugin"[..], 0o755),
+            ("/bin/sh", &b"a shell"[..], 0o755),
+        ],
+        &["/flannel"],
+    )
+    .unwrap();
+    let target = format!("{}/flannel-io/flannel-cni-plugin:v1.9.1-flannel1", reg.host);
+    let index = Pusher::direct()
+        .push_indexed(&push_cache, &target.parse().unwrap(), &img, "amd64")
+        .unwrap();
+    let inputs = Inputs {
+        images: std::collections::BTreeMap::from([(
+            "flannel-cni-plugin".to_owned(),
+            reference.to_owned(),
+        )]),
+        lock_path: "payload.lock".into(),
+        lock: Lock {
+            images: vec![LockedImage {
+                reference: reference.into(),
+                digest: index,
+            }],
+            ..Lock::default()
+        },
+        mirrors: Mirrors {
+            artifacts: None,
+            registry: Some(format!("http://{}", reg.host)),
+        },
+    };
+    let mut spec = Payload {
+        image_files: vec![ImageFile {
+            image: "flannel-cni-plugin".into(),
+            path: "/flannel".into(),
+            install: "/usr/lib/cni/flannel".into(),
+            mode: 0o755,
+        }],
+        ..Payload::default()
+    };
+    let cache = Cache::at(dir.path().join("cache"));
+    let (files, record) = payload::resolve(&cache, &spec, &inputs, "amd64", &|_| {}).unwrap();
+    let plugin = files
+        .iter()
+        .find(|f| f.dest == std::path::Path::new("usr/lib/cni/flannel"))
+        .expect("the plugin is among the image's files");
+    assert_eq!(std::fs::read(&plugin.src).unwrap(), b"the plugin");
+    assert_eq!(plugin.mode, 0o755);
+    let recorded = &record.image_files[0];
+    assert_eq!(recorded.image, reference);
+    assert_eq!(recorded.layer, record.images[0].layers[0].digest);
+    assert_eq!(
+        recorded.file_sha256,
+        image_builder::cache::sha256_bytes(b"the plugin")
+    );
+    assert_eq!(recorded.path, "/usr/lib/cni/flannel");
+
+    // A name the image list does not have is refused, naming those it has.
+    spec.image_files[0].image = "flannel-cni".into();
+    let err = payload::resolve(&cache, &spec, &inputs, "amd64", &|_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "flannel-cni: the image list has no image of that name (it has flannel-cni-plugin)"
+        ),
+        "{err}"
+    );
 }
 
 #[test]

@@ -229,3 +229,53 @@ fn every_shipped_entry_has_a_fixture_at_its_version() {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+/// The CNI plugins the network's configuration names (flannel's, which
+/// delegates to the bridge and host-local plugins; containerd adds
+/// loopback) are all on the read-only root, where containerd looks first:
+/// none is left to a container to copy at boot.
+#[test]
+fn every_cni_plugin_the_network_uses_is_in_the_image() {
+    let s = shipped();
+    let manifest =
+        std::fs::read_to_string(repo().join("manifests/addons/30-flannel.yaml")).unwrap();
+    let (_, conf) = manifest.split_once("cni-conf.json: |").unwrap();
+    let (conf, _) = conf.split_once("net-conf.json").unwrap();
+    let mut wanted: Vec<String> = conf
+        .split("\"type\":")
+        .skip(1)
+        .map(|rest| {
+            rest.trim_start()
+                .trim_start_matches('"')
+                .split('"')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(wanted.contains(&"flannel".to_owned()), "{conf}");
+    wanted.extend(["bridge", "host-local", "loopback"].map(String::from));
+    let installed: Vec<&Path> = s
+        .spec
+        .payload
+        .artifacts
+        .iter()
+        .map(|a| a.install.as_path())
+        .chain(
+            s.spec
+                .payload
+                .image_files
+                .iter()
+                .map(|f| f.install.as_path()),
+        )
+        .collect();
+    let missing: Vec<&String> = wanted
+        .iter()
+        .filter(|t| !installed.contains(&Path::new("/usr/lib/cni").join(t).as_path()))
+        .collect();
+    assert!(missing.is_empty(), "not in /usr/lib/cni: {missing:?}");
+    // Each file taken out of an image names an image the build pulls.
+    for f in &s.spec.payload.image_files {
+        assert!(s.images.contains_key(&f.image), "{}", f.image);
+    }
+}

@@ -108,6 +108,7 @@ pub fn synthetic_build(marker: &[u8]) -> Result<tempfile::TempDir> {
                 path: "/usr/bin/kubelet".into(),
             }],
             images: Vec::new(),
+            image_files: Vec::new(),
         },
         stages: Vec::new(),
         total_seconds: 0.0,

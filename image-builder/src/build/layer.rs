@@ -35,22 +35,25 @@ pub fn unpack(blob: &Path, dest: &Path) -> Result<Unpacked, RootfsError> {
         path: blob.to_owned(),
         message,
     };
-    let file = fs::File::open(blob).map_err(|e| failed(format!("opening: {e}")))?;
-    let mut reader = BufReader::new(file);
-    let magic = reader
-        .fill_buf()
-        .map_err(|e| failed(format!("reading: {e}")))?;
-    let stream: Box<dyn Read> = match magic {
-        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(reader)),
-        [0x28, 0xb5, 0x2f, 0xfd, ..] => {
-            return Err(failed(
-                "is zstd-compressed; only gzip and uncompressed layers are supported".into(),
-            ))
-        }
-        _ => Box::new(reader),
-    };
+    let stream = open(blob).map_err(failed)?;
     fs::create_dir(dest).map_err(|e| failed(format!("creating {}: {e}", dest.display())))?;
     unpack_tar(stream, dest).map_err(failed)
+}
+
+/// The tar stream of the layer at `blob`, gzip-compressed or not.
+pub fn open(blob: &Path) -> Result<Box<dyn Read>, String> {
+    let file = fs::File::open(blob).map_err(|e| format!("opening: {e}"))?;
+    let mut reader = BufReader::new(file);
+    let magic = reader.fill_buf().map_err(|e| format!("reading: {e}"))?;
+    Ok(match magic {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(reader)),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => {
+            return Err(
+                "is zstd-compressed; only gzip and uncompressed layers are supported".into(),
+            )
+        }
+        _ => Box::new(reader),
+    })
 }
 
 fn unpack_tar(stream: impl Read, dest: &Path) -> Result<Unpacked, String> {

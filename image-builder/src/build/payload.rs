@@ -23,19 +23,21 @@ pub fn resolve(
         return Ok((Vec::new(), Recorded::default()));
     }
     progress.stage("payload", || {
-        let (files, record) = payload::resolve(
-            cache,
-            &spec.payload.artifacts,
-            &inputs,
-            &spec.image.arch,
-            &|m| progress.note(m),
-        )?;
+        let (files, record) =
+            payload::resolve(cache, &spec.payload, &inputs, &spec.image.arch, &|m| {
+                progress.note(m)
+            })?;
         let bytes: u64 = files
             .iter()
             .map(|f| fs::metadata(&f.src).map(|m| m.len()).unwrap_or(0))
             .sum();
+        let taken = match record.image_files.len() {
+            0 => String::new(),
+            1 => " (1 host file taken from them)".to_owned(),
+            n => format!(" ({n} host files taken from them)"),
+        };
         let note = format!(
-            "{} artifacts, {} images, {}",
+            "{} artifacts, {} images{taken}, {}",
             record.artifacts.len(),
             record.images.len(),
             progress::bytes(bytes)

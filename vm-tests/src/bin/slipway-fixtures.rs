@@ -63,12 +63,12 @@ fn recipe(name: &str) -> Option<(Vec<(&'static str, &'static str)>, &'static str
 }
 
 /// Images whose programs shell out to iptables (kube-proxy, flanneld) or
-/// whose manifests run `cp` (flannel's init containers). Upstream builds
-/// them on a distribution base; the fixtures carry the host's iptables
+/// whose manifests run a shell and `cp` (flannel's). Upstream builds them
+/// on a distribution base; the fixtures carry the host's iptables
 /// (nf_tables backend, with its extensions and libraries) and a static
 /// busybox instead.
 fn needs_userland(name: &str) -> bool {
-    matches!(name, "kube-proxy" | "flannel" | "flannel-cni-plugin")
+    matches!(name, "kube-proxy" | "flannel")
 }
 
 const XTABLES: &str = "/usr/sbin/xtables-nft-multi";
