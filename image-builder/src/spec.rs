@@ -452,10 +452,24 @@ binaries = ["slipway-init"]
                 "debian.packages",
             ),
             (GOOD.replace("name = \"slipway\"\n", ""), "name"),
+            (
+                format!("{GOOD}\n[[payload.image_file]]\nimage = \"cni\"\npath = \"flannel\"\ninstall = \"/usr/lib/cni/flannel\"\n"),
+                "payload.image_file",
+            ),
+            (
+                format!("{GOOD}\n[[payload.image_file]]\nimage = \"cni\"\npath = \"/flannel\"\ninstall = \"/usr/lib/../cni\"\n"),
+                "payload.image_file",
+            ),
         ];
         for (text, key) in cases {
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(key), "{err:?} should name {key}");
         }
+        // The same file entry, with absolute paths, is taken.
+        let good = format!(
+            "{GOOD}\n[[payload.image_file]]\nimage = \"cni\"\npath = \"/flannel\"\n\
+             install = \"/usr/lib/cni/flannel\"\n"
+        );
+        assert_eq!(parse(&good).unwrap().payload.image_files[0].mode, 0o755);
     }
 }

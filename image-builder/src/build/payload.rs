@@ -19,7 +19,10 @@ pub fn resolve(
     progress: &Progress,
 ) -> Result<(Vec<PayloadFile>, Recorded), BuildError> {
     let inputs = payload::Inputs::load(spec, spec_dir, sources)?;
-    if spec.payload.artifacts.is_empty() && inputs.images.is_empty() {
+    if spec.payload.artifacts.is_empty()
+        && inputs.images.is_empty()
+        && spec.payload.image_files.is_empty()
+    {
         return Ok((Vec::new(), Recorded::default()));
     }
     progress.stage("payload", || {
