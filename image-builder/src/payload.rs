@@ -343,7 +343,6 @@ pub fn resolve(
         });
     }
     let client = mirrors.client();
-    let mut layers_of = BTreeMap::new();
     for reference in unique_references(images) {
         let pin = lock
             .image(reference)
@@ -401,7 +400,6 @@ pub fn resolve(
                 size: layer.size,
             });
         }
-        layers_of.insert(reference, pulled.layers().to_vec());
         record.images.push(RecordedImage {
             reference: reference.clone(),
             digest,
@@ -428,7 +426,13 @@ pub fn resolve(
             ),
         })?;
         let what = format!("{} in {reference}", f.path);
-        let (layer, src, file_sha256) = from_layers(cache, &layers_of[reference], &f.path, &what)?;
+        // Every image in the list was pulled above, its layers recorded.
+        let layers = record
+            .images
+            .iter()
+            .find(|i| i.reference == *reference)
+            .map_or(&[][..], |i| &i.layers[..]);
+        let (layer, src, file_sha256) = from_layers(cache, layers, &f.path, &what)?;
         record.image_files.push(RecordedImageFile {
             image: reference.clone(),
             layer,
@@ -736,7 +740,7 @@ fn extract(
 /// layer's digest, the file extracted into the cache and its sha256.
 fn from_layers(
     cache: &Cache,
-    layers: &[oci::Descriptor],
+    layers: &[RecordedLayer],
     path: &str,
     what: &str,
 ) -> Result<(String, PathBuf, String), PayloadError> {
@@ -765,9 +769,27 @@ fn from_layers(
 enum Member {
     /// Extracted into the cache, with its sha256.
     Found(PathBuf, String),
-    /// A whiteout (an image layer's deletion of it).
+    /// Deleted, as an image layer deletes what the layers below it hold: a
+    /// whiteout of it or of a directory above it, or a directory above it
+    /// made opaque.
     Deleted,
     Absent,
+}
+
+/// The entries of an image layer that delete `path` from the layers below:
+/// `.wh.<name>` beside it or beside any directory above it, and the opaque
+/// marker of any directory above it.
+fn deletions_of(path: &Path) -> Vec<PathBuf> {
+    let mut marks = Vec::new();
+    for above in path.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+        let parent = above.parent().unwrap_or(Path::new(""));
+        let name = above.file_name().unwrap_or_default().to_string_lossy();
+        marks.push(parent.join(format!(".wh.{name}")));
+        if above != path {
+            marks.push(above.join(".wh..wh..opq"));
+        }
+    }
+    marks
 }
 
 /// Looks for `member` in a tar in the cache, gzip-compressed or not (whose
@@ -790,10 +812,10 @@ fn find_member(
     };
     let mut tar = tar::Archive::new(crate::build::layer::open(archive).map_err(fail)?);
     let wanted = Path::new(member.trim_start_matches("./"));
-    let whiteout = wanted.parent().unwrap_or(Path::new("")).join(format!(
-        ".wh.{}",
-        wanted.file_name().unwrap_or_default().to_string_lossy()
-    ));
+    let deletions = deletions_of(wanted);
+    // A layer may delete a directory and fill it again: what it holds
+    // itself wins, whatever the order of its entries.
+    let mut deleted = false;
     for entry in tar.entries().map_err(|e| fail(e.to_string()))? {
         let mut entry = entry.map_err(|e| fail(e.to_string()))?;
         let path = entry
@@ -802,8 +824,9 @@ fn find_member(
             .to_string_lossy()
             .into_owned();
         let path = Path::new(path.trim_start_matches("./"));
-        if path == whiteout {
-            return Ok(Member::Deleted);
+        if deletions.iter().any(|d| d == path) {
+            deleted = true;
+            continue;
         }
         if path != wanted {
             continue;
@@ -820,7 +843,11 @@ fn find_member(
         let sha = sha256_once(&dest)?;
         return Ok(Member::Found(dest, sha));
     }
-    Ok(Member::Absent)
+    Ok(if deleted {
+        Member::Deleted
+    } else {
+        Member::Absent
+    })
 }
 
 #[cfg(test)]
@@ -926,7 +953,7 @@ mod tests {
     /// A layer of `(path, content)` entries (an empty content and a
     /// `.wh.` name make a whiteout), gzip-compressed or not, stored in the
     /// cache as a blob.
-    fn layer(cache: &Cache, gzip: bool, entries: &[(&str, &[u8])]) -> oci::Descriptor {
+    fn layer(cache: &Cache, gzip: bool, entries: &[(&str, &[u8])]) -> RecordedLayer {
         let mut tar = tar::Builder::new(Vec::new());
         for (path, data) in entries {
             let mut h = tar::Header::new_ustar();
@@ -944,11 +971,9 @@ mod tests {
         let blob = fetch::blob_path(cache, &hex);
         std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
         std::fs::write(&blob, &bytes).unwrap();
-        oci::Descriptor {
-            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        RecordedLayer {
             digest: format!("sha256:{hex}"),
             size: bytes.len() as u64,
-            annotations: None,
         }
     }
 
@@ -984,6 +1009,29 @@ mod tests {
         assert!(
             err.contains(&format!("the plugin: layer {} deletes it", deleted.digest)),
             "{err}"
+        );
+        // A directory above it deleted, or made opaque, deletes it too;
+        // unless the opaque layer holds it again.
+        for marks in [&[(".wh.bin", &b""[..])][..], &[("bin/.wh..wh..opq", b"")]] {
+            let above = layer(&cache, true, marks);
+            let err = from_layers(&cache, &[base.clone(), above.clone()], "/bin/sh", "sh")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("sh: layer {} deletes it", above.digest)),
+                "{err}"
+            );
+        }
+        let refilled = layer(
+            &cache,
+            false,
+            &[("bin/sh", b"new"), ("bin/.wh..wh..opq", b"")],
+        );
+        let (digest, file, _) =
+            from_layers(&cache, &[base.clone(), refilled.clone()], "/bin/sh", "sh").unwrap();
+        assert_eq!(
+            (digest, std::fs::read(&file).unwrap()),
+            (refilled.digest, b"new".to_vec())
         );
         let err = from_layers(&cache, &[base], "/opt/bin/flanneld", "flanneld")
             .unwrap_err()
