@@ -84,6 +84,9 @@ const LATE_OBJECTS: usize = 5;
 /// `EtcdBackupMinutes`, on a five-minute timer): when the admin command's
 /// backup fails, one newer than a given moment comes within twenty.
 const BACKUP_DEADLINE: Duration = Duration::from_secs(21 * 60);
+/// From the master's replacement back in service to `steady`'s budget
+/// allowing an eviction again.
+const BUDGET_SETTLES: Duration = Duration::from_secs(10 * 60);
 /// How long a retiring member's guest has to shut down (its drain or its
 /// clean stop included) before the harness kills it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(9 * 60);
@@ -300,6 +303,21 @@ spec:
     )
 }
 
+/// The evictions `steady`'s budget allows now, as the disruption
+/// controller last computed it.
+fn disruptions_allowed(kubectl: &Kubectl) -> Result<i64> {
+    let out = kubectl.run(&[
+        "get",
+        "pdb",
+        "steady",
+        "-o",
+        "jsonpath={.status.disruptionsAllowed}",
+    ])?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("steady's budget allows {out:?} disruptions"))
+}
+
 /// `steady`'s available replicas, or `None` when the API does not answer.
 fn available(kubectl: &Kubectl) -> Result<Option<i64>> {
     Ok(kubectl
@@ -428,17 +446,58 @@ impl std::fmt::Display for Held {
             self.unanswered,
             self.lapsed
         )?;
-        for (at, phase, n) in &self.changes {
-            match n {
-                Some(Sample { ready, lapsed: 0 }) => write!(f, " {at}s {ready} ({phase});")?,
-                Some(Sample { ready, lapsed }) => {
-                    write!(f, " {at}s {ready} + {lapsed} on a lapsed Node ({phase});")?
-                }
-                None => write!(f, " {at}s no answer ({phase});")?,
-            }
+        for change in &self.changes {
+            write!(f, " {};", Change(change))?;
         }
         Ok(())
     }
+}
+
+/// One change the sampler saw, as the run's output and a failure say it.
+struct Change<'a>(&'a (u64, &'static str, Option<Sample>));
+
+impl std::fmt::Display for Change<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (at, phase, n) = self.0;
+        match n {
+            Some(Sample { ready, lapsed: 0 }) => write!(f, "{at}s {ready} ({phase})"),
+            Some(Sample { ready, lapsed }) => {
+                write!(f, "{at}s {ready} + {lapsed} on a lapsed Node ({phase})")
+            }
+            None => write!(f, "{at}s no answer ({phase})"),
+        }
+    }
+}
+
+/// `steady`'s budget as the disruption controller last computed it, and
+/// each replica's member and readiness: what decides whether a drain may
+/// evict one, for the run's output and for an error.
+fn budget_report(kubectl: &Kubectl) -> String {
+    let budget = kubectl
+        .run(&[
+            "get",
+            "pdb",
+            "steady",
+            "-o",
+            "jsonpath={.status.disruptionsAllowed} disruptions allowed, \
+             {.status.currentHealthy} healthy of {.status.expectedPods} \
+             ({.status.desiredHealthy} needed), observed generation \
+             {.status.observedGeneration} of {.metadata.generation}",
+        ])
+        .unwrap_or_else(|e| format!("{e:#}"));
+    let pods = kubectl
+        .run(&[
+            "get",
+            "pods",
+            "-l",
+            "app=steady",
+            "-o",
+            "jsonpath={range .items[*]}  {.metadata.name} on {.spec.nodeName}: \
+             {.status.phase}, Ready={.status.conditions[?(@.type==\"Ready\")].status} \
+             reason={.status.conditions[?(@.type==\"Ready\")].reason} since {.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}{\"\\n\"}{end}",
+        ])
+        .unwrap_or_else(|e| format!("{e:#}"));
+    format!("steady's budget: {}\n{}", budget.trim(), pods.trim_end())
 }
 
 impl Sampler {
@@ -464,8 +523,9 @@ impl Sampler {
                 }
                 let phase = *phase_now.lock().unwrap_or_else(|e| e.into_inner());
                 if held.changes.last().map(|(_, p, last)| (*p, *last)) != Some((phase, seen)) {
-                    held.changes
-                        .push((started.elapsed().as_secs(), phase, seen));
+                    let change = (started.elapsed().as_secs(), phase, seen);
+                    eprintln!("[cluster] steady's replicas counted: {}", Change(&change));
+                    held.changes.push(change);
                 }
                 std::thread::sleep(Duration::from_secs(3));
             }
@@ -1528,6 +1588,24 @@ spec:
         policy.wait_on_signals,
         "the node group does not wait: {policy:?}"
     );
+    // The harness starts the node group's batch once steady's budget
+    // allows an eviction again, which CloudFormation would not wait for.
+    // Under TCG the replaced master's API server can be too busy to
+    // record the node's lease; the node controller then marks the node's
+    // replicas unready, the budget refuses every eviction until they are
+    // Ready again, and a drain that starts meanwhile can spend its whole
+    // deadline waiting (seen on a slow host: 429s for 500 s). What the
+    // batch tests is that the drain evicts through the budget, so it
+    // starts from a budget that can allow it; one that never does again
+    // fails here, with the budget and its replicas.
+    let settled = wait(
+        &cluster,
+        "steady's budget allows an eviction again",
+        BUDGET_SETTLES,
+        || Ok((disruptions_allowed(&kubectl)? >= 1).then_some(())),
+    );
+    eprintln!("[cluster] {}", budget_report(&kubectl));
+    settled?;
     sampler.phase("the node group's batch");
     let grace = cluster.paced(SHUTDOWN_GRACE);
     let rolled = cluster.roll(
@@ -1539,10 +1617,12 @@ spec:
             // It cordoned itself and moved the budgeted Deployment's pod
             // through the eviction API; the rest of its drain is reported
             // (it ends at its deadline if the API server stops answering).
-            retired.left_cleanly(&[
-                &format!("cordoned node/{}", retired.id),
-                "evicted default/steady-",
-            ])?;
+            retired
+                .left_cleanly(&[
+                    &format!("cordoned node/{}", retired.id),
+                    "evicted default/steady-",
+                ])
+                .map_err(|e| anyhow!("{e:#}\n{}", budget_report(&kubectl)))?;
             retired.shut_down(grace)?;
             let drained = retired
                 .departure()
