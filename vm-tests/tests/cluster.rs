@@ -89,12 +89,14 @@ const BACKUP_DEADLINE: Duration = Duration::from_secs(21 * 60);
 const BUDGET_SETTLES: Duration = Duration::from_secs(10 * 60);
 /// How long a retiring member's guest has to shut down (its drain or its
 /// clean stop included) before the harness kills it.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(9 * 60);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(11 * 60);
 /// Under TCG a busy master's API server can stop answering for a minute
-/// or more, longer than the product's two-minute drain allows, so the
-/// members here drain for up to five, stretched by the run's pace once it
-/// is known ([`pace_departure`]).
-const DRAIN_UNDER_TCG: Duration = Duration::from_secs(5 * 60);
+/// or more, longer than the product's two-minute drain allows, and a
+/// node's second budgeted replica waits until the first one's
+/// replacement is Ready on the master (210-325 s after its eviction in
+/// three runs here), so the members here drain for up to seven minutes,
+/// stretched by the run's pace once it is known ([`pace_departure`]).
+const DRAIN_UNDER_TCG: Duration = Duration::from_secs(7 * 60);
 /// What a member's clean stop may take after its drain.
 const STOP_AFTER_DRAIN: Duration = Duration::from_secs(3 * 60);
 
