@@ -286,18 +286,23 @@ fn image_boots_with_a_verity_read_only_root() -> Result<()> {
         nodes.len() == 2 && nodes.iter().all(|l| l.starts_with('c')),
         "the kernel's on-demand device nodes are missing: {nodes:?}"
     );
-    // The network interface's driver comes with the initramfs, and udev
-    // loads no driver for what an instance never uses: networkd takes the
-    // interface over as soon as udev has named it.
-    let configured = lines("SLIPWAY-TEST-NET ")
-        .first()
-        .and_then(|l| monotonic(l))
-        .with_context(|| {
-            format!(
-                "networkd did not take the interface over within a minute\n{}",
-                vm.tail(40)
-            )
-        })?;
+    // The network interface's driver comes with the initramfs, udev loads
+    // no driver for what an instance never uses, and the interface keeps
+    // the kernel's name: networkd takes it over as soon as udev has handled
+    // its first event, not after a rename's event queued behind udev's
+    // whole first pass.
+    let net = lines("SLIPWAY-TEST-NET ");
+    let configured = net.first().and_then(|l| monotonic(l)).with_context(|| {
+        format!(
+            "networkd did not take the interface over within a minute\n{}",
+            vm.tail(40)
+        )
+    })?;
+    ensure!(
+        net[0].contains(" eth0: "),
+        "the interface was renamed (net.ifnames=0 keeps the kernel's name): {}",
+        net[0]
+    );
     eprintln!("networkd took the network interface over {configured:.1}s after the kernel started");
     vm_tests::figures::record(&[(
         "boot: network interface configured (after the kernel)",
