@@ -292,16 +292,18 @@ fn image_boots_with_a_verity_read_only_root() -> Result<()> {
     // its first event, not after a rename's event queued behind udev's
     // whole first pass.
     let net = lines("SLIPWAY-TEST-NET ");
-    let configured = net.first().and_then(|l| monotonic(l)).with_context(|| {
-        format!(
-            "networkd did not take the interface over within a minute\n{}",
-            vm.tail(40)
-        )
-    })?;
+    let (line, configured) = net
+        .first()
+        .and_then(|l| Some((l, monotonic(l)?)))
+        .with_context(|| {
+            format!(
+                "networkd did not take the interface over within a minute\n{}",
+                vm.tail(40)
+            )
+        })?;
     ensure!(
-        net[0].contains(" eth0: "),
-        "the interface was renamed (net.ifnames=0 keeps the kernel's name): {}",
-        net[0]
+        line.contains(" eth0: "),
+        "the interface was renamed (net.ifnames=0 keeps the kernel's name): {line}"
     );
     eprintln!("networkd took the network interface over {configured:.1}s after the kernel started");
     vm_tests::figures::record(&[(
