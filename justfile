@@ -26,7 +26,7 @@ out := "out"
 next_out := "out-next"
 
 # Host packages the build and the tests use (Debian names).
-host_packages := "openssl mmdebstrap uidmap e2fsprogs qemu-utils qemu-system-x86 ovmf jq time docker-registry gcc libc6-dev iptables busybox-static dnsmasq-base iproute2 libseccomp-dev pkg-config fdisk"
+host_packages := "openssl mmdebstrap uidmap e2fsprogs qemu-utils qemu-system-x86 ovmf jq time docker-registry gcc libc6-dev iptables busybox-static dnsmasq-base iproute2 fdisk"
 
 default: build
 

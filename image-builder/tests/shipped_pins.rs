@@ -178,7 +178,6 @@ fn fixture_for(name: &str) -> Option<&'static str> {
         | "kube-scheduler"
         | "kube-proxy" => "K8S_VERSION",
         "containerd" | "containerd-shim-runc-v2" | "ctr" => "CONTAINERD_VERSION",
-        "runc" => "RUNC_VERSION",
         "crictl" => "CRICTL_VERSION",
         "etcd" => "ETCD_VERSION",
         "coredns" => "COREDNS_VERSION",

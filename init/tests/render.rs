@@ -305,8 +305,19 @@ fn containerd_pins_the_sandbox_image_of_images_toml_and_uses_systemd_cgroups() {
         images["pinned_images"]["sandbox"].as_str(),
         Some(templates.images["pause"].as_str())
     );
-    let runc = &conf["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["runc"];
-    assert_eq!(runc["options"]["SystemdCgroup"].as_bool(), Some(true));
+    let containerd = &conf["plugins"]["io.containerd.cri.v1.runtime"]["containerd"];
+    let default = containerd["default_runtime_name"].as_str().unwrap();
+    let runtime = &containerd["runtimes"][default];
+    assert_eq!(
+        runtime["runtime_type"].as_str(),
+        Some("io.containerd.runc.v2")
+    );
+    assert_eq!(runtime["options"]["SystemdCgroup"].as_bool(), Some(true));
+    // The image has no runc: the shim must be told which runtime to run.
+    assert_eq!(
+        runtime["options"]["BinaryName"].as_str(),
+        Some("/usr/bin/crun")
+    );
 }
 
 #[test]

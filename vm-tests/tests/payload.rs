@@ -1,6 +1,6 @@
 //! The pre-pulled payload under QEMU, with no network at all (so no
 //! registry): containerd lists every image the build manifest names, a
-//! container from one of them runs, and a container's scope stops only
+//! container from one of them runs under crun (the image has no runc), and a container's scope stops only
 //! after the member's leave at shutdown. The check itself is a unit handed to
 //! the guest as a systemd credential, so the image is the one we ship.
 
@@ -50,8 +50,8 @@ fn prepulled_images_are_imported_and_run_without_a_registry() -> Result<()> {
          [Service]\nType=oneshot\nStandardOutput=journal+console\nStandardError=journal+console\n\
          ExecStart=/bin/sh -c 'sha256sum {paths} | sed \"s/^/SLIPWAY-TEST-SHA /\"; ctr -n k8s.io images ls -q | sed \"s/^/SLIPWAY-TEST-IMAGE /\"; \
          ctr -n k8s.io images ls | grep -c io.cri-containerd.pinned=pinned | sed \"s/^/SLIPWAY-TEST-PINNED /\"; \
-         ctr -n k8s.io run --rm {etcd} payload-check /usr/local/bin/etcd --version 2>&1 | sed \"s/^/SLIPWAY-TEST-RUN /\"; \
-         ctr -n k8s.io run --rm {etcd} payload-etcdutl /usr/local/bin/etcdutl version 2>&1 | sed \"s/^/SLIPWAY-TEST-ETCDUTL /\"; \
+         ctr -n k8s.io run --runc-binary /usr/bin/crun --rm {etcd} payload-check /usr/local/bin/etcd --version 2>&1 | sed \"s/^/SLIPWAY-TEST-RUN /\"; \
+         ctr -n k8s.io run --runc-binary /usr/bin/crun --rm {etcd} payload-etcdutl /usr/local/bin/etcdutl version 2>&1 | sed \"s/^/SLIPWAY-TEST-ETCDUTL /\"; \
          systemd-run --quiet --scope --unit={SCOPE} sleep 30 & sleep 3; \
          systemctl show --property=Before {SCOPE}.scope | sed \"s/^/SLIPWAY-TEST-SCOPE /\"; \
          echo SLIPWAY-TEST-DONE'\n",
