@@ -296,7 +296,7 @@ fn cluster_dns_tolerates_the_taint_the_master_registers_with_and_spreads() {
 }
 
 #[test]
-fn containerd_pins_the_sandbox_image_of_images_toml_and_uses_systemd_cgroups() {
+fn containerd_pins_the_sandbox_image_of_images_toml_and_runs_crun_with_systemd_cgroups() {
     let templates = Templates::load(&manifests()).unwrap();
     let text = std::fs::read_to_string(manifests().join("host/containerd.toml")).unwrap();
     let conf: toml::Value = toml::from_str(&text).unwrap();

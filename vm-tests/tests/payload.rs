@@ -1,7 +1,8 @@
 //! The pre-pulled payload under QEMU, with no network at all (so no
 //! registry): containerd lists every image the build manifest names, a
-//! container from one of them runs under crun (the image has no runc), and a container's scope stops only
-//! after the member's leave at shutdown. The check itself is a unit handed to
+//! container from one of them runs under crun, the image has no runc to
+//! fall back to, and a container's scope stops only after the member's
+//! leave at shutdown. The check itself is a unit handed to
 //! the guest as a systemd credential, so the image is the one we ship.
 
 use anyhow::{ensure, Context, Result};
@@ -52,6 +53,7 @@ fn prepulled_images_are_imported_and_run_without_a_registry() -> Result<()> {
          ctr -n k8s.io images ls | grep -c io.cri-containerd.pinned=pinned | sed \"s/^/SLIPWAY-TEST-PINNED /\"; \
          ctr -n k8s.io run --runc-binary /usr/bin/crun --rm {etcd} payload-check /usr/local/bin/etcd --version 2>&1 | sed \"s/^/SLIPWAY-TEST-RUN /\"; \
          ctr -n k8s.io run --runc-binary /usr/bin/crun --rm {etcd} payload-etcdutl /usr/local/bin/etcdutl version 2>&1 | sed \"s/^/SLIPWAY-TEST-ETCDUTL /\"; \
+         echo SLIPWAY-TEST-RUNC $$(command -v runc || echo none); \
          systemd-run --quiet --scope --unit={SCOPE} sleep 30 & sleep 3; \
          systemctl show --property=Before {SCOPE}.scope | sed \"s/^/SLIPWAY-TEST-SCOPE /\"; \
          echo SLIPWAY-TEST-DONE'\n",
@@ -108,6 +110,13 @@ fn prepulled_images_are_imported_and_run_without_a_registry() -> Result<()> {
     ensure!(
         etcdutl.contains("etcdutl version: 3.6"),
         "etcdutl did not run from the etcd image: {etcdutl:?}\n{}",
+        vm.tail(60)
+    );
+    // containerd's configuration names crun; no runc may stand behind it.
+    let runc = marked("SLIPWAY-TEST-RUNC ").trim();
+    ensure!(
+        runc == "none",
+        "the image carries a runc ({runc:?}): every container must run under crun\n{}",
         vm.tail(60)
     );
     // A scope named as containerd names each container's is ordered
