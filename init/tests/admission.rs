@@ -1,10 +1,10 @@
 //! Node admission against moto: the approver finds this cluster's running
 //! instances by their tags, and decides certificate requests by them
 //! (joins, serving certificates, kubelets' own renewals). The
-//! API server is a stand-in here (lists handed to the pass, and a runner
-//! recording the approvals, denials and deletions kubectl would send,
-//! named in the test); the cluster test runs the approver against a real
-//! one.
+//! API server is a stand-in here (lists handed to the pass, and a
+//! recorder of the approvals, denials, signatures and deletions the pass
+//! writes, named in the test); the cluster test runs the approver against
+//! a real one.
 
 #![allow(clippy::unwrap_used)] // test glue: a failed setup should stop the test
 
@@ -12,8 +12,8 @@ mod common;
 
 use aws_sdk_ec2::types::Tag;
 use common::*;
-use slipway_init::steps::approver::{self, Verdict, CLIENT_SIGNER, SERVING_SIGNER};
-use slipway_init::steps::{Runner, StepError};
+use slipway_init::steps::approver::{self, Verdict, CLIENT_SIGNER, CSRS, SERVING_SIGNER};
+use slipway_init::steps::StepError;
 use std::sync::{Arc, Mutex};
 
 async fn tag(w: &World, instance: usize, cluster: &str, role: &str) {
@@ -28,22 +28,50 @@ async fn tag(w: &World, instance: usize, cluster: &str, role: &str) {
         .unwrap();
 }
 
-/// kubectl's writes, recorded.
+/// The approver's writes to the API server, recorded: the method, the
+/// path and the body.
 #[derive(Debug, Clone, Default)]
 struct Api {
-    calls: Arc<Mutex<Vec<String>>>,
+    calls: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
 }
 
-impl Runner for Api {
-    fn run_with_input(
-        &self,
-        program: &str,
-        args: &[&str],
-        _: Option<&std::path::Path>,
-    ) -> Result<String, StepError> {
-        assert_eq!(program, "kubectl");
-        self.calls.lock().unwrap().push(args[3..].join(" "));
-        Ok(String::new())
+impl Api {
+    fn record(&self, method: &str, path: &str, body: &serde_json::Value) -> Result<(), StepError> {
+        let call = format!("{method} {path}");
+        self.calls.lock().unwrap().push((call, body.clone()));
+        Ok(())
+    }
+
+    /// Each write as `<method> <path>`, with the condition a decision adds.
+    fn shown(&self) -> Vec<String> {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .map(
+                |(call, body)| match body["status"]["conditions"].as_array() {
+                    Some(c) => format!("{call} {}", c.last().unwrap()["type"].as_str().unwrap()),
+                    None => call.clone(),
+                },
+            )
+            .collect()
+    }
+
+    fn body(&self, index: usize) -> serde_json::Value {
+        self.calls.lock().unwrap()[index].1.clone()
+    }
+}
+
+impl approver::Writes for Api {
+    async fn put(&self, path: &str, object: &serde_json::Value) -> Result<(), StepError> {
+        self.record("PUT", path, object)
+    }
+
+    async fn merge_patch(&self, path: &str, patch: &serde_json::Value) -> Result<(), StepError> {
+        self.record("PATCH", path, patch)
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), StepError> {
+        self.record("DELETE", path, &serde_json::Value::Null)
     }
 }
 
@@ -118,8 +146,7 @@ async fn requests_are_decided_by_what_ec2_says_stand_in_api_server() {
     ]});
     let api = Api::default();
     let dir = tempfile::tempdir().unwrap();
-    let mut ctx = context(&w, "master", 0, dir.path());
-    ctx.runner = Box::new(api.clone());
+    let ctx = context(&w, "master", 0, dir.path());
     // The master's CA, which signs the approved client requests.
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::default();
@@ -130,7 +157,7 @@ async fn requests_are_decided_by_what_ec2_says_stand_in_api_server() {
     std::fs::create_dir_all(&pki).unwrap();
     std::fs::write(pki.join("ca.crt"), ca_crt.pem()).unwrap();
     std::fs::write(pki.join("ca.key"), ca_key.serialize_pem()).unwrap();
-    let decided = approver::once(&common::as_master(&ctx), &list.to_string())
+    let decided = approver::once(&common::as_master(&ctx), &api, &list.to_string())
         .await
         .unwrap();
     let verdicts: Vec<(&str, bool)> = decided
@@ -148,30 +175,31 @@ async fn requests_are_decided_by_what_ec2_says_stand_in_api_server() {
             ("renew", true),
         ]
     );
-    // Each approved client request is signed here too, its certificate
-    // set through the status subresource; serving ones are left to the
-    // controller manager.
-    let calls = api.calls.lock().unwrap().clone();
-    let patch = "patch certificatesigningrequest";
-    let shown: Vec<&str> = calls
-        .iter()
-        .map(|c| c.split(" --patch ").next().unwrap())
-        .collect();
+    // Each decision replaces the request's approval with its condition
+    // added; each approved client request is signed here too, its
+    // certificate set through the status subresource; serving ones are
+    // left to the controller manager.
     assert_eq!(
-        shown,
+        api.shown(),
         [
-            "certificate approve join",
-            &format!("{patch} join --subresource=status --type=merge"),
-            "certificate deny foreign",
-            "certificate deny master",
-            "certificate approve serve",
-            "certificate deny serve-other",
-            "certificate approve renew",
-            &format!("{patch} renew --subresource=status --type=merge"),
+            format!("PUT {CSRS}/join/approval Approved"),
+            format!("PATCH {CSRS}/join/status"),
+            format!("PUT {CSRS}/foreign/approval Denied"),
+            format!("PUT {CSRS}/master/approval Denied"),
+            format!("PUT {CSRS}/serve/approval Approved"),
+            format!("PUT {CSRS}/serve-other/approval Denied"),
+            format!("PUT {CSRS}/renew/approval Approved"),
+            format!("PATCH {CSRS}/renew/status"),
         ]
     );
-    let body: serde_json::Value =
-        serde_json::from_str(calls[1].split(" --patch ").nth(1).unwrap()).unwrap();
+    // The request goes back as listed, its spec untouched, with why.
+    let approval = api.body(0);
+    assert_eq!(approval["spec"], list["items"][0]["spec"]);
+    assert_eq!(approval["metadata"]["name"], "join");
+    let condition = &approval["status"]["conditions"][0];
+    assert_eq!(condition["reason"], approver::REASON);
+    assert!(!condition["message"].as_str().unwrap().is_empty());
+    let body = api.body(1);
     let pem = base64::Engine::decode(
         &base64::engine::general_purpose::STANDARD,
         body["status"]["certificate"].as_str().unwrap(),
@@ -202,16 +230,15 @@ async fn a_request_left_unsigned_without_the_ca_is_still_approved_stand_in_api_s
     ]});
     let api = Api::default();
     let dir = tempfile::tempdir().unwrap();
-    let mut ctx = context(&w, "master", 0, dir.path());
-    ctx.runner = Box::new(api.clone());
-    let decided = approver::once(&common::as_master(&ctx), &list.to_string())
+    let ctx = context(&w, "master", 0, dir.path());
+    let decided = approver::once(&common::as_master(&ctx), &api, &list.to_string())
         .await
         .unwrap();
     assert!(
         matches!(decided[..], [(_, Verdict::Approve(_))]),
         "{decided:?}"
     );
-    assert_eq!(*api.calls.lock().unwrap(), ["certificate approve join"]);
+    assert_eq!(api.shown(), [format!("PUT {CSRS}/join/approval Approved")]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,10 +279,10 @@ async fn the_nodes_of_instances_ec2_no_longer_has_are_swept_stand_in_api_server(
     ]});
     let api = Api::default();
     let dir = tempfile::tempdir().unwrap();
-    let mut ctx = context(&w, "master", 0, dir.path());
-    ctx.runner = Box::new(api.clone());
+    let ctx = context(&w, "master", 0, dir.path());
     let mut deleted = approver::sweep(
         &common::as_master(&ctx),
+        &api,
         &list.to_string(),
         time::OffsetDateTime::now_utc(),
     )
@@ -267,12 +294,11 @@ async fn the_nodes_of_instances_ec2_no_longer_has_are_swept_stand_in_api_server(
     let mut expected = vec![id(1), id(3), never];
     expected.sort();
     assert_eq!(deleted, expected);
-    let calls = api.calls.lock().unwrap().clone();
-    assert_eq!(calls.len(), 3, "{calls:?}");
-    assert!(
-        calls
-            .iter()
-            .all(|c| c.starts_with("delete node/i-") && c.ends_with("--wait=false")),
-        "{calls:?}"
-    );
+    let mut calls = api.shown();
+    calls.sort();
+    let nodes: Vec<String> = expected
+        .iter()
+        .map(|n| format!("DELETE /api/v1/nodes/{n}"))
+        .collect();
+    assert_eq!(calls, nodes);
 }

@@ -561,21 +561,34 @@ async fn approve(
     // The sweep of gone instances' Nodes runs about once a minute.
     let sweep_every = (60 / interval.max(1)).max(1);
     let mut pass = 0u64;
+    // The API server is spoken to in-process, one client kept from pass to
+    // pass: a pass costs next to no CPU. The client is made again with
+    // each sweep, so a renewed super-admin certificate is taken up within
+    // a minute, and after a failed pass.
+    let mut client = None;
     loop {
+        let sweep = pass % sweep_every == 0;
+        if sweep {
+            client = None;
+        }
         let result = async {
-            // The lists are read in-process: a pass costs next to no CPU.
-            let api = steps::addons::LocalApi::local(&ctx)?;
-            if pass % sweep_every == 0 {
+            let api = match client.take() {
+                Some(api) => api,
+                None => steps::addons::LocalApi::local(&ctx)?,
+            };
+            if sweep {
                 let nodes = api.get(steps::approver::NODES).await?;
-                steps::approver::sweep(&ctx, &nodes, time::OffsetDateTime::now_utc()).await?;
+                let now = time::OffsetDateTime::now_utc();
+                steps::approver::sweep(&ctx, &api, &nodes, now).await?;
             }
             let csrs = api.get(steps::approver::CSRS).await?;
-            steps::approver::once(&ctx, &csrs).await
+            steps::approver::once(&ctx, &api, &csrs).await?;
+            Ok::<_, steps::StepError>(api)
         }
         .await;
-        match result.map(drop) {
-            Ok(()) if once => return Ok(()),
-            Ok(()) => {}
+        match result {
+            Ok(_) if once => return Ok(()),
+            Ok(api) => client = Some(api),
             Err(e) if once => return Err(Ending::retry(chain(&e))),
             Err(e) => tracing::warn!(step = steps::approver::STEP, "{}", chain(&e)),
         }

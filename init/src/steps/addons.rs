@@ -108,10 +108,10 @@ fn failing_checks(body: &str) -> Vec<String> {
 pub const LOCAL_API: &str = "https://127.0.0.1:6443";
 
 /// The master's own API server, spoken to in-process as its super-admin
-/// (the kubeconfig on the tmpfs): for the add-ons and the approver's lists
-/// every few seconds, each of which would cost a kubectl run, about two
-/// seconds of CPU under emulation, while the control plane and the add-ons
-/// start on the same CPUs. The approver's decisions stay with kubectl.
+/// (the kubeconfig on the tmpfs): for the add-ons, and for the approver's
+/// lists every few seconds and its decisions, each of which would cost a
+/// kubectl run, about two seconds of CPU under emulation, while the
+/// control plane and the add-ons start on the same CPUs.
 #[derive(Debug, Clone)]
 pub struct LocalApi {
     http: reqwest::Client,
@@ -153,6 +153,13 @@ impl LocalApi {
     ) -> Result<String, StepError> {
         let body = ("application/merge-patch+json", patch.to_string());
         self.send(reqwest::Method::PATCH, path, Some(body)).await
+    }
+
+    /// The body of a successful replacement of the object at `path` by
+    /// `object` (a subresource such as a request's `/approval`).
+    pub async fn put(&self, path: &str, object: &serde_json::Value) -> Result<String, StepError> {
+        let body = ("application/json", object.to_string());
+        self.send(reqwest::Method::PUT, path, Some(body)).await
     }
 
     /// Applies `object` server-side as the add-ons' field manager, taking

@@ -55,6 +55,48 @@ pub struct Request {
     pub usages: Vec<String>,
     /// The PKCS#10 request, PEM.
     pub pem: String,
+    /// The request as listed, which a decision sends back with its
+    /// condition added (the resource version included, so a request
+    /// changed since the list is refused and decided again next pass).
+    pub object: serde_json::Value,
+}
+
+/// The approver's writes to the API server: the master's own, in-process
+/// ([`super::addons::LocalApi`]); the tests record them instead.
+pub trait Writes {
+    /// Replaces the object at `path` by `object`.
+    fn put(
+        &self,
+        path: &str,
+        object: &serde_json::Value,
+    ) -> impl std::future::Future<Output = Result<(), StepError>> + Send;
+    /// Merges `patch` into the object at `path`.
+    fn merge_patch(
+        &self,
+        path: &str,
+        patch: &serde_json::Value,
+    ) -> impl std::future::Future<Output = Result<(), StepError>> + Send;
+    /// Deletes the object at `path`, if it is there.
+    fn delete(&self, path: &str)
+        -> impl std::future::Future<Output = Result<(), StepError>> + Send;
+}
+
+impl Writes for super::addons::LocalApi {
+    async fn put(&self, path: &str, object: &serde_json::Value) -> Result<(), StepError> {
+        super::addons::LocalApi::put(self, path, object)
+            .await
+            .map(drop)
+    }
+
+    async fn merge_patch(&self, path: &str, patch: &serde_json::Value) -> Result<(), StepError> {
+        super::addons::LocalApi::merge_patch(self, path, patch)
+            .await
+            .map(drop)
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), StepError> {
+        super::addons::LocalApi::delete(self, path).await.map(drop)
+    }
 }
 
 /// What the approver does with a request.
@@ -390,10 +432,10 @@ pub fn other_masters(ctx: &Master<'_>) -> Vec<String> {
 /// `nodes` is the Node list as the API server gives it ([`NODES`]).
 pub async fn sweep(
     ctx: &Master<'_>,
+    api: &impl Writes,
     nodes: &str,
     now: OffsetDateTime,
 ) -> Result<Vec<String>, StepError> {
-    let kubectl = super::addons::kubectl(ctx);
     let masters = other_masters(ctx);
     let swept = |name: &str| instance_named(name) || masters.iter().any(|m| m == name);
     let candidates = long_not_ready(nodes, swept, now)?;
@@ -414,7 +456,7 @@ pub async fn sweep(
         } else {
             "its instance is gone from EC2"
         };
-        kubectl(&["delete", &format!("node/{node}"), "--wait=false"])?;
+        api.delete(&format!("{NODES}/{node}")).await?;
         tracing::warn!(
             step = STEP,
             "deleted node/{node}: NotReady for {}s and {why}",
@@ -459,6 +501,7 @@ pub fn pending(json: &str) -> Result<Vec<Request>, StepError> {
                 .filter_map(|u| u.as_str().map(str::to_owned))
                 .collect(),
             pem,
+            object: item.clone(),
         });
     }
     Ok(out)
@@ -469,9 +512,8 @@ pub fn pending(json: &str) -> Result<Vec<Request>, StepError> {
 const ANSWERED_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Waits until this boot's add-ons step has seen the API server answer
-/// (its [`super::addons::API_ANSWERED`] file): before that, every pass
-/// would start a kubectl that can only fail, on the CPU the API server's
-/// start needs, and no kubelet can have asked for anything. Returns at
+/// (its [`super::addons::API_ANSWERED`] file): before that, no kubelet can
+/// have asked for anything, and every pass would only be refused. Returns at
 /// once when the API answered earlier in this boot (the approver
 /// restarted).
 pub async fn until_api_answered(ctx: &Context) {
@@ -500,9 +542,13 @@ pub const CSRS: &str = "/apis/certificates.k8s.io/v1/certificatesigningrequests"
 pub const NODES: &str = "/api/v1/nodes";
 
 /// One pass: decides every pending request in `csrs`, the request list as
-/// the API server gives it ([`CSRS`]). Returns what it decided.
-pub async fn once(ctx: &Master<'_>, csrs: &str) -> Result<Vec<(String, Verdict)>, StepError> {
-    let kubectl = super::addons::kubectl(ctx);
+/// the API server gives it ([`CSRS`]), and writes each decision through
+/// `api`. Returns what it decided.
+pub async fn once(
+    ctx: &Master<'_>,
+    api: &impl Writes,
+    csrs: &str,
+) -> Result<Vec<(String, Verdict)>, StepError> {
     let requests = pending(csrs)?;
     let mine: Vec<&Request> = requests
         .iter()
@@ -513,12 +559,15 @@ pub async fn once(ctx: &Master<'_>, csrs: &str) -> Result<Vec<(String, Verdict)>
     }
     let members = members(ctx).await?;
     let master = master_node_name(ctx.ip);
+    let now = OffsetDateTime::now_utc();
     let mut decided = Vec::new();
     for req in mine {
         let verdict = judge(req, &members, &master);
+        let approval = format!("{CSRS}/{}/approval", req.name);
         match &verdict {
             Verdict::Approve(why) => {
-                kubectl(&["certificate", "approve", &req.name])?;
+                api.put(&approval, &decision(req, "Approved", why, now))
+                    .await?;
                 tracing::info!(
                     step = STEP,
                     "approved {} from {}: {why}",
@@ -526,11 +575,12 @@ pub async fn once(ctx: &Master<'_>, csrs: &str) -> Result<Vec<(String, Verdict)>
                     req.username
                 );
                 if req.signer == CLIENT_SIGNER {
-                    sign(ctx, &kubectl, req);
+                    sign(ctx, api, req).await;
                 }
             }
             Verdict::Deny(why) => {
-                kubectl(&["certificate", "deny", &req.name])?;
+                api.put(&approval, &decision(req, "Denied", why, now))
+                    .await?;
                 tracing::warn!(
                     step = STEP,
                     "denied {} from {}: {why}",
@@ -545,35 +595,66 @@ pub async fn once(ctx: &Master<'_>, csrs: &str) -> Result<Vec<(String, Verdict)>
     Ok(decided)
 }
 
+/// The reason a decision's condition carries (`kubectl describe csr`
+/// shows it with the message, the verdict's why).
+pub const REASON: &str = "SlipwayApprover";
+
+/// `req` as listed, with the condition of `kind` (`Approved`, `Denied`)
+/// added: the body of its `/approval` replacement.
+pub fn decision(req: &Request, kind: &str, why: &str, now: OffsetDateTime) -> serde_json::Value {
+    let mut object = req.object.clone();
+    let at = now
+        .replace_nanosecond(0)
+        .unwrap_or(now)
+        .format(&Rfc3339)
+        .unwrap_or_default();
+    let condition = serde_json::json!({
+        "type": kind,
+        "status": "True",
+        "reason": REASON,
+        "message": why,
+        "lastUpdateTime": at,
+    });
+    let status = &mut object["status"];
+    if !status.is_object() {
+        *status = serde_json::json!({});
+    }
+    match status["conditions"].as_array_mut() {
+        Some(conditions) => conditions.push(condition),
+        None => status["conditions"] = serde_json::json!([condition]),
+    }
+    object
+}
+
 /// Signs an approved kubelet client request with the cluster CA, as the
 /// controller manager's signer would: on a first boot a node's kubelet
 /// asks while the controller manager is still starting (under emulation
 /// its Node registered 57 s after the API server was ready), and its Node,
-/// its DaemonSet pods and so its Ready waited on that signer. Signing here is only a head start: a request left
-/// unsigned (the CA unreadable, the patch refused, the controller manager
-/// first) is the controller manager's to sign, so a failure is logged and
-/// nothing more.
-fn sign(ctx: &Master<'_>, kubectl: &impl Fn(&[&str]) -> Result<String, StepError>, req: &Request) {
+/// its DaemonSet pods and so its Ready waited on that signer. Signing here
+/// is only a head start: a request left unsigned (the CA unreadable, the
+/// patch refused, the controller manager first) is the controller
+/// manager's to sign, so a failure is logged and nothing more.
+async fn sign(ctx: &Master<'_>, api: &impl Writes, req: &Request) {
     let read = |name: &str| {
         super::addons::read_pki(ctx, name).map(|b| String::from_utf8_lossy(&b).into_owned())
     };
-    let signed = read("ca.crt").and_then(|crt| {
+    let certificate = read("ca.crt").and_then(|crt| {
         let key = read("ca.key")?;
-        let pem =
-            crate::pki::sign_kubelet_client(&req.pem, &crt, &key, &crate::pki::Validity::now())?;
-        let patch = serde_json::json!({"status": {"certificate": crate::pki::b64(pem)}});
-        kubectl(&[
-            "patch",
-            "certificatesigningrequest",
-            &req.name,
-            "--subresource=status",
-            "--type=merge",
-            "--patch",
-            &patch.to_string(),
-        ])
+        let validity = crate::pki::Validity::now();
+        Ok(crate::pki::sign_kubelet_client(
+            &req.pem, &crt, &key, &validity,
+        )?)
     });
+    let signed = match certificate {
+        Ok(pem) => {
+            let patch = serde_json::json!({"status": {"certificate": crate::pki::b64(pem)}});
+            api.merge_patch(&format!("{CSRS}/{}/status", req.name), &patch)
+                .await
+        }
+        Err(e) => Err(e),
+    };
     match signed {
-        Ok(_) => tracing::info!(step = STEP, "signed {} with the cluster CA", req.name),
+        Ok(()) => tracing::info!(step = STEP, "signed {} with the cluster CA", req.name),
         Err(e) => tracing::info!(
             step = STEP,
             "{} not signed here, left to the controller manager's signer: {e}",
@@ -690,6 +771,7 @@ mod tests {
             username: username.into(),
             usages: vec!["digital signature".into(), "client auth".into()],
             pem: csr(&format!("system:node:{name}"), &["system:nodes"], vec![]),
+            object: serde_json::Value::Null,
         }
     }
 
@@ -712,7 +794,43 @@ mod tests {
                 "server auth".into(),
             ],
             pem: csr(&format!("system:node:{name}"), &["system:nodes"], sans),
+            object: serde_json::Value::Null,
         }
+    }
+
+    #[test]
+    fn a_decision_adds_its_condition_to_the_request_as_listed() {
+        let listed = serde_json::json!({
+            "metadata": {"name": "csr-1", "resourceVersion": "42"},
+            "spec": {"signerName": CLIENT_SIGNER},
+            "status": {},
+        });
+        let mut req = client("system:bootstrap:abcdef", NODE);
+        req.object = listed.clone();
+        let now = OffsetDateTime::parse("2026-12-03T10:00:00.5Z", &Rfc3339).unwrap();
+        let body = decision(&req, "Approved", "a running node", now);
+        assert_eq!(body["metadata"], listed["metadata"]);
+        assert_eq!(body["spec"], listed["spec"]);
+        assert_eq!(
+            body["status"]["conditions"],
+            serde_json::json!([{
+                "type": "Approved",
+                "status": "True",
+                "reason": REASON,
+                "message": "a running node",
+                "lastUpdateTime": "2026-12-03T10:00:00Z",
+            }])
+        );
+        // The conditions the object already holds are kept.
+        req.object["status"]["conditions"] = serde_json::json!([{"type": "Failed"}]);
+        let body = decision(&req, "Denied", "not a member", now);
+        let kinds: Vec<&str> = body["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["Failed", "Denied"]);
     }
 
     fn denied(v: &Verdict, reason: &str) -> bool {
