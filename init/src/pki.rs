@@ -383,6 +383,35 @@ pub fn sign_kubelet_client(
     Ok(cert.pem())
 }
 
+/// The control-plane components that serve on a loopback port of their
+/// own (health, metrics) with a certificate made at each boot
+/// ([`loopback_serving`]): by the stem of its files below the pki
+/// directory (`<stem>.crt`, `<stem>.key`), and its common name.
+pub const LOOPBACK_SERVING: &[(&str, &str)] = &[
+    ("controller-manager-serving", "kube-controller-manager"),
+    ("scheduler-serving", "kube-scheduler"),
+];
+
+/// A new P-256 key and a self-signed certificate for it, for `cn`'s own
+/// port on the loopback (`127.0.0.1`, `localhost`): (cert PEM, key PEM).
+/// Given none, the controller manager and the scheduler make an RSA-2048
+/// pair at every start, about two seconds of CPU under emulation while
+/// the control plane starts; this pair costs a few milliseconds. Like
+/// theirs it is self-signed, so no client can verify it and its lifetime
+/// (the CAs') only has to outlast the boot that makes it.
+pub fn loopback_serving(cn: &str, validity: &Validity) -> Result<(String, String), PkiError> {
+    const WHAT: &str = "a loopback serving certificate";
+    let key = KeyPair::generate().map_err(gen_err(WHAT))?;
+    let mut p = params(cn, &[], validity.now, validity.ca)?;
+    p.subject_alt_names = vec![
+        SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        dns("localhost")?,
+    ];
+    usages(&mut p, Usage::Server);
+    let cert = p.self_signed(&key).map_err(gen_err(WHAT))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 /// A new key and a certificate for it, signed by `ca`: (cert PEM, key PEM).
 fn leaf(
     ca: &Ca,
@@ -751,6 +780,31 @@ mod tests {
             public_ip: Some(Ipv4Addr::new(203, 0, 113, 7)),
             api_service_ip: Ipv4Addr::new(10, 96, 0, 1),
         }
+    }
+
+    #[test]
+    fn a_loopback_serving_pair_is_self_signed_p256_for_the_loopback_only() {
+        let now = OffsetDateTime::now_utc();
+        let (crt, key) = loopback_serving("kube-scheduler", &Validity::at(now)).unwrap();
+        assert!(key.contains("PRIVATE KEY"));
+        let (_, pem) = x509_parser::pem::parse_x509_pem(crt.as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        assert_eq!(cert.issuer(), cert.subject());
+        cert.verify_signature(None).unwrap();
+        assert_eq!(
+            cert.public_key().algorithm.algorithm,
+            x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        );
+        let cn = cert.subject().iter_common_name().next().unwrap();
+        assert_eq!(cn.as_str().unwrap(), "kube-scheduler");
+        let san = cert.subject_alternative_name().unwrap().unwrap().value;
+        let names: Vec<String> = san.general_names.iter().map(|n| n.to_string()).collect();
+        assert_eq!(names, ["IPAddress(7f:00:00:01)", "DNSName(localhost)"]);
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth, "{eku:?}");
+        assert!(!cert.is_ca());
+        let days = (cert.validity().not_after.to_datetime() - now).whole_days();
+        assert!(days >= CA_DAYS - 1, "{days}");
     }
 
     #[test]

@@ -172,6 +172,21 @@ async fn the_master_path_writes_secrets_only_below_the_tmpfs() {
         .path()
         .join("etc/kubernetes/manifests/etcd.yaml")
         .exists());
+    // The controller manager's and the scheduler's serving pairs are made
+    // on the tmpfs, once per boot: a second run keeps them.
+    let pair = |stem: &str| {
+        let read =
+            |ext: &str| std::fs::read(secrets_dir.join(format!("pki/{stem}.{ext}"))).unwrap();
+        (read("crt"), read("key"))
+    };
+    let made: Vec<_> = slipway_init::pki::LOOPBACK_SERVING
+        .iter()
+        .map(|(stem, _)| pair(stem))
+        .collect();
+    steps::configure::run(&ctx, &bundle).unwrap();
+    for ((stem, _), before) in slipway_init::pki::LOOPBACK_SERVING.iter().zip(&made) {
+        assert_eq!(&pair(stem), before, "{stem} made again within the boot");
+    }
     let token = bundle.get("bootstrap-token").unwrap().to_owned();
     let token_secret = token.split_once('.').unwrap().1.to_owned();
     let mut secret_files = 0;

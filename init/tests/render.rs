@@ -581,6 +581,34 @@ fn the_control_plane_is_hardened() {
 }
 
 #[test]
+fn the_controller_manager_and_the_scheduler_serve_the_pair_made_at_boot() {
+    let files = render("master");
+    for ((stem, cn), pod) in slipway_init::pki::LOOPBACK_SERVING
+        .iter()
+        .zip(["kube-controller-manager", "kube-scheduler"])
+    {
+        assert_eq!(*cn, pod);
+        let manifest = &docs(file(&files, &format!("kubernetes/manifests/{pod}.yaml")))[0];
+        let cmd = command(manifest);
+        let crt = format!("/srv/kubernetes/pki/{stem}.crt");
+        let key = format!("/srv/kubernetes/pki/{stem}.key");
+        for (flag, path) in [("--tls-cert-file", &crt), ("--tls-private-key-file", &key)] {
+            assert!(cmd.contains(&format!("{flag}={path}")), "{pod}: {cmd:?}");
+            // Each file is inside what the pod mounts from the host.
+            let mounts = manifest["spec"]["containers"][0]["volumeMounts"]
+                .as_sequence()
+                .unwrap();
+            assert!(
+                mounts
+                    .iter()
+                    .any(|m| path.starts_with(m["mountPath"].as_str().unwrap())),
+                "{pod} does not mount {path}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_malformed_token_is_named_by_its_fingerprint_never_its_value() {
     let config = config("master");
     let secret = "abcdef.0123456789abcdefXYZ";

@@ -44,6 +44,25 @@ fn kubelet_conf_due(path: &Path, window: time::Duration) -> Result<bool, PkiErro
     Ok(cert.not_after - time::OffsetDateTime::now_utc() <= window)
 }
 
+/// Writes, once per boot (the tmpfs starts empty), the controller
+/// manager's and the scheduler's loopback serving pairs below `pki`
+/// ([`pki::loopback_serving`]). Returns how many files it wrote.
+fn write_loopback_serving(pki: &Path) -> Result<usize, PkiError> {
+    let mut written = 0;
+    for (stem, cn) in pki::LOOPBACK_SERVING {
+        let crt = pki.join(format!("{stem}.crt"));
+        let key = pki.join(format!("{stem}.key"));
+        if crt.exists() && key.exists() {
+            continue;
+        }
+        let (cert_pem, key_pem) = pki::loopback_serving(cn, &pki::Validity::now())?;
+        pki::write_file(&key, key_pem.as_bytes(), 0o600, 0o700)?;
+        pki::write_file(&crt, cert_pem.as_bytes(), 0o600, 0o700)?;
+        written += 2;
+    }
+    Ok(written)
+}
+
 pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
     let config = &ctx.config;
     let templates = Templates::load(&ctx.paths.manifests)?;
@@ -75,6 +94,9 @@ pub fn run(ctx: &Context, bundle: &Bundle) -> Result<Report, StepError> {
             Target::Secrets => (&ctx.paths.secrets, 0o600),
         };
         written += usize::from(write_if_changed(&f.destination(root), &f.content, mode)?);
+    }
+    if master.is_some() {
+        written += write_loopback_serving(&pki)?;
     }
     if let Some(m) = master {
         // Signed here at the first boot and again when it nears its end
