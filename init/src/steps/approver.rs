@@ -638,21 +638,15 @@ async fn sign(ctx: &Master<'_>, api: &impl Writes, req: &Request) {
     let read = |name: &str| {
         super::addons::read_pki(ctx, name).map(|b| String::from_utf8_lossy(&b).into_owned())
     };
-    let certificate = read("ca.crt").and_then(|crt| {
-        let key = read("ca.key")?;
+    let signed = async {
+        let (crt, key) = (read("ca.crt")?, read("ca.key")?);
         let validity = crate::pki::Validity::now();
-        Ok(crate::pki::sign_kubelet_client(
-            &req.pem, &crt, &key, &validity,
-        )?)
-    });
-    let signed = match certificate {
-        Ok(pem) => {
-            let patch = serde_json::json!({"status": {"certificate": crate::pki::b64(pem)}});
-            api.merge_patch(&format!("{CSRS}/{}/status", req.name), &patch)
-                .await
-        }
-        Err(e) => Err(e),
-    };
+        let pem = crate::pki::sign_kubelet_client(&req.pem, &crt, &key, &validity)?;
+        let patch = serde_json::json!({"status": {"certificate": crate::pki::b64(pem)}});
+        api.merge_patch(&format!("{CSRS}/{}/status", req.name), &patch)
+            .await
+    }
+    .await;
     match signed {
         Ok(()) => tracing::info!(step = STEP, "signed {} with the cluster CA", req.name),
         Err(e) => tracing::info!(
