@@ -478,64 +478,174 @@ pub fn retire_tokens(ctx: &Context) -> Result<Vec<String>, StepError> {
     Ok(retired)
 }
 
-/// Waits for the API server (up to `api-server`), hands the kubelet the
-/// static pods held until it is ready, applies the add-ons and withdraws
-/// what earlier releases applied (in-process, through `local`), labels the
-/// master's Node once its kubelet registered it (up to `node-registers`),
-/// retires tokens that never expire, and waits for that Node to be Ready
-/// (up to `node-ready`), lifting the cordon its predecessor's departure
-/// left.
+/// One change the add-ons step makes: an add-on applied, or an object
+/// earlier releases applied deleted.
+#[derive(Debug, Clone)]
+enum Change {
+    Apply(serde_json::Value),
+    Withdraw(&'static str),
+}
+
+impl Change {
+    /// A namespace, which what lives in it needs first.
+    fn is_namespace(&self) -> bool {
+        matches!(self, Self::Apply(object) if object["kind"] == "Namespace")
+    }
+
+    async fn make(&self, local: &LocalApi) -> Result<(), StepError> {
+        match self {
+            Self::Apply(object) => local.apply(object).await.map(drop),
+            Self::Withdraw(path) => local.delete(path).await.map(drop),
+        }
+    }
+}
+
+/// How long what the API server refused before it was ready waits to be
+/// applied again.
+const APPLY_AGAIN: Duration = Duration::from_secs(1);
+
+/// Applies `objects` server-side and deletes [`WITHDRAWN`]: the namespaces
+/// first, one by one, then everything else at once, so the API server and
+/// etcd take the requests side by side (one after another, 19 objects took
+/// 10-20 s of a busy emulated master). Until `ready` is set, what the API
+/// server refuses is applied again a second later: before it is ready it
+/// refuses what it is not ready for yet (objects in a namespace its
+/// controller has not made, a Service's address before its allocator
+/// runs). A refusal once it is ready is the step's error.
+async fn apply_all(
+    local: &LocalApi,
+    objects: &[serde_json::Value],
+    ready: &std::cell::Cell<bool>,
+) -> Result<(), StepError> {
+    let mut left: Vec<Change> = objects
+        .iter()
+        .cloned()
+        .map(Change::Apply)
+        .chain(WITHDRAWN.iter().copied().map(Change::Withdraw))
+        .collect();
+    let mut said = false;
+    loop {
+        let last_try = ready.get();
+        let (namespaces, rest): (Vec<_>, Vec<_>) = left.into_iter().partition(Change::is_namespace);
+        let mut refused = Vec::new();
+        let mut first_error = None;
+        for change in namespaces {
+            if let Err(e) = change.make(local).await {
+                first_error.get_or_insert(e);
+                refused.push(change);
+            }
+        }
+        if refused.is_empty() {
+            let mut side_by_side = tokio::task::JoinSet::new();
+            for change in rest {
+                let local = local.clone();
+                side_by_side.spawn(async move {
+                    let made = change.make(&local).await;
+                    (change, made)
+                });
+            }
+            while let Some(joined) = side_by_side.join_next().await {
+                let (change, made) = joined.map_err(|e| StepError::Invalid {
+                    what: "an add-on's request".into(),
+                    message: e.to_string(),
+                })?;
+                if let Err(e) = made {
+                    first_error.get_or_insert(e);
+                    refused.push(change);
+                }
+            }
+        } else {
+            refused.extend(rest);
+        }
+        let Some(error) = first_error else {
+            return Ok(());
+        };
+        if last_try {
+            return Err(error);
+        }
+        if !said {
+            said = true;
+            tracing::info!(
+                step = STEP,
+                "{} of the add-ons refused before the API server is ready ({error}); \
+                 applying them again each second until it is",
+                refused.len()
+            );
+        }
+        left = refused;
+        tokio::time::sleep(APPLY_AGAIN).await;
+    }
+}
+
+/// Waits for the API server to answer (up to `api-server`), applies the
+/// add-ons and withdraws what earlier releases applied (in-process,
+/// through `local`) while it finishes its start, hands the kubelet the
+/// static pods held until it is ready, labels the master's Node once its
+/// kubelet registered it (up to `node-registers`), retires tokens that
+/// never expire, and waits for that Node to be Ready (up to `node-ready`),
+/// lifting the cordon its predecessor's departure left.
 pub async fn run(ctx: &Master<'_>, api: &Readyz, local: &LocalApi) -> Result<Report, StepError> {
     let dir = ctx.paths.secrets.join("addons");
     let kubectl = kubectl(ctx);
+    let objects = read_addons(&dir)?;
+    let started = tokio::time::Instant::now();
     // Each change of what it answers is logged: when it began to serve,
     // and which of its start's checks held it back for how long.
     let seen = std::cell::RefCell::new(Readiness::Silent);
+    let ask = || async {
+        let now = api.readiness().await;
+        if now != Readiness::Ready && now != *seen.borrow() {
+            tracing::info!("{now}");
+        }
+        *seen.borrow_mut() = now.clone();
+        now
+    };
     retry::until(
-        "waiting for the API server to be ready",
+        "waiting for the API server to answer",
         every_second(ctx.deadlines.api_server),
-        || async {
-            let now = api.readiness().await;
-            if now != Readiness::Ready && now != *seen.borrow() {
-                tracing::info!("{now}");
-            }
-            let ready = now == Readiness::Ready;
-            *seen.borrow_mut() = now;
-            Ok::<_, StepError>(ready.then_some(()))
-        },
+        || async { Ok::<_, StepError>((ask().await != Readiness::Silent).then_some(())) },
     )
     .await
     .map_err(|e| StepError::Wait(e.to_string()))?;
-    super::mark(ctx, API_ANSWERED)?;
-    let released =
-        crate::render::release_held_pods(&ctx.paths.etc).map_err(|e| StepError::Invalid {
-            what: ctx
-                .paths
-                .etc
-                .join(crate::render::HELD_PODS)
-                .display()
-                .to_string(),
-            message: e.to_string(),
-        })?;
-    let started = if released.is_empty() {
-        String::new()
-    } else {
-        format!("; the kubelet now runs {}", released.join(", "))
+    // Its start's last checks (on a first boot the RBAC bootstrap's
+    // hundred-odd writes) take tens of seconds under emulation. The
+    // super-admin's requests are served meanwhile, so the add-ons go in
+    // beside them: see [`apply_all`].
+    let ready = std::cell::Cell::new(false);
+    let until_ready = async {
+        let left = ctx.deadlines.api_server.saturating_sub(started.elapsed());
+        retry::until(
+            "waiting for the API server to be ready",
+            every_second(left),
+            || async { Ok::<_, StepError>((ask().await == Readiness::Ready).then_some(())) },
+        )
+        .await
+        .map_err(|e| StepError::Wait(e.to_string()))?;
+        ready.set(true);
+        super::mark(ctx, API_ANSWERED)?;
+        let released =
+            crate::render::release_held_pods(&ctx.paths.etc).map_err(|e| StepError::Invalid {
+                what: ctx
+                    .paths
+                    .etc
+                    .join(crate::render::HELD_PODS)
+                    .display()
+                    .to_string(),
+                message: e.to_string(),
+            })?;
+        let started = if released.is_empty() {
+            String::new()
+        } else {
+            format!("; the kubelet now runs {}", released.join(", "))
+        };
+        tracing::info!(step = STEP, "the API server is ready{started}");
+        Ok::<_, StepError>(())
     };
     tracing::info!(
         step = STEP,
-        "the API server is ready{started}; applying the add-ons"
+        "the API server answers; applying the add-ons while it finishes its start"
     );
-    // In-process, each object one request: no kubectl run (seconds of CPU
-    // under emulation) while the controller manager and the scheduler
-    // start.
-    let objects = read_addons(&dir)?;
-    for object in &objects {
-        local.apply(object).await?;
-    }
-    for path in WITHDRAWN {
-        local.delete(path).await?;
-    }
+    tokio::try_join!(until_ready, apply_all(local, &objects, &ready))?;
     tracing::info!(
         step = STEP,
         "the add-ons applied: {} objects from {}",
@@ -645,15 +755,6 @@ mod tests {
         let (base, ca, asked) = stand_in::api_server(statuses).await;
         let url = format!("{base}/readyz");
         (Readyz::new(&url, ca.as_bytes()).unwrap(), asked)
-    }
-
-    /// The stand-in as both the probe of it and its super-admin's client.
-    async fn stand_ins(statuses: &[u16]) -> (Readyz, LocalApi, Arc<Mutex<Vec<String>>>) {
-        let (base, ca, asked) = stand_in::api_server(statuses).await;
-        let api = Readyz::new(&format!("{base}/readyz"), ca.as_bytes()).unwrap();
-        let conf = kubeconfig_for("kubernetes-super-admin");
-        let local = LocalApi::new(&base, ca.as_bytes(), &identity(&conf).unwrap()).unwrap();
-        (api, local, asked)
     }
 
     /// A client identity as the PKI writes kubeconfigs: its own CA's
@@ -796,24 +897,20 @@ mod tests {
         crate::steps::test_context(role, Box::new(runner), Path::new("/nonexistent")).await
     }
 
-    #[tokio::test]
-    async fn waits_for_the_api_applies_server_side_then_waits_for_its_node() {
-        let kubectl = Kubectl::default();
-        // Not ready twice, ready; two objects applied; one withdrawn
-        // object gone already, the other deleted; the Node not registered
-        // yet, then registered.
-        let answers = [500, 500, 200, 200, 200, 404, 200, 404, 200];
-        let (api, local, asked) = stand_ins(&answers).await;
-        let mut ctx = context("master", kubectl.clone()).await;
+    /// A master's context under a temporary directory: its add-ons (a
+    /// namespace and an account in it), its image's release, its bootstrap
+    /// token and a static pod held until the API server is ready.
+    async fn master_files(kubectl: Kubectl) -> (Context, tempfile::TempDir) {
+        let mut ctx = context("master", kubectl).await;
         let dir = tempfile::tempdir().unwrap();
         ctx.paths = Paths::under(dir.path());
         let addons = ctx.paths.secrets.join("addons");
         std::fs::create_dir_all(&addons).unwrap();
         std::fs::write(
             addons.join("30-flannel.yaml"),
-            "# comment\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: kube-flannel\n\
-             ---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: flannel\n  \
-             namespace: kube-flannel\n---\n",
+            "# comment\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: flannel\n  \
+             namespace: kube-flannel\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  \
+             name: kube-flannel\n---\n",
         )
         .unwrap();
         std::fs::create_dir_all(&ctx.paths.etc).unwrap();
@@ -822,46 +919,106 @@ mod tests {
             "ID=debian\nIMAGE_ID=slipway\nIMAGE_VERSION=0.2.0\n",
         )
         .unwrap();
+        let held = ctx.paths.etc.join(crate::render::HELD_PODS);
+        std::fs::create_dir_all(&held).unwrap();
+        std::fs::write(held.join("kube-scheduler.yaml"), "kind: Pod\n").unwrap();
         let pki = ctx.paths.secrets.join("pki");
         std::fs::create_dir_all(&pki).unwrap();
         std::fs::write(pki.join("bootstrap-token"), "abcdef.0123456789abcdef").unwrap();
-        let report = run(&Master::of(&ctx).unwrap(), &api, &local).await.unwrap();
-        // Asked until it answered ready, then nothing was applied before;
-        // the add-ons applied server-side, in order; the Node patched
-        // until it was there.
-        let ready = "GET /readyz HTTP/1.1";
-        let apply = "fieldManager=slipway&force=true&fieldValidation=Strict HTTP/1.1 \
-                     application/apply-patch+yaml";
-        let namespace = format!(
-            "PATCH /api/v1/namespaces/kube-flannel?{apply} \
-             {{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\"metadata\":{{\"name\":\"kube-flannel\"}}}}"
-        );
-        let account = format!(
-            "PATCH /api/v1/namespaces/kube-flannel/serviceaccounts/flannel?{apply} \
-             {{\"apiVersion\":\"v1\",\"kind\":\"ServiceAccount\",\
-             \"metadata\":{{\"name\":\"flannel\",\"namespace\":\"kube-flannel\"}}}}"
-        );
-        let withdrawn = |name: &str| {
-            format!("DELETE /apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{name} HTTP/1.1")
-        };
-        let label = "PATCH /api/v1/nodes/ip-10-0-1-10 HTTP/1.1 application/merge-patch+json \
+        (ctx, dir)
+    }
+
+    /// The stand-in as both the probe of it and its super-admin's client,
+    /// answering each request as `answer` says.
+    async fn stand_ins_with(
+        answer: impl FnMut(&str) -> u16 + Send + 'static,
+    ) -> (Readyz, LocalApi, Arc<Mutex<Vec<String>>>) {
+        let (base, ca, asked) = stand_in::api_server_with(answer).await;
+        let api = Readyz::new(&format!("{base}/readyz"), ca.as_bytes()).unwrap();
+        let conf = kubeconfig_for("kubernetes-super-admin");
+        let local = LocalApi::new(&base, ca.as_bytes(), &identity(&conf).unwrap()).unwrap();
+        (api, local, asked)
+    }
+
+    const READYZ: &str = "GET /readyz HTTP/1.1";
+    const APPLY: &str = "fieldManager=slipway&force=true&fieldValidation=Strict HTTP/1.1 \
+                         application/apply-patch+yaml";
+    const NAMESPACE: &str = "PATCH /api/v1/namespaces/kube-flannel?";
+    const ACCOUNT: &str = "PATCH /api/v1/namespaces/kube-flannel/serviceaccounts/flannel?";
+    const LABEL: &str = "PATCH /api/v1/nodes/ip-10-0-1-10 HTTP/1.1 application/merge-patch+json \
              {\"metadata\":{\"labels\":{\"node-role.kubernetes.io/control-plane\":\"\",\
              \"slipway/release\":\"0.2.0\"}}}";
-        assert_eq!(
-            *asked.lock().unwrap(),
-            [
-                ready.to_owned(),
-                ready.to_owned(),
-                ready.to_owned(),
-                namespace,
-                account,
-                withdrawn("slipway:node-autoapprove-bootstrap"),
-                withdrawn("slipway:node-autoapprove-certificate-rotation"),
-                label.to_owned(),
-                label.to_owned(),
-            ]
+
+    fn withdrawn(name: &str) -> String {
+        format!("DELETE /apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{name} HTTP/1.1")
+    }
+
+    #[tokio::test]
+    async fn applies_the_add_ons_while_the_api_starts_then_waits_for_its_node() {
+        let kubectl = Kubectl::default();
+        // Not ready three times, then ready. The account refused once (its
+        // namespace not there yet, as a starting API server may say); one
+        // withdrawn object gone already, the other deleted; the Node not
+        // registered yet, then registered.
+        let mut count = std::collections::HashMap::<String, usize>::new();
+        let (api, local, asked) = stand_ins_with(move |request| {
+            let key = request.split('?').next().unwrap().to_owned();
+            let n = count.entry(key).or_default();
+            *n += 1;
+            match request {
+                r if r == READYZ && *n <= 3 => 500,
+                r if r.starts_with(ACCOUNT) && *n == 1 => 404,
+                r if r == withdrawn("slipway:node-autoapprove-bootstrap") => 404,
+                r if r == LABEL && *n == 1 => 404,
+                _ => 200,
+            }
+        })
+        .await;
+        let (ctx, _dir) = master_files(kubectl.clone()).await;
+        let report = run(&Master::of(&ctx).unwrap(), &api, &local).await.unwrap();
+        let asked = asked.lock().unwrap().clone();
+        let position = |wanted: &dyn Fn(&str) -> bool| asked.iter().position(|r| wanted(r));
+        let times = |wanted: &dyn Fn(&str) -> bool| asked.iter().filter(|r| wanted(r)).count();
+        let ready_at = asked
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| *r == READYZ)
+            .nth(3)
+            .map(|(i, _)| i)
+            .unwrap();
+        // Applied server-side, the namespace before what lives in it, all
+        // while the API server was not ready yet; the refused account again.
+        let namespace = format!(
+            "{NAMESPACE}{APPLY} {{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\
+             \"metadata\":{{\"name\":\"kube-flannel\"}}}}"
         );
+        let account = format!(
+            "{ACCOUNT}{APPLY} {{\"apiVersion\":\"v1\",\"kind\":\"ServiceAccount\",\
+             \"metadata\":{{\"name\":\"flannel\",\"namespace\":\"kube-flannel\"}}}}"
+        );
+        assert_eq!(times(&|r| r == namespace), 1, "{asked:#?}");
+        assert_eq!(times(&|r| r == account), 2, "{asked:#?}");
+        let first_account = position(&|r| r == account).unwrap();
+        assert!(position(&|r| r == namespace).unwrap() < first_account);
+        let last_account = asked.iter().rposition(|r| *r == account).unwrap();
+        assert!(last_account < ready_at, "{asked:#?}");
+        for name in [
+            "slipway:node-autoapprove-bootstrap",
+            "slipway:node-autoapprove-certificate-rotation",
+        ] {
+            assert_eq!(times(&|r| r == withdrawn(name)), 1, "{asked:#?}");
+        }
+        // Readiness asked until ready, then no more; the Node patched
+        // after that, until it was there.
+        assert_eq!(times(&|r| r == READYZ), 4, "{asked:#?}");
+        assert_eq!(asked[0], READYZ);
+        assert_eq!(times(&|r| r == LABEL), 2, "{asked:#?}");
+        assert!(position(&|r| r == LABEL).unwrap() > ready_at);
+        assert_eq!(asked.len(), 4 + 1 + 2 + 2 + 2, "{asked:#?}");
+        // Ready: the approver told, the held pod handed to the kubelet.
         assert!(ctx.paths.run.join(API_ANSWERED).exists());
+        let started = ctx.paths.etc.join(crate::render::STATIC_PODS);
+        assert!(started.join("kube-scheduler.yaml").exists());
         let secrets = ctx.paths.secrets.display().to_string();
         assert!(
             report.detail.starts_with(&format!(
@@ -898,16 +1055,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_add_on_refused_once_the_api_is_ready_fails_the_step() {
+        let kubectl = Kubectl::default();
+        let (api, local, asked) = stand_ins_with(|request| {
+            if request.starts_with(NAMESPACE) {
+                422
+            } else {
+                200
+            }
+        })
+        .await;
+        let (ctx, _dir) = master_files(kubectl.clone()).await;
+        let err = run(&Master::of(&ctx).unwrap(), &api, &local)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/api/v1/namespaces/kube-flannel") && err.contains("422"),
+            "{err}"
+        );
+        // Ready, so the held pod was handed over; what lives in the
+        // refused namespace never asked for, nothing after it done.
+        let started = ctx.paths.etc.join(crate::render::STATIC_PODS);
+        assert!(started.join("kube-scheduler.yaml").exists());
+        let asked = asked.lock().unwrap().clone();
+        assert!(!asked.iter().any(|r| r.starts_with(ACCOUNT)), "{asked:#?}");
+        assert!(!asked.iter().any(|r| r.starts_with("PATCH /api/v1/nodes")));
+        assert!(kubectl.calls.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn an_api_that_never_answers_ready_fails_at_the_deadline() {
         let kubectl = Kubectl::default();
-        let (api, local, asked) = stand_ins(&[500]).await;
-        let mut ctx = context("master", kubectl.clone()).await;
-        let dir = tempfile::tempdir().unwrap();
-        ctx.paths = Paths::under(dir.path());
+        let (api, local, asked) = stand_ins_with(|_| 500).await;
+        let (mut ctx, _dir) = master_files(kubectl.clone()).await;
         ctx.deadlines.set("api-server=1").unwrap();
         let held = ctx.paths.etc.join(crate::render::HELD_PODS);
-        std::fs::create_dir_all(&held).unwrap();
-        std::fs::write(held.join("kube-scheduler.yaml"), "kind: Pod\n").unwrap();
         let err = run(&Master::of(&ctx).unwrap(), &api, &local)
             .await
             .unwrap_err();

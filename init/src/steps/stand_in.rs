@@ -8,6 +8,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// last one from then on): its base URL, its CA (PEM) and the request
 /// lines it was sent.
 pub async fn api_server(statuses: &[u16]) -> (String, String, Arc<Mutex<Vec<String>>>) {
+    let mut left = statuses.to_vec();
+    api_server_with(move |_| {
+        if left.len() > 1 {
+            left.remove(0)
+        } else {
+            left[0]
+        }
+    })
+    .await
+}
+
+/// The stand-in, answering each request with the status `answer` gives
+/// for it (the request as it is logged, below), for tests whose requests
+/// go side by side and so in no fixed order.
+pub async fn api_server_with(
+    mut answer: impl FnMut(&str) -> u16 + Send + 'static,
+) -> (String, String, Arc<Mutex<Vec<String>>>) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -31,7 +48,7 @@ pub async fn api_server(statuses: &[u16]) -> (String, String, Arc<Mutex<Vec<Stri
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let asked = Arc::new(Mutex::new(Vec::new()));
-    let (log, mut left) = (asked.clone(), statuses.to_vec());
+    let log = asked.clone();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
@@ -76,23 +93,19 @@ pub async fn api_server(statuses: &[u16]) -> (String, String, Arc<Mutex<Vec<Stri
                 let kind = header("content-type").unwrap_or_default();
                 logged = format!("{logged} {kind} {}", String::from_utf8_lossy(&body));
             }
+            let status = answer(&logged);
             log.lock().unwrap().push(logged);
-            let status = if left.len() > 1 {
-                left.remove(0)
-            } else {
-                left[0]
-            };
             let body = if status == 200 {
                 "ok"
             } else {
                 "[+]ping ok\n[-]poststarthook/rbac/bootstrap-roles failed: reason withheld\n\
                  [-]informer-sync failed: reason withheld\nreadyz check failed\n"
             };
-            let answer = format!(
+            let reply = format!(
                 "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = tls.write_all(answer.as_bytes()).await;
+            let _ = tls.write_all(reply.as_bytes()).await;
             let _ = tls.shutdown().await;
         }
     });
