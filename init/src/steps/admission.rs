@@ -1,12 +1,19 @@
 //! A node's kubelet starts once the cluster admits the node: the API server
-//! answers the node's bootstrap token with the rights it is bound to (those
-//! of `system:node-bootstrapper`, which the master's add-ons grant).
+//! is ready and answers the node's bootstrap token with the rights it is
+//! bound to (those of `system:node-bootstrapper`, which the master's
+//! add-ons grant).
 //!
 //! A kubelet started sooner is refused (the API server is not up, the token
 //! is not known yet) and its client-go informers back off; in the cluster
 //! test a node that got its certificate saw its own Node 28 s after it had
 //! registered. Meanwhile it polls its Node ten times a second and logs each
 //! miss, CPU a master starting beside it on a small machine could use.
+//! Ready, not only answering: the master applies its add-ons (the token
+//! among them) from its API server's first answer, tens of seconds before
+//! an emulated master's RBAC bootstrap ends, and a kubelet admitted then
+//! would put its lists and watches on a server still starting, while its
+//! certificate request would wait anyway for the master's approver, which
+//! starts once the API server is ready.
 //!
 //! The wait never fails the boot: past its deadline (the master down, a
 //! partition) the kubelet starts anyway and keeps asking on its own, as it
@@ -23,6 +30,10 @@ pub const STEP: &str = "admission";
 /// list certificate requests. One item, so the answer stays small.
 const PROBE: &str = "/apis/certificates.k8s.io/v1/certificatesigningrequests?limit=1";
 
+/// Whether the API server has finished its start; any authenticated user
+/// may ask once its RBAC bootstrap made the role that allows it.
+const READY: &str = "/readyz";
+
 /// How often the API server is asked: an in-process request costs next to
 /// nothing, and the kubelet starts within this of the token's admission.
 const EVERY: Duration = Duration::from_secs(2);
@@ -34,6 +45,8 @@ pub enum Answer {
     Silent(String),
     /// 401: the token is not known yet (the add-ons make its Secret).
     Unknown,
+    /// Its `/readyz` answers this status: its start has not ended.
+    Starting(u16),
     /// 403: known, not yet bound to the node bootstrapper's rights.
     Forbidden,
     /// Any other status.
@@ -46,6 +59,10 @@ impl std::fmt::Display for Answer {
         match self {
             Self::Silent(why) => write!(f, "the API server does not answer ({why})"),
             Self::Unknown => f.write_str("the API server does not know the bootstrap token yet"),
+            Self::Starting(status) => write!(
+                f,
+                "the API server is still starting (its /readyz answers HTTP {status})"
+            ),
             Self::Forbidden => f.write_str("the bootstrap token may not ask for a certificate yet"),
             Self::Other(status) => write!(f, "the API server answers HTTP {status}"),
             Self::Admitted => f.write_str("the API server admits the bootstrap token"),
@@ -79,23 +96,34 @@ impl Bootstrap {
         })
     }
 
-    /// What the API server answers the token now.
+    /// What the API server answers the token now: whether it is ready,
+    /// then whether the token may ask for a certificate.
     pub async fn ask(&self) -> Answer {
-        let answer = self
-            .http
-            .get(format!("{}{PROBE}", self.server))
+        match self.status(READY).await {
+            Ok(200) => {}
+            Ok(401) => return Answer::Unknown,
+            Ok(status) => return Answer::Starting(status),
+            Err(silent) => return silent,
+        }
+        match self.status(PROBE).await {
+            Ok(200) => Answer::Admitted,
+            Ok(401) => Answer::Unknown,
+            Ok(403) => Answer::Forbidden,
+            Ok(other) => Answer::Other(other),
+            Err(silent) => silent,
+        }
+    }
+
+    /// The status the API server answers a GET of `path` with the token,
+    /// or the silence when nothing answered.
+    async fn status(&self, path: &str) -> Result<u16, Answer> {
+        self.http
+            .get(format!("{}{path}", self.server))
             .bearer_auth(&self.token)
             .send()
-            .await;
-        match answer {
-            Err(e) => Answer::Silent(crate::error_chain(&e, ": ")),
-            Ok(a) => match a.status().as_u16() {
-                200 => Answer::Admitted,
-                401 => Answer::Unknown,
-                403 => Answer::Forbidden,
-                other => Answer::Other(other),
-            },
-        }
+            .await
+            .map(|a| a.status().as_u16())
+            .map_err(|e| Answer::Silent(crate::error_chain(&e, ": ")))
     }
 }
 
@@ -174,22 +202,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn waits_through_unknown_and_forbidden_until_admitted() {
-        let (api, asked) = stand_in(&[401, 403, 200]).await;
+    async fn waits_through_a_starting_api_an_unknown_token_and_no_rights() {
+        // Asked in turn: not ready; ready, the token unknown; ready, the
+        // token without its rights yet; ready and admitted.
+        let (api, asked) = stand_in(&[500, 200, 401, 200, 403, 200, 200]).await;
         let report = wait(&api, Duration::from_secs(30)).await;
         assert!(report.changed, "{report:?}");
         assert!(
             report.detail.contains("admits the bootstrap token"),
             "{report:?}"
         );
-        let asked = asked.lock().unwrap().clone();
-        assert_eq!(asked.len(), 3, "{asked:?}");
-        for line in &asked {
-            assert_eq!(
-                line,
-                &format!("GET {PROBE} HTTP/1.1 authorization: Bearer abcdef.0123456789abcdef")
-            );
-        }
+        let line = |path: &str| {
+            format!("GET {path} HTTP/1.1 authorization: Bearer abcdef.0123456789abcdef")
+        };
+        let (ready, probe) = (line(READY), line(PROBE));
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [&ready, &ready, &probe, &ready, &probe, &ready, &probe].map(String::as_str)
+        );
     }
 
     #[tokio::test]
@@ -223,6 +253,10 @@ mod tests {
         assert_eq!(
             Answer::Forbidden.to_string(),
             "the bootstrap token may not ask for a certificate yet"
+        );
+        assert_eq!(
+            Answer::Starting(403).to_string(),
+            "the API server is still starting (its /readyz answers HTTP 403)"
         );
     }
 }
