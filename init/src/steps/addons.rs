@@ -633,12 +633,12 @@ pub async fn run(ctx: &Master<'_>, api: &Readyz, local: &LocalApi) -> Result<Rep
                     .to_string(),
                 message: e.to_string(),
             })?;
-        let started = if released.is_empty() {
+        let handed = if released.is_empty() {
             String::new()
         } else {
             format!("; the kubelet now runs {}", released.join(", "))
         };
-        tracing::info!(step = STEP, "the API server is ready{started}");
+        tracing::info!(step = STEP, "the API server is ready{handed}");
         Ok::<_, StepError>(())
     };
     tracing::info!(
