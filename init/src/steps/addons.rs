@@ -480,7 +480,7 @@ pub fn retire_tokens(ctx: &Context) -> Result<Vec<String>, StepError> {
 
 /// One change the add-ons step makes: an add-on applied, or an object
 /// earlier releases applied deleted.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Change {
     Apply(serde_json::Value),
     Withdraw(&'static str),
@@ -507,7 +507,7 @@ const APPLY_AGAIN: Duration = Duration::from_secs(1);
 /// Applies `objects` server-side and deletes [`WITHDRAWN`]: the namespaces
 /// first, one by one, then everything else at once, so the API server and
 /// etcd take the requests side by side (one after another, 19 objects took
-/// 10-20 s of a busy emulated master). Until `ready` is set, what the API
+/// 5-20 s of a busy emulated master). Until `ready` is set, what the API
 /// server refuses is applied again a second later: before it is ready it
 /// refuses what it is not ready for yet (objects in a namespace its
 /// controller has not made, a Service's address before its allocator
