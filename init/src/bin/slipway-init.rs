@@ -231,6 +231,23 @@ impl Ending {
     }
 }
 
+/// Writes `line` to the kernel's log, whose console shows it as it is
+/// made. This service's standard output reaches the console through
+/// journald, which early in a boot is still starting: in the cluster
+/// test the verdict reached the console 1.4 to 4.1 s later that way.
+/// Falls back to standard output.
+fn to_kernel_log(line: &str) {
+    use std::io::Write;
+    // daemon.notice: userspace may not write as the kernel's facility.
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .and_then(|mut kmsg| kmsg.write_all(format!("<29>slipway-init: {line}\n").as_bytes()));
+    if written.is_err() {
+        println!("{line}");
+    }
+}
+
 fn fail(ending: &Ending) -> ExitCode {
     println!("SLIPWAY-INIT-FAILED {}", ending.line);
     tracing::error!("{}", ending.line);
@@ -638,7 +655,12 @@ fn main() -> ExitCode {
                     // The image itself is wrong: no attempt can change that.
                     return fail(&Ending::last(format!("boot check failed: {check}")));
                 }
-                println!("SLIPWAY-BOOT-CHECK {check}");
+                let verdict = format!("SLIPWAY-BOOT-CHECK {check}");
+                if args.root.is_none() {
+                    to_kernel_log(&verdict);
+                } else {
+                    println!("{verdict}");
+                }
             }
             runtime.block_on(attempt(&args, deadlines, false))
         }
