@@ -221,6 +221,16 @@ fn image_boots_with_a_verity_read_only_root() -> Result<()> {
         console.contains("first boot: /var populated"),
         "/var was not populated on first boot"
     );
+    // The kernel's security modules as the command line lists them:
+    // AppArmor on, systemd's BPF program (no unit asks for it) not loaded.
+    ensure!(
+        console.contains("AppArmor: AppArmor initialized"),
+        "AppArmor did not start"
+    );
+    ensure!(
+        !console.contains("bpf-restrict-fs: LSM BPF program attached"),
+        "systemd attached its BPF LSM program (is `bpf` back in the kernel's lsm=?)"
+    );
     // The verdict goes through the kernel's log, so the console shows it
     // when it is made, not once journald has started and forwarded it.
     // (Another line's text may precede the stamp: the console interleaves
