@@ -227,6 +227,16 @@ repro: deps fixtures
 bench baseline="": deps compile fixtures
     {{with_fixtures}} cargo run --release -q -p image-builder --example bench -- --builder {{builder}} --bin-dir {{image_bins}} --baseline "{{baseline}}"
 
+# The cluster's bring-up from another built image (`baseline`: a directory
+# `just build` filled, e.g. from an earlier commit) and from out/, in turn,
+# `rounds` times, on this machine in this run: the master's boot check,
+# its API server ready with the add-ons applied, both members Ready, each
+# beside the baseline's, with their ratio (5-10 minutes a bring-up under
+# TCG; needs root for the cluster's network namespace).
+bench-vm baseline rounds="1": deps
+    cargo build -q -p vm-tests --bin slipway-vm-bench
+    "$CARGO_TARGET_DIR/debug/slipway-vm-bench" "{{baseline}}" "{{justfile_directory()}}/{{out}}" "{{rounds}}"
+
 # rustfmt and clippy, warnings as errors.
 lint:
     cargo fmt --all -- --check

@@ -112,6 +112,23 @@ pub struct Instance {
     pub release: String,
 }
 
+/// How many Nodes `kubectl get nodes` lists as Ready (0 while the API
+/// server does not answer).
+pub fn ready_nodes(kubeconfig: &std::path::Path) -> usize {
+    let out = std::process::Command::new(crate::fixtures_bin("kubectl"))
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--request-timeout=10s", "get", "nodes", "--no-headers"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("Ready"))
+            .count(),
+        _ => 0,
+    }
+}
+
 /// Options for bringing a cluster up.
 #[derive(Debug, Clone)]
 pub struct Options {

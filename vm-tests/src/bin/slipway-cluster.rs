@@ -24,21 +24,6 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-fn ready_nodes(kubeconfig: &std::path::Path) -> usize {
-    let out = std::process::Command::new(vm_tests::fixtures_bin("kubectl"))
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(["--request-timeout=10s", "get", "nodes", "--no-headers"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter(|l| l.split_whitespace().nth(1) == Some("Ready"))
-            .count(),
-        _ => 0,
-    }
-}
-
 /// Rolls the cluster to the image built in `image_dir`: the master, then
 /// the node, each leaving cleanly and replaced from the new release.
 fn update(cluster: &mut Cluster, image_dir: PathBuf) -> Result<String> {
@@ -98,7 +83,7 @@ fn main() -> Result<()> {
             .is_ok()
         {
             let k = cluster.kubeconfig()?;
-            if ready_nodes(&k) >= 2 {
+            if vm_tests::cluster::ready_nodes(&k) >= 2 {
                 break k;
             }
         }
