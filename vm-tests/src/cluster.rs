@@ -114,7 +114,7 @@ pub struct Instance {
 
 /// How many Nodes `kubectl get nodes` lists as Ready (0 while the API
 /// server does not answer).
-pub fn ready_nodes(kubeconfig: &std::path::Path) -> usize {
+fn ready_nodes(kubeconfig: &std::path::Path) -> usize {
     let out = std::process::Command::new(crate::fixtures_bin("kubectl"))
         .arg("--kubeconfig")
         .arg(kubeconfig)
@@ -623,6 +623,50 @@ impl Cluster {
         })?;
         all.sort_by_key(|i| (i.role == Role::Node, i.id.clone()));
         Ok(all)
+    }
+
+    /// Boots the stack's master and its first node, as a fresh stack
+    /// launches them; returns the master's instance ID.
+    pub fn launch_master_and_node(&mut self) -> Result<String> {
+        let mut master = None;
+        let mut node = false;
+        for i in self.instances()? {
+            if i.role == Role::Master && master.is_none() {
+                master = Some(i.id.clone());
+                self.launch(&i)?;
+            } else if i.role == Role::Node && !node {
+                node = true;
+                self.launch(&i)?;
+            }
+        }
+        master.context("the stack launched no master")
+    }
+
+    /// Waits until `count` Nodes are Ready, giving up after `deadline` or
+    /// once `stop` says so; returns the administrator's kubeconfig.
+    pub fn wait_for_ready_nodes(
+        &mut self,
+        count: usize,
+        deadline: Duration,
+        stop: impl Fn() -> bool,
+    ) -> Result<PathBuf> {
+        let start = Instant::now();
+        let admin = format!("{}/admin.conf", self.config_value("cluster_name")?);
+        loop {
+            if stop() {
+                bail!("stopped before {count} Nodes were Ready");
+            }
+            if start.elapsed() > deadline {
+                bail!("{count} Nodes were not Ready within {deadline:?}");
+            }
+            if self.get_object(&admin).is_ok() {
+                let kubeconfig = self.kubeconfig()?;
+                if ready_nodes(&kubeconfig) >= count {
+                    return Ok(kubeconfig);
+                }
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
     }
 
     /// Teaches the metadata emulator the instance and boots its VM.

@@ -249,13 +249,6 @@ fn image_boots_with_a_verity_read_only_root() -> Result<()> {
         started.as_secs_f64(),
         kernel.as_secs_f64()
     );
-    if let Some(journald) = console
-        .lines()
-        .find(|l| l.contains("Started systemd-journald.service"))
-        .and_then(monotonic)
-    {
-        eprintln!("journald started {journald:.1}s after the kernel");
-    }
     vm_tests::figures::record(&[
         ("boot: firmware, to the kernel", kernel),
         ("boot: slipway-init starts", started),

@@ -11,7 +11,7 @@
 //! groups roll as a rolling update would (see `vm_tests::cluster`); the
 //! outcome lands in `DIR/updated` or `DIR/update-failed`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -60,35 +60,15 @@ fn main() -> Result<()> {
     let image = Image::locate()?;
     let _ = std::fs::remove_file(dir.join("kubeconfig"));
     let mut cluster = Cluster::create(&image, Options::master_and_node(dir.clone()))?;
-    for i in cluster.instances()? {
-        if i.role == Role::Master || cluster.vms.len() < 2 {
-            cluster.launch(&i)?;
-        }
-    }
+    cluster.launch_master_and_node()?;
     eprintln!(
         "[cluster] booting; under TCG this takes 5-15 minutes (consoles in {} once stopped)",
         vm_tests::vm_logs_dir().display()
     );
     let start = Instant::now();
-    let kubeconfig = loop {
-        if STOP.load(Ordering::SeqCst) {
-            bail!("stopped before the cluster came up");
-        }
-        if start.elapsed() > Duration::from_secs(45 * 60) {
-            bail!("the cluster did not come up within 45 minutes");
-        }
-        let cluster_name = cluster.config_value("cluster_name")?;
-        if cluster
-            .get_object(&format!("{cluster_name}/admin.conf"))
-            .is_ok()
-        {
-            let k = cluster.kubeconfig()?;
-            if vm_tests::cluster::ready_nodes(&k) >= 2 {
-                break k;
-            }
-        }
-        std::thread::sleep(Duration::from_secs(5));
-    };
+    let kubeconfig = cluster.wait_for_ready_nodes(2, Duration::from_secs(45 * 60), || {
+        STOP.load(Ordering::SeqCst)
+    })?;
     std::fs::write(dir.join("ready"), kubeconfig.to_string_lossy().as_bytes())?;
     eprintln!(
         "[cluster] up in {:.0}s: master and node Ready",

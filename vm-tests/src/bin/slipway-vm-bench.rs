@@ -11,7 +11,7 @@
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vm_tests::cluster::{ready_nodes, Cluster, Options, Role};
+use vm_tests::cluster::{Cluster, Options};
 use vm_tests::Image;
 
 /// The master's console marks the figures are read from.
@@ -30,35 +30,11 @@ fn bring_up(image_dir: &Path, dir: PathBuf) -> Result<Vec<f64>> {
     let image = Image::at(image_dir.to_path_buf())?;
     let mut cluster = Cluster::create(&image, Options::master_and_node(dir))?;
     let start = Instant::now();
-    let mut master = None;
-    for i in cluster.instances()? {
-        if i.role == Role::Master {
-            master = Some(i.id.clone());
-            cluster.launch(&i)?;
-        } else if cluster.vms.len() < 2 {
-            cluster.launch(&i)?;
-        }
-    }
-    let master = master.context("the stack launched no master")?;
-    let cluster_name = cluster.config_value("cluster_name")?;
-    let both = loop {
-        if start.elapsed() > Duration::from_secs(30 * 60) {
-            bail!(
-                "the cluster from {} did not come up within 30 minutes",
-                image_dir.display()
-            );
-        }
-        if cluster
-            .get_object(&format!("{cluster_name}/admin.conf"))
-            .is_ok()
-        {
-            let k = cluster.kubeconfig()?;
-            if ready_nodes(&k) >= 2 {
-                break start.elapsed();
-            }
-        }
-        std::thread::sleep(Duration::from_secs(2));
-    };
+    let master = cluster.launch_master_and_node()?;
+    cluster
+        .wait_for_ready_nodes(2, Duration::from_secs(30 * 60), || false)
+        .with_context(|| format!("the cluster from {}", image_dir.display()))?;
+    let both = start.elapsed();
     let vm = cluster
         .vms
         .get(&master)
