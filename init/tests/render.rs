@@ -490,6 +490,53 @@ fn containers_in(v: &Value, out: &mut Vec<Value>) {
 }
 
 #[test]
+fn the_control_plane_and_flannel_request_cpu_so_none_is_best_effort() {
+    // A pod that requests nothing runs in a cgroup weighing 1 against what
+    // a request buys: any DaemonSet asking for CPU would outweigh the whole
+    // control plane on a busy master (manifests/README.md).
+    let mut requesting = Vec::new();
+    for f in render("master")
+        .iter()
+        .filter(|f| f.path.extension().is_some_and(|e| e == "yaml"))
+    {
+        for doc in docs(f) {
+            let name = doc["metadata"]["name"].as_str().unwrap_or_default();
+            let control_plane = doc["kind"].as_str() == Some("Pod")
+                && doc["metadata"]["labels"]["tier"].as_str() == Some("control-plane");
+            let flannel = doc["kind"].as_str() == Some("DaemonSet") && name == "kube-flannel";
+            if !(control_plane || flannel) {
+                continue;
+            }
+            let mut containers = Vec::new();
+            containers_in(&doc, &mut containers);
+            for c in containers {
+                let millicores = c["resources"]["requests"]["cpu"]
+                    .as_str()
+                    .and_then(|cpu| cpu.strip_suffix('m'))
+                    .and_then(|m| m.parse::<u32>().ok());
+                assert!(
+                    millicores.is_some_and(|m| m > 0),
+                    "{name}: {:?} requests no CPU",
+                    c["name"]
+                );
+            }
+            requesting.push(name.to_owned());
+        }
+    }
+    requesting.sort();
+    assert_eq!(
+        requesting,
+        [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-flannel",
+            "kube-scheduler"
+        ]
+    );
+}
+
+#[test]
 fn no_container_ever_pulls_an_image() {
     let mut all = Vec::new();
     for f in render("master")
